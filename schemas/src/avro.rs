@@ -1,0 +1,272 @@
+//! The Avro schemas, embedded from `schemas/avro/`, and the mapping of topic → value schema.
+
+use apache_avro::Schema;
+
+/// One `.avsc` file: its name (also the registry subject suffix) and text.
+#[derive(Debug, Clone, Copy)]
+pub struct AvroFile {
+    pub name: &'static str,
+    pub text: &'static str,
+}
+
+macro_rules! avsc {
+    ($name:literal) => {
+        AvroFile { name: $name, text: include_str!(concat!("../avro/", $name, ".avsc")) }
+    };
+}
+
+pub const SAMPLE_BATCH: AvroFile = avsc!("sample_batch");
+pub const CHANGE_BATCH: AvroFile = avsc!("change_batch");
+pub const DOMAIN_CHANGE_BATCH: AvroFile = avsc!("domain_change_batch");
+pub const DEAD_LETTER: AvroFile = avsc!("dead_letter");
+pub const ROLLUP_DAY: AvroFile = avsc!("rollup_day");
+pub const SLEEP_NIGHT: AvroFile = avsc!("sleep_night");
+pub const SESSION_IMPACT: AvroFile = avsc!("session_impact");
+pub const PRODUCT_IMPACT: AvroFile = avsc!("product_impact");
+pub const REALTIME_ENVELOPE: AvroFile = avsc!("realtime_envelope");
+
+/// Every schema the project owns.
+pub const ALL: &[AvroFile] = &[
+    SAMPLE_BATCH,
+    CHANGE_BATCH,
+    DOMAIN_CHANGE_BATCH,
+    DEAD_LETTER,
+    ROLLUP_DAY,
+    SLEEP_NIGHT,
+    SESSION_IMPACT,
+    PRODUCT_IMPACT,
+    REALTIME_ENVELOPE,
+];
+
+impl AvroFile {
+    /// Parses the embedded text. The files are tested to parse, so this only fails if the crate is broken.
+    pub fn schema(&self) -> Schema {
+        Schema::parse_str(self.text).unwrap_or_else(|e| panic!("embedded schema {} does not parse: {e}", self.name))
+    }
+}
+
+/// Confluent's TopicNameStrategy: the value subject of `topic`.
+pub fn value_subject(topic: &str) -> String {
+    format!("{topic}-value")
+}
+
+/// Proves the Rust types in [`crate::records`] and the `.avsc` files agree: each type's fields (names
+/// and order) equal its schema's, and fully populated and minimal values round-trip through the
+/// Confluent framing with the schema.
+#[cfg(test)]
+mod agreement {
+    use std::collections::HashMap;
+
+    use apache_avro::types::Value;
+    use serde::de::DeserializeOwned;
+    use serde::Serialize;
+
+    use super::*;
+    use crate::codec::encode_with_id;
+    use crate::records::*;
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(file: AvroFile, value: T) {
+        let schema = file.schema();
+        let Schema::Record(rs) = &schema else { panic!("{} is not a record", file.name) };
+        let Value::Record(fields) = apache_avro::to_value(&value).unwrap() else { panic!("{} is not a struct", file.name) };
+        let rust: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
+        let avro: Vec<&str> = rs.fields.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(rust, avro, "{}: field names/order differ between Rust and .avsc", file.name);
+
+        let framed = encode_with_id(&schema, 7, &value).unwrap_or_else(|e| panic!("{}: {e}", file.name));
+        assert_eq!(&framed[..5], &[0, 0, 0, 0, 7], "Confluent framing");
+        #[allow(deprecated)]
+        let decoded = apache_avro::from_avro_datum(&schema, &mut &framed[5..], None).unwrap();
+        let back: T = apache_avro::from_value(&decoded).unwrap_or_else(|e| panic!("{}: {e}", file.name));
+        assert_eq!(back, value, "{}: round trip", file.name);
+    }
+
+    fn sample(v: i64, category: Option<&str>) -> Sample {
+        Sample {
+            source: "com.apple.health.watch".into(),
+            source_kind: SourceKind::Watch,
+            source_record_id: format!("r-{v}"),
+            metric: "heart_rate".into(),
+            start_ms: 1_700_000_000_000,
+            end_ms: 1_700_000_060_000,
+            value: 61.5,
+            unit: "count/min".into(),
+            category: category.map(str::to_owned),
+            time_zone: "Europe/Berlin".into(),
+            version: v,
+            metadata: HashMap::from([("device".into(), "Watch7,1".into())]),
+        }
+    }
+
+    fn offsets() -> Vec<SourceOffset> {
+        vec![SourceOffset { topic: "vitals.health.hot".into(), partition: 3, next_offset: 42 }]
+    }
+
+    #[test]
+    fn every_schema_parses_and_is_listed_once() {
+        let mut names: Vec<_> = ALL.iter().map(|f| f.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), ALL.len());
+        for f in ALL {
+            f.schema();
+        }
+    }
+
+    #[test]
+    fn ingest_records_agree() {
+        for lane in [Lane::Hot, Lane::Cold] {
+            round_trip(SAMPLE_BATCH, SampleBatch {
+                request_id: "req-1".into(),
+                user_id: "u1".into(),
+                received_at_ms: 1_700_000_100_000,
+                lane,
+                samples: vec![sample(1, None), sample(2, Some("deep")), Sample { metadata: HashMap::new(), ..sample(3, None) }],
+            });
+        }
+        round_trip(CHANGE_BATCH, ChangeBatch {
+            request_id: "req-2".into(),
+            user_id: "u1".into(),
+            received_at_ms: 1,
+            edits: vec![sample(2, None)],
+            deletions: vec![
+                Deletion { source: "s".into(), source_record_id: "r".into(), metric: "steps".into(), deleted_version: None },
+                Deletion { source: "s".into(), source_record_id: "q".into(), metric: "steps".into(), deleted_version: Some(4) },
+            ],
+        });
+        round_trip(DOMAIN_CHANGE_BATCH, DomainChangeBatch {
+            request_id: "req-3".into(),
+            user_id: "u1".into(),
+            received_at_ms: 1,
+            changes: vec![
+                DomainChange {
+                    change_id: "c1".into(),
+                    kind: DomainChangeKind::SessionStarted,
+                    occurred_at_ms: 5,
+                    session: Some(Session { session_id: "s1".into(), product_id: Some("p1".into()), start_ms: Some(5), end_ms: None, time_zone: Some("UTC".into()) }),
+                    product: None,
+                    privacy: None,
+                    source_priority: None,
+                },
+                DomainChange {
+                    change_id: "c2".into(),
+                    kind: DomainChangeKind::PrivacyUpdated,
+                    occurred_at_ms: 6,
+                    session: None,
+                    product: Some(Product { product_id: "p1".into(), name: None, category: Some("tea".into()) }),
+                    privacy: Some(PrivacySettings { health_upload_allowed: true, blocked_metrics: vec!["blood_glucose".into()] }),
+                    source_priority: Some(vec!["manual".into(), "watch".into()]),
+                },
+            ],
+        });
+        round_trip(DEAD_LETTER, DeadLetter {
+            source_topic: "t".into(),
+            source_partition: 1,
+            source_offset: 2,
+            stage: "processor:rollup_day".into(),
+            code: "undecodable".into(),
+            reason: "bad magic byte".into(),
+            key: Some(b"u1".to_vec()),
+            payload: None,
+        });
+    }
+
+    #[test]
+    fn the_sample_record_is_the_same_on_every_lane() {
+        let field = |f: AvroFile, i: usize| {
+            let Schema::Record(r) = f.schema() else { unreachable!() };
+            let Schema::Array(a) = &r.fields[i].schema else { panic!("{}: field {i} is not an array", f.name) };
+            a.items.as_ref().clone()
+        };
+        assert_eq!(field(SAMPLE_BATCH, 4), field(CHANGE_BATCH, 3));
+    }
+
+    #[test]
+    fn projection_records_agree() {
+        round_trip(ROLLUP_DAY, RollupDay {
+            user_id: "u1".into(),
+            metric: "steps".into(),
+            local_date: "2026-03-29".into(),
+            unit: "count".into(),
+            kind: MetricKindRecord::Cumulative,
+            count: 3,
+            sum: Some(1234.0),
+            min: None,
+            max: Some(900.0),
+            mean: None,
+            time_weighted_mean: None,
+            last: None,
+            category_minutes: HashMap::new(),
+            primary_source: Some("watch".into()),
+            version_epoch: 2,
+            version_seq: 17,
+            deleted: false,
+            source_offsets: offsets(),
+        });
+        round_trip(SLEEP_NIGHT, SleepNight {
+            user_id: "u1".into(),
+            night_date: "2026-03-29".into(),
+            source: "watch".into(),
+            in_bed_start_ms: 1,
+            in_bed_end_ms: 2,
+            sleep_onset_ms: 1,
+            final_wake_ms: 2,
+            stage_minutes: HashMap::from([("deep".into(), 60.0)]),
+            total_sleep_minutes: 420.0,
+            efficiency: 0.93,
+            awakenings: 2,
+            naps: vec![Nap { start_ms: 5, end_ms: 6, minutes: 20.0 }],
+            version_epoch: 1,
+            version_seq: 1,
+            deleted: true,
+            source_offsets: offsets(),
+        });
+        let stats = WindowStats { n: 3, mean: 70.0, min: 60.0, max: 80.0, total: 210.0 };
+        round_trip(SESSION_IMPACT, SessionImpact {
+            user_id: "u1".into(),
+            session_id: "s1".into(),
+            product_id: None,
+            start_ms: 1,
+            end_ms: Some(2),
+            status: ImpactStatus::Final,
+            metrics: vec![WindowedMetric {
+                metric: "heart_rate".into(),
+                before: Some(stats.clone()),
+                during: None,
+                after: Some(stats),
+                delta_during: None,
+                delta_after: Some(0.0),
+            }],
+            version_epoch: 1,
+            version_seq: 2,
+            deleted: false,
+            source_offsets: offsets(),
+        });
+        round_trip(PRODUCT_IMPACT, ProductImpact {
+            user_id: "u1".into(),
+            product_id: "p1".into(),
+            sessions: 4,
+            metrics: vec![DeltaSummary {
+                metric: "heart_rate".into(),
+                n: 4,
+                mean_delta_during: Some(3.5),
+                sd_delta_during: Some(1.2),
+                mean_delta_after: None,
+                sd_delta_after: None,
+            }],
+            version_epoch: 1,
+            version_seq: 3,
+            deleted: false,
+            source_offsets: vec![],
+        });
+        round_trip(REALTIME_ENVELOPE, RealtimeEnvelope {
+            v: 1,
+            user_id: "u1".into(),
+            event_type: "rollup_day.upserted".into(),
+            entity_id: "steps|2026-03-29".into(),
+            version_epoch: 1,
+            version_seq: 3,
+            payload: "{}".into(),
+        });
+    }
+}

@@ -1,0 +1,18 @@
+//! `vitals-schemas`: the single source of truth for every record vitals puts on the wire.
+//!
+//! * [`avro`] — the Avro schemas (`schemas/avro/*.avsc`, embedded) and which topic's value each one is.
+//! * [`records`] — the Rust types of those records; a test proves they agree with the `.avsc` files.
+//! * [`codec`] — the Confluent-framed (magic byte + schema id) codec over a schema registry.
+//! * [`catalog`] — the metric catalog: kind, canonical unit, exact unit conversions, plausible range.
+//! * [`hash`] — the canonical payload hash used for request idempotency.
+//! * [`topics`] — topic names, their specs, and the key partitioner every producer shares.
+
+pub mod avro;
+pub mod catalog;
+pub mod codec;
+pub mod hash;
+pub mod records;
+pub mod topics;
+
+pub use catalog::{Catalog, MetricKind, MetricSpec};
+pub use records::*;

@@ -1,0 +1,147 @@
+//! Topic names, their specs (partitions, retention, cleanup policy) and the key partitioner.
+//!
+//! Every keyed-by-user topic has the same partition count and every producer uses the same
+//! partitioner ([`partition_for`], Kafka's murmur2, as the Java client and Kafka Streams), so the
+//! processor task that owns partition `p` sees all of a user's data across HOT, COLD, CHANGE and
+//! domain changes.
+
+use crate::avro::{self, AvroFile};
+
+/// Which role a topic plays; decides its retention and cleanup policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicRole {
+    /// Raw accepted input: kept for replays (backfills, new processor versions).
+    Input,
+    /// Processor output: upserts per key, compacted.
+    Projection,
+    /// Poison records with their reason.
+    DeadLetter,
+}
+
+/// One topic vitals owns.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    pub name: String,
+    pub role: TopicRole,
+    pub value_schema: AvroFile,
+}
+
+/// The names of every topic, with an optional prefix (tests use a fresh prefix per test).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    pub hot: String,
+    pub cold: String,
+    pub change: String,
+    pub domain: String,
+    pub dead_letter: String,
+    pub rollup_day: String,
+    pub sleep_night: String,
+    pub session_impact: String,
+    pub product_impact: String,
+}
+
+impl Topics {
+    pub fn with_prefix(prefix: &str) -> Topics {
+        let t = |s: &str| format!("{prefix}vitals.{s}");
+        Topics {
+            hot: t("health.hot"),
+            cold: t("health.cold"),
+            change: t("health.change"),
+            domain: t("domain.changes"),
+            dead_letter: t("dlq"),
+            rollup_day: t("out.rollup_day"),
+            sleep_night: t("out.sleep_night"),
+            session_impact: t("out.session_impact"),
+            product_impact: t("out.product_impact"),
+        }
+    }
+
+    /// Every topic with its role and value schema.
+    pub fn specs(&self) -> Vec<TopicSpec> {
+        let s = |name: &String, role, value_schema| TopicSpec { name: name.clone(), role, value_schema };
+        vec![
+            s(&self.hot, TopicRole::Input, avro::SAMPLE_BATCH),
+            s(&self.cold, TopicRole::Input, avro::SAMPLE_BATCH),
+            s(&self.change, TopicRole::Input, avro::CHANGE_BATCH),
+            s(&self.domain, TopicRole::Input, avro::DOMAIN_CHANGE_BATCH),
+            s(&self.dead_letter, TopicRole::DeadLetter, avro::DEAD_LETTER),
+            s(&self.rollup_day, TopicRole::Projection, avro::ROLLUP_DAY),
+            s(&self.sleep_night, TopicRole::Projection, avro::SLEEP_NIGHT),
+            s(&self.session_impact, TopicRole::Projection, avro::SESSION_IMPACT),
+            s(&self.product_impact, TopicRole::Projection, avro::PRODUCT_IMPACT),
+        ]
+    }
+}
+
+/// Kafka's murmur2 hash (the Java client's `Utils.murmur2`).
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    let mut h: u32 = SEED ^ (len as u32);
+    let chunks = data.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    match tail.len() {
+        3 => {
+            h ^= (tail[2] as u32) << 16;
+            h ^= (tail[1] as u32) << 8;
+            h ^= tail[0] as u32;
+            h = h.wrapping_mul(M);
+        }
+        2 => {
+            h ^= (tail[1] as u32) << 8;
+            h ^= tail[0] as u32;
+            h = h.wrapping_mul(M);
+        }
+        1 => {
+            h ^= tail[0] as u32;
+            h = h.wrapping_mul(M);
+        }
+        _ => {}
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition of `key` among `partitions`, exactly as Kafka's default partitioner
+/// (and librdkafka's `murmur2_random` for non-empty keys) computes it.
+pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
+    assert!(partitions > 0, "a topic has at least one partition");
+    ((murmur2(key) & 0x7fff_ffff) % partitions) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafka_reference_values() {
+        // Values from Kafka's UtilsTest.testMurmur2.
+        assert_eq!(murmur2(b"21"), -973_932_308);
+        assert_eq!(murmur2(b"foobar"), -790_332_482);
+        assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
+        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58_897_971);
+        assert_eq!(murmur2(b"abc"), 479_470_107);
+    }
+
+    #[test]
+    fn topics_are_prefixed_and_complete() {
+        let t = Topics::with_prefix("t1.");
+        assert_eq!(t.hot, "t1.vitals.health.hot");
+        let specs = t.specs();
+        assert_eq!(specs.len(), 9);
+        assert!(specs.iter().all(|s| s.name.starts_with("t1.vitals.")));
+    }
+}
