@@ -1,0 +1,208 @@
+//! JWT bearer authentication: `sub` is the user id. RS256 with keys from a JWKS (file or URL, loaded
+//! by the composition root) and HS256 with a shared secret for local development. Checks the
+//! algorithm against an allow-list before anything else (so `alg: none` and algorithm confusion are
+//! refused), then signature, `exp`, `nbf`, `iss` and `aud`.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+/// What the verifier trusts. Built by the composition root.
+#[derive(Clone)]
+pub struct AuthConfig {
+    pub issuer: String,
+    pub audience: String,
+    /// HS256 shared secret (local development); HS256 is refused when `None`.
+    pub hs256_secret: Option<Vec<u8>>,
+    /// RS256 public keys; RS256 is refused when `None`.
+    pub jwks: Option<JwkSet>,
+    /// Clock skew tolerated on `exp`/`nbf`, seconds.
+    pub leeway_secs: u64,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("hs256_secret", &self.hs256_secret.as_ref().map(|_| "[redacted]"))
+            .field("jwks_keys", &self.jwks.as_ref().map(|j| j.keys.len()))
+            .finish()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub iss: String,
+    pub aud: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+}
+
+pub struct JwtVerifier {
+    hs: Option<(DecodingKey, Validation)>,
+    /// kid → key; a JWKS with one key also accepts tokens without `kid`.
+    rs: HashMap<String, DecodingKey>,
+    rs_single: Option<DecodingKey>,
+    rs_validation: Validation,
+}
+
+fn validation(alg: Algorithm, cfg: &AuthConfig) -> Validation {
+    let mut v = Validation::new(alg);
+    v.set_issuer(&[&cfg.issuer]);
+    v.set_audience(&[&cfg.audience]);
+    v.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    v.leeway = cfg.leeway_secs;
+    v
+}
+
+impl JwtVerifier {
+    pub fn new(cfg: &AuthConfig) -> Result<JwtVerifier, String> {
+        let hs = cfg.hs256_secret.as_ref().map(|s| (DecodingKey::from_secret(s), validation(Algorithm::HS256, cfg)));
+        let mut rs = HashMap::new();
+        let mut all = Vec::new();
+        if let Some(set) = &cfg.jwks {
+            for jwk in &set.keys {
+                let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable JWK: {e}"))?;
+                if let Some(kid) = &jwk.common.key_id {
+                    rs.insert(kid.clone(), key.clone());
+                }
+                all.push(key);
+            }
+        }
+        let rs_single = if all.len() == 1 { all.pop() } else { None };
+        Ok(JwtVerifier { hs, rs, rs_single, rs_validation: validation(Algorithm::RS256, cfg) })
+    }
+
+    /// Verifies an `Authorization` header value and returns the user id (`sub`).
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<String, ApiError> {
+        let Some(value) = authorization else {
+            return Err(ApiError::unauthorized("missing_token", "an `Authorization: Bearer <jwt>` header is required"));
+        };
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or_else(|| ApiError::unauthorized("missing_token", "the Authorization scheme must be Bearer"))?
+            .trim();
+        let (alg, kid) = peek_header(token)?;
+        let (key, validation) = match alg.as_str() {
+            "HS256" => match &self.hs {
+                Some((k, v)) => (k, v),
+                None => return Err(alg_refused(&alg)),
+            },
+            "RS256" => {
+                let key = match kid.as_deref() {
+                    Some(kid) => self.rs.get(kid).or(self.rs_single.as_ref()),
+                    None => self.rs_single.as_ref(),
+                };
+                match key {
+                    Some(k) => (k, &self.rs_validation),
+                    None if self.rs.is_empty() && self.rs_single.is_none() => return Err(alg_refused(&alg)),
+                    None => return Err(ApiError::unauthorized("unknown_key", "the token's `kid` is not in the JWKS")),
+                }
+            }
+            _ => return Err(alg_refused(&alg)),
+        };
+        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => ApiError::unauthorized("token_expired", "the token has expired"),
+            ErrorKind::ImmatureSignature => ApiError::unauthorized("token_not_yet_valid", "the token is not valid yet (nbf)"),
+            ErrorKind::InvalidSignature => ApiError::unauthorized("invalid_signature", "the token's signature does not verify"),
+            ErrorKind::InvalidIssuer => ApiError::unauthorized("invalid_issuer", "the token's issuer is not trusted"),
+            ErrorKind::InvalidAudience => ApiError::unauthorized("invalid_audience", "the token is not meant for this audience"),
+            ErrorKind::MissingRequiredClaim(c) => ApiError::unauthorized("missing_claim", format!("the token lacks the `{c}` claim")),
+            _ => ApiError::unauthorized("invalid_token", "the token is malformed"),
+        })?;
+        if data.claims.sub.is_empty() || data.claims.sub.len() > 128 {
+            return Err(ApiError::unauthorized("invalid_token", "the token's `sub` must be a user id of 1..=128 bytes"));
+        }
+        Ok(data.claims.sub)
+    }
+}
+
+fn alg_refused(alg: &str) -> ApiError {
+    ApiError::unauthorized("algorithm_not_allowed", format!("tokens signed with `{alg}` are not accepted"))
+}
+
+/// Reads `alg` and `kid` from the token's header without trusting anything else in it.
+fn peek_header(token: &str) -> Result<(String, Option<String>), ApiError> {
+    let malformed = || ApiError::unauthorized("invalid_token", "the token is not a JWT");
+    let header_b64 = token.split('.').next().ok_or_else(malformed)?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header_b64.trim_end_matches('=')).map_err(|_| malformed())?;
+    #[derive(Deserialize)]
+    struct H {
+        alg: String,
+        kid: Option<String>,
+    }
+    let h: H = serde_json::from_slice(&raw).map_err(|_| malformed())?;
+    if token.split('.').count() != 3 {
+        return Err(malformed());
+    }
+    Ok((h.alg, h.kid))
+}
+
+/// Mints an HS256 token, for local development, the simulator and tests.
+pub fn mint_hs256(secret: &[u8], issuer: &str, audience: &str, sub: &str, ttl_secs: u64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let claims = Claims {
+        sub: sub.to_owned(),
+        iss: issuer.to_owned(),
+        aud: audience.to_owned(),
+        exp: now + ttl_secs,
+        nbf: None,
+        iat: Some(now),
+    };
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
+        .expect("HS256 encoding with a byte secret cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> AuthConfig {
+        AuthConfig {
+            issuer: "vitals-dev".into(),
+            audience: "vitals".into(),
+            hs256_secret: Some(b"dev-secret-with-enough-bytes-0123456789".to_vec()),
+            jwks: None,
+            leeway_secs: 0,
+        }
+    }
+
+    #[test]
+    fn accepts_a_valid_token_and_returns_sub() {
+        let c = cfg();
+        let v = JwtVerifier::new(&c).unwrap();
+        let t = mint_hs256(c.hs256_secret.as_ref().unwrap(), "vitals-dev", "vitals", "user-1", 60);
+        assert_eq!(v.authenticate(Some(&format!("Bearer {t}"))).unwrap(), "user-1");
+    }
+
+    #[test]
+    fn refuses_bad_tokens_with_their_codes() {
+        let c = cfg();
+        let v = JwtVerifier::new(&c).unwrap();
+        let code = |h: Option<&str>| v.authenticate(h).unwrap_err().code;
+        assert_eq!(code(None), "missing_token");
+        let forged = mint_hs256(b"another-secret-another-secret-1234", "vitals-dev", "vitals", "u", 60);
+        assert_eq!(code(Some(&format!("Bearer {forged}"))), "invalid_signature");
+        let wrong_aud = mint_hs256(c.hs256_secret.as_ref().unwrap(), "vitals-dev", "other", "u", 60);
+        assert_eq!(code(Some(&format!("Bearer {wrong_aud}"))), "invalid_audience");
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(r#"{"sub":"u","iss":"vitals-dev","aud":"vitals","exp":9999999999}"#));
+        assert_eq!(code(Some(&format!("Bearer {none}"))), "algorithm_not_allowed");
+        let rs = format!("{}.{}.sig", b64(r#"{"alg":"RS256"}"#), b64("{}"));
+        assert_eq!(code(Some(&format!("Bearer {rs}"))), "algorithm_not_allowed");
+        assert_eq!(code(Some("Bearer not-a-jwt")), "invalid_token");
+    }
+}

@@ -1,0 +1,43 @@
+//! Prometheus metrics of the edge. Labels are endpoints, lanes, outcomes and codes: never user ids.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub samples: IntCounterVec,
+    pub rejections: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    pub produce_seconds: HistogramVec,
+    pub in_flight: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(Opts::new("vitals_ingest_requests_total", "Requests by endpoint and status"), &["endpoint", "status"]).unwrap();
+        let samples = IntCounterVec::new(Opts::new("vitals_ingest_items_total", "Items accepted per lane, or rejected"), &["endpoint", "outcome"]).unwrap();
+        let rejections = IntCounterVec::new(Opts::new("vitals_ingest_rejections_total", "Rejected items and requests by code"), &["code"]).unwrap();
+        let buckets = vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        let request_seconds = HistogramVec::new(HistogramOpts::new("vitals_ingest_request_seconds", "Request latency").buckets(buckets.clone()), &["endpoint"]).unwrap();
+        let produce_seconds = HistogramVec::new(HistogramOpts::new("vitals_ingest_produce_seconds", "Encode + produce + broker ack latency").buckets(buckets), &["endpoint"]).unwrap();
+        let in_flight = IntGauge::new("vitals_ingest_in_flight_requests", "Requests being processed").unwrap();
+        for c in [Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>, Box::new(samples.clone()), Box::new(rejections.clone()), Box::new(request_seconds.clone()), Box::new(produce_seconds.clone()), Box::new(in_flight.clone())] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics { registry, requests, samples, rejections, request_seconds, produce_seconds, in_flight }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
