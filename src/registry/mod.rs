@@ -1,0 +1,31 @@
+//! The `vitals registry` role: a Confluent-compatible Schema Registry backed by PostgreSQL.
+//!
+//! Producers and consumers reach it through `schema_registry_converter` exactly as they would
+//! reach Confluent's registry (so pointing vitals at a real Confluent registry is a URL change):
+//! same routes, JSON bodies, content type (`application/vnd.schemaregistry.v1+json`), error
+//! bodies (`{"error_code", "message"}`) and global schema ids for the wire format (magic byte 0 +
+//! 4-byte big-endian id). Only AVRO schemas are accepted.
+//!
+//! * [`compat`]: parsing, schema identity and the compatibility rules, usable without HTTP.
+//! * `http`: the routes ([`router`]); `store`: the SQL (tables of
+//!   `migrations/0002_registry.sql`, applied by the composition root's `sqlx::migrate!`).
+//!
+//! Differences from Confluent worth knowing: incompatible registrations answer error_code 409
+//! (as Confluent up to 7.x; newer releases say 40901); `metadata`, `ruleSet`, explicit `id` /
+//! `version` (IMPORT mode), contexts, modes other than READWRITE and the `normalize` and
+//! `format` parameters are accepted and ignored; a permanent delete drops schemas no version
+//! uses any more, so their ids stop resolving.
+
+pub mod compat;
+mod error;
+mod http;
+mod store;
+
+#[cfg(test)]
+mod tests;
+
+/// The registry's HTTP API over `pool`, whose database has `migrations/0002_registry.sql`
+/// applied.
+pub fn router(pool: sqlx::PgPool) -> axum::Router {
+    http::routes(pool)
+}
