@@ -20,6 +20,9 @@ pub enum Begin {
     Mismatch,
 }
 
+/// endpoint, payload hash, state, status, response, lease expired.
+type StoredRequest = (String, String, String, Option<i32>, Option<Value>, bool);
+
 /// Claims `(user, request_id)` for processing, or says why not.
 pub async fn begin(pool: &PgPool, user: &str, request_id: &str, endpoint: &str, hash: &str, lease: Duration) -> Result<Begin, sqlx::Error> {
     let lease_ms = lease.as_millis() as i64;
@@ -38,7 +41,7 @@ pub async fn begin(pool: &PgPool, user: &str, request_id: &str, endpoint: &str, 
     if inserted.rows_affected() == 1 {
         return Ok(Begin::Proceed);
     }
-    let row: Option<(String, String, String, Option<i32>, Option<Value>, bool)> = sqlx::query_as(
+    let row: Option<StoredRequest> = sqlx::query_as(
         "SELECT endpoint, payload_hash, state, status_code, response, lease_until < now()
          FROM ingest_requests WHERE user_id = $1 AND request_id = $2",
     )

@@ -118,7 +118,7 @@ pub fn murmur2(data: &[u8]) -> i32 {
 /// (and librdkafka's `murmur2_random` for non-empty keys) computes it.
 pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
     assert!(partitions > 0, "a topic has at least one partition");
-    ((murmur2(key) & 0x7fff_ffff) % partitions) as i32
+    (murmur2(key) & 0x7fff_ffff) % partitions
 }
 
 #[cfg(test)]
