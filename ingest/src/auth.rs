@@ -103,7 +103,7 @@ impl JwtVerifier {
             },
             "RS256" => {
                 let key = match kid.as_deref() {
-                    Some(kid) => self.rs.get(kid).or(self.rs_single.as_ref()),
+                    Some(kid) => self.rs.get(kid),
                     None => self.rs_single.as_ref(),
                 };
                 match key {
@@ -204,5 +204,38 @@ mod tests {
         let rs = format!("{}.{}.sig", b64(r#"{"alg":"RS256"}"#), b64("{}"));
         assert_eq!(code(Some(&format!("Bearer {rs}"))), "algorithm_not_allowed");
         assert_eq!(code(Some("Bearer not-a-jwt")), "invalid_token");
+    }
+
+    fn rs_cfg() -> AuthConfig {
+        AuthConfig {
+            hs256_secret: None,
+            jwks: Some(serde_json::from_str(include_str!("../testdata/jwks.json")).unwrap()),
+            ..cfg()
+        }
+    }
+
+    fn rs_token(kid: Option<&str>, sub: &str) -> String {
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = kid.map(str::to_owned);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let claims = Claims { sub: sub.into(), iss: "vitals-dev".into(), aud: "vitals".into(), exp: now + 60, nbf: Some(now - 1), iat: None };
+        let key = EncodingKey::from_rsa_pem(include_bytes!("../testdata/rs256-test-key.pem")).unwrap();
+        jsonwebtoken::encode(&h, &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn rs256_via_jwks_and_no_algorithm_confusion() {
+        let v = JwtVerifier::new(&rs_cfg()).unwrap();
+        assert_eq!(v.authenticate(Some(&format!("Bearer {}", rs_token(Some("test-key-1"), "u-rs")))).unwrap(), "u-rs");
+        // A single-key JWKS also verifies tokens without `kid`.
+        assert_eq!(v.authenticate(Some(&format!("Bearer {}", rs_token(None, "u-rs")))).unwrap(), "u-rs");
+        assert_eq!(v.authenticate(Some(&format!("Bearer {}", rs_token(Some("other"), "u")))).unwrap_err().code, "unknown_key");
+        // HS256 signed with the public key as secret (the classic confusion attack) is refused.
+        let pubkey = include_bytes!("../testdata/rs256-test-pub.pem");
+        let confused = mint_hs256(pubkey, "vitals-dev", "vitals", "attacker", 60);
+        assert_eq!(v.authenticate(Some(&format!("Bearer {confused}"))).unwrap_err().code, "algorithm_not_allowed");
+        // And an HS256-only verifier refuses RS256 tokens.
+        let hs = JwtVerifier::new(&cfg()).unwrap();
+        assert_eq!(hs.authenticate(Some(&format!("Bearer {}", rs_token(Some("test-key-1"), "u")))).unwrap_err().code, "algorithm_not_allowed");
     }
 }
