@@ -1,0 +1,287 @@
+//! The composition root's builders: every client, pool and component is made here from the
+//! [`Config`] and handed to the library crates by constructor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tracing::info;
+use vitals_ingest::auth::{AuthConfig, JwtVerifier};
+use vitals_ingest::request::Rules;
+use vitals_ingest::writer::LaneWriter;
+use vitals_ingest::{Ingest, IngestConfig, Readiness};
+use vitals_schemas::codec::Codec;
+use vitals_schemas::topics::{TopicRole, Topics};
+
+use crate::config::Config;
+
+/// Every table of `migrations/`, applied in order.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+pub async fn pg_pool(cfg: &Config) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(cfg.postgres.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(cfg.postgres.url.expose())
+        .await
+        .context("connecting to PostgreSQL (postgres.url)")
+}
+
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR.run(pool).await.context("running migrations/")
+}
+
+pub fn topics(cfg: &Config) -> Topics {
+    Topics::with_prefix(&cfg.kafka.topic_prefix)
+}
+
+fn kafka_base(cfg: &Config, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.brokers).set("client.id", client_id).set("log_level", "4");
+    c
+}
+
+/// The idempotent producer every writer uses: `acks=all`, bounded queue, bounded delivery time,
+/// Kafka's murmur2 partitioner (so all producers co-partition by user).
+pub fn producer(cfg: &Config, client_id: &str) -> anyhow::Result<FutureProducer> {
+    kafka_base(cfg, client_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", cfg.kafka.produce_timeout_ms.to_string())
+        .set("queue.buffering.max.messages", cfg.kafka.queue_max_messages.to_string())
+        .set("queue.buffering.max.kbytes", cfg.kafka.queue_max_kbytes.to_string())
+        .set("linger.ms", cfg.kafka.linger_ms.to_string())
+        .set("partitioner", "murmur2_random")
+        .create()
+        .context("creating the Kafka producer")
+}
+
+pub fn admin(cfg: &Config) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+    kafka_base(cfg, "vitals-admin").create().context("creating the Kafka admin client")
+}
+
+/// Creates every topic with its partitions, retention and cleanup policy. Idempotent: existing
+/// topics are checked to have the configured partition count (co-partitioning) and left alone.
+pub async fn create_topics(cfg: &Config) -> anyhow::Result<Vec<String>> {
+    let admin = admin(cfg)?;
+    let specs = topics(cfg).specs();
+    let input_retention = cfg.topics.input_retention_ms.to_string();
+    let dlq_retention = cfg.topics.dead_letter_retention_ms.to_string();
+    let new: Vec<NewTopic> = specs
+        .iter()
+        .map(|s| {
+            let t = NewTopic::new(&s.name, cfg.kafka.partitions, TopicReplication::Fixed(cfg.kafka.replication_factor));
+            match s.role {
+                TopicRole::Input => t.set("cleanup.policy", "delete").set("retention.ms", &input_retention),
+                TopicRole::Projection => t.set("cleanup.policy", "compact"),
+                TopicRole::DeadLetter => t.set("cleanup.policy", "delete").set("retention.ms", &dlq_retention),
+            }
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics(new.iter(), &opts).await.context("CreateTopics")?;
+    let mut report = Vec::new();
+    for r in results {
+        match r {
+            Ok(name) => report.push(format!("created {name}")),
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => report.push(format!("exists  {name}")),
+            Err((name, code)) => bail!("creating topic {name}: {code}"),
+        }
+    }
+    // Every keyed topic must have the same partition count, or a user's data would be split
+    // across processor tasks.
+    let found = topic_partitions(cfg, &specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>()).await?;
+    for s in &specs {
+        match found.iter().find(|(n, _)| n == &s.name) {
+            Some((_, n)) if *n as i32 == cfg.kafka.partitions => {}
+            Some((_, n)) => bail!("topic {} has {n} partitions, expected {} (co-partitioning)", s.name, cfg.kafka.partitions),
+            None => bail!("topic {} is not in the broker's metadata after creation", s.name),
+        }
+    }
+    Ok(report)
+}
+
+/// Partition counts of `names` as the broker reports them.
+pub async fn topic_partitions(cfg: &Config, names: &[String]) -> anyhow::Result<Vec<(String, usize)>> {
+    let client: rdkafka::consumer::BaseConsumer = kafka_base(cfg, "vitals-metadata").create().context("creating a metadata client")?;
+    let names = names.to_vec();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::Consumer;
+        let md = client.fetch_metadata(None, Duration::from_secs(10)).context("fetching metadata")?;
+        Ok(md
+            .topics()
+            .iter()
+            .filter(|t| names.iter().any(|n| n == t.name()))
+            .map(|t| (t.name().to_owned(), t.partitions().len()))
+            .collect())
+    })
+    .await
+    .context("metadata task")?
+}
+
+/// Registers every topic's value schema (TopicNameStrategy subjects). Idempotent.
+pub async fn register_schemas(cfg: &Config) -> anyhow::Result<Vec<String>> {
+    let codec = Codec::new(&cfg.registry.url);
+    let mut report = Vec::new();
+    for s in topics(cfg).specs() {
+        let id = codec.register(&s.name, &s.value_schema).await.with_context(|| format!("registering {}-value", s.name))?;
+        report.push(format!("{}-value -> id {id} ({})", s.name, s.value_schema.name));
+    }
+    Ok(report)
+}
+
+/// Checks every schema in `schemas/avro` against what the registry holds, at each subject's
+/// compatibility level (BACKWARD by default). Returns the incompatible subjects.
+pub async fn check_schemas(cfg: &Config) -> anyhow::Result<Vec<String>> {
+    let codec = Codec::new(&cfg.registry.url);
+    let mut bad = Vec::new();
+    for s in topics(cfg).specs() {
+        if !codec.is_compatible(&s.name, &s.value_schema).await.with_context(|| format!("checking {}-value", s.name))? {
+            bad.push(format!("{}-value ({})", s.name, s.value_schema.name));
+        }
+    }
+    Ok(bad)
+}
+
+/// The JWT verifier from `[auth]`: HS256 secret and/or a JWKS from a file or URL.
+pub async fn verifier(cfg: &Config) -> anyhow::Result<JwtVerifier> {
+    let a = &cfg.auth;
+    let jwks = if !a.jwks_path.is_empty() {
+        let text = std::fs::read_to_string(&a.jwks_path).with_context(|| format!("reading auth.jwks_path {}", a.jwks_path))?;
+        Some(serde_json::from_str(&text).context("parsing the JWKS file")?)
+    } else if !a.jwks_url.is_empty() {
+        let r = reqwest::get(&a.jwks_url).await.context("fetching auth.jwks_url")?;
+        Some(r.error_for_status()?.json().await.context("parsing the JWKS")?)
+    } else {
+        None
+    };
+    let secret = a.hs256_secret.expose();
+    let auth = AuthConfig {
+        issuer: a.issuer.clone(),
+        audience: a.audience.clone(),
+        hs256_secret: (!secret.is_empty()).then(|| secret.as_bytes().to_vec()),
+        jwks,
+        leeway_secs: a.leeway_secs,
+    };
+    if auth.hs256_secret.is_none() && auth.jwks.is_none() {
+        bail!("no way to verify tokens: set auth.hs256_secret or auth.jwks_path / auth.jwks_url");
+    }
+    JwtVerifier::new(&auth).map_err(anyhow::Error::msg)
+}
+
+pub fn ingest_config(cfg: &Config) -> IngestConfig {
+    let i = &cfg.ingest;
+    IngestConfig {
+        rules: Rules {
+            max_items: i.max_items,
+            hot_window_ms: i.hot_window_hours * 3600 * 1000,
+            max_future_skew_ms: i.max_future_skew_secs * 1000,
+            ..Rules::default()
+        },
+        max_body_bytes: i.max_body_bytes,
+        max_items_per_record: i.max_items_per_record,
+        idempotency_lease: Duration::from_secs(i.idempotency_lease_secs),
+        retry_after_secs: i.retry_after_secs,
+        require_consent: i.require_consent,
+        max_in_flight: i.max_in_flight,
+    }
+}
+
+/// The ingest edge, wired.
+pub async fn ingest(cfg: &Config, pool: PgPool) -> anyhow::Result<Arc<Ingest>> {
+    let codec = Arc::new(Codec::new(&cfg.registry.url));
+    let ack_timeout = Duration::from_millis(cfg.kafka.produce_timeout_ms + 5_000);
+    let writer = LaneWriter::new(producer(cfg, "vitals-ingest")?, codec, ack_timeout);
+    let readiness = Readiness { registry_url: cfg.registry.url.trim_end_matches('/').to_owned(), http: reqwest::Client::new() };
+    Ok(Arc::new(Ingest::new(ingest_config(cfg), verifier(cfg).await?, writer, pool, topics(cfg), readiness)))
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    info!(addr = %listener.local_addr()?, "listening");
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("serving HTTP")
+}
+
+/// Reads every record of `topic` from the beginning up to the high watermarks taken at the start.
+/// For benchmarks, tools and tests; processors use the runtime's consumers.
+pub async fn read_all(cfg: &Config, topic: &str) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = kafka_base(cfg, "vitals-reader")
+        .set("group.id", "vitals-reader-unused")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .context("creating a reader")?;
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).context("metadata")?;
+        let parts: Vec<i32> = md.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
+        let mut tpl = TopicPartitionList::new();
+        let mut remaining = 0i64;
+        let mut ends = std::collections::HashMap::new();
+        for p in &parts {
+            let (lo, hi) = consumer.fetch_watermarks(&topic, *p, Duration::from_secs(10)).context("watermarks")?;
+            if hi > lo {
+                tpl.add_partition_offset(&topic, *p, Offset::Offset(lo))?;
+                ends.insert(*p, hi);
+                remaining += hi - lo;
+            }
+        }
+        let mut out = Vec::with_capacity(remaining as usize);
+        if remaining == 0 {
+            return Ok(out);
+        }
+        consumer.assign(&tpl)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while out.len() < remaining as usize {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "read {} of {remaining} records of {topic} within 120 s", out.len());
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                let m = m.context("consuming")?;
+                if m.offset() < ends[&m.partition()] {
+                    out.push(m.detach());
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .context("reader task")?
+}
+
+/// Records per topic (sum over partitions of high − low watermark), for `vitals topics stats`.
+pub async fn topic_counts(cfg: &Config) -> anyhow::Result<Vec<(String, usize, i64)>> {
+    let client: rdkafka::consumer::BaseConsumer = kafka_base(cfg, "vitals-stats").create().context("creating a metadata client")?;
+    let names: Vec<String> = topics(cfg).specs().into_iter().map(|s| s.name).collect();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::Consumer;
+        let md = client.fetch_metadata(None, Duration::from_secs(10)).context("fetching metadata")?;
+        let mut out = Vec::new();
+        for name in names {
+            let Some(t) = md.topics().iter().find(|t| t.name() == name) else {
+                out.push((name, 0, -1));
+                continue;
+            };
+            let mut total = 0;
+            for p in t.partitions() {
+                let (lo, hi) = client.fetch_watermarks(&name, p.id(), Duration::from_secs(10)).context("watermarks")?;
+                total += hi - lo;
+            }
+            out.push((name, t.partitions().len(), total));
+        }
+        Ok(out)
+    })
+    .await
+    .context("stats task")?
+}

@@ -1,0 +1,201 @@
+//! Configuration: defaults in `config/default.toml` (embedded), optionally a file named by
+//! `VITALS_CONFIG`, then `VITALS_<SECTION>__<KEY>` environment overrides. Secrets are wrapped in
+//! [`Secret`] so they never print.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// A string that never shows up in `Debug` or in `vitals config`.
+#[derive(Clone, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"[redacted]\"" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "[redacted]" })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub topics: TopicsConfig,
+    pub postgres: PostgresConfig,
+    pub registry: RegistryConfig,
+    pub ingest: IngestSection,
+    pub auth: AuthSection,
+    pub redis: RedisConfig,
+    pub s3: S3Config,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic_prefix: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub produce_timeout_ms: u64,
+    pub queue_max_messages: u64,
+    pub queue_max_kbytes: u64,
+    pub linger_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    pub input_retention_ms: i64,
+    pub dead_letter_retention_ms: i64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub url: Secret,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    pub url: String,
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSection {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    pub max_items: usize,
+    pub max_items_per_record: usize,
+    pub hot_window_hours: i64,
+    pub max_future_skew_secs: i64,
+    pub idempotency_lease_secs: u64,
+    pub retry_after_secs: u64,
+    pub require_consent: bool,
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    pub issuer: String,
+    pub audience: String,
+    pub hs256_secret: Secret,
+    pub jwks_path: String,
+    pub jwks_url: String,
+    pub leeway_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+}
+
+impl Config {
+    /// Defaults + `VITALS_CONFIG` file + `VITALS_*__*` environment.
+    pub fn load() -> anyhow::Result<Config> {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        let file = match env.get("VITALS_CONFIG") {
+            Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("reading VITALS_CONFIG={path}"))?),
+            None => None,
+        };
+        Config::from_sources(file.as_deref(), &env)
+    }
+
+    /// The same, from explicit sources (for tests).
+    pub fn from_sources(file: Option<&str>, env: &BTreeMap<String, String>) -> anyhow::Result<Config> {
+        let mut root: toml::Table = DEFAULTS.parse().context("config/default.toml")?;
+        if let Some(text) = file {
+            let overlay: toml::Table = text.parse().context("VITALS_CONFIG file")?;
+            merge(&mut root, overlay);
+        }
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix("VITALS_") else { continue };
+            let Some((section, key)) = rest.split_once("__") else { continue };
+            let (section, key) = (section.to_lowercase(), key.to_lowercase());
+            let Some(toml::Value::Table(t)) = root.get_mut(&section) else {
+                bail!("{k}: there is no config section `{section}`");
+            };
+            let Some(old) = t.get(&key) else {
+                bail!("{k}: section `{section}` has no key `{key}`");
+            };
+            let new = match old {
+                toml::Value::String(_) => toml::Value::String(v.clone()),
+                toml::Value::Integer(_) => toml::Value::Integer(v.parse().with_context(|| format!("{k} must be an integer"))?),
+                toml::Value::Boolean(_) => toml::Value::Boolean(v.parse().with_context(|| format!("{k} must be true or false"))?),
+                toml::Value::Float(_) => toml::Value::Float(v.parse().with_context(|| format!("{k} must be a number"))?),
+                _ => bail!("{k}: only scalar keys can be overridden"),
+            };
+            t.insert(key, new);
+        }
+        toml::Value::Table(root).try_into().context("invalid configuration")
+    }
+}
+
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (k, v) in overlay {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_are_typed_and_checked() {
+        let env = BTreeMap::from([
+            ("VITALS_KAFKA__BROKERS".to_owned(), "k1:9092".to_owned()),
+            ("VITALS_INGEST__MAX_ITEMS".to_owned(), "10".to_owned()),
+            ("VITALS_INGEST__REQUIRE_CONSENT".to_owned(), "false".to_owned()),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ]);
+        let c = Config::from_sources(None, &env).unwrap();
+        assert_eq!((c.kafka.brokers.as_str(), c.ingest.max_items, c.ingest.require_consent), ("k1:9092", 10, false));
+        let bad = BTreeMap::from([("VITALS_INGEST__MAX_ITEMS".to_owned(), "many".to_owned())]);
+        assert!(Config::from_sources(None, &bad).is_err());
+        let unknown = BTreeMap::from([("VITALS_INGEST__MAX_ITEMZ".to_owned(), "1".to_owned())]);
+        assert!(Config::from_sources(None, &unknown).is_err());
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = Config::from_sources(None, &BTreeMap::new()).unwrap();
+        let shown = format!("{c:?} {}", toml::to_string(&c).unwrap_or_default());
+        assert!(!shown.contains("change-me"), "secret leaked: {shown}");
+        assert!(c.auth.hs256_secret.expose().contains("change-me"));
+    }
+}

@@ -1,0 +1,232 @@
+//! The `vitals` binary: parses the command line, loads the configuration and runs one role.
+//! Every role is a subcommand of this one binary; `app` builds what each needs.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use vitals::config::Config;
+use vitals::{app, bench, simulate};
+
+#[derive(Parser)]
+#[command(name = "vitals", version, about = "Exactly-once stream processing of mobile health data on Kafka")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the effective configuration (secrets redacted).
+    Config,
+    /// Apply migrations/ to postgres.url.
+    Migrate,
+    /// Run the Confluent-compatible schema registry (registry.listen), backed by PostgreSQL.
+    Registry,
+    /// Run the ingest edge (ingest.listen).
+    Ingest,
+    /// Topic administration.
+    Topics {
+        #[command(subcommand)]
+        cmd: TopicsCmd,
+    },
+    /// Schema administration against the registry.
+    Schemas {
+        #[command(subcommand)]
+        cmd: SchemasCmd,
+    },
+    /// Migrate, create topics and register schemas: everything a fresh cluster needs.
+    Setup,
+    /// Print a development token (HS256, auth.hs256_secret) for a user.
+    Token {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+    },
+    /// Upload realistic simulated data for N people through the HTTP API.
+    Simulate(SimArgs),
+    /// Benchmarks that print figures.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsCmd {
+    /// Create every topic (idempotent; checks co-partitioning).
+    Create,
+    /// Partitions and record counts of every topic.
+    Stats,
+}
+
+#[derive(Subcommand)]
+enum SchemasCmd {
+    /// Register every topic's value schema (idempotent).
+    Register,
+    /// Fail if a schema in schemas/avro is incompatible with what the registry holds.
+    Check,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Ingest throughput (samples/s accepted and acknowledged by the broker) beside the broker's
+    /// raw produce rate for the same bytes.
+    Ingest(SimArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct SimArgs {
+    #[arg(long, default_value_t = 3)]
+    users: usize,
+    #[arg(long, default_value_t = 7)]
+    days: u32,
+    /// Max requests per second overall (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Ingest base URL (default: http://<ingest.listen>).
+    #[arg(long)]
+    url: Option<String>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    #[arg(long, default_value = "sim-")]
+    user_prefix: String,
+    /// Do not send edits and deletions.
+    #[arg(long)]
+    no_edits: bool,
+}
+
+impl SimArgs {
+    fn to_config(&self, cfg: &Config) -> simulate::SimConfig {
+        simulate::SimConfig {
+            base_url: self.url.clone().unwrap_or_else(|| format!("http://{}", cfg.ingest.listen)),
+            users: self.users,
+            days: self.days,
+            user_prefix: self.user_prefix.clone(),
+            seed: self.seed,
+            now_ms: chrono::Utc::now().timestamp_millis(),
+            rate: self.rate,
+            concurrency: self.concurrency,
+            batch_size: self.batch_size,
+            jwt_secret: cfg.auth.hs256_secret.expose().as_bytes().to_vec(),
+            jwt_issuer: cfg.auth.issuer.clone(),
+            jwt_audience: cfg.auth.audience.clone(),
+            edits_and_deletions: !self.no_edits,
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
+    let json = std::env::var("VITALS_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_tracing();
+    let cli = Cli::parse();
+    let cfg = Config::load()?;
+    match cli.cmd {
+        Cmd::Config => print!("{}", toml::to_string(&cfg).context("printing config")?),
+        Cmd::Migrate => {
+            let pool = app::pg_pool(&cfg).await?;
+            app::migrate(&pool).await?;
+            println!("migrations applied");
+        }
+        Cmd::Registry => {
+            let pool = app::pg_pool(&cfg).await?;
+            app::migrate(&pool).await?;
+            let listener = TcpListener::bind(&cfg.registry.listen).await.with_context(|| format!("binding {}", cfg.registry.listen))?;
+            app::serve(listener, vitals::registry::router(pool), shutdown_signal()).await?;
+        }
+        Cmd::Ingest => {
+            let pool = app::pg_pool(&cfg).await?;
+            app::migrate(&pool).await?;
+            let ingest = app::ingest(&cfg, pool).await?;
+            let listener = TcpListener::bind(&cfg.ingest.listen).await.with_context(|| format!("binding {}", cfg.ingest.listen))?;
+            app::serve(listener, vitals_ingest::router(ingest), shutdown_signal()).await?;
+        }
+        Cmd::Topics { cmd: TopicsCmd::Create } => {
+            for line in app::create_topics(&cfg).await? {
+                println!("{line}");
+            }
+        }
+        Cmd::Topics { cmd: TopicsCmd::Stats } => {
+            for (name, partitions, records) in app::topic_counts(&cfg).await? {
+                if records < 0 {
+                    println!("{name:<40} missing (run `vitals topics create`)");
+                } else {
+                    println!("{name:<40} {partitions:>3} partitions {records:>10} records");
+                }
+            }
+        }
+        Cmd::Schemas { cmd: SchemasCmd::Register } => {
+            for line in app::register_schemas(&cfg).await? {
+                println!("{line}");
+            }
+        }
+        Cmd::Schemas { cmd: SchemasCmd::Check } => {
+            let bad = app::check_schemas(&cfg).await?;
+            if !bad.is_empty() {
+                anyhow::bail!("incompatible with the registry: {}", bad.join(", "));
+            }
+            println!("every schema is compatible with the registry");
+        }
+        Cmd::Setup => {
+            let pool = app::pg_pool(&cfg).await?;
+            app::migrate(&pool).await?;
+            println!("migrations applied");
+            for line in app::create_topics(&cfg).await? {
+                println!("{line}");
+            }
+            for line in app::register_schemas(&cfg).await? {
+                println!("{line}");
+            }
+        }
+        Cmd::Token { user, ttl_secs } => {
+            let secret = cfg.auth.hs256_secret.expose();
+            anyhow::ensure!(!secret.is_empty(), "auth.hs256_secret is empty: no development tokens");
+            println!("{}", vitals_ingest::auth::mint_hs256(secret.as_bytes(), &cfg.auth.issuer, &cfg.auth.audience, &user, ttl_secs));
+        }
+        Cmd::Simulate(args) => {
+            let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+            let report = simulate::run(&args.to_config(&cfg), &http).await?;
+            println!("{report:#?}");
+        }
+        Cmd::Bench { cmd: BenchCmd::Ingest(args) } => {
+            bench::ingest(&cfg, args.to_config(&cfg)).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! Integration tests: every one talks to real servers — the nisshi Kafka-protocol broker,
+//! PostgreSQL, Redis, the S3 store (all started by `scripts/services up`, which the harness runs)
+//! and vitals' own schema registry and ingest edge, served on port 0 against a fresh database and
+//! fresh topic names per test.
+
+mod harness;
+mod ingest;
+mod schemas;
+mod simulate;
