@@ -93,14 +93,14 @@ pub struct Ingest {
     topics: Topics,
     catalog: &'static Catalog,
     readiness: Readiness,
-    in_flight: tokio::sync::Semaphore,
+    in_flight_limit: Arc<tokio::sync::Semaphore>,
     pub metrics: Metrics,
 }
 
 impl Ingest {
     pub fn new(cfg: IngestConfig, verifier: JwtVerifier, writer: LaneWriter, pool: PgPool, topics: Topics, readiness: Readiness) -> Ingest {
-        let in_flight = tokio::sync::Semaphore::new(cfg.max_in_flight);
-        Ingest { cfg, verifier, writer, pool, topics, catalog: Catalog::embedded(), readiness, in_flight, metrics: Metrics::new() }
+        let in_flight_limit = Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight));
+        Ingest { cfg, verifier, writer, pool, topics, catalog: Catalog::embedded(), readiness, in_flight_limit, metrics: Metrics::new() }
     }
 }
 
@@ -172,19 +172,36 @@ async fn handle(s: Arc<Ingest>, kind: BatchKind, req: Request) -> Response {
     let trace = TraceContext::from_header(req.headers().get("traceparent").and_then(|v| v.to_str().ok()));
     let span = info_span!("ingest.batch", endpoint, trace_id = %trace.trace_id, status = tracing::field::Empty);
     let resp = async {
-        let Ok(_permit) = s.in_flight.try_acquire() else {
+        let Ok(permit) = Arc::clone(&s.in_flight_limit).try_acquire_owned() else {
             return ApiError::unavailable("overloaded", "too many requests in flight; retry later", s.cfg.retry_after_secs).into_response();
         };
-        s.metrics.in_flight.inc();
-        let r = match process(&s, kind, &trace, req).await {
-            Ok(r) => r,
-            Err(e) => {
-                s.metrics.rejections.with_label_values(&[e.code]).inc();
-                e.into_response()
-            }
+        // Processed in its own task: a client that disconnects mid-request does not abort the work,
+        // so the request id never stays claimed by an abandoned attempt, and the client's retry
+        // gets the stored answer.
+        let task = {
+            let s = Arc::clone(&s);
+            let trace = trace.clone();
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    s.metrics.in_flight.inc();
+                    let r = match process(&s, kind, &trace, req).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            s.metrics.rejections.with_label_values(&[e.code]).inc();
+                            e.into_response()
+                        }
+                    };
+                    s.metrics.in_flight.dec();
+                    r
+                }
+                .in_current_span(),
+            )
         };
-        s.metrics.in_flight.dec();
-        r
+        task.await.unwrap_or_else(|e| {
+            error!(error = %e, "ingest task failed");
+            ApiError::internal().into_response()
+        })
     }
     .instrument(span.clone())
     .await;

@@ -2,7 +2,7 @@
 //! its own database `vitals_registry_test_<random>` (dropped again when the test ends, even on
 //! failure), applies `migrations/0002_registry.sql`, serves [`super::router`] on 127.0.0.1:0 and
 //! talks to it with reqwest, or with schema_registry_converter itself. The server is reached
-//! through `VITALS_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! through `VITALS_TEST_POSTGRES_URL` (default `postgres://postgres:postgres@127.0.0.1:5432/postgres`).
 
 use std::collections::HashSet;
 use std::error::Error as _;
@@ -31,7 +31,7 @@ fn with_spo2_required() -> String {
 
 fn admin_url() -> String {
     std::env::var("VITALS_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 fn database_url(name: &str) -> String {

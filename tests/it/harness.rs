@@ -187,7 +187,15 @@ impl TestEnv {
         app::read_all(&self.cfg, topic).await.expect("reading topic")
     }
 
+    /// Drops the test's topics and database. (A failed test leaves them; stale test databases are
+    /// dropped by later runs.)
     pub async fn cleanup(self) {
+        use rdkafka::admin::AdminOptions;
+        if let Ok(admin) = app::admin(&self.cfg) {
+            let names: Vec<String> = self.topics().specs().into_iter().map(|s| s.name).collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let _ = admin.delete_topics(&refs, &AdminOptions::new()).await;
+        }
         for t in self.tasks {
             t.abort();
         }
