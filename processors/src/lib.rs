@@ -1,0 +1,98 @@
+//! `vitals-processors`: keyed-by-user stream processors.
+//!
+//! A processor is synchronous and does no I/O: it reads and writes the per-user [`State`] it is
+//! given and emits full upserts (or retractions) of projection keys through an [`Emitter`]. That
+//! is what makes exactly-once possible: the runtime decides when state, input offsets and output
+//! position are checkpointed together, and re-running a processor over the same input yields the
+//! same outputs. Adding a processor is one file plus one line in [`registry`].
+//!
+//! Status: the processor contract, the in-memory [`driver`] and `rollup_day` with its batch
+//! oracle. The Kafka runtime (checkpointing, restore, lanes, DLQ) is not built yet.
+
+pub mod driver;
+pub mod rollup_day;
+pub mod time;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use vitals_schemas::{ChangeBatch, DomainChangeBatch, SampleBatch};
+
+/// One input record, already decoded, of one user.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// HOT or COLD lane.
+    Samples(SampleBatch),
+    /// CHANGE lane: edits and deletions.
+    Changes(ChangeBatch),
+    /// Domain changes: sessions, products, privacy, source priority.
+    Domain(DomainChangeBatch),
+}
+
+impl Input {
+    pub fn user_id(&self) -> &str {
+        match self {
+            Input::Samples(b) => &b.user_id,
+            Input::Changes(b) => &b.user_id,
+            Input::Domain(b) => &b.user_id,
+        }
+    }
+}
+
+/// A record a processor refuses as invalid: it goes to the dead-letter topic with this reason.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code}: {reason}")]
+pub struct Invalid {
+    pub code: &'static str,
+    pub reason: String,
+}
+
+/// The state of one user, as the runtime gives it to a processor. Keys are the processor's own
+/// (the runtime prefixes them with the processor and the user).
+pub trait State {
+    fn get(&self, key: &str) -> Option<Vec<u8>>;
+    fn put(&mut self, key: &str, value: Vec<u8>);
+    fn delete(&mut self, key: &str);
+    /// Keys (and values) starting with `prefix`, in key order.
+    fn scan(&self, prefix: &str) -> Vec<(String, Vec<u8>)>;
+}
+
+/// Typed helpers over [`State`] (JSON values: readable when debugging a store).
+pub trait StateExt: State {
+    fn get_json<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        self.get(key).and_then(|v| serde_json::from_slice(&v).ok())
+    }
+    fn put_json<T: Serialize>(&mut self, key: &str, value: &T) {
+        self.put(key, serde_json::to_vec(value).expect("state values serialize"));
+    }
+}
+impl<S: State + ?Sized> StateExt for S {}
+
+/// Where a processor's outputs go: full upserts of one projection key, or its retraction.
+/// The runtime stamps each with a version that only grows, and the source offsets.
+pub trait Emitter<T> {
+    fn upsert(&mut self, key: String, value: T);
+    fn retract(&mut self, key: String);
+}
+
+/// A keyed-by-user processor: one synchronous, I/O-free method over one user's input record.
+pub trait Processor {
+    /// The projection record it emits.
+    type Output;
+    /// Handles one input record of one user: reads/writes that user's `state` and emits full
+    /// upserts or retractions. Must be deterministic (no clock, no randomness).
+    fn process(&mut self, input: &Input, state: &mut dyn State, out: &mut dyn Emitter<Self::Output>) -> Result<(), Invalid>;
+}
+
+/// What the registry knows of a processor.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessorInfo {
+    pub name: &'static str,
+    pub description: &'static str,
+}
+
+/// Every processor, one line each.
+pub fn registry() -> Vec<ProcessorInfo> {
+    vec![
+        rollup_day::INFO,
+    ]
+}

@@ -1,0 +1,459 @@
+//! `rollup_day`: per (user, metric, local date) aggregates, as DOMAIN.md defines them.
+//!
+//! * cumulative (steps, energy, distance, flights): sum; never summed across sources — per
+//!   elementary sub-interval the highest-priority source wins, and an interval sample that
+//!   straddles a day boundary is split pro rata by time;
+//! * discrete (heart rate, HRV, …): count, min, max, mean and a time-weighted mean over every
+//!   source; priority only picks `primary_source`;
+//! * category (sleep stages, mindful): minutes per category from one source per day (highest
+//!   priority with data that day), split at day boundaries;
+//! * instant (body mass, VO2max): last value of the day, min and max from the highest-priority
+//!   source with data that day.
+//!
+//! Days are local to each sample's own zone (23/25-hour DST days, travel). Discrete and instant
+//! samples belong to the local date of their start; cumulative and category samples to every
+//! date they overlap. Identity is (source, source_record_id): a higher version replaces, the same
+//! or a lower one is ignored, a deletion removes the versions it names (all when it names none),
+//! in whatever order they arrive. Every change recomputes the affected days from state, and a day
+//! left without samples is retracted. Source priority: the user's list (from the domain-changes
+//! lane, latest `occurred_at` wins) first in its order, then manual > watch > phone > third-party,
+//! then source name.
+//!
+//! [`aggregate_day`] is the one aggregation; [`oracle`] applies it to the final sample set in one
+//! batch, and the tests prove the streaming result equals it whatever the order, duplication,
+//! edits and deletions.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
+use vitals_schemas::catalog::{Catalog, MetricKind};
+use vitals_schemas::{DomainChangeKind, RollupDay, Sample, SourceKind};
+
+use crate::time::{dates_covered, Zone};
+use crate::{Emitter, Input, Invalid, ProcessorInfo, State, StateExt};
+
+pub const INFO: ProcessorInfo = ProcessorInfo {
+    name: "rollup_day",
+    description: "Daily rollups per (user, metric, local date): value-kind-aware, source priority, DST, edits, deletions, late backfill",
+};
+
+/// No tunables yet; unknown keys are refused so a typo never goes unnoticed.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {}
+
+/// A sample spanning more days than this is only counted in its first days.
+const MAX_DAYS_PER_SAMPLE: usize = 31;
+const SEP: char = '\u{1f}';
+
+/// What deletions of an identity have removed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+enum Deleted {
+    /// Every version, now and later.
+    All,
+    /// Versions up to and including this one.
+    UpTo(i64),
+}
+
+impl Deleted {
+    /// Merges a further deletion (`None` = every version): the union of what both remove.
+    fn merge(this: Option<Deleted>, version: Option<i64>) -> Deleted {
+        match (this, version) {
+            (Some(Deleted::All), _) | (_, None) => Deleted::All,
+            (Some(Deleted::UpTo(a)), Some(b)) => Deleted::UpTo(a.max(b)),
+            (None, Some(b)) => Deleted::UpTo(b),
+        }
+    }
+}
+
+/// What is held per identity.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct Held {
+    /// The highest version seen as an upsert.
+    sample: Option<Sample>,
+    deleted: Option<Deleted>,
+}
+
+impl Held {
+    fn effective(&self) -> Option<&Sample> {
+        let s = self.sample.as_ref()?;
+        match self.deleted {
+            Some(Deleted::All) => None,
+            Some(Deleted::UpTo(v)) if s.version <= v => None,
+            _ => Some(s),
+        }
+    }
+}
+
+/// The user's source priority as last set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Priority {
+    pub sources: Vec<String>,
+    /// (occurred_at_ms, change_id) of the change that set it: the greatest wins.
+    pub set_by: (i64, String),
+}
+
+impl Priority {
+    /// Lower is better.
+    fn rank(&self, source: &str, kind: SourceKind) -> (usize, u8, String) {
+        let listed = self.sources.iter().position(|s| s == source).unwrap_or(usize::MAX);
+        let kind_rank = match kind {
+            SourceKind::Manual => 0,
+            SourceKind::Watch => 1,
+            SourceKind::Phone => 2,
+            SourceKind::ThirdParty => 3,
+        };
+        (listed, kind_rank, source.to_owned())
+    }
+}
+
+fn id_key(s: &str, r: &str) -> String {
+    format!("id{SEP}{s}{SEP}{r}")
+}
+fn ix_prefix(metric: &str, date: NaiveDate) -> String {
+    format!("ix{SEP}{metric}{SEP}{date}{SEP}")
+}
+fn ix_key(metric: &str, date: NaiveDate, s: &str, r: &str) -> String {
+    format!("{}{s}{SEP}{r}", ix_prefix(metric, date))
+}
+const PRIORITY_KEY: &str = "priority";
+fn emitted_key(metric: &str, date: NaiveDate) -> String {
+    format!("out{SEP}{metric}{SEP}{date}")
+}
+
+/// The output key of a day.
+pub fn output_key(user: &str, metric: &str, date: NaiveDate) -> String {
+    format!("{user}|{metric}|{date}")
+}
+
+/// The dates a sample counts on.
+fn sample_dates(s: &Sample, kind: MetricKind) -> Vec<NaiveDate> {
+    let z = Zone::parse(&s.time_zone);
+    match kind {
+        MetricKind::Discrete | MetricKind::Instant => vec![z.local_date(s.start_ms)],
+        MetricKind::Cumulative | MetricKind::Category => dates_covered(&z, s.start_ms, s.end_ms, MAX_DAYS_PER_SAMPLE),
+    }
+}
+
+pub struct RollupDayProcessor {
+    catalog: &'static Catalog,
+}
+
+impl RollupDayProcessor {
+    pub fn new(_config: Config) -> RollupDayProcessor {
+        RollupDayProcessor { catalog: Catalog::embedded() }
+    }
+}
+
+impl crate::Processor for RollupDayProcessor {
+    type Output = RollupDay;
+
+    fn process(&mut self, input: &Input, state: &mut dyn State, out: &mut dyn Emitter<RollupDay>) -> Result<(), Invalid> {
+        let user = input.user_id().to_owned();
+        let mut dirty: BTreeSet<(String, NaiveDate)> = BTreeSet::new();
+        match input {
+            Input::Samples(b) => {
+                for s in &b.samples {
+                    self.upsert(state, s, &mut dirty)?;
+                }
+            }
+            Input::Changes(b) => {
+                for s in &b.edits {
+                    self.upsert(state, s, &mut dirty)?;
+                }
+                for d in &b.deletions {
+                    let key = id_key(&d.source, &d.source_record_id);
+                    let mut held: Held = state.get_json(&key).unwrap_or_default();
+                    let before = held.effective().cloned();
+                    held.deleted = Some(Deleted::merge(held.deleted, d.deleted_version));
+                    self.reindex(state, before.as_ref(), held.effective(), &mut dirty);
+                    state.put_json(&key, &held);
+                }
+            }
+            Input::Domain(b) => {
+                let mut prio: Priority = state.get_json(PRIORITY_KEY).unwrap_or_default();
+                let mut changed = false;
+                for c in b.changes.iter().filter(|c| c.kind == DomainChangeKind::SourcePriorityUpdated) {
+                    let by = (c.occurred_at_ms, c.change_id.clone());
+                    if by > prio.set_by {
+                        prio = Priority { sources: c.source_priority.clone().unwrap_or_default(), set_by: by };
+                        changed = true;
+                    }
+                }
+                if changed {
+                    state.put_json(PRIORITY_KEY, &prio);
+                    // Every day of the user may change: re-derive them all.
+                    for (k, _) in state.scan(&format!("out{SEP}")) {
+                        let mut parts = k.split(SEP).skip(1);
+                        if let (Some(m), Some(d)) = (parts.next(), parts.next().and_then(|d| d.parse().ok())) {
+                            dirty.insert((m.to_owned(), d));
+                        }
+                    }
+                }
+            }
+        }
+        let prio: Priority = state.get_json(PRIORITY_KEY).unwrap_or_default();
+        for (metric, date) in dirty {
+            self.recompute(&user, &metric, date, &prio, state, out);
+        }
+        Ok(())
+    }
+}
+
+impl RollupDayProcessor {
+    fn upsert(&self, state: &mut dyn State, s: &Sample, dirty: &mut BTreeSet<(String, NaiveDate)>) -> Result<(), Invalid> {
+        if self.catalog.get(&s.metric).is_none() {
+            return Err(Invalid { code: "unknown_metric", reason: format!("metric `{}` is not in the catalog", s.metric) });
+        }
+        let key = id_key(&s.source, &s.source_record_id);
+        let mut held: Held = state.get_json(&key).unwrap_or_default();
+        if held.sample.as_ref().is_some_and(|h| h.version >= s.version) {
+            return Ok(()); // a duplicate or a stale version
+        }
+        let before = held.effective().cloned();
+        held.sample = Some(s.clone());
+        self.reindex(state, before.as_ref(), held.effective(), dirty);
+        state.put_json(&key, &held);
+        Ok(())
+    }
+
+    /// Moves an identity's index entries from `before` to `after` and marks both sets of days.
+    fn reindex(&self, state: &mut dyn State, before: Option<&Sample>, after: Option<&Sample>, dirty: &mut BTreeSet<(String, NaiveDate)>) {
+        if let Some(b) = before {
+            if let Some(spec) = self.catalog.get(&b.metric) {
+                for d in sample_dates(b, spec.kind) {
+                    state.delete(&ix_key(&b.metric, d, &b.source, &b.source_record_id));
+                    dirty.insert((b.metric.clone(), d));
+                }
+            }
+        }
+        if let Some(a) = after {
+            if let Some(spec) = self.catalog.get(&a.metric) {
+                for d in sample_dates(a, spec.kind) {
+                    state.put(&ix_key(&a.metric, d, &a.source, &a.source_record_id), Vec::new());
+                    dirty.insert((a.metric.clone(), d));
+                }
+            }
+        }
+    }
+
+    fn recompute(&self, user: &str, metric: &str, date: NaiveDate, prio: &Priority, state: &mut dyn State, out: &mut dyn Emitter<RollupDay>) {
+        let mut samples = Vec::new();
+        for (k, _) in state.scan(&ix_prefix(metric, date)) {
+            let mut parts = k.split(SEP).skip(3);
+            if let (Some(s), Some(r)) = (parts.next(), parts.next()) {
+                if let Some(held) = state.get_json::<Held>(&id_key(s, r)) {
+                    if let Some(e) = held.effective() {
+                        samples.push(e.clone());
+                    }
+                }
+            }
+        }
+        let refs: Vec<&Sample> = samples.iter().collect();
+        let ek = emitted_key(metric, date);
+        match aggregate_day(user, metric, date, &refs, prio) {
+            Some(row) => {
+                state.put(&ek, b"1".to_vec());
+                out.upsert(output_key(user, metric, date), row);
+            }
+            None => {
+                if state.get(&ek).is_some() {
+                    state.delete(&ek);
+                    out.retract(output_key(user, metric, date));
+                }
+            }
+        }
+    }
+}
+
+/// The rollup of one (user, metric, date) from the effective samples that count on that date.
+/// `None` when nothing counts (the day is retracted). Deterministic in the set of samples,
+/// whatever their order.
+pub fn aggregate_day(user: &str, metric: &str, date: NaiveDate, samples: &[&Sample], prio: &Priority) -> Option<RollupDay> {
+    let spec = Catalog::embedded().get(metric)?;
+    let mut samples: Vec<&Sample> = samples.to_vec();
+    samples.sort_by(|a, b| (&a.source, &a.source_record_id).cmp(&(&b.source, &b.source_record_id)));
+    if samples.is_empty() {
+        return None;
+    }
+    let rank = |s: &Sample| prio.rank(&s.source, s.source_kind);
+    let best_source = samples.iter().map(|s| (rank(s), s.source.clone())).min().map(|(_, s)| s);
+    let mut row = RollupDay {
+        user_id: user.to_owned(),
+        metric: metric.to_owned(),
+        local_date: date.to_string(),
+        unit: spec.unit.clone(),
+        kind: spec.kind.to_record(),
+        count: 0,
+        sum: None,
+        min: None,
+        max: None,
+        mean: None,
+        time_weighted_mean: None,
+        last: None,
+        category_minutes: Default::default(),
+        primary_source: best_source.clone(),
+        version_epoch: 0,
+        version_seq: 0,
+        deleted: false,
+        source_offsets: vec![],
+    };
+    // The part of each sample inside its own local day.
+    let clip = |s: &Sample| -> Option<(i64, i64)> {
+        let (a, b) = Zone::parse(&s.time_zone).day_bounds(date);
+        if s.end_ms <= s.start_ms {
+            return (s.start_ms >= a && s.start_ms < b).then_some((s.start_ms, s.start_ms));
+        }
+        let (x, y) = (s.start_ms.max(a), s.end_ms.min(b));
+        (x < y).then_some((x, y))
+    };
+    match spec.kind {
+        MetricKind::Cumulative => {
+            // Pieces: clipped interval, rate per ms (or the whole value for instants), rank.
+            struct Piece {
+                a: i64,
+                b: i64,
+                value: f64,
+                rank: (usize, u8, String),
+            }
+            let pieces: Vec<Piece> = samples
+                .iter()
+                .filter_map(|s| {
+                    let (a, b) = clip(s)?;
+                    let dur = (s.end_ms - s.start_ms) as f64;
+                    let value = if dur > 0.0 { s.value * (b - a) as f64 / dur } else { s.value };
+                    Some(Piece { a, b, value, rank: rank(s) })
+                })
+                .collect();
+            if pieces.is_empty() {
+                return None;
+            }
+            let mut cuts: Vec<i64> = pieces.iter().filter(|p| p.b > p.a).flat_map(|p| [p.a, p.b]).collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut sum = 0.0;
+            let mut used = BTreeSet::new();
+            for w in cuts.windows(2) {
+                let (x, y) = (w[0], w[1]);
+                let covering = || pieces.iter().enumerate().filter(|(_, p)| p.b > p.a && p.a <= x && p.b >= y);
+                let Some(best) = covering().map(|(_, p)| &p.rank).min() else { continue };
+                for (i, p) in covering().filter(|(_, p)| &p.rank == best) {
+                    sum += p.value * (y - x) as f64 / (p.b - p.a) as f64;
+                    used.insert(i);
+                }
+            }
+            for (i, p) in pieces.iter().enumerate().filter(|(_, p)| p.b == p.a) {
+                let beaten = pieces.iter().any(|q| q.b > q.a && q.a <= p.a && p.a < q.b && q.rank < p.rank);
+                if !beaten {
+                    sum += p.value;
+                    used.insert(i);
+                }
+            }
+            row.count = used.len() as i64;
+            row.sum = Some(sum);
+        }
+        MetricKind::Discrete => {
+            let values: Vec<(i64, f64)> = samples.iter().map(|s| (s.start_ms, s.value)).collect();
+            row.count = values.len() as i64;
+            row.min = values.iter().map(|v| v.1).reduce(f64::min);
+            row.max = values.iter().map(|v| v.1).reduce(f64::max);
+            let mean = values.iter().map(|v| v.1).sum::<f64>() / values.len() as f64;
+            row.mean = Some(mean);
+            // Midpoint rule: each value holds from halfway after its predecessor to halfway
+            // before its successor; a lone value is its own mean.
+            let mut sorted = values.clone();
+            sorted.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+            let n = sorted.len();
+            let (mut wsum, mut w) = (0.0, 0.0);
+            for i in 0..n {
+                let lo = if i == 0 { sorted[i].0 as f64 } else { (sorted[i - 1].0 + sorted[i].0) as f64 / 2.0 };
+                let hi = if i + 1 == n { sorted[i].0 as f64 } else { (sorted[i].0 + sorted[i + 1].0) as f64 / 2.0 };
+                wsum += sorted[i].1 * (hi - lo);
+                w += hi - lo;
+            }
+            row.time_weighted_mean = Some(if w > 0.0 { wsum / w } else { mean });
+        }
+        MetricKind::Category => {
+            let source = best_source?;
+            let mut minutes: BTreeMap<String, f64> = BTreeMap::new();
+            let mut count = 0;
+            for s in samples.iter().filter(|s| s.source == source) {
+                if let Some((a, b)) = clip(s) {
+                    *minutes.entry(s.category.clone().unwrap_or_default()).or_default() += (b - a) as f64 / 60_000.0;
+                    count += 1;
+                }
+            }
+            if count == 0 {
+                return None;
+            }
+            row.count = count;
+            row.category_minutes = minutes.into_iter().collect();
+        }
+        MetricKind::Instant => {
+            let source = best_source?;
+            let mine: Vec<&&Sample> = samples.iter().filter(|s| s.source == source).collect();
+            row.count = mine.len() as i64;
+            row.min = mine.iter().map(|s| s.value).reduce(f64::min);
+            row.max = mine.iter().map(|s| s.value).reduce(f64::max);
+            row.last = mine.iter().max_by(|a, b| (a.start_ms, &a.source_record_id).cmp(&(b.start_ms, &b.source_record_id))).map(|s| s.value);
+        }
+    }
+    Some(row)
+}
+
+/// The batch oracle: the rollups the final set of inputs implies, computed in one pass with no
+/// streaming state. Keys as [`output_key`].
+pub fn oracle(inputs: &[Input]) -> BTreeMap<String, RollupDay> {
+    let catalog = Catalog::embedded();
+    // Per user: identity → (best upsert, deletion), and the priority.
+    let mut held: BTreeMap<(String, String, String), Held> = BTreeMap::new();
+    let mut prio: BTreeMap<String, Priority> = BTreeMap::new();
+    let upsert = |user: &str, s: &Sample, held: &mut BTreeMap<(String, String, String), Held>| {
+        let h = held.entry((user.to_owned(), s.source.clone(), s.source_record_id.clone())).or_default();
+        if h.sample.as_ref().is_none_or(|x| x.version < s.version) {
+            h.sample = Some(s.clone());
+        }
+    };
+    for input in inputs {
+        let user = input.user_id();
+        match input {
+            Input::Samples(b) => b.samples.iter().for_each(|s| upsert(user, s, &mut held)),
+            Input::Changes(b) => {
+                b.edits.iter().for_each(|s| upsert(user, s, &mut held));
+                for d in &b.deletions {
+                    let h = held.entry((user.to_owned(), d.source.clone(), d.source_record_id.clone())).or_default();
+                    h.deleted = Some(Deleted::merge(h.deleted, d.deleted_version));
+                }
+            }
+            Input::Domain(b) => {
+                for c in b.changes.iter().filter(|c| c.kind == DomainChangeKind::SourcePriorityUpdated) {
+                    let p = prio.entry(user.to_owned()).or_default();
+                    let by = (c.occurred_at_ms, c.change_id.clone());
+                    if by > p.set_by {
+                        *p = Priority { sources: c.source_priority.clone().unwrap_or_default(), set_by: by };
+                    }
+                }
+            }
+        }
+    }
+    let mut days: BTreeMap<(String, String, NaiveDate), Vec<Sample>> = BTreeMap::new();
+    for ((user, _, _), h) in &held {
+        let Some(s) = h.effective() else { continue };
+        let Some(spec) = catalog.get(&s.metric) else { continue };
+        for d in sample_dates(s, spec.kind) {
+            days.entry((user.clone(), s.metric.clone(), d)).or_default().push(s.clone());
+        }
+    }
+    let none = Priority::default();
+    days.into_iter()
+        .filter_map(|((user, metric, date), samples)| {
+            let refs: Vec<&Sample> = samples.iter().collect();
+            let p = prio.get(&user).unwrap_or(&none);
+            aggregate_day(&user, &metric, date, &refs, p).map(|r| (output_key(&user, &metric, date), r))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
