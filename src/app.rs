@@ -213,15 +213,18 @@ pub async fn serve(
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("serving HTTP")
 }
 
-/// Reads every record of `topic` from the beginning up to the high watermarks taken at the start.
-/// For benchmarks, tools and tests; processors use the runtime's consumers.
+/// Reads every record of `topic` from the beginning up to the end of each partition as it was
+/// when the read started. Ends on each partition's end-of-partition event, not on a record count:
+/// compacted topics have offset gaps. For benchmarks, tools and tests; processors use the
+/// runtime's consumers.
 pub async fn read_all(cfg: &Config, topic: &str) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
     use rdkafka::{Message, Offset, TopicPartitionList};
     let consumer: BaseConsumer = kafka_base(cfg, "vitals-reader")
         .set("group.id", "vitals-reader-unused")
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
+        .set("enable.partition.eof", "true")
         .create()
         .context("creating a reader")?;
     let topic = topic.to_owned();
@@ -229,29 +232,39 @@ pub async fn read_all(cfg: &Config, topic: &str) -> anyhow::Result<Vec<rdkafka::
         let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).context("metadata")?;
         let parts: Vec<i32> = md.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
         let mut tpl = TopicPartitionList::new();
-        let mut remaining = 0i64;
+        // Partition → end offset at the start of the read.
         let mut ends = std::collections::HashMap::new();
         for p in &parts {
             let (lo, hi) = consumer.fetch_watermarks(&topic, *p, Duration::from_secs(10)).context("watermarks")?;
             if hi > lo {
                 tpl.add_partition_offset(&topic, *p, Offset::Offset(lo))?;
                 ends.insert(*p, hi);
-                remaining += hi - lo;
             }
         }
-        let mut out = Vec::with_capacity(remaining as usize);
-        if remaining == 0 {
+        let mut out = Vec::new();
+        if ends.is_empty() {
             return Ok(out);
         }
         consumer.assign(&tpl)?;
+        let mut open: std::collections::HashSet<i32> = ends.keys().copied().collect();
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while out.len() < remaining as usize {
-            anyhow::ensure!(std::time::Instant::now() < deadline, "read {} of {remaining} records of {topic} within 120 s", out.len());
-            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-                let m = m.context("consuming")?;
-                if m.offset() < ends[&m.partition()] {
-                    out.push(m.detach());
+        while !open.is_empty() {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "reading {topic}: partitions {open:?} did not reach their end within 120 s");
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    let end = ends[&m.partition()];
+                    if m.offset() < end {
+                        out.push(m.detach());
+                    }
+                    if m.offset() + 1 >= end {
+                        open.remove(&m.partition());
+                    }
                 }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    open.remove(&p);
+                }
+                Some(Err(e)) => return Err(e).context("consuming"),
+                None => {}
             }
         }
         Ok(out)
@@ -284,4 +297,33 @@ pub async fn topic_counts(cfg: &Config) -> anyhow::Result<Vec<(String, usize, i6
     })
     .await
     .context("stats task")?
+}
+
+/// Runs one processor until SIGTERM/Ctrl-C (or a fatal error).
+pub async fn process(cfg: &Config, name: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>, crash_after_produce: Option<u64>) -> anyhow::Result<()> {
+    use vitals_processors::runtime::{self, RuntimeConfig};
+    let pool = pg_pool(cfg).await?;
+    migrate(&pool).await?;
+    let t = topics(cfg);
+    let (processor, output_topic) = match name {
+        "rollup_day" => (vitals_processors::rollup_day::RollupDayProcessor::new(Default::default()), t.rollup_day.clone()),
+        other => bail!("unknown processor `{other}` (known: {})", vitals_processors::registry().iter().map(|p| p.name).collect::<Vec<_>>().join(", ")),
+    };
+    let rc = RuntimeConfig {
+        processor: vitals_processors::rollup_day::INFO.name,
+        output_topic,
+        topics: t,
+        data_dir: std::path::PathBuf::from(&cfg.processors.data_dir),
+        max_batch: cfg.processors.max_batch,
+        max_wait: Duration::from_millis(cfg.processors.max_wait_ms),
+        crash_after_produce,
+    };
+    let group = format!("{}vitals-proc-{name}", cfg.kafka.topic_prefix);
+    let consumer = runtime::consumer_config(&cfg.kafka.brokers, &group);
+    let producer = producer(cfg, &format!("vitals-proc-{name}"))?;
+    let codec = Arc::new(Codec::new(&cfg.registry.url));
+    tokio::task::spawn_blocking(move || runtime::run(processor, rc, consumer, producer, codec, pool, stop))
+        .await
+        .context("processor thread")?
+        .context("processor runtime")
 }

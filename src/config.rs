@@ -41,8 +41,17 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub ingest: IngestSection,
     pub auth: AuthSection,
+    pub processors: ProcessorsConfig,
     pub redis: RedisConfig,
     pub s3: S3Config,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessorsConfig {
+    pub data_dir: String,
+    pub max_batch: usize,
+    pub max_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

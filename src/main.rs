@@ -26,6 +26,15 @@ enum Cmd {
     Registry,
     /// Run the ingest edge (ingest.listen).
     Ingest,
+    /// Run a processor (exactly-once, on the configured broker).
+    Process {
+        /// Processor name, e.g. rollup_day.
+        name: String,
+        /// Test hook: abort right after the N-th interval's outputs are acknowledged and before
+        /// its checkpoint (the crash tests use it).
+        #[arg(long, hide = true)]
+        crash_after_produce: Option<u64>,
+    },
     /// Topic administration.
     Topics {
         #[command(subcommand)]
@@ -176,6 +185,15 @@ async fn main() -> anyhow::Result<()> {
             let ingest = app::ingest(&cfg, pool).await?;
             let listener = TcpListener::bind(&cfg.ingest.listen).await.with_context(|| format!("binding {}", cfg.ingest.listen))?;
             app::serve(listener, vitals_ingest::router(ingest), shutdown_signal()).await?;
+        }
+        Cmd::Process { name, crash_after_produce } => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+            app::process(&cfg, &name, stop, crash_after_produce).await?;
         }
         Cmd::Topics { cmd: TopicsCmd::Create } => {
             for line in app::create_topics(&cfg).await? {

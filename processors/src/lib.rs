@@ -6,11 +6,12 @@
 //! position are checkpointed together, and re-running a processor over the same input yields the
 //! same outputs. Adding a processor is one file plus one line in [`registry`].
 //!
-//! Status: the processor contract, the in-memory [`driver`] and `rollup_day` with its batch
-//! oracle. The Kafka runtime (checkpointing, restore, lanes, DLQ) is not built yet.
+//! [`runtime`] runs a processor on Kafka with exactly-once effects; [`driver`] runs it in memory
+//! for tests.
 
 pub mod driver;
 pub mod rollup_day;
+pub mod runtime;
 pub mod time;
 
 use serde::de::DeserializeOwned;

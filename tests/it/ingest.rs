@@ -195,8 +195,9 @@ async fn every_bad_input_gets_its_4xx_and_writes_nothing() {
     let oversize = serde_json::to_vec(&json!({"request_id": "big", "samples": [hr("x", json!(60), "bpm", 5)], "pad": "x".repeat(3 * 1024 * 1024)})).unwrap();
     let alg_none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&format!(r#"{{"sub":"{user}","iss":"vitals-dev","aud":"vitals","exp":{}}}"#, now + 3600)));
 
-    // (case, token, body, status, code, field)
-    let cases: Vec<(&str, Option<String>, Vec<u8>, u16, &str, Option<&str>)> = vec![
+    /// (case, token, body, status, code, field)
+    type Case<'a> = (&'a str, Option<String>, Vec<u8>, u16, &'a str, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         ("malformed JSON", Some(valid.clone()), b"{\"request_id\": \"r\", \"samples\": [".to_vec(), 400, "malformed_json", None),
         ("unknown metric", Some(valid.clone()), with("metric", json!("heart_rhythm")), 422, "all_items_rejected", Some("metric")),
         ("unconvertible unit", Some(valid.clone()), with("unit", json!("kg")), 422, "all_items_rejected", Some("unit")),

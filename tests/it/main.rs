@@ -5,5 +5,6 @@
 
 mod harness;
 mod ingest;
+mod process;
 mod schemas;
 mod simulate;

@@ -197,7 +197,8 @@ fn to_input(e: &Event) -> Input {
             let end = if matches!(kind, MetricKind::Discrete | MetricKind::Instant) { start } else { start + (dur_min + 1) * 60_000 };
             let (source, sk) = SOURCES[*src];
             // The identity decides the metric, as in real data (one record id, one type).
-            let mut s = sample(source, sk, &format!("{m}-{id}"), m, start, end, *value as f64, ZONES[*zone]);
+            // Fractional values: state must round-trip floats exactly.
+            let mut s = sample(source, sk, &format!("{m}-{id}"), m, start, end, *value as f64 / 7.0 + 1.0, ZONES[*zone]);
             s.version = *version;
             if m == "sleep_stage" {
                 s.category = Some(["core", "deep", "rem", "awake"][(*value % 4) as usize].into());

@@ -1,0 +1,409 @@
+//! The runtime that runs a [`Processor`] on Kafka with exactly-once effects, without broker
+//! transactions (see `docs/processors.md` for the argument).
+//!
+//! One task per input partition `p` (every keyed-by-user topic is co-partitioned, and the range
+//! assignor hands a consumer the same `p` of every input topic), each with a local [`Store`]. An
+//! interval is: read a batch, run the processor over it against an [`Overlay`], produce the
+//! outputs (idempotent producer, `acks=all`) stamped with version `(epoch, seq)` and the source
+//! offsets, wait for every ack, then commit state + next input offsets + output position in one
+//! local transaction. A crash anywhere before that commit replays the interval from the previous
+//! checkpoint and re-emits the same values with a higher version; consumers keep the newest
+//! version per key, so the effect is exactly once. The epoch comes from PostgreSQL and is bumped
+//! whenever a task takes a partition, so a previous owner's late writes always lose.
+
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use serde::Serialize;
+use sqlx::PgPool;
+use tracing::{info, warn};
+use vitals_schemas::codec::{Codec, CodecError};
+use vitals_schemas::topics::Topics;
+use vitals_schemas::{ChangeBatch, DeadLetter, DomainChangeBatch, RollupDay, SampleBatch, SourceOffset};
+
+use self::store::{Checkpoint, Overlay, Store, UserState};
+use crate::{Emitter, Input, Invalid, Processor};
+
+/// What the runtime needs of an output record: a version stamp, the source offsets, and how to
+/// write a retraction of a key.
+pub trait Versioned: Sized {
+    fn stamp(&mut self, epoch: i64, seq: i64, offsets: Vec<SourceOffset>);
+    /// A retraction of `key` (`deleted = true`).
+    fn tombstone(key: &str) -> Self;
+}
+
+impl Versioned for RollupDay {
+    fn stamp(&mut self, epoch: i64, seq: i64, offsets: Vec<SourceOffset>) {
+        self.version_epoch = epoch;
+        self.version_seq = seq;
+        self.source_offsets = offsets;
+    }
+    fn tombstone(key: &str) -> RollupDay {
+        let mut parts = key.splitn(3, '|');
+        let (user, metric, date) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+        let spec = vitals_schemas::Catalog::embedded().get(metric);
+        RollupDay {
+            user_id: user.into(),
+            metric: metric.into(),
+            local_date: date.into(),
+            unit: spec.map(|s| s.unit.clone()).unwrap_or_default(),
+            kind: spec.map(|s| s.kind.to_record()).unwrap_or(vitals_schemas::MetricKindRecord::Cumulative),
+            count: 0,
+            sum: None,
+            min: None,
+            max: None,
+            mean: None,
+            time_weighted_mean: None,
+            last: None,
+            category_minutes: Default::default(),
+            primary_source: None,
+            version_epoch: 0,
+            version_seq: 0,
+            deleted: true,
+            source_offsets: vec![],
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("schema registry: {0}")]
+    Registry(String),
+    #[error("local store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("epoch store: {0}")]
+    Epoch(#[from] sqlx::Error),
+    #[error("output not acknowledged: {0}")]
+    NotAcknowledged(String),
+    #[error("encoding an output failed: {0}")]
+    Encode(String),
+}
+
+/// Settings of one processor's runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub processor: &'static str,
+    pub output_topic: String,
+    pub topics: Topics,
+    /// Where task stores live (`<data_dir>/<processor>/p<partition>.redb`).
+    pub data_dir: PathBuf,
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    /// Test hook: abort the process right after this many intervals' outputs were acknowledged,
+    /// before their checkpoint is committed (the worst moment to crash).
+    pub crash_after_produce: Option<u64>,
+}
+
+struct Task {
+    store: Store,
+    cp: Checkpoint,
+    epoch: Option<i64>,
+}
+
+#[derive(Default)]
+struct Shared {
+    tasks: BTreeMap<i32, Task>,
+    /// A store that could not be opened: the process must stop.
+    fatal: Option<String>,
+}
+
+/// Consumer context: on assignment, opens each partition's store and starts reading every
+/// input topic at the checkpointed offsets (the beginning when there is none).
+struct RebalanceContext {
+    shared: Arc<Mutex<Shared>>,
+    dir: PathBuf,
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut start = TopicPartitionList::new();
+                for el in tpl.elements() {
+                    let p = el.partition();
+                    let task = match sh.tasks.entry(p) {
+                        std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            let path = self.dir.join(format!("p{p}.redb"));
+                            match Store::open(&path).and_then(|s| s.checkpoint().map(|cp| (s, cp))) {
+                                Ok((store, cp)) => v.insert(Task { store, cp, epoch: None }),
+                                Err(e) => {
+                                    sh.fatal = Some(format!("opening {}: {e}", path.display()));
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    let off = task.cp.offsets.get(el.topic()).copied();
+                    let _ = start.add_partition_offset(el.topic(), p, off.map(Offset::Offset).unwrap_or(Offset::Beginning));
+                }
+                info!(partitions = ?sh.tasks.keys().collect::<Vec<_>>(), "assigned");
+                if let Err(e) = consumer.assign(&start) {
+                    sh.fatal = Some(format!("assign: {e}"));
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                for el in tpl.elements() {
+                    sh.tasks.remove(&el.partition());
+                }
+                info!("partitions revoked");
+                let _ = consumer.unassign();
+            }
+            other => warn!(?other, "rebalance error"),
+        }
+    }
+}
+
+/// Bumps and returns the epoch of (processor, partition).
+pub async fn bump_epoch(pool: &PgPool, processor: &str, partition: i32) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO processor_epochs (processor, partition, epoch) VALUES ($1, $2, 1)
+         ON CONFLICT (processor, partition) DO UPDATE SET epoch = processor_epochs.epoch + 1, updated_at = now()
+         RETURNING epoch",
+    )
+    .bind(processor)
+    .bind(partition)
+    .fetch_one(pool)
+    .await
+}
+
+/// Runs `processor` until `stop` is set or an error needs a restart. Blocking: call it from a
+/// dedicated thread (`spawn_blocking`); it uses the current tokio runtime for async I/O.
+pub fn run<P>(
+    mut processor: P,
+    cfg: RuntimeConfig,
+    consumer_config: ClientConfig,
+    producer: FutureProducer,
+    codec: Arc<Codec>,
+    pool: PgPool,
+    stop: Arc<AtomicBool>,
+) -> Result<(), RuntimeError>
+where
+    P: Processor,
+    P::Output: Versioned + Serialize + Clone,
+{
+    let rt = tokio::runtime::Handle::current();
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let ctx = RebalanceContext { shared: Arc::clone(&shared), dir: cfg.data_dir.join(cfg.processor) };
+    let consumer: BaseConsumer<RebalanceContext> = consumer_config.create_with_context(ctx)?;
+    let t = &cfg.topics;
+    consumer.subscribe(&[&t.hot, &t.cold, &t.change, &t.domain])?;
+    info!(processor = cfg.processor, "processor started");
+    let mut produced = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let mut batch: Vec<OwnedMessage> = Vec::new();
+        let deadline = Instant::now() + cfg.max_wait;
+        while batch.len() < cfg.max_batch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match consumer.poll(left) {
+                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Err(e)) => warn!(error = %e, "consumer error"),
+                None => break,
+            }
+        }
+        let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = sh.fatal.take() {
+            return Err(RuntimeError::Store(store::StoreError::from_message(f)));
+        }
+        for (p, task) in sh.tasks.iter_mut().filter(|(_, t)| t.epoch.is_none()) {
+            let epoch = rt.block_on(bump_epoch(&pool, cfg.processor, *p))?;
+            info!(partition = p, epoch, "task epoch");
+            task.epoch = Some(epoch);
+        }
+        let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
+        for m in batch {
+            by_partition.entry(m.partition()).or_default().push(m);
+        }
+        for (p, msgs) in by_partition {
+            let Some(task) = sh.tasks.get_mut(&p) else { continue };
+            interval(&mut processor, &cfg, &rt, &codec, &producer, p, task, msgs, &mut produced)?;
+        }
+    }
+    Ok(())
+}
+
+/// Lane order within an interval: HOT first, so a COLD backfill never delays recent data.
+fn lane_rank(t: &Topics, topic: &str) -> u8 {
+    if topic == t.hot {
+        0
+    } else if topic == t.domain {
+        1
+    } else if topic == t.change {
+        2
+    } else {
+        3
+    }
+}
+
+struct Collect<T> {
+    out: BTreeMap<String, Option<T>>,
+}
+
+impl<T> Emitter<T> for Collect<T> {
+    fn upsert(&mut self, key: String, value: T) {
+        self.out.insert(key, Some(value));
+    }
+    fn retract(&mut self, key: String) {
+        self.out.insert(key, None);
+    }
+}
+
+async fn decode(codec: &Codec, t: &Topics, m: &OwnedMessage) -> Result<Input, CodecError> {
+    let payload = m.payload().ok_or_else(|| CodecError::Undecodable("empty payload".into()))?;
+    let topic = m.topic();
+    Ok(if topic == t.hot || topic == t.cold {
+        Input::Samples(codec.decode::<SampleBatch>(payload).await?)
+    } else if topic == t.change {
+        Input::Changes(codec.decode::<ChangeBatch>(payload).await?)
+    } else {
+        Input::Domain(codec.decode::<DomainChangeBatch>(payload).await?)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn interval<P>(
+    processor: &mut P,
+    cfg: &RuntimeConfig,
+    rt: &tokio::runtime::Handle,
+    codec: &Codec,
+    producer: &FutureProducer,
+    p: i32,
+    task: &mut Task,
+    mut msgs: Vec<OwnedMessage>,
+    produced: &mut u64,
+) -> Result<(), RuntimeError>
+where
+    P: Processor,
+    P::Output: Versioned + Serialize + Clone,
+{
+    let t = &cfg.topics;
+    msgs.sort_by_key(|m| (lane_rank(t, m.topic()), m.offset()));
+    let mut cp = task.cp.clone();
+    let mut overlay = Overlay::default();
+    let mut outputs: BTreeMap<String, Option<P::Output>> = BTreeMap::new();
+    let mut dead: Vec<(DeadLetter, String)> = Vec::new();
+    for m in &msgs {
+        let next = cp.offsets.get(m.topic()).copied().unwrap_or(0);
+        if m.offset() < next {
+            continue; // already in the checkpoint
+        }
+        let mut reject = |code: &str, reason: String| {
+            let dl = DeadLetter {
+                source_topic: m.topic().to_owned(),
+                source_partition: p,
+                source_offset: m.offset(),
+                stage: format!("processor:{}", cfg.processor),
+                code: code.to_owned(),
+                reason: reason.clone(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+            };
+            dead.push((dl, reason));
+        };
+        match rt.block_on(decode(codec, t, m)) {
+            Err(CodecError::Unavailable(e)) => return Err(RuntimeError::Registry(e)),
+            Err(e) => reject("undecodable", e.to_string()),
+            Ok(input) => {
+                // A rejected record leaves no trace: its state writes and outputs are dropped.
+                let saved = overlay.clone();
+                let mut collect = Collect { out: BTreeMap::new() };
+                let mut state = UserState::new(&task.store, &mut overlay, input.user_id());
+                match processor.process(&input, &mut state, &mut collect) {
+                    Ok(()) => outputs.extend(collect.out),
+                    Err(Invalid { code, reason }) => {
+                        overlay = saved;
+                        reject(code, reason);
+                    }
+                }
+            }
+        }
+        cp.offsets.insert(m.topic().to_owned(), m.offset() + 1);
+    }
+    let epoch = task.epoch.expect("epoch is set before a task processes");
+    let offsets: Vec<SourceOffset> = [&t.hot, &t.cold, &t.change, &t.domain]
+        .iter()
+        .map(|topic| SourceOffset { topic: (*topic).clone(), partition: p, next_offset: cp.offsets.get(*topic).copied().unwrap_or(0) })
+        .collect();
+    let mut records: Vec<(String, String, Vec<u8>, OwnedHeaders)> = Vec::new();
+    for (key, value) in outputs {
+        cp.seq += 1;
+        let mut v = value.unwrap_or_else(|| P::Output::tombstone(&key));
+        v.stamp(epoch, cp.seq, offsets.clone());
+        let bytes = rt.block_on(codec.encode(&cfg.output_topic, &v)).map_err(|e| match e {
+            CodecError::Unavailable(m) => RuntimeError::Registry(m),
+            other => RuntimeError::Encode(other.to_string()),
+        })?;
+        records.push((cfg.output_topic.clone(), key, bytes, OwnedHeaders::new()));
+    }
+    for (dl, reason) in dead {
+        warn!(topic = %dl.source_topic, partition = p, offset = dl.source_offset, code = %dl.code, "dead-lettered");
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "vitals-source-topic", value: Some(dl.source_topic.as_str()) })
+            .insert(Header { key: "vitals-source-partition", value: Some(p.to_string().as_str()) })
+            .insert(Header { key: "vitals-source-offset", value: Some(dl.source_offset.to_string().as_str()) })
+            .insert(Header { key: "vitals-reason", value: Some(reason.as_str()) });
+        let key = String::from_utf8_lossy(dl.key.as_deref().unwrap_or_default()).into_owned();
+        let bytes = rt.block_on(codec.encode(&t.dead_letter, &dl)).map_err(|e| RuntimeError::Encode(e.to_string()))?;
+        records.push((t.dead_letter.clone(), key, bytes, headers));
+    }
+    if !records.is_empty() {
+        let acks = rt.block_on(async {
+            let futs = records.iter().map(|(topic, key, bytes, headers)| {
+                producer.send(
+                    FutureRecord::to(topic).partition(p).key(key.as_str()).payload(bytes.as_slice()).headers(headers.clone()),
+                    Duration::from_secs(30),
+                )
+            });
+            join_all(futs).await
+        });
+        for a in acks {
+            a.map_err(|(e, _)| RuntimeError::NotAcknowledged(e.to_string()))?;
+        }
+        *produced += 1;
+        if cfg.crash_after_produce.is_some_and(|n| *produced >= n) {
+            warn!("crash_after_produce: aborting between produce and checkpoint");
+            std::process::abort();
+        }
+    }
+    // Only now, with every output acknowledged, does the interval become the checkpoint.
+    task.store.commit(overlay, &cp)?;
+    task.cp = cp;
+    Ok(())
+}
+
+/// A consumer configuration for a processor group.
+pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Range assignment hands a consumer the same partition number of every input topic.
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("log_level", "4");
+    c
+}
+

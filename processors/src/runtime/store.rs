@@ -1,0 +1,193 @@
+//! The local store of one task (one processor × one input partition), in redb: the processor's
+//! state, the next offset of every input topic and the output position, committed together in
+//! one transaction. An interval's writes are buffered in an [`Overlay`] and reach the store only
+//! at commit, after the interval's outputs were acknowledged by the broker.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::State;
+
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+const SEP: char = '\u{1e}';
+
+#[derive(Debug, thiserror::Error)]
+#[error("local store: {0}")]
+pub struct StoreError(String);
+
+impl StoreError {
+    pub fn from_message(m: String) -> StoreError {
+        StoreError(m)
+    }
+}
+
+fn e<E: std::fmt::Display>(x: E) -> StoreError {
+    StoreError(x.to_string())
+}
+
+/// What a task resumes from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Checkpoint {
+    /// Input topic → next offset to read.
+    pub offsets: BTreeMap<String, i64>,
+    /// Next output sequence number within the epoch line.
+    pub seq: i64,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(e)?;
+        }
+        let db = Database::create(path).map_err(e)?;
+        let tx = db.begin_write().map_err(e)?;
+        tx.open_table(STATE).map_err(e)?;
+        tx.open_table(META).map_err(e)?;
+        tx.commit().map_err(e)?;
+        Ok(Store { db })
+    }
+
+    pub fn checkpoint(&self) -> Result<Checkpoint, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let meta = tx.open_table(META).map_err(e)?;
+        let mut cp = Checkpoint::default();
+        for row in meta.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            let (k, v) = (k.value().to_owned(), v.value());
+            if let Some(topic) = k.strip_prefix("offset/") {
+                cp.offsets.insert(topic.to_owned(), v);
+            } else if k == "seq" {
+                cp.seq = v;
+            }
+        }
+        Ok(cp)
+    }
+
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let tx = self.db.begin_read().ok()?;
+        let t = tx.open_table(STATE).ok()?;
+        t.get(key).ok()?.map(|v| v.value().to_vec())
+    }
+
+    fn scan(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        let Ok(tx) = self.db.begin_read() else { return vec![] };
+        let Ok(t) = tx.open_table(STATE) else { return vec![] };
+        let Ok(range) = t.range(prefix..) else { return vec![] };
+        range
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| (k.value().to_owned(), v.value().to_vec()))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .collect()
+    }
+
+    /// Makes the interval durable: its state writes, the next offsets and the output position,
+    /// all or nothing.
+    pub fn commit(&self, overlay: Overlay, cp: &Checkpoint) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut state = tx.open_table(STATE).map_err(e)?;
+            for (k, v) in overlay.writes {
+                match v {
+                    Some(v) => {
+                        state.insert(k.as_str(), v.as_slice()).map_err(e)?;
+                    }
+                    None => {
+                        state.remove(k.as_str()).map_err(e)?;
+                    }
+                }
+            }
+            let mut meta = tx.open_table(META).map_err(e)?;
+            for (topic, off) in &cp.offsets {
+                meta.insert(format!("offset/{topic}").as_str(), *off).map_err(e)?;
+            }
+            meta.insert("seq", cp.seq).map_err(e)?;
+        }
+        tx.commit().map_err(e)
+    }
+}
+
+/// The writes of one interval, not yet committed; reads see them over the store.
+#[derive(Default, Clone)]
+pub struct Overlay {
+    writes: BTreeMap<String, Option<Vec<u8>>>,
+}
+
+/// One user's view through the overlay: what a processor gets as its [`State`].
+pub struct UserState<'a> {
+    pub store: &'a Store,
+    pub overlay: &'a mut Overlay,
+    pub prefix: String,
+}
+
+impl<'a> UserState<'a> {
+    pub fn new(store: &'a Store, overlay: &'a mut Overlay, user: &str) -> UserState<'a> {
+        UserState { store, overlay, prefix: format!("{user}{SEP}") }
+    }
+}
+
+impl State for UserState<'_> {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let k = format!("{}{key}", self.prefix);
+        match self.overlay.writes.get(&k) {
+            Some(v) => v.clone(),
+            None => self.store.get(&k),
+        }
+    }
+    fn put(&mut self, key: &str, value: Vec<u8>) {
+        self.overlay.writes.insert(format!("{}{key}", self.prefix), Some(value));
+    }
+    fn delete(&mut self, key: &str) {
+        self.overlay.writes.insert(format!("{}{key}", self.prefix), None);
+    }
+    fn scan(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        let full = format!("{}{prefix}", self.prefix);
+        let mut merged: BTreeMap<String, Option<Vec<u8>>> = self.store.scan(&full).into_iter().map(|(k, v)| (k, Some(v))).collect();
+        for (k, v) in self.overlay.writes.range(full.clone()..).take_while(|(k, _)| k.starts_with(&full)) {
+            merged.insert(k.clone(), v.clone());
+        }
+        let cut = self.prefix.len();
+        merged.into_iter().filter_map(|(k, v)| v.map(|v| (k[cut..].to_owned(), v))).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interval_is_invisible_until_committed_and_then_all_there() {
+        let dir = std::env::temp_dir().join(format!("vitals-store-{}", std::process::id()));
+        let path = dir.join("t.redb");
+        let _ = std::fs::remove_file(&path);
+        let store = Store::open(&path).unwrap();
+        let mut ov = Overlay::default();
+        {
+            let mut s = UserState::new(&store, &mut ov, "u1");
+            s.put("a/1", b"x".to_vec());
+            s.put("a/2", b"y".to_vec());
+            s.put("b", b"z".to_vec());
+            s.delete("a/2");
+            assert_eq!(s.scan("a/"), vec![("a/1".to_owned(), b"x".to_vec())]);
+        }
+        assert_eq!(store.get(&format!("u1{SEP}a/1")), None, "not visible before commit");
+        let cp = Checkpoint { offsets: BTreeMap::from([("hot".to_owned(), 7)]), seq: 3 };
+        store.commit(ov, &cp).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.checkpoint().unwrap(), cp);
+        let mut ov = Overlay::default();
+        let s = UserState::new(&store, &mut ov, "u1");
+        assert_eq!(s.get("a/1"), Some(b"x".to_vec()));
+        assert_eq!(s.get("a/2"), None);
+        let other = UserState::new(&store, &mut Overlay::default(), "u2").scan("");
+        assert!(other.is_empty(), "users do not see each other's state");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

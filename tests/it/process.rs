@@ -1,0 +1,201 @@
+//! The processor runtime against the real broker: `vitals process rollup_day` runs as a separate
+//! OS process, is `kill -9`ed repeatedly (including right between producing an interval's outputs
+//! and committing its checkpoint) and restarted while uploads go on; the output topic, folded by
+//! key and version, must then equal the oracle computed from the inputs — every key right, none
+//! missing, none extra — and every key's versions must grow strictly in the log.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rdkafka::Message;
+use vitals::simulate::{self, SimConfig};
+use vitals_processors::rollup_day;
+use vitals_processors::Input;
+use vitals_schemas::codec::Codec;
+use vitals_schemas::{ChangeBatch, DomainChangeBatch, RollupDay, SampleBatch};
+
+use crate::harness::{wait_for, wait_for_every, TestEnv};
+
+struct Proc {
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn start(&mut self, crash_after_produce: Option<u64>) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitals"));
+        cmd.args(["process", "rollup_day"]).envs(self.env.iter().cloned()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        if let Some(n) = crash_after_produce {
+            cmd.arg("--crash-after-produce").arg(n.to_string());
+        }
+        self.child = Some(cmd.spawn().expect("starting vitals process"));
+    }
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+    /// Waits for a process started with `--crash-after-produce` to abort by itself.
+    async fn wait_for_abort(&mut self) {
+        let c = self.child.as_mut().expect("running");
+        let status = wait_for("the failpoint abort", Duration::from_secs(60), || {
+            let s = c.try_wait().unwrap();
+            async move { s }
+        })
+        .await;
+        assert!(!status.success(), "aborted at the failpoint, got {status:?}");
+        self.child = None;
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn inputs(env: &TestEnv, codec: &Codec) -> Vec<Input> {
+    let t = env.topics();
+    let mut out = Vec::new();
+    for topic in [&t.hot, &t.cold] {
+        for m in env.read(topic).await {
+            out.push(Input::Samples(codec.decode::<SampleBatch>(m.payload().unwrap()).await.unwrap()));
+        }
+    }
+    for m in env.read(&t.change).await {
+        out.push(Input::Changes(codec.decode::<ChangeBatch>(m.payload().unwrap()).await.unwrap()));
+    }
+    for m in env.read(&t.domain).await {
+        out.push(Input::Domain(codec.decode::<DomainChangeBatch>(m.payload().unwrap()).await.unwrap()));
+    }
+    out
+}
+
+/// Folds the output topic: per key the record with the greatest version; checks versions grow
+/// strictly per key along each partition's log. Returns (live rows without version fields, records).
+async fn fold(env: &TestEnv, codec: &Codec) -> (BTreeMap<String, RollupDay>, usize) {
+    let records = env.read(&env.topics().rollup_day).await;
+    let mut latest: BTreeMap<String, RollupDay> = BTreeMap::new();
+    let mut by_part: BTreeMap<i32, Vec<_>> = BTreeMap::new();
+    for m in &records {
+        by_part.entry(m.partition()).or_default().push(m);
+    }
+    for (_, mut ms) in by_part {
+        ms.sort_by_key(|m| m.offset());
+        for m in ms {
+            let key = String::from_utf8_lossy(m.key().unwrap()).into_owned();
+            let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
+            if let Some(prev) = latest.get(&key) {
+                assert!(
+                    (r.version_epoch, r.version_seq) > (prev.version_epoch, prev.version_seq),
+                    "versions of {key} must grow along the log: {:?} after {:?}",
+                    (r.version_epoch, r.version_seq),
+                    (prev.version_epoch, prev.version_seq)
+                );
+            }
+            latest.insert(key, r);
+        }
+    }
+    let live = latest
+        .into_iter()
+        .filter(|(_, r)| !r.deleted)
+        .map(|(k, mut r)| {
+            r.version_epoch = 0;
+            r.version_seq = 0;
+            r.source_offsets.clear();
+            (k, r)
+        })
+        .collect();
+    (live, records.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollup_day_killed_at_any_point_still_equals_the_oracle() {
+    let env = TestEnv::start().await;
+    let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
+    let mut proc = Proc {
+        env: vec![
+            ("VITALS_KAFKA__BROKERS".into(), env.cfg.kafka.brokers.clone()),
+            ("VITALS_KAFKA__TOPIC_PREFIX".into(), env.cfg.kafka.topic_prefix.clone()),
+            ("VITALS_KAFKA__PARTITIONS".into(), env.cfg.kafka.partitions.to_string()),
+            ("VITALS_REGISTRY__URL".into(), env.cfg.registry.url.clone()),
+            ("VITALS_POSTGRES__URL".into(), env.db_url.clone()),
+            ("VITALS_PROCESSORS__DATA_DIR".into(), data.display().to_string()),
+            // Small intervals: many checkpoints, many places to die between.
+            ("VITALS_PROCESSORS__MAX_BATCH".into(), "7".into()),
+            ("VITALS_PROCESSORS__MAX_WAIT_MS".into(), "50".into()),
+            ("RUST_LOG".into(), "warn".into()),
+        ],
+        child: None,
+    };
+    let sim = |prefix: &str, seed: u64| SimConfig {
+        base_url: env.ingest_url.clone(),
+        users: 3,
+        days: 3,
+        user_prefix: format!("{prefix}-{}-", uuid::Uuid::new_v4().simple()),
+        seed,
+        now_ms: chrono::Utc::now().timestamp_millis(),
+        concurrency: 3,
+        batch_size: 200,
+        jwt_secret: env.cfg.auth.hs256_secret.expose().as_bytes().to_vec(),
+        jwt_issuer: env.cfg.auth.issuer.clone(),
+        jwt_audience: env.cfg.auth.audience.clone(),
+        edits_and_deletions: true,
+        ..SimConfig::default()
+    };
+    let codec = Codec::new(&env.cfg.registry.url);
+    let first = simulate::run(&sim("a", 1), &env.http).await.unwrap();
+    assert_eq!(first.rejected, 0);
+
+    // Crash exactly between an interval's acknowledged outputs and its checkpoint, three times.
+    for n in [1u64, 3, 5] {
+        proc.start(Some(n));
+        proc.wait_for_abort().await;
+    }
+    // kill -9 at arbitrary moments while more people upload: each round starts the processor,
+    // starts a new wave of uploads, and kills the processor as soon as its output has grown.
+    for round in 0..4u64 {
+        let before = fold(&env, &codec).await.1;
+        proc.start(None);
+        let wave = {
+            let cfg = SimConfig { users: 1, days: 2, ..sim(&format!("w{round}"), 10 + round) };
+            let http = env.http.clone();
+            tokio::spawn(async move { simulate::run(&cfg, &http).await })
+        };
+        wait_for_every("the processor to emit more", Duration::from_secs(60), Duration::from_millis(300), || {
+            let env = &env;
+            let codec = &codec;
+            async move { (fold(env, codec).await.1 > before).then_some(()) }
+        })
+        .await;
+        proc.kill9();
+        let report = wave.await.unwrap().unwrap();
+        assert_eq!(report.rejected, 0);
+    }
+
+    // The last run catches up; then the projection is exactly the oracle's.
+    proc.start(None);
+    let all_inputs = inputs(&env, &codec).await;
+    let expected = rollup_day::oracle(&all_inputs);
+    assert!(expected.len() > 50, "a realistic workload: {} rollup rows", expected.len());
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let got = loop {
+        let (got, _) = fold(&env, &codec).await;
+        if got == expected {
+            break got;
+        }
+        if std::time::Instant::now() > deadline {
+            let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
+            let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).take(5).collect();
+            let wrong: Vec<_> = expected.iter().filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v)).take(3).map(|(k, v)| format!("{k}: want {v:?}\n  got {:?}", got[k])).collect();
+            panic!("projection != oracle after 120 s: {} rows vs {} expected\nmissing {missing:?}\nextra {extra:?}\nwrong:\n{}", got.len(), expected.len(), wrong.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(got.len(), expected.len());
+    proc.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
