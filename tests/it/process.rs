@@ -23,6 +23,14 @@ struct Proc {
 }
 
 impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+    /// SIGSTOP / SIGCONT: freeze the process as a long GC pause or a partitioned host would.
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap().success();
+        assert!(ok, "kill -{sig}");
+    }
     fn start(&mut self, crash_after_produce: Option<u64>) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitals"));
         cmd.args(["process", "rollup_day"]).envs(self.env.iter().cloned()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
@@ -76,6 +84,12 @@ async fn inputs(env: &TestEnv, codec: &Codec) -> Vec<Input> {
 /// Folds the output topic: per key the record with the greatest version; checks versions grow
 /// strictly per key along each partition's log. Returns (live rows without version fields, records).
 async fn fold(env: &TestEnv, codec: &Codec) -> (BTreeMap<String, RollupDay>, usize) {
+    fold_with(env, codec, true).await
+}
+
+/// Folds like a sink: per key the greatest version wins. With `log_monotonic`, also asserts that
+/// versions only grow along the log (true unless a zombie wrote late).
+async fn fold_with(env: &TestEnv, codec: &Codec, log_monotonic: bool) -> (BTreeMap<String, RollupDay>, usize) {
     let records = env.read(&env.topics().rollup_day).await;
     let mut latest: BTreeMap<String, RollupDay> = BTreeMap::new();
     let mut by_part: BTreeMap<i32, Vec<_>> = BTreeMap::new();
@@ -88,6 +102,12 @@ async fn fold(env: &TestEnv, codec: &Codec) -> (BTreeMap<String, RollupDay>, usi
             let key = String::from_utf8_lossy(m.key().unwrap()).into_owned();
             let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
             if let Some(prev) = latest.get(&key) {
+                if !log_monotonic {
+                    if (r.version_epoch, r.version_seq) > (prev.version_epoch, prev.version_seq) {
+                        latest.insert(key, r);
+                    }
+                    continue;
+                }
                 assert!(
                     (r.version_epoch, r.version_seq) > (prev.version_epoch, prev.version_seq),
                     "versions of {key} must grow along the log: {:?} after {:?}",
@@ -197,5 +217,103 @@ async fn rollup_day_killed_at_any_point_still_equals_the_oracle() {
     assert_eq!(got.len(), expected.len());
     proc.kill9();
     let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
+
+fn proc_env(env: &TestEnv, data: &std::path::Path) -> Vec<(String, String)> {
+    vec![
+        ("VITALS_KAFKA__BROKERS".into(), env.cfg.kafka.brokers.clone()),
+        ("VITALS_KAFKA__TOPIC_PREFIX".into(), env.cfg.kafka.topic_prefix.clone()),
+        ("VITALS_KAFKA__PARTITIONS".into(), env.cfg.kafka.partitions.to_string()),
+        ("VITALS_REGISTRY__URL".into(), env.cfg.registry.url.clone()),
+        ("VITALS_POSTGRES__URL".into(), env.db_url.clone()),
+        ("VITALS_PROCESSORS__DATA_DIR".into(), data.display().to_string()),
+        ("VITALS_PROCESSORS__MAX_BATCH".into(), "5".into()),
+        ("VITALS_PROCESSORS__MAX_WAIT_MS".into(), "50".into()),
+        ("RUST_LOG".into(), "warn".into()),
+    ]
+}
+
+/// Two instances share the partitions; one is frozen mid-stream (SIGSTOP) until the other has
+/// taken its partitions over, then thawed: whatever it writes late carries an older epoch and
+/// changes nothing. The second instance had no local state for the partitions it took over and
+/// rebuilt it by replaying them. The projection still equals the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_between_instances_and_a_frozen_zombie_change_nothing() {
+    let env = TestEnv::start().await;
+    let codec = Codec::new(&env.cfg.registry.url);
+    let base = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
+    let sim = |prefix: &str, seed: u64, users: usize| SimConfig {
+        base_url: env.ingest_url.clone(),
+        users,
+        days: 2,
+        user_prefix: format!("{prefix}-{}-", uuid::Uuid::new_v4().simple()),
+        seed,
+        now_ms: chrono::Utc::now().timestamp_millis(),
+        concurrency: 3,
+        batch_size: 200,
+        jwt_secret: env.cfg.auth.hs256_secret.expose().as_bytes().to_vec(),
+        jwt_issuer: env.cfg.auth.issuer.clone(),
+        jwt_audience: env.cfg.auth.audience.clone(),
+        edits_and_deletions: true,
+        ..SimConfig::default()
+    };
+    let grown = |before: usize| {
+        let env = &env;
+        let codec = &codec;
+        move || async move { (fold_with(env, codec, false).await.1 > before).then_some(()) }
+    };
+    assert_eq!(simulate::run(&sim("a", 1, 3), &env.http).await.unwrap().rejected, 0);
+
+    let mut a = Proc { env: proc_env(&env, &base.join("a")), child: None };
+    let mut b = Proc { env: proc_env(&env, &base.join("b")), child: None };
+    a.start(None);
+    let n0 = fold_with(&env, &codec, false).await.1;
+    wait_for_every("instance A to emit", Duration::from_secs(60), Duration::from_millis(300), grown(n0)).await;
+    // B joins: the group rebalances and the partitions are split between A and B.
+    b.start(None);
+    let wave = {
+        let cfg = sim("b", 2, 3);
+        let http = env.http.clone();
+        tokio::spawn(async move { simulate::run(&cfg, &http).await })
+    };
+    let n1 = fold_with(&env, &codec, false).await.1;
+    wait_for_every("output after B joined", Duration::from_secs(60), Duration::from_millis(300), grown(n1)).await;
+    // Freeze A mid-stream. Its session expires and the group gives its partitions to B, which
+    // bumps their epochs.
+    let epochs = || async { sqlx::query_scalar::<_, i64>("SELECT coalesce(sum(epoch), 0)::bigint FROM processor_epochs").fetch_one(&env.pool).await.unwrap() };
+    a.signal("STOP");
+    let frozen_at = epochs().await;
+    assert_eq!(wave.await.unwrap().unwrap().rejected, 0);
+    // More people upload meanwhile (six users: some land on A's partitions).
+    let mut c = sim("c", 3, 6);
+    c.days = 1;
+    assert_eq!(simulate::run(&c, &env.http).await.unwrap().rejected, 0);
+    wait_for_every("B to take A's partitions over (epochs bumped)", Duration::from_secs(60), Duration::from_millis(300), || async {
+        (epochs().await > frozen_at).then_some(())
+    })
+    .await;
+    // While A is frozen, B alone brings the projection to the oracle: it took A's partitions
+    // over (rebuilding their state by replaying them, having none locally).
+    let expected = rollup_day::oracle(&inputs(&env, &codec).await);
+    let equal = || {
+        let env = &env;
+        let codec = &codec;
+        let expected = &expected;
+        move || async move { (fold_with(env, codec, false).await.0 == *expected).then_some(()) }
+    };
+    wait_for_every("B alone to reach the oracle", Duration::from_secs(120), Duration::from_millis(500), equal()).await;
+    // Thaw the zombie: it rejoins (a rebalance bumps epochs) and may finish an interval it had
+    // started, with its old epoch. Nothing it writes changes the projection.
+    let before = epochs().await;
+    a.signal("CONT");
+    wait_for_every("the thawed instance to rejoin (epochs bumped)", Duration::from_secs(60), Duration::from_millis(300), || async {
+        (epochs().await > before).then_some(())
+    })
+    .await;
+    wait_for_every("the projection to equal the oracle after the zombie woke", Duration::from_secs(120), Duration::from_millis(500), equal()).await;
+    a.kill9();
+    b.kill9();
+    let _ = std::fs::remove_dir_all(&base);
     env.cleanup().await;
 }
