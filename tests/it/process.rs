@@ -317,3 +317,85 @@ async fn rebalance_between_instances_and_a_frozen_zombie_change_nothing() {
     let _ = std::fs::remove_dir_all(&base);
     env.cleanup().await;
 }
+
+/// HOT is never starved by a COLD backfill: with a large COLD backlog in flight, a HOT upload's
+/// rollup is emitted before the processor has worked through the COLD lane (the HOT row's own
+/// source offsets show COLD still behind its end), and within 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_is_not_starved_by_a_cold_backfill() {
+    let env = TestEnv::start().await;
+    let codec = Codec::new(&env.cfg.registry.url);
+    let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
+    // The backfill: many people's history, all flagged backfill (COLD), uploaded before the
+    // processor starts so it meets one large backlog.
+    let backfill = SimConfig {
+        base_url: env.ingest_url.clone(),
+        users: 8,
+        days: 10,
+        user_prefix: format!("cold-{}-", uuid::Uuid::new_v4().simple()),
+        now_ms: chrono::Utc::now().timestamp_millis() - 3 * 86_400_000,
+        concurrency: 4,
+        batch_size: 500,
+        jwt_secret: env.cfg.auth.hs256_secret.expose().as_bytes().to_vec(),
+        jwt_issuer: env.cfg.auth.issuer.clone(),
+        jwt_audience: env.cfg.auth.audience.clone(),
+        edits_and_deletions: false,
+        ..SimConfig::default()
+    };
+    assert_eq!(simulate::run(&backfill, &env.http).await.unwrap().rejected, 0);
+    let t = env.topics();
+    let cold = env.read(&t.cold).await;
+    assert!(cold.len() > 50, "a large COLD backlog: {} records of up to 500 samples", cold.len());
+    // The HOT user lives on the partition with the largest COLD backlog.
+    let mut per_partition: BTreeMap<i32, usize> = BTreeMap::new();
+    for m in &cold {
+        *per_partition.entry(m.partition()).or_default() += 1;
+    }
+    let busiest = per_partition.iter().max_by_key(|(_, n)| **n).map(|(p, _)| *p).unwrap();
+    let user = (0..)
+        .map(|i| format!("hot-{i}-{}", uuid::Uuid::new_v4().simple()))
+        .find(|u| vitals_schemas::topics::partition_for(u.as_bytes(), env.cfg.kafka.partitions) == busiest)
+        .unwrap();
+
+    let mut env_vars = proc_env(&env, &data);
+    env_vars.retain(|(k, _)| k != "VITALS_PROCESSORS__MAX_BATCH");
+    env_vars.push(("VITALS_PROCESSORS__MAX_BATCH".into(), "200".into()));
+    let mut p = Proc { env: env_vars, child: None };
+    p.start(None);
+
+    env.consent(&user, &[]).await;
+    let now = chrono::Utc::now();
+    let body = serde_json::json!({"request_id": "hot-1", "samples": [{
+        "source": "watch", "source_kind": "watch", "source_record_id": "hr-now", "metric": "heart_rate",
+        "start": now.to_rfc3339(), "value": 64, "unit": "bpm", "time_zone": "UTC"}]});
+    let t0 = std::time::Instant::now();
+    let (status, _, resp) = env.post("/v1/health/samples:batch", &user, &body).await;
+    assert_eq!(status, 200, "{resp}");
+    let key = format!("{user}|heart_rate|{}", now.date_naive());
+    let row = wait_for_every("the HOT upload's rollup", Duration::from_secs(30), Duration::from_millis(200), || {
+        let env = &env;
+        let codec = &codec;
+        let key = &key;
+        async move {
+            for m in env.read(&env.topics().rollup_day).await {
+                if m.key() == Some(key.as_bytes()) {
+                    return Some(codec.decode::<RollupDay>(m.payload().unwrap()).await.unwrap());
+                }
+            }
+            None
+        }
+    })
+    .await;
+    let latency = t0.elapsed();
+    // How far the processor had got into COLD, on the HOT row's partition, when it emitted it.
+    let partition = vitals_schemas::topics::partition_for(user.as_bytes(), env.cfg.kafka.partitions);
+    let cold_in_partition = env.read(&t.cold).await.iter().filter(|m| m.partition() == partition).map(|m| m.offset() + 1).max().unwrap_or(0);
+    let cold_done = row.source_offsets.iter().find(|o| o.topic == t.cold).map(|o| o.next_offset).unwrap_or(0);
+    assert!(
+        cold_done < cold_in_partition,
+        "the HOT row was emitted while COLD was still in flight on its partition ({cold_done} of {cold_in_partition} processed), after {latency:?}"
+    );
+    p.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}

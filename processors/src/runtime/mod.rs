@@ -401,6 +401,10 @@ pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         // Range assignment hands a consumer the same partition number of every input topic.
         .set("partition.assignment.strategy", "range")
+        // A small local prefetch queue: a HOT record that arrives behind a COLD backfill waits
+        // for at most this much already-fetched data, not for the whole backlog.
+        .set("queued.max.messages.kbytes", "2048")
+        .set("fetch.max.bytes", "1048576")
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
         .set("log_level", "4");
