@@ -154,6 +154,25 @@ impl TestEnv {
         TestEnv { cfg, pool, db_url, ingest_url, http, tasks }
     }
 
+    /// A simulator aimed at this edge: fresh user ids under `prefix`, this edge's token settings.
+    pub fn sim(&self, prefix: &str, seed: u64, users: usize, days: u32) -> vitals::simulate::SimConfig {
+        vitals::simulate::SimConfig {
+            base_url: self.ingest_url.clone(),
+            users,
+            days,
+            user_prefix: format!("{prefix}-{}-", uuid::Uuid::new_v4().simple()),
+            seed,
+            now_ms: chrono::Utc::now().timestamp_millis(),
+            concurrency: 3,
+            batch_size: 200,
+            jwt_secret: self.cfg.auth.hs256_secret.expose().as_bytes().to_vec(),
+            jwt_issuer: self.cfg.auth.issuer.clone(),
+            jwt_audience: self.cfg.auth.audience.clone(),
+            edits_and_deletions: true,
+            ..vitals::simulate::SimConfig::default()
+        }
+    }
+
     pub fn topics(&self) -> Topics {
         app::topics(&self.cfg)
     }

@@ -135,36 +135,12 @@ async fn fold_with(env: &TestEnv, codec: &Codec, log_monotonic: bool) -> (BTreeM
 async fn rollup_day_killed_at_any_point_still_equals_the_oracle() {
     let env = TestEnv::start().await;
     let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
-    let mut proc = Proc {
-        env: vec![
-            ("VITALS_KAFKA__BROKERS".into(), env.cfg.kafka.brokers.clone()),
-            ("VITALS_KAFKA__TOPIC_PREFIX".into(), env.cfg.kafka.topic_prefix.clone()),
-            ("VITALS_KAFKA__PARTITIONS".into(), env.cfg.kafka.partitions.to_string()),
-            ("VITALS_REGISTRY__URL".into(), env.cfg.registry.url.clone()),
-            ("VITALS_POSTGRES__URL".into(), env.db_url.clone()),
-            ("VITALS_PROCESSORS__DATA_DIR".into(), data.display().to_string()),
-            // Small intervals: many checkpoints, many places to die between.
-            ("VITALS_PROCESSORS__MAX_BATCH".into(), "7".into()),
-            ("VITALS_PROCESSORS__MAX_WAIT_MS".into(), "50".into()),
-            ("RUST_LOG".into(), "warn".into()),
-        ],
-        child: None,
-    };
-    let sim = |prefix: &str, seed: u64| SimConfig {
-        base_url: env.ingest_url.clone(),
-        users: 3,
-        days: 3,
-        user_prefix: format!("{prefix}-{}-", uuid::Uuid::new_v4().simple()),
-        seed,
-        now_ms: chrono::Utc::now().timestamp_millis(),
-        concurrency: 3,
-        batch_size: 200,
-        jwt_secret: env.cfg.auth.hs256_secret.expose().as_bytes().to_vec(),
-        jwt_issuer: env.cfg.auth.issuer.clone(),
-        jwt_audience: env.cfg.auth.audience.clone(),
-        edits_and_deletions: true,
-        ..SimConfig::default()
-    };
+    let mut env_vars = proc_env(&env, &data);
+    // Small intervals: many checkpoints, many places to die between.
+    env_vars.retain(|(k, _)| k != "VITALS_PROCESSORS__MAX_BATCH");
+    env_vars.push(("VITALS_PROCESSORS__MAX_BATCH".into(), "7".into()));
+    let mut proc = Proc { env: env_vars, child: None };
+    let sim = |prefix: &str, seed: u64| env.sim(prefix, seed, 3, 3);
     let codec = Codec::new(&env.cfg.registry.url);
     let first = simulate::run(&sim("a", 1), &env.http).await.unwrap();
     assert_eq!(first.rejected, 0);
@@ -243,21 +219,7 @@ async fn rebalance_between_instances_and_a_frozen_zombie_change_nothing() {
     let env = TestEnv::start().await;
     let codec = Codec::new(&env.cfg.registry.url);
     let base = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
-    let sim = |prefix: &str, seed: u64, users: usize| SimConfig {
-        base_url: env.ingest_url.clone(),
-        users,
-        days: 2,
-        user_prefix: format!("{prefix}-{}-", uuid::Uuid::new_v4().simple()),
-        seed,
-        now_ms: chrono::Utc::now().timestamp_millis(),
-        concurrency: 3,
-        batch_size: 200,
-        jwt_secret: env.cfg.auth.hs256_secret.expose().as_bytes().to_vec(),
-        jwt_issuer: env.cfg.auth.issuer.clone(),
-        jwt_audience: env.cfg.auth.audience.clone(),
-        edits_and_deletions: true,
-        ..SimConfig::default()
-    };
+    let sim = |prefix: &str, seed: u64, users: usize| env.sim(prefix, seed, users, 2);
     let grown = |before: usize| {
         let env = &env;
         let codec = &codec;
@@ -329,18 +291,11 @@ async fn hot_is_not_starved_by_a_cold_backfill() {
     // The backfill: many people's history, all flagged backfill (COLD), uploaded before the
     // processor starts so it meets one large backlog.
     let backfill = SimConfig {
-        base_url: env.ingest_url.clone(),
-        users: 8,
-        days: 10,
-        user_prefix: format!("cold-{}-", uuid::Uuid::new_v4().simple()),
         now_ms: chrono::Utc::now().timestamp_millis() - 3 * 86_400_000,
         concurrency: 4,
         batch_size: 500,
-        jwt_secret: env.cfg.auth.hs256_secret.expose().as_bytes().to_vec(),
-        jwt_issuer: env.cfg.auth.issuer.clone(),
-        jwt_audience: env.cfg.auth.audience.clone(),
         edits_and_deletions: false,
-        ..SimConfig::default()
+        ..env.sim("cold", 7, 8, 10)
     };
     assert_eq!(simulate::run(&backfill, &env.http).await.unwrap().rejected, 0);
     let t = env.topics();

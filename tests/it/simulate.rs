@@ -14,20 +14,7 @@ use crate::harness::{key, TestEnv};
 #[tokio::test]
 async fn simulated_people_upload_through_the_edge_and_everything_accepted_is_in_kafka() {
     let env = TestEnv::start().await;
-    let cfg = SimConfig {
-        base_url: env.ingest_url.clone(),
-        users: 3,
-        days: 3,
-        user_prefix: format!("sim-{}-", uuid::Uuid::new_v4().simple()),
-        now_ms: chrono::Utc::now().timestamp_millis(),
-        concurrency: 3,
-        batch_size: 400,
-        jwt_secret: env.cfg.auth.hs256_secret.expose().as_bytes().to_vec(),
-        jwt_issuer: env.cfg.auth.issuer.clone(),
-        jwt_audience: env.cfg.auth.audience.clone(),
-        edits_and_deletions: true,
-        ..SimConfig::default()
-    };
+    let cfg = SimConfig { batch_size: 400, ..env.sim("sim", 42, 3, 3) };
     let plan = simulate::plan(&cfg);
     let planned = |path: &str| plan.iter().filter(|u| u.endpoint == path).map(|u| u.items().len() as u64).sum::<u64>();
     let (samples, deletions, changes) = (planned(SAMPLES_PATH), planned(DELETIONS_PATH), planned(CHANGES_PATH));

@@ -267,6 +267,31 @@ impl RollupDayProcessor {
     }
 }
 
+/// A row of (user, metric, local date) with no figures yet (also the body of a retraction).
+pub fn blank_row(user: &str, metric: &str, local_date: &str) -> RollupDay {
+    let spec = Catalog::embedded().get(metric);
+    RollupDay {
+        user_id: user.to_owned(),
+        metric: metric.to_owned(),
+        local_date: local_date.to_owned(),
+        unit: spec.map(|s| s.unit.clone()).unwrap_or_default(),
+        kind: spec.map(|s| s.kind.to_record()).unwrap_or(vitals_schemas::MetricKindRecord::Cumulative),
+        count: 0,
+        sum: None,
+        min: None,
+        max: None,
+        mean: None,
+        time_weighted_mean: None,
+        last: None,
+        category_minutes: Default::default(),
+        primary_source: None,
+        version_epoch: 0,
+        version_seq: 0,
+        deleted: false,
+        source_offsets: vec![],
+    }
+}
+
 /// The rollup of one (user, metric, date) from the effective samples that count on that date.
 /// `None` when nothing counts (the day is retracted). Deterministic in the set of samples,
 /// whatever their order.
@@ -279,26 +304,8 @@ pub fn aggregate_day(user: &str, metric: &str, date: NaiveDate, samples: &[&Samp
     }
     let rank = |s: &Sample| prio.rank(&s.source, s.source_kind);
     let best_source = samples.iter().map(|s| (rank(s), s.source.clone())).min().map(|(_, s)| s);
-    let mut row = RollupDay {
-        user_id: user.to_owned(),
-        metric: metric.to_owned(),
-        local_date: date.to_string(),
-        unit: spec.unit.clone(),
-        kind: spec.kind.to_record(),
-        count: 0,
-        sum: None,
-        min: None,
-        max: None,
-        mean: None,
-        time_weighted_mean: None,
-        last: None,
-        category_minutes: Default::default(),
-        primary_source: best_source.clone(),
-        version_epoch: 0,
-        version_seq: 0,
-        deleted: false,
-        source_offsets: vec![],
-    };
+    let mut row = blank_row(user, metric, &date.to_string());
+    row.primary_source = best_source.clone();
     // The part of each sample inside its own local day.
     let clip = |s: &Sample| -> Option<(i64, i64)> {
         let (a, b) = Zone::parse(&s.time_zone).day_bounds(date);

@@ -53,27 +53,7 @@ impl Versioned for RollupDay {
     fn tombstone(key: &str) -> RollupDay {
         let mut parts = key.splitn(3, '|');
         let (user, metric, date) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
-        let spec = vitals_schemas::Catalog::embedded().get(metric);
-        RollupDay {
-            user_id: user.into(),
-            metric: metric.into(),
-            local_date: date.into(),
-            unit: spec.map(|s| s.unit.clone()).unwrap_or_default(),
-            kind: spec.map(|s| s.kind.to_record()).unwrap_or(vitals_schemas::MetricKindRecord::Cumulative),
-            count: 0,
-            sum: None,
-            min: None,
-            max: None,
-            mean: None,
-            time_weighted_mean: None,
-            last: None,
-            category_minutes: Default::default(),
-            primary_source: None,
-            version_epoch: 0,
-            version_seq: 0,
-            deleted: true,
-            source_offsets: vec![],
-        }
+        RollupDay { deleted: true, ..crate::rollup_day::blank_row(user, metric, date) }
     }
 }
 
