@@ -301,17 +301,17 @@ pub async fn topic_counts(cfg: &Config) -> anyhow::Result<Vec<(String, usize, i6
 
 /// Runs one processor until SIGTERM/Ctrl-C (or a fatal error).
 pub async fn process(cfg: &Config, name: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>, crash_after_produce: Option<u64>) -> anyhow::Result<()> {
-    use vitals_processors::runtime::{self, RuntimeConfig};
+    use vitals_processors::runtime::{self, RunArgs, RuntimeConfig};
+    let Some(info) = vitals_processors::find(name) else {
+        let known: Vec<&str> = vitals_processors::registry().iter().map(|p| p.name).collect();
+        bail!("unknown processor `{name}` (known: {})", known.join(", "));
+    };
     let pool = pg_pool(cfg).await?;
     migrate(&pool).await?;
     let t = topics(cfg);
-    let (processor, output_topic) = match name {
-        "rollup_day" => (vitals_processors::rollup_day::RollupDayProcessor::new(Default::default()), t.rollup_day.clone()),
-        other => bail!("unknown processor `{other}` (known: {})", vitals_processors::registry().iter().map(|p| p.name).collect::<Vec<_>>().join(", ")),
-    };
     let rc = RuntimeConfig {
-        processor: vitals_processors::rollup_day::INFO.name,
-        output_topic,
+        processor: info.name,
+        output_topic: (info.output_topic)(&t),
         topics: t,
         data_dir: std::path::PathBuf::from(&cfg.processors.data_dir),
         max_batch: cfg.processors.max_batch,
@@ -319,11 +319,13 @@ pub async fn process(cfg: &Config, name: &str, stop: std::sync::Arc<std::sync::a
         crash_after_produce,
     };
     let group = format!("{}vitals-proc-{name}", cfg.kafka.topic_prefix);
-    let consumer = runtime::consumer_config(&cfg.kafka.brokers, &group);
-    let producer = producer(cfg, &format!("vitals-proc-{name}"))?;
-    let codec = Arc::new(Codec::new(&cfg.registry.url));
-    tokio::task::spawn_blocking(move || runtime::run(processor, rc, consumer, producer, codec, pool, stop))
-        .await
-        .context("processor thread")?
-        .context("processor runtime")
+    let args = RunArgs {
+        cfg: rc,
+        consumer_config: runtime::consumer_config(&cfg.kafka.brokers, &group),
+        producer: producer(cfg, &format!("vitals-proc-{name}"))?,
+        codec: Arc::new(Codec::new(&cfg.registry.url)),
+        pool,
+        stop,
+    };
+    tokio::task::spawn_blocking(move || (info.run)(args)).await.context("processor thread")?.context("processor runtime")
 }

@@ -84,16 +84,25 @@ pub trait Processor {
     fn process(&mut self, input: &Input, state: &mut dyn State, out: &mut dyn Emitter<Self::Output>) -> Result<(), Invalid>;
 }
 
-/// What the registry knows of a processor.
-#[derive(Debug, Clone, Copy)]
+/// What the registry knows of a processor: enough to run it by name.
+#[derive(Clone, Copy)]
 pub struct ProcessorInfo {
     pub name: &'static str,
     pub description: &'static str,
+    /// The topic it writes.
+    pub output_topic: fn(&vitals_schemas::topics::Topics) -> String,
+    /// Builds it with its default config and runs it on Kafka (blocking).
+    pub run: fn(runtime::RunArgs) -> Result<(), runtime::RuntimeError>,
 }
 
-/// Every processor, one line each.
+/// Every processor, one line each. Adding a processor: one file, plus its line here.
 pub fn registry() -> Vec<ProcessorInfo> {
     vec![
         rollup_day::INFO,
     ]
+}
+
+/// The registry entry named `name`.
+pub fn find(name: &str) -> Option<ProcessorInfo> {
+    registry().into_iter().find(|p| p.name == name)
 }

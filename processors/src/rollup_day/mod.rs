@@ -36,6 +36,8 @@ use crate::{Emitter, Input, Invalid, ProcessorInfo, State, StateExt};
 pub const INFO: ProcessorInfo = ProcessorInfo {
     name: "rollup_day",
     description: "Daily rollups per (user, metric, local date): value-kind-aware, source priority, DST, edits, deletions, late backfill",
+    output_topic: |t| t.rollup_day.clone(),
+    run: |args| crate::runtime::run(RollupDayProcessor::new(Config::default()), args),
 };
 
 /// No tunables yet; unknown keys are refused so a typo never goes unnoticed.

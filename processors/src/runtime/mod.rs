@@ -164,21 +164,25 @@ pub async fn bump_epoch(pool: &PgPool, processor: &str, partition: i32) -> Resul
     .await
 }
 
+/// Everything the runtime is handed by the composition root.
+pub struct RunArgs {
+    pub cfg: RuntimeConfig,
+    pub consumer_config: ClientConfig,
+    pub producer: FutureProducer,
+    pub codec: Arc<Codec>,
+    pub pool: PgPool,
+    /// Set to stop after the current interval.
+    pub stop: Arc<AtomicBool>,
+}
+
 /// Runs `processor` until `stop` is set or an error needs a restart. Blocking: call it from a
 /// dedicated thread (`spawn_blocking`); it uses the current tokio runtime for async I/O.
-pub fn run<P>(
-    mut processor: P,
-    cfg: RuntimeConfig,
-    consumer_config: ClientConfig,
-    producer: FutureProducer,
-    codec: Arc<Codec>,
-    pool: PgPool,
-    stop: Arc<AtomicBool>,
-) -> Result<(), RuntimeError>
+pub fn run<P>(mut processor: P, args: RunArgs) -> Result<(), RuntimeError>
 where
     P: Processor,
     P::Output: Versioned + Serialize + Clone,
 {
+    let RunArgs { cfg, consumer_config, producer, codec, pool, stop } = args;
     let rt = tokio::runtime::Handle::current();
     let shared = Arc::new(Mutex::new(Shared::default()));
     let ctx = RebalanceContext { shared: Arc::clone(&shared), dir: cfg.data_dir.join(cfg.processor) };
