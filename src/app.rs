@@ -317,6 +317,7 @@ pub async fn process(cfg: &Config, name: &str, stop: std::sync::Arc<std::sync::a
         max_batch: cfg.processors.max_batch,
         max_wait: Duration::from_millis(cfg.processors.max_wait_ms),
         crash_after_produce,
+        checkpointing: true,
     };
     let group = format!("{}vitals-proc-{name}", cfg.kafka.topic_prefix);
     let args = RunArgs {
@@ -326,6 +327,7 @@ pub async fn process(cfg: &Config, name: &str, stop: std::sync::Arc<std::sync::a
         codec: Arc::new(Codec::new(&cfg.registry.url)),
         pool,
         stop,
+        records_in: Default::default(),
     };
     tokio::task::spawn_blocking(move || (info.run)(args)).await.context("processor thread")?.context("processor runtime")
 }

@@ -84,6 +84,9 @@ enum BenchCmd {
     /// Ingest throughput (samples/s accepted and acknowledged by the broker) beside the broker's
     /// raw produce rate for the same bytes.
     Ingest(SimArgs),
+    /// rollup_day throughput: the processor alone, the runtime exactly-once, and plain
+    /// at-least-once, over the same simulated inputs.
+    Process(SimArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -244,6 +247,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { cmd: BenchCmd::Ingest(args) } => {
             bench::ingest(&cfg, args.to_config(&cfg)).await?;
+        }
+        Cmd::Bench { cmd: BenchCmd::Process(args) } => {
+            bench::process(&cfg, args.to_config(&cfg)).await?;
         }
     }
     Ok(())

@@ -280,9 +280,9 @@ async fn rebalance_between_instances_and_a_frozen_zombie_change_nothing() {
     env.cleanup().await;
 }
 
-/// HOT is never starved by a COLD backfill: with a large COLD backlog in flight, a HOT upload's
-/// rollup is emitted before the processor has worked through the COLD lane (the HOT row's own
-/// source offsets show COLD still behind its end), and within 30 s.
+/// HOT is never starved by a COLD backfill: facing a large COLD backlog uploaded before it, a HOT
+/// upload's rollup is emitted before the processor has worked through that partition's COLD lane
+/// (the HOT row's own source offsets show COLD still behind its end), and within 30 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_is_not_starved_by_a_cold_backfill() {
     let env = TestEnv::start().await;
@@ -312,20 +312,21 @@ async fn hot_is_not_starved_by_a_cold_backfill() {
         .find(|u| vitals_schemas::topics::partition_for(u.as_bytes(), env.cfg.kafka.partitions) == busiest)
         .unwrap();
 
-    let mut env_vars = proc_env(&env, &data);
-    env_vars.retain(|(k, _)| k != "VITALS_PROCESSORS__MAX_BATCH");
-    env_vars.push(("VITALS_PROCESSORS__MAX_BATCH".into(), "200".into()));
-    let mut p = Proc { env: env_vars, child: None };
-    p.start(None);
-
     env.consent(&user, &[]).await;
     let now = chrono::Utc::now();
     let body = serde_json::json!({"request_id": "hot-1", "samples": [{
         "source": "watch", "source_kind": "watch", "source_record_id": "hr-now", "metric": "heart_rate",
         "start": now.to_rfc3339(), "value": 64, "unit": "bpm", "time_zone": "UTC"}]});
-    let t0 = std::time::Instant::now();
     let (status, _, resp) = env.post("/v1/health/samples:batch", &user, &body).await;
     assert_eq!(status, 200, "{resp}");
+    // The processor starts facing the whole COLD backlog with the HOT record already behind it
+    // in arrival order; small intervals, so working through COLD takes many of them.
+    let mut env_vars = proc_env(&env, &data);
+    env_vars.retain(|(k, _)| k != "VITALS_PROCESSORS__MAX_BATCH");
+    env_vars.push(("VITALS_PROCESSORS__MAX_BATCH".into(), "5".into()));
+    let mut p = Proc { env: env_vars, child: None };
+    let t0 = std::time::Instant::now();
+    p.start(None);
     let key = format!("{user}|heart_rate|{}", now.date_naive());
     let row = wait_for_every("the HOT upload's rollup", Duration::from_secs(30), Duration::from_millis(200), || {
         let env = &env;
@@ -351,6 +352,81 @@ async fn hot_is_not_starved_by_a_cold_backfill() {
         "the HOT row was emitted while COLD was still in flight on its partition ({cold_done} of {cold_in_partition} processed), after {latency:?}"
     );
     p.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
+
+/// Poison records — bytes that are not a registered Avro record, and a well-formed batch the
+/// processor refuses (unknown metric) — go to the dead-letter topic with the reason and their
+/// source in headers; the records after them are processed as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_go_to_the_dead_letter_topic_and_the_pipeline_goes_on() {
+    use rdkafka::producer::FutureRecord;
+    let env = TestEnv::start().await;
+    let codec = Codec::new(&env.cfg.registry.url);
+    let t = env.topics();
+    let user = "poisoned";
+    let p = vitals_schemas::topics::partition_for(user.as_bytes(), env.cfg.kafka.partitions);
+    let producer = vitals::app::producer(&env.cfg, "test-poison").unwrap();
+    let send = |payload: Vec<u8>| {
+        let producer = producer.clone();
+        let topic = t.hot.clone();
+        async move {
+            producer.send(FutureRecord::to(&topic).partition(p).key(user).payload(&payload), Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+        }
+    };
+    let sample = |id: &str, metric: &str| vitals_schemas::Sample {
+        source: "watch".into(),
+        source_kind: vitals_schemas::SourceKind::Watch,
+        source_record_id: id.into(),
+        metric: metric.into(),
+        start_ms: chrono::Utc::now().timestamp_millis(),
+        end_ms: chrono::Utc::now().timestamp_millis(),
+        value: 60.0,
+        unit: "count/min".into(),
+        category: None,
+        time_zone: "UTC".into(),
+        version: 1,
+        metadata: Default::default(),
+    };
+    let batch = |samples| SampleBatch { request_id: "r".into(), user_id: user.into(), received_at_ms: 0, lane: vitals_schemas::Lane::Hot, samples };
+    send(b"\x00\x00\x00\x00\x09not avro at all".to_vec()).await;
+    send(codec.encode(&t.hot, &batch(vec![sample("bad", "heart_rhythm")])).await.unwrap()).await;
+    send(codec.encode(&t.hot, &batch(vec![sample("good", "heart_rate")])).await.unwrap()).await;
+
+    let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
+    let mut proc = Proc { env: proc_env(&env, &data), child: None };
+    proc.start(None);
+    let dead = wait_for_every("two dead letters", Duration::from_secs(60), Duration::from_millis(300), || {
+        let env = &env;
+        let t = &t;
+        async move {
+            let d = env.read(&t.dead_letter).await;
+            (d.len() >= 2).then_some(d)
+        }
+    })
+    .await;
+    assert_eq!(dead.len(), 2);
+    let mut codes = Vec::new();
+    for m in &dead {
+        let dl: vitals_schemas::DeadLetter = codec.decode(m.payload().unwrap()).await.unwrap();
+        assert_eq!((dl.source_topic.as_str(), dl.source_partition), (t.hot.as_str(), p));
+        assert_eq!(crate::harness::header(m, "vitals-source-topic").as_deref(), Some(t.hot.as_str()));
+        assert_eq!(crate::harness::header(m, "vitals-source-offset"), Some(dl.source_offset.to_string()));
+        assert!(crate::harness::header(m, "vitals-reason").is_some_and(|r| !r.is_empty()));
+        codes.push(dl.code);
+    }
+    codes.sort();
+    assert_eq!(codes, ["undecodable", "unknown_metric"]);
+    // The valid record after the poison ones was processed.
+    let key = format!("{user}|heart_rate|{}", chrono::Utc::now().date_naive());
+    wait_for_every("the valid record's rollup", Duration::from_secs(30), Duration::from_millis(300), || {
+        let env = &env;
+        let key = &key;
+        async move { env.read(&env.topics().rollup_day).await.iter().any(|m| m.key() == Some(key.as_bytes())).then_some(()) }
+    })
+    .await;
+    proc.kill9();
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
 }

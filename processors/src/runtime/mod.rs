@@ -86,12 +86,17 @@ pub struct RuntimeConfig {
     /// Test hook: abort the process right after this many intervals' outputs were acknowledged,
     /// before their checkpoint is committed (the worst moment to crash).
     pub crash_after_produce: Option<u64>,
+    /// `false` only for the benchmark's baseline: plain at-least-once — outputs are produced
+    /// without waiting for acks and nothing is checkpointed (state lives in memory).
+    pub checkpointing: bool,
 }
 
 struct Task {
     store: Store,
     cp: Checkpoint,
     epoch: Option<i64>,
+    /// Without checkpointing: the state, in memory only.
+    unsaved: Overlay,
 }
 
 #[derive(Default)]
@@ -123,7 +128,7 @@ impl ConsumerContext for RebalanceContext {
                         std::collections::btree_map::Entry::Vacant(v) => {
                             let path = self.dir.join(format!("p{p}.redb"));
                             match Store::open(&path).and_then(|s| s.checkpoint().map(|cp| (s, cp))) {
-                                Ok((store, cp)) => v.insert(Task { store, cp, epoch: None }),
+                                Ok((store, cp)) => v.insert(Task { store, cp, epoch: None, unsaved: Overlay::default() }),
                                 Err(e) => {
                                     sh.fatal = Some(format!("opening {}: {e}", path.display()));
                                     continue;
@@ -173,6 +178,8 @@ pub struct RunArgs {
     pub pool: PgPool,
     /// Set to stop after the current interval.
     pub stop: Arc<AtomicBool>,
+    /// Input records processed so far (a metric; the benchmark waits on it).
+    pub records_in: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Runs `processor` until `stop` is set or an error needs a restart. Blocking: call it from a
@@ -182,7 +189,7 @@ where
     P: Processor,
     P::Output: Versioned + Serialize + Clone,
 {
-    let RunArgs { cfg, consumer_config, producer, codec, pool, stop } = args;
+    let RunArgs { cfg, consumer_config, producer, codec, pool, stop, records_in } = args;
     let rt = tokio::runtime::Handle::current();
     let shared = Arc::new(Mutex::new(Shared::default()));
     let ctx = RebalanceContext { shared: Arc::clone(&shared), dir: cfg.data_dir.join(cfg.processor) };
@@ -220,7 +227,9 @@ where
         }
         for (p, msgs) in by_partition {
             let Some(task) = sh.tasks.get_mut(&p) else { continue };
+            let n = msgs.len() as u64;
             interval(&mut processor, &cfg, &rt, &codec, &producer, p, task, msgs, &mut produced)?;
+            records_in.fetch_add(n, Ordering::Relaxed);
         }
     }
     Ok(())
@@ -283,7 +292,7 @@ where
     let t = &cfg.topics;
     msgs.sort_by_key(|m| (lane_rank(t, m.topic()), m.offset()));
     let mut cp = task.cp.clone();
-    let mut overlay = Overlay::default();
+    let mut overlay = if cfg.checkpointing { Overlay::default() } else { std::mem::take(&mut task.unsaved) };
     let mut outputs: BTreeMap<String, Option<P::Output>> = BTreeMap::new();
     let mut dead: Vec<(DeadLetter, String)> = Vec::new();
     for m in &msgs {
@@ -309,13 +318,12 @@ where
             Err(e) => reject("undecodable", e.to_string()),
             Ok(input) => {
                 // A rejected record leaves no trace: its state writes and outputs are dropped.
-                let saved = overlay.clone();
                 let mut collect = Collect { out: BTreeMap::new() };
                 let mut state = UserState::new(&task.store, &mut overlay, input.user_id());
                 match processor.process(&input, &mut state, &mut collect) {
                     Ok(()) => outputs.extend(collect.out),
                     Err(Invalid { code, reason }) => {
-                        overlay = saved;
+                        state.rollback();
                         reject(code, reason);
                     }
                 }
@@ -349,6 +357,30 @@ where
         let key = String::from_utf8_lossy(dl.key.as_deref().unwrap_or_default()).into_owned();
         let bytes = rt.block_on(codec.encode(&t.dead_letter, &dl)).map_err(|e| RuntimeError::Encode(e.to_string()))?;
         records.push((t.dead_letter.clone(), key, bytes, headers));
+    }
+    if !cfg.checkpointing {
+        for (topic, key, bytes, headers) in &records {
+            let rec = FutureRecord::to(topic).partition(p).key(key.as_str()).payload(bytes.as_slice()).headers(headers.clone());
+            // Fire and forget (the delivery future is dropped): the at-least-once baseline. A full
+            // queue is waited out; the producer's own thread drains it.
+            let mut rec = rec;
+            loop {
+                match producer.send_result(rec) {
+                    Ok(delivery) => {
+                        drop(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                        rec = back;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err((e, _)) => return Err(RuntimeError::NotAcknowledged(e.to_string())),
+                }
+            }
+        }
+        task.unsaved = overlay;
+        task.cp = cp;
+        return Ok(());
     }
     if !records.is_empty() {
         let acks = rt.block_on(async {

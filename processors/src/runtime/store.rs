@@ -114,21 +114,43 @@ impl Store {
 }
 
 /// The writes of one interval, not yet committed; reads see them over the store.
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub struct Overlay {
     writes: BTreeMap<String, Option<Vec<u8>>>,
 }
 
-/// One user's view through the overlay: what a processor gets as its [`State`].
+/// One user's view through the overlay: what a processor gets as its [`State`]. It remembers
+/// what each write replaced, so a rejected record's writes can be undone.
 pub struct UserState<'a> {
     pub store: &'a Store,
     pub overlay: &'a mut Overlay,
     pub prefix: String,
+    undo: Vec<(String, Option<Option<Vec<u8>>>)>,
 }
 
 impl<'a> UserState<'a> {
     pub fn new(store: &'a Store, overlay: &'a mut Overlay, user: &str) -> UserState<'a> {
-        UserState { store, overlay, prefix: format!("{user}{SEP}") }
+        UserState { store, overlay, prefix: format!("{user}{SEP}"), undo: Vec::new() }
+    }
+
+    fn write(&mut self, key: &str, value: Option<Vec<u8>>) {
+        let k = format!("{}{key}", self.prefix);
+        let previous = self.overlay.writes.insert(k.clone(), value);
+        self.undo.push((k, previous));
+    }
+
+    /// Takes back every write made through this view.
+    pub fn rollback(self) {
+        for (k, previous) in self.undo.into_iter().rev() {
+            match previous {
+                Some(v) => {
+                    self.overlay.writes.insert(k, v);
+                }
+                None => {
+                    self.overlay.writes.remove(&k);
+                }
+            }
+        }
     }
 }
 
@@ -141,10 +163,10 @@ impl State for UserState<'_> {
         }
     }
     fn put(&mut self, key: &str, value: Vec<u8>) {
-        self.overlay.writes.insert(format!("{}{key}", self.prefix), Some(value));
+        self.write(key, Some(value));
     }
     fn delete(&mut self, key: &str) {
-        self.overlay.writes.insert(format!("{}{key}", self.prefix), None);
+        self.write(key, None);
     }
     fn scan(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
         let full = format!("{}{prefix}", self.prefix);
@@ -186,6 +208,13 @@ mod tests {
         let s = UserState::new(&store, &mut ov, "u1");
         assert_eq!(s.get("a/1"), Some(b"x".to_vec()));
         assert_eq!(s.get("a/2"), None);
+        let mut ov2 = Overlay::default();
+        let mut s2 = UserState::new(&store, &mut ov2, "u1");
+        s2.put("a/1", b"changed".to_vec());
+        s2.put("c", b"new".to_vec());
+        s2.rollback();
+        let s2 = UserState::new(&store, &mut ov2, "u1");
+        assert_eq!((s2.get("a/1"), s2.get("c")), (Some(b"x".to_vec()), None), "a rolled-back view leaves nothing");
         let other = UserState::new(&store, &mut Overlay::default(), "u2").scan("");
         assert!(other.is_empty(), "users do not see each other's state");
         let _ = std::fs::remove_dir_all(dir);
