@@ -120,8 +120,12 @@ async fn duplicate_requests_are_idempotent() {
     let (s1, h1, r1) = env.post(SAMPLES, user, &body).await;
     assert_eq!(s1, 200, "{r1}");
     assert!(h1.get("idempotent-replay").is_none());
-    // Same id, same payload (keys reordered, numbers respelled): the original answer, nothing new written.
-    let respelled: Value = serde_json::from_str(&serde_json::to_string(&body).unwrap().replace("61", "61.0")).unwrap();
+    // Same id, same payload with a number spelled differently (61 vs 61.0): the original answer,
+    // nothing new written.
+    let text = serde_json::to_string(&body).unwrap();
+    assert!(text.contains("\"value\":61}"));
+    let respelled: Value = serde_json::from_str(&text.replace("\"value\":61}", "\"value\":61.0}")).unwrap();
+    assert_ne!(serde_json::to_string(&respelled).unwrap(), text, "a different spelling of the same payload");
     let (s2, h2, r2) = env.post(SAMPLES, user, &respelled).await;
     assert_eq!((s2, &r2), (200, &r1));
     assert_eq!(h2.get("idempotent-replay").unwrap(), "true");
