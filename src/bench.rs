@@ -16,24 +16,29 @@ use crate::app;
 use crate::config::Config;
 use crate::simulate::{self, SimConfig};
 
-pub async fn ingest(base: &Config, mut sim: SimConfig) -> anyhow::Result<()> {
-    // A fresh topic namespace per run, so figures are never mixed with earlier data.
+/// A fresh topic namespace (so figures never mix with earlier data), a real edge on port 0, and
+/// the simulated people uploaded through it. Returns the run's config, its pool, its prefix and
+/// the upload report.
+async fn upload_fresh(base: &Config, tag: &str, mut sim: SimConfig) -> anyhow::Result<(Config, sqlx::PgPool, String, simulate::SimReport)> {
     let mut cfg = base.clone();
-    let run = format!("bench{}.", chrono::Utc::now().timestamp_millis());
+    let run = format!("{tag}{}.", chrono::Utc::now().timestamp_millis());
     cfg.kafka.topic_prefix = format!("{}{run}", cfg.kafka.topic_prefix);
     let pool = app::pg_pool(&cfg).await?;
     app::migrate(&pool).await?;
     app::create_topics(&cfg).await?;
     app::register_schemas(&cfg).await?;
-    let ingest = app::ingest(&cfg, pool).await?;
+    let ingest = app::ingest(&cfg, pool.clone()).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     sim.base_url = format!("http://{}", listener.local_addr()?);
     sim.user_prefix = format!("{run}{}", sim.user_prefix);
     let server = tokio::spawn(app::serve(listener, vitals_ingest::router(Arc::clone(&ingest)), std::future::pending()));
-
-    let http = reqwest::Client::new();
-    let report = simulate::run(&sim, &http).await.context("simulated upload")?;
+    let report = simulate::run(&sim, &reqwest::Client::new()).await.context("simulated upload");
     server.abort();
+    Ok((cfg, pool, run, report?))
+}
+
+pub async fn ingest(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
+    let (cfg, _pool, _run, report) = upload_fresh(base, "bench", sim.clone()).await?;
 
     // Everything the edge wrote, in every lane.
     let topics = app::topics(&cfg);
@@ -91,7 +96,7 @@ async fn create_raw_topic(cfg: &Config, name: &str) -> anyhow::Result<()> {
 /// checkpointing, and the runtime as plain at-least-once (outputs not awaited, no checkpoint).
 /// Each runtime run starts with no local state, so its time is also the time to rebuild that
 /// state by replay (there are no S3 snapshots yet).
-pub async fn process(base: &Config, mut sim: SimConfig) -> anyhow::Result<()> {
+pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use vitals_processors::driver::Driver;
     use vitals_processors::rollup_day::{self, RollupDayProcessor};
@@ -99,20 +104,7 @@ pub async fn process(base: &Config, mut sim: SimConfig) -> anyhow::Result<()> {
     use vitals_processors::Input;
     use vitals_schemas::codec::Codec;
 
-    let mut cfg = base.clone();
-    let run = format!("benchp{}.", chrono::Utc::now().timestamp_millis());
-    cfg.kafka.topic_prefix = format!("{}{run}", cfg.kafka.topic_prefix);
-    let pool = app::pg_pool(&cfg).await?;
-    app::migrate(&pool).await?;
-    app::create_topics(&cfg).await?;
-    app::register_schemas(&cfg).await?;
-    let ingest = app::ingest(&cfg, pool.clone()).await?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    sim.base_url = format!("http://{}", listener.local_addr()?);
-    sim.user_prefix = format!("{run}{}", sim.user_prefix);
-    let server = tokio::spawn(app::serve(listener, vitals_ingest::router(Arc::clone(&ingest)), std::future::pending()));
-    let report = simulate::run(&sim, &reqwest::Client::new()).await.context("simulated upload")?;
-    server.abort();
+    let (cfg, pool, run, report) = upload_fresh(base, "benchp", sim.clone()).await?;
 
     // The inputs as the processor will see them.
     let codec = Arc::new(Codec::new(&cfg.registry.url));
@@ -190,10 +182,12 @@ pub async fn process(base: &Config, mut sim: SimConfig) -> anyhow::Result<()> {
         stop.store(true, Ordering::Relaxed);
         task.await.context("runtime thread")?.context("runtime")?;
         let state_bytes: u64 = std::fs::read_dir(data.join(rollup_day::INFO.name)).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
+        // The first interval's own time is not seen (progress is counted when it ends), so a run
+        // that fits in one interval has nothing to time: say so instead of printing infinity.
+        let rate = if took.as_millis() > 0 { format!("{:>9.0} items/s", items as f64 / took.as_secs_f64()) } else { "too small to time (one interval)".into() };
         println!(
-            "  runtime, {label}: {:>8.2} s = {:>9.0} items/s (start to caught-up {:.2} s){}",
+            "  runtime, {label}: {:>8.2} s = {rate} (start to caught-up {:.2} s){}",
             took.as_secs_f64(),
-            items as f64 / took.as_secs_f64(),
             started.elapsed().as_secs_f64(),
             if checkpointing { format!("; local state {:.1} MB, rebuilt by replay in this time (no snapshots yet)", state_bytes as f64 / 1e6) } else { String::new() }
         );
