@@ -311,6 +311,7 @@ pub async fn process(cfg: &Config, name: &str, stop: std::sync::Arc<std::sync::a
     let t = topics(cfg);
     let rc = RuntimeConfig {
         processor: info.name,
+        inputs: info.inputs,
         output_topic: (info.output_topic)(&t),
         topics: t,
         data_dir: std::path::PathBuf::from(&cfg.processors.data_dir),

@@ -151,6 +151,7 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
         let args = RunArgs {
             cfg: RuntimeConfig {
                 processor: rollup_day::INFO.name,
+                inputs: rollup_day::INFO.inputs,
                 output_topic: t.rollup_day.clone(),
                 topics: t.clone(),
                 data_dir: data.clone(),

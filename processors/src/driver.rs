@@ -1,27 +1,42 @@
 //! The in-memory test driver: runs a processor over records without Kafka, the way the runtime
 //! would (one state per user, versions that only grow), so a processor's tests read like the
-//! scenario they check: feed records, then look at the outputs and the state.
+//! scenario they check: feed records, advance stream time, then look at the outputs and the
+//! state. Timers fire as the runtime fires them: once stream time reaches them, in time order.
 
 use std::collections::BTreeMap;
 
 use crate::{Emitter, Input, Invalid, Processor, State};
 
-/// One user's state: an ordered map, like the runtime's store.
+/// One user's state: an ordered map, like the runtime's store, plus its armed timers.
 #[derive(Debug, Default, Clone)]
-pub struct MemState(pub BTreeMap<String, Vec<u8>>);
+pub struct MemState {
+    pub map: BTreeMap<String, Vec<u8>>,
+    /// Timer name → when it is due.
+    pub timers: BTreeMap<String, i64>,
+    stream_time_ms: i64,
+}
 
 impl State for MemState {
     fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.0.get(key).cloned()
+        self.map.get(key).cloned()
     }
     fn put(&mut self, key: &str, value: Vec<u8>) {
-        self.0.insert(key.to_owned(), value);
+        self.map.insert(key.to_owned(), value);
     }
     fn delete(&mut self, key: &str) {
-        self.0.remove(key);
+        self.map.remove(key);
     }
     fn scan(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
-        self.0.range(prefix.to_owned()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.map.range(prefix.to_owned()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+    fn stream_time_ms(&self) -> i64 {
+        self.stream_time_ms
+    }
+    fn set_timer(&mut self, name: &str, at_ms: i64) {
+        self.timers.insert(name.to_owned(), at_ms);
+    }
+    fn cancel_timer(&mut self, name: &str) {
+        self.timers.remove(name);
     }
 }
 
@@ -56,6 +71,8 @@ pub struct Driver<P: Processor> {
     /// Every output in emission order.
     pub log: Vec<Emitted<P::Output>>,
     seq: u64,
+    /// Stream time: only moves forward.
+    pub stream_time_ms: i64,
 }
 
 impl<P: Processor> Driver<P>
@@ -63,16 +80,55 @@ where
     P::Output: Clone,
 {
     pub fn new(processor: P) -> Driver<P> {
-        Driver { processor, states: BTreeMap::new(), log: Vec::new(), seq: 0 }
+        Driver { processor, states: BTreeMap::new(), log: Vec::new(), seq: 0, stream_time_ms: 0 }
     }
 
-    /// Feeds one record; returns what it emitted.
+    /// Feeds one record at the current stream time; returns what it emitted.
     pub fn feed(&mut self, input: &Input) -> Result<Vec<Emitted<P::Output>>, Invalid> {
+        self.feed_at(self.stream_time_ms, input)
+    }
+
+    /// Feeds one record whose log timestamp is `ts_ms` (stream time becomes the greatest seen),
+    /// then fires the timers that became due; returns everything emitted.
+    pub fn feed_at(&mut self, ts_ms: i64, input: &Input) -> Result<Vec<Emitted<P::Output>>, Invalid> {
+        self.stream_time_ms = self.stream_time_ms.max(ts_ms);
+        let now = self.stream_time_ms;
         let state = self.states.entry(input.user_id().to_owned()).or_default();
+        state.stream_time_ms = now;
+        // A rejected record leaves no trace, as in the runtime.
+        let saved = state.clone();
         let mut out = Vec::new();
-        self.processor.process(input, state, &mut Collect { out: &mut out, seq: &mut self.seq })?;
+        if let Err(e) = self.processor.process(input, state, &mut Collect { out: &mut out, seq: &mut self.seq }) {
+            *state = saved;
+            return Err(e);
+        }
         self.log.extend(out.iter().cloned());
+        out.extend(self.advance_to(now));
         Ok(out)
+    }
+
+    /// Moves stream time to `ts_ms` (if later) and fires every timer due by then, in time order
+    /// (then user, then name); returns what they emitted.
+    pub fn advance_to(&mut self, ts_ms: i64) -> Vec<Emitted<P::Output>> {
+        self.stream_time_ms = self.stream_time_ms.max(ts_ms);
+        let now = self.stream_time_ms;
+        let mut out = Vec::new();
+        loop {
+            let due = self
+                .states
+                .iter()
+                .flat_map(|(u, s)| s.timers.iter().filter(|(_, at)| **at <= now).map(move |(n, at)| (*at, u.clone(), n.clone())))
+                .min();
+            let Some((_, user, name)) = due else { break };
+            let state = self.states.get_mut(&user).expect("the user of a timer has state");
+            state.timers.remove(&name);
+            state.stream_time_ms = now;
+            let mut fired = Vec::new();
+            self.processor.on_timer(&user, &name, state, &mut Collect { out: &mut fired, seq: &mut self.seq });
+            self.log.extend(fired.iter().cloned());
+            out.extend(fired);
+        }
+        out
     }
 
     /// The projection as a consumer that applies only newer versions would hold it: every key's

@@ -10,13 +10,14 @@
 //! for tests.
 
 pub mod driver;
+pub mod identity;
 pub mod rollup_day;
 pub mod runtime;
 pub mod time;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use vitals_schemas::{ChangeBatch, DomainChangeBatch, SampleBatch};
+use vitals_schemas::{ChangeBatch, DomainChangeBatch, SampleBatch, SessionImpact};
 
 /// One input record, already decoded, of one user.
 #[derive(Debug, Clone)]
@@ -27,6 +28,9 @@ pub enum Input {
     Changes(ChangeBatch),
     /// Domain changes: sessions, products, privacy, source priority.
     Domain(DomainChangeBatch),
+    /// An upstream processor's output (`session_impact`), for chained processors. Upserts and
+    /// tombstones both arrive; the consumer applies only versions newer than the one it holds.
+    SessionImpact(SessionImpact),
 }
 
 impl Input {
@@ -35,6 +39,7 @@ impl Input {
             Input::Samples(b) => &b.user_id,
             Input::Changes(b) => &b.user_id,
             Input::Domain(b) => &b.user_id,
+            Input::SessionImpact(i) => &i.user_id,
         }
     }
 }
@@ -55,6 +60,15 @@ pub trait State {
     fn delete(&mut self, key: &str);
     /// Keys (and values) starting with `prefix`, in key order.
     fn scan(&self, prefix: &str) -> Vec<(String, Vec<u8>)>;
+    /// Stream time: the greatest record timestamp the task has read from its input partition
+    /// (the ingest edge's acknowledgement time, stored in the log, so replays see the same
+    /// clock). Never the wall clock.
+    fn stream_time_ms(&self) -> i64;
+    /// Arms (or moves) this user's timer `name`: [`Processor::on_timer`] runs once stream time
+    /// reaches `at_ms`. Timers are state: checkpointed with it, replayed with it.
+    fn set_timer(&mut self, name: &str, at_ms: i64);
+    /// Disarms this user's timer `name` if it is armed.
+    fn cancel_timer(&mut self, name: &str);
 }
 
 /// Typed helpers over [`State`] (JSON values: readable when debugging a store).
@@ -82,6 +96,31 @@ pub trait Processor {
     /// Handles one input record of one user: reads/writes that user's `state` and emits full
     /// upserts or retractions. Must be deterministic (no clock, no randomness).
     fn process(&mut self, input: &Input, state: &mut dyn State, out: &mut dyn Emitter<Self::Output>) -> Result<(), Invalid>;
+
+    /// A timer armed with [`State::set_timer`] is due: stream time has reached it. It fires
+    /// once, in timestamp order, with the user's state. Default: nothing to do.
+    fn on_timer(&mut self, user: &str, name: &str, state: &mut dyn State, out: &mut dyn Emitter<Self::Output>) {
+        let _ = (user, name, state, out);
+    }
+}
+
+/// Which topics a processor reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inputs {
+    /// The ingest lanes: HOT, COLD, CHANGE and domain changes.
+    Lanes,
+    /// Another processor's output (chained): `session_impact`.
+    SessionImpacts,
+}
+
+impl Inputs {
+    /// The topic names, in the order the runtime subscribes to them.
+    pub fn topics(self, t: &vitals_schemas::topics::Topics) -> Vec<String> {
+        match self {
+            Inputs::Lanes => vec![t.hot.clone(), t.cold.clone(), t.change.clone(), t.domain.clone()],
+            Inputs::SessionImpacts => vec![t.session_impact.clone()],
+        }
+    }
 }
 
 /// What the registry knows of a processor: enough to run it by name.
@@ -89,6 +128,8 @@ pub trait Processor {
 pub struct ProcessorInfo {
     pub name: &'static str,
     pub description: &'static str,
+    /// The topics it reads.
+    pub inputs: Inputs,
     /// The topic it writes.
     pub output_topic: fn(&vitals_schemas::topics::Topics) -> String,
     /// Builds it with its default config and runs it on Kafka (blocking).

@@ -30,12 +30,14 @@ use serde::{Deserialize, Serialize};
 use vitals_schemas::catalog::{Catalog, MetricKind};
 use vitals_schemas::{DomainChangeKind, RollupDay, Sample, SourceKind};
 
+use crate::identity::{effective_samples, Identities};
 use crate::time::{dates_covered, Zone};
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State, StateExt};
 
 pub const INFO: ProcessorInfo = ProcessorInfo {
     name: "rollup_day",
     description: "Daily rollups per (user, metric, local date): value-kind-aware, source priority, DST, edits, deletions, late backfill",
+    inputs: crate::Inputs::Lanes,
     output_topic: |t| t.rollup_day.clone(),
     run: |args| crate::runtime::run(RollupDayProcessor::new(Config::default()), args),
 };
@@ -48,45 +50,6 @@ pub struct Config {}
 /// A sample spanning more days than this is only counted in its first days.
 const MAX_DAYS_PER_SAMPLE: usize = 31;
 const SEP: char = '\u{1f}';
-
-/// What deletions of an identity have removed.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-enum Deleted {
-    /// Every version, now and later.
-    All,
-    /// Versions up to and including this one.
-    UpTo(i64),
-}
-
-impl Deleted {
-    /// Merges a further deletion (`None` = every version): the union of what both remove.
-    fn merge(this: Option<Deleted>, version: Option<i64>) -> Deleted {
-        match (this, version) {
-            (Some(Deleted::All), _) | (_, None) => Deleted::All,
-            (Some(Deleted::UpTo(a)), Some(b)) => Deleted::UpTo(a.max(b)),
-            (None, Some(b)) => Deleted::UpTo(b),
-        }
-    }
-}
-
-/// What is held per identity.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-struct Held {
-    /// The highest version seen as an upsert.
-    sample: Option<Sample>,
-    deleted: Option<Deleted>,
-}
-
-impl Held {
-    fn effective(&self) -> Option<&Sample> {
-        let s = self.sample.as_ref()?;
-        match self.deleted {
-            Some(Deleted::All) => None,
-            Some(Deleted::UpTo(v)) if s.version <= v => None,
-            _ => Some(s),
-        }
-    }
-}
 
 /// The user's source priority as last set.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -110,9 +73,8 @@ impl Priority {
     }
 }
 
-fn id_key(s: &str, r: &str) -> String {
-    format!("id{SEP}{s}{SEP}{r}")
-}
+/// Where sample identities live in this processor's state.
+const IDS: Identities = Identities { namespace: "id" };
 fn ix_prefix(metric: &str, date: NaiveDate) -> String {
     format!("ix{SEP}{metric}{SEP}{date}{SEP}")
 }
@@ -165,14 +127,13 @@ impl crate::Processor for RollupDayProcessor {
                     self.upsert(state, s, &mut dirty)?;
                 }
                 for d in &b.deletions {
-                    let key = id_key(&d.source, &d.source_record_id);
-                    let mut held: Held = state.get_json(&key).unwrap_or_default();
-                    let before = held.effective().cloned();
-                    held.deleted = Some(Deleted::merge(held.deleted, d.deleted_version));
-                    self.reindex(state, before.as_ref(), held.effective(), &mut dirty);
-                    state.put_json(&key, &held);
+                    let c = IDS.delete(state, &d.source, &d.source_record_id, d.deleted_version);
+                    if !c.is_noop() {
+                        self.reindex(state, c.before.as_ref(), c.after.as_ref(), &mut dirty);
+                    }
                 }
             }
+            Input::SessionImpact(_) => {} // not an input of this processor
             Input::Domain(b) => {
                 let mut prio: Priority = state.get_json(PRIORITY_KEY).unwrap_or_default();
                 let mut changed = false;
@@ -208,15 +169,10 @@ impl RollupDayProcessor {
         if self.catalog.get(&s.metric).is_none() {
             return Err(Invalid { code: "unknown_metric", reason: format!("metric `{}` is not in the catalog", s.metric) });
         }
-        let key = id_key(&s.source, &s.source_record_id);
-        let mut held: Held = state.get_json(&key).unwrap_or_default();
-        if held.sample.as_ref().is_some_and(|h| h.version >= s.version) {
-            return Ok(()); // a duplicate or a stale version
+        let c = IDS.upsert(state, s);
+        if !c.is_noop() {
+            self.reindex(state, c.before.as_ref(), c.after.as_ref(), dirty);
         }
-        let before = held.effective().cloned();
-        held.sample = Some(s.clone());
-        self.reindex(state, before.as_ref(), held.effective(), dirty);
-        state.put_json(&key, &held);
         Ok(())
     }
 
@@ -245,10 +201,8 @@ impl RollupDayProcessor {
         for (k, _) in state.scan(&ix_prefix(metric, date)) {
             let mut parts = k.split(SEP).skip(3);
             if let (Some(s), Some(r)) = (parts.next(), parts.next()) {
-                if let Some(held) = state.get_json::<Held>(&id_key(s, r)) {
-                    if let Some(e) = held.effective() {
-                        samples.push(e.clone());
-                    }
+                if let Some(e) = IDS.get(state, s, r) {
+                    samples.push(e);
                 }
             }
         }
@@ -415,43 +369,25 @@ pub fn aggregate_day(user: &str, metric: &str, date: NaiveDate, samples: &[&Samp
 /// streaming state. Keys as [`output_key`].
 pub fn oracle(inputs: &[Input]) -> BTreeMap<String, RollupDay> {
     let catalog = Catalog::embedded();
-    // Per user: identity → (best upsert, deletion), and the priority.
-    let mut held: BTreeMap<(String, String, String), Held> = BTreeMap::new();
     let mut prio: BTreeMap<String, Priority> = BTreeMap::new();
-    let upsert = |user: &str, s: &Sample, held: &mut BTreeMap<(String, String, String), Held>| {
-        let h = held.entry((user.to_owned(), s.source.clone(), s.source_record_id.clone())).or_default();
-        if h.sample.as_ref().is_none_or(|x| x.version < s.version) {
-            h.sample = Some(s.clone());
-        }
-    };
     for input in inputs {
-        let user = input.user_id();
-        match input {
-            Input::Samples(b) => b.samples.iter().for_each(|s| upsert(user, s, &mut held)),
-            Input::Changes(b) => {
-                b.edits.iter().for_each(|s| upsert(user, s, &mut held));
-                for d in &b.deletions {
-                    let h = held.entry((user.to_owned(), d.source.clone(), d.source_record_id.clone())).or_default();
-                    h.deleted = Some(Deleted::merge(h.deleted, d.deleted_version));
-                }
-            }
-            Input::Domain(b) => {
-                for c in b.changes.iter().filter(|c| c.kind == DomainChangeKind::SourcePriorityUpdated) {
-                    let p = prio.entry(user.to_owned()).or_default();
-                    let by = (c.occurred_at_ms, c.change_id.clone());
-                    if by > p.set_by {
-                        *p = Priority { sources: c.source_priority.clone().unwrap_or_default(), set_by: by };
-                    }
+        if let Input::Domain(b) = input {
+            for c in b.changes.iter().filter(|c| c.kind == DomainChangeKind::SourcePriorityUpdated) {
+                let p = prio.entry(b.user_id.clone()).or_default();
+                let by = (c.occurred_at_ms, c.change_id.clone());
+                if by > p.set_by {
+                    *p = Priority { sources: c.source_priority.clone().unwrap_or_default(), set_by: by };
                 }
             }
         }
     }
     let mut days: BTreeMap<(String, String, NaiveDate), Vec<Sample>> = BTreeMap::new();
-    for ((user, _, _), h) in &held {
-        let Some(s) = h.effective() else { continue };
-        let Some(spec) = catalog.get(&s.metric) else { continue };
-        for d in sample_dates(s, spec.kind) {
-            days.entry((user.clone(), s.metric.clone(), d)).or_default().push(s.clone());
+    for (user, samples) in effective_samples(inputs) {
+        for s in samples {
+            let Some(spec) = catalog.get(&s.metric) else { continue };
+            for d in sample_dates(&s, spec.kind) {
+                days.entry((user.clone(), s.metric.clone(), d)).or_default().push(s.clone());
+            }
         }
     }
     let none = Priority::default();

@@ -31,10 +31,10 @@ use sqlx::PgPool;
 use tracing::{info, warn};
 use vitals_schemas::codec::{Codec, CodecError};
 use vitals_schemas::topics::Topics;
-use vitals_schemas::{ChangeBatch, DeadLetter, DomainChangeBatch, RollupDay, SampleBatch, SourceOffset};
+use vitals_schemas::{ChangeBatch, DeadLetter, DomainChangeBatch, RollupDay, SampleBatch, SessionImpact, SourceOffset};
 
 use self::store::{Checkpoint, Overlay, Store, UserState};
-use crate::{Emitter, Input, Invalid, Processor};
+use crate::{Emitter, Input, Inputs, Invalid, Processor, State};
 
 /// What the runtime needs of an output record: a version stamp, the source offsets, and how to
 /// write a retraction of a key.
@@ -77,6 +77,8 @@ pub enum RuntimeError {
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     pub processor: &'static str,
+    /// What it reads.
+    pub inputs: Inputs,
     pub output_topic: String,
     pub topics: Topics,
     /// Where task stores live (`<data_dir>/<processor>/p<partition>.redb`).
@@ -195,7 +197,8 @@ where
     let ctx = RebalanceContext { shared: Arc::clone(&shared), dir: cfg.data_dir.join(cfg.processor) };
     let consumer: BaseConsumer<RebalanceContext> = consumer_config.create_with_context(ctx)?;
     let t = &cfg.topics;
-    consumer.subscribe(&[&t.hot, &t.cold, &t.change, &t.domain])?;
+    let input_topics = cfg.inputs.topics(t);
+    consumer.subscribe(&input_topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(processor = cfg.processor, "processor started");
     let mut produced = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -237,7 +240,7 @@ where
 
 /// Lane order within an interval: HOT first, so a COLD backfill never delays recent data.
 fn lane_rank(t: &Topics, topic: &str) -> u8 {
-    if topic == t.hot {
+    if topic == t.hot || topic == t.session_impact {
         0
     } else if topic == t.domain {
         1
@@ -247,6 +250,9 @@ fn lane_rank(t: &Topics, topic: &str) -> u8 {
         3
     }
 }
+
+/// A processor that re-arms a due timer in its own `on_timer` would otherwise spin forever.
+const MAX_TIMERS_PER_RECORD: usize = 100_000;
 
 struct Collect<T> {
     out: BTreeMap<String, Option<T>>,
@@ -268,6 +274,8 @@ async fn decode(codec: &Codec, t: &Topics, m: &OwnedMessage) -> Result<Input, Co
         Input::Samples(codec.decode::<SampleBatch>(payload).await?)
     } else if topic == t.change {
         Input::Changes(codec.decode::<ChangeBatch>(payload).await?)
+    } else if topic == t.session_impact {
+        Input::SessionImpact(codec.decode::<SessionImpact>(payload).await?)
     } else {
         Input::Domain(codec.decode::<DomainChangeBatch>(payload).await?)
     })
@@ -300,6 +308,9 @@ where
         if m.offset() < next {
             continue; // already in the checkpoint
         }
+        if let Some(ts) = m.timestamp().to_millis() {
+            cp.stream_time_ms = cp.stream_time_ms.max(ts);
+        }
         let mut reject = |code: &str, reason: String| {
             let dl = DeadLetter {
                 source_topic: m.topic().to_owned(),
@@ -319,7 +330,7 @@ where
             Ok(input) => {
                 // A rejected record leaves no trace: its state writes and outputs are dropped.
                 let mut collect = Collect { out: BTreeMap::new() };
-                let mut state = UserState::new(&task.store, &mut overlay, input.user_id());
+                let mut state = UserState::at(&task.store, &mut overlay, input.user_id(), cp.stream_time_ms);
                 match processor.process(&input, &mut state, &mut collect) {
                     Ok(()) => outputs.extend(collect.out),
                     Err(Invalid { code, reason }) => {
@@ -330,11 +341,30 @@ where
             }
         }
         cp.offsets.insert(m.topic().to_owned(), m.offset() + 1);
+        // Timers that stream time has now reached fire, earliest first, before the next record.
+        let mut fired = 0usize;
+        while let Some((user, name)) = overlay.next_due_timer(&task.store, cp.stream_time_ms) {
+            let mut state = UserState::at(&task.store, &mut overlay, &user, cp.stream_time_ms);
+            state.cancel_timer(&name);
+            let mut collect = Collect { out: BTreeMap::new() };
+            processor.on_timer(&user, &name, &mut state, &mut collect);
+            outputs.extend(collect.out);
+            fired += 1;
+            if fired > MAX_TIMERS_PER_RECORD {
+                warn!(partition = p, "more than {MAX_TIMERS_PER_RECORD} timers due at once; the rest fire after the next record");
+                break;
+            }
+        }
     }
     let epoch = task.epoch.expect("epoch is set before a task processes");
-    let offsets: Vec<SourceOffset> = [&t.hot, &t.cold, &t.change, &t.domain]
-        .iter()
-        .map(|topic| SourceOffset { topic: (*topic).clone(), partition: p, next_offset: cp.offsets.get(*topic).copied().unwrap_or(0) })
+    let offsets: Vec<SourceOffset> = cfg
+        .inputs
+        .topics(t)
+        .into_iter()
+        .map(|topic| {
+            let next_offset = cp.offsets.get(&topic).copied().unwrap_or(0);
+            SourceOffset { topic, partition: p, next_offset }
+        })
         .collect();
     let mut records: Vec<(String, String, Vec<u8>, OwnedHeaders)> = Vec::new();
     for (key, value) in outputs {

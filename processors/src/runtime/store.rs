@@ -35,6 +35,8 @@ pub struct Checkpoint {
     pub offsets: BTreeMap<String, i64>,
     /// Next output sequence number within the epoch line.
     pub seq: i64,
+    /// Stream time: the greatest input record timestamp read so far (drives timers).
+    pub stream_time_ms: i64,
 }
 
 pub struct Store {
@@ -65,6 +67,8 @@ impl Store {
                 cp.offsets.insert(topic.to_owned(), v);
             } else if k == "seq" {
                 cp.seq = v;
+            } else if k == "stream_time" {
+                cp.stream_time_ms = v;
             }
         }
         Ok(cp)
@@ -108,6 +112,7 @@ impl Store {
                 meta.insert(format!("offset/{topic}").as_str(), *off).map_err(e)?;
             }
             meta.insert("seq", cp.seq).map_err(e)?;
+            meta.insert("stream_time", cp.stream_time_ms).map_err(e)?;
         }
         tx.commit().map_err(e)
     }
@@ -119,24 +124,82 @@ pub struct Overlay {
     writes: BTreeMap<String, Option<Vec<u8>>>,
 }
 
+/// Reserved key space: the partition's timer index, ordered by due time, and (under each user's
+/// prefix) the user's armed timers. Processors never see it.
+const RESERVED: char = '\u{1d}';
+
+fn timer_index_prefix() -> String {
+    format!("{RESERVED}timer{SEP}")
+}
+
+fn timer_index_key(at_ms: i64, user: &str, name: &str) -> String {
+    format!("{}{:020}{SEP}{user}{SEP}{name}", timer_index_prefix(), at_ms.max(0))
+}
+
+impl Overlay {
+    /// Keys under `prefix`, store and overlay merged.
+    fn merged_scan(&self, store: &Store, prefix: &str) -> BTreeMap<String, Vec<u8>> {
+        let mut merged: BTreeMap<String, Option<Vec<u8>>> = store.scan(prefix).into_iter().map(|(k, v)| (k, Some(v))).collect();
+        for (k, v) in self.writes.range(prefix.to_owned()..).take_while(|(k, _)| k.starts_with(prefix)) {
+            merged.insert(k.clone(), v.clone());
+        }
+        merged.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect()
+    }
+
+    /// The earliest armed timer due by `now`: (user, name). It stays armed until the user's
+    /// view disarms it (firing does that first).
+    pub fn next_due_timer(&self, store: &Store, now: i64) -> Option<(String, String)> {
+        let prefix = timer_index_prefix();
+        let (k, _) = self.merged_scan(store, &prefix).into_iter().next()?;
+        let mut parts = k[prefix.len()..].splitn(3, SEP);
+        let at: i64 = parts.next()?.parse().ok()?;
+        if at > now {
+            return None;
+        }
+        Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+    }
+}
+
 /// One user's view through the overlay: what a processor gets as its [`State`]. It remembers
 /// what each write replaced, so a rejected record's writes can be undone.
 pub struct UserState<'a> {
     pub store: &'a Store,
     pub overlay: &'a mut Overlay,
     pub prefix: String,
+    user: String,
+    stream_time_ms: i64,
     undo: Vec<(String, Option<Option<Vec<u8>>>)>,
 }
 
 impl<'a> UserState<'a> {
     pub fn new(store: &'a Store, overlay: &'a mut Overlay, user: &str) -> UserState<'a> {
-        UserState { store, overlay, prefix: format!("{user}{SEP}"), undo: Vec::new() }
+        UserState::at(store, overlay, user, 0)
+    }
+
+    /// A view at stream time `stream_time_ms`.
+    pub fn at(store: &'a Store, overlay: &'a mut Overlay, user: &str, stream_time_ms: i64) -> UserState<'a> {
+        UserState { store, overlay, prefix: format!("{user}{SEP}"), user: user.to_owned(), stream_time_ms, undo: Vec::new() }
     }
 
     fn write(&mut self, key: &str, value: Option<Vec<u8>>) {
         let k = format!("{}{key}", self.prefix);
+        self.write_raw(k, value);
+    }
+
+    fn write_raw(&mut self, k: String, value: Option<Vec<u8>>) {
         let previous = self.overlay.writes.insert(k.clone(), value);
         self.undo.push((k, previous));
+    }
+
+    fn raw_get(&self, k: &str) -> Option<Vec<u8>> {
+        match self.overlay.writes.get(k) {
+            Some(v) => v.clone(),
+            None => self.store.get(k),
+        }
+    }
+
+    fn timer_key(&self, name: &str) -> String {
+        format!("{}{RESERVED}{name}", self.prefix)
     }
 
     /// Takes back every write made through this view.
@@ -156,11 +219,7 @@ impl<'a> UserState<'a> {
 
 impl State for UserState<'_> {
     fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let k = format!("{}{key}", self.prefix);
-        match self.overlay.writes.get(&k) {
-            Some(v) => v.clone(),
-            None => self.store.get(&k),
-        }
+        self.raw_get(&format!("{}{key}", self.prefix))
     }
     fn put(&mut self, key: &str, value: Vec<u8>) {
         self.write(key, Some(value));
@@ -175,7 +234,27 @@ impl State for UserState<'_> {
             merged.insert(k.clone(), v.clone());
         }
         let cut = self.prefix.len();
-        merged.into_iter().filter_map(|(k, v)| v.map(|v| (k[cut..].to_owned(), v))).collect()
+        merged
+            .into_iter()
+            .filter(|(k, _)| !k[cut..].starts_with(RESERVED))
+            .filter_map(|(k, v)| v.map(|v| (k[cut..].to_owned(), v)))
+            .collect()
+    }
+    fn stream_time_ms(&self) -> i64 {
+        self.stream_time_ms
+    }
+    fn set_timer(&mut self, name: &str, at_ms: i64) {
+        self.cancel_timer(name);
+        let user = self.user.clone();
+        self.write_raw(self.timer_key(name), Some(at_ms.to_be_bytes().to_vec()));
+        self.write_raw(timer_index_key(at_ms, &user, name), Some(Vec::new()));
+    }
+    fn cancel_timer(&mut self, name: &str) {
+        let k = self.timer_key(name);
+        let Some(at) = self.raw_get(&k).and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map(i64::from_be_bytes) else { return };
+        let user = self.user.clone();
+        self.write_raw(k, None);
+        self.write_raw(timer_index_key(at, &user, name), None);
     }
 }
 
@@ -199,7 +278,7 @@ mod tests {
             assert_eq!(s.scan("a/"), vec![("a/1".to_owned(), b"x".to_vec())]);
         }
         assert_eq!(store.get(&format!("u1{SEP}a/1")), None, "not visible before commit");
-        let cp = Checkpoint { offsets: BTreeMap::from([("hot".to_owned(), 7)]), seq: 3 };
+        let cp = Checkpoint { offsets: BTreeMap::from([("hot".to_owned(), 7)]), seq: 3, stream_time_ms: 99 };
         store.commit(ov, &cp).unwrap();
         drop(store);
         let store = Store::open(&path).unwrap();
@@ -217,6 +296,36 @@ mod tests {
         assert_eq!((s2.get("a/1"), s2.get("c")), (Some(b"x".to_vec()), None), "a rolled-back view leaves nothing");
         let other = UserState::new(&store, &mut Overlay::default(), "u2").scan("");
         assert!(other.is_empty(), "users do not see each other's state");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn timers_fire_in_time_order_are_hidden_from_scans_and_roll_back() {
+        let dir = std::env::temp_dir().join(format!("vitals-timers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir.join("t.redb")).unwrap();
+        let mut ov = Overlay::default();
+        {
+            let mut a = UserState::at(&store, &mut ov, "a", 0);
+            a.set_timer("late", 300);
+            a.set_timer("early", 500);
+            a.set_timer("early", 100); // moved, not duplicated
+            assert!(a.scan("").is_empty(), "timers are not processor state");
+        }
+        UserState::at(&store, &mut ov, "b", 0).set_timer("mid", 200);
+        let mut b = UserState::at(&store, &mut ov, "b", 0);
+        b.set_timer("x", 50);
+        b.rollback();
+        assert_eq!(ov.next_due_timer(&store, 99), None);
+        assert_eq!(ov.next_due_timer(&store, 100), Some(("a".into(), "early".into())));
+        store.commit(ov, &Checkpoint::default()).unwrap();
+        let mut ov = Overlay::default();
+        let mut order = vec![];
+        while let Some((user, name)) = ov.next_due_timer(&store, 1_000) {
+            UserState::at(&store, &mut ov, &user, 1_000).cancel_timer(&name);
+            order.push(name);
+        }
+        assert_eq!(order, ["early", "mid", "late"]);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
