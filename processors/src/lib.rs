@@ -13,6 +13,7 @@ pub mod driver;
 pub mod identity;
 pub mod rollup_day;
 pub mod runtime;
+pub mod sources;
 pub mod time;
 
 use serde::de::DeserializeOwned;

@@ -26,13 +26,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::NaiveDate;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use vitals_schemas::catalog::{Catalog, MetricKind};
-use vitals_schemas::{DomainChangeKind, RollupDay, Sample, SourceKind};
+use vitals_schemas::{RollupDay, Sample};
 
 use crate::identity::{effective_samples, Identities};
+use crate::sources::{merge_cumulative, Piece, Priority};
 use crate::time::{dates_covered, Zone};
-use crate::{Emitter, Input, Invalid, ProcessorInfo, State, StateExt};
+use crate::{Emitter, Input, Invalid, ProcessorInfo, State};
 
 pub const INFO: ProcessorInfo = ProcessorInfo {
     name: "rollup_day",
@@ -51,28 +52,6 @@ pub struct Config {}
 const MAX_DAYS_PER_SAMPLE: usize = 31;
 const SEP: char = '\u{1f}';
 
-/// The user's source priority as last set.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Priority {
-    pub sources: Vec<String>,
-    /// (occurred_at_ms, change_id) of the change that set it: the greatest wins.
-    pub set_by: (i64, String),
-}
-
-impl Priority {
-    /// Lower is better.
-    fn rank(&self, source: &str, kind: SourceKind) -> (usize, u8, String) {
-        let listed = self.sources.iter().position(|s| s == source).unwrap_or(usize::MAX);
-        let kind_rank = match kind {
-            SourceKind::Manual => 0,
-            SourceKind::Watch => 1,
-            SourceKind::Phone => 2,
-            SourceKind::ThirdParty => 3,
-        };
-        (listed, kind_rank, source.to_owned())
-    }
-}
-
 /// Where sample identities live in this processor's state.
 const IDS: Identities = Identities { namespace: "id" };
 fn ix_prefix(metric: &str, date: NaiveDate) -> String {
@@ -81,7 +60,6 @@ fn ix_prefix(metric: &str, date: NaiveDate) -> String {
 fn ix_key(metric: &str, date: NaiveDate, s: &str, r: &str) -> String {
     format!("{}{s}{SEP}{r}", ix_prefix(metric, date))
 }
-const PRIORITY_KEY: &str = "priority";
 fn emitted_key(metric: &str, date: NaiveDate) -> String {
     format!("out{SEP}{metric}{SEP}{date}")
 }
@@ -135,17 +113,8 @@ impl crate::Processor for RollupDayProcessor {
             }
             Input::SessionImpact(_) => {} // not an input of this processor
             Input::Domain(b) => {
-                let mut prio: Priority = state.get_json(PRIORITY_KEY).unwrap_or_default();
-                let mut changed = false;
-                for c in b.changes.iter().filter(|c| c.kind == DomainChangeKind::SourcePriorityUpdated) {
-                    let by = (c.occurred_at_ms, c.change_id.clone());
-                    if by > prio.set_by {
-                        prio = Priority { sources: c.source_priority.clone().unwrap_or_default(), set_by: by };
-                        changed = true;
-                    }
-                }
+                let changed = Priority::apply(state, b);
                 if changed {
-                    state.put_json(PRIORITY_KEY, &prio);
                     // Every day of the user may change: re-derive them all.
                     for (k, _) in state.scan(&format!("out{SEP}")) {
                         let mut parts = k.split(SEP).skip(1);
@@ -156,7 +125,7 @@ impl crate::Processor for RollupDayProcessor {
                 }
             }
         }
-        let prio: Priority = state.get_json(PRIORITY_KEY).unwrap_or_default();
+        let prio = Priority::load(state);
         for (metric, date) in dirty {
             self.recompute(&user, &metric, date, &prio, state, out);
         }
@@ -273,47 +242,9 @@ pub fn aggregate_day(user: &str, metric: &str, date: NaiveDate, samples: &[&Samp
     };
     match spec.kind {
         MetricKind::Cumulative => {
-            // Pieces: clipped interval, rate per ms (or the whole value for instants), rank.
-            struct Piece {
-                a: i64,
-                b: i64,
-                value: f64,
-                rank: (usize, u8, String),
-            }
-            let pieces: Vec<Piece> = samples
-                .iter()
-                .filter_map(|s| {
-                    let (a, b) = clip(s)?;
-                    let dur = (s.end_ms - s.start_ms) as f64;
-                    let value = if dur > 0.0 { s.value * (b - a) as f64 / dur } else { s.value };
-                    Some(Piece { a, b, value, rank: rank(s) })
-                })
-                .collect();
-            if pieces.is_empty() {
-                return None;
-            }
-            let mut cuts: Vec<i64> = pieces.iter().filter(|p| p.b > p.a).flat_map(|p| [p.a, p.b]).collect();
-            cuts.sort_unstable();
-            cuts.dedup();
-            let mut sum = 0.0;
-            let mut used = BTreeSet::new();
-            for w in cuts.windows(2) {
-                let (x, y) = (w[0], w[1]);
-                let covering = || pieces.iter().enumerate().filter(|(_, p)| p.b > p.a && p.a <= x && p.b >= y);
-                let Some(best) = covering().map(|(_, p)| &p.rank).min() else { continue };
-                for (i, p) in covering().filter(|(_, p)| &p.rank == best) {
-                    sum += p.value * (y - x) as f64 / (p.b - p.a) as f64;
-                    used.insert(i);
-                }
-            }
-            for (i, p) in pieces.iter().enumerate().filter(|(_, p)| p.b == p.a) {
-                let beaten = pieces.iter().any(|q| q.b > q.a && q.a <= p.a && p.a < q.b && q.rank < p.rank);
-                if !beaten {
-                    sum += p.value;
-                    used.insert(i);
-                }
-            }
-            row.count = used.len() as i64;
+            let pieces: Vec<Piece> = samples.iter().filter_map(|s| Piece::clipped(s, clip(s)?, rank(s))).collect();
+            let (sum, used) = merge_cumulative(&pieces)?;
+            row.count = used as i64;
             row.sum = Some(sum);
         }
         MetricKind::Discrete => {
@@ -369,18 +300,7 @@ pub fn aggregate_day(user: &str, metric: &str, date: NaiveDate, samples: &[&Samp
 /// streaming state. Keys as [`output_key`].
 pub fn oracle(inputs: &[Input]) -> BTreeMap<String, RollupDay> {
     let catalog = Catalog::embedded();
-    let mut prio: BTreeMap<String, Priority> = BTreeMap::new();
-    for input in inputs {
-        if let Input::Domain(b) = input {
-            for c in b.changes.iter().filter(|c| c.kind == DomainChangeKind::SourcePriorityUpdated) {
-                let p = prio.entry(b.user_id.clone()).or_default();
-                let by = (c.occurred_at_ms, c.change_id.clone());
-                if by > p.set_by {
-                    *p = Priority { sources: c.source_priority.clone().unwrap_or_default(), set_by: by };
-                }
-            }
-        }
-    }
+    let prio = Priority::oracle(inputs);
     let mut days: BTreeMap<(String, String, NaiveDate), Vec<Sample>> = BTreeMap::new();
     for (user, samples) in effective_samples(inputs) {
         for s in samples {
