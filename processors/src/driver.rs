@@ -100,6 +100,8 @@ where
         let mut out = Vec::new();
         if let Err(e) = self.processor.process(input, state, &mut Collect { out: &mut out, seq: &mut self.seq }) {
             *state = saved;
+            // The record still moved stream time: due timers fire, as in the runtime.
+            self.advance_to(now);
             return Err(e);
         }
         self.log.extend(out.iter().cloned());

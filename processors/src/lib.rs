@@ -11,8 +11,11 @@
 
 pub mod driver;
 pub mod identity;
+pub mod product_impact;
 pub mod rollup_day;
 pub mod runtime;
+pub mod session_impact;
+pub mod sleep_night;
 pub mod sources;
 pub mod time;
 
@@ -141,6 +144,9 @@ pub struct ProcessorInfo {
 pub fn registry() -> Vec<ProcessorInfo> {
     vec![
         rollup_day::INFO,
+        sleep_night::INFO,
+        session_impact::INFO,
+        product_impact::INFO,
     ]
 }
 
