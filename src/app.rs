@@ -299,6 +299,30 @@ pub async fn topic_counts(cfg: &Config) -> anyhow::Result<Vec<(String, usize, i6
     .context("stats task")?
 }
 
+/// The processors' snapshot store (S3), when snapshots are on (`processors.snapshot_every_ms`);
+/// objects go under `snapshots/<group>/`.
+pub async fn snapshots(cfg: &Config, group: &str) -> anyhow::Result<Option<Arc<vitals_processors::runtime::Snapshots>>> {
+    use vitals_processors::runtime;
+    if cfg.processors.snapshot_every_ms == 0 {
+        return Ok(None);
+    }
+    let s3 = runtime::s3::S3Client::new(&runtime::s3::S3Settings {
+        endpoint: cfg.s3.endpoint.clone(),
+        bucket: cfg.s3.bucket.clone(),
+        region: cfg.s3.region.clone(),
+        access_key_id: cfg.s3.access_key_id.clone(),
+        secret_access_key: cfg.s3.secret_access_key.expose().to_owned(),
+    })
+    .context("the snapshot store ([s3])")?;
+    // Snapshots are an optimisation: an unreachable store is logged, never fatal (snapshots
+    // then fail with warnings and tasks without local state replay from the beginning).
+    if let Err(e) = s3.ensure_bucket().await {
+        tracing::warn!(error = %e, bucket = %cfg.s3.bucket, "snapshot bucket not available");
+    }
+    let pool = pg_pool(cfg).await?;
+    Ok(Some(Arc::new(runtime::Snapshots::new(s3, pool, group, Duration::from_millis(cfg.processors.snapshot_every_ms)))))
+}
+
 /// Runs one processor until SIGTERM/Ctrl-C (or a fatal error).
 pub async fn process(cfg: &Config, name: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>, crash_after_produce: Option<u64>) -> anyhow::Result<()> {
     use vitals_processors::runtime::{self, RunArgs, RuntimeConfig};
@@ -321,6 +345,7 @@ pub async fn process(cfg: &Config, name: &str, stop: std::sync::Arc<std::sync::a
         checkpointing: true,
     };
     let group = format!("{}vitals-proc-{name}", cfg.kafka.topic_prefix);
+    let snapshots = snapshots(cfg, &group).await?;
     let args = RunArgs {
         cfg: rc,
         consumer_config: runtime::consumer_config(&cfg.kafka.brokers, &group),
@@ -329,6 +354,49 @@ pub async fn process(cfg: &Config, name: &str, stop: std::sync::Arc<std::sync::a
         pool,
         stop,
         records_in: Default::default(),
+        snapshots,
     };
     tokio::task::spawn_blocking(move || (info.run)(args)).await.context("processor thread")?.context("processor runtime")
+}
+
+/// Runs the PostgreSQL projection sink over every projection until `stop` (or a fatal error).
+/// `on_applied` gets the rows each commit changed (the realtime push hangs off it).
+pub async fn sink(
+    cfg: &Config,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    metrics: std::sync::Arc<vitals_sinks::runner::SinkMetrics>,
+    on_applied: Box<dyn Fn(&[vitals_sinks::postgres::Applied]) + Send>,
+) -> anyhow::Result<()> {
+    use vitals_sinks::runner::{self, SinkArgs, SinkConfig};
+    let pool = pg_pool(cfg).await?;
+    migrate(&pool).await?;
+    let name = format!("{}postgres", cfg.kafka.topic_prefix);
+    let args = SinkArgs {
+        cfg: SinkConfig {
+            name: name.clone(),
+            topics: topics(cfg),
+            projections: vitals_sinks::Projection::ALL.to_vec(),
+            max_batch: cfg.processors.max_batch,
+            max_wait: Duration::from_millis(cfg.processors.max_wait_ms),
+        },
+        consumer_config: runner::consumer_config(&cfg.kafka.brokers, &format!("{}vitals-sink-postgres", cfg.kafka.topic_prefix)),
+        producer: producer(cfg, "vitals-sink")?,
+        codec: Arc::new(Codec::new(&cfg.registry.url)),
+        pool,
+        stop,
+        metrics,
+        on_applied,
+    };
+    tokio::task::spawn_blocking(move || runner::run(args)).await.context("sink thread")?.context("sink")
+}
+
+/// The read API (with the dashboard and the realtime gateway) over `pool`.
+pub async fn api(cfg: &Config, pool: PgPool, realtime: bool) -> anyhow::Result<Arc<vitals_api::Api>> {
+    let hub = if realtime { Some(vitals_api::realtime::Hub::start(&cfg.redis.url, cfg.api.realtime_buffer).context("redis url")?) } else { None };
+    Ok(Arc::new(vitals_api::Api { pool, verifier: Arc::new(verifier(cfg).await?), realtime: hub, ingest_url: format!("http://{}", cfg.ingest.listen) }))
+}
+
+/// The sink's realtime publisher (Redis), as the sink's `on_applied` hook.
+pub fn publisher(cfg: &Config) -> anyhow::Result<vitals_sinks::realtime::Publisher> {
+    vitals_sinks::realtime::Publisher::spawn(&cfg.redis.url, cfg.api.publish_queue).context("redis url")
 }

@@ -91,29 +91,29 @@ async fn create_raw_topic(cfg: &Config, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `vitals bench process`: `rollup_day` over the same simulated inputs three ways, in one run —
-/// the processor alone (in-memory driver: no Kafka, no checkpoint), the runtime with exactly-once
-/// checkpointing, and the runtime as plain at-least-once (outputs not awaited, no checkpoint).
-/// Each runtime run starts with no local state, so its time is also the time to rebuild that
-/// state by replay (there are no S3 snapshots yet).
+/// `vitals bench process`: every registered processor over the same simulated inputs, each run
+/// twice on the real broker — with exactly-once checkpointing and as plain at-least-once
+/// (outputs not awaited, no checkpoint) — starting with no local state (so each time is also the
+/// time to rebuild that state by replay); `rollup_day` also alone in the in-memory driver (no
+/// Kafka). Then the restore of `rollup_day`'s state from its S3 snapshots, timed, for the size
+/// it has.
 pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use vitals_processors::driver::Driver;
-    use vitals_processors::rollup_day::{self, RollupDayProcessor};
+    use vitals_processors::rollup_day::RollupDayProcessor;
     use vitals_processors::runtime::{self, RunArgs, RuntimeConfig};
-    use vitals_processors::Input;
+    use vitals_processors::{Input, Inputs};
     use vitals_schemas::codec::Codec;
 
-    let (cfg, pool, run, report) = upload_fresh(base, "benchp", sim.clone()).await?;
-
-    // The inputs as the processor will see them.
+    let (mut cfg, pool, run, report) = upload_fresh(base, "benchp", sim.clone()).await?;
+    cfg.processors.snapshot_every_ms = 1_000;
     let codec = Arc::new(Codec::new(&cfg.registry.url));
     let t = app::topics(&cfg);
+
+    // The lane inputs, decoded, as a processor sees them.
     let mut inputs = Vec::new();
-    let mut records = 0u64;
     for topic in [&t.hot, &t.cold, &t.change, &t.domain] {
         for m in app::read_all(&cfg, topic).await? {
-            records += 1;
             let p = m.payload().unwrap_or_default();
             inputs.push(if topic == &t.hot || topic == &t.cold {
                 Input::Samples(codec.decode(p).await?)
@@ -124,76 +124,280 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
             });
         }
     }
+    let lane_records = inputs.len() as u64;
     let items: usize = inputs
         .iter()
         .map(|i| match i {
             Input::Samples(b) => b.samples.len(),
             Input::Changes(b) => b.edits.len() + b.deletions.len(),
             Input::Domain(b) => b.changes.len(),
+            Input::SessionImpact(_) => 1,
         })
         .sum();
-
+    println!("vitals bench process — {} users × {} days: {items} input items in {lane_records} Kafka records ({} uploaded)", sim.users, sim.days, report.accepted);
+    println!("  items/s are per core: each runtime is one thread; broker, PostgreSQL, registry and S3 share this machine's cores");
     let t0 = Instant::now();
     let mut driver = Driver::new(RollupDayProcessor::new(Default::default()));
     for i in &inputs {
-        driver.feed(i).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let _ = driver.feed(i); // a rejected record is the DLQ's business, not the benchmark's
     }
     let alone = t0.elapsed();
-    let rows = driver.projection().len();
+    println!("  {:<15} alone (in-memory driver, no Kafka, no checkpoint):          {:>8.2} s = {:>9.0} items/s", "rollup_day", alone.as_secs_f64(), items as f64 / alone.as_secs_f64());
 
-    println!("vitals bench process — rollup_day, {} users × {} days: {items} input items in {records} Kafka records, {rows} rollup rows", sim.users, sim.days);
-    println!("  processor alone (in-memory driver, one thread, no Kafka, no checkpoint): {:>8.2} s = {:>9.0} items/s", alone.as_secs_f64(), items as f64 / alone.as_secs_f64());
-    for (label, checkpointing) in [("exactly-once (checkpoint after acks)", true), ("plain at-least-once (no ack wait, no checkpoint)", false)] {
-        let data = std::env::temp_dir().join(format!("vitals-bench-{}-{checkpointing}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&data);
-        let stop = Arc::new(AtomicBool::new(false));
-        let records_in = Arc::new(AtomicU64::new(0));
-        let args = RunArgs {
-            cfg: RuntimeConfig {
-                processor: rollup_day::INFO.name,
-                inputs: rollup_day::INFO.inputs,
-                output_topic: t.rollup_day.clone(),
-                topics: t.clone(),
-                data_dir: data.clone(),
-                max_batch: cfg.processors.max_batch,
-                max_wait: std::time::Duration::from_millis(cfg.processors.max_wait_ms),
-                crash_after_produce: None,
-                checkpointing,
-            },
-            consumer_config: runtime::consumer_config(&cfg.kafka.brokers, &format!("{run}bench-{checkpointing}")),
-            producer: app::producer(&cfg, "vitals-bench-process")?,
-            codec: Arc::clone(&codec),
-            pool: pool.clone(),
-            stop: Arc::clone(&stop),
-            records_in: Arc::clone(&records_in),
-        };
-        let started = Instant::now();
-        let task = tokio::task::spawn_blocking(move || runtime::run(RollupDayProcessor::new(Default::default()), args));
-        // Time from the first record processed (group join and assignment excluded) to the last.
-        let deadline = Instant::now() + std::time::Duration::from_secs(600);
-        let mut first: Option<Instant> = None;
-        while records_in.load(Ordering::Relaxed) < records {
-            anyhow::ensure!(Instant::now() < deadline && !task.is_finished(), "runtime did not catch up within 600 s");
-            if first.is_none() && records_in.load(Ordering::Relaxed) > 0 {
-                first = Some(Instant::now());
+    let snapshots = app::snapshots(&cfg, &format!("{run}bench")).await?;
+    for info in vitals_processors::registry() {
+        for checkpointing in [true, false] {
+            // A chained processor's input is its upstream's output as it stands now.
+            let (n_records, n_items) = match info.inputs {
+                Inputs::Lanes => (lane_records, items as u64),
+                Inputs::SessionImpacts => {
+                    let n = app::read_all(&cfg, &t.session_impact).await?.len() as u64;
+                    (n, n)
+                }
+            };
+            let data = std::env::temp_dir().join(format!("vitals-bench-{}-{}-{checkpointing}", std::process::id(), info.name));
+            let _ = std::fs::remove_dir_all(&data);
+            let stop = Arc::new(AtomicBool::new(false));
+            let records_in = Arc::new(AtomicU64::new(0));
+            let args = RunArgs {
+                cfg: RuntimeConfig {
+                    processor: info.name,
+                    inputs: info.inputs,
+                    output_topic: (info.output_topic)(&t),
+                    topics: t.clone(),
+                    data_dir: data.clone(),
+                    max_batch: cfg.processors.max_batch,
+                    max_wait: std::time::Duration::from_millis(cfg.processors.max_wait_ms),
+                    crash_after_produce: None,
+                    checkpointing,
+                },
+                consumer_config: runtime::consumer_config(&cfg.kafka.brokers, &format!("{run}bench-{}-{checkpointing}", info.name)),
+                producer: app::producer(&cfg, "vitals-bench-process")?,
+                codec: Arc::clone(&codec),
+                pool: pool.clone(),
+                stop: Arc::clone(&stop),
+                records_in: Arc::clone(&records_in),
+                snapshots: if checkpointing && info.name == "rollup_day" { snapshots.clone() } else { None },
+            };
+            let run_fn = info.run;
+            let task = tokio::task::spawn_blocking(move || run_fn(args));
+            // Timed from the first record processed (group join and assignment excluded).
+            let deadline = Instant::now() + std::time::Duration::from_secs(900);
+            let mut first: Option<Instant> = None;
+            while records_in.load(Ordering::Relaxed) < n_records {
+                anyhow::ensure!(Instant::now() < deadline && !task.is_finished(), "{} did not catch up within 900 s", info.name);
+                if first.is_none() && records_in.load(Ordering::Relaxed) > 0 {
+                    first = Some(Instant::now());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            let took = first.map(|f| f.elapsed()).unwrap_or_default();
+            stop.store(true, Ordering::Relaxed);
+            task.await.context("runtime thread")?.map_err(|e| anyhow::anyhow!("{}: {e}", info.name))?;
+            let state_bytes: u64 = std::fs::read_dir(data.join(info.name)).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
+            let rate = if took.as_millis() > 0 { format!("{:>9.0} items/s", n_items as f64 / took.as_secs_f64()) } else { "too small to time (one interval)".into() };
+            let label = if checkpointing { "exactly-once (checkpoint after acks)" } else { "at-least-once (no ack wait, no checkpoint)" };
+            println!(
+                "  {:<15} {label:<44} {:>8.2} s = {rate}{}",
+                info.name,
+                took.as_secs_f64(),
+                if checkpointing { format!("; local state {:.1} MB", state_bytes as f64 / 1e6) } else { String::new() }
+            );
+            let _ = std::fs::remove_dir_all(&data);
         }
-        let took = first.map(|f| f.elapsed()).unwrap_or_default();
-        stop.store(true, Ordering::Relaxed);
-        task.await.context("runtime thread")?.context("runtime")?;
-        let state_bytes: u64 = std::fs::read_dir(data.join(rollup_day::INFO.name)).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
-        // The first interval's own time is not seen (progress is counted when it ends), so a run
-        // that fits in one interval has nothing to time: say so instead of printing infinity.
-        let rate = if took.as_millis() > 0 { format!("{:>9.0} items/s", items as f64 / took.as_secs_f64()) } else { "too small to time (one interval)".into() };
-        println!(
-            "  runtime, {label}: {:>8.2} s = {rate} (start to caught-up {:.2} s){}",
-            took.as_secs_f64(),
-            started.elapsed().as_secs_f64(),
-            if checkpointing { format!("; local state {:.1} MB, rebuilt by replay in this time (no snapshots yet)", state_bytes as f64 / 1e6) } else { String::new() }
-        );
-        let _ = std::fs::remove_dir_all(&data);
     }
-    println!("  (the runtime's loop is one thread; broker, PostgreSQL and registry share the same 2 cores; {} items uploaded)", report.accepted);
+
+    // Restore from snapshot: rollup_day's newest snapshot of every partition, fetched from S3
+    // and imported as a local store, as a task with no local state does on assignment.
+    if let Some(s) = &snapshots {
+        // The runtime uploads in the background after its commits: wait for every partition's.
+        let task = format!("{}rollup_day", t.prefix);
+        let parts = cfg.kafka.partitions;
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let mut have = 0;
+            for p in 0..parts {
+                have += runtime::snapshot::pointer(&pool, &task, p).await?.is_some() as i32;
+            }
+            if have == parts {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "only {have} of {parts} partitions have a snapshot after 60 s");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let dir = std::env::temp_dir().join(format!("vitals-bench-restore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut bytes, mut n, mut slowest) = (0u64, 0, std::time::Duration::ZERO);
+        let t0 = Instant::now();
+        for p in 0..parts {
+            let epoch = runtime::bump_epoch(&pool, &task, p).await?;
+            if let Some(r) = s.restore(&task, p, epoch, &dir.join(format!("p{p}.redb"))).await.map_err(|e| anyhow::anyhow!(e))? {
+                bytes += r.pointer.bytes as u64;
+                n += 1;
+                slowest = slowest.max(r.took);
+            }
+        }
+        let all = t0.elapsed();
+        println!(
+            "  rollup_day restore from S3 snapshots: {n} partitions, {:.1} MB of state in {:.0} ms ({:.0} MB/s; slowest partition {:.0} ms) — vs. rebuilding by replay above",
+            bytes as f64 / 1e6,
+            all.as_secs_f64() * 1000.0,
+            bytes as f64 / 1e6 / all.as_secs_f64(),
+            slowest.as_secs_f64() * 1000.0
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// `vitals bench e2e`: the HealthWeek workload (simulated people × days) uploaded through the
+/// edge while every processor and the PostgreSQL sink run (in this process, on the real broker),
+/// timed until every user's every projection is fresh; then freshness latency at a fixed rate,
+/// from an upload's acknowledgement to its envelope on the user's WebSocket; then the broker's
+/// raw produce + consume rate for the same bytes, in the same run.
+pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_rate: f64) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use futures::StreamExt;
+
+    let mut cfg = base.clone();
+    let run = format!("e2e{}.", chrono::Utc::now().timestamp_millis());
+    cfg.kafka.topic_prefix = format!("{}{run}", cfg.kafka.topic_prefix);
+    let data = std::env::temp_dir().join(format!("vitals-bench-e2e-{}", std::process::id()));
+    cfg.processors.data_dir = data.display().to_string();
+    let pool = app::pg_pool(&cfg).await?;
+    app::migrate(&pool).await?;
+    app::create_topics(&cfg).await?;
+    app::register_schemas(&cfg).await?;
+
+    // Every role but the simulator, in this process.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for info in vitals_processors::registry() {
+        let (cfg, stop) = (cfg.clone(), Arc::clone(&stop));
+        workers.push(tokio::spawn(async move { app::process(&cfg, info.name, stop, None).await }));
+    }
+    let publisher = app::publisher(&cfg)?;
+    {
+        let (cfg, stop) = (cfg.clone(), Arc::clone(&stop));
+        workers.push(tokio::spawn(async move { app::sink(&cfg, stop, Default::default(), Box::new(move |a| publisher.announce(a))).await }));
+    }
+    let ingest = app::ingest(&cfg, pool.clone()).await?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let ingest_url = format!("http://{}", listener.local_addr()?);
+    let edge = tokio::spawn(app::serve(listener, vitals_ingest::router(ingest), std::future::pending()));
+    let api = app::api(&cfg, pool.clone(), true).await?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let api_addr = listener.local_addr()?;
+    let api_server = tokio::spawn(app::serve(listener, vitals_api::router(api), std::future::pending()));
+
+    // 1. Throughput: upload → every projection of every user fresh.
+    let mut week = sim.clone();
+    week.base_url = ingest_url.clone();
+    week.user_prefix = format!("{run}{}", sim.user_prefix);
+    let users: Vec<String> = (0..week.users).map(|i| simulate::user_id(&week, i)).collect();
+    let t0 = Instant::now();
+    let report = simulate::run(&week, &reqwest::Client::new()).await.context("simulated upload")?;
+    let uploaded = t0.elapsed();
+    let deadline = Instant::now() + std::time::Duration::from_secs(1800);
+    loop {
+        let mut all_fresh = true;
+        'users: for u in &users {
+            for p in vitals_api::freshness::PROJECTIONS {
+                if vitals_api::freshness::of(&pool, u, p).await?.state != vitals_api::freshness::FreshnessState::Fresh {
+                    all_fresh = false;
+                    break 'users;
+                }
+            }
+        }
+        if all_fresh {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "projections not fresh within 30 min");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let end_to_end = t0.elapsed();
+
+    // 2. Freshness latency at a fixed rate: each upload is a new person's first sample, so the
+    // first envelope on that person's socket is this upload's.
+    let http = reqwest::Client::new();
+    let secret = cfg.auth.hs256_secret.expose().as_bytes().to_vec();
+    let mint = |u: &str| vitals_ingest::auth::mint_hs256(&secret, &cfg.auth.issuer, &cfg.auth.audience, u, 3600);
+    let period = std::time::Duration::from_secs_f64(1.0 / latency_rate);
+    let mut probes = Vec::new();
+    let start = tokio::time::Instant::now();
+    for i in 0..latency_uploads {
+        tokio::time::sleep_until(start + period * i as u32).await;
+        let user = format!("{run}lat-{i}");
+        let token = mint(&user);
+        let (http, ingest_url) = (http.clone(), ingest_url.clone());
+        probes.push(tokio::spawn(async move {
+            let consent = serde_json::json!({"request_id": format!("c-{user}"), "changes": [{"change_id": "privacy-1", "kind": "privacy_updated",
+                "occurred_at": chrono::Utc::now().to_rfc3339(), "privacy": {"health_upload_allowed": true, "blocked_metrics": []}}]});
+            http.post(format!("{ingest_url}/v1/domain-changes:batch")).bearer_auth(&token).json(&consent).send().await?.error_for_status()?;
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{api_addr}/v1/realtime?token={token}")).await?;
+            let now = chrono::Utc::now();
+            let body = serde_json::json!({"request_id": format!("s-{user}"), "samples": [{"source": "watch", "source_kind": "watch", "source_record_id": "hr-1",
+                "metric": "heart_rate", "start": (now - chrono::Duration::seconds(70)).to_rfc3339(), "end": (now - chrono::Duration::seconds(10)).to_rfc3339(),
+                "value": 64, "unit": "count/min", "time_zone": "UTC"}]});
+            http.post(format!("{ingest_url}/v1/health/samples:batch")).bearer_auth(&token).json(&body).send().await?.error_for_status()?;
+            let acked = Instant::now();
+            let first = tokio::time::timeout(std::time::Duration::from_secs(60), ws.next()).await.context("no envelope within 60 s")?;
+            anyhow::ensure!(matches!(first, Some(Ok(_))), "socket ended: {first:?}");
+            Ok::<_, anyhow::Error>(acked.elapsed())
+        }));
+    }
+    let mut latencies = Vec::new();
+    for p in probes {
+        latencies.push(p.await.context("probe task")??);
+    }
+    latencies.sort();
+    let pct = |q: f64| latencies[((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1].as_secs_f64() * 1000.0;
+
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), w).await;
+    }
+    edge.abort();
+    api_server.abort();
+
+    // 3. The broker alone with the same bytes: produce every lane record again, then consume.
+    let topics = app::topics(&cfg);
+    let mut records = Vec::new();
+    for t in [&topics.hot, &topics.cold, &topics.change, &topics.domain] {
+        records.extend(app::read_all(&cfg, t).await?);
+    }
+    let bytes: usize = records.iter().map(|m| m.payload().map_or(0, |p| p.len()) + m.key().map_or(0, |k| k.len())).sum();
+    let raw_topic = format!("{}raw", cfg.kafka.topic_prefix);
+    create_raw_topic(&cfg, &raw_topic).await?;
+    let producer = app::producer(&cfg, "vitals-bench-raw")?;
+    let t1 = Instant::now();
+    for chunk in records.chunks(1000) {
+        let acks: Vec<_> = chunk
+            .iter()
+            .map(|m| {
+                let mut rec = FutureRecord::to(&raw_topic).payload(m.payload().unwrap_or_default());
+                if let Some(k) = m.key() {
+                    rec = rec.key(k);
+                }
+                producer.send(rec, std::time::Duration::from_secs(30))
+            })
+            .collect();
+        for r in join_all(acks).await {
+            r.map_err(|(e, _)| e).context("raw produce")?;
+        }
+    }
+    let consumed = app::read_all(&cfg, &raw_topic).await?.len();
+    let raw = t1.elapsed();
+    let _ = std::fs::remove_dir_all(&data);
+
+    let items = report.accepted as f64;
+    println!("vitals bench e2e — HealthWeek: {} users × {} days, batch ≤ {}, concurrency {}", sim.users, sim.days, sim.batch_size, sim.concurrency);
+    println!("  upload → every projection (rollup_day, sleep_night, session_impact, product_impact) committed in PostgreSQL and fresh:");
+    println!("    {:>9} samples in {:>7.2} s = {:>9.0} samples/s end to end (upload alone took {:.2} s)", report.accepted, end_to_end.as_secs_f64(), items / end_to_end.as_secs_f64(), uploaded.as_secs_f64());
+    println!("  freshness, upload acknowledged → envelope on the user's WebSocket, {} uploads at {:.1}/s:", latencies.len(), latency_rate);
+    println!("    p50 {:>7.1} ms   p99 {:>7.1} ms   max {:>7.1} ms", pct(0.50), pct(0.99), pct(1.0));
+    println!("  broker alone, the same {} lane records / {:.2} MB produced (acks=all) and consumed back ({consumed}):", records.len(), bytes as f64 / 1e6);
+    println!("    {:>7.2} s = {:>9.0} samples/s equivalent", raw.as_secs_f64(), items / raw.as_secs_f64());
+    println!("  (one machine: broker, PostgreSQL, Redis, registry and every role share its cores)");
     Ok(())
 }

@@ -44,6 +44,17 @@ pub struct Config {
     pub processors: ProcessorsConfig,
     pub redis: RedisConfig,
     pub s3: S3Config,
+    pub api: ApiConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: String,
+    /// Envelopes buffered per WebSocket connection before the client counts as slow.
+    pub realtime_buffer: usize,
+    /// Envelopes queued in the sink for Redis; beyond that they are dropped, never waited for.
+    pub publish_queue: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -52,6 +63,8 @@ pub struct ProcessorsConfig {
     pub data_dir: String,
     pub max_batch: usize,
     pub max_wait_ms: u64,
+    /// Least time between two S3 snapshots of a task; 0 disables snapshots and restores.
+    pub snapshot_every_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -126,6 +139,8 @@ pub struct S3Config {
     pub endpoint: String,
     pub bucket: String,
     pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
 }
 
 impl Config {
@@ -206,5 +221,7 @@ mod tests {
         let shown = format!("{c:?} {}", toml::to_string(&c).unwrap_or_default());
         assert!(!shown.contains("change-me"), "secret leaked: {shown}");
         assert!(c.auth.hs256_secret.expose().contains("change-me"));
+        assert!(!shown.contains("vitals-dev-secret"), "S3 secret leaked: {shown}");
+        assert_eq!(c.s3.secret_access_key.expose(), "vitals-dev-secret");
     }
 }

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use vitals::config::Config;
-use vitals::{app, bench, simulate};
+use vitals::{app, bench, demo, shutdown_signal, simulate};
 
 #[derive(Parser)]
 #[command(name = "vitals", version, about = "Exactly-once stream processing of mobile health data on Kafka")]
@@ -26,14 +26,39 @@ enum Cmd {
     Registry,
     /// Run the ingest edge (ingest.listen).
     Ingest,
-    /// Run a processor (exactly-once, on the configured broker).
+    /// Run processors (exactly-once, on the configured broker), each in its own consumer group.
     Process {
-        /// Processor name, e.g. rollup_day.
-        name: String,
+        /// Processor names, e.g. rollup_day sleep_night.
+        names: Vec<String>,
+        /// Every registered processor.
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
         /// Test hook: abort right after the N-th interval's outputs are acknowledged and before
         /// its checkpoint (the crash tests use it).
         #[arg(long, hide = true)]
         crash_after_produce: Option<u64>,
+    },
+    /// Run the PostgreSQL projection sink (every projection; exactly-once in effect), announcing
+    /// changed rows on Redis for the realtime gateways.
+    Sink,
+    /// Run the read API, the dashboard and the realtime WebSocket gateway (api.listen).
+    Api,
+    /// The whole pipeline in one process with simulated people uploading, and the dashboard URL.
+    /// Uses an embedded broker unless one is configured (--broker or VITALS_KAFKA__BROKERS).
+    Demo {
+        /// A real Kafka-protocol broker to use instead of the embedded one.
+        #[arg(long)]
+        broker: Option<String>,
+        #[arg(long, default_value_t = 3)]
+        users: usize,
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+        /// Upload pace, requests per second overall (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Exit once every projection is fresh instead of running until Ctrl-C.
+        #[arg(long)]
+        once: bool,
     },
     /// Topic administration.
     Topics {
@@ -87,6 +112,19 @@ enum BenchCmd {
     /// rollup_day throughput: the processor alone, the runtime exactly-once, and plain
     /// at-least-once, over the same simulated inputs.
     Process(SimArgs),
+    /// End to end: upload → every projection fresh in PostgreSQL (samples/s), then freshness
+    /// latency (upload ack → WebSocket envelope) at a fixed rate, beside the broker's raw
+    /// produce + consume rate for the same bytes.
+    E2e {
+        #[command(flatten)]
+        sim: SimArgs,
+        /// Uploads for the latency measurement.
+        #[arg(long, default_value_t = 100)]
+        latency_uploads: usize,
+        /// Their rate, per second.
+        #[arg(long, default_value_t = 10.0)]
+        latency_rate: f64,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -134,27 +172,10 @@ impl SimArgs {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-}
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let json = std::env::var("VITALS_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
@@ -166,8 +187,9 @@ fn init_tracing() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
     let cli = Cli::parse();
+    // The demo talks to a person: warnings only, unless RUST_LOG says otherwise.
+    init_tracing(if matches!(cli.cmd, Cmd::Demo { .. }) { "warn,sqlx=warn,rdkafka=error" } else { "info,sqlx=warn,rdkafka=warn" });
     let cfg = Config::load()?;
     match cli.cmd {
         Cmd::Config => print!("{}", toml::to_string(&cfg).context("printing config")?),
@@ -189,14 +211,53 @@ async fn main() -> anyhow::Result<()> {
             let listener = TcpListener::bind(&cfg.ingest.listen).await.with_context(|| format!("binding {}", cfg.ingest.listen))?;
             app::serve(listener, vitals_ingest::router(ingest), shutdown_signal()).await?;
         }
-        Cmd::Process { name, crash_after_produce } => {
+        Cmd::Process { names, all, crash_after_produce } => {
+            let names: Vec<String> = if all { vitals_processors::registry().iter().map(|p| p.name.to_owned()).collect() } else { names };
+            if names.is_empty() {
+                let known: Vec<&str> = vitals_processors::registry().iter().map(|p| p.name).collect();
+                anyhow::bail!("name a processor or pass --all (known: {})", known.join(", "));
+            }
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flag = std::sync::Arc::clone(&stop);
             tokio::spawn(async move {
                 shutdown_signal().await;
                 flag.store(true, std::sync::atomic::Ordering::Relaxed);
             });
-            app::process(&cfg, &name, stop, crash_after_produce).await?;
+            // One runtime per processor; the first to fail stops the others, and the process
+            // exits non-zero so a supervisor restarts it.
+            let runs = names.iter().map(|name| {
+                let (cfg, stop) = (&cfg, std::sync::Arc::clone(&stop));
+                async move {
+                    let r = app::process(cfg, name, std::sync::Arc::clone(&stop), crash_after_produce).await;
+                    if r.is_err() {
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    r.with_context(|| format!("processor {name}"))
+                }
+            });
+            for r in futures::future::join_all(runs).await {
+                r?;
+            }
+        }
+        Cmd::Demo { broker, users, days, rate, once } => {
+            demo::run(cfg, demo::DemoArgs { broker, users, days, rate, once }).await?;
+        }
+        Cmd::Sink => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+            let publisher = app::publisher(&cfg)?;
+            app::sink(&cfg, stop, Default::default(), Box::new(move |applied| publisher.announce(applied))).await?;
+        }
+        Cmd::Api => {
+            let pool = app::pg_pool(&cfg).await?;
+            app::migrate(&pool).await?;
+            let api = app::api(&cfg, pool, true).await?;
+            let listener = TcpListener::bind(&cfg.api.listen).await.with_context(|| format!("binding {}", cfg.api.listen))?;
+            app::serve(listener, vitals_api::router(api), shutdown_signal()).await?;
         }
         Cmd::Topics { cmd: TopicsCmd::Create } => {
             for line in app::create_topics(&cfg).await? {
@@ -250,6 +311,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { cmd: BenchCmd::Process(args) } => {
             bench::process(&cfg, args.to_config(&cfg)).await?;
+        }
+        Cmd::Bench { cmd: BenchCmd::E2e { sim, latency_uploads, latency_rate } } => {
+            bench::e2e(&cfg, sim.to_config(&cfg), latency_uploads, latency_rate).await?;
         }
     }
     Ok(())

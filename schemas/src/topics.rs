@@ -38,12 +38,15 @@ pub struct Topics {
     pub sleep_night: String,
     pub session_impact: String,
     pub product_impact: String,
+    /// The namespace prefix every name starts with (`kafka.topic_prefix`).
+    pub prefix: String,
 }
 
 impl Topics {
     pub fn with_prefix(prefix: &str) -> Topics {
         let t = |s: &str| format!("{prefix}vitals.{s}");
         Topics {
+            prefix: prefix.to_owned(),
             hot: t("health.hot"),
             cold: t("health.cold"),
             change: t("health.change"),
@@ -145,3 +148,8 @@ mod tests {
         assert!(specs.iter().all(|s| s.name.starts_with("t1.vitals.")));
     }
 }
+
+/// The Kafka header marking a processor output record as a per-user progress marker (key
+/// `<user>|~progress`, a tombstone-shaped record carrying the source offsets) rather than a
+/// projection row. Sinks record it as the user's freshness; chained processors skip it.
+pub const PROGRESS_HEADER: &str = "vitals-progress";

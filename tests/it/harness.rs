@@ -303,3 +303,199 @@ impl Drop for OwnBroker {
         self.kill();
     }
 }
+
+/// A `vitals <args>` child process the test can `kill -9`, freeze and restart.
+pub struct VitalsProc {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl VitalsProc {
+    pub fn new(args: &[&str], env: Vec<(String, String)>) -> VitalsProc {
+        VitalsProc { args: args.iter().map(|s| s.to_string()).collect(), env, child: None }
+    }
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{:?} already running", self.args);
+        let child = Command::new(env!("CARGO_BIN_EXE_vitals"))
+            .args(&self.args)
+            .envs(self.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting vitals");
+        self.child = Some(child);
+    }
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    /// `None` while running; the exit status once it has exited by itself.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for VitalsProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+impl TestEnv {
+    /// The environment a `vitals` child process needs to join this test's world.
+    pub fn child_env(&self, data_dir: &std::path::Path) -> Vec<(String, String)> {
+        vec![
+            ("VITALS_KAFKA__BROKERS".into(), self.cfg.kafka.brokers.clone()),
+            ("VITALS_KAFKA__TOPIC_PREFIX".into(), self.cfg.kafka.topic_prefix.clone()),
+            ("VITALS_KAFKA__PARTITIONS".into(), self.cfg.kafka.partitions.to_string()),
+            ("VITALS_REGISTRY__URL".into(), self.cfg.registry.url.clone()),
+            ("VITALS_POSTGRES__URL".into(), self.db_url.clone()),
+            ("VITALS_PROCESSORS__DATA_DIR".into(), data_dir.display().to_string()),
+            ("VITALS_PROCESSORS__MAX_BATCH".into(), "50".into()),
+            ("VITALS_PROCESSORS__MAX_WAIT_MS".into(), "50".into()),
+            ("RUST_LOG".into(), "warn".into()),
+        ]
+    }
+}
+
+/// A PostgreSQL server of the test's own (own data directory and port), for tests that crash
+/// and restart it without disturbing the shared one other tests use.
+pub struct OwnPostgres {
+    pub port: u16,
+    dir: PathBuf,
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn as_postgres(args: &[&str]) -> std::process::Output {
+    // initdb and postgres refuse to run as root; the Debian package's `postgres` user runs them.
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).args(args);
+        c
+    } else {
+        let mut c = Command::new(args[0]);
+        c.args(&args[1..]);
+        c
+    };
+    cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("running {args:?}: {e}"))
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+impl OwnPostgres {
+    pub async fn start() -> OwnPostgres {
+        services_up();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("vitals-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status();
+        let data = dir.join("data");
+        let out = as_postgres(&[&format!("{PG_BIN}/initdb"), "-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"]);
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let pg = OwnPostgres { port, dir };
+        pg.up().await;
+        pg
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub async fn up(&self) {
+        let data = self.dir.join("data");
+        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.display());
+        let log = self.dir.join("log");
+        let out = as_postgres(&[&format!("{PG_BIN}/pg_ctl"), "-D", data.to_str().unwrap(), "-o", &opts, "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"]);
+        assert!(out.status.success(), "pg_ctl start: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let url = self.url("postgres");
+        wait_for("own PostgreSQL to accept connections", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move { PgPool::connect(&url).await.ok().map(|p| drop(p)) }
+        })
+        .await;
+    }
+
+    /// Stops it the way a crash would (`immediate`: no shutdown checkpoint; recovery at start).
+    pub fn crash(&self) {
+        let data = self.dir.join("data");
+        let out = as_postgres(&[&format!("{PG_BIN}/pg_ctl"), "-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
+        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// A migrated database on it.
+    pub async fn database(&self, name: &str) -> (String, PgPool) {
+        let admin = PgPool::connect(&self.url("postgres")).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.unwrap();
+        admin.close().await;
+        let url = self.url(name);
+        let pool = PgPool::connect(&url).await.unwrap();
+        app::migrate(&pool).await.expect("migrations");
+        (url, pool)
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = as_postgres(&[&format!("{PG_BIN}/pg_ctl"), "-D", data.to_str().unwrap(), "-m", "immediate", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis server of the test's own (own port, nothing on disk), for tests that stop it.
+pub struct OwnRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    pub async fn start() -> OwnRedis {
+        services_up();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut r = OwnRedis { port, child: None };
+        r.restart().await;
+        r
+    }
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+    /// Starts (again) on the same port and waits until it accepts connections.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting redis-server (installed by scripts/services up)");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        wait_for("own Redis to listen", Duration::from_secs(30), || {
+            let addr = addr.clone();
+            async move { tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()) }
+        })
+        .await;
+    }
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -3,8 +3,13 @@
 //! and vitals' own schema registry and ingest edge, served on port 0 against a fresh database and
 //! fresh topic names per test.
 
+mod api;
+mod browser;
 mod harness;
 mod ingest;
+mod pipeline;
 mod process;
 mod schemas;
 mod simulate;
+mod snapshot;
+mod sink;

@@ -17,9 +17,9 @@ use vitals_schemas::{ChangeBatch, DomainChangeBatch, RollupDay, SampleBatch};
 
 use crate::harness::{wait_for, wait_for_every, TestEnv};
 
-struct Proc {
-    env: Vec<(String, String)>,
-    child: Option<Child>,
+pub(crate) struct Proc {
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) child: Option<Child>,
 }
 
 impl Proc {
@@ -31,7 +31,7 @@ impl Proc {
         let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap().success();
         assert!(ok, "kill -{sig}");
     }
-    fn start(&mut self, crash_after_produce: Option<u64>) {
+    pub(crate) fn start(&mut self, crash_after_produce: Option<u64>) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitals"));
         cmd.args(["process", "rollup_day"]).envs(self.env.iter().cloned()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
         if let Some(n) = crash_after_produce {
@@ -39,7 +39,7 @@ impl Proc {
         }
         self.child = Some(cmd.spawn().expect("starting vitals process"));
     }
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill(); // SIGKILL
             let _ = c.wait();
@@ -64,7 +64,7 @@ impl Drop for Proc {
     }
 }
 
-async fn inputs(env: &TestEnv, codec: &Codec) -> Vec<Input> {
+pub(crate) async fn inputs(env: &TestEnv, codec: &Codec) -> Vec<Input> {
     let t = env.topics();
     let mut out = Vec::new();
     for topic in [&t.hot, &t.cold] {
@@ -83,7 +83,7 @@ async fn inputs(env: &TestEnv, codec: &Codec) -> Vec<Input> {
 
 /// Folds the output topic: per key the record with the greatest version; checks versions grow
 /// strictly per key along each partition's log. Returns (live rows without version fields, records).
-async fn fold(env: &TestEnv, codec: &Codec) -> (BTreeMap<String, RollupDay>, usize) {
+pub(crate) async fn fold(env: &TestEnv, codec: &Codec) -> (BTreeMap<String, RollupDay>, usize) {
     fold_with(env, codec, true).await
 }
 
@@ -196,7 +196,7 @@ async fn rollup_day_killed_at_any_point_still_equals_the_oracle() {
     env.cleanup().await;
 }
 
-fn proc_env(env: &TestEnv, data: &std::path::Path) -> Vec<(String, String)> {
+pub(crate) fn proc_env(env: &TestEnv, data: &std::path::Path) -> Vec<(String, String)> {
     vec![
         ("VITALS_KAFKA__BROKERS".into(), env.cfg.kafka.brokers.clone()),
         ("VITALS_KAFKA__TOPIC_PREFIX".into(), env.cfg.kafka.topic_prefix.clone()),

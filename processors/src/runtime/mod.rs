@@ -10,7 +10,13 @@
 //! checkpoint and re-emits the same values with a higher version; consumers keep the newest
 //! version per key, so the effect is exactly once. The epoch comes from PostgreSQL and is bumped
 //! whenever a task takes a partition, so a previous owner's late writes always lose.
+//!
+//! With [`Snapshots`], each task's store is also exported to an S3-compatible store now and then
+//! (after a commit), and a task that gets a partition without a local store rebuilds it from the
+//! newest snapshot and replays the input from the snapshot's offsets ([`snapshot`]).
 
+pub mod s3;
+pub mod snapshot;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -33,6 +39,7 @@ use vitals_schemas::codec::{Codec, CodecError};
 use vitals_schemas::topics::Topics;
 use vitals_schemas::{ChangeBatch, DeadLetter, DomainChangeBatch, RollupDay, SampleBatch, SessionImpact, SourceOffset};
 
+pub use self::snapshot::Snapshots;
 use self::store::{Checkpoint, Overlay, Store, UserState};
 use crate::{Emitter, Input, Inputs, Invalid, Processor, State};
 
@@ -99,6 +106,17 @@ struct Task {
     epoch: Option<i64>,
     /// Without checkpointing: the state, in memory only.
     unsaved: Overlay,
+    /// When the task last took a snapshot (`None`: one is due), and of which checkpoint.
+    snapshot_at: Option<Instant>,
+    snapshot_of: Option<Checkpoint>,
+    /// A snapshot of this task is being uploaded.
+    snapshot_busy: Arc<AtomicBool>,
+}
+
+impl Task {
+    fn new(store: Store, cp: Checkpoint, epoch: Option<i64>) -> Task {
+        Task { store, cp, epoch, unsaved: Overlay::default(), snapshot_at: None, snapshot_of: None, snapshot_busy: Arc::default() }
+    }
 }
 
 #[derive(Default)]
@@ -109,10 +127,47 @@ struct Shared {
 }
 
 /// Consumer context: on assignment, opens each partition's store and starts reading every
-/// input topic at the checkpointed offsets (the beginning when there is none).
+/// input topic at the checkpointed offsets (the beginning when there is none). A partition with
+/// no local store is first restored from its snapshot, when there is one.
 struct RebalanceContext {
     shared: Arc<Mutex<Shared>>,
     dir: PathBuf,
+    /// The task line's name: the processor within its topic namespace ([`task_name`]).
+    processor: String,
+    rt: tokio::runtime::Handle,
+    pool: PgPool,
+    snapshots: Option<Arc<Snapshots>>,
+}
+
+impl RebalanceContext {
+    /// The task of partition `p`, which has no store at `path`: with snapshots, the epoch is
+    /// bumped *first* (so no previous owner can publish a snapshot after the pointer is read
+    /// below), then the published snapshot, if any, becomes the local store. Without one, the
+    /// task starts empty and replays from the beginning; so it does when the restore fails,
+    /// after withdrawing the snapshot it did not start from.
+    fn restore(&self, snapshots: &Snapshots, p: i32, path: &std::path::Path) -> Result<Task, String> {
+        let epoch = self.rt.block_on(bump_epoch(&self.pool, &self.processor, p)).map_err(|e| format!("bumping the epoch of partition {p}: {e}"))?;
+        info!(partition = p, epoch, "task epoch");
+        match self.rt.block_on(snapshots.restore(&self.processor, p, epoch, path)) {
+            Ok(Some(r)) => {
+                let mut task = Task::new(r.store, r.cp, Some(epoch));
+                task.snapshot_at = Some(Instant::now());
+                task.snapshot_of = Some(task.cp.clone());
+                return Ok(task);
+            }
+            Ok(None) => info!(partition = p, "no local state and no snapshot: replaying from the beginning"),
+            Err(e) => {
+                snapshots.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(partition = p, error = %e, "restore from snapshot failed: replaying from the beginning");
+                self.rt
+                    .block_on(snapshot::withdraw(&self.pool, &self.processor, p, epoch))
+                    .map_err(|e| format!("withdrawing the snapshot of partition {p} after a failed restore: {e}"))?;
+            }
+        }
+        let store = Store::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+        let cp = store.checkpoint().map_err(|e| format!("reading {}: {e}", path.display()))?;
+        Ok(Task::new(store, cp, Some(epoch)))
+    }
 }
 
 impl ClientContext for RebalanceContext {}
@@ -129,10 +184,14 @@ impl ConsumerContext for RebalanceContext {
                         std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
                         std::collections::btree_map::Entry::Vacant(v) => {
                             let path = self.dir.join(format!("p{p}.redb"));
-                            match Store::open(&path).and_then(|s| s.checkpoint().map(|cp| (s, cp))) {
-                                Ok((store, cp)) => v.insert(Task { store, cp, epoch: None, unsaved: Overlay::default() }),
+                            let opened = match &self.snapshots {
+                                Some(snapshots) if !path.exists() => self.restore(snapshots, p, &path),
+                                _ => Store::open(&path).and_then(|s| s.checkpoint().map(|cp| Task::new(s, cp, None))).map_err(|e| format!("opening {}: {e}", path.display())),
+                            };
+                            match opened {
+                                Ok(task) => v.insert(task),
                                 Err(e) => {
-                                    sh.fatal = Some(format!("opening {}: {e}", path.display()));
+                                    sh.fatal = Some(e);
                                     continue;
                                 }
                             }
@@ -156,6 +215,13 @@ impl ConsumerContext for RebalanceContext {
             other => warn!(?other, "rebalance error"),
         }
     }
+}
+
+/// The name a task line goes by in PostgreSQL (epochs, snapshot pointers): the processor within
+/// its topic namespace, so deployments (or tests, or demo runs) with different topic prefixes
+/// sharing one database never share epochs or snapshots. With no prefix: the processor's name.
+pub fn task_name(cfg: &RuntimeConfig) -> String {
+    format!("{}{}", cfg.topics.prefix, cfg.processor)
 }
 
 /// Bumps and returns the epoch of (processor, partition).
@@ -182,6 +248,9 @@ pub struct RunArgs {
     pub stop: Arc<AtomicBool>,
     /// Input records processed so far (a metric; the benchmark waits on it).
     pub records_in: Arc<std::sync::atomic::AtomicU64>,
+    /// Snapshots to S3 and restore from them; `None`: local stores only (a task without one
+    /// replays its partition from the beginning).
+    pub snapshots: Option<Arc<Snapshots>>,
 }
 
 /// Runs `processor` until `stop` is set or an error needs a restart. Blocking: call it from a
@@ -191,10 +260,19 @@ where
     P: Processor,
     P::Output: Versioned + Serialize + Clone,
 {
-    let RunArgs { cfg, consumer_config, producer, codec, pool, stop, records_in } = args;
+    let RunArgs { cfg, consumer_config, producer, codec, pool, stop, records_in, snapshots } = args;
     let rt = tokio::runtime::Handle::current();
     let shared = Arc::new(Mutex::new(Shared::default()));
-    let ctx = RebalanceContext { shared: Arc::clone(&shared), dir: cfg.data_dir.join(cfg.processor) };
+    // Snapshots only exist of checkpoints.
+    let snapshots = snapshots.filter(|_| cfg.checkpointing);
+    let ctx = RebalanceContext {
+        shared: Arc::clone(&shared),
+        dir: cfg.data_dir.join(cfg.processor),
+        processor: task_name(&cfg),
+        rt: rt.clone(),
+        pool: pool.clone(),
+        snapshots: snapshots.clone(),
+    };
     let consumer: BaseConsumer<RebalanceContext> = consumer_config.create_with_context(ctx)?;
     let t = &cfg.topics;
     let input_topics = cfg.inputs.topics(t);
@@ -220,9 +298,14 @@ where
             return Err(RuntimeError::Store(store::StoreError::from_message(f)));
         }
         for (p, task) in sh.tasks.iter_mut().filter(|(_, t)| t.epoch.is_none()) {
-            let epoch = rt.block_on(bump_epoch(&pool, cfg.processor, *p))?;
+            let epoch = rt.block_on(bump_epoch(&pool, &task_name(&cfg), *p))?;
             info!(partition = p, epoch, "task epoch");
             task.epoch = Some(epoch);
+            // A task resuming from its local store does not start from the published snapshot:
+            // withdraw it (a snapshot of the local store replaces it at the first occasion).
+            if snapshots.is_some() && rt.block_on(snapshot::withdraw(&pool, &task_name(&cfg), *p, epoch))? {
+                info!(partition = p, "snapshot withdrawn: resuming from the local store");
+            }
         }
         let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
         for m in batch {
@@ -233,6 +316,11 @@ where
             let n = msgs.len() as u64;
             interval(&mut processor, &cfg, &rt, &codec, &producer, p, task, msgs, &mut produced)?;
             records_in.fetch_add(n, Ordering::Relaxed);
+        }
+        if let Some(s) = &snapshots {
+            for (p, task) in sh.tasks.iter_mut() {
+                maybe_snapshot(s, &task_name(&cfg), &rt, *p, task);
+            }
         }
     }
     Ok(())
@@ -249,6 +337,15 @@ fn lane_rank(t: &Topics, topic: &str) -> u8 {
     } else {
         3
     }
+}
+
+pub use vitals_schemas::topics::PROGRESS_HEADER;
+/// The key suffix of progress markers (`<user>|~progress`).
+pub const PROGRESS_KEY: &str = "~progress";
+
+fn is_progress(m: &OwnedMessage) -> bool {
+    use rdkafka::message::Headers;
+    m.headers().is_some_and(|h| h.iter().any(|h| h.key == PROGRESS_HEADER))
 }
 
 /// A processor that re-arms a due timer in its own `on_timer` would otherwise spin forever.
@@ -302,6 +399,8 @@ where
     let mut cp = task.cp.clone();
     let mut overlay = if cfg.checkpointing { Overlay::default() } else { std::mem::take(&mut task.unsaved) };
     let mut outputs: BTreeMap<String, Option<P::Output>> = BTreeMap::new();
+    // Users with input in this interval: each gets a progress marker after its outputs.
+    let mut users: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     let mut dead: Vec<(DeadLetter, String)> = Vec::new();
     for m in &msgs {
         let next = cp.offsets.get(m.topic()).copied().unwrap_or(0);
@@ -324,10 +423,19 @@ where
             };
             dead.push((dl, reason));
         };
-        match rt.block_on(decode(codec, t, m)) {
-            Err(CodecError::Unavailable(e)) => return Err(RuntimeError::Registry(e)),
-            Err(e) => reject("undecodable", e.to_string()),
-            Ok(input) => {
+        let decoded = if is_progress(m) { None } else { Some(rt.block_on(decode(codec, t, m))) };
+        match decoded {
+            // An upstream processor's progress marker: not an input, only a position.
+            None => {}
+            Some(Err(CodecError::Unavailable(e))) => return Err(RuntimeError::Registry(e)),
+            Some(Err(e)) => {
+                if let Some(k) = m.key().filter(|_| cfg.inputs == Inputs::Lanes) {
+                    users.insert(String::from_utf8_lossy(k).into_owned()); // lanes are keyed by user
+                }
+                reject("undecodable", e.to_string())
+            }
+            Some(Ok(input)) => {
+                users.insert(input.user_id().to_owned());
                 // A rejected record leaves no trace: its state writes and outputs are dropped.
                 let mut collect = Collect { out: BTreeMap::new() };
                 let mut state = UserState::at(&task.store, &mut overlay, input.user_id(), cp.stream_time_ms);
@@ -376,6 +484,20 @@ where
             other => RuntimeError::Encode(other.to_string()),
         })?;
         records.push((cfg.output_topic.clone(), key, bytes, OwnedHeaders::new()));
+    }
+    // Progress markers: "everything of this user up to `offsets` is processed, and its outputs
+    // are before this record in the partition". Sinks turn them into the user's freshness; they
+    // are tombstone-shaped records of a key no projection uses, marked by a header.
+    for user in users {
+        cp.seq += 1;
+        let mut v = P::Output::tombstone(&format!("{user}|{PROGRESS_KEY}"));
+        v.stamp(epoch, cp.seq, offsets.clone());
+        let bytes = rt.block_on(codec.encode(&cfg.output_topic, &v)).map_err(|e| match e {
+            CodecError::Unavailable(m) => RuntimeError::Registry(m),
+            other => RuntimeError::Encode(other.to_string()),
+        })?;
+        let headers = OwnedHeaders::new().insert(Header { key: PROGRESS_HEADER, value: Some("1") });
+        records.push((cfg.output_topic.clone(), format!("{user}|{PROGRESS_KEY}"), bytes, headers));
     }
     for (dl, reason) in dead {
         warn!(topic = %dl.source_topic, partition = p, offset = dl.source_offset, code = %dl.code, "dead-lettered");
@@ -435,6 +557,38 @@ where
     task.store.commit(overlay, &cp)?;
     task.cp = cp;
     Ok(())
+}
+
+/// Takes a snapshot of `task` if its last one is at least `every` old (or none was taken yet)
+/// and its checkpoint moved since: the export is read now, between intervals (one read
+/// transaction of the committed store, so it is exactly the checkpoint `task.cp`); the upload
+/// and the pointer's publication run in the background. A failure is logged and counted;
+/// processing never waits for or stops on it.
+fn maybe_snapshot(s: &Arc<Snapshots>, processor: &str, rt: &tokio::runtime::Handle, p: i32, task: &mut Task) {
+    let due = task.snapshot_at.is_none_or(|at| at.elapsed() >= s.every);
+    if !due || task.cp == Checkpoint::default() || task.snapshot_of.as_ref() == Some(&task.cp) || task.snapshot_busy.load(Ordering::Acquire) {
+        return;
+    }
+    let Some(epoch) = task.epoch else { return };
+    task.snapshot_at = Some(Instant::now());
+    let bytes = match task.store.export() {
+        Ok(b) => b,
+        Err(e) => {
+            s.metrics.failed.fetch_add(1, Ordering::Relaxed);
+            warn!(partition = p, error = %e, "snapshot export failed");
+            return;
+        }
+    };
+    task.snapshot_of = Some(task.cp.clone());
+    task.snapshot_busy.store(true, Ordering::Release);
+    let (s, cp, busy, processor) = (Arc::clone(s), task.cp.clone(), Arc::clone(&task.snapshot_busy), processor.to_owned());
+    rt.spawn(async move {
+        if let Err(e) = s.save(&processor, p, epoch, &cp, bytes).await {
+            s.metrics.failed.fetch_add(1, Ordering::Relaxed);
+            warn!(partition = p, error = %e, "snapshot failed; processing goes on");
+        }
+        busy.store(false, Ordering::Release);
+    });
 }
 
 /// A consumer configuration for a processor group.

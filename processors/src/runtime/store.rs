@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::State;
 
@@ -115,6 +115,142 @@ impl Store {
             meta.insert("stream_time", cp.stream_time_ms).map_err(e)?;
         }
         tx.commit().map_err(e)
+    }
+}
+
+/// The snapshot format: magic, format version, the STATE entries, the META entries, and the
+/// SHA-256 of everything before it. Integers are big-endian.
+///
+/// ```text
+/// "VITALSNP" u32:version
+/// u64:n  n × (u32:key_len key u32:value_len value)      state
+/// u64:m  m × (u32:key_len key i64:value)                meta (offsets, seq, stream time)
+/// [32]   sha256 of all the above
+/// ```
+const SNAPSHOT_MAGIC: &[u8; 8] = b"VITALSNP";
+const SNAPSHOT_VERSION: u32 = 1;
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) -> Result<(), StoreError> {
+    let len = u32::try_from(b.len()).map_err(|_| StoreError(format!("an entry of {} bytes is too large for a snapshot", b.len())))?;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(b);
+    Ok(())
+}
+
+/// Reads a snapshot's body, every read bounds-checked.
+struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.buf.len()).ok_or_else(|| StoreError("snapshot truncated".into()))?;
+        let s = &self.buf[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], StoreError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn str(&mut self) -> Result<&'a str, StoreError> {
+        std::str::from_utf8(self.bytes()?).map_err(|_| StoreError("snapshot key is not UTF-8".into()))
+    }
+}
+
+impl Store {
+    /// The whole store — state, offsets, output position, stream time — as of one read
+    /// transaction, in the snapshot format.
+    pub fn export(&self) -> Result<Vec<u8>, StoreError> {
+        use sha2::{Digest, Sha256};
+        let tx = self.db.begin_read().map_err(e)?;
+        let state = tx.open_table(STATE).map_err(e)?;
+        let meta = tx.open_table(META).map_err(e)?;
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&SNAPSHOT_VERSION.to_be_bytes());
+        out.extend_from_slice(&state.len().map_err(e)?.to_be_bytes());
+        for row in state.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            put_bytes(&mut out, k.value().as_bytes())?;
+            put_bytes(&mut out, v.value())?;
+        }
+        out.extend_from_slice(&meta.len().map_err(e)?.to_be_bytes());
+        for row in meta.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            put_bytes(&mut out, k.value().as_bytes())?;
+            out.extend_from_slice(&v.value().to_be_bytes());
+        }
+        let sum = Sha256::digest(&out);
+        out.extend_from_slice(&sum);
+        Ok(out)
+    }
+
+    /// Builds a new store at `path` from an [`export`](Store::export), after checking it whole:
+    /// written to a temporary file and renamed into place, so `path` holds either nothing or
+    /// the complete store. Refuses to replace an existing store.
+    pub fn import(path: &Path, bytes: &[u8]) -> Result<Store, StoreError> {
+        use sha2::{Digest, Sha256};
+        let head = SNAPSHOT_MAGIC.len() + 4;
+        if bytes.len() < head + 32 {
+            return Err(StoreError(format!("snapshot refused: {} bytes is too short to be a snapshot", bytes.len())));
+        }
+        if &bytes[..SNAPSHOT_MAGIC.len()] != SNAPSHOT_MAGIC {
+            return Err(StoreError("snapshot refused: not a vitals snapshot (bad magic)".into()));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 32);
+        if Sha256::digest(body)[..] != *sum {
+            return Err(StoreError(format!("snapshot refused: checksum mismatch ({} bytes, corrupted or truncated)", bytes.len())));
+        }
+        let mut r = Reader { buf: body, at: SNAPSHOT_MAGIC.len() };
+        let version = r.u32()?;
+        if version != SNAPSHOT_VERSION {
+            return Err(StoreError(format!("snapshot refused: format version {version}, this build reads {SNAPSHOT_VERSION}")));
+        }
+        if path.exists() {
+            return Err(StoreError(format!("not importing over the existing store {}", path.display())));
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(e)?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "store".into());
+        let tmp = dir.join(format!("{name}.import-tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let built = (|| {
+            let db = Database::create(&tmp).map_err(e)?;
+            let tx = db.begin_write().map_err(e)?;
+            {
+                let mut state = tx.open_table(STATE).map_err(e)?;
+                for _ in 0..r.u64()? {
+                    let k = r.str()?;
+                    state.insert(k, r.bytes()?).map_err(e)?;
+                }
+                let mut meta = tx.open_table(META).map_err(e)?;
+                for _ in 0..r.u64()? {
+                    let k = r.str()?;
+                    meta.insert(k, i64::from_be_bytes(r.take(8)?.try_into().expect("8 bytes"))).map_err(e)?;
+                }
+                if r.at != body.len() {
+                    return Err(StoreError(format!("snapshot refused: {} bytes after the last entry", body.len() - r.at)));
+                }
+            }
+            tx.commit().map_err(e)
+        })();
+        if let Err(err) = built {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err);
+        }
+        std::fs::rename(&tmp, path).map_err(e)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Store::open(path)
     }
 }
 
@@ -296,6 +432,78 @@ mod tests {
         assert_eq!((s2.get("a/1"), s2.get("c")), (Some(b"x".to_vec()), None), "a rolled-back view leaves nothing");
         let other = UserState::new(&store, &mut Overlay::default(), "u2").scan("");
         assert!(other.is_empty(), "users do not see each other's state");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn dump(store: &Store) -> Vec<(String, Vec<u8>)> {
+        store.scan("")
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_state_and_checkpoint() {
+        let dir = std::env::temp_dir().join(format!("vitals-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir.join("a.redb")).unwrap();
+        let mut ov = Overlay::default();
+        for u in 0..50 {
+            let mut s = UserState::at(&store, &mut ov, &format!("user-{u}"), 0);
+            s.put("day/2026-01-01", vec![u as u8; 300]);
+            s.put("empty", Vec::new());
+            s.set_timer("close", 1_000 + u);
+        }
+        let cp = Checkpoint { offsets: BTreeMap::from([("hot".to_owned(), 70), ("cold".to_owned(), 5)]), seq: 1234, stream_time_ms: 42 };
+        store.commit(ov, &cp).unwrap();
+        let bytes = store.export().unwrap();
+        let restored = Store::import(&dir.join("b.redb"), &bytes).unwrap();
+        assert_eq!(restored.checkpoint().unwrap(), cp);
+        assert_eq!(dump(&restored), dump(&store), "every key, timers included");
+        assert_eq!(dump(&restored).len(), 50 * 4);
+        assert_eq!(restored.export().unwrap(), bytes, "export is a function of the content");
+        // The restored store is a working store: it reopens and takes commits.
+        drop(restored);
+        let reopened = Store::open(&dir.join("b.redb")).unwrap();
+        assert_eq!(reopened.checkpoint().unwrap(), cp);
+        assert!(!dir.join("b.redb.import-tmp").exists());
+        // An empty store round-trips too.
+        let empty = Store::open(&dir.join("c.redb")).unwrap();
+        let e = Store::import(&dir.join("d.redb"), &empty.export().unwrap()).unwrap();
+        assert_eq!(e.checkpoint().unwrap(), Checkpoint::default());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_corrupted_or_foreign_snapshot_is_refused_and_leaves_nothing() {
+        let dir = std::env::temp_dir().join(format!("vitals-snapbad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir.join("a.redb")).unwrap();
+        let mut ov = Overlay::default();
+        UserState::new(&store, &mut ov, "u").put("k", b"value".to_vec());
+        store.commit(ov, &Checkpoint { seq: 9, ..Checkpoint::default() }).unwrap();
+        let good = store.export().unwrap();
+        let target = dir.join("b.redb");
+        let refused = |bytes: &[u8]| {
+            let err = Store::import(&target, bytes).err().expect("refused").to_string();
+            assert!(!target.exists(), "nothing left at the target after: {err}");
+            err
+        };
+        let mut flipped = good.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x01;
+        assert!(refused(&flipped).contains("checksum mismatch"));
+        assert!(refused(&good[..good.len() - 1]).contains("checksum mismatch"));
+        assert!(refused(&good[..10]).contains("too short"));
+        let mut foreign = good.clone();
+        foreign[0] = b'X';
+        assert!(refused(&foreign).contains("bad magic"));
+        // A future format version with a valid checksum is refused by version.
+        let mut future = good[..good.len() - 32].to_vec();
+        future[8..12].copy_from_slice(&2u32.to_be_bytes());
+        let sum = <sha2::Sha256 as sha2::Digest>::digest(&future);
+        future.extend_from_slice(&sum);
+        assert!(refused(&future).contains("format version 2"));
+        // The good one is accepted, and not over an existing store.
+        Store::import(&target, &good).unwrap();
+        assert!(Store::import(&target, &good).err().unwrap().to_string().contains("existing store"));
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -1,0 +1,131 @@
+//! Freshness (DOMAIN.md, "Freshness"): for one user and one projection, compares what the edge
+//! has accepted for that user (`ingest_user_offsets`: the last offset per input partition) with
+//! how far the projection has been computed *and applied to PostgreSQL* for that user
+//! (`projection_progress`, from the processors' per-user progress markers, written by the sink in
+//! the same transaction as the rows).
+//!
+//! * `fresh`: every accepted offset is below the applied progress — the rows reflect everything
+//!   the user uploaded (or the user uploaded nothing).
+//! * `pending`: the user uploaded, and nothing of this projection has been applied for them yet.
+//! * `stale`: some accepted data is not reflected yet; says how many lanes and log positions
+//!   behind, and since when.
+//!
+//! `product_impact` is computed from `session_impact`'s output, not from the lanes: it is fresh
+//! when `session_impact` is fresh *and* product_impact has consumed every session-impact record of
+//! the user (`projection_inputs`, recorded by the sink); otherwise it reports the first of the two
+//! that is behind.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+pub const PROJECTIONS: [&str; 4] = ["rollup_day", "sleep_night", "session_impact", "product_impact"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FreshnessState {
+    Fresh,
+    Stale,
+    Pending,
+}
+
+impl FreshnessState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FreshnessState::Fresh => "fresh",
+            FreshnessState::Stale => "stale",
+            FreshnessState::Pending => "pending",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Freshness {
+    pub state: FreshnessState,
+    /// Input partitions (lanes) with accepted data not reflected yet.
+    pub lanes_behind: usize,
+    /// Log positions between the applied progress and the last accepted offset, summed over the
+    /// lanes behind (other users share the partitions, so this bounds the user's own records).
+    pub offsets_behind: i64,
+    /// When the edge accepted the latest upload of the lane that has been waiting longest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Freshness {
+    /// Compares accepted (partition → last offset, accepted at) with applied (partition → next
+    /// offset). Pure, so the rule is tested without a database.
+    pub fn compare(accepted: &BTreeMap<(String, i32), (i64, chrono::DateTime<chrono::Utc>)>, applied: &BTreeMap<(String, i32), i64>) -> Freshness {
+        let mut f = Freshness { state: FreshnessState::Fresh, lanes_behind: 0, offsets_behind: 0, waiting_since: None };
+        for (lane, (last, at)) in accepted {
+            let next = applied.get(lane).copied().unwrap_or(0);
+            if next <= *last {
+                f.lanes_behind += 1;
+                f.offsets_behind += last + 1 - next;
+                f.waiting_since = Some(f.waiting_since.map_or(*at, |w| w.min(*at)));
+            }
+        }
+        if f.lanes_behind > 0 {
+            f.state = if applied.is_empty() { FreshnessState::Pending } else { FreshnessState::Stale };
+        }
+        f
+    }
+}
+
+/// The freshness of `projection` for `user`.
+pub async fn of(pool: &PgPool, user: &str, projection: &str) -> Result<Freshness, sqlx::Error> {
+    if projection == "product_impact" {
+        // Built from session_impact's output: first that must be fresh, then product_impact must
+        // have consumed every session-impact record of the user.
+        let upstream = lanes(pool, user, "session_impact").await?;
+        if upstream.state != FreshnessState::Fresh {
+            return Ok(upstream);
+        }
+        let accepted: Vec<(String, i32, i64, chrono::DateTime<chrono::Utc>)> =
+            sqlx::query_as("SELECT topic, partition, last_offset, updated_at FROM projection_inputs WHERE user_id = $1").bind(user).fetch_all(pool).await?;
+        return compare_rows(pool, user, projection, accepted).await;
+    }
+    lanes(pool, user, projection).await
+}
+
+/// Freshness of a projection computed from the ingest lanes.
+async fn lanes(pool: &PgPool, user: &str, projection: &str) -> Result<Freshness, sqlx::Error> {
+    let accepted: Vec<(String, i32, i64, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT topic, partition, last_offset, accepted_at FROM ingest_user_offsets WHERE user_id = $1").bind(user).fetch_all(pool).await?;
+    compare_rows(pool, user, projection, accepted).await
+}
+
+async fn compare_rows(pool: &PgPool, user: &str, projection: &str, accepted: Vec<(String, i32, i64, chrono::DateTime<chrono::Utc>)>) -> Result<Freshness, sqlx::Error> {
+    let applied: Vec<(String, i32, i64)> = sqlx::query_as("SELECT topic, partition, next_offset FROM projection_progress WHERE user_id = $1 AND projection = $2")
+        .bind(user)
+        .bind(projection)
+        .fetch_all(pool)
+        .await?;
+    let accepted = accepted.into_iter().map(|(t, p, o, at)| ((t, p), (o, at))).collect();
+    let applied = applied.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+    Ok(Freshness::compare(&accepted, &applied))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp(s, 0).unwrap()
+    }
+
+    #[test]
+    fn fresh_stale_and_pending() {
+        let accepted = BTreeMap::from([(("hot".to_owned(), 0), (10, at(100))), (("cold".to_owned(), 0), (4, at(50)))]);
+        let nothing = BTreeMap::new();
+        let f = Freshness::compare(&accepted, &nothing);
+        assert_eq!((f.state, f.lanes_behind, f.offsets_behind, f.waiting_since), (FreshnessState::Pending, 2, 16, Some(at(50))));
+        let partly = BTreeMap::from([(("hot".to_owned(), 0), 11), (("cold".to_owned(), 0), 3)]);
+        let f = Freshness::compare(&accepted, &partly);
+        assert_eq!((f.state, f.lanes_behind, f.offsets_behind, f.waiting_since), (FreshnessState::Stale, 1, 2, Some(at(50))));
+        let all = BTreeMap::from([(("hot".to_owned(), 0), 11), (("cold".to_owned(), 0), 5)]);
+        assert_eq!(Freshness::compare(&accepted, &all).state, FreshnessState::Fresh);
+        assert_eq!(Freshness::compare(&BTreeMap::new(), &nothing).state, FreshnessState::Fresh, "nothing uploaded: nothing missing");
+    }
+}

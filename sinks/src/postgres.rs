@@ -1,0 +1,184 @@
+//! One transaction per batch: the rows (newest version wins), the users' progress and the
+//! consumed offsets commit together or not at all. Upserts are batched with `UNNEST` arrays,
+//! one statement per table, not one per row.
+
+use std::collections::BTreeMap;
+
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::{Progress, Projection, Row};
+
+/// A row the batch actually changed (its version was newer than the stored one): what the
+/// realtime push announces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub projection: Projection,
+    pub user_id: String,
+    pub entity_id: String,
+    pub version: (i64, i64),
+    pub deleted: bool,
+    pub body: serde_json::Value,
+}
+
+/// What one consumed batch writes.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub rows: Vec<Row>,
+    pub progress: Vec<Progress>,
+    /// (topic, partition) → next offset to consume.
+    pub offsets: BTreeMap<(String, i32), i64>,
+    /// (user, topic, partition) → last offset of a row the chained processors consume
+    /// (session_impact's output): what product_impact's freshness is measured against.
+    pub chained: BTreeMap<(String, String, i32), i64>,
+}
+
+/// Applies `batch` for sink `sink` in one transaction; returns the rows that changed.
+pub async fn apply(pool: &PgPool, sink: &str, batch: &Batch) -> Result<Vec<Applied>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // Within a batch the same key may come several times: only its newest version is offered.
+    let mut newest: BTreeMap<(Projection, &str, &str), &Row> = BTreeMap::new();
+    for r in &batch.rows {
+        let k = (r.projection, r.user_id.as_str(), r.entity_id.as_str());
+        if newest.get(&k).is_none_or(|held| held.version < r.version) {
+            newest.insert(k, r);
+        }
+    }
+    let mut applied = Vec::new();
+    for p in Projection::ALL {
+        let rows: Vec<&Row> = newest.iter().filter(|(k, _)| k.0 == p).map(|(_, r)| *r).collect();
+        if !rows.is_empty() {
+            applied.extend(upsert_rows(&mut tx, p, &rows).await?);
+        }
+    }
+    upsert_progress(&mut tx, &batch.progress).await?;
+    if !batch.chained.is_empty() {
+        let (mut users, mut topics, mut parts, mut offs) = (vec![], vec![], vec![], vec![]);
+        for ((u, t, p), o) in &batch.chained {
+            users.push(u.as_str());
+            topics.push(t.as_str());
+            parts.push(*p);
+            offs.push(*o);
+        }
+        sqlx::query(
+            "INSERT INTO projection_inputs (user_id, topic, partition, last_offset)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::int8[])
+             ON CONFLICT (user_id, topic, partition) DO UPDATE
+             SET last_offset = GREATEST(projection_inputs.last_offset, EXCLUDED.last_offset), updated_at = now()",
+        )
+        .bind(&users)
+        .bind(&topics)
+        .bind(&parts)
+        .bind(&offs)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !batch.offsets.is_empty() {
+        let (topics, parts, offs): (Vec<&str>, Vec<i32>, Vec<i64>) = batch.offsets.iter().map(|((t, p), o)| (t.as_str(), *p, *o)).fold(
+            (vec![], vec![], vec![]),
+            |(mut a, mut b, mut c), (t, p, o)| {
+                a.push(t);
+                b.push(p);
+                c.push(o);
+                (a, b, c)
+            },
+        );
+        // GREATEST: a position only moves forward (a zombie's older commit cannot move it back;
+        // whoever committed a position also committed every row before it).
+        sqlx::query(
+            "INSERT INTO sink_offsets (sink, topic, partition, next_offset)
+             SELECT $1, t, p, o FROM UNNEST($2::text[], $3::int4[], $4::int8[]) AS x(t, p, o)
+             ON CONFLICT (sink, topic, partition) DO UPDATE
+             SET next_offset = GREATEST(sink_offsets.next_offset, EXCLUDED.next_offset), updated_at = now()",
+        )
+        .bind(sink)
+        .bind(&topics)
+        .bind(&parts)
+        .bind(&offs)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+async fn upsert_rows(tx: &mut Transaction<'_, Postgres>, p: Projection, rows: &[&Row]) -> Result<Vec<Applied>, sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO {t} AS cur (user_id, entity_id, metric, day, at_ms, version_epoch, version_seq, deleted, body, source_offsets)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::date[], $5::int8[], $6::int8[], $7::int8[], $8::bool[], $9::jsonb[], $10::jsonb[])
+         ON CONFLICT (user_id, entity_id) DO UPDATE SET
+             metric = EXCLUDED.metric, day = EXCLUDED.day, at_ms = EXCLUDED.at_ms,
+             version_epoch = EXCLUDED.version_epoch, version_seq = EXCLUDED.version_seq,
+             deleted = EXCLUDED.deleted, body = EXCLUDED.body, source_offsets = EXCLUDED.source_offsets,
+             updated_at = now()
+         WHERE (cur.version_epoch, cur.version_seq) < (EXCLUDED.version_epoch, EXCLUDED.version_seq)
+         RETURNING user_id, entity_id, version_epoch, version_seq, deleted, body",
+        t = p.table()
+    );
+    let returned: Vec<(String, String, i64, i64, bool, Json<serde_json::Value>)> = sqlx::query_as(&sql)
+        .bind(rows.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.entity_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.metric.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.day).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.at_ms).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.version.0).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.version.1).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.deleted).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| Json(&r.body)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| Json(offsets_json(&r.source_offsets))).collect::<Vec<_>>())
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(returned
+        .into_iter()
+        .map(|(user_id, entity_id, e, s, deleted, body)| Applied { projection: p, user_id, entity_id, version: (e, s), deleted, body: body.0 })
+        .collect())
+}
+
+fn offsets_json(o: &[vitals_schemas::SourceOffset]) -> serde_json::Value {
+    serde_json::to_value(o).unwrap_or(serde_json::Value::Null)
+}
+
+async fn upsert_progress(tx: &mut Transaction<'_, Postgres>, progress: &[Progress]) -> Result<(), sqlx::Error> {
+    let mut newest: BTreeMap<(&str, &str, &str, i32), i64> = BTreeMap::new();
+    for p in progress {
+        for o in &p.source_offsets {
+            let e = newest.entry((p.user_id.as_str(), p.projection.name(), o.topic.as_str(), o.partition)).or_insert(o.next_offset);
+            *e = (*e).max(o.next_offset);
+        }
+    }
+    if newest.is_empty() {
+        return Ok(());
+    }
+    let (mut users, mut projs, mut topics, mut parts, mut offs) = (vec![], vec![], vec![], vec![], vec![]);
+    for ((u, p, t, part), o) in newest {
+        users.push(u);
+        projs.push(p);
+        topics.push(t);
+        parts.push(part);
+        offs.push(o);
+    }
+    sqlx::query(
+        "INSERT INTO projection_progress (user_id, projection, topic, partition, next_offset)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[])
+         ON CONFLICT (user_id, projection, topic, partition) DO UPDATE
+         SET next_offset = GREATEST(projection_progress.next_offset, EXCLUDED.next_offset), updated_at = now()",
+    )
+    .bind(&users)
+    .bind(&projs)
+    .bind(&topics)
+    .bind(&parts)
+    .bind(&offs)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The stored next offsets of `sink` for `topic` (partition → offset).
+pub async fn stored_offsets(pool: &PgPool, sink: &str, topic: &str) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as("SELECT partition, next_offset FROM sink_offsets WHERE sink = $1 AND topic = $2")
+        .bind(sink)
+        .bind(topic)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().collect())
+}

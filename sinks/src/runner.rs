@@ -1,0 +1,304 @@
+//! The projection sink's consumer loop.
+//!
+//! Exactly-once in effect: on assignment the consumer seeks to the offsets stored in PostgreSQL
+//! (`sink_offsets`), and each batch commits its rows and its next offsets in one transaction, so
+//! after any crash the sink resumes exactly after what it committed. Re-delivered or re-emitted
+//! records (a processor's replay, a zombie) carry versions no newer than what is stored and change
+//! nothing. While PostgreSQL is unreachable the batch is retried with backoff; nothing is skipped.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tracing::{info, warn};
+use vitals_schemas::codec::{Codec, CodecError};
+use vitals_schemas::topics::Topics;
+use vitals_schemas::{DeadLetter, ProductImpact, RollupDay, SessionImpact, SleepNight};
+
+use crate::postgres::{self, Applied, Batch};
+use crate::{Progress, Projection, Row, PROGRESS_HEADER};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("dead-letter write not acknowledged: {0}")]
+    DeadLetter(String),
+    #[error("assigning partitions: {0}")]
+    Assign(String),
+}
+
+/// Settings of one sink.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Its name: the key of its offsets in `sink_offsets`.
+    pub name: String,
+    pub topics: Topics,
+    pub projections: Vec<Projection>,
+    pub max_batch: usize,
+    pub max_wait: Duration,
+}
+
+/// Counters an operator (and the tests) can read.
+#[derive(Debug, Default)]
+pub struct SinkMetrics {
+    pub records_in: AtomicU64,
+    pub rows_applied: AtomicU64,
+    pub batches_committed: AtomicU64,
+    pub commit_retries: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+/// Everything the sink is handed by the composition root.
+pub struct SinkArgs {
+    pub cfg: SinkConfig,
+    pub consumer_config: ClientConfig,
+    pub producer: FutureProducer,
+    pub codec: Arc<Codec>,
+    pub pool: PgPool,
+    pub stop: Arc<AtomicBool>,
+    pub metrics: Arc<SinkMetrics>,
+    /// Called after each commit with the rows that changed (realtime push). Must not block.
+    pub on_applied: Box<dyn Fn(&[Applied]) + Send>,
+}
+
+struct SeekContext {
+    pool: PgPool,
+    sink: String,
+    rt: tokio::runtime::Handle,
+    stop: Arc<AtomicBool>,
+    fatal: Arc<Mutex<Option<String>>>,
+}
+
+impl ClientContext for SeekContext {}
+
+impl SeekContext {
+    /// The stored offsets of the assigned partitions; retried (with backoff) while PostgreSQL
+    /// is down, since starting anywhere else would either skip or redo work.
+    fn stored(&self, tpl: &TopicPartitionList) -> Option<BTreeMap<(String, i32), i64>> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let result: Result<BTreeMap<(String, i32), i64>, sqlx::Error> = self.rt.block_on(async {
+                let mut out = BTreeMap::new();
+                let topics: std::collections::BTreeSet<String> = tpl.elements().iter().map(|e| e.topic().to_owned()).collect();
+                for t in topics {
+                    for (p, o) in postgres::stored_offsets(&self.pool, &self.sink, &t).await? {
+                        out.insert((t.clone(), p), o);
+                    }
+                }
+                Ok(out)
+            });
+            match result {
+                Ok(o) => return Some(o),
+                Err(e) if !self.stop.load(Ordering::Relaxed) => {
+                    warn!(error = %e, "reading stored offsets failed; retrying");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SeekContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let Some(stored) = self.stored(tpl) else { return };
+                let mut start = TopicPartitionList::new();
+                for el in tpl.elements() {
+                    let off = stored.get(&(el.topic().to_owned(), el.partition())).copied();
+                    let _ = start.add_partition_offset(el.topic(), el.partition(), off.map(Offset::Offset).unwrap_or(Offset::Beginning));
+                }
+                info!(partitions = tpl.count(), "sink assigned");
+                if let Err(e) = consumer.assign(&start) {
+                    *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                info!("sink partitions revoked");
+                let _ = consumer.unassign();
+            }
+            other => warn!(?other, "rebalance error"),
+        }
+    }
+}
+
+/// A consumer configuration for a sink group.
+pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("log_level", "4");
+    c
+}
+
+enum Decoded {
+    Row(Row),
+    Progress(Progress),
+}
+
+async fn decode(codec: &Codec, p: Projection, m: &OwnedMessage) -> Result<Decoded, CodecError> {
+    let payload = m.payload().ok_or_else(|| CodecError::Undecodable("empty payload".into()))?;
+    let row: Row = match p {
+        Projection::RollupDay => codec.decode::<RollupDay>(payload).await?.into(),
+        Projection::SleepNight => codec.decode::<SleepNight>(payload).await?.into(),
+        Projection::SessionImpact => codec.decode::<SessionImpact>(payload).await?.into(),
+        Projection::ProductImpact => codec.decode::<ProductImpact>(payload).await?.into(),
+    };
+    let is_progress = m.headers().is_some_and(|h| h.iter().any(|h| h.key == PROGRESS_HEADER));
+    Ok(if is_progress { Decoded::Progress(Progress { projection: p, user_id: row.user_id, source_offsets: row.source_offsets }) } else { Decoded::Row(row) })
+}
+
+/// Runs the sink until `stop` is set. Blocking: call it from a dedicated thread; it uses the
+/// current tokio runtime for I/O.
+pub fn run(args: SinkArgs) -> Result<(), SinkError> {
+    let SinkArgs { cfg, consumer_config, producer, codec, pool, stop, metrics, on_applied } = args;
+    let rt = tokio::runtime::Handle::current();
+    let fatal = Arc::new(Mutex::new(None));
+    let ctx = SeekContext { pool: pool.clone(), sink: cfg.name.clone(), rt: rt.clone(), stop: Arc::clone(&stop), fatal: Arc::clone(&fatal) };
+    let consumer: BaseConsumer<SeekContext> = consumer_config.create_with_context(ctx)?;
+    let topics: Vec<String> = cfg.projections.iter().map(|p| p.topic(&cfg.topics)).collect();
+    consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
+    info!(sink = %cfg.name, ?topics, "sink started");
+    while !stop.load(Ordering::Relaxed) {
+        let mut msgs: Vec<OwnedMessage> = Vec::new();
+        let deadline = Instant::now() + cfg.max_wait;
+        while msgs.len() < cfg.max_batch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match consumer.poll(left) {
+                Some(Ok(m)) => msgs.push(m.detach()),
+                Some(Err(e)) => warn!(error = %e, "consumer error"),
+                None => break,
+            }
+        }
+        if let Some(f) = fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(SinkError::Assign(f));
+        }
+        if msgs.is_empty() {
+            continue;
+        }
+        // The registry being down is not the records' fault: wait and decode again.
+        let mut wait = Duration::from_millis(100);
+        let batch = loop {
+            match decode_batch(&rt, &producer, &codec, &cfg, &metrics, &msgs)? {
+                Some(b) => break b,
+                None if wait_or_stop(&stop, wait) => wait = (wait * 2).min(Duration::from_secs(5)),
+                None => return Ok(()),
+            }
+        };
+        metrics.records_in.fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        let mut wait = Duration::from_millis(100);
+        let applied = loop {
+            match rt.block_on(postgres::apply(&pool, &cfg.name, &batch)) {
+                Ok(a) => break a,
+                Err(e) => {
+                    metrics.commit_retries.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "committing the batch failed; retrying");
+                    if !wait_or_stop(&stop, wait) {
+                        return Ok(()); // stopping: nothing of this batch was committed
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        metrics.rows_applied.fetch_add(applied.len() as u64, Ordering::Relaxed);
+        metrics.batches_committed.fetch_add(1, Ordering::Relaxed);
+        if !applied.is_empty() {
+            on_applied(&applied);
+        }
+    }
+    Ok(())
+}
+
+/// The batch's rows, progress markers and next offsets; undecodable records are dead-lettered.
+/// `None` when the schema registry is unavailable.
+fn decode_batch(
+    rt: &tokio::runtime::Handle,
+    producer: &FutureProducer,
+    codec: &Codec,
+    cfg: &SinkConfig,
+    metrics: &SinkMetrics,
+    msgs: &[OwnedMessage],
+) -> Result<Option<Batch>, SinkError> {
+    let mut batch = Batch::default();
+    let mut dead = Vec::new();
+    for m in msgs {
+        batch.offsets.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+        let Some(p) = Projection::from_topic(&cfg.topics, m.topic()) else { continue };
+        match rt.block_on(decode(codec, p, m)) {
+            Ok(Decoded::Row(r)) => {
+                if r.projection == Projection::SessionImpact {
+                    let e = batch.chained.entry((r.user_id.clone(), m.topic().to_owned(), m.partition())).or_insert(m.offset());
+                    *e = (*e).max(m.offset());
+                }
+                batch.rows.push(r)
+            }
+            Ok(Decoded::Progress(pr)) => batch.progress.push(pr),
+            Err(CodecError::Unavailable(e)) => {
+                warn!(error = %e, "schema registry unavailable; will retry the batch");
+                return Ok(None);
+            }
+            Err(e) => dead.push((m, e.to_string())),
+        }
+    }
+    for (m, reason) in dead {
+        dead_letter(rt, producer, codec, cfg, m, &reason)?;
+        metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(Some(batch))
+}
+
+/// Waits `d` unless stopped first; `false` if stopped.
+fn wait_or_stop(stop: &AtomicBool, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())));
+    }
+    !stop.load(Ordering::Relaxed)
+}
+
+fn dead_letter(rt: &tokio::runtime::Handle, producer: &FutureProducer, codec: &Codec, cfg: &SinkConfig, m: &OwnedMessage, reason: &str) -> Result<(), SinkError> {
+    warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), reason, "dead-lettered");
+    let dl = DeadLetter {
+        source_topic: m.topic().to_owned(),
+        source_partition: m.partition(),
+        source_offset: m.offset(),
+        stage: format!("sink:{}", cfg.name),
+        code: "undecodable".into(),
+        reason: reason.to_owned(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+    };
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: "vitals-source-topic", value: Some(m.topic()) })
+        .insert(Header { key: "vitals-source-partition", value: Some(m.partition().to_string().as_str()) })
+        .insert(Header { key: "vitals-source-offset", value: Some(m.offset().to_string().as_str()) })
+        .insert(Header { key: "vitals-reason", value: Some(reason) });
+    let t = &cfg.topics.dead_letter;
+    let bytes = rt.block_on(codec.encode(t, &dl)).map_err(|e| SinkError::DeadLetter(e.to_string()))?;
+    let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
+    rt.block_on(producer.send(FutureRecord::to(t).partition(m.partition()).key(&key).payload(&bytes).headers(headers), Duration::from_secs(30)))
+        .map_err(|(e, _)| SinkError::DeadLetter(e.to_string()))?;
+    Ok(())
+}

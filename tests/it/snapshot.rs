@@ -1,0 +1,218 @@
+//! Task snapshots in the S3-compatible store (moto, started by `scripts/services up`): the S3
+//! client against the real server; a processor killed with `kill -9` whose local state is then
+//! deleted rebuilds it from its snapshot plus a replay from the snapshot's offsets and still
+//! equals the oracle; and the fence that keeps an old owner from replacing a newer snapshot.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use rdkafka::Message;
+use vitals::simulate::{self, SimConfig};
+use vitals_processors::rollup_day;
+use vitals_processors::runtime::bump_epoch;
+use vitals_processors::runtime::s3::{S3Client, S3Settings};
+use vitals_processors::runtime::snapshot::{pointer, publish, Pointer};
+use vitals_schemas::codec::Codec;
+use vitals_schemas::RollupDay;
+
+use crate::harness::{fresh_db, services_up, wait_for, wait_for_every, TestEnv};
+use crate::process::{fold, inputs, proc_env, Proc};
+
+fn s3_settings(bucket: &str) -> S3Settings {
+    let cfg = vitals::config::Config::from_sources(None, &BTreeMap::new()).unwrap();
+    S3Settings {
+        endpoint: cfg.s3.endpoint.clone(),
+        bucket: bucket.to_owned(),
+        region: cfg.s3.region.clone(),
+        access_key_id: cfg.s3.access_key_id.clone(),
+        secret_access_key: cfg.s3.secret_access_key.expose().to_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_s3_client_round_trips_objects_against_the_real_server() {
+    services_up();
+    let bucket = format!("vitals-it-{}", uuid::Uuid::new_v4().simple());
+    let s3 = S3Client::new(&s3_settings(&bucket)).unwrap();
+    assert!(!s3.bucket_exists().await.unwrap(), "a fresh bucket name");
+    s3.ensure_bucket().await.unwrap();
+    s3.ensure_bucket().await.expect("ensure_bucket is idempotent");
+    assert!(s3.bucket_exists().await.unwrap());
+
+    let small = b"hello snapshots".to_vec();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    for (key, body) in [("snapshots/a/p0/000000000001-000000000002.snap", &small), ("odd keys/ü$+=&.snap", &small), ("big/object.snap", &big)] {
+        s3.put(key, body.clone()).await.unwrap_or_else(|e| panic!("PUT {key}: {e}"));
+        let got = s3.get(key).await.unwrap_or_else(|e| panic!("GET {key}: {e}")).unwrap_or_else(|| panic!("{key} missing after PUT"));
+        assert!(got == *body, "{key}: {} bytes back for {}", got.len(), body.len());
+    }
+    s3.put("snapshots/a/p0/000000000001-000000000002.snap", b"replaced".to_vec()).await.unwrap();
+    assert_eq!(s3.get("snapshots/a/p0/000000000001-000000000002.snap").await.unwrap().as_deref(), Some(&b"replaced"[..]));
+    assert_eq!(s3.get("no/such/key").await.unwrap(), None, "a missing object is None, not an error");
+}
+
+/// `rollup_day` runs as an OS process, snapshots its tasks every 200 ms, is `kill -9`ed while a
+/// second wave of uploads goes on, and its data directory is deleted. Restarted with nothing
+/// local, it restores every partition that had a snapshot (recorded in `processor_restores`),
+/// resumes from the snapshot's offsets (every output of the new epoch carries source offsets at
+/// or past them) and the folded output equals the oracle, versions growing strictly per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_without_local_state_restores_from_its_snapshot_and_replays() {
+    let env = TestEnv::start().await;
+    let codec = Codec::new(&env.cfg.registry.url);
+    let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
+    let mut vars = proc_env(&env, &data);
+    vars.retain(|(k, _)| k != "RUST_LOG");
+    vars.push(("RUST_LOG".into(), "warn,vitals_processors::runtime=info".into()));
+    vars.push(("VITALS_PROCESSORS__SNAPSHOT_EVERY_MS".into(), "200".into()));
+    let mut proc = Proc { env: vars, child: None };
+    let pointers = || async {
+        sqlx::query_as::<_, (i32, i64, i64, i64)>("SELECT partition, epoch, seq, position FROM processor_snapshots WHERE processor LIKE '%rollup_day' ORDER BY partition")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap()
+    };
+
+    assert_eq!(simulate::run(&env.sim("a", 1, 3, 3), &env.http).await.unwrap().rejected, 0);
+    proc.start(None);
+    wait_for_every("a first snapshot pointer", Duration::from_secs(90), Duration::from_millis(200), || async {
+        let p = pointers().await;
+        (!p.is_empty()).then_some(())
+    })
+    .await;
+    // A second wave while it runs; kill -9 once the output has grown past the first snapshot.
+    let before = fold(&env, &codec).await.1;
+    let wave = {
+        let cfg = SimConfig { users: 3, days: 2, ..env.sim("b", 2, 3, 2) };
+        let http = env.http.clone();
+        tokio::spawn(async move { simulate::run(&cfg, &http).await })
+    };
+    wait_for_every("the processor to emit more", Duration::from_secs(60), Duration::from_millis(300), || {
+        let (env, codec) = (&env, &codec);
+        async move { (fold(env, codec).await.1 > before).then_some(()) }
+    })
+    .await;
+    proc.kill9();
+    assert_eq!(wave.await.unwrap().unwrap().rejected, 0);
+    let published: Vec<(i32, i64, i64, i64)> = pointers().await;
+    assert!(published.iter().any(|(_, _, seq, position)| *seq > 0 && *position > 0), "a snapshot past the start: {published:?}");
+
+    // The instance loses its disk: no local store at all.
+    std::fs::remove_dir_all(&data).unwrap();
+    assert!(!data.exists());
+    proc.start(None);
+    type Restore = (i32, i64, i64, i64, sqlx::types::Json<BTreeMap<String, i64>>, i64, i64);
+    let restores: Vec<Restore> = wait_for_every("every snapshotted partition to be restored", Duration::from_secs(90), Duration::from_millis(200), || async {
+        let rows: Vec<Restore> = sqlx::query_as(
+            "SELECT partition, epoch, snapshot_epoch, snapshot_seq, offsets, bytes, restore_ms FROM processor_restores WHERE processor LIKE '%rollup_day' ORDER BY partition",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+        (rows.len() >= published.len()).then_some(rows)
+    })
+    .await;
+    assert_eq!(restores.len(), published.len(), "one restore per snapshotted partition, no more");
+    for ((p, epoch, snap_epoch, snap_seq, _, bytes, ms), (pp, pe, ps, _)) in restores.iter().zip(&published) {
+        assert_eq!((p, snap_epoch, snap_seq), (pp, pe, ps), "partition {p} restored the snapshot published before the kill");
+        assert!(epoch > snap_epoch, "partition {p}: the restoring owner has a newer epoch ({epoch} vs {snap_epoch})");
+        eprintln!("restored partition {p}: snapshot ({snap_epoch}, {snap_seq}), {bytes} bytes in {ms} ms");
+    }
+
+    // It catches up; the projection is exactly the oracle (fold also checks that versions grow
+    // strictly per key along the log).
+    let expected = rollup_day::oracle(&inputs(&env, &codec).await);
+    assert!(expected.len() > 50, "a realistic workload: {} rollup rows", expected.len());
+    wait_for_every("the projection to equal the oracle after the restore", Duration::from_secs(120), Duration::from_millis(500), || {
+        let (env, codec, expected) = (&env, &codec, &expected);
+        async move { (fold(env, codec).await.0 == *expected).then_some(()) }
+    })
+    .await;
+    // The restored tasks replayed from the snapshot's offsets, not from the beginning: every
+    // output of the restoring epoch on that partition carries source offsets at or past them.
+    let t = env.topics();
+    let mut checked = 0;
+    for m in env.read(&t.rollup_day).await {
+        let Some((_, epoch, _, _, offsets, _, _)) = restores.iter().find(|r| r.0 == m.partition()) else { continue };
+        let row: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
+        if row.version_epoch != *epoch {
+            continue;
+        }
+        for o in &row.source_offsets {
+            let from = offsets.0.get(&o.topic).copied().unwrap_or(0);
+            assert!(o.next_offset >= from, "partition {}: an output of epoch {epoch} has {} at {} < the snapshot's {from}", m.partition(), o.topic, o.next_offset);
+        }
+        checked += 1;
+    }
+    let restored_partitions: BTreeSet<i32> = restores.iter().map(|r| r.0).collect();
+    eprintln!("{checked} outputs of the restoring epochs checked on partitions {restored_partitions:?}");
+    proc.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
+
+fn ptr(epoch: i64, seq: i64, position: i64) -> Pointer {
+    Pointer {
+        epoch,
+        seq,
+        position,
+        object_key: format!("snapshots/t/rollup_day/p0/{epoch:012}-{seq:012}-{position:015}.snap"),
+        offsets: BTreeMap::from([("hot".to_owned(), position)]),
+        stream_time_ms: 1,
+        bytes: 10,
+    }
+}
+
+/// The pointer only moves forward, and only by the current owner: a publish with an old epoch
+/// after a newer one is refused, also when it races the bump (it waits for the bump's row lock
+/// and then sees the new epoch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_owner_cannot_replace_a_newer_snapshot_pointer() {
+    services_up();
+    let (db_url, pool) = fresh_db().await;
+    let (proc_, p) = ("rollup_day", 0);
+    let current = || async { pointer(&pool, proc_, p).await.unwrap().map(|x| (x.epoch, x.seq, x.position)) };
+
+    assert!(!publish(&pool, proc_, p, &ptr(1, 1, 1)).await.unwrap(), "no epoch row yet: nobody owns the task");
+    assert_eq!(bump_epoch(&pool, proc_, p).await.unwrap(), 1);
+    assert!(publish(&pool, proc_, p, &ptr(1, 10, 100)).await.unwrap());
+    assert!(!publish(&pool, proc_, p, &ptr(1, 10, 100)).await.unwrap(), "the same snapshot again is not newer");
+    assert!(!publish(&pool, proc_, p, &ptr(1, 9, 90)).await.unwrap(), "an older snapshot of the same owner");
+    assert!(publish(&pool, proc_, p, &ptr(1, 10, 130)).await.unwrap(), "same seq, further in the input");
+    assert!(!publish(&pool, proc_, p, &ptr(2, 1, 1)).await.unwrap(), "an epoch that is not current yet");
+
+    assert_eq!(bump_epoch(&pool, proc_, p).await.unwrap(), 2);
+    assert!(!publish(&pool, proc_, p, &ptr(1, 50, 500)).await.unwrap(), "the old owner, after the bump");
+    assert_eq!(current().await, Some((1, 10, 130)));
+    assert!(publish(&pool, proc_, p, &ptr(2, 3, 30)).await.unwrap(), "the new owner, even from behind");
+    assert!(!publish(&pool, proc_, p, &ptr(1, 99, 999)).await.unwrap(), "the old owner again");
+    assert_eq!(current().await, Some((2, 3, 30)));
+    let full = pointer(&pool, proc_, p).await.unwrap().unwrap();
+    assert_eq!(full, ptr(2, 3, 30), "the pointer reads back whole");
+    assert_eq!(pointer(&pool, proc_, 1).await.unwrap(), None);
+
+    // The race: a new owner's bump is in flight (row locked, not committed) while the current
+    // owner publishes. The publish waits for the bump and is then refused.
+    let mut bump = pool.begin().await.unwrap();
+    sqlx::query("UPDATE processor_epochs SET epoch = epoch + 1 WHERE processor = $1 AND partition = $2").bind(proc_).bind(p).execute(&mut *bump).await.unwrap();
+    let racing = {
+        let pool = pool.clone();
+        tokio::spawn(async move { publish(&pool, "rollup_day", 0, &ptr(2, 40, 400)).await.unwrap() })
+    };
+    wait_for("the racing publish to wait on the epoch row's lock", Duration::from_secs(10), || async {
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (waiting > 0).then_some(())
+    })
+    .await;
+    assert!(!racing.is_finished(), "the publish must wait for the bump");
+    bump.commit().await.unwrap();
+    assert!(!racing.await.unwrap(), "a publish that raced the bump is refused once the bump commits");
+    assert_eq!(current().await, Some((2, 3, 30)));
+    assert!(publish(&pool, proc_, p, &ptr(3, 1, 1)).await.unwrap(), "the new owner publishes");
+
+    pool.close().await;
+    crate::harness::drop_db(&db_url).await;
+}
