@@ -154,8 +154,8 @@ impl Versioned for ProductImpact {
         self.version_seq = seq;
         self.source_offsets = offsets;
     }
-    fn tombstone(key: &str) -> ProductImpact {
-        let (user, product) = key.split_once('|').unwrap_or((key, ""));
+    fn tombstone(user: &str, key: &str) -> ProductImpact {
+        let product = key.strip_prefix(user).and_then(|k| k.strip_prefix('|')).unwrap_or(key);
         ProductImpact { deleted: true, ..blank(user, product, 0, vec![]) }
     }
 }

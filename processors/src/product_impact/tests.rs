@@ -37,7 +37,7 @@ fn fin(session: &str, product: &str, v: (i64, i64), deltas: Deltas) -> SessionIm
 }
 
 fn tomb(session: &str, (epoch, seq): (i64, i64)) -> SessionImpact {
-    let mut t = SessionImpact::tombstone(&format!("u|{session}"));
+    let mut t = SessionImpact::tombstone("u", &format!("u|{session}"));
     t.stamp(epoch, seq, vec![]);
     t
 }
@@ -143,7 +143,7 @@ fn invalid_records_are_refused() {
     assert_eq!(d.feed(&Input::SessionImpact(fin("", "coffee", (1, 1), &[]))).unwrap_err().code, "missing_session");
     assert_eq!(d.feed(&Input::SessionImpact(fin("a", "co\u{1f}ffee", (1, 1), &[]))).unwrap_err().code, "bad_id");
     assert!(d.log.is_empty() && d.states["u"].map.is_empty());
-    let ts = ProductImpact::tombstone("u|prod|x");
+    let ts = ProductImpact::tombstone("u", "u|prod|x");
     assert_eq!((ts.user_id.as_str(), ts.product_id.as_str(), ts.deleted, ts.sessions), ("u", "prod|x", true, 0));
 }
 
@@ -199,7 +199,7 @@ fn chained_from_session_impacts_own_output() {
         .log
         .iter()
         .map(|e| {
-            let mut r = e.value.clone().unwrap_or_else(|| SessionImpact::tombstone(&e.key));
+            let mut r = e.value.clone().unwrap_or_else(|| SessionImpact::tombstone(e.key.split_once('|').map_or("", |(u, _)| u), &e.key));
             r.stamp(1, e.version as i64, vec![]);
             r
         })
@@ -254,7 +254,7 @@ fn to_impact(r: &Rec) -> SessionImpact {
     let user = format!("u{}", r.user);
     let session = format!("s{}", r.session);
     if r.deleted {
-        let mut t = SessionImpact::tombstone(&format!("{user}|{session}"));
+        let mut t = SessionImpact::tombstone(&user, &format!("{user}|{session}"));
         t.stamp(r.version.0, r.version.1, vec![]);
         return t;
     }

@@ -47,8 +47,9 @@ use crate::{Emitter, Input, Inputs, Invalid, Processor, State};
 /// write a retraction of a key.
 pub trait Versioned: Sized {
     fn stamp(&mut self, epoch: i64, seq: i64, offsets: Vec<SourceOffset>);
-    /// A retraction of `key` (`deleted = true`).
-    fn tombstone(key: &str) -> Self;
+    /// A retraction of `key`, an output key of `user` (`deleted = true`). The user is given, not
+    /// parsed from the key, so user ids may contain any character.
+    fn tombstone(user: &str, key: &str) -> Self;
 }
 
 impl Versioned for RollupDay {
@@ -57,9 +58,10 @@ impl Versioned for RollupDay {
         self.version_seq = seq;
         self.source_offsets = offsets;
     }
-    fn tombstone(key: &str) -> RollupDay {
-        let mut parts = key.splitn(3, '|');
-        let (user, metric, date) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    fn tombstone(user: &str, key: &str) -> RollupDay {
+        // `<user>|<metric>|<date>`: neither metric nor date contains `|`.
+        let rest = key.strip_prefix(user).and_then(|k| k.strip_prefix('|')).unwrap_or(key);
+        let (metric, date) = rest.rsplit_once('|').unwrap_or((rest, ""));
         RollupDay { deleted: true, ..crate::rollup_day::blank_row(user, metric, date) }
     }
 }
@@ -351,16 +353,18 @@ fn is_progress(m: &OwnedMessage) -> bool {
 /// A processor that re-arms a due timer in its own `on_timer` would otherwise spin forever.
 const MAX_TIMERS_PER_RECORD: usize = 100_000;
 
-struct Collect<T> {
-    out: BTreeMap<String, Option<T>>,
+/// One record's (or timer's) outputs, with the user they belong to.
+struct Collect<'u, T> {
+    user: &'u str,
+    out: BTreeMap<String, (String, Option<T>)>,
 }
 
-impl<T> Emitter<T> for Collect<T> {
+impl<T> Emitter<T> for Collect<'_, T> {
     fn upsert(&mut self, key: String, value: T) {
-        self.out.insert(key, Some(value));
+        self.out.insert(key, (self.user.to_owned(), Some(value)));
     }
     fn retract(&mut self, key: String) {
-        self.out.insert(key, None);
+        self.out.insert(key, (self.user.to_owned(), None));
     }
 }
 
@@ -398,7 +402,7 @@ where
     msgs.sort_by_key(|m| (lane_rank(t, m.topic()), m.offset()));
     let mut cp = task.cp.clone();
     let mut overlay = if cfg.checkpointing { Overlay::default() } else { std::mem::take(&mut task.unsaved) };
-    let mut outputs: BTreeMap<String, Option<P::Output>> = BTreeMap::new();
+    let mut outputs: BTreeMap<String, (String, Option<P::Output>)> = BTreeMap::new();
     // Users with input in this interval: each gets a progress marker after its outputs.
     let mut users: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     let mut dead: Vec<(DeadLetter, String)> = Vec::new();
@@ -437,7 +441,7 @@ where
             Some(Ok(input)) => {
                 users.insert(input.user_id().to_owned());
                 // A rejected record leaves no trace: its state writes and outputs are dropped.
-                let mut collect = Collect { out: BTreeMap::new() };
+                let mut collect = Collect { user: input.user_id(), out: BTreeMap::new() };
                 let mut state = UserState::at(&task.store, &mut overlay, input.user_id(), cp.stream_time_ms);
                 match processor.process(&input, &mut state, &mut collect) {
                     Ok(()) => outputs.extend(collect.out),
@@ -454,7 +458,7 @@ where
         while let Some((user, name)) = overlay.next_due_timer(&task.store, cp.stream_time_ms) {
             let mut state = UserState::at(&task.store, &mut overlay, &user, cp.stream_time_ms);
             state.cancel_timer(&name);
-            let mut collect = Collect { out: BTreeMap::new() };
+            let mut collect = Collect { user: &user, out: BTreeMap::new() };
             processor.on_timer(&user, &name, &mut state, &mut collect);
             outputs.extend(collect.out);
             fired += 1;
@@ -475,9 +479,9 @@ where
         })
         .collect();
     let mut records: Vec<(String, String, Vec<u8>, OwnedHeaders)> = Vec::new();
-    for (key, value) in outputs {
+    for (key, (user, value)) in outputs {
         cp.seq += 1;
-        let mut v = value.unwrap_or_else(|| P::Output::tombstone(&key));
+        let mut v = value.unwrap_or_else(|| P::Output::tombstone(&user, &key));
         v.stamp(epoch, cp.seq, offsets.clone());
         let bytes = rt.block_on(codec.encode(&cfg.output_topic, &v)).map_err(|e| match e {
             CodecError::Unavailable(m) => RuntimeError::Registry(m),
@@ -490,7 +494,7 @@ where
     // are tombstone-shaped records of a key no projection uses, marked by a header.
     for user in users {
         cp.seq += 1;
-        let mut v = P::Output::tombstone(&format!("{user}|{PROGRESS_KEY}"));
+        let mut v = P::Output::tombstone(&user, &format!("{user}|{PROGRESS_KEY}"));
         v.stamp(epoch, cp.seq, offsets.clone());
         let bytes = rt.block_on(codec.encode(&cfg.output_topic, &v)).map_err(|e| match e {
             CodecError::Unavailable(m) => RuntimeError::Registry(m),

@@ -357,8 +357,8 @@ impl Versioned for SessionImpact {
         self.version_seq = seq;
         self.source_offsets = offsets;
     }
-    fn tombstone(key: &str) -> SessionImpact {
-        let (user, session) = key.split_once('|').unwrap_or((key, ""));
+    fn tombstone(user: &str, key: &str) -> SessionImpact {
+        let session = key.strip_prefix(user).and_then(|k| k.strip_prefix('|')).unwrap_or(key);
         SessionImpact {
             user_id: user.to_owned(),
             session_id: session.to_owned(),

@@ -441,7 +441,7 @@ fn a_sample_change_rederives_only_the_sessions_it_touches() {
 
 #[test]
 fn tombstones_parse_the_key_and_both_processors_are_registered() {
-    let ts = SessionImpact::tombstone("u-1|sess|x");
+    let ts = SessionImpact::tombstone("u-1", "u-1|sess|x");
     assert_eq!((ts.user_id.as_str(), ts.session_id.as_str(), ts.deleted), ("u-1", "sess|x", true));
     let mut v = ts;
     v.stamp(3, 7, vec![]);

@@ -189,9 +189,9 @@ impl crate::runtime::Versioned for SleepNight {
         self.version_seq = seq;
         self.source_offsets = offsets;
     }
-    fn tombstone(key: &str) -> SleepNight {
-        // The date never contains `|`; the user id is everything before it.
-        let (user, date) = key.rsplit_once('|').unwrap_or((key, ""));
+    fn tombstone(user: &str, key: &str) -> SleepNight {
+        // The date never contains `|`.
+        let date = key.rsplit_once('|').map_or("", |(_, d)| d);
         SleepNight { deleted: true, ..blank_row(user, date) }
     }
 }

@@ -512,7 +512,7 @@ fn versioned_stamps_and_tombstones() {
     let mut row = blank_row("u", "2026-05-05");
     row.stamp(3, 7, vec![SourceOffset { topic: "t".into(), partition: 1, next_offset: 9 }]);
     assert_eq!((row.version_epoch, row.version_seq, row.source_offsets.len()), (3, 7, 1));
-    let t = SleepNight::tombstone(&output_key("a|b", day("2026-05-05")));
+    let t = SleepNight::tombstone("a|b", &output_key("a|b", day("2026-05-05")));
     assert_eq!((t.user_id.as_str(), t.night_date.as_str(), t.deleted, t.total_sleep_minutes), ("a|b", "2026-05-05", true, 0.0));
     assert!(t.naps.is_empty() && t.stage_minutes.is_empty());
 }
