@@ -19,7 +19,7 @@ use vitals_schemas::{ChangeBatch, DomainChangeBatch, ProductImpact, RollupDay, S
 use crate::harness::{header, key, wait_for, wait_for_every, TestEnv, VitalsProc};
 
 /// What the fold needs of an output record.
-trait Out: DeserializeOwned + Clone + PartialEq + std::fmt::Debug {
+pub(crate) trait Out: DeserializeOwned + Clone + PartialEq + std::fmt::Debug {
     fn version(&self) -> (i64, i64);
     fn deleted(&self) -> bool;
     /// Drops what differs between runs (versions, offsets), leaving the figures.
@@ -107,13 +107,13 @@ fn strip_all<T: Out>(m: BTreeMap<String, T>) -> BTreeMap<String, T> {
 
 /// The four expected projections. session_impact's status depends on stream time, which is per
 /// partition (the greatest input timestamp), so its oracle runs per partition.
-struct Expected {
-    rollup: BTreeMap<String, RollupDay>,
-    sleep: BTreeMap<String, SleepNight>,
-    session: BTreeMap<String, SessionImpact>,
+pub(crate) struct Expected {
+    pub rollup: BTreeMap<String, RollupDay>,
+    pub sleep: BTreeMap<String, SleepNight>,
+    pub session: BTreeMap<String, SessionImpact>,
 }
 
-async fn expected(env: &TestEnv, codec: &Codec) -> Expected {
+pub(crate) async fn expected(env: &TestEnv, codec: &Codec) -> Expected {
     let parts = inputs_by_partition(env, codec).await;
     let all: Vec<Input> = parts.values().flat_map(|(i, _)| i.iter().cloned()).collect();
     let mut session = BTreeMap::new();
@@ -125,7 +125,7 @@ async fn expected(env: &TestEnv, codec: &Codec) -> Expected {
 
 /// product_impact's oracle over session_impact's actual output (every record, not progress
 /// markers): it is a function of the impacts it consumed.
-async fn expected_products(env: &TestEnv, codec: &Codec) -> BTreeMap<String, ProductImpact> {
+pub(crate) async fn expected_products(env: &TestEnv, codec: &Codec) -> BTreeMap<String, ProductImpact> {
     let mut impacts = Vec::new();
     for m in env.read(&env.topics().session_impact).await {
         if header(&m, PROGRESS_HEADER).is_none() {

@@ -10,21 +10,19 @@ use sqlx::PgPool;
 use vitals::simulate::{self, SimConfig};
 use vitals_processors::rollup_day;
 use vitals_schemas::codec::Codec;
-use vitals_schemas::RollupDay;
+use vitals_schemas::{ProductImpact, RollupDay, SessionImpact, SleepNight};
 
 use crate::harness::{wait_for_every, OwnPostgres, TestEnv, VitalsProc};
-use crate::process::inputs;
+use crate::pipeline::{expected, expected_products, Out};
 
-/// The live rows of proj_rollup_day, keyed like the processor's output, without version fields.
-async fn rows(pool: &PgPool) -> BTreeMap<String, RollupDay> {
-    let rows: Vec<(String, String, sqlx::types::Json<RollupDay>)> =
-        sqlx::query_as("SELECT user_id, entity_id, body FROM proj_rollup_day WHERE NOT deleted").fetch_all(pool).await.unwrap();
+/// The live rows of a projection table, keyed like the processor's output, without version fields.
+async fn rows<T: Out + Send + Unpin + 'static>(pool: &PgPool, table: &str) -> BTreeMap<String, T> {
+    let rows: Vec<(String, String, sqlx::types::Json<T>)> =
+        sqlx::query_as(&format!("SELECT user_id, entity_id, body FROM {table} WHERE NOT deleted")).fetch_all(pool).await.unwrap();
     rows.into_iter()
         .map(|(u, e, b)| {
             let mut r = b.0;
-            r.version_epoch = 0;
-            r.version_seq = 0;
-            r.source_offsets.clear();
+            r.strip();
             (format!("{u}|{e}"), r)
         })
         .collect()
@@ -44,7 +42,7 @@ async fn sink_killed_and_its_postgres_crashed_still_equals_the_oracle() {
     let data = std::env::temp_dir().join(format!("vitals-sink-{}", uuid::Uuid::new_v4().simple()));
     let sim = |prefix: &str, seed: u64, users: usize, days: u32| env.sim(prefix, seed, users, days);
 
-    let mut processor = VitalsProc::new(&["process", "rollup_day"], env.child_env(&data));
+    let mut processor = VitalsProc::new(&["process", "--all"], env.child_env(&data));
     processor.start();
     let mut sink_env = env.child_env(&data);
     sink_env.retain(|(k, _)| k != "VITALS_POSTGRES__URL" && k != "VITALS_PROCESSORS__MAX_BATCH");
@@ -82,17 +80,21 @@ async fn sink_killed_and_its_postgres_crashed_still_equals_the_oracle() {
     pg.up().await;
     let sink_pool = PgPool::connect(&sink_db).await.unwrap();
 
-    let expected = rollup_day::oracle(&inputs(&env, &codec).await);
-    assert!(expected.len() > 50, "a realistic workload: {} rollup rows", expected.len());
-    let got = wait_for_every("the projection table to equal the oracle", Duration::from_secs(120), Duration::from_millis(500), || {
-        let (pool, expected) = (&sink_pool, &expected);
+    let want = expected(&env, &codec).await;
+    assert!(want.rollup.len() > 50 && !want.sleep.is_empty() && !want.session.is_empty(), "a realistic workload");
+    let got = wait_for_every("every projection table to equal its oracle", Duration::from_secs(120), Duration::from_millis(500), || {
+        let (pool, want, env, codec) = (&sink_pool, &want, &env, &codec);
         async move {
-            let got = rows(pool).await;
-            (&got == expected).then_some(got)
+            let rollup: BTreeMap<String, RollupDay> = rows(pool, "proj_rollup_day").await;
+            let sleep: BTreeMap<String, SleepNight> = rows(pool, "proj_sleep_night").await;
+            let session: BTreeMap<String, SessionImpact> = rows(pool, "proj_session_impact").await;
+            let product: BTreeMap<String, ProductImpact> = rows(pool, "proj_product_impact").await;
+            let ok = rollup == want.rollup && sleep == want.sleep && session == want.session && !product.is_empty() && product == expected_products(env, codec).await;
+            ok.then_some(rollup)
         }
     })
     .await;
-    assert_eq!(got.len(), expected.len());
+    assert_eq!(got.len(), want.rollup.len());
     assert!(committed(&sink_pool).await > before, "the sink committed after PostgreSQL came back");
     assert!(sink.exited().is_none(), "the sink is still running");
 

@@ -94,6 +94,15 @@ async fn a_task_without_local_state_restores_from_its_snapshot_and_replays() {
     .await;
     proc.kill9();
     assert_eq!(wave.await.unwrap().unwrap().rejected, 0);
+    // A pointer statement sent just before the kill still completes in PostgreSQL: let it land.
+    wait_for("the killed process's statements to finish", Duration::from_secs(10), || async {
+        let active: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        (active == 0).then_some(())
+    })
+    .await;
     let published: Vec<(i32, i64, i64, i64)> = pointers().await;
     assert!(published.iter().any(|(_, _, seq, position)| *seq > 0 && *position > 0), "a snapshot past the start: {published:?}");
 

@@ -122,7 +122,7 @@ impl Signer {
 
     /// The hex signature of `string_to_sign` with the key derived for the request's day.
     pub fn signature(&self, amz_date: &str, string_to_sign: &str) -> String {
-        let k_date = hmac_sha256(format!("AWS4{}", self.secret_access_key).as_bytes(), amz_date[..8.min(amz_date.len())].as_bytes());
+        let k_date = hmac_sha256(format!("AWS4{}", self.secret_access_key).as_bytes(), &amz_date.as_bytes()[..8.min(amz_date.len())]);
         let k_region = hmac_sha256(&k_date, self.region.as_bytes());
         let k_service = hmac_sha256(&k_region, self.service.as_bytes());
         let k_signing = hmac_sha256(&k_service, b"aws4_request");
