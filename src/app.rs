@@ -38,6 +38,29 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await.context("running migrations/")
 }
 
+/// A migrated pool for a long-running worker: while PostgreSQL is unreachable (a restart, a
+/// failover) it retries with backoff instead of exiting, for up to five minutes or until `stop`.
+pub async fn pg_ready(cfg: &Config, stop: &std::sync::atomic::AtomicBool) -> anyhow::Result<PgPool> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            let pool = pg_pool(cfg).await?;
+            migrate(&pool).await?;
+            anyhow::Ok(pool)
+        };
+        match attempt.await {
+            Ok(pool) => return Ok(pool),
+            Err(e) if std::time::Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "PostgreSQL not ready; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 pub fn topics(cfg: &Config) -> Topics {
     Topics::with_prefix(&cfg.kafka.topic_prefix)
 }
@@ -330,8 +353,7 @@ pub async fn process(cfg: &Config, name: &str, stop: std::sync::Arc<std::sync::a
         let known: Vec<&str> = vitals_processors::registry().iter().map(|p| p.name).collect();
         bail!("unknown processor `{name}` (known: {})", known.join(", "));
     };
-    let pool = pg_pool(cfg).await?;
-    migrate(&pool).await?;
+    let pool = pg_ready(cfg, &stop).await?;
     let t = topics(cfg);
     let rc = RuntimeConfig {
         processor: info.name,
@@ -368,8 +390,7 @@ pub async fn sink(
     on_applied: Box<dyn Fn(&[vitals_sinks::postgres::Applied]) + Send>,
 ) -> anyhow::Result<()> {
     use vitals_sinks::runner::{self, SinkArgs, SinkConfig};
-    let pool = pg_pool(cfg).await?;
-    migrate(&pool).await?;
+    let pool = pg_ready(cfg, &stop).await?;
     let name = format!("{}postgres", cfg.kafka.topic_prefix);
     let args = SinkArgs {
         cfg: SinkConfig {

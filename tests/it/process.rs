@@ -48,7 +48,7 @@ impl Proc {
     /// Waits for a process started with `--crash-after-produce` to abort by itself.
     async fn wait_for_abort(&mut self) {
         let c = self.child.as_mut().expect("running");
-        let status = wait_for("the failpoint abort", Duration::from_secs(60), || {
+        let status = wait_for("the failpoint abort", Duration::from_secs(120), || {
             let s = c.try_wait().unwrap();
             async move { s }
         })
@@ -146,7 +146,7 @@ async fn rollup_day_killed_at_any_point_still_equals_the_oracle() {
     assert_eq!(first.rejected, 0);
 
     // Crash exactly between an interval's acknowledged outputs and its checkpoint, three times.
-    for n in [1u64, 3, 5] {
+    for n in [1u64, 2, 3] {
         proc.start(Some(n));
         proc.wait_for_abort().await;
     }
@@ -160,7 +160,7 @@ async fn rollup_day_killed_at_any_point_still_equals_the_oracle() {
             let http = env.http.clone();
             tokio::spawn(async move { simulate::run(&cfg, &http).await })
         };
-        wait_for_every("the processor to emit more", Duration::from_secs(60), Duration::from_millis(300), || {
+        wait_for_every("the processor to emit more", Duration::from_secs(120), Duration::from_millis(300), || {
             let env = &env;
             let codec = &codec;
             async move { (fold(env, codec).await.1 > before).then_some(()) }

@@ -87,7 +87,7 @@ async fn a_task_without_local_state_restores_from_its_snapshot_and_replays() {
         let http = env.http.clone();
         tokio::spawn(async move { simulate::run(&cfg, &http).await })
     };
-    wait_for_every("the processor to emit more", Duration::from_secs(60), Duration::from_millis(300), || {
+    wait_for_every("the processor to emit more", Duration::from_secs(120), Duration::from_millis(300), || {
         let (env, codec) = (&env, &codec);
         async move { (fold(env, codec).await.1 > before).then_some(()) }
     })

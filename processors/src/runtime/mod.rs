@@ -147,9 +147,7 @@ impl RebalanceContext {
     /// below), then the published snapshot, if any, becomes the local store. Without one, the
     /// task starts empty and replays from the beginning; so it does when the restore fails,
     /// after withdrawing the snapshot it did not start from.
-    fn restore(&self, snapshots: &Snapshots, p: i32, path: &std::path::Path) -> Result<Task, String> {
-        let epoch = self.rt.block_on(bump_epoch(&self.pool, &self.processor, p)).map_err(|e| format!("bumping the epoch of partition {p}: {e}"))?;
-        info!(partition = p, epoch, "task epoch");
+    fn restore(&self, snapshots: &Snapshots, p: i32, epoch: i64, path: &std::path::Path) -> Result<Task, String> {
         match self.rt.block_on(snapshots.restore(&self.processor, p, epoch, path)) {
             Ok(Some(r)) => {
                 let mut task = Task::new(r.store, r.cp, Some(epoch));
@@ -170,6 +168,48 @@ impl RebalanceContext {
         let cp = store.checkpoint().map_err(|e| format!("reading {}: {e}", path.display()))?;
         Ok(Task::new(store, cp, Some(epoch)))
     }
+
+    /// Takes partition `p`: bumps its epoch, then decides what the task starts from.
+    ///
+    /// A local store is trusted only if this instance was the partition's last owner: the store
+    /// records the epoch it was last owned under, and that must be the epoch just before ours.
+    /// Otherwise another owner ran in between and may have emitted values computed from less
+    /// input than this store holds, with a newer epoch than this store's outputs; resuming from
+    /// the store would never re-emit the keys it does not touch again, and those stale values
+    /// would win. Such a store is discarded and the task restores (snapshot, or replay from the
+    /// beginning), which re-emits every key past its starting point.
+    fn take(&self, p: i32, path: &std::path::Path) -> Result<Task, String> {
+        let epoch = self.rt.block_on(bump_epoch(&self.pool, &self.processor, p)).map_err(|e| format!("bumping the epoch of partition {p}: {e}"))?;
+        info!(partition = p, epoch, "task epoch");
+        if path.exists() {
+            let store = Store::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+            let owned = store.owner_epoch().map_err(|e| format!("reading {}: {e}", path.display()))?;
+            if owned == Some(epoch - 1) {
+                store.set_owner_epoch(epoch).map_err(|e| format!("writing {}: {e}", path.display()))?;
+                let cp = store.checkpoint().map_err(|e| format!("reading {}: {e}", path.display()))?;
+                // It does not start from the published snapshot: withdraw that (a snapshot of
+                // the local store replaces it at the first occasion).
+                if self.snapshots.is_some() && self.rt.block_on(snapshot::withdraw(&self.pool, &self.processor, p, epoch)).map_err(|e| e.to_string())? {
+                    info!(partition = p, "snapshot withdrawn: resuming from the local store");
+                }
+                return Ok(Task::new(store, cp, Some(epoch)));
+            }
+            warn!(partition = p, store_epoch = ?owned, epoch, "local store is stale (another owner ran since): discarding it");
+            drop(store);
+            std::fs::remove_file(path).map_err(|e| format!("removing stale {}: {e}", path.display()))?;
+        }
+        let task = match &self.snapshots {
+            Some(snapshots) => self.restore(snapshots, p, epoch, path)?,
+            None => {
+                info!(partition = p, "no local state: replaying from the beginning");
+                let store = Store::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+                let cp = store.checkpoint().map_err(|e| format!("reading {}: {e}", path.display()))?;
+                Task::new(store, cp, Some(epoch))
+            }
+        };
+        task.store.set_owner_epoch(epoch).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok(task)
+    }
 }
 
 impl ClientContext for RebalanceContext {}
@@ -186,11 +226,7 @@ impl ConsumerContext for RebalanceContext {
                         std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
                         std::collections::btree_map::Entry::Vacant(v) => {
                             let path = self.dir.join(format!("p{p}.redb"));
-                            let opened = match &self.snapshots {
-                                Some(snapshots) if !path.exists() => self.restore(snapshots, p, &path),
-                                _ => Store::open(&path).and_then(|s| s.checkpoint().map(|cp| Task::new(s, cp, None))).map_err(|e| format!("opening {}: {e}", path.display())),
-                            };
-                            match opened {
+                            match self.take(p, &path) {
                                 Ok(task) => v.insert(task),
                                 Err(e) => {
                                     sh.fatal = Some(e);
@@ -298,16 +334,6 @@ where
         let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = sh.fatal.take() {
             return Err(RuntimeError::Store(store::StoreError::from_message(f)));
-        }
-        for (p, task) in sh.tasks.iter_mut().filter(|(_, t)| t.epoch.is_none()) {
-            let epoch = rt.block_on(bump_epoch(&pool, &task_name(&cfg), *p))?;
-            info!(partition = p, epoch, "task epoch");
-            task.epoch = Some(epoch);
-            // A task resuming from its local store does not start from the published snapshot:
-            // withdraw it (a snapshot of the local store replaces it at the first occasion).
-            if snapshots.is_some() && rt.block_on(snapshot::withdraw(&pool, &task_name(&cfg), *p, epoch))? {
-                info!(partition = p, "snapshot withdrawn: resuming from the local store");
-            }
         }
         let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
         for m in batch {

@@ -91,6 +91,20 @@ impl Store {
             .collect()
     }
 
+    /// The epoch this store was last owned under (`None`: never recorded).
+    pub fn owner_epoch(&self) -> Result<Option<i64>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let meta = tx.open_table(META).map_err(e)?;
+        Ok(meta.get("owner_epoch").map_err(e)?.map(|v| v.value()))
+    }
+
+    /// Records that the store is now owned under `epoch` (durably, before anything is emitted).
+    pub fn set_owner_epoch(&self, epoch: i64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        tx.open_table(META).map_err(e)?.insert("owner_epoch", epoch).map_err(e)?;
+        tx.commit().map_err(e)
+    }
+
     /// Makes the interval durable: its state writes, the next offsets and the output position,
     /// all or nothing.
     pub fn commit(&self, overlay: Overlay, cp: &Checkpoint) -> Result<(), StoreError> {
