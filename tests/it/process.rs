@@ -430,3 +430,57 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_pipeline_goes_on() {
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
 }
+
+/// Another owner ran between two runs of the same instance: it took the partitions over (newer
+/// epochs) and wrote a value computed from less input (here: a stale value injected with that
+/// owner's epoch). The instance comes back with its local store, which is further ahead than that
+/// owner got; it must not trust it (resuming would never re-emit the stale key), but discard it and
+/// replay, so the projection is the oracle's again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_store_is_not_trusted_after_another_owner_ran() {
+    use rdkafka::producer::FutureRecord;
+    let env = TestEnv::start().await;
+    let codec = Codec::new(&env.cfg.registry.url);
+    let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
+    let mut vars = proc_env(&env, &data);
+    vars.push(("VITALS_PROCESSORS__SNAPSHOT_EVERY_MS".into(), "0".into()));
+    assert_eq!(simulate::run(&env.sim("a", 5, 2, 2), &env.http).await.unwrap().rejected, 0);
+    let expected = rollup_day::oracle(&inputs(&env, &codec).await);
+    let equal = || async { fold(&env, &codec).await.0 == expected };
+    let mut a = Proc { env: vars, child: None };
+    a.start(None);
+    wait_for_every("the first run to reach the oracle", Duration::from_secs(120), Duration::from_millis(300), || async { equal().await.then_some(()) }).await;
+    a.kill9();
+
+    // The other owner: every partition's epoch bumped, one key rewritten from "less input".
+    let topic = env.topics().rollup_day;
+    let task = format!("{}rollup_day", env.cfg.kafka.topic_prefix);
+    let victim = env.read(&topic).await.into_iter().rev().find(|m| crate::harness::header(m, vitals_schemas::topics::PROGRESS_HEADER).is_none()).unwrap();
+    let mut stale: RollupDay = codec.decode(victim.payload().unwrap()).await.unwrap();
+    for p in 0..env.cfg.kafka.partitions {
+        vitals_processors::runtime::bump_epoch(&env.pool, &task, p).await.unwrap();
+    }
+    let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM processor_epochs WHERE processor = $1 AND partition = $2")
+        .bind(&task)
+        .bind(victim.partition())
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    stale.count += 1000;
+    (stale.version_epoch, stale.version_seq) = (epoch, 1);
+    let bytes = codec.encode(&topic, &stale).await.unwrap();
+    let producer = vitals::app::producer(&env.cfg, "test-other-owner").unwrap();
+    producer
+        .send(FutureRecord::to(&topic).partition(victim.partition()).key(victim.key().unwrap()).payload(&bytes), Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert!(!equal().await, "the stale value now wins the fold");
+
+    // The instance returns with its (ahead, but no longer trusted) local store.
+    a.start(None);
+    wait_for_every("the returning owner to re-emit past the stale value", Duration::from_secs(120), Duration::from_millis(300), || async { equal().await.then_some(()) }).await;
+    a.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
