@@ -189,7 +189,7 @@ fn init_tracing(default: &str) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo talks to a person: warnings only, unless RUST_LOG says otherwise.
-    init_tracing(if matches!(cli.cmd, Cmd::Demo { .. }) { "warn,sqlx=warn,rdkafka=error" } else { "info,sqlx=warn,rdkafka=warn" });
+    init_tracing(if matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Bench { .. }) { "warn,sqlx=warn,rdkafka=error" } else { "info,sqlx=warn,rdkafka=warn" });
     let cfg = Config::load()?;
     match cli.cmd {
         Cmd::Config => print!("{}", toml::to_string(&cfg).context("printing config")?),
