@@ -347,7 +347,13 @@ pub async fn snapshots(cfg: &Config, group: &str) -> anyhow::Result<Option<Arc<v
 }
 
 /// Runs one processor until SIGTERM/Ctrl-C (or a fatal error).
-pub async fn process(cfg: &Config, name: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>, crash_after_produce: Option<u64>) -> anyhow::Result<()> {
+pub async fn process(
+    cfg: &Config,
+    name: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    crash_after_produce: Option<u64>,
+    metrics: Arc<vitals_processors::runtime::metrics::RuntimeMetrics>,
+) -> anyhow::Result<()> {
     use vitals_processors::runtime::{self, RunArgs, RuntimeConfig};
     let Some(info) = vitals_processors::find(name) else {
         let known: Vec<&str> = vitals_processors::registry().iter().map(|p| p.name).collect();
@@ -375,7 +381,7 @@ pub async fn process(cfg: &Config, name: &str, stop: std::sync::Arc<std::sync::a
         codec: Arc::new(Codec::new(&cfg.registry.url)),
         pool,
         stop,
-        records_in: Default::default(),
+        metrics,
         snapshots,
     };
     tokio::task::spawn_blocking(move || (info.run)(args)).await.context("processor thread")?.context("processor runtime")

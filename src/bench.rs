@@ -98,7 +98,7 @@ async fn create_raw_topic(cfg: &Config, name: &str) -> anyhow::Result<()> {
 /// Kafka). Then the restore of `rollup_day`'s state from its S3 snapshots, timed, for the size
 /// it has.
 pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, Ordering};
     use vitals_processors::driver::Driver;
     use vitals_processors::rollup_day::RollupDayProcessor;
     use vitals_processors::runtime::{self, RunArgs, RuntimeConfig};
@@ -158,7 +158,8 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
             let data = std::env::temp_dir().join(format!("vitals-bench-{}-{}-{checkpointing}", std::process::id(), info.name));
             let _ = std::fs::remove_dir_all(&data);
             let stop = Arc::new(AtomicBool::new(false));
-            let records_in = Arc::new(AtomicU64::new(0));
+            let metrics = Arc::new(runtime::metrics::RuntimeMetrics::default());
+            let records_in = &metrics.records_in;
             let args = RunArgs {
                 cfg: RuntimeConfig {
                     processor: info.name,
@@ -176,7 +177,7 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
                 codec: Arc::clone(&codec),
                 pool: pool.clone(),
                 stop: Arc::clone(&stop),
-                records_in: Arc::clone(&records_in),
+                metrics: Arc::clone(&metrics),
                 snapshots: if checkpointing && info.name == "rollup_day" { snapshots.clone() } else { None },
             };
             let run_fn = info.run;
@@ -278,7 +279,7 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
     let mut workers = Vec::new();
     for info in vitals_processors::registry() {
         let (cfg, stop) = (cfg.clone(), Arc::clone(&stop));
-        workers.push(tokio::spawn(async move { app::process(&cfg, info.name, stop, None).await }));
+        workers.push(tokio::spawn(async move { app::process(&cfg, info.name, stop, None, Default::default()).await }));
     }
     let publisher = app::publisher(&cfg)?;
     {

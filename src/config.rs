@@ -65,6 +65,8 @@ pub struct ProcessorsConfig {
     pub max_wait_ms: u64,
     /// Least time between two S3 snapshots of a task; 0 disables snapshots and restores.
     pub snapshot_every_ms: u64,
+    /// Where `vitals process` serves `/metrics` (Prometheus text); empty: nowhere.
+    pub metrics_listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -79,7 +79,7 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     for info in vitals_processors::registry() {
         let (cfg, stop) = (cfg.clone(), Arc::clone(&stop));
         tasks.push((true, tokio::spawn(async move {
-            if let Err(e) = app::process(&cfg, info.name, stop, None).await {
+            if let Err(e) = app::process(&cfg, info.name, stop, None, Default::default()).await {
                 eprintln!("processor {} stopped: {e:#}", info.name);
             }
         })));

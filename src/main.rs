@@ -225,10 +225,30 @@ async fn main() -> anyhow::Result<()> {
             });
             // One runtime per processor; the first to fail stops the others, and the process
             // exits non-zero so a supervisor restarts it.
-            let runs = names.iter().map(|name| {
-                let (cfg, stop) = (&cfg, std::sync::Arc::clone(&stop));
+            let metrics: Vec<(String, std::sync::Arc<vitals_processors::runtime::metrics::RuntimeMetrics>)> =
+                names.iter().map(|n| (n.clone(), Default::default())).collect();
+            if !cfg.processors.metrics_listen.is_empty() {
+                let listener = TcpListener::bind(&cfg.processors.metrics_listen).await.with_context(|| format!("binding {}", cfg.processors.metrics_listen))?;
+                let all = metrics.clone();
+                let router = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let all = all.clone();
+                        async move {
+                            let mut out = String::new();
+                            for (name, m) in &all {
+                                m.render(name, &mut out);
+                            }
+                            ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+                        }
+                    }),
+                );
+                tokio::spawn(app::serve(listener, router, std::future::pending()));
+            }
+            let runs = metrics.iter().map(|(name, m)| {
+                let (cfg, stop, m) = (&cfg, std::sync::Arc::clone(&stop), std::sync::Arc::clone(m));
                 async move {
-                    let r = app::process(cfg, name, std::sync::Arc::clone(&stop), crash_after_produce).await;
+                    let r = app::process(cfg, name, std::sync::Arc::clone(&stop), crash_after_produce, m).await;
                     if r.is_err() {
                         stop.store(true, std::sync::atomic::Ordering::Relaxed);
                     }

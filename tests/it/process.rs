@@ -395,7 +395,10 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_pipeline_goes_on() {
     send(codec.encode(&t.hot, &batch(vec![sample("good", "heart_rate")])).await.unwrap()).await;
 
     let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
-    let mut proc = Proc { env: proc_env(&env, &data), child: None };
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut vars = proc_env(&env, &data);
+    vars.push(("VITALS_PROCESSORS__METRICS_LISTEN".into(), format!("127.0.0.1:{metrics_port}")));
+    let mut proc = Proc { env: vars, child: None };
     proc.start(None);
     let dead = wait_for_every("two dead letters", Duration::from_secs(60), Duration::from_millis(300), || {
         let env = &env;
@@ -426,6 +429,23 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_pipeline_goes_on() {
         async move { env.read(&env.topics().rollup_day).await.iter().any(|m| m.key() == Some(key.as_bytes())).then_some(()) }
     })
     .await;
+    // What an operator sees on /metrics: the dead letters, the records, the checkpoints, and the
+    // lag of the owned partitions (measured every 10 s) back at zero.
+    let hot_lag = format!("vitals_processor_lag_records{{processor=\"rollup_day\",topic=\"{}\",partition=\"{p}\"}} 0", t.hot);
+    let metrics = wait_for_every("the metrics to show the DLQ and a caught-up lag", Duration::from_secs(60), Duration::from_millis(500), || {
+        let hot_lag = &hot_lag;
+        async move {
+            let body = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.ok()?.text().await.ok()?;
+            body.contains(hot_lag.as_str()).then_some(body)
+        }
+    })
+    .await;
+    assert!(metrics.contains("vitals_processor_dead_lettered_total{processor=\"rollup_day\"} 2"), "{metrics}");
+    let value = |name: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("vitals_processor_{name}{{"))).unwrap_or_else(|| panic!("{name} in {metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("records_in_total") >= 3 && value("checkpoints_total") >= 1 && value("outputs_total") >= 1, "{metrics}");
     proc.kill9();
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;

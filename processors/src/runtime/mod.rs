@@ -15,6 +15,7 @@
 //! (after a commit), and a task that gets a partition without a local store rebuilds it from the
 //! newest snapshot and replays the input from the snapshot's offsets ([`snapshot`]).
 
+pub mod metrics;
 pub mod s3;
 pub mod snapshot;
 pub mod store;
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
@@ -284,8 +285,8 @@ pub struct RunArgs {
     pub pool: PgPool,
     /// Set to stop after the current interval.
     pub stop: Arc<AtomicBool>,
-    /// Input records processed so far (a metric; the benchmark waits on it).
-    pub records_in: Arc<std::sync::atomic::AtomicU64>,
+    /// Counters an operator reads (and the benchmark waits on).
+    pub metrics: Arc<metrics::RuntimeMetrics>,
     /// Snapshots to S3 and restore from them; `None`: local stores only (a task without one
     /// replays its partition from the beginning).
     pub snapshots: Option<Arc<Snapshots>>,
@@ -298,7 +299,7 @@ where
     P: Processor,
     P::Output: Versioned + Serialize + Clone,
 {
-    let RunArgs { cfg, consumer_config, producer, codec, pool, stop, records_in, snapshots } = args;
+    let RunArgs { cfg, consumer_config, producer, codec, pool, stop, metrics, snapshots } = args;
     let rt = tokio::runtime::Handle::current();
     let shared = Arc::new(Mutex::new(Shared::default()));
     // Snapshots only exist of checkpoints.
@@ -317,6 +318,7 @@ where
     consumer.subscribe(&input_topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(processor = cfg.processor, "processor started");
     let mut produced = 0u64;
+    let mut lag_measured = Instant::now() - LAG_EVERY;
     while !stop.load(Ordering::Relaxed) {
         let mut batch: Vec<OwnedMessage> = Vec::new();
         let deadline = Instant::now() + cfg.max_wait;
@@ -342,8 +344,20 @@ where
         for (p, msgs) in by_partition {
             let Some(task) = sh.tasks.get_mut(&p) else { continue };
             let n = msgs.len() as u64;
-            interval(&mut processor, &cfg, &rt, &codec, &producer, p, task, msgs, &mut produced)?;
-            records_in.fetch_add(n, Ordering::Relaxed);
+            interval(&mut processor, &cfg, &rt, &codec, &producer, p, task, msgs, &mut produced, &metrics)?;
+            metrics.add(&metrics.records_in, n);
+        }
+        if lag_measured.elapsed() >= LAG_EVERY {
+            lag_measured = Instant::now();
+            let mut lag = BTreeMap::new();
+            for (p, task) in sh.tasks.iter() {
+                for topic in &input_topics {
+                    if let Ok((_, high)) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(1)) {
+                        lag.insert((topic.clone(), *p), (high - task.cp.offsets.get(topic).copied().unwrap_or(0)).max(0));
+                    }
+                }
+            }
+            *metrics.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
         }
         if let Some(s) = &snapshots {
             for (p, task) in sh.tasks.iter_mut() {
@@ -375,6 +389,10 @@ fn is_progress(m: &OwnedMessage) -> bool {
     use rdkafka::message::Headers;
     m.headers().is_some_and(|h| h.iter().any(|h| h.key == PROGRESS_HEADER))
 }
+
+/// How often the lag of the owned partitions is measured (a watermark request per input topic
+/// and partition).
+const LAG_EVERY: Duration = Duration::from_secs(10);
 
 /// A processor that re-arms a due timer in its own `on_timer` would otherwise spin forever.
 const MAX_TIMERS_PER_RECORD: usize = 100_000;
@@ -419,6 +437,7 @@ fn interval<P>(
     task: &mut Task,
     mut msgs: Vec<OwnedMessage>,
     produced: &mut u64,
+    metrics: &metrics::RuntimeMetrics,
 ) -> Result<(), RuntimeError>
 where
     P: Processor,
@@ -452,7 +471,12 @@ where
                 payload: m.payload().map(<[u8]>::to_vec),
             };
             dead.push((dl, reason));
+            metrics.add(&metrics.dead_lettered, 1);
         };
+        // The record's trace context (the edge writes `traceparent` into every record) continues
+        // in this span, so a record's processing joins the upload's trace in the logs.
+        let traceparent = m.headers().and_then(|h| h.iter().find(|h| h.key == "traceparent").and_then(|h| h.value)).map(String::from_utf8_lossy);
+        let _span = tracing::debug_span!("record", topic = m.topic(), partition = p, offset = m.offset(), traceparent = traceparent.as_deref()).entered();
         let decoded = if is_progress(m) { None } else { Some(rt.block_on(decode(codec, t, m))) };
         match decoded {
             // An upstream processor's progress marker: not an input, only a position.
@@ -488,6 +512,7 @@ where
             processor.on_timer(&user, &name, &mut state, &mut collect);
             outputs.extend(collect.out);
             fired += 1;
+            metrics.add(&metrics.timers_fired, 1);
             if fired > MAX_TIMERS_PER_RECORD {
                 warn!(partition = p, "more than {MAX_TIMERS_PER_RECORD} timers due at once; the rest fire after the next record");
                 break;
@@ -514,6 +539,7 @@ where
             other => RuntimeError::Encode(other.to_string()),
         })?;
         records.push((cfg.output_topic.clone(), key, bytes, OwnedHeaders::new()));
+        metrics.add(&metrics.outputs, 1);
     }
     // Progress markers: "everything of this user up to `offsets` is processed, and its outputs
     // are before this record in the partition". Sinks turn them into the user's freshness; they
@@ -528,6 +554,7 @@ where
         })?;
         let headers = OwnedHeaders::new().insert(Header { key: PROGRESS_HEADER, value: Some("1") });
         records.push((cfg.output_topic.clone(), format!("{user}|{PROGRESS_KEY}"), bytes, headers));
+        metrics.add(&metrics.progress_markers, 1);
     }
     for (dl, reason) in dead {
         warn!(topic = %dl.source_topic, partition = p, offset = dl.source_offset, code = %dl.code, "dead-lettered");
@@ -565,6 +592,7 @@ where
         return Ok(());
     }
     if !records.is_empty() {
+        let waiting = Instant::now();
         let acks = rt.block_on(async {
             let futs = records.iter().map(|(topic, key, bytes, headers)| {
                 producer.send(
@@ -577,6 +605,7 @@ where
         for a in acks {
             a.map_err(|(e, _)| RuntimeError::NotAcknowledged(e.to_string()))?;
         }
+        metrics.add(&metrics.ack_wait_micros, waiting.elapsed().as_micros() as u64);
         *produced += 1;
         if cfg.crash_after_produce.is_some_and(|n| *produced >= n) {
             warn!("crash_after_produce: aborting between produce and checkpoint");
@@ -584,7 +613,10 @@ where
         }
     }
     // Only now, with every output acknowledged, does the interval become the checkpoint.
+    let committing = Instant::now();
     task.store.commit(overlay, &cp)?;
+    metrics.add(&metrics.commit_micros, committing.elapsed().as_micros() as u64);
+    metrics.add(&metrics.commits, 1);
     task.cp = cp;
     Ok(())
 }
