@@ -5,6 +5,7 @@
 
 mod api;
 mod browser;
+mod demo;
 mod harness;
 mod ingest;
 mod pipeline;
