@@ -40,33 +40,10 @@ async fn upload_fresh(base: &Config, tag: &str, mut sim: SimConfig) -> anyhow::R
 pub async fn ingest(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
     let (cfg, _pool, _run, report) = upload_fresh(base, "bench", sim.clone()).await?;
 
-    // Everything the edge wrote, in every lane.
-    let topics = app::topics(&cfg);
-    let mut records = Vec::new();
-    for t in [&topics.hot, &topics.cold, &topics.change, &topics.domain] {
-        records.extend(app::read_all(&cfg, t).await?);
-    }
-    let bytes: usize = records.iter().map(|m| m.payload().map_or(0, |p| p.len()) + m.key().map_or(0, |k| k.len())).sum();
-
-    // The broker's raw rate for the same records: same producer settings, same keys and payloads.
-    let raw_topic = format!("{}raw", cfg.kafka.topic_prefix);
-    create_raw_topic(&cfg, &raw_topic).await?;
-    let producer = app::producer(&cfg, "vitals-bench-raw")?;
-    let t0 = Instant::now();
-    for chunk in records.chunks(1000) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for m in chunk {
-            let mut rec = FutureRecord::to(&raw_topic).payload(m.payload().unwrap_or_default());
-            if let Some(k) = m.key() {
-                rec = rec.key(k);
-            }
-            acks.push(producer.send(rec, std::time::Duration::from_secs(30)));
-        }
-        for r in join_all(acks).await {
-            r.map_err(|(e, _)| e).context("raw produce")?;
-        }
-    }
-    let raw = t0.elapsed();
+    // Everything the edge wrote, in every lane, produced again raw: the broker's own rate for the
+    // same records (same producer settings, keys and payloads).
+    let (records, bytes) = lane_records(&cfg).await?;
+    let raw = raw_produce(&cfg, &records).await?;
 
     let secs = report.elapsed.as_secs_f64();
     let mb = bytes as f64 / 1e6;
@@ -78,6 +55,42 @@ pub async fn ingest(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
     println!("    {:>7.2} s = {:.0} records/s, {:.2} MB/s, i.e. {:.0} items/s equivalent", raw.as_secs_f64(), records.len() as f64 / raw.as_secs_f64(), mb / raw.as_secs_f64(), report.accepted as f64 / raw.as_secs_f64());
     println!("  edge / raw throughput: {:.2}", raw.as_secs_f64() / secs);
     Ok(())
+}
+
+/// Every record of the input lanes, and their bytes (keys and payloads).
+async fn lane_records(cfg: &Config) -> anyhow::Result<(Vec<rdkafka::message::OwnedMessage>, usize)> {
+    let topics = app::topics(cfg);
+    let mut records = Vec::new();
+    for t in [&topics.hot, &topics.cold, &topics.change, &topics.domain] {
+        records.extend(app::read_all(cfg, t).await?);
+    }
+    let bytes = records.iter().map(|m| m.payload().map_or(0, |p| p.len()) + m.key().map_or(0, |k| k.len())).sum();
+    Ok((records, bytes))
+}
+
+/// Produces `records` again (keys and payloads) to a fresh `<prefix>raw` topic with the edge's
+/// producer settings, 1000 in flight at a time, and returns how long the acknowledgements took.
+async fn raw_produce(cfg: &Config, records: &[rdkafka::message::OwnedMessage]) -> anyhow::Result<std::time::Duration> {
+    let raw_topic = format!("{}raw", cfg.kafka.topic_prefix);
+    create_raw_topic(cfg, &raw_topic).await?;
+    let producer = app::producer(cfg, "vitals-bench-raw")?;
+    let t0 = Instant::now();
+    for chunk in records.chunks(1000) {
+        let acks: Vec<_> = chunk
+            .iter()
+            .map(|m| {
+                let mut rec = FutureRecord::to(&raw_topic).payload(m.payload().unwrap_or_default());
+                if let Some(k) = m.key() {
+                    rec = rec.key(k);
+                }
+                producer.send(rec, std::time::Duration::from_secs(30))
+            })
+            .collect();
+        for r in join_all(acks).await {
+            r.map_err(|(e, _)| e).context("raw produce")?;
+        }
+    }
+    Ok(t0.elapsed())
 }
 
 async fn create_raw_topic(cfg: &Config, name: &str) -> anyhow::Result<()> {
@@ -366,31 +379,10 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
     api_server.abort();
 
     // 3. The broker alone with the same bytes: produce every lane record again, then consume.
-    let topics = app::topics(&cfg);
-    let mut records = Vec::new();
-    for t in [&topics.hot, &topics.cold, &topics.change, &topics.domain] {
-        records.extend(app::read_all(&cfg, t).await?);
-    }
-    let bytes: usize = records.iter().map(|m| m.payload().map_or(0, |p| p.len()) + m.key().map_or(0, |k| k.len())).sum();
-    let raw_topic = format!("{}raw", cfg.kafka.topic_prefix);
-    create_raw_topic(&cfg, &raw_topic).await?;
-    let producer = app::producer(&cfg, "vitals-bench-raw")?;
+    let (records, bytes) = lane_records(&cfg).await?;
     let t1 = Instant::now();
-    for chunk in records.chunks(1000) {
-        let acks: Vec<_> = chunk
-            .iter()
-            .map(|m| {
-                let mut rec = FutureRecord::to(&raw_topic).payload(m.payload().unwrap_or_default());
-                if let Some(k) = m.key() {
-                    rec = rec.key(k);
-                }
-                producer.send(rec, std::time::Duration::from_secs(30))
-            })
-            .collect();
-        for r in join_all(acks).await {
-            r.map_err(|(e, _)| e).context("raw produce")?;
-        }
-    }
+    raw_produce(&cfg, &records).await?;
+    let raw_topic = format!("{}raw", cfg.kafka.topic_prefix);
     let consumed = app::read_all(&cfg, &raw_topic).await?.len();
     let raw = t1.elapsed();
     let _ = std::fs::remove_dir_all(&data);
