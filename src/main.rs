@@ -43,6 +43,8 @@ enum Cmd {
     Sink,
     /// Run the read API, the dashboard and the realtime WebSocket gateway (api.listen).
     Api,
+    /// Run only the realtime WebSocket gateway (api.listen), for scaling connections apart.
+    Realtime,
     /// The whole pipeline in one process with simulated people uploading, and the dashboard URL.
     /// Uses an embedded broker unless one is configured (--broker or VITALS_KAFKA__BROKERS).
     Demo {
@@ -272,12 +274,13 @@ async fn main() -> anyhow::Result<()> {
             let publisher = app::publisher(&cfg)?;
             app::sink(&cfg, stop, Default::default(), Box::new(move |applied| publisher.announce(applied))).await?;
         }
-        Cmd::Api => {
+        Cmd::Api | Cmd::Realtime => {
             let pool = app::pg_pool(&cfg).await?;
             app::migrate(&pool).await?;
             let api = app::api(&cfg, pool, true).await?;
             let listener = TcpListener::bind(&cfg.api.listen).await.with_context(|| format!("binding {}", cfg.api.listen))?;
-            app::serve(listener, vitals_api::router(api), shutdown_signal()).await?;
+            let router = if matches!(cli.cmd, Cmd::Realtime) { vitals_api::realtime_router(api) } else { vitals_api::router(api) };
+            app::serve(listener, router, shutdown_signal()).await?;
         }
         Cmd::Topics { cmd: TopicsCmd::Create } => {
             for line in app::create_topics(&cfg).await? {

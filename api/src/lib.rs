@@ -43,6 +43,12 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const APP_JS: &str = include_str!("../static/app.js");
 
+/// Only the realtime WebSocket gateway (and `/healthz`): `vitals realtime`, for deployments that
+/// scale connections apart from reads.
+pub fn realtime_router(api: Arc<Api>) -> Router {
+    Router::new().route("/healthz", get(|| async { "ok" })).route("/v1/realtime", get(realtime::upgrade)).with_state(api)
+}
+
 pub fn router(api: Arc<Api>) -> Router {
     Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))

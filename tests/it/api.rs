@@ -104,6 +104,14 @@ async fn reads_are_scoped_fresh_and_pushed_live() {
     api_env.push(("VITALS_API__LISTEN".into(), format!("127.0.0.1:{port}")));
     let mut api_proc = VitalsProc::new(&["api"], api_env);
     api_proc.start();
+    // A second gateway instance, realtime only: envelopes reach a client wherever it connects.
+    let gw_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut gw_env = env.child_env(&data);
+    gw_env.push(("VITALS_API__LISTEN".into(), format!("127.0.0.1:{gw_port}")));
+    let mut gateway = VitalsProc::new(&["realtime"], gw_env);
+    gateway.start();
+    let gw_base = format!("http://127.0.0.1:{gw_port}");
+    wait_for("the second gateway to listen", Duration::from_secs(30), || async { reqwest::get(format!("{gw_base}/healthz")).await.ok().map(|_| ()) }).await;
     let api = ApiClient { base: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
     wait_for("the API to listen", Duration::from_secs(30), || async { api.http.get(format!("{}/healthz", api.base)).send().await.ok().map(|_| ()) }).await;
 
@@ -120,6 +128,7 @@ async fn reads_are_scoped_fresh_and_pushed_live() {
     // Both users watch live; then the pipeline starts.
     let mut ws_a = connect(&api.base, &ta).await;
     let mut ws_b = connect(&api.base, &tb).await;
+    let mut ws_b2 = connect(&gw_base, &tb).await;
     let mut processor = VitalsProc::new(&["process", "rollup_day"], env.child_env(&data));
     processor.start();
     let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
@@ -177,6 +186,8 @@ async fn reads_are_scoped_fresh_and_pushed_live() {
     assert_eq!(s, 200, "{out}");
     let env_b = receive_until(&mut ws_b, "B's envelope", |got| !got.is_empty()).await;
     assert!(env_b.iter().all(|e| e["user_id"] == "api-user-b"), "{env_b:?}");
+    let env_b2 = receive_until(&mut ws_b2, "B's envelope on the other gateway", |got| !got.is_empty()).await;
+    assert_eq!(env_b2[0], env_b[0], "the same envelope, whichever gateway the client is on");
     wait_for_every("B's rollups to be fresh", Duration::from_secs(60), Duration::from_millis(200), || async {
         (api.freshness(&tb, "rollup_day").await == "fresh").then_some(())
     })
@@ -201,6 +212,7 @@ async fn reads_are_scoped_fresh_and_pushed_live() {
     processor.kill9();
     sink.kill9();
     api_proc.kill9();
+    gateway.kill9();
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
 }
