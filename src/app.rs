@@ -393,7 +393,7 @@ pub async fn sink(
     cfg: &Config,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     metrics: std::sync::Arc<vitals_sinks::runner::SinkMetrics>,
-    on_applied: Box<dyn Fn(&[vitals_sinks::postgres::Applied]) + Send>,
+    on_applied: vitals_sinks::runner::OnApplied,
 ) -> anyhow::Result<()> {
     use vitals_sinks::runner::{self, SinkArgs, SinkConfig};
     let pool = pg_ready(cfg, &stop).await?;

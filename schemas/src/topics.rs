@@ -124,6 +124,11 @@ pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
     (murmur2(key) & 0x7fff_ffff) % partitions
 }
 
+/// The Kafka header marking a processor output record as a per-user progress marker (key
+/// `<user>|~progress`, a tombstone-shaped record carrying the source offsets) rather than a
+/// projection row. Sinks record it as the user's freshness; chained processors skip it.
+pub const PROGRESS_HEADER: &str = "vitals-progress";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,8 +153,3 @@ mod tests {
         assert!(specs.iter().all(|s| s.name.starts_with("t1.vitals.")));
     }
 }
-
-/// The Kafka header marking a processor output record as a per-user progress marker (key
-/// `<user>|~progress`, a tombstone-shaped record carrying the source offsets) rather than a
-/// projection row. Sinks record it as the user's freshness; chained processors skip it.
-pub const PROGRESS_HEADER: &str = "vitals-progress";

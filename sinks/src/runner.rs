@@ -57,6 +57,9 @@ pub struct SinkMetrics {
     pub dead_lettered: AtomicU64,
 }
 
+/// What runs after each commit with the rows it changed.
+pub type OnApplied = Box<dyn Fn(&[Applied]) + Send>;
+
 /// Everything the sink is handed by the composition root.
 pub struct SinkArgs {
     pub cfg: SinkConfig,
@@ -67,7 +70,7 @@ pub struct SinkArgs {
     pub stop: Arc<AtomicBool>,
     pub metrics: Arc<SinkMetrics>,
     /// Called after each commit with the rows that changed (realtime push). Must not block.
-    pub on_applied: Box<dyn Fn(&[Applied]) + Send>,
+    pub on_applied: OnApplied,
 }
 
 struct SeekContext {

@@ -419,7 +419,7 @@ impl OwnPostgres {
         let url = self.url("postgres");
         wait_for("own PostgreSQL to accept connections", Duration::from_secs(30), || {
             let url = url.clone();
-            async move { PgPool::connect(&url).await.ok().map(|p| drop(p)) }
+            async move { PgPool::connect(&url).await.ok().map(drop) }
         })
         .await;
     }

@@ -236,7 +236,7 @@ fn check_sample(s: &Sample) -> Result<(), Invalid> {
     if Catalog::embedded().get(&s.metric).is_none() {
         return Err(Invalid { code: "unknown_metric", reason: format!("metric `{}` is not in the catalog", s.metric) });
     }
-    if !s.end_ms.checked_sub(s.start_ms).is_some_and(|d| d >= 0) {
+    if s.end_ms.checked_sub(s.start_ms).is_none_or(|d| d < 0) {
         return Err(Invalid { code: "bad_sample_interval", reason: format!("sample {}/{} ends before it starts", s.source, s.source_record_id) });
     }
     if !s.value.is_finite() {
