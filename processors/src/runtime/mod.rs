@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
@@ -128,8 +127,6 @@ struct Shared {
     tasks: BTreeMap<i32, Task>,
     /// A store that could not be opened: the process must stop.
     fatal: Option<String>,
-    /// Bumped by every assignment and revocation: the COLD queues must be split again.
-    assignments: u64,
 }
 
 /// Consumer context: on assignment, opens each partition's store and starts reading every
@@ -242,7 +239,6 @@ impl ConsumerContext for RebalanceContext {
                     let off = task.cp.offsets.get(el.topic()).copied();
                     let _ = start.add_partition_offset(el.topic(), p, off.map(Offset::Offset).unwrap_or(Offset::Beginning));
                 }
-                sh.assignments += 1;
                 info!(partitions = ?sh.tasks.keys().collect::<Vec<_>>(), "assigned");
                 if let Err(e) = consumer.assign(&start) {
                     sh.fatal = Some(format!("assign: {e}"));
@@ -252,7 +248,6 @@ impl ConsumerContext for RebalanceContext {
                 for el in tpl.elements() {
                     sh.tasks.remove(&el.partition());
                 }
-                sh.assignments += 1;
                 info!("partitions revoked");
                 let _ = consumer.unassign();
             }
@@ -317,60 +312,25 @@ where
         pool: pool.clone(),
         snapshots: snapshots.clone(),
     };
-    let consumer: Arc<BaseConsumer<RebalanceContext>> = Arc::new(consumer_config.create_with_context(ctx)?);
+    let consumer: BaseConsumer<RebalanceContext> = consumer_config.create_with_context(ctx)?;
     let t = &cfg.topics;
     let input_topics = cfg.inputs.topics(t);
     consumer.subscribe(&input_topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(processor = cfg.processor, "processor started");
     let mut produced = 0u64;
     let mut lag_measured = Instant::now() - LAG_EVERY;
-    // COLD gets a queue per partition, apart from HOT, CHANGE and domain changes: a backfill's
-    // prefetched records never stand in front of a HOT record; they fill what room an interval
-    // has left once everything else has been taken.
-    let mut cold_queues: Vec<PartitionQueue<RebalanceContext>> = Vec::new();
-    let mut queues_for = u64::MAX;
-    let mut next_cold = 0usize;
     while !stop.load(Ordering::Relaxed) {
         let mut batch: Vec<OwnedMessage> = Vec::new();
         let deadline = Instant::now() + cfg.max_wait;
-        loop {
-            // Everything already fetched of HOT, CHANGE and domain changes first…
-            while batch.len() < cfg.max_batch {
-                match consumer.poll(Duration::ZERO) {
-                    Some(Ok(m)) => batch.push(m.detach()),
-                    Some(Err(e)) => warn!(error = %e, "consumer error"),
-                    None => break,
-                }
-            }
-            let assignments = shared.lock().unwrap_or_else(|p| p.into_inner()).assignments;
-            if cfg.inputs == Inputs::Lanes && assignments != queues_for {
-                // `assign` deactivates split queues: split every owned COLD partition again.
-                let owned: Vec<i32> = shared.lock().unwrap_or_else(|p| p.into_inner()).tasks.keys().copied().collect();
-                cold_queues = owned.into_iter().filter_map(|p| consumer.split_partition_queue(&t.cold, p)).collect();
-                queues_for = assignments;
-            }
-            // …then COLD, round robin over the partitions, in what room is left.
-            let mut idle = 0;
-            while batch.len() < cfg.max_batch && !cold_queues.is_empty() && idle < cold_queues.len() {
-                next_cold = (next_cold + 1) % cold_queues.len();
-                match cold_queues[next_cold].poll(Duration::ZERO) {
-                    Some(Ok(m)) => {
-                        batch.push(m.detach());
-                        idle = 0;
-                    }
-                    Some(Err(e)) => warn!(error = %e, "consumer error"),
-                    None => idle += 1,
-                }
-            }
+        while batch.len() < cfg.max_batch {
             let left = deadline.saturating_duration_since(Instant::now());
-            if batch.len() >= cfg.max_batch || left.is_zero() {
+            if left.is_zero() {
                 break;
             }
-            if let Some(r) = consumer.poll(left.min(POLL_SLICE)) {
-                match r {
-                    Ok(m) => batch.push(m.detach()),
-                    Err(e) => warn!(error = %e, "consumer error"),
-                }
+            match consumer.poll(left) {
+                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Err(e)) => warn!(error = %e, "consumer error"),
+                None => break,
             }
         }
         let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -429,9 +389,6 @@ fn is_progress(m: &OwnedMessage) -> bool {
     use rdkafka::message::Headers;
     m.headers().is_some_and(|h| h.iter().any(|h| h.key == PROGRESS_HEADER))
 }
-
-/// How long the loop waits on the main queue at a time before looking at the COLD queues again.
-const POLL_SLICE: Duration = Duration::from_millis(5);
 
 /// How often the lag of the owned partitions is measured (a watermark request per input topic
 /// and partition).
