@@ -171,17 +171,31 @@ fn page(mut rows: Rows, limit: i64, freshness: Freshness) -> Page {
 }
 
 async fn rollups(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
-    let user = user(&api, &headers)?;
     let Query(q) = q.map_err(bad_query)?;
+    by_day(&api, &headers, q, "proj_rollup_day", "rollup_day").await
+}
+
+async fn sleep(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(bad_query)?;
+    if q.metric.is_some() {
+        return Err(ApiError::bad_request("invalid_parameter", "sleep nights take no metric").field("metric"));
+    }
+    by_day(&api, &headers, q, "proj_sleep_night", "sleep_night").await
+}
+
+/// A page of a projection keyed by local date (rollups, sleep nights), ordered by date, optionally
+/// of one metric and within [from, to].
+async fn by_day(api: &Api, headers: &HeaderMap, q: ListQuery, table: &str, projection: &str) -> Result<Response, ApiError> {
+    let user = user(api, headers)?;
     let (from, to, n, cursor) = (date("from", &q.from)?, date("to", &q.to)?, limit(&q)?, decode_cursor(&q.cursor)?);
     let (ck, ce) = cursor.map(|c| (Some(c.k), Some(c.e))).unwrap_or((None, None));
-    let rows: Rows = sqlx::query_as(
-        "SELECT day::text, entity_id, body FROM proj_rollup_day
+    let rows: Rows = sqlx::query_as(&format!(
+        "SELECT day::text, entity_id, body FROM {table}
          WHERE user_id = $1 AND NOT deleted AND ($2::text IS NULL OR metric = $2)
            AND ($3::date IS NULL OR day >= $3) AND ($4::date IS NULL OR day <= $4)
            AND ($5::text IS NULL OR (day::text, entity_id) > ($5, $6))
-         ORDER BY day, entity_id LIMIT $7",
-    )
+         ORDER BY day, entity_id LIMIT $7"
+    ))
     .bind(&user)
     .bind(&q.metric)
     .bind(from)
@@ -192,36 +206,8 @@ async fn rollups(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Quer
     .fetch_all(&api.pool)
     .await
     .map_err(db_error)?;
-    let f = freshness::of(&api.pool, &user, "rollup_day").await.map_err(db_error)?;
-    Ok(respond(&headers, &page(rows, n, f)))
-}
-
-async fn sleep(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
-    let user = user(&api, &headers)?;
-    let Query(q) = q.map_err(bad_query)?;
-    if q.metric.is_some() {
-        return Err(ApiError::bad_request("invalid_parameter", "sleep nights take no metric").field("metric"));
-    }
-    let (from, to, n, cursor) = (date("from", &q.from)?, date("to", &q.to)?, limit(&q)?, decode_cursor(&q.cursor)?);
-    let (ck, ce) = cursor.map(|c| (Some(c.k), Some(c.e))).unwrap_or((None, None));
-    let rows: Rows = sqlx::query_as(
-        "SELECT day::text, entity_id, body FROM proj_sleep_night
-         WHERE user_id = $1 AND NOT deleted
-           AND ($2::date IS NULL OR day >= $2) AND ($3::date IS NULL OR day <= $3)
-           AND ($4::text IS NULL OR (day::text, entity_id) > ($4, $5))
-         ORDER BY day, entity_id LIMIT $6",
-    )
-    .bind(&user)
-    .bind(from)
-    .bind(to)
-    .bind(ck)
-    .bind(ce)
-    .bind(n + 1)
-    .fetch_all(&api.pool)
-    .await
-    .map_err(db_error)?;
-    let f = freshness::of(&api.pool, &user, "sleep_night").await.map_err(db_error)?;
-    Ok(respond(&headers, &page(rows, n, f)))
+    let f = freshness::of(&api.pool, &user, projection).await.map_err(db_error)?;
+    Ok(respond(headers, &page(rows, n, f)))
 }
 
 async fn sessions(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
