@@ -29,6 +29,28 @@ pub struct DemoArgs {
     pub once: bool,
 }
 
+/// One simulated watch, live: every 5 s a heart-rate sample and the steps of the last 5 s, through
+/// the same HTTP API a phone uses. Failures are printed and the next tick tries again.
+async fn live_watch(http: reqwest::Client, base_url: String, token: String) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    for n in 0u64.. {
+        tick.tick().await;
+        let now = chrono::Utc::now();
+        let at = |secs: i64| (now - chrono::Duration::seconds(secs)).to_rfc3339();
+        let bpm = 62 + (n * 7 % 23);
+        let body = serde_json::json!({"request_id": format!("live-{}-{n}", now.timestamp_millis()), "samples": [
+            {"source": "demo-watch", "source_kind": "watch", "source_record_id": format!("live-hr-{}", now.timestamp_millis()),
+             "metric": "heart_rate", "start": at(0), "end": at(0), "value": bpm, "unit": "count/min", "time_zone": "UTC"},
+            {"source": "demo-watch", "source_kind": "watch", "source_record_id": format!("live-steps-{}", now.timestamp_millis()),
+             "metric": "steps", "start": at(5), "end": at(0), "value": 8 + n % 5, "unit": "count", "time_zone": "UTC"}]});
+        match http.post(format!("{base_url}/v1/health/samples:batch")).bearer_auth(&token).json(&body).send().await {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => eprintln!("live upload: HTTP {}", r.status()),
+            Err(e) => eprintln!("live upload: {e}"),
+        }
+    }
+}
+
 pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     let run = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
     cfg.kafka.topic_prefix = format!("demo-{run}.");
@@ -153,9 +175,13 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
         println!("  {table:<22} {n:>6} rows");
     }
     if !args.once {
+        // The first person's watch keeps uploading, so the dashboard visibly moves.
+        let live = tokio::spawn(live_watch(http.clone(), sim.base_url.clone(), token.clone()));
         println!();
-        println!("Everything keeps running: open the dashboard above, upload more (README › Uploading); Ctrl-C to stop.");
+        println!("Everything keeps running, and {}'s watch uploads a heart rate and a few steps every 5 s:", users[0]);
+        println!("open the dashboard above and watch it update; upload your own (README › Uploading); Ctrl-C to stop.");
         crate::shutdown_signal().await;
+        live.abort();
     }
     // Processors and the sink finish their interval and stop before the broker goes away.
     stop.store(true, Ordering::Relaxed);
