@@ -146,6 +146,8 @@ pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
+        // The rebalance timeout too: a killed member stalls a rebalance at most this long.
+        .set("max.poll.interval.ms", "20000")
         .set("log_level", "4");
     c
 }

@@ -669,6 +669,10 @@ pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
         .set("fetch.max.bytes", "1048576")
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
+        // Also the rebalance timeout a join announces: how long the coordinator may wait for a
+        // member that does not rejoin (a killed process). librdkafka's 300 s default would stall a
+        // restarted instance that long; no interval or restore here comes near 20 s.
+        .set("max.poll.interval.ms", "20000")
         .set("log_level", "4");
     c
 }
