@@ -320,11 +320,9 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
     loop {
         let mut all_fresh = true;
         'users: for u in &users {
-            for p in vitals_api::freshness::PROJECTIONS {
-                if vitals_api::freshness::of(&pool, u, p).await?.state != vitals_api::freshness::FreshnessState::Fresh {
-                    all_fresh = false;
-                    break 'users;
-                }
+            if vitals_api::freshness::UserProgress::load(&pool, u).await?.all().values().any(|f| f.state != vitals_api::freshness::FreshnessState::Fresh) {
+                all_fresh = false;
+                break 'users;
             }
         }
         if all_fresh {

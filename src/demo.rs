@@ -156,8 +156,7 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     loop {
         let mut behind = Vec::new();
         for u in &users {
-            for p in vitals_api::freshness::PROJECTIONS {
-                let f = vitals_api::freshness::of(&pool, u, p).await?;
+            for (p, f) in vitals_api::freshness::UserProgress::load(&pool, u).await?.all() {
                 if f.state != vitals_api::freshness::FreshnessState::Fresh {
                     behind.push(format!("{u}/{p}: {}", f.state.as_str()));
                 }

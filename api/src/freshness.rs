@@ -56,7 +56,7 @@ pub struct Freshness {
 impl Freshness {
     /// Compares accepted (partition → last offset, accepted at) with applied (partition → next
     /// offset). Pure, so the rule is tested without a database.
-    pub fn compare(accepted: &BTreeMap<(String, i32), (i64, chrono::DateTime<chrono::Utc>)>, applied: &BTreeMap<(String, i32), i64>) -> Freshness {
+    pub fn compare(accepted: &Accepted, applied: &BTreeMap<(String, i32), i64>) -> Freshness {
         let mut f = Freshness { state: FreshnessState::Fresh, lanes_behind: 0, offsets_behind: 0, waiting_since: None };
         for (lane, (last, at)) in accepted {
             let next = applied.get(lane).copied().unwrap_or(0);
@@ -73,38 +73,59 @@ impl Freshness {
     }
 }
 
+type Accepted = BTreeMap<(String, i32), (i64, chrono::DateTime<chrono::Utc>)>;
+
+/// One user's inputs and progress, read once: what every projection's freshness is computed from.
+pub struct UserProgress {
+    /// What the edge accepted, per input partition.
+    lanes: Accepted,
+    /// The session-impact records the sink applied (product_impact's input), per partition.
+    session_impacts: Accepted,
+    /// Per projection, how far it has been computed and applied, per input partition.
+    applied: BTreeMap<String, BTreeMap<(String, i32), i64>>,
+}
+
+impl UserProgress {
+    /// Three queries, whatever the number of projections asked about.
+    pub async fn load(pool: &PgPool, user: &str) -> Result<UserProgress, sqlx::Error> {
+        type Row = (String, i32, i64, chrono::DateTime<chrono::Utc>);
+        let accepted = |rows: Vec<Row>| rows.into_iter().map(|(t, p, o, at)| ((t, p), (o, at))).collect();
+        let lanes: Vec<Row> = sqlx::query_as("SELECT topic, partition, last_offset, accepted_at FROM ingest_user_offsets WHERE user_id = $1").bind(user).fetch_all(pool).await?;
+        let inputs: Vec<Row> = sqlx::query_as("SELECT topic, partition, last_offset, updated_at FROM projection_inputs WHERE user_id = $1").bind(user).fetch_all(pool).await?;
+        let progress: Vec<(String, String, i32, i64)> =
+            sqlx::query_as("SELECT projection, topic, partition, next_offset FROM projection_progress WHERE user_id = $1").bind(user).fetch_all(pool).await?;
+        let mut applied: BTreeMap<String, BTreeMap<(String, i32), i64>> = BTreeMap::new();
+        for (projection, t, p, o) in progress {
+            applied.entry(projection).or_default().insert((t, p), o);
+        }
+        Ok(UserProgress { lanes: accepted(lanes), session_impacts: accepted(inputs), applied })
+    }
+
+    /// The freshness of `projection`. `product_impact` is built from session_impact's output:
+    /// first that must be fresh, then product_impact must have consumed every session-impact
+    /// record of the user.
+    pub fn of(&self, projection: &str) -> Freshness {
+        let none = BTreeMap::new();
+        let applied = |p: &str| self.applied.get(p).unwrap_or(&none);
+        if projection == "product_impact" {
+            let upstream = Freshness::compare(&self.lanes, applied("session_impact"));
+            if upstream.state != FreshnessState::Fresh {
+                return upstream;
+            }
+            return Freshness::compare(&self.session_impacts, applied(projection));
+        }
+        Freshness::compare(&self.lanes, applied(projection))
+    }
+
+    /// Every projection's freshness.
+    pub fn all(&self) -> BTreeMap<&'static str, Freshness> {
+        PROJECTIONS.iter().map(|p| (*p, self.of(p))).collect()
+    }
+}
+
 /// The freshness of `projection` for `user`.
 pub async fn of(pool: &PgPool, user: &str, projection: &str) -> Result<Freshness, sqlx::Error> {
-    if projection == "product_impact" {
-        // Built from session_impact's output: first that must be fresh, then product_impact must
-        // have consumed every session-impact record of the user.
-        let upstream = lanes(pool, user, "session_impact").await?;
-        if upstream.state != FreshnessState::Fresh {
-            return Ok(upstream);
-        }
-        let accepted: Vec<(String, i32, i64, chrono::DateTime<chrono::Utc>)> =
-            sqlx::query_as("SELECT topic, partition, last_offset, updated_at FROM projection_inputs WHERE user_id = $1").bind(user).fetch_all(pool).await?;
-        return compare_rows(pool, user, projection, accepted).await;
-    }
-    lanes(pool, user, projection).await
-}
-
-/// Freshness of a projection computed from the ingest lanes.
-async fn lanes(pool: &PgPool, user: &str, projection: &str) -> Result<Freshness, sqlx::Error> {
-    let accepted: Vec<(String, i32, i64, chrono::DateTime<chrono::Utc>)> =
-        sqlx::query_as("SELECT topic, partition, last_offset, accepted_at FROM ingest_user_offsets WHERE user_id = $1").bind(user).fetch_all(pool).await?;
-    compare_rows(pool, user, projection, accepted).await
-}
-
-async fn compare_rows(pool: &PgPool, user: &str, projection: &str, accepted: Vec<(String, i32, i64, chrono::DateTime<chrono::Utc>)>) -> Result<Freshness, sqlx::Error> {
-    let applied: Vec<(String, i32, i64)> = sqlx::query_as("SELECT topic, partition, next_offset FROM projection_progress WHERE user_id = $1 AND projection = $2")
-        .bind(user)
-        .bind(projection)
-        .fetch_all(pool)
-        .await?;
-    let accepted = accepted.into_iter().map(|(t, p, o, at)| ((t, p), (o, at))).collect();
-    let applied = applied.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
-    Ok(Freshness::compare(&accepted, &applied))
+    Ok(UserProgress::load(pool, user).await?.of(projection))
 }
 
 #[cfg(test)]

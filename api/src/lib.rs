@@ -286,9 +286,6 @@ async fn products(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Que
 
 async fn freshness_summary(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
     let user = user(&api, &headers)?;
-    let mut out = serde_json::Map::new();
-    for p in freshness::PROJECTIONS {
-        out.insert(p.to_owned(), serde_json::to_value(freshness::of(&api.pool, &user, p).await.map_err(db_error)?).unwrap_or_default());
-    }
-    Ok(respond(&headers, &serde_json::json!({ "user_id": user, "freshness": out })))
+    let all = freshness::UserProgress::load(&api.pool, &user).await.map_err(db_error)?.all();
+    Ok(respond(&headers, &serde_json::json!({ "user_id": user, "freshness": all })))
 }
