@@ -304,10 +304,11 @@ where
     let shared = Arc::new(Mutex::new(Shared::default()));
     // Snapshots only exist of checkpoints.
     let snapshots = snapshots.filter(|_| cfg.checkpointing);
+    let task = task_name(&cfg);
     let ctx = RebalanceContext {
         shared: Arc::clone(&shared),
         dir: cfg.data_dir.join(cfg.processor),
-        processor: task_name(&cfg),
+        processor: task.clone(),
         rt: rt.clone(),
         pool: pool.clone(),
         snapshots: snapshots.clone(),
@@ -360,8 +361,8 @@ where
             *metrics.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
         }
         if let Some(s) = &snapshots {
-            for (p, task) in sh.tasks.iter_mut() {
-                maybe_snapshot(s, &task_name(&cfg), &rt, *p, task);
+            for (p, t) in sh.tasks.iter_mut() {
+                maybe_snapshot(s, &task, &rt, *p, t);
             }
         }
     }
