@@ -241,6 +241,19 @@ pub fn key(m: &OwnedMessage) -> String {
     String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned()
 }
 
+/// SIGKILL a child, if any, and reap it.
+fn kill_and_reap(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Waits (30 s at most) until something accepts TCP connections on `addr`.
+async fn wait_listening(what: &str, addr: &str) {
+    wait_for(what, Duration::from_secs(30), || async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }).await;
+}
+
 /// A nisshi broker of the test's own (its own port and storage database), for tests that stop it.
 pub struct OwnBroker {
     pub port: u16,
@@ -282,19 +295,12 @@ impl OwnBroker {
             .expect("starting nisshi (built by scripts/services up)");
         self.child = Some(child);
         let addr = self.addr();
-        wait_for("own nisshi broker to listen", Duration::from_secs(30), || {
-            let addr = addr.clone();
-            async move { tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()) }
-        })
-        .await;
+        wait_listening("own nisshi broker to listen", &addr).await;
     }
 
     /// `kill -9`.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_and_reap(&mut self.child);
     }
 }
 
@@ -329,10 +335,7 @@ impl VitalsProc {
     }
     /// SIGKILL, and reap.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_and_reap(&mut self.child);
     }
     /// `None` while running; the exit status once it has exited by itself.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
@@ -479,18 +482,11 @@ impl OwnRedis {
             .expect("starting redis-server (installed by scripts/services up)");
         self.child = Some(child);
         let addr = format!("127.0.0.1:{}", self.port);
-        wait_for("own Redis to listen", Duration::from_secs(30), || {
-            let addr = addr.clone();
-            async move { tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()) }
-        })
-        .await;
+        wait_listening("own Redis to listen", &addr).await;
     }
     /// `kill -9`.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_and_reap(&mut self.child);
     }
 }
 
