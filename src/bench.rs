@@ -248,7 +248,7 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
         let (mut bytes, mut n, mut slowest) = (0u64, 0, std::time::Duration::ZERO);
         let t0 = Instant::now();
         for p in 0..parts {
-            let epoch = runtime::bump_epoch(&pool, &task, p).await?;
+            let epoch = runtime::bump_epoch(&pool, &task, p, 0).await?;
             if let Some(r) = s.restore(&task, p, epoch, &dir.join(format!("p{p}.redb"))).await.map_err(|e| anyhow::anyhow!(e))? {
                 bytes += r.pointer.bytes as u64;
                 n += 1;

@@ -32,6 +32,9 @@ impl State for MemState {
     fn stream_time_ms(&self) -> i64 {
         self.stream_time_ms
     }
+    fn fail(&self, reason: String) {
+        panic!("state unusable: {reason}");
+    }
     fn set_timer(&mut self, name: &str, at_ms: i64) {
         self.timers.insert(name.to_owned(), at_ms);
     }

@@ -68,6 +68,11 @@ pub trait State {
     /// (the ingest edge's acknowledgement time, stored in the log, so replays see the same
     /// clock). Never the wall clock.
     fn stream_time_ms(&self) -> i64;
+    /// Reports that state read through this view is unusable (a value that does not
+    /// deserialise): the runtime stops the task with this reason instead of emitting what the
+    /// processor computed from "nothing held". Reads that fail in the store are reported the
+    /// same way by the runtime itself.
+    fn fail(&self, reason: String);
     /// Arms (or moves) this user's timer `name`: [`Processor::on_timer`] runs once stream time
     /// reaches `at_ms`. Timers are state: checkpointed with it, replayed with it.
     fn set_timer(&mut self, name: &str, at_ms: i64);
@@ -75,10 +80,29 @@ pub trait State {
     fn cancel_timer(&mut self, name: &str);
 }
 
-/// Typed helpers over [`State`] (JSON values: readable when debugging a store).
+/// Typed helpers over [`State`] (JSON values: readable when debugging a store). A value that
+/// does not deserialise fails the task ([`State::fail`]); it never reads as "nothing held".
 pub trait StateExt: State {
     fn get_json<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
-        self.get(key).and_then(|v| serde_json::from_slice(&v).ok())
+        let v = self.get(key)?;
+        match serde_json::from_slice(&v) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.fail(format!("state value {key:?} does not deserialise: {e}"));
+                None
+            }
+        }
+    }
+    /// The values under `prefix`, deserialised (in key order).
+    fn scan_json<T: DeserializeOwned>(&self, prefix: &str) -> Vec<(String, T)> {
+        let mut out = Vec::new();
+        for (k, v) in self.scan(prefix) {
+            match serde_json::from_slice(&v) {
+                Ok(t) => out.push((k, t)),
+                Err(e) => self.fail(format!("state value {k:?} does not deserialise: {e}")),
+            }
+        }
+        out
     }
     fn put_json<T: Serialize>(&mut self, key: &str, value: &T) {
         self.put(key, serde_json::to_vec(value).expect("state values serialize"));

@@ -23,11 +23,17 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
+    /// Whether the process is stopped (SIGSTOP), from `/proc/<pid>/stat`.
+    pub(crate) fn stopped(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // `pid (comm) state …`: the state follows the last `)`.
+        stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+    }
     /// SIGSTOP / SIGCONT: freeze the process as a long GC pause or a partitioned host would.
-    fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap().success();
         assert!(ok, "kill -{sig}");
     }
@@ -38,6 +44,11 @@ impl Proc {
             cmd.arg("--crash-after-produce").arg(n.to_string());
         }
         self.child = Some(cmd.spawn().expect("starting vitals process"));
+    }
+    /// Sets (or replaces) one environment variable of the next start.
+    pub(crate) fn set(&mut self, key: &str, value: impl ToString) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_string()));
     }
     pub(crate) fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -82,16 +93,42 @@ pub(crate) async fn inputs(env: &TestEnv, codec: &Codec) -> Vec<Input> {
 }
 
 /// Folds the output topic: per key the record with the greatest version; checks versions grow
-/// strictly per key along each partition's log. Returns (live rows without version fields, records).
+/// strictly per key along each partition's log, and that compaction (the last record per key by
+/// offset) keeps the same. Returns (live rows without version fields, records).
 pub(crate) async fn fold(env: &TestEnv, codec: &Codec) -> (BTreeMap<String, RollupDay>, usize) {
-    fold_with(env, codec, true).await
+    let f = fold_with(env, codec, true).await;
+    assert_eq!(f.by_version, f.compacted, "the last record of every key by offset is its newest version");
+    (f.by_version, f.records)
 }
 
-/// Folds like a sink: per key the greatest version wins. With `log_monotonic`, also asserts that
-/// versions only grow along the log (true unless a zombie wrote late).
-async fn fold_with(env: &TestEnv, codec: &Codec, log_monotonic: bool) -> (BTreeMap<String, RollupDay>, usize) {
+/// The output topic folded two ways.
+pub(crate) struct Folded {
+    /// What a consumer keeping the newest version per key holds.
+    pub(crate) by_version: BTreeMap<String, RollupDay>,
+    /// What log compaction keeps: the last record of every key by offset.
+    pub(crate) compacted: BTreeMap<String, RollupDay>,
+    pub(crate) records: usize,
+}
+
+fn live(m: BTreeMap<String, RollupDay>) -> BTreeMap<String, RollupDay> {
+    m.into_iter()
+        .filter(|(_, r)| !r.deleted)
+        .map(|(k, mut r)| {
+            r.version_epoch = 0;
+            r.version_seq = 0;
+            r.source_offsets.clear();
+            (k, r)
+        })
+        .collect()
+}
+
+/// Folds like a sink (per key the greatest version wins) and like compaction (per key the last
+/// record by offset). With `log_monotonic`, also asserts that versions only grow along the log
+/// (true unless a zombie wrote late).
+pub(crate) async fn fold_with(env: &TestEnv, codec: &Codec, log_monotonic: bool) -> Folded {
     let records = env.read(&env.topics().rollup_day).await;
     let mut latest: BTreeMap<String, RollupDay> = BTreeMap::new();
+    let mut last: BTreeMap<String, RollupDay> = BTreeMap::new();
     let mut by_part: BTreeMap<i32, Vec<_>> = BTreeMap::new();
     for m in &records {
         by_part.entry(m.partition()).or_default().push(m);
@@ -99,8 +136,12 @@ async fn fold_with(env: &TestEnv, codec: &Codec, log_monotonic: bool) -> (BTreeM
     for (_, mut ms) in by_part {
         ms.sort_by_key(|m| m.offset());
         for m in ms {
+            if crate::harness::header(m, vitals_schemas::topics::PROGRESS_HEADER).is_some() {
+                continue;
+            }
             let key = String::from_utf8_lossy(m.key().unwrap()).into_owned();
             let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
+            last.insert(key.clone(), r.clone());
             if let Some(prev) = latest.get(&key) {
                 if !log_monotonic {
                     if (r.version_epoch, r.version_seq) > (prev.version_epoch, prev.version_seq) {
@@ -118,17 +159,7 @@ async fn fold_with(env: &TestEnv, codec: &Codec, log_monotonic: bool) -> (BTreeM
             latest.insert(key, r);
         }
     }
-    let live = latest
-        .into_iter()
-        .filter(|(_, r)| !r.deleted)
-        .map(|(k, mut r)| {
-            r.version_epoch = 0;
-            r.version_seq = 0;
-            r.source_offsets.clear();
-            (k, r)
-        })
-        .collect();
-    (live, records.len())
+    Folded { by_version: live(latest), compacted: live(last), records: records.len() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,8 +176,12 @@ async fn rollup_day_killed_at_any_point_still_equals_the_oracle() {
     let first = simulate::run(&sim("a", 1), &env.http).await.unwrap();
     assert_eq!(first.rejected, 0);
 
+    // Every run reads with other batch boundaries, so a replay never retraces its predecessor's
+    // intervals (what a deletion read before or after its sample changes is then exercised).
+    let mut sizes = [7usize, 2, 13, 4, 29, 3, 9, 1].into_iter().cycle();
     // Crash exactly between an interval's acknowledged outputs and its checkpoint, three times.
     for n in [1u64, 2, 3] {
+        proc.set("VITALS_PROCESSORS__MAX_BATCH", sizes.next().unwrap());
         proc.start(Some(n));
         proc.wait_for_abort().await;
     }
@@ -154,6 +189,7 @@ async fn rollup_day_killed_at_any_point_still_equals_the_oracle() {
     // starts a new wave of uploads, and kills the processor as soon as its output has grown.
     for round in 0..4u64 {
         let before = fold(&env, &codec).await.1;
+        proc.set("VITALS_PROCESSORS__MAX_BATCH", sizes.next().unwrap());
         proc.start(None);
         let wave = {
             let cfg = SimConfig { users: 1, days: 2, ..sim(&format!("w{round}"), 10 + round) };
@@ -172,6 +208,7 @@ async fn rollup_day_killed_at_any_point_still_equals_the_oracle() {
     }
 
     // The last run catches up; then the projection is exactly the oracle's.
+    proc.set("VITALS_PROCESSORS__MAX_BATCH", sizes.next().unwrap());
     proc.start(None);
     let all_inputs = inputs(&env, &codec).await;
     let expected = rollup_day::oracle(&all_inputs);
@@ -223,14 +260,14 @@ async fn rebalance_between_instances_and_a_frozen_zombie_change_nothing() {
     let grown = |before: usize| {
         let env = &env;
         let codec = &codec;
-        move || async move { (fold_with(env, codec, false).await.1 > before).then_some(()) }
+        move || async move { (fold_with(env, codec, false).await.records > before).then_some(()) }
     };
     assert_eq!(simulate::run(&sim("a", 1, 3), &env.http).await.unwrap().rejected, 0);
 
     let mut a = Proc { env: proc_env(&env, &base.join("a")), child: None };
     let mut b = Proc { env: proc_env(&env, &base.join("b")), child: None };
     a.start(None);
-    let n0 = fold_with(&env, &codec, false).await.1;
+    let n0 = fold_with(&env, &codec, false).await.records;
     wait_for_every("instance A to emit", Duration::from_secs(60), Duration::from_millis(300), grown(n0)).await;
     // B joins: the group rebalances and the partitions are split between A and B.
     b.start(None);
@@ -239,7 +276,7 @@ async fn rebalance_between_instances_and_a_frozen_zombie_change_nothing() {
         let http = env.http.clone();
         tokio::spawn(async move { simulate::run(&cfg, &http).await })
     };
-    let n1 = fold_with(&env, &codec, false).await.1;
+    let n1 = fold_with(&env, &codec, false).await.records;
     wait_for_every("output after B joined", Duration::from_secs(60), Duration::from_millis(300), grown(n1)).await;
     // Freeze A mid-stream. Its session expires and the group gives its partitions to B, which
     // bumps their epochs.
@@ -262,7 +299,10 @@ async fn rebalance_between_instances_and_a_frozen_zombie_change_nothing() {
         let env = &env;
         let codec = &codec;
         let expected = &expected;
-        move || async move { (fold_with(env, codec, false).await.0 == *expected).then_some(()) }
+        move || async move {
+            let f = fold_with(env, codec, false).await;
+            (f.by_version == *expected && f.compacted == *expected).then_some(())
+        }
     };
     wait_for_every("B alone to reach the oracle", Duration::from_secs(120), Duration::from_millis(500), equal()).await;
     // Thaw the zombie: it rejoins (a rebalance bumps epochs) and may finish an interval it had
@@ -478,7 +518,7 @@ async fn a_local_store_is_not_trusted_after_another_owner_ran() {
     let victim = env.read(&topic).await.into_iter().rev().find(|m| crate::harness::header(m, vitals_schemas::topics::PROGRESS_HEADER).is_none()).unwrap();
     let mut stale: RollupDay = codec.decode(victim.payload().unwrap()).await.unwrap();
     for p in 0..env.cfg.kafka.partitions {
-        vitals_processors::runtime::bump_epoch(&env.pool, &task, p).await.unwrap();
+        vitals_processors::runtime::bump_epoch(&env.pool, &task, p, 0).await.unwrap();
     }
     let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM processor_epochs WHERE processor = $1 AND partition = $2")
         .bind(&task)
@@ -490,8 +530,16 @@ async fn a_local_store_is_not_trusted_after_another_owner_ran() {
     (stale.version_epoch, stale.version_seq) = (epoch, 1);
     let bytes = codec.encode(&topic, &stale).await.unwrap();
     let producer = vitals::app::producer(&env.cfg, "test-other-owner").unwrap();
+    // Written the way the runtime writes: with its epoch, user and source offsets in headers.
+    use rdkafka::message::{Header, OwnedHeaders};
+    use vitals_processors::runtime::{EPOCH_HEADER, SOURCE_HEADER, USER_HEADER};
+    let source = stale.source_offsets.iter().map(|o| format!("{}={}", o.topic, o.next_offset)).collect::<Vec<_>>().join(",");
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: EPOCH_HEADER, value: Some(epoch.to_string().as_str()) })
+        .insert(Header { key: USER_HEADER, value: Some(stale.user_id.as_str()) })
+        .insert(Header { key: SOURCE_HEADER, value: Some(source.as_str()) });
     producer
-        .send(FutureRecord::to(&topic).partition(victim.partition()).key(victim.key().unwrap()).payload(&bytes), Duration::from_secs(30))
+        .send(FutureRecord::to(&topic).partition(victim.partition()).key(victim.key().unwrap()).payload(&bytes).headers(headers), Duration::from_secs(30))
         .await
         .map_err(|(e, _)| e)
         .unwrap();
@@ -501,6 +549,61 @@ async fn a_local_store_is_not_trusted_after_another_owner_ran() {
     a.start(None);
     wait_for_every("the returning owner to re-emit past the stale value", Duration::from_secs(120), Duration::from_millis(300), || async { equal().await.then_some(()) }).await;
     a.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
+
+/// `processor_epochs` is lost under a running pipeline (a PostgreSQL restored from an old backup,
+/// or replaced by a new one): the next owner of every partition would start again at epoch 1,
+/// and every new version would lose to the older ones already in the output topic — the
+/// projection frozen while everything looks fine. Epochs must start above the greatest epoch in
+/// the output partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_processor_epochs_never_freezes_the_projection() {
+    let env = TestEnv::start().await;
+    let codec = Codec::new(&env.cfg.registry.url);
+    let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
+    let mut proc = Proc { env: proc_env(&env, &data), child: None };
+    let reaches_oracle = |what: &'static str| {
+        let (env, codec) = (&env, &codec);
+        async move {
+            let expected = rollup_day::oracle(&inputs(env, codec).await);
+            wait_for_every(what, Duration::from_secs(120), Duration::from_millis(300), || async { (fold(env, codec).await.0 == expected).then_some(()) }).await;
+        }
+    };
+    assert_eq!(simulate::run(&env.sim("a", 31, 2, 2), &env.http).await.unwrap().rejected, 0);
+    // Several owners in a row, so the epochs in the output are well above 1.
+    for _ in 0..3 {
+        proc.start(None);
+        reaches_oracle("the projection to reach the oracle").await;
+        proc.kill9();
+    }
+    proc.start(None);
+    // The greatest epoch written to each output partition before the loss.
+    let written = || async {
+        let mut m: BTreeMap<i32, i64> = BTreeMap::new();
+        for r in env.read(&env.topics().rollup_day).await {
+            let row: RollupDay = codec.decode(r.payload().unwrap()).await.unwrap();
+            let e = m.entry(r.partition()).or_insert(0);
+            *e = (*e).max(row.version_epoch);
+        }
+        m
+    };
+    let before = written().await;
+    assert!(before.values().all(|e| *e >= 3), "several owners wrote before the loss: {before:?}");
+    sqlx::query("DELETE FROM processor_epochs").execute(&env.pool).await.unwrap();
+    assert_eq!(simulate::run(&env.sim("b", 32, 2, 1), &env.http).await.unwrap().rejected, 0);
+    reaches_oracle("uploads after the loss to reach the projection (running tasks)").await;
+    // The next owner of every partition starts after the loss.
+    proc.kill9();
+    proc.start(None);
+    assert_eq!(simulate::run(&env.sim("c", 33, 2, 1), &env.http).await.unwrap().rejected, 0);
+    reaches_oracle("uploads after a takeover with lost epochs to reach the projection").await;
+    let now: BTreeMap<i32, i64> = sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs").fetch_all(&env.pool).await.unwrap().into_iter().collect();
+    for (p, e) in &before {
+        assert!(now.get(p).is_some_and(|n| n > e), "partition {p}: the epoch after the loss ({:?}) is above the greatest written before ({e})", now.get(p));
+    }
+    proc.kill9();
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
 }

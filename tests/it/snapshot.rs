@@ -16,7 +16,8 @@ use vitals_schemas::codec::Codec;
 use vitals_schemas::RollupDay;
 
 use crate::harness::{fresh_db, services_up, wait_for, wait_for_every, TestEnv};
-use crate::process::{fold, inputs, proc_env, Proc};
+use crate::pipeline::Out;
+use crate::process::{fold, fold_with, inputs, proc_env, Proc};
 
 fn s3_settings(bucket: &str) -> S3Settings {
     let cfg = vitals::config::Config::from_sources(None, &BTreeMap::new()).unwrap();
@@ -155,6 +156,7 @@ async fn a_task_without_local_state_restores_from_its_snapshot_and_replays() {
     }
     let restored_partitions: BTreeSet<i32> = restores.iter().map(|r| r.0).collect();
     eprintln!("{checked} outputs of the restoring epochs checked on partitions {restored_partitions:?}");
+    assert!(checked > 0, "no output of a restoring epoch was checked: the test proved nothing about where the replay started");
     proc.kill9();
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
@@ -183,14 +185,14 @@ async fn an_old_owner_cannot_replace_a_newer_snapshot_pointer() {
     let current = || async { pointer(&pool, proc_, p).await.unwrap().map(|x| (x.epoch, x.seq, x.position)) };
 
     assert!(!publish(&pool, proc_, p, &ptr(1, 1, 1)).await.unwrap(), "no epoch row yet: nobody owns the task");
-    assert_eq!(bump_epoch(&pool, proc_, p).await.unwrap(), 1);
+    assert_eq!(bump_epoch(&pool, proc_, p, 0).await.unwrap(), 1);
     assert!(publish(&pool, proc_, p, &ptr(1, 10, 100)).await.unwrap());
     assert!(!publish(&pool, proc_, p, &ptr(1, 10, 100)).await.unwrap(), "the same snapshot again is not newer");
     assert!(!publish(&pool, proc_, p, &ptr(1, 9, 90)).await.unwrap(), "an older snapshot of the same owner");
     assert!(publish(&pool, proc_, p, &ptr(1, 10, 130)).await.unwrap(), "same seq, further in the input");
     assert!(!publish(&pool, proc_, p, &ptr(2, 1, 1)).await.unwrap(), "an epoch that is not current yet");
 
-    assert_eq!(bump_epoch(&pool, proc_, p).await.unwrap(), 2);
+    assert_eq!(bump_epoch(&pool, proc_, p, 0).await.unwrap(), 2);
     assert!(!publish(&pool, proc_, p, &ptr(1, 50, 500)).await.unwrap(), "the old owner, after the bump");
     assert_eq!(current().await, Some((1, 10, 130)));
     assert!(publish(&pool, proc_, p, &ptr(2, 3, 30)).await.unwrap(), "the new owner, even from behind");
@@ -224,4 +226,116 @@ async fn an_old_owner_cannot_replace_a_newer_snapshot_pointer() {
 
     pool.close().await;
     crate::harness::drop_db(&db_url).await;
+}
+
+/// The restore the exactly-once argument has to survive: the published snapshot is *behind* the
+/// outputs its owner went on to emit, and that owner is not dead but frozen (SIGSTOP) at the worst
+/// moment — its next interval planned, not yet produced. A second instance with no local state
+/// takes every partition over, restores the old snapshot, and must overwrite whatever the
+/// frozen owner emitted after it. Then the zombie is thawed, and is asserted to have written:
+/// records of its old epoch land after the new owner's. The new owner answers them, so the output
+/// topic folded by version *and* as compaction keeps it, and the PostgreSQL tables the sink
+/// builds, all equal the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_behind_the_outputs_overwrites_them_and_a_thawed_zombie_changes_nothing() {
+    let env = TestEnv::start().await;
+    let codec = Codec::new(&env.cfg.registry.url);
+    let base = std::env::temp_dir().join(format!("vitals-zombie-{}", uuid::Uuid::new_v4().simple()));
+    let pause = base.join("pause-before-produce");
+    std::fs::create_dir_all(&base).unwrap();
+    let vars = |dir: &str| {
+        let mut v = proc_env(&env, &base.join(dir));
+        // One snapshot per task early on, then none for a minute: it stays behind the outputs.
+        v.push(("VITALS_PROCESSORS__SNAPSHOT_EVERY_MS".into(), "60000".into()));
+        v.push(("VITALS_TEST_PAUSE_BEFORE_PRODUCE".into(), pause.display().to_string()));
+        v
+    };
+    let pointers = || async {
+        sqlx::query_as::<_, (i32, i64, i64)>("SELECT partition, epoch, seq FROM processor_snapshots WHERE processor LIKE '%rollup_day' ORDER BY partition").fetch_all(&env.pool).await.unwrap()
+    };
+    let epochs = || async {
+        sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs WHERE processor LIKE '%rollup_day' ORDER BY partition").fetch_all(&env.pool).await.unwrap()
+    };
+    let records = || async { fold_with(&env, &codec, false).await.records };
+    let mut sink = crate::harness::VitalsProc::new(&["sink"], env.child_env(&base.join("sink")));
+    sink.start();
+
+    assert_eq!(simulate::run(&env.sim("a", 21, 3, 2), &env.http).await.unwrap().rejected, 0);
+    let mut a = Proc { env: vars("a"), child: None };
+    a.start(None);
+    let n = env.cfg.kafka.partitions as usize;
+    wait_for_every("a snapshot of every partition", Duration::from_secs(90), Duration::from_millis(200), || async { (pointers().await.len() == n).then_some(()) }).await;
+    let snapshots = pointers().await;
+    // More uploads: A emits past its snapshots.
+    let before = records().await;
+    assert_eq!(simulate::run(&env.sim("b", 22, 3, 2), &env.http).await.unwrap().rejected, 0);
+    wait_for_every("A to emit past its snapshots", Duration::from_secs(90), Duration::from_millis(200), || async { (records().await > before + 20).then_some(()) }).await;
+    // Freeze A right before it produces its next interval: it has read the next upload and
+    // computed its outputs, and will write them whenever it wakes.
+    std::fs::write(&pause, b"").unwrap();
+    assert_eq!(simulate::run(&env.sim("c", 23, 2, 1), &env.http).await.unwrap().rejected, 0);
+    wait_for_every("A to stop itself before producing", Duration::from_secs(60), Duration::from_millis(100), || async { a.stopped().then_some(()) }).await;
+    let a_epochs: BTreeMap<i32, i64> = epochs().await.into_iter().collect();
+    assert_eq!(pointers().await, snapshots, "no snapshot newer than the first ones: the restore will be behind the outputs");
+
+    // B starts with nothing local: once A's session expires, it owns every partition and
+    // restores each from its (old) snapshot.
+    let mut b = Proc { env: vars("b"), child: None };
+    b.start(None);
+    let expected = rollup_day::oracle(&inputs(&env, &codec).await);
+    assert!(expected.len() > 50, "a realistic workload: {} rollup rows", expected.len());
+    let both = || {
+        let (env, codec, expected) = (&env, &codec, &expected);
+        move || async move {
+            let f = fold_with(env, codec, false).await;
+            (f.by_version == *expected && f.compacted == *expected).then_some(())
+        }
+    };
+    wait_for_every("B alone to bring the output to the oracle, both folds", Duration::from_secs(150), Duration::from_millis(500), both()).await;
+    let restores: i64 = sqlx::query_scalar("SELECT count(*) FROM processor_restores WHERE processor LIKE '%rollup_day'").fetch_one(&env.pool).await.unwrap();
+    assert!(restores >= n as i64, "every partition restored from its snapshot ({restores})");
+    let b_epochs: BTreeMap<i32, i64> = epochs().await.into_iter().collect();
+    assert!(a_epochs.iter().all(|(p, e)| b_epochs[p] > *e), "B owns every partition under a newer epoch: {a_epochs:?} → {b_epochs:?}");
+
+    // Thaw the zombie. It writes the interval it had planned, under its old epoch.
+    let t = env.topics();
+    a.signal("CONT");
+    let zombie_writes = wait_for_every("the zombie's late write", Duration::from_secs(60), Duration::from_millis(200), || async {
+        let msgs = env.read(&t.rollup_day).await;
+        let mut newest_seen: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut late = 0usize;
+        let mut sorted: Vec<_> = msgs.iter().collect();
+        sorted.sort_by_key(|m| (m.partition(), m.offset()));
+        for m in sorted {
+            let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
+            let p = m.partition();
+            if newest_seen.get(&p).is_some_and(|e| *e > r.version_epoch) && r.version_epoch == a_epochs[&p] {
+                late += 1;
+            }
+            let e = newest_seen.entry(p).or_insert(r.version_epoch);
+            *e = (*e).max(r.version_epoch);
+        }
+        (late > 0).then_some(late)
+    })
+    .await;
+    eprintln!("the zombie wrote {zombie_writes} records after the new owner's");
+    wait_for_every("the output to equal the oracle again, both folds, after the zombie wrote", Duration::from_secs(120), Duration::from_millis(500), both()).await;
+    // The sink's tables hold the same.
+    let table = || async {
+        let rows: Vec<(String, String, sqlx::types::Json<RollupDay>)> =
+            sqlx::query_as("SELECT user_id, entity_id, body FROM proj_rollup_day WHERE NOT deleted").fetch_all(&env.pool).await.unwrap();
+        rows.into_iter()
+            .map(|(u, e, b)| {
+                let mut r = b.0;
+                r.strip();
+                (format!("{u}|{e}"), r)
+            })
+            .collect::<BTreeMap<String, RollupDay>>()
+    };
+    wait_for_every("proj_rollup_day to equal the oracle", Duration::from_secs(120), Duration::from_millis(500), || async { (table().await == expected).then_some(()) }).await;
+    a.kill9();
+    b.kill9();
+    sink.kill9();
+    let _ = std::fs::remove_dir_all(&base);
+    env.cleanup().await;
 }

@@ -187,7 +187,7 @@ impl ProductImpactProcessor {
     }
 
     fn recompute(&self, user: &str, product: &str, state: &mut dyn State, out: &mut dyn Emitter<ProductImpact>) {
-        let members: Vec<Contribution> = state.scan(&member_prefix(product)).into_iter().filter_map(|(_, v)| serde_json::from_slice(&v).ok()).collect();
+        let members: Vec<Contribution> = state.scan_json(&member_prefix(product)).into_iter().map(|(_, v)| v).collect();
         let refs: Vec<&Contribution> = members.iter().collect();
         let ek = emitted_key(product);
         let last: Option<ProductImpact> = state.get_json(&ek);

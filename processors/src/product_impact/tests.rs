@@ -322,3 +322,41 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48)))]
+
+    /// Takeovers at random earlier checkpoints (or from nothing), each owner with its own batch
+    /// boundaries and lane interleaving, zombies writing after the takeover, `processor_epochs`
+    /// lost now and then: the output partition folded by version and as compaction keeps it both
+    /// equal the oracle. The input is session_impact's output: versions, re-emissions and
+    /// retractions in any order.
+    #[test]
+    fn takeovers_zombies_and_compaction_leave_exactly_the_oracle(
+        recs in proptest::collection::vec(rec(), 1..50),
+        replay_every in 2usize..6,
+        seed in any::<u64>(),
+        takeovers in 1usize..4,
+        max_zombie_steps in 0usize..4,
+        epochs_lost in proptest::bool::weighted(0.2),
+    ) {
+        use crate::runtime::sim::{self, Scenario, Sim};
+        let mut first: HashMap<(u8, u8, (i64, i64)), Rec> = HashMap::new();
+        let recs: Vec<Rec> = recs.into_iter().map(|r| first.entry((r.user, r.session, r.version)).or_insert(r).clone()).collect();
+        let mut records: Vec<SessionImpact> = recs.iter().map(to_impact).collect();
+        let replays: Vec<SessionImpact> = records
+            .iter()
+            .enumerate()
+            .step_by(replay_every)
+            .map(|(i, r)| SessionImpact { version_epoch: 5, version_seq: 100 + i as i64, ..r.clone() })
+            .collect();
+        records.extend(replays);
+        let t = sim::topics();
+        let log: Vec<(String, i64, Input)> = records.iter().enumerate().map(|(n, r)| (t.session_impact.clone(), n as i64 * 1000, Input::SessionImpact(r.clone()))).collect();
+        let mut sim: Sim<ProductImpactProcessor> = Sim::new(crate::Inputs::SessionImpacts, log);
+        sim.run(|| ProductImpactProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
+        let expected = oracle(&records);
+        prop_assert_eq!(sim.fold_by_version(), expected.clone(), "by version");
+        prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
+    }
+}

@@ -15,6 +15,8 @@ pub struct RuntimeMetrics {
     pub progress_markers: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub timers_fired: AtomicU64,
+    /// Tasks that found a newer epoch in their output partition and stopped.
+    pub fenced: AtomicU64,
     /// Checkpoints committed, and the time spent committing them.
     pub commits: AtomicU64,
     pub commit_micros: AtomicU64,
@@ -40,6 +42,7 @@ impl RuntimeMetrics {
         c(out, "progress_markers_total", "Per-user progress markers produced.", &self.progress_markers);
         c(out, "dead_lettered_total", "Input records sent to the dead-letter topic.", &self.dead_lettered);
         c(out, "timers_fired_total", "Stream-time timers fired.", &self.timers_fired);
+        c(out, "tasks_fenced_total", "Tasks stopped because a newer owner wrote to their output partition.", &self.fenced);
         c(out, "checkpoints_total", "Checkpoints committed (state + offsets + output position).", &self.commits);
         c(out, "checkpoint_commit_microseconds_total", "Time spent committing checkpoints.", &self.commit_micros);
         c(out, "ack_wait_microseconds_total", "Time spent waiting for output acknowledgements.", &self.ack_wait_micros);

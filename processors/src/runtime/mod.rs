@@ -17,8 +17,11 @@
 
 pub mod metrics;
 pub mod s3;
+#[cfg(test)]
+pub mod sim;
 pub mod snapshot;
 pub mod store;
+pub mod task;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -33,16 +36,18 @@ use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sqlx::PgPool;
 use tracing::{info, warn};
 use vitals_schemas::codec::{Codec, CodecError};
 use vitals_schemas::topics::Topics;
-use vitals_schemas::{ChangeBatch, DeadLetter, DomainChangeBatch, RollupDay, SampleBatch, SessionImpact, SourceOffset};
+use vitals_schemas::{ChangeBatch, DomainChangeBatch, RollupDay, SampleBatch, SessionImpact, SourceOffset};
 
 pub use self::snapshot::Snapshots;
-use self::store::{Checkpoint, Overlay, Store, UserState};
-use crate::{Emitter, Input, Inputs, Invalid, Processor, State};
+use self::store::{Checkpoint, Store};
+use self::task::{InBody, InRecord, Lanes, Out, Tail, Task};
+use crate::{Input, Inputs, Processor};
 
 /// What the runtime needs of an output record: a version stamp, the source offsets, and how to
 /// write a retraction of a key.
@@ -81,6 +86,8 @@ pub enum RuntimeError {
     NotAcknowledged(String),
     #[error("encoding an output failed: {0}")]
     Encode(String),
+    #[error("partition {partition}: {source}")]
+    Task { partition: i32, source: task::TaskError },
 }
 
 /// Settings of one processor's runtime.
@@ -103,12 +110,9 @@ pub struct RuntimeConfig {
     pub checkpointing: bool,
 }
 
-struct Task {
-    store: Store,
-    cp: Checkpoint,
-    epoch: Option<i64>,
-    /// Without checkpointing: the state, in memory only.
-    unsaved: Overlay,
+/// A task as the Kafka runtime runs it: the task itself and its snapshot bookkeeping.
+struct Running {
+    task: Task,
     /// When the task last took a snapshot (`None`: one is due), and of which checkpoint.
     snapshot_at: Option<Instant>,
     snapshot_of: Option<Checkpoint>,
@@ -116,22 +120,67 @@ struct Task {
     snapshot_busy: Arc<AtomicBool>,
 }
 
-impl Task {
-    fn new(store: Store, cp: Checkpoint, epoch: Option<i64>) -> Task {
-        Task { store, cp, epoch, unsaved: Overlay::default(), snapshot_at: None, snapshot_of: None, snapshot_busy: Arc::default() }
+impl Running {
+    fn new(task: Task) -> Running {
+        Running { task, snapshot_at: None, snapshot_of: None, snapshot_busy: Arc::default() }
     }
 }
 
 #[derive(Default)]
 struct Shared {
-    tasks: BTreeMap<i32, Task>,
+    tasks: BTreeMap<i32, Running>,
     /// A store that could not be opened: the process must stop.
     fatal: Option<String>,
+    /// Bumped by every rebalance: records polled before one may belong to a task that is gone.
+    generation: u64,
 }
 
-/// Consumer context: on assignment, opens each partition's store and starts reading every
-/// input topic at the checkpointed offsets (the beginning when there is none). A partition with
-/// no local store is first restored from its snapshot, when there is one.
+/// The headers every output record carries, so that the owner of the partition (and its
+/// successors) can read the output partition without decoding a single record.
+pub const EPOCH_HEADER: &str = "vitals-epoch";
+pub const USER_HEADER: &str = "vitals-user";
+pub const SOURCE_HEADER: &str = "vitals-source";
+pub const OWNER_HEADER: &str = "vitals-owner";
+
+/// `topic=next_offset,…` (Kafka topic names contain neither `=` nor `,`).
+fn source_header(source: &[SourceOffset]) -> String {
+    source.iter().map(|o| format!("{}={}", o.topic, o.next_offset)).collect::<Vec<_>>().join(",")
+}
+
+/// What the task needs of a record of its output partition, from its headers; `None` for a
+/// record without them (not written by this runtime).
+fn seen(m: &BorrowedOrOwned<'_>) -> Option<task::Seen> {
+    let h = |k: &str| m.header(k);
+    let epoch = h(EPOCH_HEADER)?.parse().ok()?;
+    let user = h(USER_HEADER)?;
+    let source = h(SOURCE_HEADER)?
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|kv| kv.rsplit_once('=').and_then(|(t, o)| Some((t.to_owned(), o.parse().ok()?))))
+        .collect::<Option<BTreeMap<String, i64>>>()?;
+    let owner = h(OWNER_HEADER).and_then(|o| o.parse().ok()).unwrap_or(0);
+    Some(task::Seen { offset: m.offset, key: m.key.clone()?, user, epoch, owner, source, marker: h(PROGRESS_HEADER).is_some() })
+}
+
+/// The parts of a consumed record [`seen`] reads.
+struct BorrowedOrOwned<'a> {
+    offset: i64,
+    key: Option<String>,
+    headers: Option<&'a rdkafka::message::BorrowedHeaders>,
+}
+
+impl BorrowedOrOwned<'_> {
+    fn header(&self, k: &str) -> Option<String> {
+        self.headers?.iter().find(|h| h.key == k).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+fn seen_of<M: Message<Headers = rdkafka::message::BorrowedHeaders>>(m: &M) -> Option<task::Seen> {
+    seen(&BorrowedOrOwned { offset: m.offset(), key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()), headers: m.headers() })
+}
+
+/// Consumer context: on assignment, takes each partition (epoch, store, the tail of its output
+/// partition) and starts reading every input topic at the checkpointed offsets.
 struct RebalanceContext {
     shared: Arc<Mutex<Shared>>,
     dir: PathBuf,
@@ -140,76 +189,150 @@ struct RebalanceContext {
     rt: tokio::runtime::Handle,
     pool: PgPool,
     snapshots: Option<Arc<Snapshots>>,
+    /// For reading the output partition at takeover.
+    tail_config: ClientConfig,
+    output_topic: String,
+    checkpointing: bool,
 }
 
+/// How long a takeover may take to read its output partition up to its end.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(120);
+
 impl RebalanceContext {
-    /// The task of partition `p`, which has no store at `path`: with snapshots, the epoch is
-    /// bumped *first* (so no previous owner can publish a snapshot after the pointer is read
-    /// below), then the published snapshot, if any, becomes the local store. Without one, the
-    /// task starts empty and replays from the beginning; so it does when the restore fails,
-    /// after withdrawing the snapshot it did not start from.
-    fn restore(&self, snapshots: &Snapshots, p: i32, epoch: i64, path: &std::path::Path) -> Result<Task, String> {
-        match self.rt.block_on(snapshots.restore(&self.processor, p, epoch, path)) {
-            Ok(Some(r)) => {
-                let mut task = Task::new(r.store, r.cp, Some(epoch));
-                task.snapshot_at = Some(Instant::now());
-                task.snapshot_of = Some(task.cp.clone());
-                return Ok(task);
+    /// The store of partition `p`, which has none at `path`: with snapshots, the published one,
+    /// if any (the epoch was bumped before, so no previous owner can publish after the pointer
+    /// is read). Without one, the task starts empty and replays from the beginning; so it does
+    /// when the restore fails, after withdrawing the snapshot it did not start from.
+    fn restore(&self, p: i32, epoch: i64, path: &std::path::Path) -> Result<(Store, bool), String> {
+        if let Some(snapshots) = &self.snapshots {
+            match self.rt.block_on(snapshots.restore(&self.processor, p, epoch, path)) {
+                Ok(Some(r)) => return Ok((r.store, true)),
+                Ok(None) => info!(partition = p, "no local state and no snapshot: replaying from the beginning"),
+                Err(e) => {
+                    snapshots.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
+                    warn!(partition = p, error = %e, "restore from snapshot failed: replaying from the beginning");
+                }
             }
-            Ok(None) => info!(partition = p, "no local state and no snapshot: replaying from the beginning"),
-            Err(e) => {
-                snapshots.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
-                warn!(partition = p, error = %e, "restore from snapshot failed: replaying from the beginning");
-                self.rt
-                    .block_on(snapshot::withdraw(&self.pool, &self.processor, p, epoch))
-                    .map_err(|e| format!("withdrawing the snapshot of partition {p} after a failed restore: {e}"))?;
-            }
+        } else {
+            info!(partition = p, "no local state: replaying from the beginning");
         }
-        let store = Store::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-        let cp = store.checkpoint().map_err(|e| format!("reading {}: {e}", path.display()))?;
-        Ok(Task::new(store, cp, Some(epoch)))
+        self.withdraw(p, epoch)?;
+        Ok((Store::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?, false))
     }
 
-    /// Takes partition `p`: bumps its epoch, then decides what the task starts from.
+    /// Withdraws the published snapshot of `p`, which this owner does not start from. Every
+    /// instance does this, snapshots enabled or not: the snapshot argument needs every owner
+    /// newer than the published snapshot to have started from it.
+    fn withdraw(&self, p: i32, epoch: i64) -> Result<(), String> {
+        let withdrawn = self.rt.block_on(snapshot::withdraw(&self.pool, &self.processor, p, epoch)).map_err(|e| format!("withdrawing the snapshot of partition {p}: {e}"))?;
+        if withdrawn {
+            info!(partition = p, "snapshot withdrawn: this owner does not start from it");
+        }
+        Ok(())
+    }
+
+    /// Takes partition `p`: bumps its epoch, decides what the task starts from, then reads its
+    /// output partition from the checkpoint's tail position to the end (every key written there
+    /// since is answered once the input has caught up), and raises the epoch above every epoch
+    /// found there, so a lost `processor_epochs` cannot make new versions lose.
     ///
     /// A local store is trusted only if this instance was the partition's last owner: the store
     /// records the epoch it was last owned under, and that must be the epoch just before ours.
-    /// Otherwise another owner ran in between and may have emitted values computed from less
-    /// input than this store holds, with a newer epoch than this store's outputs; resuming from
-    /// the store would never re-emit the keys it does not touch again, and those stale values
-    /// would win. Such a store is discarded and the task restores (snapshot, or replay from the
-    /// beginning), which re-emits every key past its starting point.
-    fn take(&self, p: i32, path: &std::path::Path) -> Result<Task, String> {
-        let epoch = self.rt.block_on(bump_epoch(&self.pool, &self.processor, p)).map_err(|e| format!("bumping the epoch of partition {p}: {e}"))?;
-        info!(partition = p, epoch, "task epoch");
+    /// Otherwise another owner ran in between; the store is discarded and the task restores
+    /// (snapshot, or replay from the beginning).
+    fn take(&self, p: i32, path: &std::path::Path) -> Result<Running, String> {
+        let mut epoch = self.rt.block_on(bump_epoch(&self.pool, &self.processor, p, 0)).map_err(|e| format!("bumping the epoch of partition {p}: {e}"))?;
+        let mut store = None;
+        let mut restored = false;
         if path.exists() {
-            let store = Store::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-            let owned = store.owner_epoch().map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let s = Store::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+            let owned = s.owner_epoch().map_err(|e| format!("reading {}: {e}", path.display()))?;
             if owned == Some(epoch - 1) {
-                store.set_owner_epoch(epoch).map_err(|e| format!("writing {}: {e}", path.display()))?;
-                let cp = store.checkpoint().map_err(|e| format!("reading {}: {e}", path.display()))?;
-                // It does not start from the published snapshot: withdraw that (a snapshot of
-                // the local store replaces it at the first occasion).
-                if self.snapshots.is_some() && self.rt.block_on(snapshot::withdraw(&self.pool, &self.processor, p, epoch)).map_err(|e| e.to_string())? {
-                    info!(partition = p, "snapshot withdrawn: resuming from the local store");
-                }
-                return Ok(Task::new(store, cp, Some(epoch)));
+                self.withdraw(p, epoch)?;
+                store = Some(s);
+            } else {
+                warn!(partition = p, store_epoch = ?owned, epoch, "local store is stale (another owner ran since): discarding it");
+                drop(s);
+                std::fs::remove_file(path).map_err(|e| format!("removing stale {}: {e}", path.display()))?;
             }
-            warn!(partition = p, store_epoch = ?owned, epoch, "local store is stale (another owner ran since): discarding it");
-            drop(store);
-            std::fs::remove_file(path).map_err(|e| format!("removing stale {}: {e}", path.display()))?;
         }
-        let task = match &self.snapshots {
-            Some(snapshots) => self.restore(snapshots, p, epoch, path)?,
+        let store = match store {
+            Some(s) => s,
             None => {
-                info!(partition = p, "no local state: replaying from the beginning");
-                let store = Store::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-                let cp = store.checkpoint().map_err(|e| format!("reading {}: {e}", path.display()))?;
-                Task::new(store, cp, Some(epoch))
+                let (s, r) = self.restore(p, epoch, path)?;
+                restored = r;
+                s
             }
         };
+        let mut task = Task::new(store, p, epoch, Task::new_owner_id()).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        if !self.checkpointing {
+            task = task.in_memory();
+        }
+        let t0 = Instant::now();
+        let (tail, read) = self.catch_up(p, task.tail.clone())?;
+        if tail.max_epoch >= epoch {
+            warn!(partition = p, epoch, greatest_in_output = tail.max_epoch, "the output partition holds newer epochs than processor_epochs: raising the epoch above them");
+            epoch = self.rt.block_on(bump_epoch(&self.pool, &self.processor, p, tail.max_epoch + 1)).map_err(|e| format!("raising the epoch of partition {p}: {e}"))?;
+            self.withdraw(p, epoch)?;
+        }
+        task.epoch = epoch;
+        task.tail = tail;
         task.store.set_owner_epoch(epoch).map_err(|e| format!("writing {}: {e}", path.display()))?;
-        Ok(task)
+        info!(partition = p, epoch, from = ?task.cp.offsets, output_read = read, pending = task.tail.pending(), ms = t0.elapsed().as_millis() as u64, "task taken");
+        let mut r = Running::new(task);
+        if restored {
+            r.snapshot_at = Some(Instant::now());
+            r.snapshot_of = Some(r.task.cp.clone());
+        }
+        Ok(r)
+    }
+
+    /// Reads the output partition `p` from `tail.next` to its current end: every record written
+    /// there under an earlier epoch becomes pending (nothing there is newer than the task, whose
+    /// epoch is only decided after this). Returns the tail and how many records were read.
+    fn catch_up(&self, p: i32, mut tail: Tail) -> Result<(Tail, u64), String> {
+        let err = |e: KafkaError| format!("reading the output partition {} [{p}]: {e}", self.output_topic);
+        let consumer: BaseConsumer = self.tail_config.create().map_err(err)?;
+        let (low, high) = consumer.fetch_watermarks(&self.output_topic, p, Duration::from_secs(10)).map_err(err)?;
+        if tail.next < low {
+            warn!(partition = p, from = tail.next, low, "the output partition starts later than the checkpoint's tail (deleted records): reading from its start");
+            tail.next = low;
+        }
+        if tail.next >= high {
+            return Ok((tail, 0));
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.output_topic, p, Offset::Offset(tail.next)).map_err(err)?;
+        consumer.assign(&tpl).map_err(err)?;
+        let deadline = Instant::now() + CATCH_UP_LIMIT;
+        let mut read = 0u64;
+        let mut foreign = 0u64;
+        while tail.next < high {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("reading the output partition {} [{p}] up to {high} took over {CATCH_UP_LIMIT:?} (at {})", self.output_topic, tail.next));
+            }
+            match consumer.poll(left.min(Duration::from_millis(500))) {
+                Some(Ok(m)) => {
+                    read += 1;
+                    match seen_of(&m) {
+                        // Nothing is newer than a task whose epoch is not decided yet.
+                        Some(s) => tail.read(&s, i64::MAX, 0).expect("no epoch is above i64::MAX"),
+                        None => {
+                            foreign += 1;
+                            tail.next = m.offset() + 1;
+                        }
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => warn!(partition = p, error = %e, "reading the output partition"),
+                None => {}
+            }
+        }
+        if foreign > 0 {
+            warn!(partition = p, records = foreign, "output records without vitals headers (not written by this runtime): not answered");
+        }
+        Ok((tail, read))
     }
 }
 
@@ -218,12 +341,13 @@ impl ClientContext for RebalanceContext {}
 impl ConsumerContext for RebalanceContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let mut sh = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        sh.generation += 1;
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let mut start = TopicPartitionList::new();
                 for el in tpl.elements() {
                     let p = el.partition();
-                    let task = match sh.tasks.entry(p) {
+                    let running = match sh.tasks.entry(p) {
                         std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
                         std::collections::btree_map::Entry::Vacant(v) => {
                             let path = self.dir.join(format!("p{p}.redb"));
@@ -236,8 +360,7 @@ impl ConsumerContext for RebalanceContext {
                             }
                         }
                     };
-                    let off = task.cp.offsets.get(el.topic()).copied();
-                    let _ = start.add_partition_offset(el.topic(), p, off.map(Offset::Offset).unwrap_or(Offset::Beginning));
+                    let _ = start.add_partition_offset(el.topic(), p, Offset::Offset(running.task.next_offset(el.topic())));
                 }
                 info!(partitions = ?sh.tasks.keys().collect::<Vec<_>>(), "assigned");
                 if let Err(e) = consumer.assign(&start) {
@@ -263,15 +386,16 @@ pub fn task_name(cfg: &RuntimeConfig) -> String {
     format!("{}{}", cfg.topics.prefix, cfg.processor)
 }
 
-/// Bumps and returns the epoch of (processor, partition).
-pub async fn bump_epoch(pool: &PgPool, processor: &str, partition: i32) -> Result<i64, sqlx::Error> {
+/// Bumps and returns the epoch of (processor, partition), to at least `floor`.
+pub async fn bump_epoch(pool: &PgPool, processor: &str, partition: i32, floor: i64) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
-        "INSERT INTO processor_epochs (processor, partition, epoch) VALUES ($1, $2, 1)
-         ON CONFLICT (processor, partition) DO UPDATE SET epoch = processor_epochs.epoch + 1, updated_at = now()
+        "INSERT INTO processor_epochs (processor, partition, epoch) VALUES ($1, $2, GREATEST(1, $3))
+         ON CONFLICT (processor, partition) DO UPDATE SET epoch = GREATEST(processor_epochs.epoch + 1, $3), updated_at = now()
          RETURNING epoch",
     )
     .bind(processor)
     .bind(partition)
+    .bind(floor)
     .fetch_one(pool)
     .await
 }
@@ -292,35 +416,58 @@ pub struct RunArgs {
     pub snapshots: Option<Arc<Snapshots>>,
 }
 
+/// A consumer of the output partitions, without a group: what [`seen`] reads (and how far).
+fn tail_config(consumer_config: &ClientConfig) -> ClientConfig {
+    let mut c = consumer_config.clone();
+    let group = c.get("group.id").unwrap_or("vitals").to_owned();
+    c.set("group.id", format!("{group}.tail")).set("enable.partition.eof", "true").set("auto.offset.reset", "earliest");
+    c
+}
+
+/// How long a fenced task's partition may stay assigned here without a rebalance before it is
+/// taken again (a newer epoch): long enough for the group to move it if another member owns it.
+const FENCED_GRACE: Duration = Duration::from_secs(15);
+
 /// Runs `processor` until `stop` is set or an error needs a restart. Blocking: call it from a
 /// dedicated thread (`spawn_blocking`); it uses the current tokio runtime for async I/O.
 pub fn run<P>(mut processor: P, args: RunArgs) -> Result<(), RuntimeError>
 where
     P: Processor,
-    P::Output: Versioned + Serialize + Clone,
+    P::Output: Versioned + Serialize + DeserializeOwned + Clone,
 {
     let RunArgs { cfg, consumer_config, producer, codec, pool, stop, metrics, snapshots } = args;
     let rt = tokio::runtime::Handle::current();
     let shared = Arc::new(Mutex::new(Shared::default()));
     // Snapshots only exist of checkpoints.
     let snapshots = snapshots.filter(|_| cfg.checkpointing);
-    let task = task_name(&cfg);
+    let name = task_name(&cfg);
+    let tail_cfg = tail_config(&consumer_config);
     let ctx = RebalanceContext {
         shared: Arc::clone(&shared),
         dir: cfg.data_dir.join(cfg.processor),
-        processor: task.clone(),
+        processor: name.clone(),
         rt: rt.clone(),
         pool: pool.clone(),
         snapshots: snapshots.clone(),
+        tail_config: tail_cfg.clone(),
+        output_topic: cfg.output_topic.clone(),
+        checkpointing: cfg.checkpointing,
     };
     let consumer: BaseConsumer<RebalanceContext> = consumer_config.create_with_context(ctx)?;
+    // The output partitions of the tasks owned here, read as they are written.
+    let tail: BaseConsumer = tail_cfg.create()?;
+    let mut tail_assigned: BTreeMap<i32, i64> = BTreeMap::new();
+    let lanes = Lanes { topics: cfg.topics.clone(), inputs: cfg.inputs };
     let t = &cfg.topics;
     let input_topics = cfg.inputs.topics(t);
     consumer.subscribe(&input_topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(processor = cfg.processor, "processor started");
     let mut produced = 0u64;
     let mut lag_measured = Instant::now() - LAG_EVERY;
+    // Partitions whose task was fenced, and since when.
+    let mut fenced: BTreeMap<i32, Instant> = BTreeMap::new();
     while !stop.load(Ordering::Relaxed) {
+        let generation = shared.lock().unwrap_or_else(|p| p.into_inner()).generation;
         let mut batch: Vec<OwnedMessage> = Vec::new();
         let deadline = Instant::now() + cfg.max_wait;
         while batch.len() < cfg.max_batch {
@@ -338,80 +485,136 @@ where
         if let Some(f) = sh.fatal.take() {
             return Err(RuntimeError::Store(store::StoreError::from_message(f)));
         }
+        if sh.generation != generation {
+            // A rebalance ran inside `poll`: records polled before it may belong to a task that
+            // was replaced (restored from a snapshot behind them, or started empty). Drop the
+            // batch and read again from every task's checkpoint.
+            drop(batch);
+            for (p, r) in &sh.tasks {
+                fenced.remove(p);
+                for topic in &input_topics {
+                    let _ = consumer.seek(topic, *p, Offset::Offset(r.task.next_offset(topic)), Duration::from_secs(5));
+                }
+            }
+            fenced.retain(|p, _| !sh.tasks.contains_key(p));
+            continue;
+        }
+        // A fenced partition still assigned here long after: nobody else took it; take it again.
+        let again: Vec<i32> = fenced.iter().filter(|(_, at)| at.elapsed() >= FENCED_GRACE).map(|(p, _)| *p).collect();
+        for p in again {
+            fenced.remove(&p);
+            let assigned = consumer.assignment().map(|a| a.elements().iter().any(|e| e.partition() == p)).unwrap_or(false);
+            if !assigned || sh.tasks.contains_key(&p) {
+                continue;
+            }
+            warn!(partition = p, "fenced partition still assigned here: taking it again");
+            let path = cfg.data_dir.join(cfg.processor).join(format!("p{p}.redb"));
+            let r = consumer.context().take(p, &path).map_err(|e| RuntimeError::Store(store::StoreError::from_message(e)))?;
+            for topic in &input_topics {
+                let _ = consumer.seek(topic, p, Offset::Offset(r.task.next_offset(topic)), Duration::from_secs(5));
+            }
+            sh.tasks.insert(p, r);
+        }
+        // The tail: follow the output partition of every task owned here.
+        let want: BTreeMap<i32, i64> = sh.tasks.iter().map(|(p, r)| (*p, r.task.epoch)).collect();
+        if want != tail_assigned {
+            let mut tpl = TopicPartitionList::new();
+            for (p, r) in &sh.tasks {
+                tpl.add_partition_offset(&cfg.output_topic, *p, Offset::Offset(r.task.tail.next))?;
+            }
+            tail.assign(&tpl)?;
+            tail_assigned = want;
+        }
+        let mut tail_read = 0usize;
+        while tail_read < 10 * cfg.max_batch.max(1) {
+            match tail.poll(Duration::ZERO) {
+                Some(Ok(m)) => {
+                    tail_read += 1;
+                    let p = m.partition();
+                    let Some(r) = sh.tasks.get_mut(&p) else { continue };
+                    let Some(s) = seen_of(&m) else {
+                        r.task.tail.next = r.task.tail.next.max(m.offset() + 1);
+                        continue;
+                    };
+                    if let Err(f) = r.task.observe(&s) {
+                        // Another task owns the partition now. Stop here; the group moves the
+                        // partition (or, if it stays here, it is taken again after a grace).
+                        warn!(partition = p, error = %f, "task fenced: stopping it");
+                        metrics.add(&metrics.fenced, 1);
+                        sh.tasks.remove(&p);
+                        fenced.insert(p, Instant::now());
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(e)) => {
+                    warn!(error = %e, "reading the output partitions");
+                    break;
+                }
+                None => break,
+            }
+        }
         let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
         for m in batch {
             by_partition.entry(m.partition()).or_default().push(m);
         }
+        for (p, r) in sh.tasks.iter_mut() {
+            if !by_partition.contains_key(p) && r.task.has_due_answers() {
+                by_partition.insert(*p, Vec::new());
+            }
+        }
         for (p, msgs) in by_partition {
-            let Some(task) = sh.tasks.get_mut(&p) else { continue };
+            let Some(r) = sh.tasks.get_mut(&p) else { continue };
             let n = msgs.len() as u64;
-            interval(&mut processor, &cfg, &rt, &codec, &producer, p, task, msgs, &mut produced, &metrics)?;
+            let decoded = decode_all(&rt, &codec, t, msgs)?;
+            interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, &mut r.task, decoded, &mut produced, &metrics).map_err(|e| match e {
+                RuntimeError::Task { partition, source: task::TaskError::Gap { topic, expected, got } } => gap_error(&consumer, partition, topic, expected, got),
+                other => other,
+            })?;
             metrics.add(&metrics.records_in, n);
         }
         if lag_measured.elapsed() >= LAG_EVERY {
             lag_measured = Instant::now();
             let mut lag = BTreeMap::new();
-            for (p, task) in sh.tasks.iter() {
+            for (p, r) in sh.tasks.iter() {
                 for topic in &input_topics {
                     if let Ok((_, high)) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(1)) {
-                        lag.insert((topic.clone(), *p), (high - task.cp.offsets.get(topic).copied().unwrap_or(0)).max(0));
+                        lag.insert((topic.clone(), *p), (high - r.task.next_offset(topic)).max(0));
                     }
                 }
             }
             *metrics.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
         }
         if let Some(s) = &snapshots {
-            for (p, t) in sh.tasks.iter_mut() {
-                maybe_snapshot(s, &task, &rt, *p, t);
+            for (p, r) in sh.tasks.iter_mut() {
+                maybe_snapshot(s, &name, &rt, *p, r);
             }
         }
     }
     Ok(())
 }
 
-/// Lane order within an interval: HOT first, so a COLD backfill never delays recent data.
-fn lane_rank(t: &Topics, topic: &str) -> u8 {
-    if topic == t.hot || topic == t.session_impact {
-        0
-    } else if topic == t.domain {
-        1
-    } else if topic == t.change {
-        2
-    } else {
-        3
-    }
+/// An input record that is not the next one of its lane. The input lanes are never compacted,
+/// so the only way to get one is a lane whose start was deleted (retention) past what the task
+/// has read: replaying it would silently skip records. That is refused, loudly.
+fn gap_error<C: ConsumerContext>(consumer: &BaseConsumer<C>, partition: i32, topic: String, expected: i64, got: i64) -> RuntimeError {
+    let low = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(5)).map(|(l, _)| l).ok();
+    let why = match low {
+        Some(l) if l > expected => format!("the lane starts at offset {l}: records {expected}..{l} were deleted (retention?) before this task read them; input lanes must never be truncated"),
+        _ => "a record was skipped".to_owned(),
+    };
+    tracing::error!(partition, %topic, expected, got, "input gap: {why}");
+    RuntimeError::Task { partition, source: task::TaskError::Gap { topic: format!("{topic} ({why})"), expected, got } }
 }
 
 pub use vitals_schemas::topics::PROGRESS_HEADER;
-/// The key suffix of progress markers (`<user>|~progress`).
-pub const PROGRESS_KEY: &str = "~progress";
 
 fn is_progress(m: &OwnedMessage) -> bool {
-    use rdkafka::message::Headers;
     m.headers().is_some_and(|h| h.iter().any(|h| h.key == PROGRESS_HEADER))
 }
 
 /// How often the lag of the owned partitions is measured (a watermark request per input topic
 /// and partition).
 const LAG_EVERY: Duration = Duration::from_secs(10);
-
-/// A processor that re-arms a due timer in its own `on_timer` would otherwise spin forever.
-const MAX_TIMERS_PER_RECORD: usize = 100_000;
-
-/// One record's (or timer's) outputs, with the user they belong to.
-struct Collect<'u, T> {
-    user: &'u str,
-    out: BTreeMap<String, (String, Option<T>)>,
-}
-
-impl<T> Emitter<T> for Collect<'_, T> {
-    fn upsert(&mut self, key: String, value: T) {
-        self.out.insert(key, (self.user.to_owned(), Some(value)));
-    }
-    fn retract(&mut self, key: String) {
-        self.out.insert(key, (self.user.to_owned(), None));
-    }
-}
 
 async fn decode(codec: &Codec, t: &Topics, m: &OwnedMessage) -> Result<Input, CodecError> {
     let payload = m.payload().ok_or_else(|| CodecError::Undecodable("empty payload".into()))?;
@@ -427,184 +630,129 @@ async fn decode(codec: &Codec, t: &Topics, m: &OwnedMessage) -> Result<Input, Co
     })
 }
 
+/// Decodes a partition's records for the task. A registry that is unavailable stops the
+/// runtime (it restarts and reads them again); a record that does not decode is proven bad.
+fn decode_all(rt: &tokio::runtime::Handle, codec: &Codec, t: &Topics, msgs: Vec<OwnedMessage>) -> Result<Vec<InRecord>, RuntimeError> {
+    let mut out = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let body = if is_progress(&m) {
+            InBody::Marker
+        } else {
+            match rt.block_on(decode(codec, t, &m)) {
+                Ok(i) => InBody::Input(i),
+                Err(CodecError::Unavailable(e)) => return Err(RuntimeError::Registry(e)),
+                Err(e) => InBody::Undecodable(e.to_string()),
+            }
+        };
+        out.push(InRecord {
+            topic: m.topic().to_owned(),
+            offset: m.offset(),
+            ts_ms: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            traceparent: m.headers().and_then(|h| h.iter().find(|h| h.key == "traceparent").and_then(|h| h.value)).map(|v| String::from_utf8_lossy(v).into_owned()),
+            body,
+        });
+    }
+    Ok(out)
+}
+
+/// One record to produce: topic, key, bytes, headers.
+type Produce = (String, String, Vec<u8>, OwnedHeaders);
+
 #[allow(clippy::too_many_arguments)]
 fn interval<P>(
     processor: &mut P,
     cfg: &RuntimeConfig,
+    lanes: &Lanes,
     rt: &tokio::runtime::Handle,
     codec: &Codec,
     producer: &FutureProducer,
-    p: i32,
     task: &mut Task,
-    mut msgs: Vec<OwnedMessage>,
+    msgs: Vec<InRecord>,
     produced: &mut u64,
     metrics: &metrics::RuntimeMetrics,
 ) -> Result<(), RuntimeError>
 where
     P: Processor,
-    P::Output: Versioned + Serialize + Clone,
+    P::Output: Versioned + Serialize + DeserializeOwned + Clone,
 {
+    let p = task.partition;
     let t = &cfg.topics;
-    msgs.sort_by_key(|m| (lane_rank(t, m.topic()), m.offset()));
-    let mut cp = task.cp.clone();
-    let mut overlay = if cfg.checkpointing { Overlay::default() } else { std::mem::take(&mut task.unsaved) };
-    let mut outputs: BTreeMap<String, (String, Option<P::Output>)> = BTreeMap::new();
-    // Users with input in this interval: each gets a progress marker after its outputs.
-    let mut users: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
-    let mut dead: Vec<(DeadLetter, String)> = Vec::new();
-    for m in &msgs {
-        let next = cp.offsets.get(m.topic()).copied().unwrap_or(0);
-        if m.offset() < next {
-            continue; // already in the checkpoint
-        }
-        if let Some(ts) = m.timestamp().to_millis() {
-            cp.stream_time_ms = cp.stream_time_ms.max(ts);
-        }
-        let mut reject = |code: &str, reason: String| {
-            let dl = DeadLetter {
-                source_topic: m.topic().to_owned(),
-                source_partition: p,
-                source_offset: m.offset(),
-                stage: format!("processor:{}", cfg.processor),
-                code: code.to_owned(),
-                reason: reason.clone(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec),
-            };
-            dead.push((dl, reason));
-            metrics.add(&metrics.dead_lettered, 1);
-        };
-        // The record's trace context (the edge writes `traceparent` into every record) continues
-        // in this span, so a record's processing joins the upload's trace in the logs.
-        let traceparent = m.headers().and_then(|h| h.iter().find(|h| h.key == "traceparent").and_then(|h| h.value)).map(String::from_utf8_lossy);
-        let _span = tracing::debug_span!("record", topic = m.topic(), partition = p, offset = m.offset(), traceparent = traceparent.as_deref()).entered();
-        let decoded = if is_progress(m) { None } else { Some(rt.block_on(decode(codec, t, m))) };
-        match decoded {
-            // An upstream processor's progress marker: not an input, only a position.
-            None => {}
-            Some(Err(CodecError::Unavailable(e))) => return Err(RuntimeError::Registry(e)),
-            Some(Err(e)) => {
-                if let Some(k) = m.key().filter(|_| cfg.inputs == Inputs::Lanes) {
-                    users.insert(String::from_utf8_lossy(k).into_owned()); // lanes are keyed by user
-                }
-                reject("undecodable", e.to_string())
-            }
-            Some(Ok(input)) => {
-                users.insert(input.user_id().to_owned());
-                // A rejected record leaves no trace: its state writes and outputs are dropped.
-                let mut collect = Collect { user: input.user_id(), out: BTreeMap::new() };
-                let mut state = UserState::at(&task.store, &mut overlay, input.user_id(), cp.stream_time_ms);
-                match processor.process(&input, &mut state, &mut collect) {
-                    Ok(()) => outputs.extend(collect.out),
-                    Err(Invalid { code, reason }) => {
-                        state.rollback();
-                        reject(code, reason);
-                    }
-                }
-            }
-        }
-        cp.offsets.insert(m.topic().to_owned(), m.offset() + 1);
-        // Timers that stream time has now reached fire, earliest first, before the next record.
-        let mut fired = 0usize;
-        while let Some((user, name)) = overlay.next_due_timer(&task.store, cp.stream_time_ms) {
-            let mut state = UserState::at(&task.store, &mut overlay, &user, cp.stream_time_ms);
-            state.cancel_timer(&name);
-            let mut collect = Collect { user: &user, out: BTreeMap::new() };
-            processor.on_timer(&user, &name, &mut state, &mut collect);
-            outputs.extend(collect.out);
-            fired += 1;
-            metrics.add(&metrics.timers_fired, 1);
-            if fired > MAX_TIMERS_PER_RECORD {
-                warn!(partition = p, "more than {MAX_TIMERS_PER_RECORD} timers due at once; the rest fire after the next record");
-                break;
-            }
-        }
-    }
-    let epoch = task.epoch.expect("epoch is set before a task processes");
-    let offsets: Vec<SourceOffset> = cfg
-        .inputs
-        .topics(t)
-        .into_iter()
-        .map(|topic| {
-            let next_offset = cp.offsets.get(&topic).copied().unwrap_or(0);
-            SourceOffset { topic, partition: p, next_offset }
+    let planned = task.plan(processor, lanes, cfg.processor, msgs).map_err(|source| match source {
+        task::TaskError::Store(e) => RuntimeError::Store(e),
+        source => RuntimeError::Task { partition: p, source },
+    })?;
+    metrics.add(&metrics.timers_fired, planned.timers_fired);
+    let encode = |topic: &str, v: &P::Output| {
+        rt.block_on(codec.encode(topic, v)).map_err(|e| match e {
+            CodecError::Unavailable(m) => RuntimeError::Registry(m),
+            other => RuntimeError::Encode(other.to_string()),
         })
-        .collect();
-    let mut records: Vec<(String, String, Vec<u8>, OwnedHeaders)> = Vec::new();
-    for (key, (user, value)) in outputs {
-        cp.seq += 1;
-        let mut v = value.unwrap_or_else(|| P::Output::tombstone(&user, &key));
-        v.stamp(epoch, cp.seq, offsets.clone());
-        let bytes = rt.block_on(codec.encode(&cfg.output_topic, &v)).map_err(|e| match e {
-            CodecError::Unavailable(m) => RuntimeError::Registry(m),
-            other => RuntimeError::Encode(other.to_string()),
-        })?;
-        records.push((cfg.output_topic.clone(), key, bytes, OwnedHeaders::new()));
-        metrics.add(&metrics.outputs, 1);
-    }
-    // Progress markers: "everything of this user up to `offsets` is processed, and its outputs
-    // are before this record in the partition". Sinks turn them into the user's freshness; they
-    // are tombstone-shaped records of a key no projection uses, marked by a header.
-    for user in users {
-        cp.seq += 1;
-        let mut v = P::Output::tombstone(&user, &format!("{user}|{PROGRESS_KEY}"));
-        v.stamp(epoch, cp.seq, offsets.clone());
-        let bytes = rt.block_on(codec.encode(&cfg.output_topic, &v)).map_err(|e| match e {
-            CodecError::Unavailable(m) => RuntimeError::Registry(m),
-            other => RuntimeError::Encode(other.to_string()),
-        })?;
-        let headers = OwnedHeaders::new().insert(Header { key: PROGRESS_HEADER, value: Some("1") });
-        records.push((cfg.output_topic.clone(), format!("{user}|{PROGRESS_KEY}"), bytes, headers));
-        metrics.add(&metrics.progress_markers, 1);
-    }
-    for (dl, reason) in dead {
-        warn!(topic = %dl.source_topic, partition = p, offset = dl.source_offset, code = %dl.code, "dead-lettered");
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: "vitals-source-topic", value: Some(dl.source_topic.as_str()) })
-            .insert(Header { key: "vitals-source-partition", value: Some(p.to_string().as_str()) })
-            .insert(Header { key: "vitals-source-offset", value: Some(dl.source_offset.to_string().as_str()) })
-            .insert(Header { key: "vitals-reason", value: Some(reason.as_str()) });
-        let key = String::from_utf8_lossy(dl.key.as_deref().unwrap_or_default()).into_owned();
-        let bytes = rt.block_on(codec.encode(&t.dead_letter, &dl)).map_err(|e| RuntimeError::Encode(e.to_string()))?;
-        records.push((t.dead_letter.clone(), key, bytes, headers));
+    };
+    let (epoch, source, owner) = (planned.epoch.to_string(), source_header(&planned.source), task.owner.to_string());
+    let stamp = |user: &str| {
+        OwnedHeaders::new()
+            .insert(Header { key: EPOCH_HEADER, value: Some(epoch.as_str()) })
+            .insert(Header { key: OWNER_HEADER, value: Some(owner.as_str()) })
+            .insert(Header { key: USER_HEADER, value: Some(user) })
+            .insert(Header { key: SOURCE_HEADER, value: Some(source.as_str()) })
+    };
+    // Rows (and dead letters) first; markers only once every row is acknowledged, so a marker
+    // can never be stored before the rows it vouches for, whatever the producer retries.
+    let mut rows: Vec<Produce> = Vec::new();
+    let mut markers: Vec<Produce> = Vec::new();
+    for rec in &planned.records {
+        match rec {
+            Out::Row { key, user, value, .. } => {
+                rows.push((cfg.output_topic.clone(), key.clone(), encode(&cfg.output_topic, value)?, stamp(user)));
+                metrics.add(&metrics.outputs, 1);
+            }
+            Out::Marker { key, user, value, .. } => {
+                markers.push((cfg.output_topic.clone(), key.clone(), encode(&cfg.output_topic, value)?, stamp(user).insert(Header { key: PROGRESS_HEADER, value: Some("1") })));
+                metrics.add(&metrics.progress_markers, 1);
+            }
+            Out::Dead { dead, reason } => {
+                warn!(topic = %dead.source_topic, partition = p, offset = dead.source_offset, code = %dead.code, "dead-lettered");
+                metrics.add(&metrics.dead_lettered, 1);
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: "vitals-source-topic", value: Some(dead.source_topic.as_str()) })
+                    .insert(Header { key: "vitals-source-partition", value: Some(p.to_string().as_str()) })
+                    .insert(Header { key: "vitals-source-offset", value: Some(dead.source_offset.to_string().as_str()) })
+                    .insert(Header { key: "vitals-reason", value: Some(reason.as_str()) });
+                let key = String::from_utf8_lossy(dead.key.as_deref().unwrap_or_default()).into_owned();
+                let bytes = rt.block_on(codec.encode(&t.dead_letter, dead)).map_err(|e| RuntimeError::Encode(e.to_string()))?;
+                rows.push((t.dead_letter.clone(), key, bytes, headers));
+            }
+        }
     }
     if !cfg.checkpointing {
-        for (topic, key, bytes, headers) in &records {
-            let rec = FutureRecord::to(topic).partition(p).key(key.as_str()).payload(bytes.as_slice()).headers(headers.clone());
-            // Fire and forget (the delivery future is dropped): the at-least-once baseline. A full
-            // queue is waited out; the producer's own thread drains it.
-            let mut rec = rec;
-            loop {
-                match producer.send_result(rec) {
-                    Ok(delivery) => {
-                        drop(delivery);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
-                        rec = back;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err((e, _)) => return Err(RuntimeError::NotAcknowledged(e.to_string())),
-                }
-            }
+        for rec in rows.iter().chain(markers.iter()) {
+            // Fire and forget: the at-least-once baseline.
+            drop(enqueue(producer, p, rec)?);
         }
-        task.unsaved = overlay;
-        task.cp = cp;
+        task.commit(planned)?;
         return Ok(());
     }
-    if !records.is_empty() {
+    if !rows.is_empty() {
+        pause_before_produce();
+    }
+    if !rows.is_empty() || !markers.is_empty() {
         let waiting = Instant::now();
-        let acks = rt.block_on(async {
-            let futs = records.iter().map(|(topic, key, bytes, headers)| {
-                producer.send(
-                    FutureRecord::to(topic).partition(p).key(key.as_str()).payload(bytes.as_slice()).headers(headers.clone()),
-                    Duration::from_secs(30),
-                )
-            });
-            join_all(futs).await
-        });
-        for a in acks {
-            a.map_err(|(e, _)| RuntimeError::NotAcknowledged(e.to_string()))?;
+        for group in [&rows, &markers] {
+            // Enqueued one by one, in order (a full queue is waited out before the next record
+            // is enqueued, so nothing overtakes), then every acknowledgement awaited.
+            let mut acks = Vec::with_capacity(group.len());
+            for rec in group.iter() {
+                acks.push(enqueue(producer, p, rec)?);
+            }
+            for a in rt.block_on(join_all(acks)) {
+                match a {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => return Err(RuntimeError::NotAcknowledged(e.to_string())),
+                    Err(_) => return Err(RuntimeError::NotAcknowledged("the producer dropped a delivery".into())),
+                }
+            }
         }
         metrics.add(&metrics.ack_wait_micros, waiting.elapsed().as_micros() as u64);
         *produced += 1;
@@ -615,26 +763,53 @@ where
     }
     // Only now, with every output acknowledged, does the interval become the checkpoint.
     let committing = Instant::now();
-    task.store.commit(overlay, &cp)?;
+    task.commit(planned)?;
     metrics.add(&metrics.commit_micros, committing.elapsed().as_micros() as u64);
     metrics.add(&metrics.commits, 1);
-    task.cp = cp;
     Ok(())
 }
 
-/// Takes a snapshot of `task` if its last one is at least `every` old (or none was taken yet)
+/// Test hook (`VITALS_TEST_PAUSE_BEFORE_PRODUCE=<file>`): when the file exists, it is removed
+/// and the process stops itself (SIGSTOP) right before producing an interval's rows — a zombie
+/// frozen between its last look at the partition and its write, the worst moment to pause.
+fn pause_before_produce() {
+    static FILE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    let Some(f) = FILE.get_or_init(|| std::env::var_os("VITALS_TEST_PAUSE_BEFORE_PRODUCE").map(PathBuf::from)) else { return };
+    if std::fs::remove_file(f).is_ok() {
+        warn!("test hook: stopping before producing an interval's outputs");
+        let _ = std::process::Command::new("kill").args(["-STOP", &std::process::id().to_string()]).status();
+    }
+}
+
+/// Enqueues one record on partition `p`, waiting out a full queue (the producer's own thread
+/// drains it); returns its delivery future.
+fn enqueue(producer: &FutureProducer, p: i32, (topic, key, bytes, headers): &Produce) -> Result<rdkafka::producer::DeliveryFuture, RuntimeError> {
+    let mut rec = FutureRecord::to(topic).partition(p).key(key.as_str()).payload(bytes.as_slice()).headers(headers.clone());
+    loop {
+        match producer.send_result(rec) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                rec = back;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((e, _)) => return Err(RuntimeError::NotAcknowledged(e.to_string())),
+        }
+    }
+}
+
+/// Takes a snapshot of the task if its last one is at least `every` old (or none was taken yet)
 /// and its checkpoint moved since: the export is read now, between intervals (one read
 /// transaction of the committed store, so it is exactly the checkpoint `task.cp`); the upload
 /// and the pointer's publication run in the background. A failure is logged and counted;
 /// processing never waits for or stops on it.
-fn maybe_snapshot(s: &Arc<Snapshots>, processor: &str, rt: &tokio::runtime::Handle, p: i32, task: &mut Task) {
-    let due = task.snapshot_at.is_none_or(|at| at.elapsed() >= s.every);
-    if !due || task.cp == Checkpoint::default() || task.snapshot_of.as_ref() == Some(&task.cp) || task.snapshot_busy.load(Ordering::Acquire) {
+fn maybe_snapshot(s: &Arc<Snapshots>, processor: &str, rt: &tokio::runtime::Handle, p: i32, r: &mut Running) {
+    let due = r.snapshot_at.is_none_or(|at| at.elapsed() >= s.every);
+    if !due || r.task.cp == Checkpoint::default() || r.snapshot_of.as_ref() == Some(&r.task.cp) || r.snapshot_busy.load(Ordering::Acquire) {
         return;
     }
-    let Some(epoch) = task.epoch else { return };
-    task.snapshot_at = Some(Instant::now());
-    let bytes = match task.store.export() {
+    let epoch = r.task.epoch;
+    r.snapshot_at = Some(Instant::now());
+    let bytes = match r.task.store.export() {
         Ok(b) => b,
         Err(e) => {
             s.metrics.failed.fetch_add(1, Ordering::Relaxed);
@@ -642,9 +817,9 @@ fn maybe_snapshot(s: &Arc<Snapshots>, processor: &str, rt: &tokio::runtime::Hand
             return;
         }
     };
-    task.snapshot_of = Some(task.cp.clone());
-    task.snapshot_busy.store(true, Ordering::Release);
-    let (s, cp, busy, processor) = (Arc::clone(s), task.cp.clone(), Arc::clone(&task.snapshot_busy), processor.to_owned());
+    r.snapshot_of = Some(r.task.cp.clone());
+    r.snapshot_busy.store(true, Ordering::Release);
+    let (s, cp, busy, processor) = (Arc::clone(s), r.task.cp.clone(), Arc::clone(&r.snapshot_busy), processor.to_owned());
     rt.spawn(async move {
         if let Err(e) = s.save(&processor, p, epoch, &cp, bytes).await {
             s.metrics.failed.fetch_add(1, Ordering::Relaxed);

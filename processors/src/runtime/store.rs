@@ -37,6 +37,12 @@ pub struct Checkpoint {
     pub seq: i64,
     /// Stream time: the greatest input record timestamp read so far (drives timers).
     pub stream_time_ms: i64,
+    /// The offset of the task's output partition a successor must read from: every record
+    /// before it is answered or accounted for by this checkpoint (`task::Tail`).
+    pub out_next: i64,
+    /// The greatest epoch seen in the output partition before `out_next` (and this task's own):
+    /// a successor's epoch starts above it even if `processor_epochs` was lost.
+    pub max_epoch: i64,
 }
 
 pub struct Store {
@@ -69,26 +75,43 @@ impl Store {
                 cp.seq = v;
             } else if k == "stream_time" {
                 cp.stream_time_ms = v;
+            } else if k == "out_next" {
+                cp.out_next = v;
+            } else if k == "max_epoch" {
+                cp.max_epoch = v;
             }
         }
         Ok(cp)
     }
 
-    fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let tx = self.db.begin_read().ok()?;
-        let t = tx.open_table(STATE).ok()?;
-        t.get(key).ok()?.map(|v| v.value().to_vec())
+    /// A committed value. A read that fails is an error, never "no state": a processor that
+    /// took it for "nothing held" would retract what it holds.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(STATE).map_err(e)?;
+        Ok(t.get(key).map_err(e)?.map(|v| v.value().to_vec()))
     }
 
-    fn scan(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
-        let Ok(tx) = self.db.begin_read() else { return vec![] };
-        let Ok(t) = tx.open_table(STATE) else { return vec![] };
-        let Ok(range) = t.range(prefix..) else { return vec![] };
-        range
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| (k.value().to_owned(), v.value().to_vec()))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .collect()
+    pub(super) fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(STATE).map_err(e)?;
+        let mut out = Vec::new();
+        for r in t.range(prefix..).map_err(e)? {
+            let (k, v) = r.map_err(e)?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Test hook: writes a raw state entry, bypassing every view (to plant a corrupt value).
+    #[doc(hidden)]
+    pub fn put_raw_for_test(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        tx.open_table(STATE).map_err(e)?.insert(key, value).map_err(e)?;
+        tx.commit().map_err(e)
     }
 
     /// The epoch this store was last owned under (`None`: never recorded).
@@ -127,6 +150,8 @@ impl Store {
             }
             meta.insert("seq", cp.seq).map_err(e)?;
             meta.insert("stream_time", cp.stream_time_ms).map_err(e)?;
+            meta.insert("out_next", cp.out_next).map_err(e)?;
+            meta.insert("max_epoch", cp.max_epoch).map_err(e)?;
         }
         tx.commit().map_err(e)
     }
@@ -277,6 +302,9 @@ pub struct Overlay {
 /// Reserved key space: the partition's timer index, ordered by due time, and (under each user's
 /// prefix) the user's armed timers. Processors never see it.
 const RESERVED: char = '\u{1d}';
+/// Between a user's prefix and an output key: the runtime's emitted table (`task.rs`), reserved
+/// space processors never see.
+pub(super) const EMITTED: &str = "\u{1e}\u{1d}\u{1d}out\u{1e}";
 
 fn timer_index_prefix() -> String {
     format!("{RESERVED}timer{SEP}")
@@ -288,25 +316,48 @@ fn timer_index_key(at_ms: i64, user: &str, name: &str) -> String {
 
 impl Overlay {
     /// Keys under `prefix`, store and overlay merged.
-    fn merged_scan(&self, store: &Store, prefix: &str) -> BTreeMap<String, Vec<u8>> {
-        let mut merged: BTreeMap<String, Option<Vec<u8>>> = store.scan(prefix).into_iter().map(|(k, v)| (k, Some(v))).collect();
+    fn merged_scan(&self, store: &Store, prefix: &str) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
+        let mut merged: BTreeMap<String, Option<Vec<u8>>> = store.scan(prefix)?.into_iter().map(|(k, v)| (k, Some(v))).collect();
         for (k, v) in self.writes.range(prefix.to_owned()..).take_while(|(k, _)| k.starts_with(prefix)) {
             merged.insert(k.clone(), v.clone());
         }
-        merged.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect()
+        Ok(merged.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect())
+    }
+
+    /// A raw key, overlay over store.
+    pub fn get(&self, store: &Store, k: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.writes.get(k) {
+            Some(v) => Ok(v.clone()),
+            None => store.get(k),
+        }
+    }
+
+    /// Writes a raw key (the runtime's own reserved space).
+    pub fn put(&mut self, k: String, v: Vec<u8>) {
+        self.writes.insert(k, Some(v));
+    }
+
+    pub fn remove(&mut self, k: String) {
+        self.writes.insert(k, None);
     }
 
     /// The earliest armed timer due by `now`: (user, name). It stays armed until the user's
     /// view disarms it (firing does that first).
-    pub fn next_due_timer(&self, store: &Store, now: i64) -> Option<(String, String)> {
+    pub fn next_due_timer(&self, store: &Store, now: i64) -> Result<Option<(String, String)>, StoreError> {
         let prefix = timer_index_prefix();
-        let (k, _) = self.merged_scan(store, &prefix).into_iter().next()?;
+        // The index is ordered by due time: only its first entry matters.
+        let first = self.merged_scan(store, &prefix)?.into_iter().next();
+        let Some((k, _)) = first else { return Ok(None) };
+        let bad = || StoreError(format!("timer index entry {k:?} is malformed"));
         let mut parts = k[prefix.len()..].splitn(3, SEP);
-        let at: i64 = parts.next()?.parse().ok()?;
+        let at: i64 = parts.next().and_then(|a| a.parse().ok()).ok_or_else(bad)?;
         if at > now {
-            return None;
+            return Ok(None);
         }
-        Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+        match (parts.next(), parts.next()) {
+            (Some(u), Some(n)) => Ok(Some((u.to_owned(), n.to_owned()))),
+            _ => Err(bad()),
+        }
     }
 }
 
@@ -319,6 +370,9 @@ pub struct UserState<'a> {
     user: String,
     stream_time_ms: i64,
     undo: Vec<(String, Option<Option<Vec<u8>>>)>,
+    /// The first read that failed or a value that did not deserialise: the task must stop
+    /// ([`UserState::check`]) rather than act on "nothing held".
+    failed: std::cell::RefCell<Option<String>>,
 }
 
 impl<'a> UserState<'a> {
@@ -328,7 +382,23 @@ impl<'a> UserState<'a> {
 
     /// A view at stream time `stream_time_ms`.
     pub fn at(store: &'a Store, overlay: &'a mut Overlay, user: &str, stream_time_ms: i64) -> UserState<'a> {
-        UserState { store, overlay, prefix: format!("{user}{SEP}"), user: user.to_owned(), stream_time_ms, undo: Vec::new() }
+        UserState { store, overlay, prefix: format!("{user}{SEP}"), user: user.to_owned(), stream_time_ms, undo: Vec::new(), failed: Default::default() }
+    }
+
+    /// An error if any read through this view failed: what the processor did with it must not
+    /// be emitted or committed.
+    pub fn check(&self) -> Result<(), StoreError> {
+        match self.failed.borrow().as_ref() {
+            Some(m) => Err(StoreError(format!("user {:?}: {m}", self.user))),
+            None => Ok(()),
+        }
+    }
+
+    fn note<T>(&self, r: Result<T, StoreError>, default: T) -> T {
+        r.unwrap_or_else(|err| {
+            self.failed.borrow_mut().get_or_insert_with(|| err.to_string());
+            default
+        })
     }
 
     fn write(&mut self, key: &str, value: Option<Vec<u8>>) {
@@ -342,10 +412,7 @@ impl<'a> UserState<'a> {
     }
 
     fn raw_get(&self, k: &str) -> Option<Vec<u8>> {
-        match self.overlay.writes.get(k) {
-            Some(v) => v.clone(),
-            None => self.store.get(k),
-        }
+        self.note(self.overlay.get(self.store, k), None)
     }
 
     fn timer_key(&self, name: &str) -> String {
@@ -379,7 +446,8 @@ impl State for UserState<'_> {
     }
     fn scan(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
         let full = format!("{}{prefix}", self.prefix);
-        let mut merged: BTreeMap<String, Option<Vec<u8>>> = self.store.scan(&full).into_iter().map(|(k, v)| (k, Some(v))).collect();
+        let stored = self.note(self.store.scan(&full), Vec::new());
+        let mut merged: BTreeMap<String, Option<Vec<u8>>> = stored.into_iter().map(|(k, v)| (k, Some(v))).collect();
         for (k, v) in self.overlay.writes.range(full.clone()..).take_while(|(k, _)| k.starts_with(&full)) {
             merged.insert(k.clone(), v.clone());
         }
@@ -392,6 +460,9 @@ impl State for UserState<'_> {
     }
     fn stream_time_ms(&self) -> i64 {
         self.stream_time_ms
+    }
+    fn fail(&self, reason: String) {
+        self.failed.borrow_mut().get_or_insert(reason);
     }
     fn set_timer(&mut self, name: &str, at_ms: i64) {
         self.cancel_timer(name);
@@ -427,8 +498,8 @@ mod tests {
             s.delete("a/2");
             assert_eq!(s.scan("a/"), vec![("a/1".to_owned(), b"x".to_vec())]);
         }
-        assert_eq!(store.get(&format!("u1{SEP}a/1")), None, "not visible before commit");
-        let cp = Checkpoint { offsets: BTreeMap::from([("hot".to_owned(), 7)]), seq: 3, stream_time_ms: 99 };
+        assert_eq!(store.get(&format!("u1{SEP}a/1")).unwrap(), None, "not visible before commit");
+        let cp = Checkpoint { offsets: BTreeMap::from([("hot".to_owned(), 7)]), seq: 3, stream_time_ms: 99, out_next: 12, max_epoch: 4 };
         store.commit(ov, &cp).unwrap();
         drop(store);
         let store = Store::open(&path).unwrap();
@@ -450,7 +521,7 @@ mod tests {
     }
 
     fn dump(store: &Store) -> Vec<(String, Vec<u8>)> {
-        store.scan("")
+        store.scan("").unwrap()
     }
 
     #[test]
@@ -465,7 +536,7 @@ mod tests {
             s.put("empty", Vec::new());
             s.set_timer("close", 1_000 + u);
         }
-        let cp = Checkpoint { offsets: BTreeMap::from([("hot".to_owned(), 70), ("cold".to_owned(), 5)]), seq: 1234, stream_time_ms: 42 };
+        let cp = Checkpoint { offsets: BTreeMap::from([("hot".to_owned(), 70), ("cold".to_owned(), 5)]), seq: 1234, stream_time_ms: 42, out_next: 77, max_epoch: 3 };
         store.commit(ov, &cp).unwrap();
         let bytes = store.export().unwrap();
         let restored = Store::import(&dir.join("b.redb"), &bytes).unwrap();
@@ -538,12 +609,12 @@ mod tests {
         let mut b = UserState::at(&store, &mut ov, "b", 0);
         b.set_timer("x", 50);
         b.rollback();
-        assert_eq!(ov.next_due_timer(&store, 99), None);
-        assert_eq!(ov.next_due_timer(&store, 100), Some(("a".into(), "early".into())));
+        assert_eq!(ov.next_due_timer(&store, 99).unwrap(), None);
+        assert_eq!(ov.next_due_timer(&store, 100).unwrap(), Some(("a".into(), "early".into())));
         store.commit(ov, &Checkpoint::default()).unwrap();
         let mut ov = Overlay::default();
         let mut order = vec![];
-        while let Some((user, name)) = ov.next_due_timer(&store, 1_000) {
+        while let Some((user, name)) = ov.next_due_timer(&store, 1_000).unwrap() {
             UserState::at(&store, &mut ov, &user, 1_000).cancel_timer(&name);
             order.push(name);
         }

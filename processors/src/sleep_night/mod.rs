@@ -576,7 +576,7 @@ impl<'s> Index<'s> {
         let mut out = Vec::new();
         for day in day_of(x.saturating_sub(MAX_SAMPLE_MS))..=day_of(y) {
             let state = self.state;
-            let bucket = self.days.entry(day).or_insert_with(|| state.scan(&ix_prefix(day)).into_iter().filter_map(|(_, v)| serde_json::from_slice(&v).ok()).collect());
+            let bucket = self.days.entry(day).or_insert_with(|| state.scan_json(&ix_prefix(day)).into_iter().map(|(_, v)| v).collect());
             out.extend(bucket.iter().filter(|e| e.b >= x && e.a <= y).cloned());
         }
         out
@@ -732,9 +732,9 @@ impl SleepNightProcessor {
     fn rederive_all(&mut self, user: &str, state: &mut dyn State, out: &mut dyn Emitter<SleepNight>) {
         let prio = Priority::load(state);
         let samples: Vec<Sample> = state
-            .scan(&format!("ix{SEP}"))
+            .scan_json::<Entry>(&format!("ix{SEP}"))
             .into_iter()
-            .filter_map(|(_, v)| serde_json::from_slice::<Entry>(&v).ok())
+            .map(|(_, v)| v)
             .filter_map(|e| IDS.get(&*state, &e.s, &e.r))
             .collect();
         self.last_loaded = samples.len();

@@ -663,3 +663,32 @@ proptest! {
     }
 }
 
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48)))]
+
+    /// Takeovers at random earlier checkpoints (or from nothing), each owner with its own batch
+    /// boundaries and lane interleaving, zombies writing after the takeover, `processor_epochs`
+    /// lost now and then: the output partition folded by version and as compaction keeps it both
+    /// equal the oracle.
+    #[test]
+    fn takeovers_zombies_and_compaction_leave_exactly_the_oracle(
+        events in proptest::collection::vec(event(), 1..50),
+        seed in any::<u64>(),
+        lanes in any::<u64>(),
+        takeovers in 1usize..4,
+        max_zombie_steps in 0usize..4,
+        epochs_lost in proptest::bool::weighted(0.2),
+    ) {
+        use crate::runtime::sim::{self, Scenario, Sim};
+        let inputs: Vec<Input> = canonical(events).iter().map(to_input).collect();
+        let t = sim::topics();
+        let records: Vec<(String, i64, Input)> =
+            inputs.iter().enumerate().map(|(n, i)| (sim::lane(&t, i, (lanes >> (n % 64)) & 1 == 1), n as i64 * 1000, i.clone())).collect();
+        let mut sim: Sim<SleepNightProcessor> = Sim::new(crate::Inputs::Lanes, records);
+        sim.run(|| SleepNightProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
+        let expected = oracle(&inputs);
+        prop_assert_eq!(sim.fold_by_version(), expected.clone(), "by version");
+        prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
+    }
+}
