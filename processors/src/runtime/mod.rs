@@ -118,11 +118,13 @@ struct Running {
     snapshot_of: Option<Checkpoint>,
     /// A snapshot of this task is being uploaded.
     snapshot_busy: Arc<AtomicBool>,
+    /// Another owner wrote to its output partition: the task must stop.
+    fenced: bool,
 }
 
 impl Running {
     fn new(task: Task) -> Running {
-        Running { task, snapshot_at: None, snapshot_of: None, snapshot_busy: Arc::default() }
+        Running { task, snapshot_at: None, snapshot_of: None, snapshot_busy: Arc::default(), fenced: false }
     }
 }
 
@@ -149,7 +151,7 @@ fn source_header(source: &[SourceOffset]) -> String {
 
 /// What the task needs of a record of its output partition, from its headers; `None` for a
 /// record without them (not written by this runtime).
-fn seen(m: &BorrowedOrOwned<'_>) -> Option<task::Seen> {
+fn seen(m: &BorrowedOrOwned) -> Option<task::Seen> {
     let h = |k: &str| m.header(k);
     let epoch = h(EPOCH_HEADER)?.parse().ok()?;
     let user = h(USER_HEADER)?;
@@ -163,20 +165,21 @@ fn seen(m: &BorrowedOrOwned<'_>) -> Option<task::Seen> {
 }
 
 /// The parts of a consumed record [`seen`] reads.
-struct BorrowedOrOwned<'a> {
+struct BorrowedOrOwned {
     offset: i64,
     key: Option<String>,
-    headers: Option<&'a rdkafka::message::BorrowedHeaders>,
+    headers: BTreeMap<String, String>,
 }
 
-impl BorrowedOrOwned<'_> {
+impl BorrowedOrOwned {
     fn header(&self, k: &str) -> Option<String> {
-        self.headers?.iter().find(|h| h.key == k).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+        self.headers.get(k).cloned()
     }
 }
 
-fn seen_of<M: Message<Headers = rdkafka::message::BorrowedHeaders>>(m: &M) -> Option<task::Seen> {
-    seen(&BorrowedOrOwned { offset: m.offset(), key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()), headers: m.headers() })
+fn seen_of<M: Message>(m: &M) -> Option<task::Seen> {
+    let headers = m.headers().map(|h| h.iter().filter_map(|h| Some((h.key.to_owned(), String::from_utf8_lossy(h.value?).into_owned()))).collect()).unwrap_or_default();
+    seen(&BorrowedOrOwned { offset: m.offset(), key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()), headers })
 }
 
 /// Consumer context: on assignment, takes each partition (epoch, store, the tail of its output
@@ -191,6 +194,8 @@ struct RebalanceContext {
     snapshots: Option<Arc<Snapshots>>,
     /// For reading the output partition at takeover.
     tail_config: ClientConfig,
+    /// A connected client of the output topic, for its watermarks (no new connection per take).
+    watermarks: BaseConsumer,
     output_topic: String,
     checkpointing: bool,
 }
@@ -287,13 +292,18 @@ impl RebalanceContext {
         Ok(r)
     }
 
-    /// Reads the output partition `p` from `tail.next` to its current end: every record written
-    /// there under an earlier epoch becomes pending (nothing there is newer than the task, whose
-    /// epoch is only decided after this). Returns the tail and how many records were read.
-    fn catch_up(&self, p: i32, mut tail: Tail) -> Result<(Tail, u64), String> {
-        let err = |e: KafkaError| format!("reading the output partition {} [{p}]: {e}", self.output_topic);
-        let consumer: BaseConsumer = self.tail_config.create().map_err(err)?;
-        let (low, high) = consumer.fetch_watermarks(&self.output_topic, p, Duration::from_secs(10)).map_err(err)?;
+    /// Reads the output partition `p` from `tail.next` to its current end, as the task
+    /// (`epoch`, `owner`): every record another owner wrote under an earlier epoch becomes
+    /// pending; one of a newer epoch (or another owner of this one) fences the task. At
+    /// takeover the epoch is not decided yet: read as (`i64::MAX`, 0), nothing fences. Returns
+    /// the tail and how many records were read.
+    fn catch_up(&self, p: i32, tail: Tail) -> Result<(Tail, u64), String> {
+        self.read_output(p, tail, i64::MAX, 0).map_err(|e| e.to_string())
+    }
+
+    fn read_output(&self, p: i32, mut tail: Tail, epoch: i64, owner: u64) -> Result<(Tail, u64), TailError> {
+        let err = |e: KafkaError| TailError::Read(format!("reading the output partition {} [{p}]: {e}", self.output_topic));
+        let (low, high) = self.watermarks.fetch_watermarks(&self.output_topic, p, Duration::from_secs(10)).map_err(err)?;
         if tail.next < low {
             warn!(partition = p, from = tail.next, low, "the output partition starts later than the checkpoint's tail (deleted records): reading from its start");
             tail.next = low;
@@ -301,6 +311,7 @@ impl RebalanceContext {
         if tail.next >= high {
             return Ok((tail, 0));
         }
+        let consumer: BaseConsumer = self.tail_config.create().map_err(err)?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.output_topic, p, Offset::Offset(tail.next)).map_err(err)?;
         consumer.assign(&tpl).map_err(err)?;
@@ -310,14 +321,13 @@ impl RebalanceContext {
         while tail.next < high {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!("reading the output partition {} [{p}] up to {high} took over {CATCH_UP_LIMIT:?} (at {})", self.output_topic, tail.next));
+                return Err(TailError::Read(format!("reading the output partition {} [{p}] up to {high} took over {CATCH_UP_LIMIT:?} (at {})", self.output_topic, tail.next)));
             }
             match consumer.poll(left.min(Duration::from_millis(500))) {
                 Some(Ok(m)) => {
                     read += 1;
                     match seen_of(&m) {
-                        // Nothing is newer than a task whose epoch is not decided yet.
-                        Some(s) => tail.read(&s, i64::MAX, 0).expect("no epoch is above i64::MAX"),
+                        Some(s) => tail.read(&s, epoch, owner).map_err(TailError::Fenced)?,
                         None => {
                             foreign += 1;
                             tail.next = m.offset() + 1;
@@ -334,6 +344,15 @@ impl RebalanceContext {
         }
         Ok((tail, read))
     }
+}
+
+/// Why reading the output partition stopped.
+#[derive(Debug, thiserror::Error)]
+enum TailError {
+    #[error("{0}")]
+    Read(String),
+    #[error(transparent)]
+    Fenced(task::Fenced),
 }
 
 impl ClientContext for RebalanceContext {}
@@ -360,7 +379,7 @@ impl ConsumerContext for RebalanceContext {
                             }
                         }
                     };
-                    let _ = start.add_partition_offset(el.topic(), p, Offset::Offset(running.task.next_offset(el.topic())));
+                    let _ = start.add_partition_offset(el.topic(), p, running.task.start_offset(el.topic()));
                 }
                 info!(partitions = ?sh.tasks.keys().collect::<Vec<_>>(), "assigned");
                 if let Err(e) = consumer.assign(&start) {
@@ -416,7 +435,7 @@ pub struct RunArgs {
     pub snapshots: Option<Arc<Snapshots>>,
 }
 
-/// A consumer of the output partitions, without a group: what [`seen`] reads (and how far).
+/// A consumer of the output partitions, without a group: for the catch-up read at takeover.
 fn tail_config(consumer_config: &ClientConfig) -> ClientConfig {
     let mut c = consumer_config.clone();
     let group = c.get("group.id").unwrap_or("vitals").to_owned();
@@ -450,13 +469,11 @@ where
         pool: pool.clone(),
         snapshots: snapshots.clone(),
         tail_config: tail_cfg.clone(),
+        watermarks: tail_cfg.create()?,
         output_topic: cfg.output_topic.clone(),
         checkpointing: cfg.checkpointing,
     };
     let consumer: BaseConsumer<RebalanceContext> = consumer_config.create_with_context(ctx)?;
-    // The output partitions of the tasks owned here, read as they are written.
-    let tail: BaseConsumer = tail_cfg.create()?;
-    let mut tail_assigned: BTreeMap<i32, i64> = BTreeMap::new();
     let lanes = Lanes { topics: cfg.topics.clone(), inputs: cfg.inputs };
     let t = &cfg.topics;
     let input_topics = cfg.inputs.topics(t);
@@ -466,8 +483,9 @@ where
     let mut lag_measured = Instant::now() - LAG_EVERY;
     // Partitions whose task was fenced, and since when.
     let mut fenced: BTreeMap<i32, Instant> = BTreeMap::new();
+    let mut tail_checked = Instant::now();
+    let mut generation = shared.lock().unwrap_or_else(|p| p.into_inner()).generation;
     while !stop.load(Ordering::Relaxed) {
-        let generation = shared.lock().unwrap_or_else(|p| p.into_inner()).generation;
         let mut batch: Vec<OwnedMessage> = Vec::new();
         let deadline = Instant::now() + cfg.max_wait;
         while batch.len() < cfg.max_batch {
@@ -475,7 +493,17 @@ where
             if left.is_zero() {
                 break;
             }
-            match consumer.poll(left) {
+            let polled = consumer.poll(left);
+            let now = shared.lock().unwrap_or_else(|p| p.into_inner()).generation;
+            if now != generation {
+                // A rebalance ran inside this `poll`: what was polled before it may belong to a
+                // task that was replaced (restored from a snapshot behind those records, or
+                // started empty). The assignment restarted every partition at its task's
+                // checkpoint, so those records come again: drop them.
+                generation = now;
+                batch.clear();
+            }
+            match polled {
                 Some(Ok(m)) => batch.push(m.detach()),
                 Some(Err(e)) => warn!(error = %e, "consumer error"),
                 None => break,
@@ -486,19 +514,11 @@ where
             return Err(RuntimeError::Store(store::StoreError::from_message(f)));
         }
         if sh.generation != generation {
-            // A rebalance ran inside `poll`: records polled before it may belong to a task that
-            // was replaced (restored from a snapshot behind them, or started empty). Drop the
-            // batch and read again from every task's checkpoint.
-            drop(batch);
-            for (p, r) in &sh.tasks {
-                fenced.remove(p);
-                for topic in &input_topics {
-                    let _ = consumer.seek(topic, *p, Offset::Offset(r.task.next_offset(topic)), Duration::from_secs(5));
-                }
-            }
-            fenced.retain(|p, _| !sh.tasks.contains_key(p));
-            continue;
+            // A rebalance between the last poll and this lock: the same.
+            generation = sh.generation;
+            batch.clear();
         }
+        fenced.retain(|p, _| !sh.tasks.contains_key(p));
         // A fenced partition still assigned here long after: nobody else took it; take it again.
         let again: Vec<i32> = fenced.iter().filter(|(_, at)| at.elapsed() >= FENCED_GRACE).map(|(p, _)| *p).collect();
         for p in again {
@@ -511,46 +531,23 @@ where
             let path = cfg.data_dir.join(cfg.processor).join(format!("p{p}.redb"));
             let r = consumer.context().take(p, &path).map_err(|e| RuntimeError::Store(store::StoreError::from_message(e)))?;
             for topic in &input_topics {
-                let _ = consumer.seek(topic, p, Offset::Offset(r.task.next_offset(topic)), Duration::from_secs(5));
+                let _ = consumer.seek(topic, p, r.task.start_offset(topic), Duration::from_secs(5));
             }
             sh.tasks.insert(p, r);
         }
-        // The tail: follow the output partition of every task owned here.
-        let want: BTreeMap<i32, i64> = sh.tasks.iter().map(|(p, r)| (*p, r.task.epoch)).collect();
-        if want != tail_assigned {
-            let mut tpl = TopicPartitionList::new();
-            for (p, r) in &sh.tasks {
-                tpl.add_partition_offset(&cfg.output_topic, *p, Offset::Offset(r.task.tail.next))?;
-            }
-            tail.assign(&tpl)?;
-            tail_assigned = want;
-        }
-        let mut tail_read = 0usize;
-        while tail_read < 10 * cfg.max_batch.max(1) {
-            match tail.poll(Duration::ZERO) {
-                Some(Ok(m)) => {
-                    tail_read += 1;
-                    let p = m.partition();
-                    let Some(r) = sh.tasks.get_mut(&p) else { continue };
-                    let Some(s) = seen_of(&m) else {
-                        r.task.tail.next = r.task.tail.next.max(m.offset() + 1);
-                        continue;
-                    };
-                    if let Err(f) = r.task.observe(&s) {
-                        // Another task owns the partition now. Stop here; the group moves the
-                        // partition (or, if it stays here, it is taken again after a grace).
-                        warn!(partition = p, error = %f, "task fenced: stopping it");
-                        metrics.add(&metrics.fenced, 1);
-                        sh.tasks.remove(&p);
-                        fenced.insert(p, Instant::now());
-                    }
+        // The tail: a task knows the offsets of its own writes (delivery reports), so anything
+        // else in its output partition shows as a gap between them, or as an end beyond its tail
+        // when idle; only then is the partition read ([`RebalanceContext::read_output`]).
+        if cfg.checkpointing && tail_checked.elapsed() >= TAIL_EVERY {
+            tail_checked = Instant::now();
+            let ctx = consumer.context();
+            let ps: Vec<i32> = sh.tasks.keys().copied().collect();
+            for p in ps {
+                let r = sh.tasks.get_mut(&p).expect("listed");
+                let high = ctx.watermarks.fetch_watermarks(&cfg.output_topic, p, Duration::from_secs(5)).map(|(_, h)| h).unwrap_or(0);
+                if high > r.task.tail.next {
+                    follow_tail(ctx, &mut sh, p, &metrics, &mut fenced)?;
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) => {}
-                Some(Err(e)) => {
-                    warn!(error = %e, "reading the output partitions");
-                    break;
-                }
-                None => break,
             }
         }
         let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
@@ -566,11 +563,18 @@ where
             let Some(r) = sh.tasks.get_mut(&p) else { continue };
             let n = msgs.len() as u64;
             let decoded = decode_all(&rt, &codec, t, msgs)?;
-            interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, &mut r.task, decoded, &mut produced, &metrics).map_err(|e| match e {
+            let ctx = consumer.context();
+            interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, ctx, r, decoded, &mut produced, &metrics).map_err(|e| match e {
                 RuntimeError::Task { partition, source: task::TaskError::Gap { topic, expected, got } } => gap_error(&consumer, partition, topic, expected, got),
                 other => other,
             })?;
             metrics.add(&metrics.records_in, n);
+            if r.fenced {
+                warn!(partition = p, "task fenced: stopping it");
+                metrics.add(&metrics.fenced, 1);
+                sh.tasks.remove(&p);
+                fenced.insert(p, Instant::now());
+            }
         }
         if lag_measured.elapsed() >= LAG_EVERY {
             lag_measured = Instant::now();
@@ -610,6 +614,31 @@ pub use vitals_schemas::topics::PROGRESS_HEADER;
 
 fn is_progress(m: &OwnedMessage) -> bool {
     m.headers().is_some_and(|h| h.iter().any(|h| h.key == PROGRESS_HEADER))
+}
+
+/// How often an idle task looks for writes of others at the end of its output partition.
+const TAIL_EVERY: Duration = Duration::from_secs(2);
+
+/// Reads task `p`'s output partition from its tail position to the end; a fenced task is
+/// stopped.
+fn follow_tail(ctx: &RebalanceContext, sh: &mut Shared, p: i32, metrics: &metrics::RuntimeMetrics, fenced: &mut BTreeMap<i32, Instant>) -> Result<(), RuntimeError> {
+    let Some(r) = sh.tasks.get_mut(&p) else { return Ok(()) };
+    match ctx.read_output(p, r.task.tail.clone(), r.task.epoch, r.task.owner) {
+        Ok((tail, _)) => {
+            r.task.tail = tail;
+            Ok(())
+        }
+        Err(TailError::Fenced(f)) => {
+            // Another task owns the partition now. Stop here; the group moves the partition (or,
+            // if it stays here, it is taken again after a grace).
+            warn!(partition = p, error = %f, "task fenced: stopping it");
+            metrics.add(&metrics.fenced, 1);
+            sh.tasks.remove(&p);
+            fenced.insert(p, Instant::now());
+            Ok(())
+        }
+        Err(TailError::Read(e)) => Err(RuntimeError::Store(store::StoreError::from_message(e))),
+    }
 }
 
 /// How often the lag of the owned partitions is measured (a watermark request per input topic
@@ -668,7 +697,8 @@ fn interval<P>(
     rt: &tokio::runtime::Handle,
     codec: &Codec,
     producer: &FutureProducer,
-    task: &mut Task,
+    ctx: &RebalanceContext,
+    running: &mut Running,
     msgs: Vec<InRecord>,
     produced: &mut u64,
     metrics: &metrics::RuntimeMetrics,
@@ -677,6 +707,7 @@ where
     P: Processor,
     P::Output: Versioned + Serialize + DeserializeOwned + Clone,
 {
+    let task = &mut running.task;
     let p = task.partition;
     let t = &cfg.topics;
     let planned = task.plan(processor, lanes, cfg.processor, msgs).map_err(|source| match source {
@@ -737,6 +768,8 @@ where
     if !rows.is_empty() {
         pause_before_produce();
     }
+    // The offsets this task's records landed at in its output partition.
+    let mut own: Vec<i64> = Vec::new();
     if !rows.is_empty() || !markers.is_empty() {
         let waiting = Instant::now();
         for group in [&rows, &markers] {
@@ -744,11 +777,17 @@ where
             // is enqueued, so nothing overtakes), then every acknowledgement awaited.
             let mut acks = Vec::with_capacity(group.len());
             for rec in group.iter() {
-                acks.push(enqueue(producer, p, rec)?);
+                acks.push((rec.0 == cfg.output_topic, enqueue(producer, p, rec)?));
             }
-            for a in rt.block_on(join_all(acks)) {
+            let (mine, futs): (Vec<bool>, Vec<_>) = acks.into_iter().unzip();
+            for (a, mine) in rt.block_on(join_all(futs)).into_iter().zip(mine) {
                 match a {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(delivery)) => {
+                        let offset = delivery.offset;
+                        if mine {
+                            own.push(offset);
+                        }
+                    }
                     Ok(Err((e, _))) => return Err(RuntimeError::NotAcknowledged(e.to_string())),
                     Err(_) => return Err(RuntimeError::NotAcknowledged("the producer dropped a delivery".into())),
                 }
@@ -759,6 +798,25 @@ where
         if cfg.crash_after_produce.is_some_and(|n| *produced >= n) {
             warn!("crash_after_produce: aborting between produce and checkpoint");
             std::process::abort();
+        }
+    }
+    // Its own records follow its tail position without a gap, or someone else wrote in between:
+    // then the partition is read (the foreign records become pending, or fence the task).
+    own.sort_unstable();
+    for o in own {
+        if o == task.tail.next {
+            task.tail.next += 1;
+        } else if o > task.tail.next {
+            match ctx.read_output(p, task.tail.clone(), task.epoch, task.owner) {
+                Ok((tail, _)) => task.tail = tail,
+                Err(TailError::Fenced(f)) => {
+                    warn!(partition = p, error = %f, "another owner wrote to the output partition");
+                    running.fenced = true;
+                    return Ok(());
+                }
+                Err(TailError::Read(e)) => return Err(RuntimeError::Store(store::StoreError::from_message(e))),
+            }
+            break;
         }
     }
     // Only now, with every output acknowledged, does the interval become the checkpoint.

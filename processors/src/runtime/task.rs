@@ -265,6 +265,12 @@ impl Task {
         self.cp.offsets.get(topic).copied().unwrap_or(0)
     }
 
+    /// Where the consumer starts reading `topic`: the checkpoint's next offset, or the beginning of
+    /// a topic never read (a lane that does not start at 0 is then refused as a gap).
+    pub fn start_offset(&self, topic: &str) -> rdkafka::Offset {
+        self.cp.offsets.get(topic).map_or(rdkafka::Offset::Beginning, |o| rdkafka::Offset::Offset(*o))
+    }
+
     /// Whether an interval with no input would produce something: answers that are due.
     pub fn has_due_answers(&self) -> bool {
         self.tail.due(&self.cp.offsets).next().is_some()
