@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::{Progress, Projection, Row};
+use crate::{progress, Progress, Projection, Row};
 
 /// A row the batch actually changed (its version was newer than the stored one): what the
 /// realtime push announces.
@@ -25,6 +25,8 @@ pub struct Applied {
 #[derive(Debug, Default)]
 pub struct Batch {
     pub rows: Vec<Row>,
+    /// What every consumed record (marker or row) says of its user's progress, in consumption
+    /// order ([`crate::progress::fold`]).
     pub progress: Vec<Progress>,
     /// (topic, partition) → next offset to consume.
     pub offsets: BTreeMap<(String, i32), i64>,
@@ -139,23 +141,17 @@ fn offsets_json(o: &[vitals_schemas::SourceOffset]) -> serde_json::Value {
 }
 
 async fn upsert_progress(tx: &mut Transaction<'_, Postgres>, progress: &[Progress]) -> Result<(), sqlx::Error> {
-    let mut newest: BTreeMap<(&str, &str, &str, i32), i64> = BTreeMap::new();
-    for p in progress {
-        for o in &p.source_offsets {
-            let e = newest.entry((p.user_id.as_str(), p.projection.name(), o.topic.as_str(), o.partition)).or_insert(o.next_offset);
-            *e = (*e).max(o.next_offset);
-        }
-    }
-    if newest.is_empty() {
+    let moved = progress::fold(&BTreeMap::new(), progress);
+    if moved.is_empty() {
         return Ok(());
     }
     let (mut users, mut projs, mut topics, mut parts, mut offs) = (vec![], vec![], vec![], vec![], vec![]);
-    for ((u, p, t, part), o) in newest {
+    for ((u, p, t, part), pos) in moved {
         users.push(u);
         projs.push(p);
         topics.push(t);
         parts.push(part);
-        offs.push(o);
+        offs.push(pos.next_offset);
     }
     sqlx::query(
         "INSERT INTO projection_progress (user_id, projection, topic, partition, next_offset)
