@@ -1,10 +1,23 @@
 //! How far each user's projection is computed *and applied*, from what the sink consumes: the
-//! rule that turns a batch's progress markers into `projection_progress`. Pure, so it is tested
-//! without a database.
+//! rule that turns a batch's progress markers and rows into `projection_progress`. Pure, so it is
+//! tested without a database.
+//!
+//! A position is `(epoch, next_offset)` per (user, projection, input partition), and it only
+//! moves forward in that (lexicographic) order:
+//! * a marker moves it to the marker's own position if that is greater: a newer owner's marker
+//!   replaces it even when lower (the new owner replays from an older checkpoint, and what it
+//!   says is all that is proven of the rows it has re-emitted), the same owner's takes the greater
+//!   offset, an older owner's (a zombie's) changes nothing;
+//! * a row of a newer owner moves it to that epoch at the lower of the two offsets: the row is
+//!   visible as soon as it is applied and may be computed from less input than the previous
+//!   owner's rows were, so the position drops with it, in the same transaction; and it proves no
+//!   more than the previous owner had, which may have been behind;
+//! * a row never raises the offset: other rows of its interval may still be in the next batch,
+//!   and only the marker after them says the interval is complete.
 
 use std::collections::BTreeMap;
 
-use crate::Progress;
+use crate::{Progress, ProgressKind};
 
 /// (user, projection, input topic, input partition): what one stored position is of.
 pub type Key<'a> = (&'a str, &'a str, &'a str, i32);
@@ -17,27 +30,38 @@ pub struct Position {
 }
 
 /// The positions `evidence` (the batch's markers and rows, in consumption order) moves `held`
-/// to; only the keys that change. A marker raises a position to the greatest offset seen; rows
-/// say nothing.
+/// to; only the keys that change. Every move is forward in `(epoch, next_offset)` order, so the
+/// write can refuse to move a stored position backwards.
 pub fn fold<'a>(held: &BTreeMap<Key<'a>, Position>, evidence: &'a [Progress]) -> BTreeMap<Key<'a>, Position> {
     let mut moved: BTreeMap<Key<'a>, Position> = BTreeMap::new();
-    for p in evidence.iter().filter(|p| p.kind == crate::ProgressKind::Marker) {
+    for p in evidence {
         for o in &p.source_offsets {
             let key = (p.user_id.as_str(), p.projection.name(), o.topic.as_str(), o.partition);
-            let seen = Position { epoch: p.epoch, next_offset: o.next_offset };
             let now = moved.get(&key).or(held.get(&key)).copied();
-            if now.is_none_or(|n| n.next_offset < seen.next_offset) {
-                moved.insert(key, seen);
+            let next = step(now, p.kind, Position { epoch: p.epoch, next_offset: o.next_offset });
+            if Some(next) != now {
+                moved.insert(key, next);
             }
         }
     }
     moved
 }
 
+/// One record's effect on one position (`None`: nothing stored yet).
+fn step(now: Option<Position>, kind: ProgressKind, seen: Position) -> Position {
+    match (kind, now) {
+        (ProgressKind::Marker, now) => now.map_or(seen, |n| n.max(seen)),
+        (ProgressKind::Row, Some(n)) if n.epoch >= seen.epoch => n,
+        (ProgressKind::Row, Some(n)) => Position { epoch: seen.epoch, next_offset: n.next_offset.min(seen.next_offset) },
+        // Rows applied before any marker: something is applied (so not `pending`), nothing proven.
+        (ProgressKind::Row, None) => Position { epoch: seen.epoch, next_offset: 0 },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ProgressKind, Projection};
+    use crate::Projection;
     use vitals_schemas::SourceOffset;
 
     const HOT: &str = "hot";
