@@ -4,7 +4,7 @@
 //!   every query is scoped to it — no parameter names another user.
 //! * Every response states its freshness ([`freshness`]): `fresh`, `stale` (with how far behind)
 //!   or `pending`, from the projection's applied progress against what the edge accepted. A
-//!   response's rows and the inputs of its freshness are read in one transaction ([`snapshot`]).
+//!   response's rows and the inputs of its freshness are read in one transaction (`snapshot`).
 //! * `ETag` on every 200 (a hash of the body); `If-None-Match` → 304. Cursor pagination.
 //!   Typed errors `{"error": {"code", "message", "field"}}` with stable codes.
 //! * `/` serves the dashboard (static files in `api/static`, no build step); `/v1/realtime` is the
