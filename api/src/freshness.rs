@@ -14,11 +14,15 @@
 //! when `session_impact` is fresh *and* product_impact has consumed every session-impact record of
 //! the user (`projection_inputs`, recorded by the sink); otherwise it reports the first of the two
 //! that is behind.
+//!
+//! The three inputs are read on one connection; a caller that also reads rows passes the
+//! transaction it read them in (the API's `REPEATABLE READ` snapshot), so rows and freshness are
+//! of one moment.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 pub const PROJECTIONS: [&str; 4] = ["rollup_day", "sleep_night", "session_impact", "product_impact"];
 
@@ -86,14 +90,22 @@ pub struct UserProgress {
 }
 
 impl UserProgress {
-    /// Three queries, whatever the number of projections asked about.
-    pub async fn load(pool: &PgPool, user: &str) -> Result<UserProgress, sqlx::Error> {
+    /// Three queries on one connection of `db` (a pool, a connection or a transaction), whatever
+    /// the number of projections asked about.
+    pub async fn load(db: impl Into<Db<'_>>, user: &str) -> Result<UserProgress, sqlx::Error> {
+        match db.into() {
+            Db::Pool(pool) => Self::read(&mut *pool.acquire().await?, user).await,
+            Db::Conn(conn) => Self::read(conn, user).await,
+        }
+    }
+
+    async fn read(conn: &mut PgConnection, user: &str) -> Result<UserProgress, sqlx::Error> {
         type Row = (String, i32, i64, chrono::DateTime<chrono::Utc>);
         let accepted = |rows: Vec<Row>| rows.into_iter().map(|(t, p, o, at)| ((t, p), (o, at))).collect();
-        let lanes: Vec<Row> = sqlx::query_as("SELECT topic, partition, last_offset, accepted_at FROM ingest_user_offsets WHERE user_id = $1").bind(user).fetch_all(pool).await?;
-        let inputs: Vec<Row> = sqlx::query_as("SELECT topic, partition, last_offset, updated_at FROM projection_inputs WHERE user_id = $1").bind(user).fetch_all(pool).await?;
+        let lanes: Vec<Row> = sqlx::query_as("SELECT topic, partition, last_offset, accepted_at FROM ingest_user_offsets WHERE user_id = $1").bind(user).fetch_all(&mut *conn).await?;
+        let inputs: Vec<Row> = sqlx::query_as("SELECT topic, partition, last_offset, updated_at FROM projection_inputs WHERE user_id = $1").bind(user).fetch_all(&mut *conn).await?;
         let progress: Vec<(String, String, i32, i64)> =
-            sqlx::query_as("SELECT projection, topic, partition, next_offset FROM projection_progress WHERE user_id = $1").bind(user).fetch_all(pool).await?;
+            sqlx::query_as("SELECT projection, topic, partition, next_offset FROM projection_progress WHERE user_id = $1").bind(user).fetch_all(conn).await?;
         let mut applied: BTreeMap<String, BTreeMap<(String, i32), i64>> = BTreeMap::new();
         for (projection, t, p, o) in progress {
             applied.entry(projection).or_default().insert((t, p), o);
@@ -123,9 +135,34 @@ impl UserProgress {
     }
 }
 
-/// The freshness of `projection` for `user`.
-pub async fn of(pool: &PgPool, user: &str, projection: &str) -> Result<Freshness, sqlx::Error> {
-    Ok(UserProgress::load(pool, user).await?.of(projection))
+/// Where [`UserProgress::load`] reads: any connection of a pool, or one given connection — the
+/// transaction the caller read its rows in, so that both are of one snapshot.
+pub enum Db<'a> {
+    Pool(&'a PgPool),
+    Conn(&'a mut PgConnection),
+}
+
+impl<'a> From<&'a PgPool> for Db<'a> {
+    fn from(pool: &'a PgPool) -> Db<'a> {
+        Db::Pool(pool)
+    }
+}
+
+impl<'a> From<&'a mut PgConnection> for Db<'a> {
+    fn from(conn: &'a mut PgConnection) -> Db<'a> {
+        Db::Conn(conn)
+    }
+}
+
+impl<'a> From<&'a mut Transaction<'_, Postgres>> for Db<'a> {
+    fn from(tx: &'a mut Transaction<'_, Postgres>) -> Db<'a> {
+        Db::Conn(tx)
+    }
+}
+
+/// The freshness of `projection` for `user`, read on `db` ([`UserProgress::load`]).
+pub async fn of(db: impl Into<Db<'_>>, user: &str, projection: &str) -> Result<Freshness, sqlx::Error> {
+    Ok(UserProgress::load(db, user).await?.of(projection))
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! * JWT-authenticated (the same verifier as the ingest edge); the user is the token's `sub`, and
 //!   every query is scoped to it — no parameter names another user.
 //! * Every response states its freshness ([`freshness`]): `fresh`, `stale` (with how far behind)
-//!   or `pending`, from the projection's applied progress against what the edge accepted.
+//!   or `pending`, from the projection's applied progress against what the edge accepted. A
+//!   response's rows and the inputs of its freshness are read in one transaction (`snapshot`).
 //! * `ETag` on every 200 (a hash of the body); `If-None-Match` → 304. Cursor pagination.
 //!   Typed errors `{"error": {"code", "message", "field"}}` with stable codes.
 //! * `/` serves the dashboard (static files in `api/static`, no build step); `/v1/realtime` is the
@@ -23,7 +24,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::types::Json;
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 use vitals_ingest::auth::JwtVerifier;
 use vitals_ingest::error::ApiError;
 
@@ -72,6 +73,15 @@ fn user(api: &Api, headers: &HeaderMap) -> Result<String, ApiError> {
 fn db_error(e: sqlx::Error) -> ApiError {
     tracing::error!(error = %e, "read failed");
     ApiError::unavailable("database_unavailable", "the projection store is unavailable; retry shortly", 2)
+}
+
+/// The transaction every read runs in: its rows and its freshness inputs (accepted offsets,
+/// applied progress) are of one moment. The sink commits rows and progress together, but two
+/// separate reads can straddle a commit: rows of a replay from before and progress from after it
+/// (or the other way round) would be served as `fresh`. Read only, so it never waits on a writer
+/// nor fails to serialise.
+async fn snapshot(api: &Api) -> Result<Transaction<'static, Postgres>, ApiError> {
+    api.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await.map_err(db_error)
 }
 
 /// A 200 with an ETag, or a 304 when the client already holds this body.
@@ -189,6 +199,7 @@ async fn by_day(api: &Api, headers: &HeaderMap, q: ListQuery, table: &str, proje
     let user = user(api, headers)?;
     let (from, to, n, cursor) = (date("from", &q.from)?, date("to", &q.to)?, limit(&q)?, decode_cursor(&q.cursor)?);
     let (ck, ce) = cursor.map(|c| (Some(c.k), Some(c.e))).unwrap_or((None, None));
+    let mut tx = snapshot(api).await?;
     let rows: Rows = sqlx::query_as(&format!(
         "SELECT day::text, entity_id, body FROM {table}
          WHERE user_id = $1 AND NOT deleted AND ($2::text IS NULL OR metric = $2)
@@ -203,10 +214,11 @@ async fn by_day(api: &Api, headers: &HeaderMap, q: ListQuery, table: &str, proje
     .bind(ck)
     .bind(ce)
     .bind(n + 1)
-    .fetch_all(&api.pool)
+    .fetch_all(&mut *tx)
     .await
     .map_err(db_error)?;
-    let f = freshness::of(&api.pool, &user, projection).await.map_err(db_error)?;
+    let f = freshness::of(&mut tx, &user, projection).await.map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
     Ok(respond(headers, &page(rows, n, f)))
 }
 
@@ -219,6 +231,7 @@ async fn sessions(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Que
     let (from, to, n, cursor) = (millis("from", &q.from)?, millis("to", &q.to)?, limit(&q)?, decode_cursor(&q.cursor)?);
     let (ck, ce) = cursor.map(|c| (Some(c.k), Some(c.e))).unwrap_or((None, None));
     // Sorted by start; the key is zero-padded so text order is time order.
+    let mut tx = snapshot(&api).await?;
     let rows: Rows = sqlx::query_as(
         "SELECT lpad(at_ms::text, 20, '0'), entity_id, body FROM proj_session_impact
          WHERE user_id = $1 AND NOT deleted
@@ -232,10 +245,11 @@ async fn sessions(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Que
     .bind(ck)
     .bind(ce)
     .bind(n + 1)
-    .fetch_all(&api.pool)
+    .fetch_all(&mut *tx)
     .await
     .map_err(db_error)?;
-    let f = freshness::of(&api.pool, &user, "session_impact").await.map_err(db_error)?;
+    let f = freshness::of(&mut tx, &user, "session_impact").await.map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
     Ok(respond(&headers, &page(rows, n, f)))
 }
 
@@ -247,13 +261,15 @@ struct One {
 
 async fn session(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
     let user = user(&api, &headers)?;
+    let mut tx = snapshot(&api).await?;
     let row: Option<(Json<serde_json::Value>,)> = sqlx::query_as("SELECT body FROM proj_session_impact WHERE user_id = $1 AND entity_id = $2 AND NOT deleted")
         .bind(&user)
         .bind(&id)
-        .fetch_optional(&api.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db_error)?;
-    let f = freshness::of(&api.pool, &user, "session_impact").await.map_err(db_error)?;
+    let f = freshness::of(&mut tx, &user, "session_impact").await.map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
     match row {
         Some((body,)) => Ok(respond(&headers, &One { data: body.0, freshness: f })),
         // Another user's session is indistinguishable from a missing one.
@@ -269,6 +285,7 @@ async fn products(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Que
     }
     let (n, cursor) = (limit(&q)?, decode_cursor(&q.cursor)?);
     let ce = cursor.map(|c| c.e);
+    let mut tx = snapshot(&api).await?;
     let rows: Rows = sqlx::query_as(
         "SELECT '' AS k, entity_id, body FROM proj_product_impact
          WHERE user_id = $1 AND NOT deleted AND ($2::text IS NULL OR entity_id > $2)
@@ -277,15 +294,18 @@ async fn products(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Que
     .bind(&user)
     .bind(ce)
     .bind(n + 1)
-    .fetch_all(&api.pool)
+    .fetch_all(&mut *tx)
     .await
     .map_err(db_error)?;
-    let f = freshness::of(&api.pool, &user, "product_impact").await.map_err(db_error)?;
+    let f = freshness::of(&mut tx, &user, "product_impact").await.map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
     Ok(respond(&headers, &page(rows, n, f)))
 }
 
 async fn freshness_summary(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
     let user = user(&api, &headers)?;
-    let all = freshness::UserProgress::load(&api.pool, &user).await.map_err(db_error)?.all();
+    let mut tx = snapshot(&api).await?;
+    let all = freshness::UserProgress::load(&mut tx, &user).await.map_err(db_error)?.all();
+    tx.commit().await.map_err(db_error)?;
     Ok(respond(&headers, &serde_json::json!({ "user_id": user, "freshness": all })))
 }

@@ -4,10 +4,12 @@
 //! * [`Row`] is one projection record in table form, from any of the four output records.
 //! * [`postgres`] applies a batch of rows and the consumed offsets in one transaction; a row only
 //!   replaces one with an older version, and a retraction keeps its version.
+//! * [`progress`] is the rule that turns what the sink consumed into each user's progress.
 //! * [`runner`] is the consumer loop: seeks to the offsets stored in PostgreSQL on assignment,
 //!   retries a batch with backoff while PostgreSQL is down, dead-letters what it cannot decode.
 
 pub mod postgres;
+pub mod progress;
 pub mod realtime;
 pub mod runner;
 
@@ -153,14 +155,34 @@ impl From<ProductImpact> for Row {
     }
 }
 
-/// A processor's per-user progress marker (Kafka header `vitals-progress` on an output record):
-/// everything of `user_id` up to `source_offsets` has been processed and its outputs precede
-/// the marker in the same partition.
+/// What one consumed record says about how far its user's projection has been computed: every
+/// output record carries its owner's epoch and the task's input position (`source_offsets`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Progress {
     pub projection: Projection,
     pub user_id: String,
+    pub kind: ProgressKind,
+    /// The epoch of the processor owner that wrote the record (`version_epoch`).
+    pub epoch: i64,
     pub source_offsets: Vec<SourceOffset>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressKind {
+    /// A processor's per-user progress marker (Kafka header `vitals-progress`): everything of
+    /// the user up to `source_offsets` has been processed and its outputs precede the marker in
+    /// the same partition.
+    Marker,
+    /// A row: its owner had reached `source_offsets` when it computed it, but other rows of the
+    /// same interval may follow it.
+    Row,
+}
+
+impl Progress {
+    /// What the row `r` says (its owner and input position).
+    pub fn of_row(r: &Row) -> Progress {
+        Progress { projection: r.projection, user_id: r.user_id.clone(), kind: ProgressKind::Row, epoch: r.version.0, source_offsets: r.source_offsets.clone() }
+    }
 }
 
 pub use vitals_schemas::topics::PROGRESS_HEADER;

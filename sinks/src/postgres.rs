@@ -2,12 +2,12 @@
 //! consumed offsets commit together or not at all. Upserts are batched with `UNNEST` arrays,
 //! one statement per table, not one per row.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::{Progress, Projection, Row};
+use crate::{progress, Progress, Projection, Row};
 
 /// A row the batch actually changed (its version was newer than the stored one): what the
 /// realtime push announces.
@@ -25,6 +25,8 @@ pub struct Applied {
 #[derive(Debug, Default)]
 pub struct Batch {
     pub rows: Vec<Row>,
+    /// What every consumed record (marker or row) says of its user's progress, in consumption
+    /// order ([`crate::progress::fold`]).
     pub progress: Vec<Progress>,
     /// (topic, partition) → next offset to consume.
     pub offsets: BTreeMap<(String, i32), i64>,
@@ -138,39 +140,64 @@ fn offsets_json(o: &[vitals_schemas::SourceOffset]) -> serde_json::Value {
     serde_json::to_value(o).unwrap_or(serde_json::Value::Null)
 }
 
+/// Moves the users' positions by what the batch consumed ([`progress::fold`]). The stored
+/// positions are read locked, so no other writer (a sink instance that has not noticed a
+/// rebalance yet) moves them in between; the write moves a position only forward in `(epoch,
+/// next_offset)` order, as the fold does, which also covers a key that writer stored first.
 async fn upsert_progress(tx: &mut Transaction<'_, Postgres>, progress: &[Progress]) -> Result<(), sqlx::Error> {
-    let mut newest: BTreeMap<(&str, &str, &str, i32), i64> = BTreeMap::new();
-    for p in progress {
-        for o in &p.source_offsets {
-            let e = newest.entry((p.user_id.as_str(), p.projection.name(), o.topic.as_str(), o.partition)).or_insert(o.next_offset);
-            *e = (*e).max(o.next_offset);
-        }
-    }
-    if newest.is_empty() {
+    let keys: BTreeSet<progress::Key> = progress.iter().flat_map(|p| p.source_offsets.iter().map(move |o| (p.user_id.as_str(), p.projection.name(), o.topic.as_str(), o.partition))).collect();
+    if keys.is_empty() {
         return Ok(());
     }
-    let (mut users, mut projs, mut topics, mut parts, mut offs) = (vec![], vec![], vec![], vec![], vec![]);
-    for ((u, p, t, part), o) in newest {
-        users.push(u);
-        projs.push(p);
-        topics.push(t);
-        parts.push(part);
-        offs.push(o);
-    }
-    sqlx::query(
-        "INSERT INTO projection_progress (user_id, projection, topic, partition, next_offset)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[])
-         ON CONFLICT (user_id, projection, topic, partition) DO UPDATE
-         SET next_offset = GREATEST(projection_progress.next_offset, EXCLUDED.next_offset), updated_at = now()",
+    let (users, projs, topics, parts) = columns(keys.iter().copied());
+    let stored: Vec<(String, String, String, i32, i64, i64)> = sqlx::query_as(
+        "SELECT user_id, projection, topic, partition, epoch, next_offset FROM projection_progress
+         WHERE (user_id, projection, topic, partition) IN (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[]))
+         ORDER BY 1, 2, 3, 4 FOR UPDATE",
     )
     .bind(&users)
     .bind(&projs)
     .bind(&topics)
     .bind(&parts)
-    .bind(&offs)
+    .fetch_all(&mut **tx)
+    .await?;
+    let held: BTreeMap<progress::Key, progress::Position> =
+        stored.iter().map(|(u, p, t, part, epoch, next_offset)| ((u.as_str(), p.as_str(), t.as_str(), *part), progress::Position { epoch: *epoch, next_offset: *next_offset })).collect();
+    let moved = progress::fold(&held, progress);
+    if moved.is_empty() {
+        return Ok(());
+    }
+    let (users, projs, topics, parts) = columns(moved.keys().copied());
+    sqlx::query(
+        "INSERT INTO projection_progress AS cur (user_id, projection, topic, partition, epoch, next_offset)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::int8[])
+         ON CONFLICT (user_id, projection, topic, partition) DO UPDATE
+         SET epoch = EXCLUDED.epoch, next_offset = EXCLUDED.next_offset, updated_at = now()
+         WHERE (cur.epoch, cur.next_offset) < (EXCLUDED.epoch, EXCLUDED.next_offset)",
+    )
+    .bind(&users)
+    .bind(&projs)
+    .bind(&topics)
+    .bind(&parts)
+    .bind(moved.values().map(|p| p.epoch).collect::<Vec<_>>())
+    .bind(moved.values().map(|p| p.next_offset).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+type KeyColumns<'a> = (Vec<&'a str>, Vec<&'a str>, Vec<&'a str>, Vec<i32>);
+
+/// The keys as the four arrays `UNNEST` takes.
+fn columns<'a>(keys: impl Iterator<Item = progress::Key<'a>>) -> KeyColumns<'a> {
+    let mut c: KeyColumns = (vec![], vec![], vec![], vec![]);
+    for (u, p, t, part) in keys {
+        c.0.push(u);
+        c.1.push(p);
+        c.2.push(t);
+        c.3.push(part);
+    }
+    c
 }
 
 /// The stored next offsets of `sink` for `topic` (partition → offset).

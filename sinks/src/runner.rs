@@ -24,7 +24,7 @@ use vitals_schemas::topics::Topics;
 use vitals_schemas::{DeadLetter, ProductImpact, RollupDay, SessionImpact, SleepNight};
 
 use crate::postgres::{self, Applied, Batch};
-use crate::{Progress, Projection, Row, PROGRESS_HEADER};
+use crate::{Progress, ProgressKind, Projection, Row, PROGRESS_HEADER};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -166,7 +166,11 @@ async fn decode(codec: &Codec, p: Projection, m: &OwnedMessage) -> Result<Decode
         Projection::ProductImpact => codec.decode::<ProductImpact>(payload).await?.into(),
     };
     let is_progress = m.headers().is_some_and(|h| h.iter().any(|h| h.key == PROGRESS_HEADER));
-    Ok(if is_progress { Decoded::Progress(Progress { projection: p, user_id: row.user_id, source_offsets: row.source_offsets }) } else { Decoded::Row(row) })
+    Ok(if is_progress {
+        Decoded::Progress(Progress { projection: p, user_id: row.user_id, kind: ProgressKind::Marker, epoch: row.version.0, source_offsets: row.source_offsets })
+    } else {
+        Decoded::Row(row)
+    })
 }
 
 /// Runs the sink until `stop` is set. Blocking: call it from a dedicated thread; it uses the
@@ -254,6 +258,7 @@ fn decode_batch(
                     let e = batch.chained.entry((r.user_id.clone(), m.topic().to_owned(), m.partition())).or_insert(m.offset());
                     *e = (*e).max(m.offset());
                 }
+                batch.progress.push(Progress::of_row(&r));
                 batch.rows.push(r)
             }
             Ok(Decoded::Progress(pr)) => batch.progress.push(pr),

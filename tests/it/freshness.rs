@@ -1,0 +1,268 @@
+//! Freshness across a takeover (issue 8, item 4): a new processor owner (a newer epoch) that
+//! replays from an older checkpoint re-emits rows computed from less input, and no read may call
+//! them fresh until the replay has passed what the edge accepted for the user; a zombie's older
+//! epoch changes nothing. And a read never pairs rows with progress from another moment.
+//!
+//! The output records are written by the test itself, so the interleavings are exact: `vitals
+//! sink` runs as its own process on the real broker and PostgreSQL, and the read API runs on
+//! port 0 against the same database.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use vitals_processors::rollup_day;
+use vitals_schemas::codec::Codec;
+use vitals_schemas::topics::PROGRESS_HEADER;
+use vitals_schemas::{MetricKindRecord, RollupDay, SourceOffset};
+
+use crate::harness::{wait_for, TestEnv, VitalsProc};
+
+/// The read API of this test's world, served in-process on port 0; its base URL.
+async fn serve_api(env: &TestEnv) -> String {
+    let pool = PgPool::connect(&env.db_url).await.unwrap();
+    let api = vitals::app::api(&env.cfg, pool, false).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = vitals::app::serve(listener, vitals_api::router(api), std::future::pending()).await;
+    });
+    base
+}
+
+async fn get(env: &TestEnv, url: &str, token: &str) -> Value {
+    let resp = env.http.get(url).bearer_auth(token).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "GET {url}");
+    resp.json().await.unwrap()
+}
+
+/// What the edge accepted for `user`: the last offset of each lane (partition 0).
+async fn accepted(env: &TestEnv, user: &str, lanes: &[(&str, i64)]) {
+    for (topic, last) in lanes {
+        sqlx::query(
+            "INSERT INTO ingest_user_offsets (user_id, topic, partition, last_offset) VALUES ($1, $2, 0, $3)
+             ON CONFLICT (user_id, topic, partition) DO UPDATE SET last_offset = EXCLUDED.last_offset, accepted_at = now()",
+        )
+        .bind(user)
+        .bind(topic)
+        .bind(last)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    }
+}
+
+/// Writes processor output records for one user into partition 0 of rollup_day's output, as an
+/// owner of a given epoch would.
+struct Owner<'a> {
+    env: &'a TestEnv,
+    codec: &'a Codec,
+    producer: FutureProducer,
+    user: String,
+}
+
+impl Owner<'_> {
+    /// The task's input position after an interval: HOT and COLD at `hot`/`cold`, the rest at 0.
+    fn at(&self, hot: i64, cold: i64) -> Vec<SourceOffset> {
+        let t = self.env.topics();
+        [(t.hot, hot), (t.cold, cold), (t.change, 0), (t.domain, 0)].into_iter().map(|(topic, next_offset)| SourceOffset { topic, partition: 0, next_offset }).collect()
+    }
+
+    fn rollup(&self, metric: &str, count: i64, version: (i64, i64), source_offsets: Vec<SourceOffset>) -> RollupDay {
+        RollupDay {
+            user_id: self.user.clone(),
+            metric: metric.to_owned(),
+            local_date: "2024-03-01".to_owned(),
+            unit: "count".to_owned(),
+            kind: MetricKindRecord::Cumulative,
+            count,
+            sum: Some(count as f64 * 100.0),
+            min: None,
+            max: None,
+            mean: None,
+            time_weighted_mean: None,
+            last: None,
+            category_minutes: HashMap::new(),
+            primary_source: Some("watch".to_owned()),
+            version_epoch: version.0,
+            version_seq: version.1,
+            deleted: false,
+            source_offsets,
+        }
+    }
+
+    /// Sends one record; its offset in the output partition.
+    async fn send(&self, key: &str, r: &RollupDay, headers: OwnedHeaders) -> i64 {
+        let topic = self.env.topics().rollup_day;
+        let bytes = self.codec.encode(&topic, r).await.unwrap();
+        let sent = self.producer.send(FutureRecord::to(&topic).partition(0).key(key).payload(&bytes).headers(headers), Duration::from_secs(30)).await;
+        sent.map_err(|(e, _)| e).unwrap().offset
+    }
+
+    async fn row(&self, r: &RollupDay) -> i64 {
+        self.send(&rollup_day::output_key(&r.user_id, &r.metric, r.local_date.parse().unwrap()), r, OwnedHeaders::new()).await
+    }
+
+    /// A progress marker of `epoch` at `source_offsets` (tombstone-shaped, with the header).
+    async fn marker(&self, version: (i64, i64), source_offsets: Vec<SourceOffset>) -> i64 {
+        let mut m = self.rollup("~progress", 0, version, source_offsets);
+        m.deleted = true;
+        self.send(&format!("{}|~progress", self.user), &m, OwnedHeaders::new().insert(Header { key: PROGRESS_HEADER, value: Some("1") })).await
+    }
+}
+
+/// Waits until the sink has committed everything up to output offset `last` (its rows, the
+/// users' progress and its position commit in one transaction).
+async fn consumed(env: &TestEnv, what: &str, last: i64) {
+    let topic = env.topics().rollup_day;
+    wait_for(&format!("the sink to commit {what} (output offset {last})"), Duration::from_secs(60), || {
+        let (pool, topic) = (&env.pool, &topic);
+        async move {
+            let next: Option<i64> = sqlx::query_scalar("SELECT next_offset FROM sink_offsets WHERE topic = $1 AND partition = 0").bind(topic).fetch_optional(pool).await.ok().flatten();
+            next.is_some_and(|n| n > last).then_some(())
+        }
+    })
+    .await;
+}
+
+/// The user's steps row as the API serves it (its `count`), and the read's freshness state.
+async fn read_steps(env: &TestEnv, api: &str, token: &str) -> (Option<i64>, String, Value) {
+    let body = get(env, &format!("{api}/v1/rollups?metric=steps"), token).await;
+    let count = body["data"].as_array().and_then(|d| d.first()).and_then(|r| r["count"].as_i64());
+    (count, body["freshness"]["state"].as_str().unwrap_or_default().to_owned(), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_from_an_older_checkpoint_is_not_fresh_until_it_has_caught_up() {
+    let env = TestEnv::start().await;
+    let codec = Codec::new(&env.cfg.registry.url);
+    let data = std::env::temp_dir().join(format!("vitals-fresh-{}", uuid::Uuid::new_v4().simple()));
+    let user = format!("replay-{}", uuid::Uuid::new_v4().simple());
+    let token = env.token(&user);
+    let t = env.topics();
+    // The edge accepted the user's uploads up to HOT offset 99 and COLD offset 59.
+    accepted(&env, &user, &[(&t.hot, 99), (&t.cold, 59)]).await;
+    let api = serve_api(&env).await;
+    let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
+    sink.start();
+    let owner = Owner { env: &env, codec: &codec, producer: vitals::app::producer(&env.cfg, "test-owner").unwrap(), user: user.clone() };
+
+    // Epoch 1 processed everything: its rows, then its marker past the accepted offsets.
+    owner.row(&owner.rollup("steps", 10, (1, 1), owner.at(100, 60))).await;
+    owner.row(&owner.rollup("heart_rate", 5, (1, 2), owner.at(100, 60))).await;
+    let last = owner.marker((1, 3), owner.at(100, 60)).await;
+    consumed(&env, "epoch 1's rows and marker", last).await;
+    let (count, state, body) = read_steps(&env, &api, &token).await;
+    assert_eq!((count, state.as_str()), (Some(10), "fresh"), "epoch 1 covers every accepted offset: {body}");
+
+    // Epoch 2 takes over from a checkpoint at HOT 40 / COLD 20 and re-emits the steps row from
+    // that much input (a newer version: it replaces epoch 1's row), then its first marker.
+    let last = owner.row(&owner.rollup("steps", 4, (2, 1), owner.at(40, 20))).await;
+    consumed(&env, "epoch 2's replayed row", last).await;
+    let (count, state, body) = read_steps(&env, &api, &token).await;
+    assert_eq!(count, Some(4), "the replayed row is what the API serves: {body}");
+    assert_ne!(state, "fresh", "a row computed from input up to HOT 40 is served as fresh, though the user's accepted HOT offset is 99: {body}");
+    let last = owner.marker((2, 2), owner.at(40, 20)).await;
+    consumed(&env, "epoch 2's first marker", last).await;
+    let (_, state, body) = read_steps(&env, &api, &token).await;
+    assert_eq!(state, "stale", "the replay is at HOT 40: {body}");
+
+    // The replay catches up: the row from all the input, then a marker past the accepted offsets.
+    owner.row(&owner.rollup("steps", 10, (2, 3), owner.at(100, 60))).await;
+    let last = owner.marker((2, 4), owner.at(100, 60)).await;
+    consumed(&env, "epoch 2's caught-up row and marker", last).await;
+    let (count, state, body) = read_steps(&env, &api, &token).await;
+    assert_eq!((count, state.as_str()), (Some(10), "fresh"), "epoch 2 has passed every accepted offset: {body}");
+
+    // A zombie of epoch 1 writes late, further than epoch 2 has got: it changes nothing.
+    owner.row(&owner.rollup("steps", 99, (1, 5), owner.at(200, 200))).await;
+    let last = owner.marker((1, 6), owner.at(200, 200)).await;
+    consumed(&env, "the zombie's row and marker", last).await;
+    let positions: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT topic, epoch, next_offset FROM projection_progress WHERE user_id = $1 AND projection = 'rollup_day' AND topic = ANY($2) ORDER BY topic = $3")
+            .bind(&user)
+            .bind([&t.hot, &t.cold])
+            .bind(&t.hot)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(positions, vec![(t.cold.clone(), 2, 60), (t.hot.clone(), 2, 100)], "epoch 2's positions, untouched by the zombie");
+    // The user uploads more (HOT 150): epoch 2 has not processed it, whatever the zombie said.
+    accepted(&env, &user, &[(&t.hot, 150)]).await;
+    let (count, state, body) = read_steps(&env, &api, &token).await;
+    assert_eq!((count, state.as_str()), (Some(10), "stale"), "the zombie's marker at HOT 200 must not make epoch 2's rows fresh: {body}");
+
+    sink.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
+
+/// A read sees its rows and its freshness as of one moment. The test holds `projection_progress`
+/// locked while the API reads, so the read gets past its rows and then waits for progress; while
+/// it waits, the replay catches up (row and progress, committed together). A read of rows from
+/// before and progress from after would serve the replay's row as fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_pairs_rows_and_progress_of_one_moment() {
+    let env = TestEnv::start().await;
+    let user = format!("snapshot-{}", uuid::Uuid::new_v4().simple());
+    let token = env.token(&user);
+    let hot = env.topics().hot;
+    accepted(&env, &user, &[(&hot, 99)]).await;
+    let api = serve_api(&env).await;
+
+    // Each read endpoint, with a replayed row (count 4) and progress at HOT 40.
+    let cases = [
+        ("/v1/rollups", "proj_rollup_day", "rollup_day", "steps|2024-03-01"),
+        ("/v1/sleep", "proj_sleep_night", "sleep_night", "2024-03-01"),
+        ("/v1/sessions", "proj_session_impact", "session_impact", "s1"),
+        ("/v1/sessions/s1", "proj_session_impact", "session_impact", "s1"),
+    ];
+    for (path, table, projection, entity) in cases {
+        sqlx::query(&format!(
+            "INSERT INTO {table} (user_id, entity_id, metric, day, at_ms, version_epoch, version_seq, deleted, body, source_offsets)
+             VALUES ($1, $2, 'steps', '2024-03-01', 1, 2, 1, false, $3, '[]')
+             ON CONFLICT (user_id, entity_id) DO UPDATE SET body = EXCLUDED.body"
+        ))
+        .bind(&user)
+        .bind(entity)
+        .bind(json!({"count": 4}))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO projection_progress (user_id, projection, topic, partition, next_offset) VALUES ($1, $2, $3, 0, 40)
+             ON CONFLICT (user_id, projection, topic, partition) DO UPDATE SET next_offset = 40",
+        )
+        .bind(&user)
+        .bind(projection)
+        .bind(&hot)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+
+        let mut writer = env.pool.begin().await.unwrap();
+        sqlx::query("LOCK TABLE projection_progress IN ACCESS EXCLUSIVE MODE").execute(&mut *writer).await.unwrap();
+        let read = {
+            let (http, url, token) = (env.http.clone(), format!("{api}{path}"), token.clone());
+            tokio::spawn(async move { http.get(url).bearer_auth(token).send().await.unwrap().json::<Value>().await.unwrap() })
+        };
+        wait_for(&format!("GET {path} to wait for projection_progress"), Duration::from_secs(30), || async {
+            let waiting: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = 'projection_progress'::regclass AND NOT granted)").fetch_one(&env.pool).await.unwrap();
+            waiting.then_some(())
+        })
+        .await;
+        // The replay catches up while the read waits: row and progress in one transaction.
+        sqlx::query(&format!("UPDATE {table} SET body = $3, version_seq = 2 WHERE user_id = $1 AND entity_id = $2")).bind(&user).bind(entity).bind(json!({"count": 10})).execute(&mut *writer).await.unwrap();
+        sqlx::query("UPDATE projection_progress SET next_offset = 100 WHERE user_id = $1 AND projection = $2").bind(&user).bind(projection).execute(&mut *writer).await.unwrap();
+        writer.commit().await.unwrap();
+
+        let body = tokio::time::timeout(Duration::from_secs(30), read).await.unwrap_or_else(|_| panic!("GET {path} did not answer within 30 s")).unwrap();
+        let row = if body["data"].is_array() { body["data"][0].clone() } else { body["data"].clone() };
+        let seen = (row["count"].as_i64(), body["freshness"]["state"].as_str().unwrap_or_default());
+        assert!(seen == (Some(4), "stale") || seen == (Some(10), "fresh"), "GET {path} paired rows and progress of different moments: {body}");
+    }
+    env.cleanup().await;
+}
