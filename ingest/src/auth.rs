@@ -126,6 +126,11 @@ impl JwtVerifier {
         if data.claims.sub.is_empty() || data.claims.sub.len() > 128 {
             return Err(ApiError::unauthorized("invalid_token", "the token's `sub` must be a user id of 1..=128 bytes"));
         }
+        // Control characters never reach the pipeline: state keys, output keys and progress
+        // markers (`\0progress|<user>`) are built from the user id and rely on it.
+        if data.claims.sub.chars().any(char::is_control) {
+            return Err(ApiError::unauthorized("invalid_token", "the token's `sub` must not contain control characters"));
+        }
         Ok(data.claims.sub)
     }
 }
@@ -198,6 +203,10 @@ mod tests {
         assert_eq!(code(Some(&format!("Bearer {forged}"))), "invalid_signature");
         let wrong_aud = mint_hs256(c.hs256_secret.as_ref().unwrap(), "vitals-dev", "other", "u", 60);
         assert_eq!(code(Some(&format!("Bearer {wrong_aud}"))), "invalid_audience");
+        for sub in ["\u{0}progress|u", "a\u{1e}b", "line\nbreak"] {
+            let t = mint_hs256(c.hs256_secret.as_ref().unwrap(), "vitals-dev", "vitals", sub, 60);
+            assert_eq!(code(Some(&format!("Bearer {t}"))), "invalid_token", "sub {sub:?}");
+        }
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
         let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(r#"{"sub":"u","iss":"vitals-dev","aud":"vitals","exp":9999999999}"#));
         assert_eq!(code(Some(&format!("Bearer {none}"))), "algorithm_not_allowed");
