@@ -266,3 +266,122 @@ async fn a_read_pairs_rows_and_progress_of_one_moment() {
     }
     env.cleanup().await;
 }
+
+/// The same rule end to end, on a real replay: the processor, the sink and the API all run; the
+/// processor loses its disk (no local store, no snapshot) and replays every partition from the
+/// beginning with other batch boundaries, re-emitting rows computed from less input. Throughout
+/// the replay the API is polled: a read that says `fresh` must hold exactly the oracle's rows for
+/// that user (everything was uploaded before), and the replay must have been seen as not fresh
+/// at least once, or the test proved nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_real_replay_no_read_says_fresh_over_rows_from_less_input() {
+    use std::collections::BTreeMap;
+    use vitals::simulate;
+    let env = TestEnv::start().await;
+    let codec = Codec::new(&env.cfg.registry.url);
+    let base = serve_api(&env).await;
+    let data = std::env::temp_dir().join(format!("vitals-fresh-{}", uuid::Uuid::new_v4().simple()));
+    let vars = |batch: &str| {
+        let mut v = env.child_env(&data);
+        v.retain(|(k, _)| k != "VITALS_PROCESSORS__MAX_BATCH");
+        v.push(("VITALS_PROCESSORS__MAX_BATCH".into(), batch.into()));
+        v.push(("VITALS_PROCESSORS__SNAPSHOT_EVERY_MS".into(), "0".into()));
+        v
+    };
+    let sim = env.sim("r", 61, 3, 3);
+    let users: Vec<String> = (0..sim.users).map(|i| simulate::user_id(&sim, i)).collect();
+    assert_eq!(simulate::run(&sim, &env.http).await.unwrap().rejected, 0);
+    let all = rollup_day::oracle(&crate::process::inputs(&env, &codec).await);
+    let strip = |mut r: RollupDay| {
+        r.version_epoch = 0;
+        r.version_seq = 0;
+        r.source_offsets.clear();
+        r
+    };
+    let expected: HashMap<String, BTreeMap<String, RollupDay>> = users
+        .iter()
+        .map(|u| (u.clone(), all.iter().filter(|(_, r)| &r.user_id == u).map(|(k, r)| (k.clone(), strip(r.clone()))).collect()))
+        .collect();
+    assert!(expected.values().all(|m| m.len() >= 5), "a realistic workload per user");
+    // One read: the user's rows (one page) and its freshness, from one snapshot.
+    let read = |user: String| {
+        let (env, base) = (&env, &base);
+        async move {
+            let body = get(env, &format!("{base}/v1/rollups?limit=1000"), &env.token(&user)).await;
+            assert!(body["next_cursor"].is_null(), "one page holds every row");
+            let rows: BTreeMap<String, RollupDay> = body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| {
+                    let r: RollupDay = serde_json::from_value(v.clone()).unwrap();
+                    (rollup_day::output_key(&r.user_id, &r.metric, r.local_date.parse().unwrap()), strip(r))
+                })
+                .collect();
+            (body["freshness"]["state"].as_str().unwrap().to_owned(), rows)
+        }
+    };
+    let mut processor = VitalsProc::new(&["process", "rollup_day"], vars("50"));
+    processor.start();
+    let mut sink = VitalsProc::new(&["sink"], vars("50"));
+    sink.start();
+    for u in &users {
+        wait_for(&format!("{u} fresh with the oracle's rows"), Duration::from_secs(120), || async {
+            let (state, rows) = read(u.clone()).await;
+            (state == "fresh" && rows == expected[u]).then_some(())
+        })
+        .await;
+    }
+    // The disk is lost; the next owner replays everything, one record per interval.
+    processor.kill9();
+    std::fs::remove_dir_all(&data).unwrap();
+    let epochs = || async { sqlx::query_scalar::<_, i64>("SELECT coalesce(sum(epoch), 0)::bigint FROM processor_epochs").fetch_one(&env.pool).await.unwrap() };
+    let before = epochs().await;
+    processor.env = vars("1");
+    processor.start();
+    // Whether every progress position of `user` is the new owner's (its partition's current epoch).
+    let task = format!("{}rollup_day", env.cfg.kafka.topic_prefix);
+    let of_current_epoch = |user: &str| {
+        let (env, task, user) = (&env, &task, user.to_owned());
+        async move {
+            let behind: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM projection_progress pp JOIN processor_epochs pe ON pe.processor = $2 AND pe.partition = pp.partition
+                 WHERE pp.projection = 'rollup_day' AND pp.user_id = $1 AND pp.epoch < pe.epoch",
+            )
+            .bind(&user)
+            .bind(task)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            behind == 0
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let (mut reads, mut not_fresh) = (0usize, 0usize);
+    let mut caught_up: std::collections::HashSet<String> = Default::default();
+    while caught_up.len() < users.len() {
+        assert!(std::time::Instant::now() < deadline, "the replay did not catch up within 180 s ({reads} reads, {not_fresh} not fresh)");
+        let replaying = epochs().await > before;
+        for u in &users {
+            let (state, rows) = read(u.clone()).await;
+            reads += 1;
+            if state == "fresh" {
+                if rows != expected[u] {
+                    let wrong: Vec<_> = expected[u].iter().filter(|(k, v)| rows.get(*k) != Some(*v)).map(|(k, _)| k).take(3).collect();
+                    panic!("read {reads}: {u} is served as fresh with rows that are not the oracle's (e.g. {wrong:?}; {} rows vs {})", rows.len(), expected[u].len());
+                }
+                if replaying && of_current_epoch(u).await {
+                    caught_up.insert(u.clone());
+                }
+            } else if replaying {
+                not_fresh += 1;
+            }
+        }
+    }
+    assert!(not_fresh > 0, "the replay was never seen as not fresh in {reads} reads: the test proved nothing");
+    eprintln!("{reads} reads during the replay, {not_fresh} not fresh, none fresh with other rows");
+    processor.kill9();
+    sink.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
