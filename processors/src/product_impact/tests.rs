@@ -282,6 +282,22 @@ fn to_impact(r: &Rec) -> SessionImpact {
     }
 }
 
+/// One version of one session is one record (the first content generated stands), plus replays:
+/// the same value re-emitted under a new, higher epoch (a restarted owner).
+fn impacts_of(recs: Vec<Rec>, replay_every: usize) -> Vec<SessionImpact> {
+    let mut first: HashMap<(u8, u8, (i64, i64)), Rec> = HashMap::new();
+    let recs: Vec<Rec> = recs.into_iter().map(|r| first.entry((r.user, r.session, r.version)).or_insert(r).clone()).collect();
+    let mut records: Vec<SessionImpact> = recs.iter().map(to_impact).collect();
+    let replays: Vec<SessionImpact> = records
+        .iter()
+        .enumerate()
+        .step_by(replay_every)
+        .map(|(i, r)| SessionImpact { version_epoch: 5, version_seq: 100 + i as i64, ..r.clone() })
+        .collect();
+    records.extend(replays);
+    records
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -292,18 +308,7 @@ proptest! {
         dup_every in 2usize..6,
         seed in any::<u64>(),
     ) {
-        // One version of one session is one record: the first content generated stands.
-        let mut first: HashMap<(u8, u8, (i64, i64)), Rec> = HashMap::new();
-        let recs: Vec<Rec> = recs.into_iter().map(|r| first.entry((r.user, r.session, r.version)).or_insert(r).clone()).collect();
-        let mut records: Vec<SessionImpact> = recs.iter().map(to_impact).collect();
-        // Replays: the same value re-emitted under a new, higher epoch (a restarted owner).
-        let replays: Vec<SessionImpact> = records
-            .iter()
-            .enumerate()
-            .step_by(replay_every)
-            .map(|(i, r)| SessionImpact { version_epoch: 5, version_seq: 100 + i as i64, ..r.clone() })
-            .collect();
-        records.extend(replays);
+        let records = impacts_of(recs, replay_every);
         let mut order: Vec<usize> = (0..records.len()).chain((0..records.len()).step_by(dup_every)).collect();
         let mut x = seed | 1;
         for i in (1..order.len()).rev() {
@@ -341,16 +346,7 @@ proptest! {
         epochs_lost in proptest::bool::weighted(0.2),
     ) {
         use crate::runtime::sim::{self, Scenario, Sim};
-        let mut first: HashMap<(u8, u8, (i64, i64)), Rec> = HashMap::new();
-        let recs: Vec<Rec> = recs.into_iter().map(|r| first.entry((r.user, r.session, r.version)).or_insert(r).clone()).collect();
-        let mut records: Vec<SessionImpact> = recs.iter().map(to_impact).collect();
-        let replays: Vec<SessionImpact> = records
-            .iter()
-            .enumerate()
-            .step_by(replay_every)
-            .map(|(i, r)| SessionImpact { version_epoch: 5, version_seq: 100 + i as i64, ..r.clone() })
-            .collect();
-        records.extend(replays);
+        let records = impacts_of(recs, replay_every);
         let t = sim::topics();
         let log: Vec<(String, i64, Input)> = records.iter().enumerate().map(|(n, r)| (t.session_impact.clone(), n as i64 * 1000, Input::SessionImpact(r.clone()))).collect();
         let mut sim: Sim<ProductImpactProcessor> = Sim::new(crate::Inputs::SessionImpacts, log);

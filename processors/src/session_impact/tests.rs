@@ -528,6 +528,19 @@ fn to_input(i: usize, e: &Event) -> Input {
     }
 }
 
+/// One identity at one version is one sample: the first content generated stands for every copy.
+fn inputs_of(events: Vec<Event>) -> Vec<Input> {
+    let mut first: HashMap<(u8, usize, u8, &str, i64), Event> = HashMap::new();
+    let events: Vec<Event> = events
+        .into_iter()
+        .map(|e| match e {
+            Event::Upsert { user, src, id, metric, version, .. } => first.entry((user, src, id, METRICS[metric], version)).or_insert(e).clone(),
+            other => other,
+        })
+        .collect();
+    events.iter().enumerate().map(|(i, e)| to_input(i, e)).collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -541,16 +554,7 @@ proptest! {
         span in 100i64..1000,
         tail in proptest::option::of(0i64..1000),
     ) {
-        // One identity at one version is one sample: the first content generated stands for every copy.
-        let mut first: HashMap<(u8, usize, u8, &str, i64), Event> = HashMap::new();
-        let events: Vec<Event> = events
-            .into_iter()
-            .map(|e| match e {
-                Event::Upsert { user, src, id, metric, version, .. } => first.entry((user, src, id, METRICS[metric], version)).or_insert(e).clone(),
-                other => other,
-            })
-            .collect();
-        let inputs: Vec<Input> = events.iter().enumerate().map(|(i, e)| to_input(i, e)).collect();
+        let inputs = inputs_of(events);
         let mut order: Vec<usize> = (0..inputs.len()).chain((0..inputs.len()).step_by(dup_every)).collect();
         let mut x = seed | 1;
         for i in (1..order.len()).rev() {
@@ -606,15 +610,7 @@ proptest! {
         epochs_lost in proptest::bool::weighted(0.2),
     ) {
         use crate::runtime::sim::{self, Scenario, Sim};
-        let mut first: HashMap<(u8, usize, u8, &str, i64), Event> = HashMap::new();
-        let events: Vec<Event> = events
-            .into_iter()
-            .map(|e| match e {
-                Event::Upsert { user, src, id, metric, version, .. } => first.entry((user, src, id, METRICS[metric], version)).or_insert(e).clone(),
-                other => other,
-            })
-            .collect();
-        let inputs: Vec<Input> = events.iter().enumerate().map(|(i, e)| to_input(i, e)).collect();
+        let inputs = inputs_of(events);
         let t = sim::topics();
         let records: Vec<(String, i64, Input)> = inputs
             .iter()
