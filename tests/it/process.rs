@@ -609,3 +609,41 @@ async fn losing_processor_epochs_never_freezes_the_projection() {
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
 }
+
+/// With a producer queue so small that nearly every send waits for room, a progress marker is
+/// still written after every row it vouches for: every row of an interval (same epoch, same source
+/// offsets, same user) has a lower offset than that interval's marker of its user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markers_never_overtake_their_rows_with_a_saturated_producer_queue() {
+    let env = TestEnv::start().await;
+    let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
+    let codec = Codec::new(&env.cfg.registry.url);
+    assert_eq!(simulate::run(&env.sim("q", 81, 3, 2), &env.http).await.unwrap().rejected, 0);
+    let mut proc = Proc { env: proc_env(&env, &data), child: None };
+    proc.set("VITALS_KAFKA__QUEUE_MAX_MESSAGES", 2);
+    proc.set("VITALS_PROCESSORS__MAX_BATCH", 20);
+    proc.start(None);
+    let expected = rollup_day::oracle(&inputs(&env, &codec).await);
+    wait_for_every("the projection to reach the oracle", Duration::from_secs(120), Duration::from_millis(300), || async { (fold(&env, &codec).await.0 == expected).then_some(()) }).await;
+    proc.kill9();
+    // (partition, epoch, user, source offsets) → the offset of that interval's marker.
+    type Interval = (i32, i64, String, Vec<(String, i64)>);
+    let mut markers: BTreeMap<Interval, i64> = BTreeMap::new();
+    let mut rows: Vec<(Interval, i64, String)> = Vec::new();
+    for m in env.read(&env.topics().rollup_day).await {
+        let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
+        let at: Interval = (m.partition(), r.version_epoch, r.user_id.clone(), r.source_offsets.iter().map(|o| (o.topic.clone(), o.next_offset)).collect());
+        if crate::harness::header(&m, vitals_schemas::topics::PROGRESS_HEADER).is_some() {
+            markers.insert(at, m.offset());
+        } else {
+            rows.push((at, m.offset(), String::from_utf8_lossy(m.key().unwrap()).into_owned()));
+        }
+    }
+    assert!(rows.len() > 50 && !markers.is_empty(), "{} rows, {} markers", rows.len(), markers.len());
+    for (at, offset, key) in &rows {
+        let marker = markers.get(at).unwrap_or_else(|| panic!("no marker for the interval of {key} at {at:?}"));
+        assert!(offset < marker, "the marker of {at:?} (offset {marker}) overtook its row {key} (offset {offset})");
+    }
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}

@@ -348,3 +348,30 @@ async fn a_restore_behind_the_outputs_overwrites_them_and_a_thawed_zombie_change
     let _ = std::fs::remove_dir_all(&base);
     env.cleanup().await;
 }
+
+/// The snapshot argument needs every owner newer than the published snapshot to have started from
+/// it. An owner that resumes from its local store does not, so it withdraws the pointer — also on
+/// an instance whose own snapshots are off (a rollout that mixes the setting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_without_snapshots_still_withdraws_the_pointer_it_does_not_start_from() {
+    let env = TestEnv::start().await;
+    let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
+    let pointers = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processor_snapshots WHERE processor LIKE '%rollup_day'").fetch_one(&env.pool).await.unwrap() };
+    assert_eq!(simulate::run(&env.sim("a", 71, 3, 2), &env.http).await.unwrap().rejected, 0);
+    let mut proc = Proc { env: proc_env(&env, &data), child: None };
+    proc.set("VITALS_PROCESSORS__SNAPSHOT_EVERY_MS", 200);
+    proc.start(None);
+    wait_for_every("a snapshot pointer", Duration::from_secs(90), Duration::from_millis(200), || async { (pointers().await > 0).then_some(()) }).await;
+    proc.kill9();
+    // The same instance comes back with its local store (trusted: it was the last owner) and with
+    // snapshots off.
+    proc.set("VITALS_PROCESSORS__SNAPSHOT_EVERY_MS", 0);
+    proc.start(None);
+    wait_for_every("the pointers it does not start from to be withdrawn", Duration::from_secs(60), Duration::from_millis(200), || async {
+        (pointers().await == 0).then_some(())
+    })
+    .await;
+    proc.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
