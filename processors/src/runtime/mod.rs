@@ -486,29 +486,13 @@ where
     let mut tail_checked = Instant::now();
     let mut generation = shared.lock().unwrap_or_else(|p| p.into_inner()).generation;
     while !stop.load(Ordering::Relaxed) {
-        let mut batch: Vec<OwnedMessage> = Vec::new();
-        let deadline = Instant::now() + cfg.max_wait;
-        while batch.len() < cfg.max_batch {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            let polled = consumer.poll(left);
-            let now = shared.lock().unwrap_or_else(|p| p.into_inner()).generation;
-            if now != generation {
-                // A rebalance ran inside this `poll`: what was polled before it may belong to a
-                // task that was replaced (restored from a snapshot behind those records, or
-                // started empty). The assignment restarted every partition at its task's
-                // checkpoint, so those records come again: drop them.
-                generation = now;
-                batch.clear();
-            }
-            match polled {
-                Some(Ok(m)) => batch.push(m.detach()),
-                Some(Err(e)) => warn!(error = %e, "consumer error"),
-                None => break,
-            }
-        }
+        let mut batch = poll_batch(
+            |left| consumer.poll(left).map(|r| r.map(|m| m.detach())),
+            || shared.lock().unwrap_or_else(|p| p.into_inner()).generation,
+            &mut generation,
+            cfg.max_batch,
+            cfg.max_wait,
+        );
         let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = sh.fatal.take() {
             return Err(RuntimeError::Store(store::StoreError::from_message(f)));
@@ -595,6 +579,39 @@ where
         }
     }
     Ok(())
+}
+
+/// Polls up to `max` records for at most `max_wait`. When a rebalance ran inside a `poll` (the
+/// `generation` moved), what was polled before it is dropped: it may belong to a task that was
+/// replaced (restored from a snapshot behind those records, or started empty), and the new
+/// assignment restarted every partition at its task's checkpoint, so those records come again.
+fn poll_batch<M>(
+    mut poll: impl FnMut(Duration) -> Option<Result<M, KafkaError>>,
+    current: impl Fn() -> u64,
+    generation: &mut u64,
+    max: usize,
+    max_wait: Duration,
+) -> Vec<M> {
+    let mut batch = Vec::new();
+    let deadline = Instant::now() + max_wait;
+    while batch.len() < max {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let polled = poll(left);
+        let now = current();
+        if now != *generation {
+            *generation = now;
+            batch.clear();
+        }
+        match polled {
+            Some(Ok(m)) => batch.push(m),
+            Some(Err(e)) => warn!(error = %e, "consumer error"),
+            None => break,
+        }
+    }
+    batch
 }
 
 /// An input record that is not the next one of its lane. The input lanes are never compacted,
@@ -911,3 +928,28 @@ pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
     c
 }
 
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    /// Records 0..3 are polled for the old task; the rebalance callback runs inside the poll that
+    /// returns record 10 (the new task's first, from its checkpoint): 0..3 must not reach it.
+    #[test]
+    fn records_polled_before_a_rebalance_are_dropped_and_those_after_kept() {
+        let generation = Cell::new(1u64);
+        let mut script = vec![(0, false), (1, false), (2, false), (10, true), (11, false)].into_iter();
+        let poll = |_| {
+            let (m, rebalance) = script.next()?;
+            if rebalance {
+                generation.set(generation.get() + 1);
+            }
+            Some(Ok(m))
+        };
+        let mut seen = 1;
+        let batch = poll_batch(poll, || generation.get(), &mut seen, 100, Duration::from_secs(5));
+        assert_eq!(batch, vec![10, 11]);
+        assert_eq!(seen, 2);
+    }
+}
