@@ -151,8 +151,8 @@ fn source_header(source: &[SourceOffset]) -> String {
 
 /// What the task needs of a record of its output partition, from its headers; `None` for a
 /// record without them (not written by this runtime).
-fn seen(m: &BorrowedOrOwned) -> Option<task::Seen> {
-    let h = |k: &str| m.header(k);
+fn seen_of<M: Message>(m: &M) -> Option<task::Seen> {
+    let h = |k: &str| m.headers()?.iter().find(|h| h.key == k)?.value.map(|v| String::from_utf8_lossy(v).into_owned());
     let epoch = h(EPOCH_HEADER)?.parse().ok()?;
     let user = h(USER_HEADER)?;
     let source = h(SOURCE_HEADER)?
@@ -161,25 +161,8 @@ fn seen(m: &BorrowedOrOwned) -> Option<task::Seen> {
         .map(|kv| kv.rsplit_once('=').and_then(|(t, o)| Some((t.to_owned(), o.parse().ok()?))))
         .collect::<Option<BTreeMap<String, i64>>>()?;
     let owner = h(OWNER_HEADER).and_then(|o| o.parse().ok()).unwrap_or(0);
-    Some(task::Seen { offset: m.offset, key: m.key.clone()?, user, epoch, owner, source, marker: h(PROGRESS_HEADER).is_some() })
-}
-
-/// The parts of a consumed record [`seen`] reads.
-struct BorrowedOrOwned {
-    offset: i64,
-    key: Option<String>,
-    headers: BTreeMap<String, String>,
-}
-
-impl BorrowedOrOwned {
-    fn header(&self, k: &str) -> Option<String> {
-        self.headers.get(k).cloned()
-    }
-}
-
-fn seen_of<M: Message>(m: &M) -> Option<task::Seen> {
-    let headers = m.headers().map(|h| h.iter().filter_map(|h| Some((h.key.to_owned(), String::from_utf8_lossy(h.value?).into_owned()))).collect()).unwrap_or_default();
-    seen(&BorrowedOrOwned { offset: m.offset(), key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()), headers })
+    let key = String::from_utf8_lossy(m.key()?).into_owned();
+    Some(task::Seen { offset: m.offset(), key, user, epoch, owner, source, marker: h(PROGRESS_HEADER).is_some() })
 }
 
 /// Consumer context: on assignment, takes each partition (epoch, store, the tail of its output
@@ -524,15 +507,10 @@ where
         // when idle; only then is the partition read ([`RebalanceContext::read_output`]).
         if cfg.checkpointing && tail_checked.elapsed() >= TAIL_EVERY {
             tail_checked = Instant::now();
-            let ctx = consumer.context();
-            let ps: Vec<i32> = sh.tasks.keys().copied().collect();
-            for p in ps {
-                let r = sh.tasks.get_mut(&p).expect("listed");
-                let high = ctx.watermarks.fetch_watermarks(&cfg.output_topic, p, Duration::from_secs(5)).map(|(_, h)| h).unwrap_or(0);
-                if high > r.task.tail.next {
-                    follow_tail(ctx, &mut sh, p, &metrics, &mut fenced)?;
-                }
+            for r in sh.tasks.values_mut() {
+                follow_tail(consumer.context(), r)?;
             }
+            stop_fenced(&mut sh, &metrics, &mut fenced);
         }
         let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
         for m in batch {
@@ -545,21 +523,13 @@ where
         }
         for (p, msgs) in by_partition {
             let Some(r) = sh.tasks.get_mut(&p) else { continue };
-            let n = msgs.len() as u64;
             let decoded = decode_all(&rt, &codec, t, msgs)?;
-            let ctx = consumer.context();
-            interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, ctx, r, decoded, &mut produced, &metrics).map_err(|e| match e {
+            interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, consumer.context(), r, decoded, &mut produced, &metrics).map_err(|e| match e {
                 RuntimeError::Task { partition, source: task::TaskError::Gap { topic, expected, got } } => gap_error(&consumer, partition, topic, expected, got),
                 other => other,
             })?;
-            metrics.add(&metrics.records_in, n);
-            if r.fenced {
-                warn!(partition = p, "task fenced: stopping it");
-                metrics.add(&metrics.fenced, 1);
-                sh.tasks.remove(&p);
-                fenced.insert(p, Instant::now());
-            }
         }
+        stop_fenced(&mut sh, &metrics, &mut fenced);
         if lag_measured.elapsed() >= LAG_EVERY {
             lag_measured = Instant::now();
             let mut lag = BTreeMap::new();
@@ -636,25 +606,29 @@ fn is_progress(m: &OwnedMessage) -> bool {
 /// How often an idle task looks for writes of others at the end of its output partition.
 const TAIL_EVERY: Duration = Duration::from_secs(2);
 
-/// Reads task `p`'s output partition from its tail position to the end; a fenced task is
-/// stopped.
-fn follow_tail(ctx: &RebalanceContext, sh: &mut Shared, p: i32, metrics: &metrics::RuntimeMetrics, fenced: &mut BTreeMap<i32, Instant>) -> Result<(), RuntimeError> {
-    let Some(r) = sh.tasks.get_mut(&p) else { return Ok(()) };
-    match ctx.read_output(p, r.task.tail.clone(), r.task.epoch, r.task.owner) {
-        Ok((tail, _)) => {
-            r.task.tail = tail;
-            Ok(())
-        }
+/// Reads a task's output partition from its tail position to its end (nothing to read: one
+/// watermark request). A record of another owner's newer epoch marks the task fenced.
+fn follow_tail(ctx: &RebalanceContext, r: &mut Running) -> Result<(), RuntimeError> {
+    match ctx.read_output(r.task.partition, r.task.tail.clone(), r.task.epoch, r.task.owner) {
+        Ok((tail, _)) => r.task.tail = tail,
         Err(TailError::Fenced(f)) => {
-            // Another task owns the partition now. Stop here; the group moves the partition (or,
-            // if it stays here, it is taken again after a grace).
-            warn!(partition = p, error = %f, "task fenced: stopping it");
-            metrics.add(&metrics.fenced, 1);
-            sh.tasks.remove(&p);
-            fenced.insert(p, Instant::now());
-            Ok(())
+            warn!(partition = r.task.partition, error = %f, "another owner wrote to the output partition");
+            r.fenced = true;
         }
-        Err(TailError::Read(e)) => Err(RuntimeError::Store(store::StoreError::from_message(e))),
+        Err(TailError::Read(e)) => return Err(RuntimeError::Store(store::StoreError::from_message(e))),
+    }
+    Ok(())
+}
+
+/// Stops every fenced task: another task owns its partition now. The group moves the partition
+/// (or, if it stays here, it is taken again after [`FENCED_GRACE`]).
+fn stop_fenced(sh: &mut Shared, metrics: &metrics::RuntimeMetrics, fenced: &mut BTreeMap<i32, Instant>) {
+    let stopped: Vec<i32> = sh.tasks.iter().filter(|(_, r)| r.fenced).map(|(p, _)| *p).collect();
+    for p in stopped {
+        warn!(partition = p, "task fenced: stopping it");
+        metrics.add(&metrics.fenced, 1);
+        sh.tasks.remove(&p);
+        fenced.insert(p, Instant::now());
     }
 }
 
@@ -732,6 +706,7 @@ where
         source => RuntimeError::Task { partition: p, source },
     })?;
     metrics.add(&metrics.timers_fired, planned.timers_fired);
+    metrics.add(&metrics.records_in, planned.read);
     let encode = |topic: &str, v: &P::Output| {
         rt.block_on(codec.encode(topic, v)).map_err(|e| match e {
             CodecError::Unavailable(m) => RuntimeError::Registry(m),
@@ -824,18 +799,14 @@ where
         if o == task.tail.next {
             task.tail.next += 1;
         } else if o > task.tail.next {
-            match ctx.read_output(p, task.tail.clone(), task.epoch, task.owner) {
-                Ok((tail, _)) => task.tail = tail,
-                Err(TailError::Fenced(f)) => {
-                    warn!(partition = p, error = %f, "another owner wrote to the output partition");
-                    running.fenced = true;
-                    return Ok(());
-                }
-                Err(TailError::Read(e)) => return Err(RuntimeError::Store(store::StoreError::from_message(e))),
+            follow_tail(ctx, running)?;
+            if running.fenced {
+                return Ok(());
             }
             break;
         }
     }
+    let task = &mut running.task;
     // Only now, with every output acknowledged, does the interval become the checkpoint.
     let committing = Instant::now();
     task.commit(planned)?;

@@ -107,8 +107,8 @@ impl Store {
     }
 
     /// Test hook: writes a raw state entry, bypassing every view (to plant a corrupt value).
-    #[doc(hidden)]
-    pub fn put_raw_for_test(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+    #[cfg(test)]
+    pub(super) fn put_raw_for_test(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(e)?;
         tx.open_table(STATE).map_err(e)?.insert(key, value).map_err(e)?;
         tx.commit().map_err(e)

@@ -203,12 +203,6 @@ pub struct Planned<T> {
     answered: Vec<String>,
 }
 
-impl<T> Planned<T> {
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
     #[error(transparent)]
