@@ -16,7 +16,7 @@ use crate::harness::{wait_for_every, OwnPostgres, TestEnv, VitalsProc};
 use crate::pipeline::{expected, expected_products, Out};
 
 /// The live rows of a projection table, keyed like the processor's output, without version fields.
-async fn rows<T: Out + Send + Unpin + 'static>(pool: &PgPool, table: &str) -> BTreeMap<String, T> {
+pub(crate) async fn rows<T: Out + Send + Unpin + 'static>(pool: &PgPool, table: &str) -> BTreeMap<String, T> {
     let rows: Vec<(String, String, sqlx::types::Json<T>)> =
         sqlx::query_as(&format!("SELECT user_id, entity_id, body FROM {table} WHERE NOT deleted")).fetch_all(pool).await.unwrap();
     rows.into_iter()

@@ -16,7 +16,6 @@ use vitals_schemas::codec::Codec;
 use vitals_schemas::RollupDay;
 
 use crate::harness::{fresh_db, services_up, wait_for, wait_for_every, TestEnv};
-use crate::pipeline::Out;
 use crate::process::{fold, fold_with, inputs, proc_env, Proc};
 
 fn s3_settings(bucket: &str) -> S3Settings {
@@ -330,18 +329,7 @@ async fn a_restore_behind_the_outputs_overwrites_them_and_a_thawed_zombie_change
     eprintln!("the zombie wrote {zombie_writes} records after the new owner's");
     wait_for_every("the output to equal the oracle again, both folds, after the zombie wrote", Duration::from_secs(120), Duration::from_millis(500), both()).await;
     // The sink's tables hold the same.
-    let table = || async {
-        let rows: Vec<(String, String, sqlx::types::Json<RollupDay>)> =
-            sqlx::query_as("SELECT user_id, entity_id, body FROM proj_rollup_day WHERE NOT deleted").fetch_all(&env.pool).await.unwrap();
-        rows.into_iter()
-            .map(|(u, e, b)| {
-                let mut r = b.0;
-                r.strip();
-                (format!("{u}|{e}"), r)
-            })
-            .collect::<BTreeMap<String, RollupDay>>()
-    };
-    wait_for_every("proj_rollup_day to equal the oracle", Duration::from_secs(120), Duration::from_millis(500), || async { (table().await == expected).then_some(()) }).await;
+    wait_for_every("proj_rollup_day to equal the oracle", Duration::from_secs(120), Duration::from_millis(500), || async { (crate::sink::rows::<RollupDay>(&env.pool, "proj_rollup_day").await == expected).then_some(()) }).await;
     a.kill9();
     b.kill9();
     sink.kill9();

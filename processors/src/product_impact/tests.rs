@@ -347,8 +347,8 @@ proptest! {
     ) {
         use crate::runtime::sim::{self, Scenario, Sim};
         let records = impacts_of(recs, replay_every);
-        let t = sim::topics();
-        let log: Vec<(String, i64, Input)> = records.iter().enumerate().map(|(n, r)| (t.session_impact.clone(), n as i64 * 1000, Input::SessionImpact(r.clone()))).collect();
+        let inputs: Vec<Input> = records.iter().cloned().map(Input::SessionImpact).collect();
+        let log = sim::on_lanes(&inputs, 0, |n| n as i64 * 1000);
         let mut sim: Sim<ProductImpactProcessor> = Sim::new(crate::Inputs::SessionImpacts, log);
         sim.run(|| ProductImpactProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
         let expected = oracle(&records);

@@ -316,9 +316,7 @@ proptest! {
     ) {
         use crate::runtime::sim::{self, Scenario, Sim};
         let inputs = inputs_of(events);
-        let t = sim::topics();
-        let records: Vec<(String, i64, Input)> =
-            inputs.iter().enumerate().map(|(n, i)| (sim::lane(&t, i, (lanes >> (n % 64)) & 1 == 1), n as i64 * 1000, i.clone())).collect();
+        let records = sim::on_lanes(&inputs, lanes, |n| n as i64 * 1000);
         let mut sim: Sim<RollupDayProcessor> = Sim::new(crate::Inputs::Lanes, records);
         sim.run(|| RollupDayProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
         let expected = oracle(&inputs);

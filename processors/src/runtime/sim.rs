@@ -89,8 +89,6 @@ pub struct Sim<P: Processor> {
     next_epoch: i64,
     /// The final owner's stream time (for oracles that depend on it).
     pub stream_time_ms: i64,
-    /// How often a live owner was fenced and taken again.
-    pub fenced: usize,
 }
 
 /// The topics of the simulation.
@@ -112,7 +110,7 @@ where
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!("vitals-sim-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         let _ = std::fs::remove_dir_all(&dir);
-        Sim { lanes: Lanes { topics: topics(), inputs }, inputs: by_topic, out: Vec::new(), dir, made: 0, next_epoch: 1, stream_time_ms: 0, fenced: 0 }
+        Sim { lanes: Lanes { topics: topics(), inputs }, inputs: by_topic, out: Vec::new(), dir, made: 0, next_epoch: 1, stream_time_ms: 0 }
     }
 
     fn path(&mut self) -> PathBuf {
@@ -206,7 +204,6 @@ where
     fn live_step(&mut self, o: Owner<P>, make: &impl Fn() -> P, rng: &mut Rng, drain: bool) -> Owner<P> {
         let mut o = o;
         if self.step(&mut o, rng, true, drain).is_err() {
-            self.fenced += 1;
             let snapshot = o.task.store.export().expect("export");
             let checkpoints = std::mem::take(&mut o.checkpoints);
             let mut again = self.take(make(), Some(&snapshot));
@@ -292,11 +289,6 @@ where
         }
         last.into_iter().filter(|(_, r)| !r.retraction).map(|(k, r)| (k.to_owned(), unstamped(&r.value))).collect()
     }
-
-    /// Whether any zombie write landed after a takeover (so a test can tell it exercised one).
-    pub fn epochs_written(&self) -> std::collections::BTreeSet<i64> {
-        self.out.iter().map(|r| r.epoch).collect()
-    }
 }
 
 /// A value without its version and source offsets, as oracles compute them.
@@ -306,13 +298,16 @@ pub fn unstamped<T: Versioned + Clone>(v: &T) -> T {
     v
 }
 
-/// The lane an input record goes to (samples to HOT or COLD as `cold` says).
-pub fn lane(t: &Topics, input: &Input, cold: bool) -> String {
-    match input {
-        Input::Samples(_) if cold => t.cold.clone(),
+/// The input records of a simulation: each input on its lane (samples to HOT or COLD as bit
+/// `n % 64` of `cold_bits` says), with the log timestamp `ts(n)`.
+pub fn on_lanes(inputs: &[Input], cold_bits: u64, ts: impl Fn(usize) -> i64) -> Vec<(String, i64, Input)> {
+    let t = topics();
+    let lane = |n: usize, input: &Input| match input {
+        Input::Samples(_) if (cold_bits >> (n % 64)) & 1 == 1 => t.cold.clone(),
         Input::Samples(_) => t.hot.clone(),
         Input::Changes(_) => t.change.clone(),
         Input::Domain(_) => t.domain.clone(),
         Input::SessionImpact(_) => t.session_impact.clone(),
-    }
+    };
+    inputs.iter().enumerate().map(|(n, i)| (lane(n, i), ts(n), i.clone())).collect()
 }

@@ -611,12 +611,7 @@ proptest! {
     ) {
         use crate::runtime::sim::{self, Scenario, Sim};
         let inputs = inputs_of(events);
-        let t = sim::topics();
-        let records: Vec<(String, i64, Input)> = inputs
-            .iter()
-            .enumerate()
-            .map(|(n, i)| (sim::lane(&t, i, (lanes >> (n % 64)) & 1 == 1), base() + n as i64 * step_min * 60_000, i.clone()))
-            .collect();
+        let records = sim::on_lanes(&inputs, lanes, |n| base() + n as i64 * step_min * 60_000);
         let mut sim: Sim<SessionImpactProcessor> = Sim::new(crate::Inputs::Lanes, records);
         sim.run(|| SessionImpactProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
         let expected = oracle(&inputs, sim.stream_time_ms);

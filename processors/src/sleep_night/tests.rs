@@ -682,9 +682,7 @@ proptest! {
     ) {
         use crate::runtime::sim::{self, Scenario, Sim};
         let inputs: Vec<Input> = canonical(events).iter().map(to_input).collect();
-        let t = sim::topics();
-        let records: Vec<(String, i64, Input)> =
-            inputs.iter().enumerate().map(|(n, i)| (sim::lane(&t, i, (lanes >> (n % 64)) & 1 == 1), n as i64 * 1000, i.clone())).collect();
+        let records = sim::on_lanes(&inputs, lanes, |n| n as i64 * 1000);
         let mut sim: Sim<SleepNightProcessor> = Sim::new(crate::Inputs::Lanes, records);
         sim.run(|| SleepNightProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
         let expected = oracle(&inputs);
