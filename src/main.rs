@@ -232,7 +232,22 @@ async fn main() -> anyhow::Result<()> {
             if !cfg.processors.metrics_listen.is_empty() {
                 let listener = TcpListener::bind(&cfg.processors.metrics_listen).await.with_context(|| format!("binding {}", cfg.processors.metrics_listen))?;
                 let all = metrics.clone();
+                let ready = metrics.clone();
                 let router = axum::Router::new().route(
+                    "/readyz",
+                    // Not ready while a task waits for a failed dependency: the reason says which.
+                    axum::routing::get(move || {
+                        let ready = ready.clone();
+                        async move {
+                            let why: Vec<String> = ready.iter().filter_map(|(name, m)| m.not_ready().map(|r| format!("{name}: {r}"))).collect();
+                            if why.is_empty() {
+                                (http::StatusCode::OK, "ready\n".to_owned())
+                            } else {
+                                (http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", why.join("; ")))
+                            }
+                        }
+                    }),
+                ).route(
                     "/metrics",
                     axum::routing::get(move || {
                         let all = all.clone();

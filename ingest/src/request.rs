@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 use vitals_schemas::catalog::Catalog;
+use vitals_schemas::validate;
 use vitals_schemas::{
     Deletion, DomainChange, DomainChangeKind, Lane, PrivacySettings, Product, Sample, Session, SourceKind,
 };
@@ -216,27 +217,10 @@ fn parse_ts(index: usize, field: &str, s: &str, rules: &Rules, now_ms: i64) -> R
     Ok(ms)
 }
 
-/// Checks a zone: an IANA name known to the tz database, `UTC`/`Z`, or a fixed offset `±HH:MM`.
-pub fn valid_time_zone(tz: &str) -> bool {
-    if tz == "UTC" || tz == "Z" {
-        return true;
-    }
-    if tz.parse::<chrono_tz::Tz>().is_ok() {
-        return true;
-    }
-    let b = tz.as_bytes();
-    b.len() == 6
-        && (b[0] == b'+' || b[0] == b'-')
-        && b[3] == b':'
-        && tz[1..3].parse::<u32>().is_ok_and(|h| h <= 14)
-        && tz[4..6].parse::<u32>().is_ok_and(|m| m < 60)
-}
+pub use vitals_schemas::validate::valid_time_zone;
 
 fn check_text(index: usize, field: &str, s: &str) -> Result<(), ItemError> {
-    if s.is_empty() || s.len() > 256 || s.chars().any(|c| c.is_control()) {
-        return Err(item_err(index, field, "invalid_field", format!("`{field}` must be 1..=256 printable characters")));
-    }
-    Ok(())
+    validate::id(field, s).map_err(|v| item_err(index, v.field, v.code, v.message))
 }
 
 /// One accepted sample and the lane it goes to.
@@ -314,9 +298,7 @@ fn validate_sample(
     } else {
         Lane::Cold
     };
-    Ok(Routed {
-        lane,
-        sample: Sample {
+    let sample = Sample {
             source: s.source,
             source_kind: s.source_kind.into(),
             source_record_id: s.source_record_id,
@@ -329,8 +311,10 @@ fn validate_sample(
             time_zone: s.time_zone,
             version: s.version,
             metadata: s.metadata.into_iter().collect(),
-        },
-    })
+    };
+    // The rules every processor applies too: nothing accepted here is refused downstream.
+    validate::sample(&sample, catalog).map_err(|v| item_err(index, v.field, v.code, v.message))?;
+    Ok(Routed { lane, sample })
 }
 
 #[derive(Debug, Deserialize)]
@@ -360,7 +344,9 @@ pub fn validate_deletions(items: Vec<Value>, catalog: &Catalog) -> (Vec<Deletion
             if d.version.is_some_and(|v| v < 1) {
                 return Err(item_err(index, "version", "invalid_version", "`version` must be >= 1"));
             }
-            Ok(Deletion { source: d.source, source_record_id: d.source_record_id, metric: d.metric, deleted_version: d.version })
+            let d = Deletion { source: d.source, source_record_id: d.source_record_id, metric: d.metric, deleted_version: d.version };
+            validate::deletion(&d, catalog).map_err(|v| item_err(index, v.field, v.code, v.message))?;
+            Ok(d)
         })();
         match r {
             Ok(d) => ok.push(d),
@@ -530,7 +516,10 @@ fn validate_change(index: usize, item: Value, catalog: &Catalog, rules: &Rules, 
         PrivacyUpdated => DomainChangeKind::PrivacyUpdated,
         SourcePriorityUpdated => DomainChangeKind::SourcePriorityUpdated,
     };
-    Ok(DomainChange { change_id: c.change_id, kind, occurred_at_ms, session, product, privacy, source_priority: c.source_priority })
+    let change = DomainChange { change_id: c.change_id, kind, occurred_at_ms, session, product, privacy, source_priority: c.source_priority };
+    // The rules every processor applies too: nothing accepted here is refused downstream.
+    validate::change(&change, catalog).map_err(|v| item_err(index, v.field, v.code, v.message))?;
+    Ok(change)
 }
 
 #[cfg(test)]
@@ -614,6 +603,35 @@ mod tests {
         let e = parse_envelope(br#"{"request_id": "a", "deletions": [1]}"#, BatchKind::Samples, "u", &rules).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("deletions"));
         assert!(parse_envelope(br#"{"request_id": "a", "samples": [1]}"#, BatchKind::Samples, "u", &rules).is_ok());
+    }
+
+    /// Issue 9, items 1-2: each of these was accepted (200) by the edge and then refused by a
+    /// processor or failed the sink's every retry.
+    #[test]
+    fn what_a_processor_or_the_sink_would_refuse_is_refused_here() {
+        let c = |v: Value| validate_changes(vec![v], Catalog::embedded(), &Rules::default(), NOW);
+        let ended = |product: Value, start: i64, end: i64| {
+            json!({"change_id": "c", "kind": "session_ended", "occurred_at": iso(NOW),
+                   "session": {"session_id": "s", "product_id": product, "start": iso(start), "end": iso(end)}})
+        };
+        for bad in [json!("P\u{0}X"), json!("co\u{1f}ffee"), json!("x".repeat(20_000))] {
+            let (ok, bad) = c(ended(bad, NOW - 60_000, NOW));
+            assert!(ok.is_empty());
+            assert_eq!((bad[0].field.as_str(), bad[0].code.as_str()), ("session.product_id", "invalid_field"));
+        }
+        let (ok, bad) = c(ended(json!("p"), NOW - 30 * 3_600_000, NOW));
+        assert!(ok.is_empty());
+        assert_eq!((bad[0].field.as_str(), bad[0].code.as_str()), ("session.end", "session_too_long"));
+        let (_, bad) = c(json!({"change_id": "c", "kind": "product_upserted", "occurred_at": iso(NOW),
+                                "product": {"product_id": "p", "name": "n\u{0}".repeat(5000)}}));
+        assert_eq!(bad[0].field, "product.name");
+        let mut meta = hr(json!(60), "bpm", NOW - 1000, NOW);
+        meta["metadata"] = json!({"k": "a\u{0}b"});
+        assert_eq!(one(meta).unwrap_err().field, "metadata");
+        let since_2000 = json!({"source": "phone", "source_record_id": "r", "metric": "steps", "start": "2000-01-01T00:00:00Z",
+                                "end": iso(NOW), "value": 100000, "unit": "count", "time_zone": "UTC"});
+        let e = one(since_2000).unwrap_err();
+        assert_eq!((e.field.as_str(), e.code.as_str()), ("end", "sample_too_long"));
     }
 
     #[test]

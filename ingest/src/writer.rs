@@ -53,7 +53,7 @@ impl LaneWriter {
         &self.producer
     }
 
-    pub async fn encode<T: Serialize>(&self, topic: &str, value: &T) -> Result<Outgoing, WriteError> {
+    pub async fn encode<T: Serialize + vitals_schemas::codec::AvroRecord>(&self, topic: &str, value: &T) -> Result<Outgoing, WriteError> {
         let payload = self.codec.encode(topic, value).await.map_err(|e| match e {
             CodecError::Unavailable(m) => WriteError::Registry(m),
             other => WriteError::Encode(other.to_string()),

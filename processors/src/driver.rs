@@ -76,6 +76,8 @@ pub struct Driver<P: Processor> {
     seq: u64,
     /// Stream time: only moves forward.
     pub stream_time_ms: i64,
+    /// Units refused by the shared rules (as the runtime dead-letters them), in order.
+    pub refused: Vec<vitals_schemas::validate::Refused>,
 }
 
 impl<P: Processor> Driver<P>
@@ -83,7 +85,7 @@ where
     P::Output: Clone,
 {
     pub fn new(processor: P) -> Driver<P> {
-        Driver { processor, states: BTreeMap::new(), log: Vec::new(), seq: 0, stream_time_ms: 0 }
+        Driver { processor, states: BTreeMap::new(), log: Vec::new(), seq: 0, stream_time_ms: 0, refused: Vec::new() }
     }
 
     /// Feeds one record at the current stream time; returns what it emitted.
@@ -96,6 +98,16 @@ where
     pub fn feed_at(&mut self, ts_ms: i64, input: &Input) -> Result<Vec<Emitted<P::Output>>, Invalid> {
         self.stream_time_ms = self.stream_time_ms.max(ts_ms);
         let now = self.stream_time_ms;
+        // As in the runtime: units the shared rules refuse are dropped, the rest goes on.
+        let filtered = crate::refuse_invalid_units(input);
+        let input = match filtered {
+            Some((kept, refused)) => {
+                self.refused.extend(refused);
+                std::borrow::Cow::Owned(kept)
+            }
+            None => std::borrow::Cow::Borrowed(input),
+        };
+        let input = input.as_ref();
         let state = self.states.entry(input.user_id().to_owned()).or_default();
         state.stream_time_ms = now;
         // A rejected record leaves no trace, as in the runtime.

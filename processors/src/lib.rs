@@ -21,6 +21,7 @@ pub mod time;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use vitals_schemas::validate;
 use vitals_schemas::{ChangeBatch, DomainChangeBatch, SampleBatch, SessionImpact};
 
 /// One input record, already decoded, of one user.
@@ -46,6 +47,31 @@ impl Input {
             Input::SessionImpact(i) => &i.user_id,
         }
     }
+}
+
+/// The units of `input` the shared rules ([`vitals_schemas::validate`], the same the edge
+/// applies) refuse: `None` when every unit is valid (the common case: nothing is copied);
+/// otherwise the record without them, and which they were and why. Each refused unit is
+/// dead-lettered on its own; the rest of the record is processed.
+pub fn refuse_invalid_units(input: &Input) -> Option<(Input, Vec<validate::Refused>)> {
+    let catalog = vitals_schemas::Catalog::embedded();
+    let all_valid = match input {
+        Input::Samples(b) => b.samples.iter().all(|s| validate::sample(s, catalog).is_ok()),
+        Input::Changes(b) => b.edits.iter().all(|s| validate::sample(s, catalog).is_ok()) && b.deletions.iter().all(|d| validate::deletion(d, catalog).is_ok()),
+        Input::Domain(b) => b.changes.iter().all(|c| validate::change(c, catalog).is_ok()),
+        Input::SessionImpact(_) => true,
+    };
+    if all_valid {
+        return None;
+    }
+    let mut input = input.clone();
+    let refused = match &mut input {
+        Input::Samples(b) => validate::sample_batch(b, catalog),
+        Input::Changes(b) => validate::change_batch(b, catalog),
+        Input::Domain(b) => validate::domain_change_batch(b, catalog),
+        Input::SessionImpact(_) => Vec::new(),
+    };
+    Some((input, refused))
 }
 
 /// A record a processor refuses as invalid: it goes to the dead-letter topic with this reason.

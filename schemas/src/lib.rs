@@ -13,6 +13,7 @@ pub mod codec;
 pub mod hash;
 pub mod records;
 pub mod topics;
+pub mod validate;
 
 pub use catalog::{Catalog, MetricKind, MetricSpec};
 pub use records::*;

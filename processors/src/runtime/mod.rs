@@ -120,12 +120,37 @@ struct Running {
     snapshot_busy: Arc<AtomicBool>,
     /// Another owner wrote to its output partition: the task must stop.
     fenced: bool,
+    /// A dependency failed: the task's input is paused until then, and read again from the
+    /// checkpoint (nothing of the failed interval was committed).
+    paused_until: Option<Instant>,
+    /// The next wait after a failure (doubling, reset by a committed interval).
+    backoff: Duration,
 }
 
 impl Running {
     fn new(task: Task) -> Running {
-        Running { task, snapshot_at: None, snapshot_of: None, snapshot_busy: Arc::default(), fenced: false }
+        Running { task, snapshot_at: None, snapshot_of: None, snapshot_busy: Arc::default(), fenced: false, paused_until: None, backoff: PAUSE_FIRST }
     }
+}
+
+/// The first and the longest wait of a task paused on a failed dependency.
+const PAUSE_FIRST: Duration = Duration::from_millis(200);
+const PAUSE_MAX: Duration = Duration::from_secs(10);
+
+impl RuntimeError {
+    /// A failure of a dependency, not of the input: the interval is put back and retried.
+    fn is_dependency(&self) -> bool {
+        matches!(self, RuntimeError::Registry(_))
+    }
+}
+
+/// The input partitions of task `p`.
+fn task_partitions(input_topics: &[String], p: i32) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for t in input_topics {
+        tpl.add_partition(t, p);
+    }
+    tpl
 }
 
 #[derive(Default)]
@@ -435,7 +460,7 @@ const FENCED_GRACE: Duration = Duration::from_secs(15);
 pub fn run<P>(mut processor: P, args: RunArgs) -> Result<(), RuntimeError>
 where
     P: Processor,
-    P::Output: Versioned + Serialize + DeserializeOwned + Clone,
+    P::Output: Versioned + vitals_schemas::codec::AvroRecord + Serialize + DeserializeOwned + Clone,
 {
     let RunArgs { cfg, consumer_config, producer, codec, pool, stop, metrics, snapshots } = args;
     let rt = tokio::runtime::Handle::current();
@@ -523,12 +548,50 @@ where
         }
         for (p, msgs) in by_partition {
             let Some(r) = sh.tasks.get_mut(&p) else { continue };
-            let decoded = decode_all(&rt, &codec, t, msgs)?;
-            interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, consumer.context(), r, decoded, &mut produced, &metrics).map_err(|e| match e {
-                RuntimeError::Task { partition, source: task::TaskError::Gap { topic, expected, got } } => gap_error(&consumer, partition, topic, expected, got),
-                other => other,
-            })?;
+            if r.paused_until.is_some() {
+                continue; // read again from the checkpoint when the pause ends
+            }
+            let result = decode_all(&rt, &codec, t, msgs).and_then(|decoded| interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, consumer.context(), r, decoded, &mut produced, &metrics));
+            match result {
+                Ok(()) => {
+                    if r.backoff != PAUSE_FIRST {
+                        r.backoff = PAUSE_FIRST;
+                        metrics.resume(p);
+                        info!(partition = p, "dependency back: the task runs again");
+                    }
+                }
+                // Nothing of the interval was committed (a checkpointing task's state lives in
+                // its store), so its records can simply be read again: the task's input is
+                // paused, and after the wait re-read from the checkpoint.
+                Err(e) if e.is_dependency() && cfg.checkpointing => {
+                    warn!(partition = p, error = %e, retry_in_ms = r.backoff.as_millis() as u64, "a dependency failed: task paused, its records wait (nothing skipped, nothing dead-lettered)");
+                    metrics.add(&metrics.dependency_retries, 1);
+                    metrics.pause(p, e.to_string());
+                    r.paused_until = Some(Instant::now() + r.backoff);
+                    r.backoff = (r.backoff * 2).min(PAUSE_MAX);
+                    if let Err(e) = consumer.pause(&task_partitions(&input_topics, p)) {
+                        warn!(partition = p, error = %e, "pausing the partition's fetch");
+                    }
+                }
+                Err(RuntimeError::Task { partition, source: task::TaskError::Gap { topic, expected, got } }) => return Err(gap_error(&consumer, partition, topic, expected, got)),
+                Err(e) => return Err(e),
+            }
         }
+        // Paused tasks whose wait is over read again from their checkpoint.
+        for (p, r) in sh.tasks.iter_mut() {
+            if r.paused_until.is_some_and(|at| Instant::now() >= at) {
+                r.paused_until = None;
+                for topic in &input_topics {
+                    if let Err(e) = consumer.seek(topic, *p, r.task.start_offset(topic), Duration::from_secs(5)) {
+                        warn!(partition = p, %topic, error = %e, "seeking back to the checkpoint");
+                    }
+                }
+                if let Err(e) = consumer.resume(&task_partitions(&input_topics, *p)) {
+                    warn!(partition = p, error = %e, "resuming the partition's fetch");
+                }
+            }
+        }
+        metrics.paused.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| sh.tasks.contains_key(p));
         stop_fenced(&mut sh, &metrics, &mut fenced);
         if lag_measured.elapsed() >= LAG_EVERY {
             lag_measured = Instant::now();
@@ -696,7 +759,7 @@ fn interval<P>(
 ) -> Result<(), RuntimeError>
 where
     P: Processor,
-    P::Output: Versioned + Serialize + DeserializeOwned + Clone,
+    P::Output: Versioned + vitals_schemas::codec::AvroRecord + Serialize + DeserializeOwned + Clone,
 {
     let task = &mut running.task;
     let p = task.partition;
@@ -707,12 +770,13 @@ where
     })?;
     metrics.add(&metrics.timers_fired, planned.timers_fired);
     metrics.add(&metrics.records_in, planned.read);
-    let encode = |topic: &str, v: &P::Output| {
+    fn encode_as<T: Serialize + vitals_schemas::codec::AvroRecord>(rt: &tokio::runtime::Handle, codec: &Codec, topic: &str, v: &T) -> Result<Vec<u8>, RuntimeError> {
         rt.block_on(codec.encode(topic, v)).map_err(|e| match e {
             CodecError::Unavailable(m) => RuntimeError::Registry(m),
             other => RuntimeError::Encode(other.to_string()),
         })
-    };
+    }
+    let encode = |topic: &str, v: &P::Output| encode_as(rt, codec, topic, v);
     let (epoch, source, owner) = (planned.epoch.to_string(), source_header(&planned.source), task.owner.to_string());
     let stamp = |user: &str| {
         OwnedHeaders::new()
@@ -744,7 +808,7 @@ where
                     .insert(Header { key: "vitals-source-offset", value: Some(dead.source_offset.to_string().as_str()) })
                     .insert(Header { key: "vitals-reason", value: Some(reason.as_str()) });
                 let key = String::from_utf8_lossy(dead.key.as_deref().unwrap_or_default()).into_owned();
-                let bytes = rt.block_on(codec.encode(&t.dead_letter, dead)).map_err(|e| RuntimeError::Encode(e.to_string()))?;
+                let bytes = encode_as(rt, codec, &t.dead_letter, dead)?;
                 rows.push((t.dead_letter.clone(), key, bytes, headers));
             }
         }

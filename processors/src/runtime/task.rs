@@ -334,6 +334,18 @@ impl Task {
                 }
                 InBody::Input(input) => {
                     users.insert(input.user_id().to_owned());
+                    // Units the shared rules refuse are dead-lettered one by one; the rest of the
+                    // record goes on.
+                    let filtered = crate::refuse_invalid_units(input);
+                    let input = match &filtered {
+                        Some((kept, refused)) => {
+                            for r in refused {
+                                reject(r.violation.code, r.reason());
+                            }
+                            kept
+                        }
+                        None => input,
+                    };
                     // A rejected record leaves no trace: its state writes and outputs are dropped.
                     let mut collect = Collect { user: input.user_id(), out: BTreeMap::new() };
                     let mut state = UserState::at(&self.store, &mut overlay, input.user_id(), cp.stream_time_ms);

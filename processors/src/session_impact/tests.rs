@@ -370,21 +370,32 @@ fn the_session_fold_is_order_independent() {
 #[test]
 fn invalid_records_are_refused_and_inconsistent_sessions_not_emitted() {
     let mut d = driver();
+    // Refused by the shared rules (the edge's): each unit on its own, before the processor.
     let backwards = domain("u", vec![change("c", DomainChangeKind::SessionUpdated, 1, Some(sess("s1", None, Some(t(10, 0)), Some(t(9, 0)))))]);
-    assert_eq!(d.feed(&backwards).unwrap_err().code, "session_end_before_start");
     let no_session = domain("u", vec![change("c", DomainChangeKind::SessionEnded, 1, None)]);
-    assert_eq!(d.feed(&no_session).unwrap_err().code, "missing_session");
     let too_long = domain("u", vec![change("c", DomainChangeKind::SessionUpdated, 1, Some(sess("s1", None, Some(t(0, 0)), Some(t(0, 0) + DAY + 1))))]);
-    assert_eq!(d.feed(&too_long).unwrap_err().code, "session_too_long");
     let unknown = hot(vec![sample("watch", SourceKind::Watch, "x", "mood", t(9, 0), t(9, 0), 1.0)]);
-    assert_eq!(d.feed(&unknown).unwrap_err().code, "unknown_metric");
     let nan = hot(vec![hr("h", t(9, 0), f64::NAN)]);
-    assert_eq!(d.feed(&nan).unwrap_err().code, "value_not_finite");
     let backwards_sample = hot(vec![sample("watch", SourceKind::Watch, "st", "steps", t(9, 0), t(8, 0), 10.0)]);
-    assert_eq!(d.feed(&backwards_sample).unwrap_err().code, "bad_sample_interval");
     let huge = hot(vec![sample("watch", SourceKind::Watch, "st", "steps", i64::MIN, i64::MAX, 10.0)]);
-    assert_eq!(d.feed(&huge).unwrap_err().code, "bad_sample_interval");
-    assert!(d.log.is_empty() && d.states["u"].map.is_empty(), "refused records leave no trace");
+    for input in [&backwards, &no_session, &too_long, &unknown, &nan, &backwards_sample, &huge] {
+        assert_eq!(d.feed(input).unwrap(), vec![]);
+    }
+    let codes: Vec<&str> = d.refused.iter().map(|r| r.violation.code).collect();
+    assert_eq!(codes, ["end_before_start", "missing_field", "session_too_long", "unknown_metric", "value_not_finite", "end_before_start", "sample_too_long"]);
+    // What reaches the processor without the shared rules is still refused by it.
+    let mut bare = SessionImpactProcessor::new(Config::default());
+    let mut state = crate::driver::MemState::default();
+    let mut sink: Vec<()> = Vec::new();
+    struct Drop<'a>(&'a mut Vec<()>);
+    impl crate::Emitter<SessionImpact> for Drop<'_> {
+        fn upsert(&mut self, _: String, _: vitals_schemas::SessionImpact) { self.0.push(()) }
+        fn retract(&mut self, _: String) { self.0.push(()) }
+    }
+    for (input, code) in [(&backwards, "session_end_before_start"), (&no_session, "missing_session"), (&too_long, "session_too_long"), (&huge, "bad_sample_interval")] {
+        assert_eq!(crate::Processor::process(&mut bare, input, &mut state, &mut Drop(&mut sink)).unwrap_err().code, code);
+    }
+    assert!(d.log.is_empty() && d.states.get("u").is_none_or(|s| s.map.is_empty()), "refused records leave no trace");
 
     // Each change valid on its own, but the fold ends before it starts: the (ongoing) session
     // that was emitted is retracted.
@@ -618,4 +629,30 @@ proptest! {
         prop_assert_eq!(sim.fold_by_version(), expected.clone(), "by version");
         prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
     }
+}
+
+/// Issue 9, item 2: one record with a valid session (10:00-10:30) and a 30-hour one. Before, the
+/// whole record was refused (`session_too_long`) and the valid session never appeared.
+#[test]
+fn a_refused_session_does_not_take_the_valid_one_of_its_record_with_it() {
+    let mut d = driver();
+    let both = domain(
+        "u",
+        vec![
+            change("ok", DomainChangeKind::SessionEnded, 1, Some(sess("good", Some("coffee"), Some(t(10, 0)), Some(t(10, 30))))),
+            change("long", DomainChangeKind::SessionEnded, 2, Some(sess("long", None, Some(t(0, 0)), Some(t(0, 0) + 30 * 3_600_000)))),
+        ],
+    );
+    d.feed(&both).unwrap();
+    assert!(d.projection().contains_key(&output_key("u", "good")), "the valid session is kept");
+    assert!(!d.projection().contains_key(&output_key("u", "long")));
+    assert_eq!(d.refused.len(), 1);
+    assert_eq!((d.refused[0].unit.as_str(), d.refused[0].violation.code), ("changes[1]", "session_too_long"));
+    // And a sample batch keeps its good samples around a bad one.
+    let mixed = hot(vec![hr("h1", t(10, 10), 70.0), hr("bad", t(10, 11), f64::NAN), hr("h2", t(10, 12), 72.0)]);
+    d.feed(&mixed).unwrap();
+    assert_eq!(d.refused.len(), 2);
+    assert_eq!(d.refused[1].unit, "samples[1]");
+    let i = &d.projection()[&output_key("u", "good")];
+    assert_eq!(metric(i, "heart_rate").during.as_ref().map(|s| s.n), Some(2), "both valid samples count");
 }
