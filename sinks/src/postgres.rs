@@ -104,6 +104,39 @@ pub async fn apply(pool: &PgPool, sink: &str, batch: &Batch) -> Result<Vec<Appli
     Ok(applied)
 }
 
+/// Whether PostgreSQL refused the data itself (SQLSTATE class 22, data exception: a NUL in
+/// text, a value out of range; class 54, program limit exceeded: an index row too large). Such a
+/// batch fails the same way on every retry: [`refused_rows`] finds the rows at fault.
+pub fn is_refused_data(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("22") || c.starts_with("54")),
+        _ => false,
+    }
+}
+
+/// The indexes (into `rows`) of the rows PostgreSQL refuses on their own ([`is_refused_data`]),
+/// with its message: each is tried alone under a savepoint, in one transaction that is rolled
+/// back (nothing is written). Any other error is returned (the caller retries).
+pub async fn refused_rows(pool: &PgPool, rows: &[Row]) -> Result<Vec<(usize, String)>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut refused = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        sqlx::query("SAVEPOINT row").execute(&mut *tx).await?;
+        match upsert_rows(&mut tx, r.projection, &[r]).await {
+            Ok(_) => {
+                sqlx::query("RELEASE SAVEPOINT row").execute(&mut *tx).await?;
+            }
+            Err(e) if is_refused_data(&e) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT row").execute(&mut *tx).await?;
+                refused.push((i, e.to_string()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.rollback().await?;
+    Ok(refused)
+}
+
 async fn upsert_rows(tx: &mut Transaction<'_, Postgres>, p: Projection, rows: &[&Row]) -> Result<Vec<Applied>, sqlx::Error> {
     let sql = format!(
         "INSERT INTO {t} AS cur (user_id, entity_id, metric, day, at_ms, version_epoch, version_seq, deleted, body, source_offsets)

@@ -26,6 +26,10 @@ use vitals_schemas::{DeadLetter, ProductImpact, RollupDay, SessionImpact, SleepN
 use crate::postgres::{self, Applied, Batch};
 use crate::{Progress, ProgressKind, Projection, Row, PROGRESS_HEADER};
 
+/// The header naming the user of a processor's output record (`vitals-user`), copied onto the
+/// dead letters of the sink so they count against that user's freshness.
+pub const USER_HEADER: &str = "vitals-user";
+
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("kafka: {0}")]
@@ -207,17 +211,54 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         // The registry being down is not the records' fault: wait and decode again.
         let mut wait = Duration::from_millis(100);
         let batch = loop {
-            match decode_batch(&rt, &producer, &codec, &cfg, &metrics, &msgs)? {
+            match decode_batch(&rt, &producer, &codec, &cfg, &metrics, &msgs, &stop)? {
                 Some(b) => break b,
                 None if wait_or_stop(&stop, wait) => wait = (wait * 2).min(Duration::from_secs(5)),
                 None => return Ok(()),
             }
         };
         metrics.records_in.fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        let (mut batch, mut row_msgs) = batch;
         let mut wait = Duration::from_millis(100);
         let applied = loop {
             match rt.block_on(postgres::apply(&pool, &cfg.name, &batch)) {
                 Ok(a) => break a,
+                // PostgreSQL refuses a row itself (a NUL, an index row too large): the same on
+                // every retry, so the rows at fault are found, dead-lettered, and the rest of the
+                // batch is applied. One bad record never halts the other users.
+                Err(e) if postgres::is_refused_data(&e) => {
+                    let refused = match rt.block_on(postgres::refused_rows(&pool, &batch.rows)) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            warn!(error = %e, "finding the rows PostgreSQL refuses failed; retrying");
+                            if !wait_or_stop(&stop, wait) {
+                                return Ok(());
+                            }
+                            wait = (wait * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
+                    };
+                    if refused.is_empty() {
+                        warn!(error = %e, "PostgreSQL refused the batch but no row on its own; retrying");
+                        if !wait_or_stop(&stop, wait) {
+                            return Ok(());
+                        }
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                    let mut dead = Vec::new();
+                    for (i, reason) in refused.iter().rev() {
+                        let row = batch.rows.remove(*i);
+                        let m = &msgs[row_msgs.remove(*i)];
+                        // Its progress goes too: a refused row never counts as applied.
+                        let of_row = Progress::of_row(&row);
+                        if let Some(at) = batch.progress.iter().position(|p| *p == of_row) {
+                            batch.progress.remove(at);
+                        }
+                        dead.push((m, "refused_by_database", reason.clone()));
+                    }
+                    dead_letter_all(&rt, &producer, &codec, &cfg, &metrics, &dead, &stop)?;
+                }
                 Err(e) => {
                     metrics.commit_retries.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "committing the batch failed; retrying");
@@ -237,8 +278,9 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
     Ok(())
 }
 
-/// The batch's rows, progress markers and next offsets; undecodable records are dead-lettered.
-/// `None` when the schema registry is unavailable.
+/// The batch's rows (with the index of each row's record in `msgs`), progress markers and next
+/// offsets; undecodable records are dead-lettered. `None` when the schema registry is
+/// unavailable (nothing was written: the batch is decoded again).
 fn decode_batch(
     rt: &tokio::runtime::Handle,
     producer: &FutureProducer,
@@ -246,10 +288,12 @@ fn decode_batch(
     cfg: &SinkConfig,
     metrics: &SinkMetrics,
     msgs: &[OwnedMessage],
-) -> Result<Option<Batch>, SinkError> {
+    stop: &AtomicBool,
+) -> Result<Option<(Batch, Vec<usize>)>, SinkError> {
     let mut batch = Batch::default();
+    let mut row_msgs = Vec::new();
     let mut dead = Vec::new();
-    for m in msgs {
+    for (i, m) in msgs.iter().enumerate() {
         batch.offsets.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
         let Some(p) = Projection::from_topic(&cfg.topics, m.topic()) else { continue };
         match rt.block_on(decode(codec, p, m)) {
@@ -259,21 +303,75 @@ fn decode_batch(
                     *e = (*e).max(m.offset());
                 }
                 batch.progress.push(Progress::of_row(&r));
-                batch.rows.push(r)
+                batch.rows.push(r);
+                row_msgs.push(i);
             }
             Ok(Decoded::Progress(pr)) => batch.progress.push(pr),
             Err(CodecError::Unavailable(e)) => {
                 warn!(error = %e, "schema registry unavailable; will retry the batch");
                 return Ok(None);
             }
-            Err(e) => dead.push((m, e.to_string())),
+            Err(e) => dead.push((m, "undecodable", e.to_string())),
         }
     }
-    for (m, reason) in dead {
-        dead_letter(rt, producer, codec, cfg, m, &reason)?;
+    if !dead_letter_all(rt, producer, codec, cfg, metrics, &dead, stop)? {
+        return Ok(None);
+    }
+    Ok(Some((batch, row_msgs)))
+}
+
+/// Dead-letters `dead` (record, code, reason): every dead letter is encoded before any is
+/// produced, and a registry that is unavailable is waited out (`false`: stopped meanwhile), so
+/// a dependency failure never writes a dead letter twice or skips one.
+fn dead_letter_all(
+    rt: &tokio::runtime::Handle,
+    producer: &FutureProducer,
+    codec: &Codec,
+    cfg: &SinkConfig,
+    metrics: &SinkMetrics,
+    dead: &[(&OwnedMessage, &str, String)],
+    stop: &AtomicBool,
+) -> Result<bool, SinkError> {
+    if dead.is_empty() {
+        return Ok(true);
+    }
+    let mut wait = Duration::from_millis(100);
+    let encoded = loop {
+        match dead.iter().map(|(m, code, reason)| encode_dead_letter(rt, codec, cfg, m, code, reason)).collect::<Result<Vec<_>, _>>() {
+            Ok(e) => break e,
+            Err(CodecError::Unavailable(e)) => {
+                warn!(error = %e, "schema registry unavailable while dead-lettering; retrying");
+                if !wait_or_stop(stop, wait) {
+                    return Ok(false);
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(SinkError::DeadLetter(e.to_string())),
+        }
+    };
+    for ((m, code, reason), bytes) in dead.iter().zip(encoded) {
+        warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), code, reason, "dead-lettered");
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "vitals-source-topic", value: Some(m.topic()) })
+            .insert(Header { key: "vitals-source-partition", value: Some(m.partition().to_string().as_str()) })
+            .insert(Header { key: "vitals-source-offset", value: Some(m.offset().to_string().as_str()) })
+            .insert(Header { key: "vitals-reason", value: Some(reason.as_str()) });
+        let headers = match user_of(m) {
+            Some(u) => headers.insert(Header { key: USER_HEADER, value: Some(u.as_str()) }),
+            None => headers,
+        };
+        let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
+        rt.block_on(producer.send(FutureRecord::to(&cfg.topics.dead_letter).partition(m.partition()).key(&key).payload(&bytes).headers(headers), Duration::from_secs(30)))
+            .map_err(|(e, _)| SinkError::DeadLetter(e.to_string()))?;
         metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
     }
-    Ok(Some(batch))
+    Ok(true)
+}
+
+/// The user a projection record belongs to, from the header every processor output carries.
+fn user_of(m: &OwnedMessage) -> Option<String> {
+    let h = m.headers()?.iter().find(|h| h.key == USER_HEADER)?;
+    h.value.map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// Waits `d` unless stopped first; `false` if stopped.
@@ -288,27 +386,16 @@ fn wait_or_stop(stop: &AtomicBool, d: Duration) -> bool {
     !stop.load(Ordering::Relaxed)
 }
 
-fn dead_letter(rt: &tokio::runtime::Handle, producer: &FutureProducer, codec: &Codec, cfg: &SinkConfig, m: &OwnedMessage, reason: &str) -> Result<(), SinkError> {
-    warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), reason, "dead-lettered");
+fn encode_dead_letter(rt: &tokio::runtime::Handle, codec: &Codec, cfg: &SinkConfig, m: &OwnedMessage, code: &str, reason: &str) -> Result<Vec<u8>, CodecError> {
     let dl = DeadLetter {
         source_topic: m.topic().to_owned(),
         source_partition: m.partition(),
         source_offset: m.offset(),
         stage: format!("sink:{}", cfg.name),
-        code: "undecodable".into(),
+        code: code.to_owned(),
         reason: reason.to_owned(),
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().map(<[u8]>::to_vec),
     };
-    let headers = OwnedHeaders::new()
-        .insert(Header { key: "vitals-source-topic", value: Some(m.topic()) })
-        .insert(Header { key: "vitals-source-partition", value: Some(m.partition().to_string().as_str()) })
-        .insert(Header { key: "vitals-source-offset", value: Some(m.offset().to_string().as_str()) })
-        .insert(Header { key: "vitals-reason", value: Some(reason) });
-    let t = &cfg.topics.dead_letter;
-    let bytes = rt.block_on(codec.encode(t, &dl)).map_err(|e| SinkError::DeadLetter(e.to_string()))?;
-    let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
-    rt.block_on(producer.send(FutureRecord::to(t).partition(m.partition()).key(&key).payload(&bytes).headers(headers), Duration::from_secs(30)))
-        .map_err(|(e, _)| SinkError::DeadLetter(e.to_string()))?;
-    Ok(())
+    rt.block_on(codec.encode(&cfg.topics.dead_letter, &dl))
 }

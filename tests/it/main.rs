@@ -7,6 +7,7 @@ mod api;
 mod browser;
 mod demo;
 mod freshness;
+mod faults;
 mod harness;
 mod ingest;
 mod pipeline;

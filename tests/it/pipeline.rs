@@ -19,7 +19,7 @@ use vitals_schemas::{ChangeBatch, DomainChangeBatch, ProductImpact, RollupDay, S
 use crate::harness::{header, key, wait_for, wait_for_every, TestEnv, VitalsProc};
 
 /// What the fold needs of an output record.
-pub(crate) trait Out: DeserializeOwned + Clone + PartialEq + std::fmt::Debug {
+pub(crate) trait Out: DeserializeOwned + vitals_schemas::codec::AvroRecord + Clone + PartialEq + std::fmt::Debug {
     fn version(&self) -> (i64, i64);
     fn deleted(&self) -> bool;
     /// Drops what differs between runs (versions, offsets), leaving the figures.
@@ -50,7 +50,7 @@ out!(ProductImpact);
 
 /// Folds `topic` like a sink: per key the newest version; asserts versions grow strictly along
 /// each partition's log per key. Returns the live rows (stripped) and how many records it read.
-async fn fold<T: Out>(env: &TestEnv, codec: &Codec, topic: &str) -> (BTreeMap<String, T>, usize) {
+pub(crate) async fn fold<T: Out>(env: &TestEnv, codec: &Codec, topic: &str) -> (BTreeMap<String, T>, usize) {
     let records = env.read(topic).await;
     let mut latest: BTreeMap<String, T> = BTreeMap::new();
     let mut last: BTreeMap<String, T> = BTreeMap::new();

@@ -808,6 +808,8 @@ where
                     .insert(Header { key: "vitals-source-offset", value: Some(dead.source_offset.to_string().as_str()) })
                     .insert(Header { key: "vitals-reason", value: Some(reason.as_str()) });
                 let key = String::from_utf8_lossy(dead.key.as_deref().unwrap_or_default()).into_owned();
+                // Lanes are keyed by user: the dead letter counts against that user's freshness.
+                let headers = headers.insert(Header { key: USER_HEADER, value: Some(key.as_str()) });
                 let bytes = encode_as(rt, codec, &t.dead_letter, dead)?;
                 rows.push((t.dead_letter.clone(), key, bytes, headers));
             }

@@ -1,0 +1,230 @@
+//! Bad input and failing dependencies never stop the pipeline or drop data (issue 9): a schema
+//! registry answering 500, 429 or 404 pauses the processors (their records wait; none is
+//! dead-lettered) and they catch up when it answers again; a projection row PostgreSQL refuses
+//! is dead-lettered alone while every other user's rows are applied.
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use vitals::simulate;
+use vitals_schemas::codec::Codec;
+use vitals_schemas::{DeadLetter, MetricKindRecord, RollupDay, SourceOffset};
+
+use crate::harness::{header, wait_for_every, TestEnv, VitalsProc};
+use crate::pipeline::{expected, fold};
+
+/// A schema registry in front of the real one that answers `fault` (an HTTP status) instead of
+/// forwarding while `fault` is not 0: the failure modes of a real registry (its 500 when its
+/// database fails, 429 when rate limited, 404 when a subject or id was deleted).
+#[derive(Clone)]
+struct FaultyRegistry {
+    upstream: String,
+    fault: Arc<AtomicU16>,
+    http: reqwest::Client,
+}
+
+async fn forward(State(r): State<FaultyRegistry>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let fault = r.fault.load(Ordering::SeqCst);
+    if fault != 0 {
+        let status = StatusCode::from_u16(fault).unwrap();
+        return (status, [("content-type", "application/vnd.schemaregistry.v1+json")], format!("{{\"error_code\":{fault}01,\"message\":\"injected\"}}")).into_response();
+    }
+    let url = format!("{}{}", r.upstream, uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+    let mut req = r.http.request(method, url).body(body);
+    for name in ["content-type", "authorization", "accept"] {
+        if let Some(v) = headers.get(name) {
+            req = req.header(name, v);
+        }
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let status = resp.status();
+            let ct = resp.headers().get("content-type").cloned();
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let mut out = (status, bytes).into_response();
+            if let Some(ct) = ct {
+                out.headers_mut().insert("content-type", ct);
+            }
+            out
+        }
+        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    }
+}
+
+impl FaultyRegistry {
+    async fn start(upstream: &str) -> (FaultyRegistry, String) {
+        let r = FaultyRegistry { upstream: upstream.to_owned(), fault: Arc::default(), http: reqwest::Client::new() };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(forward).with_state(r.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (r, url)
+    }
+    fn answer(&self, status: u16) {
+        self.fault.store(status, Ordering::SeqCst);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn with(mut vars: Vec<(String, String)>, key: &str, value: &str) -> Vec<(String, String)> {
+    vars.retain(|(k, _)| k != key);
+    vars.push((key.to_owned(), value.to_owned()));
+    vars
+}
+
+/// Before: schema_registry_converter treated a 500, 429 or 404 as "undecodable" and cached it;
+/// the processor dead-lettered every record, advanced past it and emitted the user's progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_registry_pauses_the_processor_and_nothing_is_dead_lettered() {
+    let env = TestEnv::start().await;
+    let codec = Codec::new(&env.cfg.registry.url);
+    let t = env.topics();
+    let (faulty, faulty_url) = FaultyRegistry::start(&env.cfg.registry.url).await;
+    let data = std::env::temp_dir().join(format!("vitals-faults-{}", uuid::Uuid::new_v4().simple()));
+    let port = free_port();
+    let mut vars = with(env.child_env(&data), "VITALS_REGISTRY__URL", &faulty_url);
+    vars = with(vars, "VITALS_PROCESSORS__METRICS_LISTEN", &format!("127.0.0.1:{port}"));
+    // The registry fails from the start: the processor has nothing cached.
+    faulty.answer(500);
+    assert_eq!(simulate::run(&env.sim("a", 3, 2, 2), &env.http).await.unwrap().rejected, 0);
+    let mut p = VitalsProc::new(&["process", "rollup_day"], vars);
+    p.start();
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    for status in [500u16, 429, 404] {
+        faulty.answer(status);
+        let body = wait_for_every(&format!("/readyz to say why while the registry answers {status}"), Duration::from_secs(60), Duration::from_millis(200), || {
+            let (http, url) = (&env.http, &readyz);
+            async move {
+                let r = http.get(url).send().await.ok()?;
+                let code = r.status().as_u16();
+                let body = r.text().await.ok()?;
+                (code == 503 && body.contains(&status.to_string())).then_some(body)
+            }
+        })
+        .await;
+        assert!(body.contains("partition"), "{body}");
+        assert!(p.exited().is_none(), "the processor waits, it does not exit: {:?}", p.exited());
+    }
+    assert!(env.read(&t.dead_letter).await.is_empty(), "nothing is dead-lettered while the registry fails");
+    assert!(env.read(&t.rollup_day).await.is_empty(), "nothing is emitted (no progress marker either) while nothing was applied");
+    // More uploads while it fails, then it answers again: every record is processed.
+    assert_eq!(simulate::run(&env.sim("b", 4, 1, 2), &env.http).await.unwrap().rejected, 0);
+    faulty.answer(0);
+    let want = expected(&env, &codec).await.rollup;
+    assert!(want.len() > 10, "a realistic workload");
+    wait_for_every("the rollups to equal the oracle once the registry is back", Duration::from_secs(120), Duration::from_millis(500), || {
+        let (env, codec, want, t) = (&env, &codec, &want, &t);
+        async move { (fold::<RollupDay>(env, codec, &t.rollup_day).await.0 == *want).then_some(()) }
+    })
+    .await;
+    wait_for_every("/readyz to say ready again", Duration::from_secs(30), Duration::from_millis(200), || {
+        let (http, url) = (&env.http, &readyz);
+        async move { http.get(url).send().await.ok().filter(|r| r.status() == 200).map(|_| ()) }
+    })
+    .await;
+    assert!(env.read(&t.dead_letter).await.is_empty(), "no dead letter after the outage either");
+    let metrics = env.http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l.starts_with("vitals_processor_dependency_retries_total") && !l.ends_with(" 0")), "{metrics}");
+    p.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
+
+fn rollup(user: &str, metric: &str, count: i64, topic: &str) -> RollupDay {
+    RollupDay {
+        user_id: user.to_owned(),
+        metric: metric.to_owned(),
+        local_date: "2024-03-01".to_owned(),
+        unit: "count".to_owned(),
+        kind: MetricKindRecord::Cumulative,
+        count,
+        sum: Some(count as f64),
+        min: None,
+        max: None,
+        mean: None,
+        time_weighted_mean: None,
+        last: None,
+        category_minutes: Default::default(),
+        primary_source: Some("watch".to_owned()),
+        version_epoch: 1,
+        version_seq: 1,
+        deleted: false,
+        source_offsets: vec![SourceOffset { topic: topic.to_owned(), partition: 0, next_offset: 1 }],
+    }
+}
+
+/// Before: a row PostgreSQL refuses (a NUL in text, an index row over 8191 bytes) failed the
+/// sink's batch on every retry, and every other user's rows stayed unapplied for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_postgres_refuses_is_dead_lettered_alone_and_the_others_are_applied() {
+    let env = TestEnv::start().await;
+    let codec = Codec::new(&env.cfg.registry.url);
+    let t = env.topics();
+    let producer: FutureProducer = vitals::app::producer(&env.cfg, "test").unwrap();
+    let send = |key: String, r: RollupDay| {
+        let (producer, codec, topic) = (&producer, &codec, t.rollup_day.clone());
+        async move {
+            let bytes = codec.encode(&topic, &r).await.unwrap();
+            let h = OwnedHeaders::new().insert(Header { key: "vitals-user", value: Some(r.user_id.as_str()) });
+            producer.send(FutureRecord::to(&topic).partition(0).key(&key).payload(&bytes).headers(h), Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+        }
+    };
+    // Written as a third-party (or pre-validation) producer could: straight to the output topic.
+    send("evil|steps\0x|2024-03-01".into(), rollup("evil", "steps\0x", 1, &t.hot)).await;
+    send("good|steps|2024-03-01".into(), rollup("good", "steps", 5, &t.hot)).await;
+    // Incompressible, so its index entry really is over PostgreSQL's limit.
+    let mut x = 0x2545f491u64;
+    let huge: String = (0..20_000).map(|_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        char::from(b'a' + (x % 26) as u8)
+    }).collect();
+    send("huge|x|2024-03-01".into(), rollup("huge", &huge, 2, &t.hot)).await;
+    send("other|steps|2024-03-01".into(), rollup("other", "steps", 7, &t.hot)).await;
+    let data = std::env::temp_dir().join(format!("vitals-faults-{}", uuid::Uuid::new_v4().simple()));
+    let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
+    sink.start();
+    let rows: Vec<(String, i64)> = wait_for_every("the valid rows to be applied", Duration::from_secs(60), Duration::from_millis(200), || {
+        let pool = &env.pool;
+        async move {
+            let rows: Vec<(String, i64)> = sqlx::query_as("SELECT user_id, (body->>'count')::int8 FROM proj_rollup_day ORDER BY 1").fetch_all(pool).await.ok()?;
+            (rows.len() >= 2).then_some(rows)
+        }
+    })
+    .await;
+    assert_eq!(rows, vec![("good".to_owned(), 5), ("other".to_owned(), 7)]);
+    let dead = wait_for_every("both refused rows to be dead-lettered", Duration::from_secs(30), Duration::from_millis(200), || {
+        let env = &env;
+        async move {
+            let d = env.read(&env.topics().dead_letter).await;
+            (d.len() >= 2).then_some(d)
+        }
+    })
+    .await;
+    assert_eq!(dead.len(), 2, "exactly the refused rows");
+    let mut users = Vec::new();
+    for m in &dead {
+        let dl: DeadLetter = codec.decode(m.payload().unwrap()).await.unwrap();
+        assert_eq!(dl.code, "refused_by_database");
+        assert!(dl.stage.starts_with("sink:"), "{}", dl.stage);
+        users.push(header(m, "vitals-user").unwrap());
+    }
+    users.sort();
+    assert_eq!(users, ["evil", "huge"]);
+    assert!(sink.exited().is_none());
+    sink.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
