@@ -211,7 +211,8 @@ async fn main() -> anyhow::Result<()> {
             app::migrate(&pool).await?;
             let ingest = app::ingest(&cfg, pool).await?;
             let listener = TcpListener::bind(&cfg.ingest.listen).await.with_context(|| format!("binding {}", cfg.ingest.listen))?;
-            app::serve(listener, vitals_ingest::router(ingest), shutdown_signal()).await?;
+            let header_timeout = Duration::from_millis(cfg.ingest.header_timeout_ms);
+            app::serve_with(listener, vitals_ingest::router(ingest), shutdown_signal(), header_timeout).await?;
         }
         Cmd::Process { names, all, crash_after_produce } => {
             let names: Vec<String> = if all { vitals_processors::registry().iter().map(|p| p.name.to_owned()).collect() } else { names };
@@ -280,7 +281,7 @@ async fn main() -> anyhow::Result<()> {
             let api = app::api(&cfg, pool, true).await?;
             let listener = TcpListener::bind(&cfg.api.listen).await.with_context(|| format!("binding {}", cfg.api.listen))?;
             let router = if matches!(cli.cmd, Cmd::Realtime) { vitals_api::realtime_router(api) } else { vitals_api::router(api) };
-            app::serve(listener, router, shutdown_signal()).await?;
+            app::serve_with(listener, router, shutdown_signal(), Duration::from_millis(cfg.api.header_timeout_ms)).await?;
         }
         Cmd::Topics { cmd: TopicsCmd::Create } => {
             for line in app::create_topics(&cfg).await? {

@@ -54,6 +54,17 @@ pub struct JwtVerifier {
     rs: HashMap<String, DecodingKey>,
     rs_single: Option<DecodingKey>,
     rs_validation: Validation,
+    leeway_secs: u64,
+}
+
+/// A verified token: whose it is and until when it is accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    pub user: String,
+    /// `exp`, seconds since the epoch.
+    pub expires_at: u64,
+    /// The last second at which this verifier still accepts the token (`exp` + leeway).
+    pub accepted_until: u64,
 }
 
 fn validation(alg: Algorithm, cfg: &AuthConfig) -> Validation {
@@ -82,11 +93,17 @@ impl JwtVerifier {
             }
         }
         let rs_single = if all.len() == 1 { all.pop() } else { None };
-        Ok(JwtVerifier { hs, rs, rs_single, rs_validation: validation(Algorithm::RS256, cfg) })
+        Ok(JwtVerifier { hs, rs, rs_single, rs_validation: validation(Algorithm::RS256, cfg), leeway_secs: cfg.leeway_secs })
     }
 
     /// Verifies an `Authorization` header value and returns the user id (`sub`).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<String, ApiError> {
+        self.verify(authorization).map(|v| v.user)
+    }
+
+    /// [`JwtVerifier::authenticate`], also saying until when the token is good (long-lived
+    /// connections close then).
+    pub fn verify(&self, authorization: Option<&str>) -> Result<Verified, ApiError> {
         let Some(value) = authorization else {
             return Err(ApiError::unauthorized("missing_token", "an `Authorization: Bearer <jwt>` header is required"));
         };
@@ -131,7 +148,8 @@ impl JwtVerifier {
         if data.claims.sub.chars().any(char::is_control) {
             return Err(ApiError::unauthorized("invalid_token", "the token's `sub` must not contain control characters"));
         }
-        Ok(data.claims.sub)
+        let exp = data.claims.exp;
+        Ok(Verified { user: data.claims.sub, expires_at: exp, accepted_until: exp.saturating_add(self.leeway_secs) })
     }
 }
 

@@ -60,6 +60,11 @@ impl ApiError {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
     }
 
+    /// 429 with `Retry-After`: the client sends too much at once; it may retry later.
+    pub fn too_many_requests(code: &'static str, message: impl Into<String>, retry_after: u64) -> ApiError {
+        ApiError { retry_after: Some(retry_after), ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message) }
+    }
+
     /// 503 with `Retry-After`: the request may be retried with the same request id.
     pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after: u64) -> ApiError {
         ApiError { retry_after: Some(retry_after), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message) }

@@ -25,6 +25,8 @@ pub struct Rules {
     pub max_future_skew_ms: i64,
     /// Timestamps earlier than this (ms since epoch) are rejected as implausible.
     pub min_timestamp_ms: i64,
+    /// A domain change's `occurred_at` later than now + this is rejected: it orders changes.
+    pub max_change_future_skew_ms: i64,
 }
 
 impl Default for Rules {
@@ -34,6 +36,7 @@ impl Default for Rules {
             hot_window_ms: 48 * 3600 * 1000,
             max_future_skew_ms: 10 * 60 * 1000,
             min_timestamp_ms: 946_684_800_000, // 2000-01-01
+            max_change_future_skew_ms: 60 * 1000,
         }
     }
 }

@@ -8,6 +8,7 @@ mod browser;
 mod demo;
 mod freshness;
 mod harness;
+mod hostile;
 mod ingest;
 mod pipeline;
 mod process;
