@@ -83,6 +83,15 @@ impl ApiError {
     }
 }
 
+/// `s` with every control character (NUL included) written as its `\u{..}` escape: for text that
+/// quotes client input and is stored (PostgreSQL text and jsonb refuse NUL) or logged.
+pub fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    s.chars().map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() }).collect()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();

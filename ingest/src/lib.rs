@@ -495,6 +495,12 @@ async fn build_and_write(
         }
     }
     let endpoint = kind.endpoint();
+    // The answer is stored in PostgreSQL (jsonb), which refuses NUL: what a rejection quotes of
+    // the client's input is escaped, so a hostile item is a 4xx, never a failing store (503).
+    let rejected: Vec<ItemError> = rejected
+        .into_iter()
+        .map(|e| ItemError { field: crate::error::printable(&e.field), message: crate::error::printable(&e.message), ..e })
+        .collect();
     for e in &rejected {
         s.metrics.rejections.with_label_values(&[e.code.as_str()]).inc();
     }

@@ -108,4 +108,5 @@ async fn slow_upload(base: &str, token: &str) -> TcpStream {
     s
 }
 
+mod input;
 mod slow;
