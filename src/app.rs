@@ -292,6 +292,23 @@ pub async fn serve_with(
     Ok(())
 }
 
+/// Refuses to run `role` (one that verifies tokens) with the HS256 secret committed in
+/// config/default.toml — anyone can sign tokens with it — unless `auth.allow_insecure_dev_secret`.
+pub fn refuse_committed_secret(cfg: &Config, role: &str) -> anyhow::Result<()> {
+    let committed: toml::Table = crate::config::DEFAULTS.parse().context("config/default.toml")?;
+    let committed = committed.get("auth").and_then(|a| a.get("hs256_secret")).and_then(|s| s.as_str()).unwrap_or_default();
+    let secret = cfg.auth.hs256_secret.expose();
+    if !secret.is_empty() && secret == committed && !cfg.auth.allow_insecure_dev_secret {
+        bail!(
+            "`vitals {role}` will not verify tokens with the HS256 secret committed in config/default.toml: anyone can sign \
+             tokens with it. Set auth.hs256_secret (VITALS_AUTH__HS256_SECRET) to a secret of your own, or verify RS256 \
+             only (auth.jwks_path / auth.jwks_url, and auth.hs256_secret = \"\"). For local development only, set \
+             auth.allow_insecure_dev_secret = true (VITALS_AUTH__ALLOW_INSECURE_DEV_SECRET=true)."
+        );
+    }
+    Ok(())
+}
+
 /// Reads every record of `topic` from the beginning up to the end of each partition as it was
 /// when the read started. Ends on each partition's end-of-partition event, not on a record count:
 /// compacted topics have offset gaps. For benchmarks, tools and tests; processors use the

@@ -207,6 +207,7 @@ async fn main() -> anyhow::Result<()> {
             app::serve(listener, vitals::registry::router(pool), shutdown_signal()).await?;
         }
         Cmd::Ingest => {
+            app::refuse_committed_secret(&cfg, "ingest")?;
             let pool = app::pg_pool(&cfg).await?;
             app::migrate(&pool).await?;
             let ingest = app::ingest(&cfg, pool).await?;
@@ -276,6 +277,7 @@ async fn main() -> anyhow::Result<()> {
             app::sink(&cfg, stop, Default::default(), Box::new(move |applied| publisher.announce(applied))).await?;
         }
         Cmd::Api | Cmd::Realtime => {
+            app::refuse_committed_secret(&cfg, if matches!(cli.cmd, Cmd::Realtime) { "realtime" } else { "api" })?;
             let pool = app::pg_pool(&cfg).await?;
             app::migrate(&pool).await?;
             let api = app::api(&cfg, pool, true).await?;

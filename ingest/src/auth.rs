@@ -36,11 +36,27 @@ impl std::fmt::Debug for AuthConfig {
     }
 }
 
+/// `aud`: one audience or several (RFC 7519 §4.1.3: "an array of case-sensitive strings" or, in
+/// the special case of one, a string). jsonwebtoken checks either against ours; this type only lets
+/// both spellings deserialize.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<&str> for Audience {
+    fn from(s: &str) -> Audience {
+        Audience::One(s.to_owned())
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
     pub iss: String,
-    pub aud: String,
+    pub aud: Audience,
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
@@ -180,7 +196,7 @@ pub fn mint_hs256(secret: &[u8], issuer: &str, audience: &str, sub: &str, ttl_se
     let claims = Claims {
         sub: sub.to_owned(),
         iss: issuer.to_owned(),
-        aud: audience.to_owned(),
+        aud: Audience::One(audience.to_owned()),
         exp: now + ttl_secs,
         nbf: None,
         iat: Some(now),
@@ -221,6 +237,13 @@ mod tests {
         assert_eq!(code(Some(&format!("Bearer {forged}"))), "invalid_signature");
         let wrong_aud = mint_hs256(c.hs256_secret.as_ref().unwrap(), "vitals-dev", "other", "u", 60);
         assert_eq!(code(Some(&format!("Bearer {wrong_aud}"))), "invalid_audience");
+        let aud_list = |aud: serde_json::Value| {
+            let claims = serde_json::json!({"sub": "u-list", "iss": "vitals-dev", "aud": aud, "exp": 9_999_999_999u64});
+            let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(c.hs256_secret.as_ref().unwrap())).unwrap();
+            v.authenticate(Some(&format!("Bearer {t}")))
+        };
+        assert_eq!(aud_list(serde_json::json!(["other", "vitals"])).unwrap(), "u-list", "an `aud` array holding ours (RFC 7519)");
+        assert_eq!(aud_list(serde_json::json!(["other"])).unwrap_err().code, "invalid_audience");
         for sub in ["\u{0}progress|u", "a\u{1e}b", "line\nbreak"] {
             let t = mint_hs256(c.hs256_secret.as_ref().unwrap(), "vitals-dev", "vitals", sub, 60);
             assert_eq!(code(Some(&format!("Bearer {t}"))), "invalid_token", "sub {sub:?}");

@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod json;
 pub mod metrics;
 pub mod request;
 pub mod store;
@@ -323,7 +324,8 @@ fn too_large(limit: usize) -> ApiError {
     ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the body exceeds {limit} bytes; split the batch"))
 }
 
-/// The media type (when given) must be `application/json`; the declared length must fit.
+/// The media type (when given) must be `application/json`, parameters allowed
+/// (`application/json; charset=utf-8`); the declared length must fit.
 fn check_headers(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
     if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
         if len > limit {
@@ -331,11 +333,17 @@ fn check_headers(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
         }
     }
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
-        if !ct.to_str().unwrap_or("").starts_with("application/json") {
+        if !is_json_media_type(ct.to_str().unwrap_or("")) {
             return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send `Content-Type: application/json`").field("content-type"));
         }
     }
     Ok(())
+}
+
+/// `application/json`, any case, optionally followed by `;` parameters — not a longer type name
+/// that merely starts with it.
+pub fn is_json_media_type(ct: &str) -> bool {
+    ct.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {

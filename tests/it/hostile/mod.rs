@@ -110,3 +110,4 @@ async fn slow_upload(base: &str, token: &str) -> TcpStream {
 
 mod input;
 mod slow;
+mod small;
