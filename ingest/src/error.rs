@@ -104,3 +104,14 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_control_characters_only() {
+        assert_eq!(printable("heart_rate"), "heart_rate");
+        assert_eq!(printable("a\u{0}b\nc\u{1f}é"), "a\\u{0}b\\u{a}c\\u{1f}é");
+    }
+}

@@ -554,3 +554,18 @@ fn write_error(e: WriteError, s: &Ingest) -> ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_application_json_is_json() {
+        for ok in ["application/json", "Application/JSON", "application/json; charset=utf-8", " application/json ;charset=UTF-8"] {
+            assert!(is_json_media_type(ok), "{ok}");
+        }
+        for bad in ["application/jsonfoo", "application/json-patch+json", "text/json", "", "application/x-json"] {
+            assert!(!is_json_media_type(bad), "{bad}");
+        }
+    }
+}
