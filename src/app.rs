@@ -206,6 +206,7 @@ pub fn ingest_config(cfg: &Config) -> IngestConfig {
             max_items: i.max_items,
             hot_window_ms: i.hot_window_hours * 3600 * 1000,
             max_future_skew_ms: i.max_future_skew_secs * 1000,
+            max_change_future_skew_ms: i.max_change_future_skew_secs * 1000,
             ..Rules::default()
         },
         max_body_bytes: i.max_body_bytes,
@@ -214,6 +215,8 @@ pub fn ingest_config(cfg: &Config) -> IngestConfig {
         retry_after_secs: i.retry_after_secs,
         require_consent: i.require_consent,
         max_in_flight: i.max_in_flight,
+        max_in_flight_per_user: i.max_in_flight_per_user,
+        body_timeout: Duration::from_millis(i.body_timeout_ms),
     }
 }
 
@@ -226,14 +229,84 @@ pub async fn ingest(cfg: &Config, pool: PgPool) -> anyhow::Result<Arc<Ingest>> {
     Ok(Arc::new(Ingest::new(ingest_config(cfg), verifier(cfg).await?, writer, pool, topics(cfg), readiness)))
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves.
+/// The header read timeout of [`serve`].
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `router` on `listener` until `shutdown` resolves, with [`DEFAULT_HEADER_TIMEOUT`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with(listener, router, shutdown, DEFAULT_HEADER_TIMEOUT).await
+}
+
+/// Serves `router` (HTTP/1.1, WebSocket upgrades) on `listener` until `shutdown` resolves, then
+/// lets the open connections finish. A request's header must arrive within `header_timeout` of the
+/// connection (or of the previous request on it) being ready, or the connection is closed:
+/// `axum::serve` sets no timer, so a client sending its header byte by byte held a connection (and
+/// a task) for ever. Body deadlines are the handlers' (`ingest.body_timeout_ms`).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    header_timeout: Duration,
+) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
     info!(addr = %listener.local_addr()?, "listening");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("serving HTTP")
+    let (closing, closed) = tokio::sync::watch::channel(());
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut closed = closed.clone();
+        tokio::spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            let conn = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = closed.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(closed);
+    let _ = closing.send(());
+    closing.closed().await;
+    Ok(())
+}
+
+/// Refuses to run `role` (one that verifies tokens) with the HS256 secret committed in
+/// config/default.toml — anyone can sign tokens with it — unless `auth.allow_insecure_dev_secret`.
+pub fn refuse_committed_secret(cfg: &Config, role: &str) -> anyhow::Result<()> {
+    let committed: toml::Table = crate::config::DEFAULTS.parse().context("config/default.toml")?;
+    let committed = committed.get("auth").and_then(|a| a.get("hs256_secret")).and_then(|s| s.as_str()).unwrap_or_default();
+    let secret = cfg.auth.hs256_secret.expose();
+    if !secret.is_empty() && secret == committed && !cfg.auth.allow_insecure_dev_secret {
+        bail!(
+            "`vitals {role}` will not verify tokens with the HS256 secret committed in config/default.toml: anyone can sign \
+             tokens with it. Set auth.hs256_secret (VITALS_AUTH__HS256_SECRET) to a secret of your own, or verify RS256 \
+             only (auth.jwks_path / auth.jwks_url, and auth.hs256_secret = \"\"). For local development only, set \
+             auth.allow_insecure_dev_secret = true (VITALS_AUTH__ALLOW_INSECURE_DEV_SECRET=true)."
+        );
+    }
+    Ok(())
 }
 
 /// Reads every record of `topic` from the beginning up to the end of each partition as it was
@@ -419,7 +492,7 @@ pub async fn sink(
 
 /// The read API (with the dashboard and the realtime gateway) over `pool`.
 pub async fn api(cfg: &Config, pool: PgPool, realtime: bool) -> anyhow::Result<Arc<vitals_api::Api>> {
-    let hub = if realtime { Some(vitals_api::realtime::Hub::start(&cfg.redis.url, cfg.api.realtime_buffer).context("redis url")?) } else { None };
+    let hub = if realtime { Some(vitals_api::realtime::Hub::start(&cfg.redis.url, cfg.api.realtime_buffer, cfg.api.max_connections_per_user).context("redis url")?) } else { None };
     Ok(Arc::new(vitals_api::Api { pool, verifier: Arc::new(verifier(cfg).await?), realtime: hub, ingest_url: format!("http://{}", cfg.ingest.listen) }))
 }
 

@@ -55,6 +55,10 @@ pub struct ApiConfig {
     pub realtime_buffer: usize,
     /// Envelopes queued in the sink for Redis; beyond that they are dropped, never waited for.
     pub publish_queue: usize,
+    /// WebSocket connections per user on one instance.
+    pub max_connections_per_user: usize,
+    /// Time allowed for a request's header.
+    pub header_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -116,6 +120,10 @@ pub struct IngestSection {
     pub retry_after_secs: u64,
     pub require_consent: bool,
     pub max_in_flight: usize,
+    pub max_in_flight_per_user: usize,
+    pub header_timeout_ms: u64,
+    pub body_timeout_ms: u64,
+    pub max_change_future_skew_secs: i64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -127,6 +135,8 @@ pub struct AuthSection {
     pub jwks_path: String,
     pub jwks_url: String,
     pub leeway_secs: u64,
+    /// Lets `ingest`, `api` and `realtime` start with the secret committed in config/default.toml.
+    pub allow_insecure_dev_secret: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -207,11 +207,13 @@ async fn main() -> anyhow::Result<()> {
             app::serve(listener, vitals::registry::router(pool), shutdown_signal()).await?;
         }
         Cmd::Ingest => {
+            app::refuse_committed_secret(&cfg, "ingest")?;
             let pool = app::pg_pool(&cfg).await?;
             app::migrate(&pool).await?;
             let ingest = app::ingest(&cfg, pool).await?;
             let listener = TcpListener::bind(&cfg.ingest.listen).await.with_context(|| format!("binding {}", cfg.ingest.listen))?;
-            app::serve(listener, vitals_ingest::router(ingest), shutdown_signal()).await?;
+            let header_timeout = Duration::from_millis(cfg.ingest.header_timeout_ms);
+            app::serve_with(listener, vitals_ingest::router(ingest), shutdown_signal(), header_timeout).await?;
         }
         Cmd::Process { names, all, crash_after_produce } => {
             let names: Vec<String> = if all { vitals_processors::registry().iter().map(|p| p.name.to_owned()).collect() } else { names };
@@ -290,12 +292,13 @@ async fn main() -> anyhow::Result<()> {
             app::sink(&cfg, stop, Default::default(), Box::new(move |applied| publisher.announce(applied))).await?;
         }
         Cmd::Api | Cmd::Realtime => {
+            app::refuse_committed_secret(&cfg, if matches!(cli.cmd, Cmd::Realtime) { "realtime" } else { "api" })?;
             let pool = app::pg_pool(&cfg).await?;
             app::migrate(&pool).await?;
             let api = app::api(&cfg, pool, true).await?;
             let listener = TcpListener::bind(&cfg.api.listen).await.with_context(|| format!("binding {}", cfg.api.listen))?;
             let router = if matches!(cli.cmd, Cmd::Realtime) { vitals_api::realtime_router(api) } else { vitals_api::router(api) };
-            app::serve(listener, router, shutdown_signal()).await?;
+            app::serve_with(listener, router, shutdown_signal(), Duration::from_millis(cfg.api.header_timeout_ms)).await?;
         }
         Cmd::Topics { cmd: TopicsCmd::Create } => {
             for line in app::create_topics(&cfg).await? {

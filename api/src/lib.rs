@@ -71,6 +71,15 @@ fn user(api: &Api, headers: &HeaderMap) -> Result<String, ApiError> {
 }
 
 fn db_error(e: sqlx::Error) -> ApiError {
+    // A data exception (SQLSTATE class 22: a value PostgreSQL cannot take, NUL in text, a date out
+    // of its range) comes from a parameter, hence from the request: every parameter is validated
+    // before it is bound, and one that slips through is still the client's, not an outage.
+    if let sqlx::Error::Database(d) = &e {
+        if d.code().is_some_and(|c| c.starts_with("22")) {
+            tracing::warn!(error = %e, "a request parameter was refused by PostgreSQL");
+            return ApiError::bad_request("invalid_parameter", "a parameter holds a value that cannot be used");
+        }
+    }
     tracing::error!(error = %e, "read failed");
     ApiError::unavailable("database_unavailable", "the projection store is unavailable; retry shortly", 2)
 }
@@ -133,10 +142,26 @@ fn limit(q: &ListQuery) -> Result<i64, ApiError> {
     }
 }
 
+/// A date of the years 1..=9999 (chrono reads ±262143; PostgreSQL's `date` has another range, and
+/// no day a phone recorded is outside this one).
 fn date(field: &'static str, v: &Option<String>) -> Result<Option<chrono::NaiveDate>, ApiError> {
+    use chrono::Datelike;
+    let bad = || ApiError::bad_request("invalid_parameter", format!("{field} must be a date YYYY-MM-DD (years 0001..=9999)")).field(field);
     v.as_deref()
-        .map(|s| s.parse::<chrono::NaiveDate>().map_err(|_| ApiError::bad_request("invalid_parameter", format!("{field} must be a date YYYY-MM-DD")).field(field)))
+        .map(|s| match s.parse::<chrono::NaiveDate>() {
+            Ok(d) if (1..=9999).contains(&d.year()) => Ok(d),
+            _ => Err(bad()),
+        })
         .transpose()
+}
+
+/// Text a client sends that is bound into a query: 1..=256 bytes, no control characters (NUL
+/// would fail the query; no stored key holds one, the edge refuses them).
+fn text(field: &'static str, v: &str) -> Result<(), ApiError> {
+    if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) {
+        return Err(ApiError::bad_request("invalid_parameter", format!("{field} must be 1..=256 printable characters")).field(field));
+    }
+    Ok(())
 }
 
 fn millis(field: &'static str, v: &Option<String>) -> Result<Option<i64>, ApiError> {
@@ -161,7 +186,12 @@ fn decode_cursor(c: &Option<String>) -> Result<Option<Cursor>, ApiError> {
     c.as_deref()
         .map(|s| {
             let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
-            serde_json::from_slice::<Cursor>(&raw).map_err(|_| bad())
+            let c = serde_json::from_slice::<Cursor>(&raw).map_err(|_| bad())?;
+            // A forged cursor: what this API returns never holds control characters.
+            if [&c.k, &c.e].iter().any(|t| t.len() > 256 || t.chars().any(char::is_control)) {
+                return Err(bad());
+            }
+            Ok(c)
         })
         .transpose()
 }
@@ -197,6 +227,9 @@ async fn sleep(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<
 /// of one metric and within [from, to].
 async fn by_day(api: &Api, headers: &HeaderMap, q: ListQuery, table: &str, projection: &str) -> Result<Response, ApiError> {
     let user = user(api, headers)?;
+    if let Some(m) = &q.metric {
+        text("metric", m)?;
+    }
     let (from, to, n, cursor) = (date("from", &q.from)?, date("to", &q.to)?, limit(&q)?, decode_cursor(&q.cursor)?);
     let (ck, ce) = cursor.map(|c| (Some(c.k), Some(c.e))).unwrap_or((None, None));
     let mut tx = snapshot(api).await?;
@@ -261,6 +294,7 @@ struct One {
 
 async fn session(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
     let user = user(&api, &headers)?;
+    text("id", &id)?;
     let mut tx = snapshot(&api).await?;
     let row: Option<(Json<serde_json::Value>,)> = sqlx::query_as("SELECT body FROM proj_session_impact WHERE user_id = $1 AND entity_id = $2 AND NOT deleted")
         .bind(&user)

@@ -9,7 +9,11 @@
 //!   envelope whose version is not newer than the last one sent for that entity is dropped;
 //! * a bounded buffer: a client that does not keep up is disconnected with close code 4008
 //!   ("slow consumer"), and should re-read the API and reconnect;
-//! * Redis down degrades realtime only: connections stay open, the hub reconnects with backoff.
+//! * Redis down degrades realtime only: connections stay open, the hub reconnects with backoff;
+//! * one user holds at most `max_connections_per_user` connections on one instance (beyond it the
+//!   upgrade is refused with 429 `too_many_connections`);
+//! * a connection is closed with code 4001 ("token expired") when its token stops being accepted
+//!   (`exp` + the verifier's leeway): reconnect with a fresh token.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +34,8 @@ use crate::Api;
 
 /// Close code for a client that fell too far behind.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code for a connection whose token expired.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 
 struct Subscriber {
     id: u64,
@@ -53,7 +59,29 @@ pub struct Hub {
     next_id: AtomicU64,
     /// Per-connection buffer (envelopes) before a client counts as slow.
     pub buffer: usize,
+    /// Connections one user may hold on this instance.
+    pub max_connections_per_user: usize,
+    /// Connections (upgraded or upgrading) per user.
+    held: Arc<Mutex<HashMap<String, usize>>>,
     pub metrics: HubMetrics,
+}
+
+/// One of a user's connection slots, given back when dropped (a failed upgrade included).
+pub struct ConnectionSlot {
+    held: Arc<Mutex<HashMap<String, usize>>>,
+    user: String,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.user);
+            }
+        }
+    }
 }
 
 fn channel(user: &str) -> String {
@@ -63,9 +91,9 @@ fn channel(user: &str) -> String {
 impl Hub {
     /// Starts the hub: a task keeps one Redis pub/sub connection (reconnecting with backoff) and
     /// routes each user's messages to that user's connections.
-    pub fn start(redis_url: &str, buffer: usize) -> Result<Arc<Hub>, redis::RedisError> {
+    pub fn start(redis_url: &str, buffer: usize, max_connections_per_user: usize) -> Result<Arc<Hub>, redis::RedisError> {
         let client = redis::Client::open(redis_url)?;
-        let hub = Hub::new(buffer);
+        let hub = Hub::with_limit(buffer, max_connections_per_user);
         let h = Arc::clone(&hub);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
@@ -103,7 +131,30 @@ impl Hub {
 
     /// A hub with no Redis connection yet (what [`Hub::start`] builds on).
     pub fn new(buffer: usize) -> Arc<Hub> {
-        Arc::new(Hub { subs: Mutex::new(HashMap::new()), sink: tokio::sync::Mutex::new(None), next_id: AtomicU64::new(1), buffer, metrics: HubMetrics::default() })
+        Hub::with_limit(buffer, usize::MAX)
+    }
+
+    fn with_limit(buffer: usize, max_connections_per_user: usize) -> Arc<Hub> {
+        Arc::new(Hub {
+            subs: Mutex::new(HashMap::new()),
+            sink: tokio::sync::Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            buffer,
+            max_connections_per_user,
+            held: Arc::default(),
+            metrics: HubMetrics::default(),
+        })
+    }
+
+    /// Takes one of `user`'s connection slots, or `None` when they hold them all.
+    pub fn try_connect(&self, user: &str) -> Option<ConnectionSlot> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(user.to_owned()).or_insert(0);
+        if *n >= self.max_connections_per_user {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot { held: Arc::clone(&self.held), user: user.to_owned() })
     }
 
     fn route(&self, user: &str, payload: Arc<str>) {
@@ -173,8 +224,15 @@ pub async fn upgrade(State(api): State<Arc<Api>>, headers: HeaderMap, Query(q): 
         (Some(t), _) => Some(format!("Bearer {t}")),
         (None, h) => h.map(str::to_owned),
     };
-    let user = api.verifier.authenticate(auth.as_deref())?;
-    Ok(ws.on_upgrade(move |socket| serve(hub, user, socket)))
+    let verified = api.verifier.verify(auth.as_deref())?;
+    let Some(slot) = hub.try_connect(&verified.user) else {
+        return Err(ApiError::too_many_requests(
+            "too_many_connections",
+            format!("at most {} realtime connections per user; close one first", hub.max_connections_per_user),
+            5,
+        ));
+    };
+    Ok(ws.on_upgrade(move |socket| serve(hub, verified.user, verified.accepted_until, slot, socket)))
 }
 
 /// The version of an envelope's entity, for duplicate suppression.
@@ -207,13 +265,23 @@ impl Seen {
     }
 }
 
-async fn serve(hub: Arc<Hub>, user: String, mut socket: WebSocket) {
+async fn serve(hub: Arc<Hub>, user: String, accepted_until: u64, _slot: ConnectionSlot, mut socket: WebSocket) {
     let (id, mut rx, _slow, kick) = hub.join(&user).await;
     hub.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(user = %user, "realtime client connected");
     let mut seen = Seen::default();
+    // The token's end, on the wall clock (its `exp` is one), turned into a timer.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let left = Duration::from_secs(accepted_until + 1).saturating_sub(now);
+    let expired = tokio::time::sleep(left);
+    tokio::pin!(expired);
     loop {
         tokio::select! {
+            _ = &mut expired => {
+                let frame = CloseFrame { code: CLOSE_TOKEN_EXPIRED, reason: "token expired; reconnect with a fresh token".into() };
+                let _ = socket.send(Message::Close(Some(frame))).await;
+                break;
+            }
             _ = kick.notified() => {
                 hub.metrics.slow_disconnects.fetch_add(1, Ordering::Relaxed);
                 let frame = CloseFrame { code: CLOSE_SLOW_CONSUMER, reason: "slow consumer: too many envelopes pending; re-read and reconnect".into() };

@@ -36,11 +36,27 @@ impl std::fmt::Debug for AuthConfig {
     }
 }
 
+/// `aud`: one audience or several (RFC 7519 §4.1.3: "an array of case-sensitive strings" or, in
+/// the special case of one, a string). jsonwebtoken checks either against ours; this type only lets
+/// both spellings deserialize.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<&str> for Audience {
+    fn from(s: &str) -> Audience {
+        Audience::One(s.to_owned())
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
     pub iss: String,
-    pub aud: String,
+    pub aud: Audience,
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
@@ -54,6 +70,17 @@ pub struct JwtVerifier {
     rs: HashMap<String, DecodingKey>,
     rs_single: Option<DecodingKey>,
     rs_validation: Validation,
+    leeway_secs: u64,
+}
+
+/// A verified token: whose it is and until when it is accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    pub user: String,
+    /// `exp`, seconds since the epoch.
+    pub expires_at: u64,
+    /// The last second at which this verifier still accepts the token (`exp` + leeway).
+    pub accepted_until: u64,
 }
 
 fn validation(alg: Algorithm, cfg: &AuthConfig) -> Validation {
@@ -82,11 +109,17 @@ impl JwtVerifier {
             }
         }
         let rs_single = if all.len() == 1 { all.pop() } else { None };
-        Ok(JwtVerifier { hs, rs, rs_single, rs_validation: validation(Algorithm::RS256, cfg) })
+        Ok(JwtVerifier { hs, rs, rs_single, rs_validation: validation(Algorithm::RS256, cfg), leeway_secs: cfg.leeway_secs })
     }
 
     /// Verifies an `Authorization` header value and returns the user id (`sub`).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<String, ApiError> {
+        self.verify(authorization).map(|v| v.user)
+    }
+
+    /// [`JwtVerifier::authenticate`], also saying until when the token is good (long-lived
+    /// connections close then).
+    pub fn verify(&self, authorization: Option<&str>) -> Result<Verified, ApiError> {
         let Some(value) = authorization else {
             return Err(ApiError::unauthorized("missing_token", "an `Authorization: Bearer <jwt>` header is required"));
         };
@@ -131,7 +164,8 @@ impl JwtVerifier {
         if data.claims.sub.chars().any(char::is_control) {
             return Err(ApiError::unauthorized("invalid_token", "the token's `sub` must not contain control characters"));
         }
-        Ok(data.claims.sub)
+        let exp = data.claims.exp;
+        Ok(Verified { user: data.claims.sub, expires_at: exp, accepted_until: exp.saturating_add(self.leeway_secs) })
     }
 }
 
@@ -162,7 +196,7 @@ pub fn mint_hs256(secret: &[u8], issuer: &str, audience: &str, sub: &str, ttl_se
     let claims = Claims {
         sub: sub.to_owned(),
         iss: issuer.to_owned(),
-        aud: audience.to_owned(),
+        aud: Audience::One(audience.to_owned()),
         exp: now + ttl_secs,
         nbf: None,
         iat: Some(now),
@@ -203,6 +237,13 @@ mod tests {
         assert_eq!(code(Some(&format!("Bearer {forged}"))), "invalid_signature");
         let wrong_aud = mint_hs256(c.hs256_secret.as_ref().unwrap(), "vitals-dev", "other", "u", 60);
         assert_eq!(code(Some(&format!("Bearer {wrong_aud}"))), "invalid_audience");
+        let aud_list = |aud: serde_json::Value| {
+            let claims = serde_json::json!({"sub": "u-list", "iss": "vitals-dev", "aud": aud, "exp": 9_999_999_999u64});
+            let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(c.hs256_secret.as_ref().unwrap())).unwrap();
+            v.authenticate(Some(&format!("Bearer {t}")))
+        };
+        assert_eq!(aud_list(serde_json::json!(["other", "vitals"])).unwrap(), "u-list", "an `aud` array holding ours (RFC 7519)");
+        assert_eq!(aud_list(serde_json::json!(["other"])).unwrap_err().code, "invalid_audience");
         for sub in ["\u{0}progress|u", "a\u{1e}b", "line\nbreak"] {
             let t = mint_hs256(c.hs256_secret.as_ref().unwrap(), "vitals-dev", "vitals", sub, 60);
             assert_eq!(code(Some(&format!("Bearer {t}"))), "invalid_token", "sub {sub:?}");

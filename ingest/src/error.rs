@@ -60,6 +60,11 @@ impl ApiError {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
     }
 
+    /// 429 with `Retry-After`: the client sends too much at once; it may retry later.
+    pub fn too_many_requests(code: &'static str, message: impl Into<String>, retry_after: u64) -> ApiError {
+        ApiError { retry_after: Some(retry_after), ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message) }
+    }
+
     /// 503 with `Retry-After`: the request may be retried with the same request id.
     pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after: u64) -> ApiError {
         ApiError { retry_after: Some(retry_after), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message) }
@@ -78,6 +83,15 @@ impl ApiError {
     }
 }
 
+/// `s` with every control character (NUL included) written as its `\u{..}` escape: for text that
+/// quotes client input and is stored (PostgreSQL text and jsonb refuse NUL) or logged.
+pub fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    s.chars().map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() }).collect()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
@@ -88,5 +102,16 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_control_characters_only() {
+        assert_eq!(printable("heart_rate"), "heart_rate");
+        assert_eq!(printable("a\u{0}b\nc\u{1f}é"), "a\\u{0}b\\u{a}c\\u{1f}é");
     }
 }

@@ -1,6 +1,8 @@
 //! `vitals-ingest`: the edge phones upload to.
 //!
-//! A request goes through: JWT auth ([`auth`]) → bounded body read → strict JSON envelope →
+//! A request goes through: JWT auth ([`auth`]) → the user's concurrency slot → bounded body read
+//! within a deadline → a global in-flight permit (only now: a slow body holds no permit) → strict
+//! JSON envelope →
 //! privacy/consent → request idempotency ([`store`]) → per-item validation and unit normalisation
 //! ([`request`], pure) → lane routing (HOT / COLD / CHANGE, domain changes) → Avro encoding via the
 //! schema registry → produce keyed by user and wait for every broker ack ([`writer`]) → store the
@@ -12,14 +14,15 @@
 
 pub mod auth;
 pub mod error;
+pub mod json;
 pub mod metrics;
 pub mod request;
 pub mod store;
 pub mod trace;
 pub mod writer;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -28,6 +31,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -62,6 +66,10 @@ pub struct IngestConfig {
     pub require_consent: bool,
     /// Requests processed at once; beyond it the edge sheds load with 503.
     pub max_in_flight: usize,
+    /// Uploads of one user at once (body read included); beyond it 429.
+    pub max_in_flight_per_user: usize,
+    /// A body must be read in full within this long; beyond it 408.
+    pub body_timeout: Duration,
 }
 
 impl Default for IngestConfig {
@@ -74,6 +82,8 @@ impl Default for IngestConfig {
             retry_after_secs: 5,
             require_consent: true,
             max_in_flight: 256,
+            max_in_flight_per_user: 8,
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -94,13 +104,57 @@ pub struct Ingest {
     catalog: &'static Catalog,
     readiness: Readiness,
     in_flight_limit: Arc<tokio::sync::Semaphore>,
+    user_slots: Arc<UserSlots>,
     pub metrics: Metrics,
+}
+
+/// Requests each user has in progress (from token verified to answer).
+#[derive(Default)]
+struct UserSlots(Mutex<HashMap<String, usize>>);
+
+/// One of a user's slots, given back when dropped (also when the client goes away mid-body).
+struct UserSlot {
+    slots: Arc<UserSlots>,
+    user: String,
+}
+
+impl UserSlots {
+    fn try_take(self: &Arc<Self>, user: &str, max: usize) -> Option<UserSlot> {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(user.to_owned()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot { slots: Arc::clone(self), user: user.to_owned() })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// Counts a body being read on the `body_reads` gauge for as long as it lives.
+struct Reading<'a>(&'a prometheus::IntGauge);
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Ingest {
     pub fn new(cfg: IngestConfig, verifier: JwtVerifier, writer: LaneWriter, pool: PgPool, topics: Topics, readiness: Readiness) -> Ingest {
         let in_flight_limit = Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight));
-        Ingest { cfg, verifier, writer, pool, topics, catalog: Catalog::embedded(), readiness, in_flight_limit, metrics: Metrics::new() }
+        Ingest { cfg, verifier, writer, pool, topics, catalog: Catalog::embedded(), readiness, in_flight_limit, user_slots: Arc::default(), metrics: Metrics::new() }
     }
 }
 
@@ -172,8 +226,12 @@ async fn handle(s: Arc<Ingest>, kind: BatchKind, req: Request) -> Response {
     let trace = TraceContext::from_header(req.headers().get("traceparent").and_then(|v| v.to_str().ok()));
     let span = info_span!("ingest.batch", endpoint, trace_id = %trace.trace_id, status = tracing::field::Empty);
     let resp = async {
-        let Ok(permit) = Arc::clone(&s.in_flight_limit).try_acquire_owned() else {
-            return ApiError::unavailable("overloaded", "too many requests in flight; retry later", s.cfg.retry_after_secs).into_response();
+        let admitted = match admit(&s, req).await {
+            Ok(a) => a,
+            Err(e) => {
+                s.metrics.rejections.with_label_values(&[e.code]).inc();
+                return e.into_response();
+            }
         };
         // Processed in its own task: a client that disconnects mid-request does not abort the work,
         // so the request id never stays claimed by an abandoned attempt, and the client's retry
@@ -183,9 +241,10 @@ async fn handle(s: Arc<Ingest>, kind: BatchKind, req: Request) -> Response {
             let trace = trace.clone();
             tokio::spawn(
                 async move {
-                    let _permit = permit;
+                    let Admitted { user, body, slot, permit } = admitted;
+                    let _held = (slot, permit);
                     s.metrics.in_flight.inc();
-                    let r = match process(&s, kind, &trace, req).await {
+                    let r = match process(&s, kind, &trace, &user, &body).await {
                         Ok(r) => r,
                         Err(e) => {
                             s.metrics.rejections.with_label_values(&[e.code]).inc();
@@ -216,27 +275,94 @@ fn store_unavailable(e: sqlx::Error, retry: u64) -> ApiError {
     ApiError::unavailable("store_unavailable", "the request store is unavailable; retry later", retry)
 }
 
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the body exceeds {limit} bytes; split the batch"));
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
-        if len > limit {
-            return Err(too_large());
-        }
-    }
-    if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
-        if !ct.starts_with("application/json") {
-            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send `Content-Type: application/json`"));
-        }
-    }
-    axum::body::to_bytes(body, limit).await.map_err(|_| too_large())
+/// A request that may be processed: its user, its whole body, one of the user's slots and one of
+/// the edge's in-flight permits.
+struct Admitted {
+    user: String,
+    body: bytes::Bytes,
+    slot: UserSlot,
+    permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-async fn process(s: &Ingest, kind: BatchKind, trace: &TraceContext, req: Request) -> Result<Response, ApiError> {
-    let retry = s.cfg.retry_after_secs;
+/// Everything before processing, in the order that keeps a slow or hostile client from holding
+/// what others need: the token (401), the media type and declared length (415, 413), one of the
+/// user's `max_in_flight_per_user` slots (429), the body within `body_timeout` (408), and only then
+/// one of the `max_in_flight` permits (503). A body trickled in byte by byte thus holds one of its
+/// own user's slots for at most `body_timeout`, and never a permit.
+async fn admit(s: &Arc<Ingest>, req: Request) -> Result<Admitted, ApiError> {
     let (parts, body) = req.into_parts();
     let user = s.verifier.authenticate(parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))?;
-    let body = read_body(&parts.headers, body, s.cfg.max_body_bytes).await?;
-    let (env, value, items) = request::parse_envelope(&body, kind, &user, &s.cfg.rules)?;
+    let limit = s.cfg.max_body_bytes;
+    check_headers(&parts.headers, limit)?;
+    let slot = s.user_slots.try_take(&user, s.cfg.max_in_flight_per_user).ok_or_else(|| {
+        ApiError::too_many_requests(
+            "too_many_concurrent_requests",
+            format!("at most {} requests of one user at once; wait for an answer before sending more", s.cfg.max_in_flight_per_user),
+            s.cfg.retry_after_secs,
+        )
+    })?;
+    s.metrics.body_reads.inc();
+    let reading = Reading(&s.metrics.body_reads);
+    let body = match tokio::time::timeout(s.cfg.body_timeout, read_body(body, limit)).await {
+        Ok(body) => body?,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the body did not arrive in full within {} ms; nothing was written", s.cfg.body_timeout.as_millis()),
+            ))
+        }
+    };
+    drop(reading);
+    let Ok(permit) = Arc::clone(&s.in_flight_limit).try_acquire_owned() else {
+        return Err(ApiError::unavailable("overloaded", "too many requests in flight; retry later", s.cfg.retry_after_secs));
+    };
+    Ok(Admitted { user, body, slot, permit })
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the body exceeds {limit} bytes; split the batch"))
+}
+
+/// The media type (when given) must be `application/json`, parameters allowed
+/// (`application/json; charset=utf-8`); the declared length must fit.
+fn check_headers(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+        if len > limit {
+            return Err(too_large(limit));
+        }
+    }
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        if !is_json_media_type(ct.to_str().unwrap_or("")) {
+            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send `Content-Type: application/json`").field("content-type"));
+        }
+    }
+    Ok(())
+}
+
+/// `application/json`, any case, optionally followed by `;` parameters — not a longer type name
+/// that merely starts with it.
+pub fn is_json_media_type(ct: &str) -> bool {
+    ct.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ApiError::bad_request("incomplete_body", "the body could not be read in full"))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(too_large(limit));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+async fn process(s: &Ingest, kind: BatchKind, trace: &TraceContext, user: &str, body: &[u8]) -> Result<Response, ApiError> {
+    let retry = s.cfg.retry_after_secs;
+    let user = user.to_owned();
+    let (env, value, items) = request::parse_envelope(body, kind, &user, &s.cfg.rules)?;
     let hash = payload_hash(&value);
 
     let privacy = store::privacy(&s.pool, &user).await.map_err(|e| store_unavailable(e, retry))?;
@@ -377,6 +503,12 @@ async fn build_and_write(
         }
     }
     let endpoint = kind.endpoint();
+    // The answer is stored in PostgreSQL (jsonb), which refuses NUL: what a rejection quotes of
+    // the client's input is escaped, so a hostile item is a 4xx, never a failing store (503).
+    let rejected: Vec<ItemError> = rejected
+        .into_iter()
+        .map(|e| ItemError { field: crate::error::printable(&e.field), message: crate::error::printable(&e.message), ..e })
+        .collect();
     for e in &rejected {
         s.metrics.rejections.with_label_values(&[e.code.as_str()]).inc();
     }
@@ -419,6 +551,21 @@ fn write_error(e: WriteError, s: &Ingest) -> ApiError {
         WriteError::Encode(m) => {
             error!(error = %m, "encoding failed");
             ApiError::internal()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_application_json_is_json() {
+        for ok in ["application/json", "Application/JSON", "application/json; charset=utf-8", " application/json ;charset=UTF-8"] {
+            assert!(is_json_media_type(ok), "{ok}");
+        }
+        for bad in ["application/jsonfoo", "application/json-patch+json", "text/json", "", "application/x-json"] {
+            assert!(!is_json_media_type(bad), "{bad}");
         }
     }
 }

@@ -10,6 +10,8 @@ pub struct Metrics {
     pub request_seconds: HistogramVec,
     pub produce_seconds: HistogramVec,
     pub in_flight: IntGauge,
+    /// Request bodies being read (before a request may take an in-flight permit).
+    pub body_reads: IntGauge,
 }
 
 impl Metrics {
@@ -22,10 +24,11 @@ impl Metrics {
         let request_seconds = HistogramVec::new(HistogramOpts::new("vitals_ingest_request_seconds", "Request latency").buckets(buckets.clone()), &["endpoint"]).unwrap();
         let produce_seconds = HistogramVec::new(HistogramOpts::new("vitals_ingest_produce_seconds", "Encode + produce + broker ack latency").buckets(buckets), &["endpoint"]).unwrap();
         let in_flight = IntGauge::new("vitals_ingest_in_flight_requests", "Requests being processed").unwrap();
-        for c in [Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>, Box::new(samples.clone()), Box::new(rejections.clone()), Box::new(request_seconds.clone()), Box::new(produce_seconds.clone()), Box::new(in_flight.clone())] {
+        let body_reads = IntGauge::new("vitals_ingest_body_reads_in_progress", "Request bodies being read (they hold no in-flight permit)").unwrap();
+        for c in [Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>, Box::new(samples.clone()), Box::new(rejections.clone()), Box::new(request_seconds.clone()), Box::new(produce_seconds.clone()), Box::new(in_flight.clone()), Box::new(body_reads.clone())] {
             registry.register(c).expect("metric names are unique");
         }
-        Metrics { registry, requests, samples, rejections, request_seconds, produce_seconds, in_flight }
+        Metrics { registry, requests, samples, rejections, request_seconds, produce_seconds, in_flight, body_reads }
     }
 
     /// The text exposition format.

@@ -26,6 +26,8 @@ pub struct Rules {
     pub max_future_skew_ms: i64,
     /// Timestamps earlier than this (ms since epoch) are rejected as implausible.
     pub min_timestamp_ms: i64,
+    /// A domain change's `occurred_at` later than now + this is rejected: it orders changes.
+    pub max_change_future_skew_ms: i64,
 }
 
 impl Default for Rules {
@@ -35,6 +37,7 @@ impl Default for Rules {
             hot_window_ms: 48 * 3600 * 1000,
             max_future_skew_ms: 10 * 60 * 1000,
             min_timestamp_ms: 946_684_800_000, // 2000-01-01
+            max_change_future_skew_ms: 60 * 1000,
         }
     }
 }
@@ -90,6 +93,11 @@ pub fn parse_envelope(body: &[u8], kind: BatchKind, user: &str, rules: &Rules) -
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e} (NaN and Infinity are not JSON)"))
     })?;
+    // `Value` keeps the last of two equal keys without a word; the client meant one of them.
+    if let Some(path) = crate::json::first_duplicate_key(body) {
+        let path = crate::error::printable(&path);
+        return Err(ApiError::bad_request("duplicate_key", format!("`{path}` appears more than once in one object")).field(path));
+    }
     let mut env: Envelope = deserialize_at(value.clone()).map_err(|(field, msg)| {
         ApiError::bad_request("invalid_request", format!("invalid request body: {msg}")).field(field)
     })?;
@@ -434,6 +442,16 @@ fn validate_change(index: usize, item: Value, catalog: &Catalog, rules: &Rules, 
     let c: ChangeIn = deserialize_at(item).map_err(|(f, m)| item_err(index, f, "invalid_field", m))?;
     check_text(index, "change_id", &c.change_id)?;
     let occurred_at_ms = parse_ts(index, "occurred_at", &c.occurred_at, rules, now_ms)?;
+    // `occurred_at` orders a user's changes (the greatest wins: privacy, source priority, session
+    // fields), so one dated ahead would beat every change sent after it: only clock skew is allowed.
+    if occurred_at_ms > now_ms + rules.max_change_future_skew_ms {
+        return Err(item_err(
+            index,
+            "occurred_at",
+            "timestamp_in_future",
+            format!("`occurred_at` is more than {} s ahead of the server's clock ({})", rules.max_change_future_skew_ms / 1000, c.occurred_at),
+        ));
+    }
     let need = |present: bool, field: &str| {
         if present {
             Ok(())
@@ -645,5 +663,23 @@ mod tests {
         let (_, bad) = c(json!({"change_id": "c", "kind": "session_ended", "occurred_at": iso(NOW),
                                 "session": {"session_id": "s", "start": iso(NOW), "end": iso(NOW - 5)}}));
         assert_eq!(bad[0].code, "end_before_start");
+    }
+
+    #[test]
+    fn a_change_dated_beyond_the_skew_is_refused() {
+        let c = |at: i64| validate_changes(vec![json!({"change_id": "c", "kind": "privacy_updated", "occurred_at": iso(at),
+                                                       "privacy": {"health_upload_allowed": true}})], Catalog::embedded(), &Rules::default(), NOW);
+        assert_eq!(c(NOW + 60_000).0.len(), 1, "within the skew");
+        let (ok, bad) = c(NOW + 9 * 60_000);
+        assert!(ok.is_empty());
+        assert_eq!((bad[0].field.as_str(), bad[0].code.as_str()), ("occurred_at", "timestamp_in_future"));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_with_their_path() {
+        let e = parse_envelope(br#"{"request_id": "a", "samples": [1], "request_id": "b"}"#, BatchKind::Samples, "u", &Rules::default()).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code, e.field.as_deref()), (400, "duplicate_key", Some("request_id")));
+        let e = parse_envelope(br#"{"request_id": "a", "samples": [{"v": 1, "v": 2}]}"#, BatchKind::Samples, "u", &Rules::default()).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("samples[0].v"));
     }
 }

@@ -147,8 +147,9 @@ impl TestEnv {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ingest_url = format!("http://{}", listener.local_addr().unwrap());
         let router = vitals_ingest::router(Arc::clone(&ingest));
+        let header_timeout = Duration::from_millis(cfg.ingest.header_timeout_ms);
         tasks.push(tokio::spawn(async move {
-            let _ = app::serve(listener, router, std::future::pending()).await;
+            let _ = app::serve_with(listener, router, std::future::pending(), header_timeout).await;
         }));
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
         TestEnv { cfg, pool, db_url, ingest_url, http, tasks }
@@ -361,6 +362,8 @@ impl TestEnv {
             ("VITALS_PROCESSORS__DATA_DIR".into(), data_dir.display().to_string()),
             ("VITALS_PROCESSORS__MAX_BATCH".into(), "50".into()),
             ("VITALS_PROCESSORS__MAX_WAIT_MS".into(), "50".into()),
+            // The tests sign with the development secret committed in config/default.toml.
+            ("VITALS_AUTH__ALLOW_INSECURE_DEV_SECRET".into(), "true".into()),
             ("RUST_LOG".into(), "warn".into()),
         ]
     }
@@ -493,5 +496,42 @@ impl OwnRedis {
 impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The read API and realtime gateway in-process on port 0 over a fresh database and the shared
+/// Redis, for tests that need no broker (input validation, WebSocket limits).
+pub struct ApiEnv {
+    pub cfg: Config,
+    pub pool: PgPool,
+    pub db_url: String,
+    pub url: String,
+    task: JoinHandle<()>,
+}
+
+impl ApiEnv {
+    pub async fn start(overrides: &[(&str, &str)]) -> ApiEnv {
+        services_up();
+        let (db_url, pool) = fresh_db().await;
+        let cfg = config(&db_url, &format!("{}.", unique("api")), KAFKA, overrides);
+        let api = app::api(&cfg, pool.clone(), true).await.expect("building the API");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let header_timeout = Duration::from_millis(cfg.api.header_timeout_ms);
+        let router = vitals_api::router(api);
+        let task = tokio::spawn(async move {
+            let _ = app::serve_with(listener, router, std::future::pending(), header_timeout).await;
+        });
+        ApiEnv { cfg, pool, db_url, url, task }
+    }
+
+    pub fn token(&self, user: &str, ttl_secs: u64) -> String {
+        vitals_ingest::auth::mint_hs256(self.cfg.auth.hs256_secret.expose().as_bytes(), &self.cfg.auth.issuer, &self.cfg.auth.audience, user, ttl_secs)
+    }
+
+    pub async fn cleanup(self) {
+        self.task.abort();
+        self.pool.close().await;
+        drop_db(&self.db_url).await;
     }
 }

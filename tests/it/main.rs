@@ -9,6 +9,7 @@ mod demo;
 mod freshness;
 mod faults;
 mod harness;
+mod hostile;
 mod ingest;
 mod pipeline;
 mod process;

@@ -243,6 +243,8 @@ pub(crate) fn proc_env(env: &TestEnv, data: &std::path::Path) -> Vec<(String, St
         ("VITALS_PROCESSORS__DATA_DIR".into(), data.display().to_string()),
         ("VITALS_PROCESSORS__MAX_BATCH".into(), "5".into()),
         ("VITALS_PROCESSORS__MAX_WAIT_MS".into(), "50".into()),
+        // The tests sign with the development secret committed in config/default.toml.
+        ("VITALS_AUTH__ALLOW_INSECURE_DEV_SECRET".into(), "true".into()),
         ("RUST_LOG".into(), std::env::var("VITALS_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into())),
     ]
 }
