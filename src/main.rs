@@ -238,9 +238,8 @@ async fn main() -> anyhow::Result<()> {
                         let all = all.clone();
                         async move {
                             let mut out = String::new();
-                            for (name, m) in &all {
-                                m.render(name, &mut out);
-                            }
+                            let refs: Vec<(&str, &vitals_processors::runtime::metrics::RuntimeMetrics)> = all.iter().map(|(n, m)| (n.as_str(), m.as_ref())).collect();
+                            vitals_processors::runtime::metrics::render_all(&refs, &mut out);
                             ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
                         }
                     }),
@@ -272,7 +271,21 @@ async fn main() -> anyhow::Result<()> {
                 flag.store(true, std::sync::atomic::Ordering::Relaxed);
             });
             let publisher = app::publisher(&cfg)?;
-            app::sink(&cfg, stop, Default::default(), Box::new(move |applied| publisher.announce(applied))).await?;
+            let metrics: std::sync::Arc<vitals_sinks::runner::SinkMetrics> = Default::default();
+            if !cfg.sink.metrics_listen.is_empty() {
+                let listener = TcpListener::bind(&cfg.sink.metrics_listen).await.with_context(|| format!("binding {}", cfg.sink.metrics_listen))?;
+                let (m, name) = (std::sync::Arc::clone(&metrics), app::sink_name(&cfg));
+                let router = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let mut out = String::new();
+                        m.render(&name, &mut out);
+                        async move { ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out) }
+                    }),
+                );
+                tokio::spawn(app::serve(listener, router, std::future::pending()));
+            }
+            app::sink(&cfg, stop, metrics, Box::new(move |applied| publisher.announce(applied))).await?;
         }
         Cmd::Api | Cmd::Realtime => {
             let pool = app::pg_pool(&cfg).await?;

@@ -55,6 +55,7 @@ pub struct SinkMetrics {
     pub batches_committed: AtomicU64,
     pub commit_retries: AtomicU64,
     pub dead_lettered: AtomicU64,
+    pub dead_letters: vitals_schemas::dead_letter::DeadLetterCounts,
 }
 
 /// What runs after each commit with the rows it changed.
@@ -270,8 +271,8 @@ fn decode_batch(
         }
     }
     for (m, reason) in dead {
-        dead_letter(rt, producer, codec, cfg, m, &reason)?;
-        metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        let dl = dead_letter(rt, producer, codec, cfg, m, &reason)?;
+        metrics.dead_letter(&dl.stage, &dl.code);
     }
     Ok(Some(batch))
 }
@@ -288,7 +289,7 @@ fn wait_or_stop(stop: &AtomicBool, d: Duration) -> bool {
     !stop.load(Ordering::Relaxed)
 }
 
-fn dead_letter(rt: &tokio::runtime::Handle, producer: &FutureProducer, codec: &Codec, cfg: &SinkConfig, m: &OwnedMessage, reason: &str) -> Result<(), SinkError> {
+fn dead_letter(rt: &tokio::runtime::Handle, producer: &FutureProducer, codec: &Codec, cfg: &SinkConfig, m: &OwnedMessage, reason: &str) -> Result<DeadLetter, SinkError> {
     warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), reason, "dead-lettered");
     let dl = DeadLetter {
         source_topic: m.topic().to_owned(),
@@ -310,5 +311,5 @@ fn dead_letter(rt: &tokio::runtime::Handle, producer: &FutureProducer, codec: &C
     let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
     rt.block_on(producer.send(FutureRecord::to(t).partition(m.partition()).key(&key).payload(&bytes).headers(headers), Duration::from_secs(30)))
         .map_err(|(e, _)| SinkError::DeadLetter(e.to_string()))?;
-    Ok(())
+    Ok(dl)
 }
