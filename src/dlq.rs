@@ -368,16 +368,21 @@ async fn decode_any(registry: &str, bytes: &[u8]) -> Result<serde_json::Value, S
     serde_json::Value::try_from(decoded.value).map_err(|e| e.to_string())
 }
 
+type Timestamp = chrono::DateTime<chrono::Utc>;
+
+/// A row of `dlq_replays`: source topic, partition, offset, target topic, partition, offset, when.
+type LedgerRow = (String, i32, i64, String, i32, Option<i64>, Option<Timestamp>);
+
 /// What the ledger says of a source record.
 #[derive(Debug, Clone)]
 struct Replayed {
     target: String,
     target_offset: Option<i64>,
-    at: Option<chrono::DateTime<chrono::Utc>>,
+    at: Option<Timestamp>,
 }
 
 async fn ledger_row(pool: &PgPool, topic: &str, partition: i32, offset: i64) -> Result<Option<Replayed>, sqlx::Error> {
-    let row: Option<(String, i32, Option<i64>, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
+    let row: Option<(String, i32, Option<i64>, Option<Timestamp>)> = sqlx::query_as(
         "SELECT target_topic, target_partition, target_offset, replayed_at FROM dlq_replays WHERE source_topic = $1 AND source_partition = $2 AND source_offset = $3",
     )
     .bind(topic)
@@ -634,7 +639,7 @@ pub async fn replay(cfg: &Config, sel: &Selector, dry_run: bool, out: &mut impl 
     let codec = Codec::new(&cfg.registry.url);
     let entries = scan(cfg, &codec, sel).await?;
     report.selected = entries.len();
-    let ledger: Vec<(String, i32, i64, String, i32, Option<i64>, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
+    let ledger: Vec<LedgerRow> = sqlx::query_as(
         "SELECT source_topic, source_partition, source_offset, target_topic, target_partition, target_offset, replayed_at FROM dlq_replays WHERE dlq_topic = $1",
     )
     .bind(&t.dead_letter)
@@ -675,9 +680,8 @@ pub async fn replay(cfg: &Config, sel: &Selector, dry_run: bool, out: &mut impl 
     let mut partition_counts: BTreeMap<String, i32> = BTreeMap::new();
     let mut wanted: BTreeMap<(String, i32), BTreeSet<i64>> = BTreeMap::new();
     for e in &todo {
-        if !partition_counts.contains_key(&e.dead.source_topic) {
-            let n = partitions(cfg, &e.dead.source_topic).await?.len() as i32;
-            partition_counts.insert(e.dead.source_topic.clone(), n);
+        if let std::collections::btree_map::Entry::Vacant(v) = partition_counts.entry(e.dead.source_topic.clone()) {
+            v.insert(partitions(cfg, &e.dead.source_topic).await?.len() as i32);
         }
         wanted.entry((e.dead.source_topic.clone(), e.dead.source_partition)).or_default().insert(e.dead.source_offset);
     }
@@ -718,9 +722,8 @@ pub async fn replay(cfg: &Config, sel: &Selector, dry_run: bool, out: &mut impl 
     // Intents first, with where each target partition ends now: the copy lands at or after it.
     let mut ends: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for c in &copies {
-        if !ends.contains_key(&(c.topic.clone(), c.partition)) {
-            let (_, hi) = watermarks(cfg, &c.topic, &[c.partition]).await?[&c.partition];
-            ends.insert((c.topic.clone(), c.partition), hi);
+        if let std::collections::btree_map::Entry::Vacant(v) = ends.entry((c.topic.clone(), c.partition)) {
+            v.insert(watermarks(cfg, &c.topic, &[c.partition]).await?[&c.partition].1);
         }
     }
     let mut tx = pool.begin().await?;
@@ -844,9 +847,7 @@ mod tests {
         assert!(s(|s| s.to_offset = Some(10)) && !s(|s| s.to_offset = Some(9)));
         assert!(s(|s| s.code = Some("undecodable".into())) && !s(|s| s.code = Some("bad_id".into())));
         for stage in ["processor:rollup_day", "rollup_day", "processor"] {
-            let mut sel = Selector::default();
-            sel.stage = Some(stage.into());
-            assert!(sel.matches(&d), "{stage}");
+            assert!(Selector { stage: Some(stage.into()), ..Selector::default() }.matches(&d), "{stage}");
         }
         assert!(!s(|s| s.stage = Some("sink".into())));
     }
