@@ -460,6 +460,12 @@ pub async fn process(
     tokio::task::spawn_blocking(move || (info.run)(args)).await.context("processor thread")?.context("processor runtime")
 }
 
+/// The PostgreSQL sink's name: its offsets' key in `sink_offsets`, its dead letters' stage
+/// (`sink:<name>`).
+pub fn sink_name(cfg: &Config) -> String {
+    format!("{}postgres", cfg.kafka.topic_prefix)
+}
+
 /// Runs the PostgreSQL projection sink over every projection until `stop` (or a fatal error).
 /// `on_applied` gets the rows each commit changed (the realtime push hangs off it).
 pub async fn sink(
@@ -470,7 +476,7 @@ pub async fn sink(
 ) -> anyhow::Result<()> {
     use vitals_sinks::runner::{self, SinkArgs, SinkConfig};
     let pool = pg_ready(cfg, &stop).await?;
-    let name = format!("{}postgres", cfg.kafka.topic_prefix);
+    let name = sink_name(cfg);
     let args = SinkArgs {
         cfg: SinkConfig {
             name: name.clone(),

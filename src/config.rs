@@ -42,6 +42,7 @@ pub struct Config {
     pub ingest: IngestSection,
     pub auth: AuthSection,
     pub processors: ProcessorsConfig,
+    pub sink: SinkSection,
     pub redis: RedisConfig,
     pub s3: S3Config,
     pub api: ApiConfig,
@@ -70,6 +71,13 @@ pub struct ProcessorsConfig {
     /// Least time between two S3 snapshots of a task; 0 disables snapshots and restores.
     pub snapshot_every_ms: u64,
     /// Where `vitals process` serves `/metrics` (Prometheus text); empty: nowhere.
+    pub metrics_listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSection {
+    /// Where `vitals sink` serves `/metrics` (Prometheus text); empty: nowhere.
     pub metrics_listen: String,
 }
 

@@ -8,6 +8,7 @@ pub mod app;
 pub mod bench;
 pub mod config;
 pub mod demo;
+pub mod dlq;
 pub mod registry;
 pub mod simulate;
 

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use vitals::config::Config;
-use vitals::{app, bench, demo, shutdown_signal, simulate};
+use vitals::{app, bench, demo, dlq, shutdown_signal, simulate};
 
 #[derive(Parser)]
 #[command(name = "vitals", version, about = "Exactly-once stream processing of mobile health data on Kafka")]
@@ -72,6 +72,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SchemasCmd,
     },
+    /// Dead letters: list them, show one, replay them to their source lane after a fix.
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
+    },
     /// Migrate, create topics and register schemas: everything a fresh cluster needs.
     Setup,
     /// Print a development token (HS256, auth.hs256_secret) for a user.
@@ -104,6 +109,76 @@ enum SchemasCmd {
     Register,
     /// Fail if a schema in schemas/avro is incompatible with what the registry holds.
     Check,
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// One line per dead letter (DLQ partition:offset, time, stage, code, source, user, reason),
+    /// then the count per (stage, code).
+    List {
+        #[command(flatten)]
+        select: DlqSelect,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter in full: headers, key, payload (hex, base64) and the payload decoded
+    /// with the schema registry when it decodes.
+    Show {
+        /// `<partition>:<offset>` in the dead-letter topic (as `dlq list` prints it).
+        at: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes the original key, payload and headers of the selected dead letters back to their
+    /// source lane, each source record at most once (ledger `dlq_replays`).
+    Replay {
+        #[command(flatten)]
+        select: DlqSelect,
+        /// Every dead letter (replay refuses to run without a selector otherwise).
+        #[arg(long)]
+        all: bool,
+        /// Print what would be replayed; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Which dead letters: every given condition must hold.
+#[derive(clap::Args, Clone, Debug, Default)]
+struct DlqSelect {
+    /// Source topic: its full name, its name without `kafka.topic_prefix`, or a lane
+    /// (`hot`, `cold`, `change`, `domain`) or projection (`rollup_day`, …) alias.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Source partition.
+    #[arg(long)]
+    partition: Option<i32>,
+    /// Least source offset (inclusive).
+    #[arg(long)]
+    from_offset: Option<i64>,
+    /// Greatest source offset (inclusive).
+    #[arg(long)]
+    to_offset: Option<i64>,
+    /// Reason code, e.g. `undecodable`.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Stage: `processor:rollup_day`, `rollup_day`, or a kind (`processor`, `sink`).
+    #[arg(long)]
+    stage: Option<String>,
+}
+
+impl DlqSelect {
+    fn to_selector(&self, cfg: &Config) -> dlq::Selector {
+        dlq::Selector {
+            topic: self.topic.as_deref().map(|t| dlq::resolve_topic(&app::topics(cfg), t)),
+            partition: self.partition,
+            from_offset: self.from_offset,
+            to_offset: self.to_offset,
+            code: self.reason.clone(),
+            stage: self.stage.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -255,9 +330,8 @@ async fn main() -> anyhow::Result<()> {
                         let all = all.clone();
                         async move {
                             let mut out = String::new();
-                            for (name, m) in &all {
-                                m.render(name, &mut out);
-                            }
+                            let refs: Vec<(&str, &vitals_processors::runtime::metrics::RuntimeMetrics)> = all.iter().map(|(n, m)| (n.as_str(), m.as_ref())).collect();
+                            vitals_processors::runtime::metrics::render_all(&refs, &mut out);
                             ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
                         }
                     }),
@@ -289,7 +363,21 @@ async fn main() -> anyhow::Result<()> {
                 flag.store(true, std::sync::atomic::Ordering::Relaxed);
             });
             let publisher = app::publisher(&cfg)?;
-            app::sink(&cfg, stop, Default::default(), Box::new(move |applied| publisher.announce(applied))).await?;
+            let metrics: std::sync::Arc<vitals_sinks::runner::SinkMetrics> = Default::default();
+            if !cfg.sink.metrics_listen.is_empty() {
+                let listener = TcpListener::bind(&cfg.sink.metrics_listen).await.with_context(|| format!("binding {}", cfg.sink.metrics_listen))?;
+                let (m, name) = (std::sync::Arc::clone(&metrics), app::sink_name(&cfg));
+                let router = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let mut out = String::new();
+                        m.render(&name, &mut out);
+                        async move { ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out) }
+                    }),
+                );
+                tokio::spawn(app::serve(listener, router, std::future::pending()));
+            }
+            app::sink(&cfg, stop, metrics, Box::new(move |applied| publisher.announce(applied))).await?;
         }
         Cmd::Api | Cmd::Realtime => {
             app::refuse_committed_secret(&cfg, if matches!(cli.cmd, Cmd::Realtime) { "realtime" } else { "api" })?;
@@ -325,6 +413,19 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::bail!("incompatible with the registry: {}", bad.join(", "));
             }
             println!("every schema is compatible with the registry");
+        }
+        Cmd::Dlq { cmd: DlqCmd::List { select, json } } => {
+            let out = dlq::list(&cfg, &select.to_selector(&cfg), json).await?;
+            print!("{out}");
+        }
+        Cmd::Dlq { cmd: DlqCmd::Show { at, json } } => {
+            print!("{}", dlq::show(&cfg, &at, json).await?);
+        }
+        Cmd::Dlq { cmd: DlqCmd::Replay { select, all, dry_run } } => {
+            let sel = select.to_selector(&cfg);
+            anyhow::ensure!(all || !sel.is_empty(), "name what to replay (--topic, --partition, --from-offset, --to-offset, --reason, --stage) or pass --all");
+            let report = dlq::replay(&cfg, &sel, dry_run, &mut std::io::stdout()).await?;
+            anyhow::ensure!(report.failed == 0, "{} replays were not acknowledged; run the same command again (nothing is written twice)", report.failed);
         }
         Cmd::Setup => {
             let pool = app::pg_pool(&cfg).await?;

@@ -3,6 +3,7 @@
 //! * [`avro`] — the Avro schemas (`schemas/avro/*.avsc`, embedded) and which topic's value each one is.
 //! * [`records`] — the Rust types of those records; a test proves they agree with the `.avsc` files.
 //! * [`codec`] — the Confluent-framed (magic byte + schema id) codec over a schema registry.
+//! * [`dead_letter`] — the dead-letter topic's headers, the replay header, the per-reason counter.
 //! * [`catalog`] — the metric catalog: kind, canonical unit, exact unit conversions, plausible range.
 //! * [`hash`] — the canonical payload hash used for request idempotency.
 //! * [`topics`] — topic names, their specs, and the key partitioner every producer shares.
@@ -10,6 +11,7 @@
 pub mod avro;
 pub mod catalog;
 pub mod codec;
+pub mod dead_letter;
 pub mod hash;
 pub mod records;
 pub mod topics;

@@ -7,7 +7,9 @@
 //! * [`progress`] is the rule that turns what the sink consumed into each user's progress.
 //! * [`runner`] is the consumer loop: seeks to the offsets stored in PostgreSQL on assignment,
 //!   retries a batch with backoff while PostgreSQL is down, dead-letters what it cannot decode.
+//! * [`metrics`] renders the runner's counters (dead letters by stage and reason among them).
 
+pub mod metrics;
 pub mod postgres;
 pub mod progress;
 pub mod realtime;

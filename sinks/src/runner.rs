@@ -59,6 +59,7 @@ pub struct SinkMetrics {
     pub batches_committed: AtomicU64,
     pub commit_retries: AtomicU64,
     pub dead_lettered: AtomicU64,
+    pub dead_letters: vitals_schemas::dead_letter::DeadLetterCounts,
 }
 
 /// What runs after each commit with the rows it changed.
@@ -363,7 +364,7 @@ fn dead_letter_all(
         let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
         rt.block_on(producer.send(FutureRecord::to(&cfg.topics.dead_letter).partition(m.partition()).key(&key).payload(&bytes).headers(headers), Duration::from_secs(30)))
             .map_err(|(e, _)| SinkError::DeadLetter(e.to_string()))?;
-        metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        metrics.dead_letter(&format!("sink:{}", cfg.name), code);
     }
     Ok(true)
 }

@@ -6,6 +6,7 @@
 mod api;
 mod browser;
 mod demo;
+mod dlq;
 mod freshness;
 mod faults;
 mod harness;

@@ -6,6 +6,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use vitals_schemas::dead_letter::{label, DeadLetterCounts};
+
 #[derive(Debug, Default)]
 pub struct RuntimeMetrics {
     /// Input records read and handled (processed, skipped as already checkpointed, or DLQ'd).
@@ -14,6 +16,8 @@ pub struct RuntimeMetrics {
     pub outputs: AtomicU64,
     pub progress_markers: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// The same dead letters by (stage, code): `vitals_dead_letters_total`.
+    pub dead_letters: DeadLetterCounts,
     pub timers_fired: AtomicU64,
     /// Tasks that found a newer epoch in their output partition and stopped.
     pub fenced: AtomicU64,
@@ -55,28 +59,72 @@ impl RuntimeMetrics {
         Some(paused.iter().map(|(p, r)| format!("partition {p} paused: {r}")).collect::<Vec<_>>().join("; "))
     }
 
+    /// One record sent to the dead-letter topic by `stage` with reason `code`.
+    pub fn dead_letter(&self, stage: &str, code: &str) {
+        self.add(&self.dead_lettered, 1);
+        self.dead_letters.add(stage, code);
+    }
+
     /// Appends this processor's metrics (label `processor`) in the Prometheus text format.
+    /// Only for a single processor: several go through [`render_all`], which writes each
+    /// family's `# HELP`/`# TYPE` once as the text format requires.
     pub fn render(&self, processor: &str, out: &mut String) {
-        let c = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
-            let _ = writeln!(out, "# HELP vitals_processor_{name} {help}\n# TYPE vitals_processor_{name} counter");
-            let _ = writeln!(out, "vitals_processor_{name}{{processor=\"{processor}\"}} {}", v.load(Ordering::Relaxed));
-        };
-        c(out, "records_in_total", "Input records handled.", &self.records_in);
-        c(out, "outputs_total", "Projection records produced (upserts and retractions).", &self.outputs);
-        c(out, "progress_markers_total", "Per-user progress markers produced.", &self.progress_markers);
-        c(out, "dead_lettered_total", "Input records sent to the dead-letter topic.", &self.dead_lettered);
-        c(out, "timers_fired_total", "Stream-time timers fired.", &self.timers_fired);
-        c(out, "tasks_fenced_total", "Tasks stopped because a newer owner wrote to their output partition.", &self.fenced);
-        c(out, "checkpoints_total", "Checkpoints committed (state + offsets + output position).", &self.commits);
-        c(out, "checkpoint_commit_microseconds_total", "Time spent committing checkpoints.", &self.commit_micros);
-        c(out, "ack_wait_microseconds_total", "Time spent waiting for output acknowledgements.", &self.ack_wait_micros);
-        c(out, "dependency_retries_total", "Intervals put back and retried because a dependency (the schema registry) failed.", &self.dependency_retries);
-        let paused = self.paused.lock().unwrap_or_else(|e| e.into_inner()).len();
-        let _ = writeln!(out, "# HELP vitals_processor_paused_partitions Partitions waiting for a failed dependency (see /readyz for why).\n# TYPE vitals_processor_paused_partitions gauge");
-        let _ = writeln!(out, "vitals_processor_paused_partitions{{processor=\"{processor}\"}} {paused}");
-        let _ = writeln!(out, "# HELP vitals_processor_lag_records Records behind the end of each input partition owned here.\n# TYPE vitals_processor_lag_records gauge");
-        for ((topic, p), lag) in self.lag.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "vitals_processor_lag_records{{processor=\"{processor}\",topic=\"{topic}\",partition=\"{p}\"}} {lag}");
+        render_all(&[(processor, self)], out)
+    }
+}
+
+/// The metrics of every processor of this process, each family once with one sample per processor.
+pub fn render_all(all: &[(&str, &RuntimeMetrics)], out: &mut String) {
+    let c = |out: &mut String, name: &str, help: &str, v: fn(&RuntimeMetrics) -> &AtomicU64| {
+        let _ = writeln!(out, "# HELP vitals_processor_{name} {help}\n# TYPE vitals_processor_{name} counter");
+        for (processor, m) in all {
+            let _ = writeln!(out, "vitals_processor_{name}{{processor=\"{}\"}} {}", label(processor), v(m).load(Ordering::Relaxed));
         }
+    };
+    c(out, "records_in_total", "Input records handled.", |m| &m.records_in);
+    c(out, "outputs_total", "Projection records produced (upserts and retractions).", |m| &m.outputs);
+    c(out, "progress_markers_total", "Per-user progress markers produced.", |m| &m.progress_markers);
+    c(out, "dead_lettered_total", "Input records sent to the dead-letter topic.", |m| &m.dead_lettered);
+    c(out, "timers_fired_total", "Stream-time timers fired.", |m| &m.timers_fired);
+    c(out, "tasks_fenced_total", "Tasks stopped because a newer owner wrote to their output partition.", |m| &m.fenced);
+    c(out, "checkpoints_total", "Checkpoints committed (state + offsets + output position).", |m| &m.commits);
+    c(out, "checkpoint_commit_microseconds_total", "Time spent committing checkpoints.", |m| &m.commit_micros);
+    c(out, "ack_wait_microseconds_total", "Time spent waiting for output acknowledgements.", |m| &m.ack_wait_micros);
+    c(out, "dependency_retries_total", "Intervals put back and retried because a dependency (the schema registry) failed.", |m| &m.dependency_retries);
+    let _ = writeln!(out, "# HELP vitals_processor_paused_partitions Partitions waiting for a failed dependency (see /readyz for why).\n# TYPE vitals_processor_paused_partitions gauge");
+    for (processor, m) in all {
+        let paused = m.paused.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let _ = writeln!(out, "vitals_processor_paused_partitions{{processor=\"{}\"}} {paused}", label(processor));
+    }
+    let _ = writeln!(out, "# HELP vitals_processor_lag_records Records behind the end of each input partition owned here.\n# TYPE vitals_processor_lag_records gauge");
+    for (processor, m) in all {
+        for ((topic, p), lag) in m.lag.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "vitals_processor_lag_records{{processor=\"{}\",topic=\"{topic}\",partition=\"{p}\"}} {lag}", label(processor));
+        }
+    }
+    // The stage label names the processor (`processor:<name>`): one family for all of them.
+    DeadLetterCounts::render_header(out);
+    for (_, m) in all {
+        m.dead_letters.render_samples(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_declared_once_across_processors() {
+        let (a, b) = (RuntimeMetrics::default(), RuntimeMetrics::default());
+        a.dead_letter("processor:a", "undecodable");
+        b.dead_letter("processor:b", "bad_id");
+        b.dead_letter("processor:b", "bad_id");
+        let mut out = String::new();
+        render_all(&[("a", &a), ("b", &b)], &mut out);
+        assert_eq!(out.matches("# TYPE vitals_processor_dead_lettered_total ").count(), 1, "{out}");
+        assert_eq!(out.matches("# TYPE vitals_dead_letters_total ").count(), 1, "{out}");
+        assert!(out.contains("vitals_processor_dead_lettered_total{processor=\"b\"} 2\n"), "{out}");
+        assert!(out.contains("vitals_dead_letters_total{stage=\"processor:a\",code=\"undecodable\"} 1\n"), "{out}");
+        assert!(out.contains("vitals_dead_letters_total{stage=\"processor:b\",code=\"bad_id\"} 2\n"), "{out}");
     }
 }

@@ -801,7 +801,7 @@ where
             }
             Out::Dead { dead, reason } => {
                 warn!(topic = %dead.source_topic, partition = p, offset = dead.source_offset, code = %dead.code, "dead-lettered");
-                metrics.add(&metrics.dead_lettered, 1);
+                metrics.dead_letter(&dead.stage, &dead.code);
                 let headers = OwnedHeaders::new()
                     .insert(Header { key: "vitals-source-topic", value: Some(dead.source_topic.as_str()) })
                     .insert(Header { key: "vitals-source-partition", value: Some(p.to_string().as_str()) })

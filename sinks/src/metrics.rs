@@ -1,0 +1,50 @@
+//! What an operator reads of a running sink: [`SinkMetrics`] (kept by the [`runner`]) in the
+//! Prometheus text format, served by `vitals sink` on `sink.metrics_listen`.
+//!
+//! [`runner`]: crate::runner
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vitals_schemas::dead_letter::{label, DeadLetterCounts};
+
+use crate::runner::SinkMetrics;
+
+impl SinkMetrics {
+    /// One record sent to the dead-letter topic by `stage` with reason `code`.
+    pub fn dead_letter(&self, stage: &str, code: &str) {
+        self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.dead_letters.add(stage, code);
+    }
+
+    /// Appends this sink's metrics (label `sink`) in the Prometheus text format.
+    pub fn render(&self, sink: &str, out: &mut String) {
+        let sink = label(sink);
+        let c = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(out, "# HELP vitals_sink_{name} {help}\n# TYPE vitals_sink_{name} counter");
+            let _ = writeln!(out, "vitals_sink_{name}{{sink=\"{sink}\"}} {}", v.load(Ordering::Relaxed));
+        };
+        c(out, "records_in_total", "Records of committed batches (rows, progress markers, dead letters).", &self.records_in);
+        c(out, "rows_applied_total", "Projection rows that changed a table.", &self.rows_applied);
+        c(out, "batches_committed_total", "Batches committed (rows + offsets in one transaction).", &self.batches_committed);
+        c(out, "commit_retries_total", "Batch commits that failed and were retried (PostgreSQL unavailable).", &self.commit_retries);
+        c(out, "dead_lettered_total", "Records sent to the dead-letter topic.", &self.dead_lettered);
+        DeadLetterCounts::render_header(out);
+        self.dead_letters.render_samples(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_counters_and_dead_letters_by_reason() {
+        let m = SinkMetrics::default();
+        m.dead_letter("sink:postgres", "undecodable");
+        let mut out = String::new();
+        m.render("postgres", &mut out);
+        assert!(out.contains("vitals_sink_dead_lettered_total{sink=\"postgres\"} 1\n"), "{out}");
+        assert!(out.contains("vitals_dead_letters_total{stage=\"sink:postgres\",code=\"undecodable\"} 1\n"), "{out}");
+    }
+}
