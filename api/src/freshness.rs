@@ -32,6 +32,9 @@ pub enum FreshnessState {
     Fresh,
     Stale,
     Pending,
+    /// Processed up to everything accepted, but some of the user's records were dead-lettered
+    /// (proven bad) and are not reflected: never `fresh` over data that was not applied.
+    Degraded,
 }
 
 impl FreshnessState {
@@ -40,6 +43,7 @@ impl FreshnessState {
             FreshnessState::Fresh => "fresh",
             FreshnessState::Stale => "stale",
             FreshnessState::Pending => "pending",
+            FreshnessState::Degraded => "degraded",
         }
     }
 }
@@ -55,13 +59,24 @@ pub struct Freshness {
     /// When the edge accepted the latest upload of the lane that has been waiting longest.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// The user's dead-lettered records of this projection not replayed yet, by code.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dead_letters: Vec<DeadLetters>,
+}
+
+/// Dead letters of one code: how many, and the latest reason.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetters {
+    pub code: String,
+    pub count: i64,
+    pub reason: String,
 }
 
 impl Freshness {
     /// Compares accepted (partition → last offset, accepted at) with applied (partition → next
     /// offset). Pure, so the rule is tested without a database.
     pub fn compare(accepted: &Accepted, applied: &BTreeMap<(String, i32), i64>) -> Freshness {
-        let mut f = Freshness { state: FreshnessState::Fresh, lanes_behind: 0, offsets_behind: 0, waiting_since: None };
+        let mut f = Freshness { state: FreshnessState::Fresh, lanes_behind: 0, offsets_behind: 0, waiting_since: None, dead_letters: Vec::new() };
         for (lane, (last, at)) in accepted {
             let next = applied.get(lane).copied().unwrap_or(0);
             if next <= *last {
@@ -87,6 +102,8 @@ pub struct UserProgress {
     session_impacts: Accepted,
     /// Per projection, how far it has been computed and applied, per input partition.
     applied: BTreeMap<String, BTreeMap<(String, i32), i64>>,
+    /// Per projection, its dead letters of the user not replayed yet.
+    dead: BTreeMap<String, Vec<DeadLetters>>,
 }
 
 impl UserProgress {
@@ -104,19 +121,48 @@ impl UserProgress {
         let accepted = |rows: Vec<Row>| rows.into_iter().map(|(t, p, o, at)| ((t, p), (o, at))).collect();
         let lanes: Vec<Row> = sqlx::query_as("SELECT topic, partition, last_offset, accepted_at FROM ingest_user_offsets WHERE user_id = $1").bind(user).fetch_all(&mut *conn).await?;
         let inputs: Vec<Row> = sqlx::query_as("SELECT topic, partition, last_offset, updated_at FROM projection_inputs WHERE user_id = $1").bind(user).fetch_all(&mut *conn).await?;
+        // A dead letter counts until its source record has been replayed (and acknowledged).
+        let dead_rows: Vec<(String, String, i64, String)> = sqlx::query_as(
+            "SELECT d.projection, d.code, count(*), (array_agg(d.reason ORDER BY d.recorded_at DESC))[1]
+             FROM projection_dead_letters d
+             WHERE d.user_id = $1 AND NOT EXISTS (
+                 SELECT 1 FROM dlq_replays r WHERE r.source_topic = d.source_topic AND r.source_partition = d.source_partition
+                 AND r.source_offset = d.source_offset AND r.target_offset IS NOT NULL)
+             GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .bind(user)
+        .fetch_all(&mut *conn)
+        .await?;
         let progress: Vec<(String, String, i32, i64)> =
             sqlx::query_as("SELECT projection, topic, partition, next_offset FROM projection_progress WHERE user_id = $1").bind(user).fetch_all(conn).await?;
         let mut applied: BTreeMap<String, BTreeMap<(String, i32), i64>> = BTreeMap::new();
         for (projection, t, p, o) in progress {
             applied.entry(projection).or_default().insert((t, p), o);
         }
-        Ok(UserProgress { lanes: accepted(lanes), session_impacts: accepted(inputs), applied })
+        let mut dead: BTreeMap<String, Vec<DeadLetters>> = BTreeMap::new();
+        for (projection, code, count, reason) in dead_rows {
+            dead.entry(projection).or_default().push(DeadLetters { code, count, reason });
+        }
+        Ok(UserProgress { lanes: accepted(lanes), session_impacts: accepted(inputs), applied, dead })
     }
 
     /// The freshness of `projection`. `product_impact` is built from session_impact's output:
     /// first that must be fresh, then product_impact must have consumed every session-impact
     /// record of the user.
     pub fn of(&self, projection: &str) -> Freshness {
+        let mut f = self.progress_of(projection);
+        // product_impact is built from session_impact's output: its dead letters count too.
+        let upstream: &[&str] = if projection == "product_impact" { &["session_impact", "product_impact"] } else { &[] };
+        for p in upstream.iter().copied().chain((projection != "product_impact").then_some(projection)) {
+            f.dead_letters.extend(self.dead.get(p).into_iter().flatten().cloned());
+        }
+        if f.state == FreshnessState::Fresh && !f.dead_letters.is_empty() {
+            f.state = FreshnessState::Degraded;
+        }
+        f
+    }
+
+    fn progress_of(&self, projection: &str) -> Freshness {
         let none = BTreeMap::new();
         let applied = |p: &str| self.applied.get(p).unwrap_or(&none);
         if projection == "product_impact" {

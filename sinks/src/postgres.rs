@@ -33,6 +33,24 @@ pub struct Batch {
     /// (user, topic, partition) → last offset of a row the chained processors consume
     /// (session_impact's output): what product_impact's freshness is measured against.
     pub chained: BTreeMap<(String, String, i32), i64>,
+    /// Dead letters consumed from the dead-letter topic: what freshness reports as `degraded`.
+    pub dead_letters: Vec<DeadRow>,
+}
+
+/// One dead letter as freshness sees it: whose, which projection it was withheld from, why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadRow {
+    pub dlq_topic: String,
+    pub dlq_partition: i32,
+    pub dlq_offset: i64,
+    pub user_id: String,
+    pub projection: String,
+    pub stage: String,
+    pub code: String,
+    pub reason: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
 }
 
 /// Applies `batch` for sink `sink` in one transaction; returns the rows that changed.
@@ -54,6 +72,25 @@ pub async fn apply(pool: &PgPool, sink: &str, batch: &Batch) -> Result<Vec<Appli
         }
     }
     upsert_progress(&mut tx, &batch.progress).await?;
+    for d in &batch.dead_letters {
+        sqlx::query(
+            "INSERT INTO projection_dead_letters (dlq_topic, dlq_partition, dlq_offset, user_id, projection, stage, code, reason, source_topic, source_partition, source_offset)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+        )
+        .bind(&d.dlq_topic)
+        .bind(d.dlq_partition)
+        .bind(d.dlq_offset)
+        .bind(&d.user_id)
+        .bind(&d.projection)
+        .bind(&d.stage)
+        .bind(&d.code)
+        .bind(&d.reason)
+        .bind(&d.source_topic)
+        .bind(d.source_partition)
+        .bind(d.source_offset)
+        .execute(&mut *tx)
+        .await?;
+    }
     if !batch.chained.is_empty() {
         let (mut users, mut topics, mut parts, mut offs) = (vec![], vec![], vec![], vec![]);
         for ((u, t, p), o) in &batch.chained {

@@ -186,7 +186,9 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
     let fatal = Arc::new(Mutex::new(None));
     let ctx = SeekContext { pool: pool.clone(), sink: cfg.name.clone(), rt: rt.clone(), stop: Arc::clone(&stop), fatal: Arc::clone(&fatal) };
     let consumer: BaseConsumer<SeekContext> = consumer_config.create_with_context(ctx)?;
-    let topics: Vec<String> = cfg.projections.iter().map(|p| p.topic(&cfg.topics)).collect();
+    // The projections, and the dead letters (freshness says `degraded` over them).
+    let mut topics: Vec<String> = cfg.projections.iter().map(|p| p.topic(&cfg.topics)).collect();
+    topics.push(cfg.topics.dead_letter.clone());
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(sink = %cfg.name, ?topics, "sink started");
     while !stop.load(Ordering::Relaxed) {
@@ -296,6 +298,19 @@ fn decode_batch(
     let mut dead = Vec::new();
     for (i, m) in msgs.iter().enumerate() {
         batch.offsets.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+        if m.topic() == cfg.topics.dead_letter {
+            match rt.block_on(dead_row(codec, &cfg.topics, m)) {
+                Ok(Some(d)) => batch.dead_letters.push(d),
+                Ok(None) => {}
+                Err(CodecError::Unavailable(e)) => {
+                    warn!(error = %e, "schema registry unavailable; will retry the batch");
+                    return Ok(None);
+                }
+                // A dead letter is never dead-lettered again.
+                Err(e) => warn!(partition = m.partition(), offset = m.offset(), error = %e, "a dead letter that does not decode: not counted"),
+            }
+            continue;
+        }
         let Some(p) = Projection::from_topic(&cfg.topics, m.topic()) else { continue };
         match rt.block_on(decode(codec, p, m)) {
             Ok(Decoded::Row(r)) => {
@@ -367,6 +382,33 @@ fn dead_letter_all(
         metrics.dead_letter(&format!("sink:{}", cfg.name), code);
     }
     Ok(true)
+}
+
+/// The dead letter `m` as freshness sees it; `None` when it names no user or no projection.
+async fn dead_row(codec: &Codec, t: &Topics, m: &OwnedMessage) -> Result<Option<postgres::DeadRow>, CodecError> {
+    let dl: DeadLetter = codec.decode(m.payload().unwrap_or_default()).await?;
+    let Some(user) = user_of(m).or_else(|| m.key().map(|k| String::from_utf8_lossy(k).into_owned())) else { return Ok(None) };
+    // `processor:<name>` withholds the record from that processor's projection; `sink:<name>`
+    // from the projection of the topic it read.
+    let projection = match dl.stage.split_once(':') {
+        Some(("processor", name)) => Some(name.to_owned()),
+        Some(("sink", _)) => Projection::from_topic(t, &dl.source_topic).map(|p| p.name().to_owned()),
+        _ => None,
+    };
+    let Some(projection) = projection else { return Ok(None) };
+    Ok(Some(postgres::DeadRow {
+        dlq_topic: m.topic().to_owned(),
+        dlq_partition: m.partition(),
+        dlq_offset: m.offset(),
+        user_id: user,
+        projection,
+        stage: dl.stage,
+        code: dl.code,
+        reason: dl.reason,
+        source_topic: dl.source_topic,
+        source_partition: dl.source_partition,
+        source_offset: dl.source_offset,
+    }))
 }
 
 /// The user a projection record belongs to, from the header every processor output carries.

@@ -80,7 +80,7 @@ async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
     let garbage = b"\x00\x00\x00\x00\x09not avro at all".to_vec();
     let (a, b) = ("dlq-user-a", "dlq-user-b");
     let (pa, pb) = (partition_for(a.as_bytes(), n), partition_for(b.as_bytes(), n));
-    // Undecodable: both processors reading HOT dead-letter it. Unknown metric: rollup_day only.
+    // Undecodable, and an unknown metric (refused by the shared rules): both processors reading HOT dead-letter each.
     let garbage_at = send(a, garbage.clone()).await;
     let unknown_bytes = codec.encode(&t.hot, &batch(b, vec![sample("bad", "heart_rhythm")])).await.unwrap();
     let unknown_at = send(b, unknown_bytes.clone()).await;
@@ -93,21 +93,21 @@ async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
     let mut proc = VitalsProc::new(&["process", "rollup_day", "sleep_night"], vars);
     proc.start();
     // The per-reason counters, both processors' in one family.
-    let wanted = [("rollup_day", "undecodable"), ("sleep_night", "undecodable"), ("rollup_day", "unknown_metric")]
+    let wanted = [("rollup_day", "undecodable"), ("sleep_night", "undecodable"), ("rollup_day", "unknown_metric"), ("sleep_night", "unknown_metric")]
         .map(|(s, c)| format!("vitals_dead_letters_total{{stage=\"processor:{s}\",code=\"{c}\"}} 1\n"));
-    let text = wait_for_every("/metrics to count the three dead letters by stage and code", Duration::from_secs(120), Duration::from_millis(300), || {
+    let text = wait_for_every("/metrics to count the four dead letters by stage and code", Duration::from_secs(120), Duration::from_millis(300), || {
         let wanted = &wanted;
         async move { metrics(port).await.filter(|m| wanted.iter().all(|w| m.contains(w.as_str()))) }
     })
     .await;
     assert_eq!(text.matches("# TYPE vitals_dead_letters_total counter").count(), 1, "one family for every processor:\n{text}");
     assert_eq!(text.matches("# TYPE vitals_processor_records_in_total counter").count(), 1, "one family for every processor:\n{text}");
-    let dead = wait_for_every("the three dead letters in the topic", Duration::from_secs(60), Duration::from_millis(300), || {
+    let dead = wait_for_every("the four dead letters in the topic", Duration::from_secs(60), Duration::from_millis(300), || {
         let env = &env;
-        async move { Some(env.read(&env.topics().dead_letter).await).filter(|d| d.len() >= 3) }
+        async move { Some(env.read(&env.topics().dead_letter).await).filter(|d| d.len() >= 4) }
     })
     .await;
-    assert_eq!(dead.len(), 3);
+    assert_eq!(dead.len(), 4);
     // Stopped, so that the copies written back are not dead-lettered again while we count.
     proc.kill9();
     let hot_before = env.read(&t.hot).await.len();
@@ -123,15 +123,16 @@ async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
         assert!(lines.iter().any(|l| l.contains(stage) && l.contains(" undecodable ") && l.contains(&format!("user={a}"))), "{stage}:\n{list}");
     }
     assert!(list.lines().any(|l| l.contains(&unknown_src) && l.contains("unknown_metric") && l.contains("heart_rhythm")), "{list}");
-    assert!(list.contains("3 dead letters in "), "{list}");
-    let summary: Vec<Vec<&str>> = list.lines().skip_while(|l| !l.starts_with("3 dead letters")).skip(1).map(|l| l.split_whitespace().collect()).collect();
-    assert_eq!(summary, [["1", "processor:rollup_day", "undecodable"], ["1", "processor:rollup_day", "unknown_metric"], ["1", "processor:sleep_night", "undecodable"]], "{list}");
+    assert!(list.contains("4 dead letters in "), "{list}");
+    let summary: Vec<Vec<&str>> = list.lines().skip_while(|l| !l.starts_with("4 dead letters")).skip(1).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(summary, [["1", "processor:rollup_day", "undecodable"], ["1", "processor:rollup_day", "unknown_metric"], ["1", "processor:sleep_night", "undecodable"], ["1", "processor:sleep_night", "unknown_metric"]], "{list}");
     let json: serde_json::Value = serde_json::from_str(&ok(&env, &["dlq", "list", "--reason", "unknown_metric", "--json"]).await).unwrap();
-    assert_eq!(json["total"], 1, "{json}");
+    assert_eq!(json["total"], 2, "{json}");
     let entry = &json["dead_letters"][0];
-    assert_eq!((entry["source"]["offset"].as_i64(), entry["user"].as_str(), entry["stage"].as_str()), (Some(unknown_at), Some(b), Some("processor:rollup_day")), "{json}");
+    assert_eq!((entry["source"]["offset"].as_i64(), entry["user"].as_str()), (Some(unknown_at), Some(b)), "{json}");
+    assert!(entry["stage"].as_str().is_some_and(|s| s.starts_with("processor:")), "{json}");
     let json: serde_json::Value = serde_json::from_str(&ok(&env, &["dlq", "list", "--stage", "sleep_night", "--json"]).await).unwrap();
-    assert_eq!(json["total"], 1, "{json}");
+    assert_eq!(json["total"], 2, "{json}");
     let json: serde_json::Value = serde_json::from_str(&ok(&env, &["dlq", "list", "--topic", "hot", "--partition", &pa.to_string(), "--from-offset", &garbage_at.to_string(), "--to-offset", &garbage_at.to_string(), "--json"]).await).unwrap();
     assert_eq!(json["total"], 2, "{json}");
     let garbage_dlq = format!("{}:{}", json["dead_letters"][0]["partition"], json["dead_letters"][0]["offset"]);
@@ -147,7 +148,7 @@ async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
     let (success, _, stderr) = vitals(&env, &["dlq", "replay"]).await;
     assert!(!success && stderr.contains("--all"), "{stderr}");
     let dry = ok(&env, &["dlq", "replay", "--topic", "hot", "--dry-run"]).await;
-    assert!(dry.contains("3 dead letters selected, 2 source records: 2 would be replayed"), "{dry}");
+    assert!(dry.contains("4 dead letters selected, 2 source records: 2 would be replayed"), "{dry}");
     assert_eq!(env.read(&t.hot).await.len(), hot_before, "a dry run writes nothing");
 
     // The undecodable record: two dead letters, one copy with the original bytes and headers,
@@ -222,7 +223,7 @@ async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
     let out = ok(&env, &["dlq", "replay", "--all"]).await;
     assert!(out.contains("0 replayed, 3 already replayed"), "{out}");
     assert_eq!(env.read(&t.hot).await.len(), hot_before + 3);
-    assert_eq!(env.read(&t.dead_letter).await.len(), 4, "replay never writes to the dead-letter topic");
+    assert_eq!(env.read(&t.dead_letter).await.len(), 5, "replay never writes to the dead-letter topic (four from the processors, one from this test)");
 
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;

@@ -228,3 +228,57 @@ async fn a_row_postgres_refuses_is_dead_lettered_alone_and_the_others_are_applie
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
 }
+
+/// Before: a dead-lettered record counted as processed (the processor still emitted the user's
+/// progress marker), so the read said `fresh` over data that was never applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_record_makes_the_read_degraded_with_the_count_and_reason() {
+    let env = TestEnv::start().await;
+    let codec = Codec::new(&env.cfg.registry.url);
+    let t = env.topics();
+    let user = "dl-user";
+    let now = chrono::Utc::now() - chrono::Duration::minutes(1);
+    let body = serde_json::json!({"request_id": "r1", "samples": [{"source": "watch", "source_kind": "watch", "source_record_id": "a",
+        "metric": "heart_rate", "start": now.to_rfc3339(), "end": now.to_rfc3339(), "value": 60, "unit": "count/min", "time_zone": "UTC"}]});
+    env.consent(user, &[]).await;
+    let (status, _, answer) = env.post(crate::ingest::SAMPLES, user, &body).await;
+    assert_eq!(status, 200, "{answer}");
+    // A record no producer should have written, on the user's lane partition: proven bad.
+    let p = vitals_schemas::topics::partition_for(user.as_bytes(), env.cfg.kafka.partitions);
+    let id = codec.own_id(&t.hot, vitals_schemas::avro::SAMPLE_BATCH).await.unwrap();
+    let mut garbage = vec![0u8];
+    garbage.extend_from_slice(&id.to_be_bytes());
+    garbage.push(0x7f); // a string length with no string after it
+    let producer: FutureProducer = vitals::app::producer(&env.cfg, "test").unwrap();
+    producer.send(FutureRecord::to(&t.hot).partition(p).key(user).payload(&garbage), Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+
+    let data = std::env::temp_dir().join(format!("vitals-faults-{}", uuid::Uuid::new_v4().simple()));
+    let mut proc = VitalsProc::new(&["process", "rollup_day"], env.child_env(&data));
+    proc.start();
+    let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
+    sink.start();
+    let pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
+    let api = vitals::app::api(&env.cfg, pool, false).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { vitals::app::serve(listener, vitals_api::router(api), std::future::pending()).await });
+    let token = env.token(user);
+    let read = wait_for_every("the read to say degraded, naming the dead letter", Duration::from_secs(60), Duration::from_millis(300), || {
+        let (http, url, token) = (&env.http, format!("{base}/v1/rollups?metric=heart_rate"), &token);
+        async move {
+            let r: serde_json::Value = http.get(url).bearer_auth(token).send().await.ok()?.json().await.ok()?;
+            let state = r["freshness"]["state"].as_str()?.to_owned();
+            assert_ne!(state, "fresh", "fresh over a record that was not applied: {r}");
+            (state == "degraded").then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(read["data"].as_array().map(Vec::len), Some(1), "the valid upload is applied: {read}");
+    let dead = &read["freshness"]["dead_letters"];
+    assert_eq!((dead[0]["code"].as_str(), dead[0]["count"].as_i64()), (Some("undecodable"), Some(1)), "{read}");
+    assert!(dead[0]["reason"].as_str().is_some_and(|r| !r.is_empty()));
+    proc.kill9();
+    sink.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}

@@ -11,7 +11,7 @@ use vitals_schemas::{ChangeBatch, DomainChangeBatch, Lane, SampleBatch};
 
 use crate::harness::{header, key, wait_for, OwnBroker, TestEnv};
 
-const SAMPLES: &str = "/v1/health/samples:batch";
+pub(crate) const SAMPLES: &str = "/v1/health/samples:batch";
 const DELETIONS: &str = "/v1/health/deletions:batch";
 
 fn iso_ago(mins: i64) -> String {

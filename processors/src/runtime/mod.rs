@@ -482,7 +482,15 @@ where
         checkpointing: cfg.checkpointing,
     };
     let consumer: BaseConsumer<RebalanceContext> = consumer_config.create_with_context(ctx)?;
-    let lanes = Lanes { topics: cfg.topics.clone(), inputs: cfg.inputs };
+    // The lanes' partition count, for the producer-contract check of every lane record.
+    let partitions = match cfg.inputs {
+        Inputs::Lanes => {
+            let md = consumer.fetch_metadata(Some(&cfg.topics.hot), Duration::from_secs(30))?;
+            md.topics().first().map(|t| t.partitions().len() as i32).filter(|n| *n > 0)
+        }
+        Inputs::SessionImpacts => None,
+    };
+    let lanes = Lanes { topics: cfg.topics.clone(), inputs: cfg.inputs, partitions };
     let t = &cfg.topics;
     let input_topics = cfg.inputs.topics(t);
     consumer.subscribe(&input_topics.iter().map(String::as_str).collect::<Vec<_>>())?;

@@ -110,7 +110,7 @@ where
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!("vitals-sim-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         let _ = std::fs::remove_dir_all(&dir);
-        Sim { lanes: Lanes { topics: topics(), inputs }, inputs: by_topic, out: Vec::new(), dir, made: 0, next_epoch: 1, stream_time_ms: 0 }
+        Sim { lanes: Lanes { topics: topics(), inputs, partitions: None }, inputs: by_topic, out: Vec::new(), dir, made: 0, next_epoch: 1, stream_time_ms: 0 }
     }
 
     fn path(&mut self) -> PathBuf {

@@ -45,9 +45,29 @@ pub fn progress_key(user: &str) -> String {
 pub struct Lanes {
     pub topics: Topics,
     pub inputs: Inputs,
+    /// The partition count of the input lanes, when known (the Kafka runtime): each lane record
+    /// is then checked to be keyed by its user and on that user's partition.
+    pub partitions: Option<i32>,
 }
 
 impl Lanes {
+    /// Why a lane record breaks the producer contract (keyed by its user id, partitioned by
+    /// Kafka's default murmur2 partitioner), or `None`. A record on the wrong partition would be
+    /// processed by a task that does not own its user: it is dead-lettered instead.
+    pub fn misrouted(&self, key: Option<&[u8]>, user: &str, partition: i32) -> Option<String> {
+        let n = self.partitions?;
+        match key {
+            None => Some(format!("a lane record without a key: it must be keyed by its user id ({user:?})")),
+            Some(k) if k != user.as_bytes() => Some(format!("key {:?} is not the record's user {user:?}: lane records are keyed by user id", String::from_utf8_lossy(k))),
+            Some(k) => {
+                let want = vitals_schemas::topics::partition_for(k, n);
+                (want != partition).then(|| {
+                    format!("user {user:?} belongs on partition {want} of {n} (murmur2, Kafka's default partitioner), not {partition}: the producer used another partitioner (librdkafka's default is CRC32; set partitioner=murmur2_random)")
+                })
+            }
+        }
+    }
+
     /// Lane order within an interval: HOT first, so a COLD backfill never delays recent data.
     fn rank(&self, topic: &str) -> u8 {
         let t = &self.topics;
@@ -324,7 +344,12 @@ impl Task {
                 };
                 dead.push((dl, reason));
             };
+            let misrouted = match &m.body {
+                InBody::Input(i) if contiguous => lanes.misrouted(m.key.as_deref(), i.user_id(), p),
+                _ => None,
+            };
             match &m.body {
+                _ if misrouted.is_some() => reject("misrouted", misrouted.clone().unwrap_or_default()),
                 InBody::Marker => {}
                 InBody::Undecodable(e) => {
                     if let Some(k) = m.key.as_deref().filter(|_| contiguous) {
@@ -475,7 +500,7 @@ mod tests {
     use vitals_schemas::{Lane, Sample, SampleBatch, SourceKind};
 
     fn lanes() -> Lanes {
-        Lanes { topics: super::super::sim::topics(), inputs: Inputs::Lanes }
+        Lanes { topics: super::super::sim::topics(), inputs: Inputs::Lanes, partitions: None }
     }
 
     fn hr(id: &str, at_ms: i64, value: f64) -> Input {
@@ -544,6 +569,39 @@ mod tests {
         assert_eq!(planned.read, 2);
         task.commit(planned).unwrap();
         assert_eq!(task.next_offset(&hot), 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Issue 9, item 8: records of another producer with another partitioner (or keyed by
+    /// something else than the user) were processed silently by a task that does not own the user.
+    #[test]
+    fn a_lane_record_off_its_users_partition_or_key_is_dead_lettered() {
+        let (mut task, dir) = task("misrouted");
+        let lanes = Lanes { partitions: Some(6), ..lanes() };
+        let hot = lanes.topics.hot.clone();
+        let mut p = RollupDayProcessor::new(Config::default());
+        let home = vitals_schemas::topics::partition_for(b"u", 6);
+        let (mut task, dir) = if home == 0 {
+            (task, dir)
+        } else {
+            drop(task);
+            let _ = std::fs::remove_dir_all(&dir);
+            (Task::new(Store::open(&dir.join("t.redb")).unwrap(), home, 1, 7).unwrap(), dir)
+        };
+        let keyed = |offset: i64, key: Option<&str>, at: i64| InRecord { key: key.map(|k| k.as_bytes().to_vec()), ..rec(&hot, offset, hr(&format!("s{offset}"), at, 60.0)) };
+        let planned = task.plan(&mut p, &lanes, "t", vec![keyed(0, Some("u"), NOON), keyed(1, Some("v"), NOON), keyed(2, None, NOON)]).unwrap();
+        let dead: Vec<&str> = planned.records.iter().filter_map(|r| match r { Out::Dead { dead, .. } => Some(dead.code.as_str()), _ => None }).collect();
+        assert_eq!(dead, ["misrouted", "misrouted"]);
+        task.commit(planned).unwrap();
+        // The same user's record on another partition.
+        let other = (home + 1) % 6;
+        let (mut wrong, dir2) = {
+            let d = dir.join("other");
+            (Task::new(Store::open(&{ std::fs::create_dir_all(&d).unwrap(); d.join("t.redb") }).unwrap(), other, 1, 7).unwrap(), d)
+        };
+        let planned = wrong.plan(&mut p, &lanes, "t", vec![keyed(0, Some("u"), NOON)]).unwrap();
+        assert!(matches!(&planned.records[..], [Out::Dead { dead, reason }] if dead.code == "misrouted" && reason.contains(&format!("partition {home}"))), "{:?}", planned.records.len());
+        let _ = std::fs::remove_dir_all(dir2);
         let _ = std::fs::remove_dir_all(dir);
     }
 
