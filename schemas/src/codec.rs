@@ -39,6 +39,7 @@ fn describe(e: &SRCError) -> String {
 
 /// Encoder + decoder sharing one registry client; both cache schemas by subject and id.
 pub struct Codec {
+    url: String,
     settings: SrSettings,
     encoder: AvroEncoder,
     decoder: AvroDecoder,
@@ -46,8 +47,22 @@ pub struct Codec {
 
 impl Codec {
     pub fn new(registry_url: &str) -> Codec {
-        let settings = SrSettings::new(registry_url.trim_end_matches('/').to_owned());
-        Codec { encoder: AvroEncoder::new(settings.clone()), decoder: AvroDecoder::new(settings.clone()), settings }
+        let url = registry_url.trim_end_matches('/').to_owned();
+        let settings = SrSettings::new(url.clone());
+        Codec { encoder: AvroEncoder::new(settings.clone()), decoder: AvroDecoder::new(settings.clone()), settings, url }
+    }
+
+    /// The same codec sending `user`/`password` as HTTP basic authentication on every registry
+    /// request (an empty `user` sends none).
+    pub fn with_basic_auth(self, user: &str, password: &str) -> Codec {
+        if user.is_empty() {
+            return self;
+        }
+        let settings = SrSettings::new_builder(self.url.clone())
+            .set_basic_authorization(user, Some(password))
+            .build()
+            .expect("registry client settings (only a TLS backend failure can make this fail)");
+        Codec { encoder: AvroEncoder::new(settings.clone()), decoder: AvroDecoder::new(settings.clone()), settings, url: self.url }
     }
 
     /// Encodes `value` with the latest schema registered for `<topic>-value`.

@@ -11,6 +11,7 @@ mod harness;
 mod ingest;
 mod pipeline;
 mod process;
+mod registry;
 mod schemas;
 mod simulate;
 mod snapshot;
