@@ -21,6 +21,7 @@ use vitals_schemas::codec::Codec;
 use vitals_schemas::topics::{TopicRole, Topics};
 
 use crate::config::Config;
+use crate::registry::client::{RegistryClient, SubjectState};
 
 /// Every table of `migrations/`, applied in order.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -149,28 +150,169 @@ pub async fn topic_partitions(cfg: &Config, names: &[String]) -> anyhow::Result<
     .context("metadata task")?
 }
 
-/// Registers every topic's value schema (TopicNameStrategy subjects). Idempotent.
+/// The registry's access rules from `[registry]` (for `vitals registry`).
+pub fn registry_access(cfg: &Config) -> anyhow::Result<crate::registry::Access> {
+    use crate::registry::{Access, Credential};
+    let r = &cfg.registry;
+    let access = Access {
+        admin: Credential::new(&r.admin_user, r.admin_password.expose()),
+        reader: Credential::new(&r.reader_user, r.reader_password.expose()),
+        anonymous_reads: r.anonymous_reads,
+    };
+    if access.admin.is_none() && access.reader.is_none() && !access.anonymous_reads {
+        bail!("the registry would refuse every request: set registry.admin_user and/or registry.reader_user (or anonymous_reads)");
+    }
+    if access.admin.is_some() && access.admin.as_ref().map(|c| &c.user) == access.reader.as_ref().map(|c| &c.user) {
+        bail!("registry.admin_user and registry.reader_user must differ");
+    }
+    for (key, password) in [("admin_password", &r.admin_password), ("reader_password", &r.reader_password)] {
+        if password.expose().ends_with("-change-me") {
+            tracing::warn!(key = %format!("registry.{key}"), "the schema registry uses the development password from config/default.toml: set your own outside development");
+        }
+    }
+    Ok(access)
+}
+
+/// The codec every pipeline role uses: the read-only registry credential.
+pub fn codec(cfg: &Config) -> Codec {
+    let r = &cfg.registry;
+    Codec::new(&r.url).with_basic_auth(&r.reader_user, r.reader_password.expose())
+}
+
+/// A registry client with the read-only credential (readiness, `schemas check`).
+pub fn registry_reader(cfg: &Config) -> anyhow::Result<RegistryClient> {
+    let r = &cfg.registry;
+    RegistryClient::new(&r.url, &r.reader_user, r.reader_password.expose())
+}
+
+/// A registry client with the admin credential (`schemas register`).
+pub fn registry_admin(cfg: &Config) -> anyhow::Result<RegistryClient> {
+    let r = &cfg.registry;
+    RegistryClient::new(&r.url, &r.admin_user, r.admin_password.expose())
+}
+
+/// Hint printed after a problem: what an operator does about it.
+fn repair_hint(cfg: &Config, subject: &str, state: &SubjectState) -> String {
+    let url = cfg.registry.url.trim_end_matches('/');
+    match state {
+        SubjectState::Current(_) => String::new(),
+        SubjectState::Absent { .. } => " — run `vitals schemas register`".to_owned(),
+        SubjectState::Superseded { latest, .. } => format!(
+            " — if that version is not meant to be there, soft-delete it (`curl -u <admin> -X DELETE {url}/subjects/{subject}/versions/{}`); vitals' version is then the latest again",
+            latest.version
+        ),
+    }
+}
+
+/// Registers every topic's value schema (TopicNameStrategy subjects) with the admin credential.
+/// Idempotent. A subject whose latest version is not vitals' schema is reported: when vitals'
+/// schema is absent it is registered (and must then be the latest); when it is an older
+/// version, registering again cannot make it the latest, so that subject is an error naming
+/// the latest version and vitals'. Every subject is tried before failing.
 pub async fn register_schemas(cfg: &Config) -> anyhow::Result<Vec<String>> {
-    let codec = Codec::new(&cfg.registry.url);
+    let registry = registry_admin(cfg)?;
     let mut report = Vec::new();
+    let mut problems = Vec::new();
     for s in topics(cfg).specs() {
-        let id = codec.register(&s.name, &s.value_schema).await.with_context(|| format!("registering {}-value", s.name))?;
-        report.push(format!("{}-value -> id {id} ({})", s.name, s.value_schema.name));
+        let subject = vitals_schemas::avro::value_subject(&s.name);
+        let name = s.value_schema.name;
+        let before = registry.state(&subject, s.value_schema.text).await.with_context(|| format!("checking {subject}"))?;
+        let (before_line, after) = match before {
+            SubjectState::Current(r) => (None, SubjectState::Current(r)),
+            SubjectState::Absent { latest } => {
+                let id = match registry.register(&subject, s.value_schema.text).await {
+                    Ok(id) => id,
+                    Err(e) => {
+                        problems.push(format!("{}; registering it failed: {e:#}", before.problem(&subject, name).unwrap_or_default()));
+                        continue;
+                    }
+                };
+                let after = registry.state(&subject, s.value_schema.text).await.with_context(|| format!("checking {subject}"))?;
+                let line = latest.map(|_| format!("{} — registered it as id {id}", before.problem(&subject, name).unwrap_or_default()));
+                (line, after)
+            }
+            SubjectState::Superseded { .. } => (None, before),
+        };
+        if let Some(line) = before_line {
+            tracing::warn!(%subject, "{line}");
+            report.push(format!("note: {line}"));
+        }
+        match after.problem(&subject, name) {
+            None => {
+                let SubjectState::Current(r) = after else { unreachable!("no problem means current") };
+                report.push(format!("{subject} -> id {} version {} ({name})", r.id, r.version));
+            }
+            Some(problem) => problems.push(format!("{problem}{}", repair_hint(cfg, &subject, &after))),
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} subject(s) do not have vitals' schema as their latest version:\n  {}\n(done: {})",
+            problems.len(),
+            problems.join("\n  "),
+            if report.is_empty() { "nothing".to_owned() } else { report.join("; ") }
+        );
     }
     Ok(report)
 }
 
-/// Checks every schema in `schemas/avro` against what the registry holds, at each subject's
-/// compatibility level (BACKWARD by default). Returns the incompatible subjects.
+/// Checks every topic's value schema against the registry with the read-only credential:
+/// vitals' schema must be the latest version of its subject, and (for a subject where it is not
+/// registered yet) compatible with what the subject holds at the subject's level (BACKWARD by
+/// default). Returns one line per problem, naming the subject, the latest version and id and
+/// where vitals' schema is.
 pub async fn check_schemas(cfg: &Config) -> anyhow::Result<Vec<String>> {
-    let codec = Codec::new(&cfg.registry.url);
+    let registry = registry_reader(cfg)?;
+    let codec = codec(cfg);
     let mut bad = Vec::new();
     for s in topics(cfg).specs() {
-        if !codec.is_compatible(&s.name, &s.value_schema).await.with_context(|| format!("checking {}-value", s.name))? {
-            bad.push(format!("{}-value ({})", s.name, s.value_schema.name));
-        }
+        let subject = vitals_schemas::avro::value_subject(&s.name);
+        let state = registry.state(&subject, s.value_schema.text).await.with_context(|| format!("checking {subject}"))?;
+        let Some(problem) = state.problem(&subject, s.value_schema.name) else { continue };
+        let compatible = match state {
+            SubjectState::Absent { latest: Some(_) } => {
+                if codec.is_compatible(&s.name, &s.value_schema).await.with_context(|| format!("checking {subject}"))? {
+                    " (vitals' schema is compatible with it: `vitals schemas register` adds it)"
+                } else {
+                    " and vitals' schema is INCOMPATIBLE with what the subject holds: registering it will be refused"
+                }
+            }
+            _ => "",
+        };
+        let hint = if compatible.is_empty() { repair_hint(cfg, &subject, &state) } else { String::new() };
+        bad.push(format!("{problem}{compatible}{hint}"));
     }
     Ok(bad)
+}
+
+/// The edge's schema probe for `/readyz`: every subject the edge writes (the input lanes) must
+/// hold vitals' schema as its latest version; `Err` has one line per subject that does not, or
+/// the registry's error.
+pub fn schema_probe(cfg: &Config) -> anyhow::Result<vitals_ingest::Probe> {
+    let registry = registry_reader(cfg)?;
+    let wanted: Vec<(String, vitals_schemas::avro::AvroFile)> = topics(cfg)
+        .specs()
+        .into_iter()
+        .filter(|s| s.role == TopicRole::Input)
+        .map(|s| (vitals_schemas::avro::value_subject(&s.name), s.value_schema))
+        .collect();
+    let wanted = Arc::new(wanted);
+    Ok(Arc::new(move || {
+        let (registry, wanted) = (registry.clone(), Arc::clone(&wanted));
+        Box::pin(async move {
+            let checks = wanted.iter().map(|(subject, file)| {
+                let registry = &registry;
+                async move {
+                    match registry.state(subject, file.text).await {
+                        Ok(state) => state.problem(subject, file.name),
+                        Err(e) => Some(format!("{subject}: {e:#}")),
+                    }
+                }
+            });
+            let problems: Vec<String> = futures::future::join_all(checks).await.into_iter().flatten().collect();
+            if problems.is_empty() { Ok(()) } else { Err(problems) }
+        })
+    }))
 }
 
 /// The JWT verifier from `[auth]`: HS256 secret and/or a JWKS from a file or URL.
@@ -222,10 +364,10 @@ pub fn ingest_config(cfg: &Config) -> IngestConfig {
 
 /// The ingest edge, wired.
 pub async fn ingest(cfg: &Config, pool: PgPool) -> anyhow::Result<Arc<Ingest>> {
-    let codec = Arc::new(Codec::new(&cfg.registry.url));
+    let codec = Arc::new(codec(cfg));
     let ack_timeout = Duration::from_millis(cfg.kafka.produce_timeout_ms + 5_000);
     let writer = LaneWriter::new(producer(cfg, "vitals-ingest")?, codec, ack_timeout);
-    let readiness = Readiness { registry_url: cfg.registry.url.trim_end_matches('/').to_owned(), http: reqwest::Client::new() };
+    let readiness = Readiness { schemas: schema_probe(cfg)? };
     Ok(Arc::new(Ingest::new(ingest_config(cfg), verifier(cfg).await?, writer, pool, topics(cfg), readiness)))
 }
 
@@ -451,7 +593,7 @@ pub async fn process(
         cfg: rc,
         consumer_config: runtime::consumer_config(&cfg.kafka.brokers, &group),
         producer: producer(cfg, &format!("vitals-proc-{name}"))?,
-        codec: Arc::new(Codec::new(&cfg.registry.url)),
+        codec: Arc::new(codec(cfg)),
         pool,
         stop,
         metrics,
@@ -487,7 +629,7 @@ pub async fn sink(
         },
         consumer_config: runner::consumer_config(&cfg.kafka.brokers, &format!("{}vitals-sink-postgres", cfg.kafka.topic_prefix)),
         producer: producer(cfg, "vitals-sink")?,
-        codec: Arc::new(Codec::new(&cfg.registry.url)),
+        codec: Arc::new(codec(cfg)),
         pool,
         stop,
         metrics,

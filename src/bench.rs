@@ -116,11 +116,10 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
     use vitals_processors::rollup_day::RollupDayProcessor;
     use vitals_processors::runtime::{self, RunArgs, RuntimeConfig};
     use vitals_processors::{Input, Inputs};
-    use vitals_schemas::codec::Codec;
 
     let (mut cfg, pool, run, report) = upload_fresh(base, "benchp", sim.clone()).await?;
     cfg.processors.snapshot_every_ms = 1_000;
-    let codec = Arc::new(Codec::new(&cfg.registry.url));
+    let codec = Arc::new(app::codec(&cfg));
     let t = app::topics(&cfg);
 
     // The lane inputs, decoded, as a processor sees them.

@@ -113,6 +113,16 @@ pub struct PostgresConfig {
 pub struct RegistryConfig {
     pub url: String,
     pub listen: String,
+    /// The credential that may write (register, configure, delete): `vitals registry` accepts
+    /// it, `vitals schemas register` / `setup` send it. Empty user: no admin credential.
+    pub admin_user: String,
+    pub admin_password: Secret,
+    /// The read-only credential: `vitals registry` accepts it for reads, every pipeline role
+    /// sends it. Empty user: none (clients then send no `Authorization` header).
+    pub reader_user: String,
+    pub reader_password: Secret,
+    /// `vitals registry` answers reads without credentials (writes never).
+    pub anonymous_reads: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -243,5 +253,20 @@ mod tests {
         assert!(c.auth.hs256_secret.expose().contains("change-me"));
         assert!(!shown.contains("vitals-dev-secret"), "S3 secret leaked: {shown}");
         assert_eq!(c.s3.secret_access_key.expose(), "vitals-dev-secret");
+        for secret in [&c.registry.admin_password, &c.registry.reader_password] {
+            assert!(!secret.expose().is_empty());
+            assert!(!shown.contains(secret.expose()), "registry password leaked: {shown}");
+        }
+        assert!(shown.contains(&c.registry.reader_user), "user names are not secret: {shown}");
+    }
+
+    #[test]
+    fn registry_credentials_come_from_the_environment() {
+        let env = BTreeMap::from([
+            ("VITALS_REGISTRY__READER_PASSWORD".to_owned(), "from-env".to_owned()),
+            ("VITALS_REGISTRY__ANONYMOUS_READS".to_owned(), "true".to_owned()),
+        ]);
+        let c = Config::from_sources(None, &env).unwrap();
+        assert_eq!((c.registry.reader_password.expose(), c.registry.anonymous_reads), ("from-env", true));
     }
 }

@@ -81,10 +81,24 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
 
     // The schema registry: the one `scripts/services` runs when it answers, else our own.
-    let registry_up = reqwest::Client::new().get(format!("{}/subjects", cfg.registry.url)).send().await.is_ok_and(|r| r.status().is_success());
+    // It must take our read-only credential: one that refuses it is not ours to use.
+    let probe = reqwest::Client::new()
+        .get(format!("{}/subjects", cfg.registry.url.trim_end_matches('/')))
+        .basic_auth(&cfg.registry.reader_user, Some(cfg.registry.reader_password.expose()))
+        .send()
+        .await;
+    let registry_up = match probe {
+        Ok(r) if r.status().is_success() => true,
+        Ok(r) if matches!(r.status().as_u16(), 401 | 403) => anyhow::bail!(
+            "the schema registry at {} refuses the configured read-only credential ({}): set registry.reader_user / reader_password to its credentials, or stop it",
+            cfg.registry.url,
+            r.status()
+        ),
+        _ => false,
+    };
     if !registry_up {
         let listener = TcpListener::bind(&cfg.registry.listen).await.with_context(|| format!("binding the registry on {}", cfg.registry.listen))?;
-        let router = crate::registry::router(pool.clone());
+        let router = crate::registry::router(pool.clone(), app::registry_access(&cfg)?);
         tasks.push((false, tokio::spawn(async move {
             let _ = app::serve(listener, router, std::future::pending()).await;
         })));

@@ -300,7 +300,7 @@ fn counts(entries: &[Entry]) -> BTreeMap<(String, String), usize> {
 
 /// `vitals dlq list`: the text (or JSON) to print.
 pub async fn list(cfg: &Config, sel: &Selector, json: bool) -> anyhow::Result<String> {
-    let codec = Codec::new(&cfg.registry.url);
+    let codec = crate::app::codec(cfg);
     let entries = scan(cfg, &codec, sel).await?;
     let counts = counts(&entries);
     let topic = app::topics(cfg).dead_letter;
@@ -411,7 +411,7 @@ fn replayable(t: &Topics, e: &Entry) -> Result<(), String> {
 pub async fn show(cfg: &Config, at: &str, json: bool) -> anyhow::Result<String> {
     let (p, o) = parse_at(at)?;
     let t = app::topics(cfg);
-    let codec = Codec::new(&cfg.registry.url);
+    let codec = crate::app::codec(cfg);
     let Some(m) = read_one(cfg, &t.dead_letter, p, o).await? else {
         bail!("no dead letter at {p}:{o} of {} (past the end, or removed by retention)", t.dead_letter);
     };
@@ -636,7 +636,7 @@ pub async fn replay(cfg: &Config, sel: &Selector, dry_run: bool, out: &mut impl 
     let mut report = ReplayReport::default();
     let settled = settle(cfg, &pool, &t.dead_letter, dry_run, out).await?;
     report.recovered = settled.len();
-    let codec = Codec::new(&cfg.registry.url);
+    let codec = crate::app::codec(cfg);
     let entries = scan(cfg, &codec, sel).await?;
     report.selected = entries.len();
     let ledger: Vec<LedgerRow> = sqlx::query_as(

@@ -105,9 +105,11 @@ enum TopicsCmd {
 
 #[derive(Subcommand)]
 enum SchemasCmd {
-    /// Register every topic's value schema (idempotent).
+    /// Register every topic's value schema (idempotent; admin credential). Fails naming any
+    /// subject whose latest version is still not vitals' schema afterwards.
     Register,
-    /// Fail if a schema in schemas/avro is incompatible with what the registry holds.
+    /// Fail naming every subject whose latest version is not vitals' schema (schemas/avro), and
+    /// whether vitals' is absent (and compatible) or an older version (read-only credential).
     Check,
 }
 
@@ -279,7 +281,8 @@ async fn main() -> anyhow::Result<()> {
             let pool = app::pg_pool(&cfg).await?;
             app::migrate(&pool).await?;
             let listener = TcpListener::bind(&cfg.registry.listen).await.with_context(|| format!("binding {}", cfg.registry.listen))?;
-            app::serve(listener, vitals::registry::router(pool), shutdown_signal()).await?;
+            let access = app::registry_access(&cfg)?;
+            app::serve(listener, vitals::registry::router(pool, access), shutdown_signal()).await?;
         }
         Cmd::Ingest => {
             app::refuse_committed_secret(&cfg, "ingest")?;
@@ -410,9 +413,9 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Schemas { cmd: SchemasCmd::Check } => {
             let bad = app::check_schemas(&cfg).await?;
             if !bad.is_empty() {
-                anyhow::bail!("incompatible with the registry: {}", bad.join(", "));
+                anyhow::bail!("{} subject(s) do not have vitals' schema as their latest version:\n  {}", bad.len(), bad.join("\n  "));
             }
-            println!("every schema is compatible with the registry");
+            println!("every subject's latest version is vitals' schema");
         }
         Cmd::Dlq { cmd: DlqCmd::List { select, json } } => {
             let out = dlq::list(&cfg, &select.to_selector(&cfg), json).await?;

@@ -88,10 +88,15 @@ impl Default for IngestConfig {
     }
 }
 
+/// A check `/readyz` runs: `Err` lists what is not ready, one line each.
+pub type Probe = Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Vec<String>>> + Send>> + Send + Sync>;
+
 /// Probes `/readyz` runs; supplied by the composition root so this crate stays I/O-agnostic.
 pub struct Readiness {
-    pub registry_url: String,
-    pub http: reqwest::Client,
+    /// The schema registry answers the edge's credential and holds vitals' own schema as the
+    /// latest version of every subject the edge writes; `Err` names each subject that does not
+    /// and why.
+    pub schemas: Probe,
 }
 
 /// The edge: everything a request needs.
@@ -186,21 +191,26 @@ async fn metrics(State(s): State<Arc<Ingest>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
 }
 
-/// Ready when the broker, the registry and PostgreSQL answer.
+/// Ready when the broker and PostgreSQL answer and the registry holds vitals' schemas (the
+/// body's `schema_problems` says which subject is wrong and why).
 async fn readyz(State(s): State<Arc<Ingest>>) -> Response {
     let producer = s.writer.producer().clone();
     let broker = tokio::task::spawn_blocking(move || {
         use rdkafka::producer::Producer;
         producer.client().fetch_metadata(None, Duration::from_secs(2)).map(|m| m.brokers().len())
     });
-    let registry = s.readiness.http.get(format!("{}/subjects", s.readiness.registry_url)).timeout(Duration::from_secs(2)).send();
+    let registry = tokio::time::timeout(Duration::from_secs(5), (s.readiness.schemas)());
     let db = sqlx::query("SELECT 1").execute(&s.pool);
     let (broker, registry, db) = tokio::join!(broker, registry, db);
     let broker_ok = matches!(broker, Ok(Ok(n)) if n > 0);
-    let registry_ok = matches!(&registry, Ok(r) if r.status().is_success());
+    let registry = registry.unwrap_or_else(|_| Err(vec!["the schema registry did not answer within 5 s".to_owned()]));
     let db_ok = db.is_ok();
-    let body = json!({"broker": broker_ok, "schema_registry": registry_ok, "postgres": db_ok});
-    let status = if broker_ok && registry_ok && db_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let mut body = json!({"broker": broker_ok, "schema_registry": registry.is_ok(), "postgres": db_ok});
+    if let Err(problems) = &registry {
+        warn!(problems = ?problems, "not ready: schema registry");
+        body["schema_problems"] = json!(problems);
+    }
+    let status = if broker_ok && registry.is_ok() && db_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }
 

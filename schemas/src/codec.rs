@@ -118,8 +118,12 @@ impl Codec {
         Codec { settings: SrSettings::new(url.clone()), url, http, auth: None, writers: Default::default(), ids: Default::default() }
     }
 
-    /// The same codec, sending HTTP basic credentials with every registry request.
+    /// The same codec, sending HTTP basic credentials with every registry request (an empty
+    /// `user` sends none).
     pub fn with_basic_auth(mut self, user: &str, password: &str) -> Codec {
+        if user.is_empty() {
+            return self;
+        }
         self.settings = SrSettings::new_builder(self.url.clone())
             .set_basic_authorization(user, Some(password))
             .set_timeout(REQUEST_TIMEOUT)

@@ -1,5 +1,6 @@
 //! Errors of the registry API, rendered as Confluent does: `{"error_code": n, "message": "..."}`
-//! with the HTTP status the code belongs to (404 for 404xx, 409, 422 for 422xx, 500 for 500xx).
+//! with the HTTP status the code belongs to (401 for 40101, 403 for 40301, 404 for 404xx, 409,
+//! 422 for 422xx, 500 for 500xx).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -58,6 +59,12 @@ pub enum ApiError {
     RouteNotFound,
     #[error("HTTP 405 Method Not Allowed")]
     MethodNotAllowed,
+    /// No credentials, or wrong ones (answered with a `WWW-Authenticate: Basic` challenge).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Valid credentials that may not do this (the read-only one on a write).
+    #[error("{0}")]
+    Forbidden(String),
     /// The cause is logged, never sent: it may quote SQL.
     #[error("Error in the backend data store")]
     Store(#[from] sqlx::Error),
@@ -84,6 +91,8 @@ impl ApiError {
             ApiError::InvalidCompatibility(_) => 42203,
             ApiError::ReferenceExists(_) => 42206,
             ApiError::InvalidSubject(_) => 42208,
+            ApiError::Unauthorized(_) => 40101,
+            ApiError::Forbidden(_) => 40301,
             ApiError::BadRequest(_) => 400,
             ApiError::Unprocessable(_) => 422,
             ApiError::UnsupportedMediaType => 415,
@@ -111,9 +120,16 @@ impl IntoResponse for ApiError {
             ApiError::Internal(message) => tracing::error!(%message, "registry internal error"),
             _ => {}
         }
-        sr_json(
+        let mut response = sr_json(
             self.status(),
             &json!({ "error_code": self.error_code(), "message": self.to_string() }),
-        )
+        );
+        if matches!(self, ApiError::Unauthorized(_)) {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static(r#"Basic realm="vitals-schema-registry""#),
+            );
+        }
+        response
     }
 }

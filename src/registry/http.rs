@@ -33,6 +33,7 @@ type ApiResult = Result<Response, ApiError>;
 pub fn routes(pool: PgPool) -> Router {
     Router::new()
         .route("/", get(root))
+        .route("/healthz", get(healthz))
         .route("/schemas/types", get(schema_types))
         .route("/schemas/ids/{id}", get(schema_by_id))
         .route("/schemas/ids/{id}/schema", get(raw_schema_by_id))
@@ -312,6 +313,13 @@ async fn find_version(
 
 async fn root() -> ApiResult {
     ok(&json!({}))
+}
+
+/// Not a Confluent route: for probes, without credentials (see `auth`). 200 when PostgreSQL
+/// answers.
+async fn healthz(State(st): State<AppState>) -> ApiResult {
+    sqlx::query("SELECT 1").execute(&st.pool).await?;
+    ok(&json!({ "status": "ok" }))
 }
 
 async fn schema_types() -> ApiResult {

@@ -10,12 +10,19 @@
 //! * `http`: the routes ([`router`]); `store`: the SQL (tables of
 //!   `migrations/0002_registry.sql`, applied by the composition root's `sqlx::migrate!`).
 //!
+//! Authentication ([`Access`]): HTTP basic, an admin credential (read + write) and a read-only
+//! one (reads, lookups by content and compatibility checks), optionally anonymous reads; 401
+//! (40101) with a `WWW-Authenticate` challenge or 403 (40301) otherwise. `GET /healthz` (not a
+//! Confluent route) answers without credentials, for probes.
+//!
 //! Differences from Confluent worth knowing: incompatible registrations answer error_code 409
 //! (as Confluent up to 7.x; newer releases say 40901); `metadata`, `ruleSet`, explicit `id` /
 //! `version` (IMPORT mode), contexts, modes other than READWRITE and the `normalize` and
 //! `format` parameters are accepted and ignored; a permanent delete drops schemas no version
 //! uses any more, so their ids stop resolving.
 
+mod auth;
+pub mod client;
 pub mod compat;
 mod error;
 mod http;
@@ -24,8 +31,10 @@ mod store;
 #[cfg(test)]
 mod tests;
 
+pub use auth::{Access, Credential};
+
 /// The registry's HTTP API over `pool`, whose database has `migrations/0002_registry.sql`
-/// applied.
-pub fn router(pool: sqlx::PgPool) -> axum::Router {
-    http::routes(pool)
+/// applied, behind `access` (HTTP basic authentication: see [`Access`]).
+pub fn router(pool: sqlx::PgPool, access: Access) -> axum::Router {
+    http::routes(pool).layer(axum::middleware::from_fn_with_state(std::sync::Arc::new(access), auth::check))
 }

@@ -95,29 +95,79 @@ impl Drop for TestDatabase {
     }
 }
 
-/// A registry served over HTTP on a free local port.
+/// The credentials the test registries are configured with.
+const ADMIN: (&str, &str) = ("test-admin", "admin-secret-1");
+const READER: (&str, &str) = ("test-reader", "reader-secret-1");
+
+/// A registry served over HTTP on a free local port. Its helpers send the admin credential
+/// unless a test says otherwise ([`Registry::send_as`]).
 struct Registry {
     base: String,
     http: reqwest::Client,
+    pool: PgPool,
     _database: TestDatabase,
 }
 
 impl Registry {
     async fn start() -> Registry {
+        Registry::start_with(false).await
+    }
+
+    /// With [`ADMIN`] and [`READER`] configured; `anonymous_reads` as given.
+    async fn start_with(anonymous_reads: bool) -> Registry {
         let (database, pool) = TestDatabase::create().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let address = listener.local_addr().expect("local address");
-        tokio::spawn(async move { axum::serve(listener, super::router(pool)).await });
+        let access = super::Access {
+            admin: super::Credential::new(ADMIN.0, ADMIN.1),
+            reader: super::Credential::new(READER.0, READER.1),
+            anonymous_reads,
+        };
+        let router = super::router(pool.clone(), access);
+        tokio::spawn(async move { axum::serve(listener, router).await });
         Registry {
             base: format!("http://{address}"),
             http: reqwest::Client::builder()
                 .no_proxy()
                 .build()
                 .expect("http client"),
+            pool,
             _database: database,
         }
+    }
+
+    /// Sends a JSON body as `who` (`None`: no `Authorization` header; `Some(raw)`: that header
+    /// value verbatim); returns status, `WWW-Authenticate` and the body.
+    async fn send_as(
+        &self,
+        who: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Option<String>, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("content-type", "application/vnd.schemaregistry.v1+json");
+        if let Some(header) = who {
+            request = request.header("authorization", header);
+        }
+        if let Some(body) = body {
+            request = request.body(body.to_string());
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let challenge = response
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = response.bytes().await.expect("body");
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, challenge, body)
     }
 
     /// Sends a raw body with an optional content type; returns status, content type and body
@@ -129,7 +179,10 @@ impl Registry {
         content_type: Option<&str>,
         body: Option<String>,
     ) -> (u16, String, Value) {
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .basic_auth(ADMIN.0, Some(ADMIN.1));
         if let Some(content_type) = content_type {
             request = request.header("content-type", content_type);
         }
@@ -916,6 +969,7 @@ async fn schema_registry_converter_round_trips_through_the_registry() {
     let settings = || {
         SrSettings::new_builder(r.base.clone())
             .no_proxy()
+            .set_basic_authorization(ADMIN.0, Some(ADMIN.1))
             .build()
             .expect("converter settings")
     };
@@ -971,4 +1025,139 @@ async fn schema_registry_converter_round_trips_through_the_registry() {
         .and_then(|e| e.downcast_ref::<RawError>())
         .expect("the registry's error body");
     assert_eq!(raw.error_code, 409);
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {encoded}")
+}
+
+/// What the registry holds, read straight from its tables: (subject, version, deleted,
+/// schema text) rows and the compatibility levels. A refused request must leave both unchanged.
+async fn stored_state(pool: &PgPool) -> (Vec<(String, i32, bool, String)>, Vec<(String, String)>) {
+    let versions = sqlx::query_as(
+        "SELECT v.subject, v.version, v.deleted, s.schema_text FROM registry_subject_versions v \
+         JOIN registry_schemas s ON s.id = v.schema_id ORDER BY v.subject, v.version",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("reading versions");
+    let levels = sqlx::query_as(
+        "SELECT subject, compatibility FROM registry_config ORDER BY subject",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("reading config");
+    (versions, levels)
+}
+
+/// Issue 9 item 5: the registry took writes from anyone. Every write without the admin
+/// credential is refused — 401 with a `WWW-Authenticate` challenge when unauthenticated (or
+/// wrongly authenticated), 403 for the read-only credential — in Confluent's error shape, and
+/// the stored subjects, versions and levels are exactly as before.
+#[tokio::test]
+async fn hostile_writes_without_the_admin_credential_are_refused_and_change_nothing() {
+    let r = Registry::start().await;
+    r.registered_id("reading-value", READING_V1).await;
+    r.set_level(Some("reading-value"), "FULL").await;
+    let before = stored_state(&r.pool).await;
+
+    let admin = basic(ADMIN.0, ADMIN.1);
+    let reader = basic(READER.0, READER.1);
+    let wrong_password = basic(ADMIN.0, "guess");
+    let unknown_user = basic("mallory", ADMIN.1);
+    let writes: Vec<(Method, &str, Option<Value>)> = vec![
+        (Method::PUT, "/config/reading-value", Some(json!({ "compatibility": "NONE" }))),
+        (Method::PUT, "/config", Some(json!({ "compatibility": "NONE" }))),
+        (Method::DELETE, "/config", None),
+        (Method::DELETE, "/config/reading-value", None),
+        (Method::POST, "/subjects/reading-value/versions", Some(json!({ "schema": "\"string\"" }))),
+        (Method::POST, "/subjects/other-value/versions", Some(json!({ "schema": "\"string\"" }))),
+        (Method::DELETE, "/subjects/reading-value", None),
+        (Method::DELETE, "/subjects/reading-value?permanent=true", None),
+        (Method::DELETE, "/subjects/reading-value/versions/1", None),
+        (Method::DELETE, "/subjects/reading-value/versions/latest", None),
+    ];
+    let unauthenticated = [
+        None,
+        Some(wrong_password.as_str()),
+        Some(unknown_user.as_str()),
+        Some("Basic not-base64!"),
+        Some("Bearer whatever"),
+        Some("Basic"),
+    ];
+    for (method, path, body) in &writes {
+        for who in unauthenticated {
+            let (status, challenge, response) =
+                r.send_as(who, method.clone(), path, body.clone()).await;
+            assert_eq!(status, 401, "{method} {path} as {who:?}: {response}");
+            assert_eq!(response["error_code"], json!(40101), "{method} {path}: {response}");
+            assert!(response["message"].as_str().is_some_and(|m| !m.is_empty()), "{response}");
+            let challenge = challenge.unwrap_or_default();
+            assert!(challenge.starts_with("Basic realm="), "{method} {path}: WWW-Authenticate {challenge:?}");
+        }
+        let (status, _, response) =
+            r.send_as(Some(&reader), method.clone(), path, body.clone()).await;
+        assert_eq!(status, 403, "{method} {path} with the read-only credential: {response}");
+        assert_eq!(response["error_code"], json!(40301), "{response}");
+        assert!(response["message"].as_str().is_some_and(|m| m.contains(READER.0)), "{response}");
+    }
+    assert_eq!(stored_state(&r.pool).await, before, "a refused write changed the registry");
+
+    // Reads: the read-only credential may read, look up by content and check compatibility;
+    // anonymous reads are off by default.
+    let reads: Vec<(Method, &str, Option<Value>)> = vec![
+        (Method::GET, "/subjects", None),
+        (Method::GET, "/subjects/reading-value/versions/latest", None),
+        (Method::GET, "/schemas/ids/1", None),
+        (Method::GET, "/config/reading-value", None),
+        (Method::POST, "/subjects/reading-value", Some(json!({ "schema": READING_V1 }))),
+        (Method::POST, "/compatibility/subjects/reading-value/versions/latest", Some(json!({ "schema": READING_V1 }))),
+    ];
+    for (method, path, body) in &reads {
+        let (status, _, response) = r.send_as(Some(&reader), method.clone(), path, body.clone()).await;
+        assert_eq!(status, 200, "{method} {path} with the read-only credential: {response}");
+        let (status, challenge, response) = r.send_as(None, method.clone(), path, body.clone()).await;
+        assert_eq!((status, &response["error_code"]), (401, &json!(40101)), "anonymous {method} {path}: {response}");
+        assert!(challenge.is_some(), "anonymous {method} {path}: a challenge");
+        let (status, _, response) = r.send_as(Some(&wrong_password), method.clone(), path, body.clone()).await;
+        assert_eq!(status, 401, "{method} {path} with a wrong password: {response}");
+    }
+    assert_eq!(stored_state(&r.pool).await, before);
+
+    // The admin credential still writes.
+    let (status, _, response) = r
+        .send_as(Some(&admin), Method::PUT, "/config/reading-value", Some(json!({ "compatibility": "NONE" })))
+        .await;
+    assert_eq!((status, response), (200, json!({ "compatibility": "NONE" })));
+}
+
+/// With `anonymous_reads`, reads need no credential, but writes still need the admin one and a
+/// wrong credential is still refused; `/healthz` never needs one.
+#[tokio::test]
+async fn anonymous_reads_when_configured_never_anonymous_writes() {
+    let r = Registry::start_with(true).await;
+    r.registered_id("reading-value", READING_V1).await;
+    let before = stored_state(&r.pool).await;
+    let (status, _, body) = r.send_as(None, Method::GET, "/subjects", None).await;
+    assert_eq!((status, body), (200, json!(["reading-value"])));
+    let (status, _, body) = r.send_as(None, Method::POST, "/subjects/reading-value", Some(json!({ "schema": READING_V1 }))).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = r.send_as(Some(&basic(READER.0, "wrong")), Method::GET, "/subjects", None).await;
+    assert_eq!((status, &body["error_code"]), (401, &json!(40101)), "{body}");
+    for (method, path, body) in [
+        (Method::PUT, "/config/reading-value", Some(json!({ "compatibility": "NONE" }))),
+        (Method::POST, "/subjects/reading-value/versions", Some(json!({ "schema": "\"string\"" }))),
+        (Method::DELETE, "/subjects/reading-value", None),
+    ] {
+        let (status, challenge, response) = r.send_as(None, method.clone(), path, body).await;
+        assert_eq!((status, &response["error_code"]), (401, &json!(40101)), "anonymous {method} {path}: {response}");
+        assert!(challenge.is_some());
+    }
+    assert_eq!(stored_state(&r.pool).await, before);
+
+    let closed = Registry::start().await;
+    let (status, _, body) = closed.send_as(None, Method::GET, "/healthz", None).await;
+    assert_eq!((status, body), (200, json!({ "status": "ok" })));
 }

@@ -11,7 +11,6 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use vitals::simulate;
 use vitals_processors::rollup_day;
-use vitals_schemas::codec::Codec;
 use vitals_schemas::RollupDay;
 
 use crate::harness::{wait_for, wait_for_every, TestEnv, VitalsProc};
@@ -97,7 +96,7 @@ async fn receive_until(ws: &mut Ws, what: &str, until: impl Fn(&[Value]) -> bool
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_are_scoped_fresh_and_pushed_live() {
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let data = std::env::temp_dir().join(format!("vitals-api-{}", uuid::Uuid::new_v4().simple()));
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut api_env = env.child_env(&data);
@@ -224,7 +223,7 @@ async fn reads_are_scoped_fresh_and_pushed_live() {
 async fn redis_down_degrades_realtime_only() {
     let env = TestEnv::start().await;
     let mut redis = crate::harness::OwnRedis::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let data = std::env::temp_dir().join(format!("vitals-redis-{}", uuid::Uuid::new_v4().simple()));
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let with_redis = |extra: Option<(&str, String)>| {

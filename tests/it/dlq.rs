@@ -60,7 +60,7 @@ fn sample(id: &str, metric: &str) -> vitals_schemas::Sample {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let t = env.topics();
     let n = env.cfg.kafka.partitions;
     let producer = vitals::app::producer(&env.cfg, "test-dlq").unwrap();

@@ -88,7 +88,7 @@ fn with(mut vars: Vec<(String, String)>, key: &str, value: &str) -> Vec<(String,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_registry_pauses_the_processor_and_nothing_is_dead_lettered() {
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let t = env.topics();
     let (faulty, faulty_url) = FaultyRegistry::start(&env.cfg.registry.url).await;
     let data = std::env::temp_dir().join(format!("vitals-faults-{}", uuid::Uuid::new_v4().simple()));
@@ -169,7 +169,7 @@ fn rollup(user: &str, metric: &str, count: i64, topic: &str) -> RollupDay {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_postgres_refuses_is_dead_lettered_alone_and_the_others_are_applied() {
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let t = env.topics();
     let producer: FutureProducer = vitals::app::producer(&env.cfg, "test").unwrap();
     let send = |key: String, r: RollupDay| {
@@ -234,7 +234,7 @@ async fn a_row_postgres_refuses_is_dead_lettered_alone_and_the_others_are_applie
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_lettered_record_makes_the_read_degraded_with_the_count_and_reason() {
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let t = env.topics();
     let user = "dl-user";
     let now = chrono::Utc::now() - chrono::Duration::minutes(1);

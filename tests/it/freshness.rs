@@ -138,7 +138,7 @@ async fn read_steps(env: &TestEnv, api: &str, token: &str) -> (Option<i64>, Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_from_an_older_checkpoint_is_not_fresh_until_it_has_caught_up() {
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let data = std::env::temp_dir().join(format!("vitals-fresh-{}", uuid::Uuid::new_v4().simple()));
     let user = format!("replay-{}", uuid::Uuid::new_v4().simple());
     let token = env.token(&user);
@@ -278,7 +278,7 @@ async fn during_a_real_replay_no_read_says_fresh_over_rows_from_less_input() {
     use std::collections::BTreeMap;
     use vitals::simulate;
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let base = serve_api(&env).await;
     let data = std::env::temp_dir().join(format!("vitals-fresh-{}", uuid::Uuid::new_v4().simple()));
     let vars = |batch: &str| {

@@ -131,15 +131,16 @@ impl TestEnv {
 
         let registry = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let registry_url = format!("http://{}", registry.local_addr().unwrap());
-        let router = vitals::registry::router(pool.clone());
-        tasks.push(tokio::spawn(async move {
-            let _ = app::serve(registry, router, std::future::pending()).await;
-        }));
-
         let prefix = format!("{}.", unique("it"));
         let mut all: Vec<(&str, &str)> = vec![("VITALS_REGISTRY__URL", registry_url.as_str())];
         all.extend_from_slice(overrides);
         let cfg = config(&db_url, &prefix, brokers, &all);
+        // The registry takes the same credentials the roles send ([registry] in the config).
+        let router = vitals::registry::router(pool.clone(), app::registry_access(&cfg).expect("registry credentials"));
+        tasks.push(tokio::spawn(async move {
+            let _ = app::serve(registry, router, std::future::pending()).await;
+        }));
+
         app::create_topics(&cfg).await.expect("creating topics");
         app::register_schemas(&cfg).await.expect("registering schemas");
 

@@ -5,7 +5,6 @@ use std::time::Duration;
 use chrono::Utc;
 use rdkafka::Message;
 use serde_json::{json, Value};
-use vitals_schemas::codec::Codec;
 use vitals_schemas::topics::partition_for;
 use vitals_schemas::{ChangeBatch, DomainChangeBatch, Lane, SampleBatch};
 
@@ -62,7 +61,7 @@ async fn accepted_upload_lands_in_its_lane_keyed_by_user_and_decodes_via_the_reg
     assert_eq!(s, 200, "{out}");
 
     let topics = env.topics();
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let partitions = env.cfg.kafka.partitions;
     let expected_partition = partition_for(user.as_bytes(), partitions);
 
@@ -261,7 +260,7 @@ async fn partial_batches_accept_the_valid_items_and_name_the_rest() {
     assert_eq!(r["rejected"], json!([{"index": 1, "field": "unit", "code": "unconvertible_unit",
         "message": "unit `furlongs` is not accepted for metric `heart_rate` (accepted: bpm, count/min, count/s)"}]));
     let hot = env.read(&env.topics().hot).await;
-    let batch: SampleBatch = Codec::new(&env.cfg.registry.url).decode(hot[0].payload().unwrap()).await.unwrap();
+    let batch: SampleBatch = vitals::app::codec(&env.cfg).decode(hot[0].payload().unwrap()).await.unwrap();
     assert_eq!(batch.samples.iter().map(|s| s.source_record_id.as_str()).collect::<Vec<_>>(), ["good"]);
     env.cleanup().await;
 }
@@ -327,7 +326,7 @@ async fn broker_down_means_503_with_retry_after_and_no_false_ack() {
     assert_eq!(s, 200, "{r}");
     acked.push("during-outage".into());
 
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let mut present = std::collections::BTreeSet::new();
     for m in env.read(&env.topics().hot).await {
         let b: SampleBatch = codec.decode(m.payload().unwrap()).await.unwrap();

@@ -14,6 +14,7 @@ mod hostile;
 mod ingest;
 mod pipeline;
 mod process;
+mod registry;
 mod schemas;
 mod simulate;
 mod snapshot;

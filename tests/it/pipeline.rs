@@ -151,7 +151,7 @@ fn diff<T: std::fmt::Debug + PartialEq>(what: &str, got: &BTreeMap<String, T>, w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_processor_killed_at_any_point_equals_its_oracle() {
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let t = env.topics();
     let data = std::env::temp_dir().join(format!("vitals-all-{}", uuid::Uuid::new_v4().simple()));
     let mut vars = env.child_env(&data);

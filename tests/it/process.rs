@@ -172,7 +172,7 @@ async fn rollup_day_killed_at_any_point_still_equals_the_oracle() {
     env_vars.push(("VITALS_PROCESSORS__MAX_BATCH".into(), "7".into()));
     let mut proc = Proc { env: env_vars, child: None };
     let sim = |prefix: &str, seed: u64| env.sim(prefix, seed, 3, 3);
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let first = simulate::run(&sim("a", 1), &env.http).await.unwrap();
     assert_eq!(first.rejected, 0);
 
@@ -256,7 +256,7 @@ pub(crate) fn proc_env(env: &TestEnv, data: &std::path::Path) -> Vec<(String, St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalance_between_instances_and_a_frozen_zombie_change_nothing() {
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let base = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
     let sim = |prefix: &str, seed: u64, users: usize| env.sim(prefix, seed, users, 2);
     let grown = |before: usize| {
@@ -328,7 +328,7 @@ async fn rebalance_between_instances_and_a_frozen_zombie_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_is_not_starved_by_a_cold_backfill() {
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
     // The backfill: many people's history, all flagged backfill (COLD), uploaded before the
     // processor starts so it meets one large backlog.
@@ -405,7 +405,7 @@ async fn hot_is_not_starved_by_a_cold_backfill() {
 async fn poison_records_go_to_the_dead_letter_topic_and_the_pipeline_goes_on() {
     use rdkafka::producer::FutureRecord;
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let t = env.topics();
     let user = "poisoned";
     let p = vitals_schemas::topics::partition_for(user.as_bytes(), env.cfg.kafka.partitions);
@@ -502,7 +502,7 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_pipeline_goes_on() {
 async fn a_local_store_is_not_trusted_after_another_owner_ran() {
     use rdkafka::producer::FutureRecord;
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
     let mut vars = proc_env(&env, &data);
     vars.push(("VITALS_PROCESSORS__SNAPSHOT_EVERY_MS".into(), "0".into()));
@@ -563,7 +563,7 @@ async fn a_local_store_is_not_trusted_after_another_owner_ran() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_processor_epochs_never_freezes_the_projection() {
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
     let mut proc = Proc { env: proc_env(&env, &data), child: None };
     let reaches_oracle = |what: &'static str| {
@@ -619,7 +619,7 @@ async fn losing_processor_epochs_never_freezes_the_projection() {
 async fn markers_never_overtake_their_rows_with_a_saturated_producer_queue() {
     let env = TestEnv::start().await;
     let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     assert_eq!(simulate::run(&env.sim("q", 81, 3, 2), &env.http).await.unwrap().rejected, 0);
     let mut proc = Proc { env: proc_env(&env, &data), child: None };
     proc.set("VITALS_KAFKA__QUEUE_MAX_MESSAGES", 2);

@@ -2,7 +2,6 @@
 
 use vitals::app;
 use vitals_schemas::avro::AvroFile;
-use vitals_schemas::codec::Codec;
 
 use crate::harness::TestEnv;
 
@@ -24,7 +23,7 @@ async fn topics_and_schemas_setup_is_idempotent_and_check_catches_incompatible_c
     assert!(found.iter().all(|(_, n)| *n as i32 == env.cfg.kafka.partitions), "{found:?}");
 
     // A new required field without a default breaks BACKWARD compatibility: check says so.
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = app::codec(&env.cfg);
     let topic = env.topics().hot;
     let broken = vitals_schemas::avro::SAMPLE_BATCH.text.replacen(
         r#""fields": ["#,

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use rdkafka::Message;
 use vitals::simulate::{self, SimConfig, CHANGES_PATH, DELETIONS_PATH, SAMPLES_PATH};
-use vitals_schemas::codec::Codec;
 use vitals_schemas::topics::partition_for;
 use vitals_schemas::{ChangeBatch, DomainChangeBatch, SampleBatch};
 
@@ -24,7 +23,7 @@ async fn simulated_people_upload_through_the_edge_and_everything_accepted_is_in_
     assert_eq!(report.rejected, 0, "the simulator's data is valid: {report:?}");
     assert_eq!(report.accepted, samples + deletions + changes, "{report:?}");
 
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let t = env.topics();
     let users: Vec<String> = (0..cfg.users).map(|i| simulate::user_id(&cfg, i)).collect();
     let mut in_kafka: BTreeMap<&str, u64> = BTreeMap::new();

@@ -9,7 +9,6 @@ use std::time::Duration;
 use sqlx::PgPool;
 use vitals::simulate::{self, SimConfig};
 use vitals_processors::rollup_day;
-use vitals_schemas::codec::Codec;
 use vitals_schemas::{ProductImpact, RollupDay, SessionImpact, SleepNight};
 
 use crate::harness::{wait_for_every, OwnPostgres, TestEnv, VitalsProc};
@@ -38,7 +37,7 @@ async fn sink_killed_and_its_postgres_crashed_still_equals_the_oracle() {
     let env = TestEnv::start().await;
     let pg = OwnPostgres::start().await;
     let (sink_db, sink_pool) = pg.database("sink").await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let data = std::env::temp_dir().join(format!("vitals-sink-{}", uuid::Uuid::new_v4().simple()));
     let sim = |prefix: &str, seed: u64, users: usize, days: u32| env.sim(prefix, seed, users, days);
 

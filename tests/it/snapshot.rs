@@ -12,7 +12,6 @@ use vitals_processors::rollup_day;
 use vitals_processors::runtime::bump_epoch;
 use vitals_processors::runtime::s3::{S3Client, S3Settings};
 use vitals_processors::runtime::snapshot::{pointer, publish, Pointer};
-use vitals_schemas::codec::Codec;
 use vitals_schemas::RollupDay;
 
 use crate::harness::{fresh_db, services_up, wait_for, wait_for_every, TestEnv};
@@ -59,7 +58,7 @@ async fn the_s3_client_round_trips_objects_against_the_real_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_without_local_state_restores_from_its_snapshot_and_replays() {
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
     let mut vars = proc_env(&env, &data);
     vars.retain(|(k, _)| k != "RUST_LOG");
@@ -238,7 +237,7 @@ async fn an_old_owner_cannot_replace_a_newer_snapshot_pointer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_behind_the_outputs_overwrites_them_and_a_thawed_zombie_changes_nothing() {
     let env = TestEnv::start().await;
-    let codec = Codec::new(&env.cfg.registry.url);
+    let codec = vitals::app::codec(&env.cfg);
     let base = std::env::temp_dir().join(format!("vitals-zombie-{}", uuid::Uuid::new_v4().simple()));
     let pause = base.join("pause-before-produce");
     std::fs::create_dir_all(&base).unwrap();
