@@ -357,15 +357,9 @@ async fn read_one(cfg: &Config, topic: &str, partition: i32, offset: i64) -> any
 }
 
 /// A payload decoded with whatever schema its registry id names, as JSON.
-async fn decode_any(registry: &str, bytes: &[u8]) -> Result<serde_json::Value, String> {
-    use schema_registry_converter::async_impl::avro::AvroDecoder;
-    use schema_registry_converter::async_impl::schema_registry::SrSettings;
-    let decoder = AvroDecoder::new(SrSettings::new(registry.trim_end_matches('/').to_owned()));
-    let decoded = decoder.decode(Some(bytes)).await.map_err(|e| match &e.cause {
-        Some(c) => format!("{}: {c}", e.error),
-        None => e.error.clone(),
-    })?;
-    serde_json::Value::try_from(decoded.value).map_err(|e| e.to_string())
+async fn decode_any(codec: &Codec, bytes: &[u8]) -> Result<serde_json::Value, String> {
+    let value = codec.decode_value(bytes).await.map_err(|e| e.to_string())?;
+    serde_json::Value::try_from(value).map_err(|e| e.to_string())
 }
 
 type Timestamp = chrono::DateTime<chrono::Utc>;
@@ -419,7 +413,7 @@ pub async fn show(cfg: &Config, at: &str, json: bool) -> anyhow::Result<String> 
     let d = &e.dead;
     let payload = d.payload.as_deref();
     let decoded = match payload {
-        Some(b) => Some(decode_any(&cfg.registry.url, b).await),
+        Some(b) => Some(decode_any(&codec, b).await),
         None => None,
     };
     let schema_id = payload.filter(|b| b.len() >= 5 && b[0] == 0).map(|b| u32::from_be_bytes([b[1], b[2], b[3], b[4]]));

@@ -231,6 +231,17 @@ impl Codec {
         apache_avro::from_value::<T>(&datum).map_err(|e| CodecError::Undecodable(format!("schema id {id} → {}: {e}", T::FILE.name)))
     }
 
+    /// Decodes a Confluent-framed record with its writer's schema only, whatever type it is (for
+    /// tools that show records: `vitals dlq show`).
+    pub async fn decode_value(&self, bytes: &[u8]) -> Result<apache_avro::types::Value, CodecError> {
+        let (id, mut body) = frame(bytes)?;
+        let writer = self.writer(id).await?;
+        GenericDatumReader::builder(&writer.schema)
+            .build()
+            .and_then(|r| r.read_value(&mut body))
+            .map_err(|e| CodecError::Undecodable(format!("schema id {id}: {e}")))
+    }
+
     /// Registers `file` as the next version of `<topic>-value` (idempotent) and returns its id.
     pub async fn register(&self, topic: &str, file: &AvroFile) -> Result<u32, CodecError> {
         let supplied = SuppliedSchema::new(None, SchemaType::Avro, file.text.to_owned());
