@@ -282,3 +282,106 @@ async fn a_dead_lettered_record_makes_the_read_degraded_with_the_count_and_reaso
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
 }
+
+/// Issue 9, items 1-2, end to end: hostile uploads get a typed 4xx and reach nothing; a record
+/// that bypasses the edge with a valid session, a 30-hour one and a product id with NUL has
+/// exactly its bad changes refused (the valid session is served, the read says degraded); and
+/// another user's upload, in flight at the same time, becomes fresh within a bound. Before, the
+/// NUL product id halted the sink for every user and the valid session was refused with its
+/// record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_sessions_harm_nothing_and_another_user_becomes_fresh() {
+    use vitals_schemas::{DomainChange, DomainChangeBatch, DomainChangeKind, Session};
+    let env = TestEnv::start().await;
+    let codec = vitals::app::codec(&env.cfg);
+    let t = env.topics();
+    let (evil, good) = ("hostile-user", "innocent-user");
+    let at = |m: i64| (chrono::Utc::now() - chrono::Duration::minutes(m)).to_rfc3339();
+    // Through the edge: each refused with its code and field, nothing written for the user.
+    let ended = |id: &str, product: &str, start: String, end: String| {
+        serde_json::json!({"change_id": id, "kind": "session_ended", "occurred_at": at(1),
+            "session": {"session_id": id, "product_id": product, "start": start, "end": end}})
+    };
+    let hostile = serde_json::json!({"request_id": "h1", "changes": [
+        ended("s-nul", "P\u{0}X", at(60), at(30)),
+        ended("s-big", &"x".repeat(20_000), at(60), at(30)),
+        ended("s-us", "co\u{1f}ffee", at(60), at(30)),
+        ended("s-long", "p", at(31 * 60), at(1)),
+    ]});
+    let (status, _, answer) = env.post("/v1/domain-changes:batch", evil, &hostile).await;
+    assert_eq!(status, 422, "{answer}");
+    let fields: Vec<(&str, &str)> = answer["error"]["items"].as_array().or(answer["rejected"].as_array()).expect("per-item rejections").iter()
+        .map(|i| (i["field"].as_str().unwrap_or_default(), i["code"].as_str().unwrap_or_default())).collect();
+    assert_eq!(fields, [("session.product_id", "invalid_field"), ("session.product_id", "invalid_field"), ("session.product_id", "invalid_field"), ("session.end", "session_too_long")], "{answer}");
+    assert!(env.read(&t.domain).await.is_empty(), "nothing of a refused request reaches Kafka");
+
+    // Bypassing the edge: one record, a valid session between the bad ones.
+    let change = |id: &str, product: Option<&str>, start_min: i64, end_min: i64| {
+        let now = chrono::Utc::now().timestamp_millis();
+        DomainChange {
+            change_id: id.into(),
+            kind: DomainChangeKind::SessionEnded,
+            occurred_at_ms: now,
+            session: Some(Session { session_id: id.into(), product_id: product.map(Into::into), start_ms: Some(now - start_min * 60_000), end_ms: Some(now - end_min * 60_000), time_zone: None }),
+            product: None,
+            privacy: None,
+            source_priority: None,
+        }
+    };
+    let batch = DomainChangeBatch {
+        request_id: "bypass".into(),
+        user_id: evil.into(),
+        received_at_ms: chrono::Utc::now().timestamp_millis(),
+        changes: vec![change("s-nul", Some("P\u{0}X"), 60, 30), change("s-ok", Some("coffee"), 60, 30), change("s-long", None, 31 * 60, 1)],
+    };
+    let producer: FutureProducer = vitals::app::producer(&env.cfg, "third-party").unwrap();
+    let bytes = codec.encode(&t.domain, &batch).await.unwrap();
+    producer.send(FutureRecord::to(&t.domain).key(evil).payload(&bytes), Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+
+    let data = std::env::temp_dir().join(format!("vitals-faults-{}", uuid::Uuid::new_v4().simple()));
+    let mut proc = VitalsProc::new(&["process", "--all"], env.child_env(&data));
+    proc.start();
+    let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
+    sink.start();
+    let pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
+    let api = vitals::app::api(&env.cfg, pool, false).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { vitals::app::serve(listener, vitals_api::router(api), std::future::pending()).await });
+
+    // Another user uploads meanwhile; their read becomes fresh within a bound.
+    env.consent(good, &[]).await;
+    let body = serde_json::json!({"request_id": "g1", "samples": [{"source": "watch", "source_kind": "watch", "source_record_id": "a",
+        "metric": "heart_rate", "start": at(2), "end": at(2), "value": 60, "unit": "count/min", "time_zone": "UTC"}]});
+    let (status, _, answer) = env.post(crate::ingest::SAMPLES, good, &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let get = |user: &str, path: &str| {
+        let (http, url, token) = (env.http.clone(), format!("{base}{path}"), env.token(user));
+        async move { http.get(url).bearer_auth(token).send().await.ok()?.json::<serde_json::Value>().await.ok() }
+    };
+    wait_for_every("the other user's rollup to be fresh", Duration::from_secs(60), Duration::from_millis(300), || async {
+        let r = get(good, "/v1/rollups?metric=heart_rate").await?;
+        (r["freshness"]["state"] == "fresh" && r["data"].as_array().is_some_and(|d| d.len() == 1)).then_some(())
+    })
+    .await;
+    // The valid session of the bypassing record is served; the read says degraded, not fresh.
+    let session = wait_for_every("the valid session of the mixed record", Duration::from_secs(60), Duration::from_millis(300), || async {
+        let r = get(evil, "/v1/sessions/s-ok").await?;
+        r.get("data").is_some().then_some(r)
+    })
+    .await;
+    assert_eq!(session["data"]["product_id"], "coffee", "{session}");
+    let list = wait_for_every("the hostile user's sessions read to say degraded", Duration::from_secs(30), Duration::from_millis(300), || async {
+        let r = get(evil, "/v1/sessions").await?;
+        (r["freshness"]["state"] == "degraded").then_some(r)
+    })
+    .await;
+    let ids: Vec<&str> = list["data"].as_array().unwrap().iter().filter_map(|s| s["session_id"].as_str()).collect();
+    assert_eq!(ids, ["s-ok"], "{list}");
+    let codes: Vec<&str> = list["freshness"]["dead_letters"].as_array().unwrap().iter().filter_map(|d| d["code"].as_str()).collect();
+    assert_eq!(codes, ["invalid_field", "session_too_long"], "{list}");
+    proc.kill9();
+    sink.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
