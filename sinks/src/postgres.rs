@@ -73,10 +73,19 @@ pub async fn apply(pool: &PgPool, sink: &str, batch: &Batch) -> Result<Vec<Appli
     }
     upsert_progress(&mut tx, &batch.progress).await?;
     for d in &batch.dead_letters {
-        sqlx::query(
+        // A marker announces its dead letters before the sink reads them from the dead-letter
+        // topic (source unknown: offset -1); the dead letter itself then fills the row in.
+        let sql = if d.source_offset < 0 {
             "INSERT INTO projection_dead_letters (dlq_topic, dlq_partition, dlq_offset, user_id, projection, stage, code, reason, source_topic, source_partition, source_offset)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
-        )
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING"
+        } else {
+            "INSERT INTO projection_dead_letters (dlq_topic, dlq_partition, dlq_offset, user_id, projection, stage, code, reason, source_topic, source_partition, source_offset)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (dlq_topic, dlq_partition, dlq_offset) DO UPDATE SET user_id = EXCLUDED.user_id, projection = EXCLUDED.projection,
+                 stage = EXCLUDED.stage, code = EXCLUDED.code, reason = EXCLUDED.reason, source_topic = EXCLUDED.source_topic,
+                 source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset"
+        };
+        sqlx::query(sql)
         .bind(&d.dlq_topic)
         .bind(d.dlq_partition)
         .bind(d.dlq_offset)

@@ -29,6 +29,8 @@ use crate::{Progress, ProgressKind, Projection, Row, PROGRESS_HEADER};
 /// The header naming the user of a processor's output record (`vitals-user`), copied onto the
 /// dead letters of the sink so they count against that user's freshness.
 pub const USER_HEADER: &str = "vitals-user";
+/// On a processor's progress marker: the interval's dead letters of the user.
+pub const DEAD_LETTERS_HEADER: &str = "vitals-dead-letters";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -322,7 +324,10 @@ fn decode_batch(
                 batch.rows.push(r);
                 row_msgs.push(i);
             }
-            Ok(Decoded::Progress(pr)) => batch.progress.push(pr),
+            Ok(Decoded::Progress(pr)) => {
+                batch.dead_letters.extend(announced_dead_letters(&cfg.topics, m, &pr));
+                batch.progress.push(pr)
+            }
             Err(CodecError::Unavailable(e)) => {
                 warn!(error = %e, "schema registry unavailable; will retry the batch");
                 return Ok(None);
@@ -409,6 +414,34 @@ async fn dead_row(codec: &Codec, t: &Topics, m: &OwnedMessage) -> Result<Option<
         source_partition: dl.source_partition,
         source_offset: dl.source_offset,
     }))
+}
+
+/// The dead letters a processor's progress marker announces (header `vitals-dead-letters`:
+/// `partition:offset:code,…`), recorded with the progress so that the read is `degraded`, never
+/// `fresh`, from the moment the progress counts; the dead letters themselves fill them in.
+fn announced_dead_letters(t: &Topics, m: &OwnedMessage, pr: &Progress) -> Vec<postgres::DeadRow> {
+    let Some(h) = m.headers().and_then(|h| h.iter().find(|h| h.key == DEAD_LETTERS_HEADER)).and_then(|h| h.value) else { return Vec::new() };
+    String::from_utf8_lossy(h)
+        .split(',')
+        .filter_map(|one| {
+            let mut it = one.splitn(3, ':');
+            let (p, o, code) = (it.next()?.parse().ok()?, it.next()?.parse().ok()?, it.next()?);
+            let projection = pr.projection.name().to_owned();
+            Some(postgres::DeadRow {
+                dlq_topic: t.dead_letter.clone(),
+                dlq_partition: p,
+                dlq_offset: o,
+                user_id: pr.user_id.clone(),
+                stage: format!("processor:{projection}"),
+                projection,
+                code: code.to_owned(),
+                reason: "(announced by the progress marker; the dead letter has the reason)".into(),
+                source_topic: String::new(),
+                source_partition: -1,
+                source_offset: -1,
+            })
+        })
+        .collect()
 }
 
 /// The user a projection record belongs to, from the header every processor output carries.

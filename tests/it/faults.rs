@@ -277,6 +277,18 @@ async fn a_dead_lettered_record_makes_the_read_degraded_with_the_count_and_reaso
     let dead = &read["freshness"]["dead_letters"];
     assert_eq!((dead[0]["code"].as_str(), dead[0]["count"].as_i64()), (Some("undecodable"), Some(1)), "{read}");
     assert!(dead[0]["reason"].as_str().is_some_and(|r| !r.is_empty()));
+    // The user's progress marker announced the dead letter (so the sink records it with the
+    // progress, never after it), and the dead letter itself filled in the row.
+    let markers = env.read(&t.rollup_day).await;
+    assert!(
+        markers.iter().any(|m| header(m, vitals_schemas::topics::PROGRESS_HEADER).is_some() && header(m, "vitals-dead-letters").is_some_and(|d| d.ends_with(":undecodable"))),
+        "a marker names the dead letter"
+    );
+    wait_for_every("the announced dead letter to be filled in from the dead-letter topic", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let rows: Vec<(i64, String)> = sqlx::query_as("SELECT source_offset, stage FROM projection_dead_letters WHERE user_id = $1").bind(user).fetch_all(&env.pool).await.ok()?;
+        (rows.len() == 1 && rows[0].0 >= 0).then_some(())
+    })
+    .await;
     proc.kill9();
     sink.kill9();
     let _ = std::fs::remove_dir_all(&data);

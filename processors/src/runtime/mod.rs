@@ -168,6 +168,9 @@ pub const EPOCH_HEADER: &str = "vitals-epoch";
 pub const USER_HEADER: &str = "vitals-user";
 pub const SOURCE_HEADER: &str = "vitals-source";
 pub const OWNER_HEADER: &str = "vitals-owner";
+/// On a progress marker: the dead letters of the user in the marker's interval,
+/// `partition:offset:code,…` of the dead-letter topic.
+pub const DEAD_LETTERS_HEADER: &str = "vitals-dead-letters";
 
 /// `topic=next_offset,…` (Kafka topic names contain neither `=` nor `,`).
 fn source_header(source: &[SourceOffset]) -> String {
@@ -797,13 +800,18 @@ where
     // can never be stored before the rows it vouches for, whatever the producer retries.
     let mut rows: Vec<Produce> = Vec::new();
     let mut markers: Vec<Produce> = Vec::new();
+    let mut marker_users: Vec<String> = Vec::new();
+    // Per row: the user and code of a dead letter (`None` for an output row).
+    let mut dead_users: Vec<Option<(String, String)>> = Vec::new();
     for rec in &planned.records {
         match rec {
             Out::Row { key, user, value, .. } => {
                 rows.push((cfg.output_topic.clone(), key.clone(), encode(&cfg.output_topic, value)?, stamp(user)));
+                dead_users.push(None);
                 metrics.add(&metrics.outputs, 1);
             }
             Out::Marker { key, user, value, .. } => {
+                marker_users.push(user.clone());
                 markers.push((cfg.output_topic.clone(), key.clone(), encode(&cfg.output_topic, value)?, stamp(user).insert(Header { key: PROGRESS_HEADER, value: Some("1") })));
                 metrics.add(&metrics.progress_markers, 1);
             }
@@ -819,6 +827,7 @@ where
                 // Lanes are keyed by user: the dead letter counts against that user's freshness.
                 let headers = headers.insert(Header { key: USER_HEADER, value: Some(key.as_str()) });
                 let bytes = encode_as(rt, codec, &t.dead_letter, dead)?;
+                dead_users.push(Some((key.clone(), dead.code.clone())));
                 rows.push((t.dead_letter.clone(), key, bytes, headers));
             }
         }
@@ -838,26 +847,47 @@ where
     let mut own: Vec<i64> = Vec::new();
     if !rows.is_empty() || !markers.is_empty() {
         let waiting = Instant::now();
-        for group in [&rows, &markers] {
-            // Enqueued one by one, in order (a full queue is waited out before the next record
-            // is enqueued, so nothing overtakes), then every acknowledgement awaited.
-            let mut acks = Vec::with_capacity(group.len());
-            for rec in group.iter() {
-                acks.push((rec.0 == cfg.output_topic, enqueue(producer, p, rec)?));
+        // Enqueued one by one, in order (a full queue is waited out before the next record is
+        // enqueued, so nothing overtakes), then every acknowledgement awaited: where each landed.
+        let send_all = |group: &[Produce]| -> Result<Vec<(i32, i64)>, RuntimeError> {
+            let mut futs = Vec::with_capacity(group.len());
+            for rec in group {
+                futs.push(enqueue(producer, p, rec)?);
             }
-            let (mine, futs): (Vec<bool>, Vec<_>) = acks.into_iter().unzip();
-            for (a, mine) in rt.block_on(join_all(futs)).into_iter().zip(mine) {
+            let mut landed = Vec::with_capacity(group.len());
+            for a in rt.block_on(join_all(futs)) {
                 match a {
-                    Ok(Ok(delivery)) => {
-                        let offset = delivery.offset;
-                        if mine {
-                            own.push(offset);
-                        }
-                    }
+                    Ok(Ok(delivery)) => landed.push((delivery.partition, delivery.offset)),
                     Ok(Err((e, _))) => return Err(RuntimeError::NotAcknowledged(e.to_string())),
                     Err(_) => return Err(RuntimeError::NotAcknowledged("the producer dropped a delivery".into())),
                 }
             }
+            Ok(landed)
+        };
+        let landed = send_all(&rows)?;
+        // A user's marker names the dead letters of the interval (`partition:offset:code`), so
+        // the sink records them in the same transaction as the progress they come with: a read
+        // is never `fresh` over a dead-lettered record, not even until the sink reaches it in
+        // the dead-letter topic.
+        let mut dead_of: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for ((rec, at), dead) in rows.iter().zip(&landed).zip(&dead_users) {
+            if rec.0 == cfg.output_topic {
+                own.push(at.1);
+            }
+            if let Some((user, code)) = dead {
+                dead_of.entry(user.as_str()).or_default().push(format!("{}:{}:{code}", at.0, at.1));
+            }
+        }
+        let markers: Vec<Produce> = markers
+            .into_iter()
+            .zip(&marker_users)
+            .map(|((topic, key, bytes, headers), user)| match dead_of.get(user.as_str()) {
+                Some(d) => (topic, key, bytes, headers.insert(Header { key: DEAD_LETTERS_HEADER, value: Some(d.join(",").as_str()) })),
+                None => (topic, key, bytes, headers),
+            })
+            .collect();
+        for at in send_all(&markers)? {
+            own.push(at.1);
         }
         metrics.add(&metrics.ack_wait_micros, waiting.elapsed().as_micros() as u64);
         *produced += 1;
