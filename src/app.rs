@@ -617,6 +617,8 @@ pub async fn sink(
     on_applied: vitals_sinks::runner::OnApplied,
 ) -> anyhow::Result<()> {
     use vitals_sinks::runner::{self, SinkArgs, SinkConfig};
+    // Not ready until the consumer loop runs (it clears this at its first poll or commit).
+    metrics.wait("PostgreSQL (starting: connecting)".to_owned());
     let pool = pg_ready(cfg, &stop).await?;
     let name = sink_name(cfg);
     let args = SinkArgs {

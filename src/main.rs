@@ -370,7 +370,20 @@ async fn main() -> anyhow::Result<()> {
             if !cfg.sink.metrics_listen.is_empty() {
                 let listener = TcpListener::bind(&cfg.sink.metrics_listen).await.with_context(|| format!("binding {}", cfg.sink.metrics_listen))?;
                 let (m, name) = (std::sync::Arc::clone(&metrics), app::sink_name(&cfg));
+                let ready = std::sync::Arc::clone(&metrics);
                 let router = axum::Router::new().route(
+                    "/readyz",
+                    // Not ready while the sink waits for PostgreSQL or the registry: says which.
+                    axum::routing::get(move || {
+                        let why = ready.not_ready();
+                        async move {
+                            match why {
+                                None => (http::StatusCode::OK, "ready\n".to_owned()),
+                                Some(w) => (http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: waiting for {w}\n")),
+                            }
+                        }
+                    }),
+                ).route(
                     "/metrics",
                     axum::routing::get(move || {
                         let mut out = String::new();

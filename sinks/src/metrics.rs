@@ -17,6 +17,21 @@ impl SinkMetrics {
         self.dead_letters.add(stage, code);
     }
 
+    /// The sink waits for a failed dependency (`reason`); [`SinkMetrics::wait_over`] once a
+    /// batch commits again.
+    pub fn wait(&self, reason: String) {
+        *self.waiting.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+    }
+
+    pub fn wait_over(&self) {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Why the sink is not ready (`None`: ready).
+    pub fn not_ready(&self) -> Option<String> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Appends this sink's metrics (label `sink`) in the Prometheus text format.
     pub fn render(&self, sink: &str, out: &mut String) {
         let sink = label(sink);
@@ -29,6 +44,9 @@ impl SinkMetrics {
         c(out, "batches_committed_total", "Batches committed (rows + offsets in one transaction).", &self.batches_committed);
         c(out, "commit_retries_total", "Batch commits that failed and were retried (PostgreSQL unavailable).", &self.commit_retries);
         c(out, "dead_lettered_total", "Records sent to the dead-letter topic.", &self.dead_lettered);
+        let waiting = u8::from(self.not_ready().is_some());
+        let _ = writeln!(out, "# HELP vitals_sink_waiting 1 while the sink waits for a failed dependency (see /readyz for why).\n# TYPE vitals_sink_waiting gauge");
+        let _ = writeln!(out, "vitals_sink_waiting{{sink=\"{sink}\"}} {waiting}");
         DeadLetterCounts::render_header(out);
         self.dead_letters.render_samples(out);
     }

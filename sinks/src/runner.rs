@@ -61,6 +61,8 @@ pub struct SinkMetrics {
     pub batches_committed: AtomicU64,
     pub commit_retries: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// What the sink is waiting for (a failed dependency), while it waits: `/readyz` says it.
+    pub waiting: Mutex<Option<String>>,
     pub dead_letters: vitals_schemas::dead_letter::DeadLetterCounts,
 }
 
@@ -86,6 +88,7 @@ struct SeekContext {
     rt: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
     fatal: Arc<Mutex<Option<String>>>,
+    metrics: Arc<SinkMetrics>,
 }
 
 impl ClientContext for SeekContext {}
@@ -107,9 +110,13 @@ impl SeekContext {
                 Ok(out)
             });
             match result {
-                Ok(o) => return Some(o),
+                Ok(o) => {
+                    self.metrics.wait_over();
+                    return Some(o);
+                }
                 Err(e) if !self.stop.load(Ordering::Relaxed) => {
                     warn!(error = %e, "reading stored offsets failed; retrying");
+                    self.metrics.wait(format!("PostgreSQL (reading the stored offsets): {e}"));
                     std::thread::sleep(wait);
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
@@ -186,7 +193,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
     let SinkArgs { cfg, consumer_config, producer, codec, pool, stop, metrics, on_applied } = args;
     let rt = tokio::runtime::Handle::current();
     let fatal = Arc::new(Mutex::new(None));
-    let ctx = SeekContext { pool: pool.clone(), sink: cfg.name.clone(), rt: rt.clone(), stop: Arc::clone(&stop), fatal: Arc::clone(&fatal) };
+    let ctx = SeekContext { pool: pool.clone(), sink: cfg.name.clone(), rt: rt.clone(), stop: Arc::clone(&stop), fatal: Arc::clone(&fatal), metrics: Arc::clone(&metrics) };
     let consumer: BaseConsumer<SeekContext> = consumer_config.create_with_context(ctx)?;
     // The projections, and the dead letters (freshness says `degraded` over them).
     let mut topics: Vec<String> = cfg.projections.iter().map(|p| p.topic(&cfg.topics)).collect();
@@ -211,6 +218,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
             return Err(SinkError::Assign(f));
         }
         if msgs.is_empty() {
+            metrics.wait_over(); // nothing to apply: waiting for nothing
             continue;
         }
         // The registry being down is not the records' fault: wait and decode again.
@@ -266,6 +274,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
                 }
                 Err(e) => {
                     metrics.commit_retries.fetch_add(1, Ordering::Relaxed);
+                    metrics.wait(format!("PostgreSQL: {e}"));
                     warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "committing the batch failed; retrying");
                     if !wait_or_stop(&stop, wait) {
                         return Ok(()); // stopping: nothing of this batch was committed
@@ -274,6 +283,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
                 }
             }
         };
+        metrics.wait_over();
         metrics.rows_applied.fetch_add(applied.len() as u64, Ordering::Relaxed);
         metrics.batches_committed.fetch_add(1, Ordering::Relaxed);
         if !applied.is_empty() {
@@ -306,6 +316,7 @@ fn decode_batch(
                 Ok(None) => {}
                 Err(CodecError::Unavailable(e)) => {
                     warn!(error = %e, "schema registry unavailable; will retry the batch");
+                    metrics.wait(format!("schema registry: {e}"));
                     return Ok(None);
                 }
                 // A dead letter is never dead-lettered again.
@@ -330,6 +341,7 @@ fn decode_batch(
             }
             Err(CodecError::Unavailable(e)) => {
                 warn!(error = %e, "schema registry unavailable; will retry the batch");
+                metrics.wait(format!("schema registry: {e}"));
                 return Ok(None);
             }
             Err(e) => dead.push((m, "undecodable", e.to_string())),
@@ -362,6 +374,7 @@ fn dead_letter_all(
             Ok(e) => break e,
             Err(CodecError::Unavailable(e)) => {
                 warn!(error = %e, "schema registry unavailable while dead-lettering; retrying");
+                metrics.wait(format!("schema registry: {e}"));
                 if !wait_or_stop(stop, wait) {
                     return Ok(false);
                 }

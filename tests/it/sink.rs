@@ -48,6 +48,18 @@ async fn sink_killed_and_its_postgres_crashed_still_equals_the_oracle() {
     sink_env.push(("VITALS_POSTGRES__URL".into(), sink_db.clone()));
     // Small batches: many transactions to die between.
     sink_env.push(("VITALS_PROCESSORS__MAX_BATCH".into(), "20".into()));
+    let sink_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    sink_env.push(("VITALS_SINK__METRICS_LISTEN".into(), format!("127.0.0.1:{sink_port}")));
+    let readyz = format!("http://127.0.0.1:{sink_port}/readyz");
+    let ready = |want: u16, needle: &'static str| {
+        let (http, url) = (env.http.clone(), readyz.clone());
+        async move {
+            let r = http.get(&url).send().await.ok()?;
+            let code = r.status().as_u16();
+            let body = r.text().await.ok()?;
+            (code == want && body.contains(needle)).then_some(body)
+        }
+    };
     let mut sink = VitalsProc::new(&["sink"], sink_env);
     assert_eq!(simulate::run(&sim("a", 1, 3, 3), &env.http).await.unwrap().rejected, 0);
     sink.start();
@@ -76,6 +88,8 @@ async fn sink_killed_and_its_postgres_crashed_still_equals_the_oracle() {
     pg.crash();
     assert_eq!(simulate::run(&sim("c", 20, 2, 2), &env.http).await.unwrap().rejected, 0);
     assert!(sink.exited().is_none(), "the sink must survive its database being down: {:?}", sink.exited());
+    // Its /readyz says what it waits for.
+    wait_for_every("the sink's /readyz to say it waits for PostgreSQL", Duration::from_secs(60), Duration::from_millis(200), || ready(503, "PostgreSQL")).await;
     pg.up().await;
     let sink_pool = PgPool::connect(&sink_db).await.unwrap();
 
@@ -95,6 +109,7 @@ async fn sink_killed_and_its_postgres_crashed_still_equals_the_oracle() {
     .await;
     assert_eq!(got.len(), want.rollup.len());
     assert!(committed(&sink_pool).await > before, "the sink committed after PostgreSQL came back");
+    wait_for_every("the sink's /readyz to say ready again", Duration::from_secs(30), Duration::from_millis(200), || ready(200, "ready")).await;
     assert!(sink.exited().is_none(), "the sink is still running");
 
     // Every stored version is the newest the topic holds for that key: nothing older won.
