@@ -589,6 +589,9 @@ pub async fn process(
     };
     let group = format!("{}vitals-proc-{name}", cfg.kafka.topic_prefix);
     let snapshots = snapshots(cfg, &group).await?;
+    if let Some(s) = &snapshots {
+        let _ = metrics.snapshots.set(Arc::clone(&s.metrics));
+    }
     let args = RunArgs {
         cfg: rc,
         consumer_config: runtime::consumer_config(&cfg.kafka.brokers, &group),

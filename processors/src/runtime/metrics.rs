@@ -8,6 +8,8 @@ use std::sync::Mutex;
 
 use vitals_schemas::dead_letter::{label, DeadLetterCounts};
 
+use super::snapshot::SnapshotMetrics;
+
 #[derive(Debug, Default)]
 pub struct RuntimeMetrics {
     /// Input records read and handled (processed, skipped as already checkpointed, or DLQ'd).
@@ -33,6 +35,8 @@ pub struct RuntimeMetrics {
     pub paused: Mutex<BTreeMap<i32, String>>,
     /// Intervals put back because a dependency failed.
     pub dependency_retries: AtomicU64,
+    /// The snapshot counters, when snapshots are on (set once by whoever builds the runtime).
+    pub snapshots: std::sync::OnceLock<std::sync::Arc<SnapshotMetrics>>,
 }
 
 impl RuntimeMetrics {
@@ -91,6 +95,18 @@ pub fn render_all(all: &[(&str, &RuntimeMetrics)], out: &mut String) {
     c(out, "checkpoint_commit_microseconds_total", "Time spent committing checkpoints.", |m| &m.commit_micros);
     c(out, "ack_wait_microseconds_total", "Time spent waiting for output acknowledgements.", |m| &m.ack_wait_micros);
     c(out, "dependency_retries_total", "Intervals put back and retried because a dependency (the schema registry) failed.", |m| &m.dependency_retries);
+    let s = |out: &mut String, name: &str, help: &str, v: fn(&SnapshotMetrics) -> &AtomicU64| {
+        let _ = writeln!(out, "# HELP vitals_processor_{name} {help}\n# TYPE vitals_processor_{name} counter");
+        for (processor, m) in all {
+            let n = m.snapshots.get().map_or(0, |s| v(s).load(Ordering::Relaxed));
+            let _ = writeln!(out, "vitals_processor_{name}{{processor=\"{}\"}} {n}", label(processor));
+        }
+    };
+    s(out, "snapshots_total", "Task snapshots uploaded to S3 and published.", |m| &m.taken);
+    s(out, "snapshot_failures_total", "Task snapshots that failed (export, S3 upload or pointer publish); processing went on.", |m| &m.failed);
+    s(out, "snapshots_fenced_total", "Task snapshots uploaded whose pointer was refused (a newer owner or snapshot).", |m| &m.fenced);
+    s(out, "snapshot_restores_total", "Tasks restored from a snapshot.", |m| &m.restores);
+    s(out, "snapshot_restore_failures_total", "Restores that failed and fell back to replaying from the beginning.", |m| &m.restore_failures);
     let _ = writeln!(out, "# HELP vitals_processor_paused_partitions Partitions waiting for a failed dependency (see /readyz for why).\n# TYPE vitals_processor_paused_partitions gauge");
     for (processor, m) in all {
         let paused = m.paused.lock().unwrap_or_else(|e| e.into_inner()).len();

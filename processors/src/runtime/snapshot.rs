@@ -32,7 +32,8 @@ pub struct Snapshots {
     /// The least wall-clock time between two snapshots of one task. It decides only *when* a
     /// snapshot is taken, never what is output.
     pub every: Duration,
-    pub metrics: SnapshotMetrics,
+    /// Shared with the runtime's metrics, which serve them on `/metrics`.
+    pub metrics: std::sync::Arc<SnapshotMetrics>,
 }
 
 /// Counters the runtime keeps (for logs, benchmarks and tests).
@@ -150,7 +151,7 @@ pub struct Restored {
 
 impl Snapshots {
     pub fn new(s3: S3Client, pool: PgPool, prefix: &str, every: Duration) -> Snapshots {
-        Snapshots { s3, pool, prefix: prefix.trim_matches('/').to_owned(), every, metrics: SnapshotMetrics::default() }
+        Snapshots { s3, pool, prefix: prefix.trim_matches('/').to_owned(), every, metrics: Default::default() }
     }
 
     pub fn object_key(&self, processor: &str, partition: i32, epoch: i64, seq: i64, position: i64) -> String {
