@@ -377,6 +377,12 @@ impl ConsumerContext for RebalanceContext {
                 let mut start = TopicPartitionList::new();
                 for el in tpl.elements() {
                     let p = el.partition();
+                    // A takeover failed (its dependency, PostgreSQL, is down?): the process stops;
+                    // trying the next one (or the same partition again for its next input topic)
+                    // would only keep the consumer in this callback, one timeout each.
+                    if sh.fatal.is_some() {
+                        continue;
+                    }
                     let running = match sh.tasks.entry(p) {
                         std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
                         std::collections::btree_map::Entry::Vacant(v) => {
