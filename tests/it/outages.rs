@@ -451,3 +451,116 @@ async fn redis_down_under_the_sink_costs_only_realtime() {
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
 }
+
+/// A TCP proxy in front of the shared S3 store that can be switched off: then it drops every
+/// connection it holds and every new one (the store is unreachable without stopping the shared one).
+struct S3Switch {
+    up: Arc<AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    url: String,
+}
+
+impl S3Switch {
+    async fn start() -> S3Switch {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (up, conns) = (Arc::new(AtomicBool::new(true)), Arc::new(std::sync::Mutex::new(Vec::new())));
+        let (u, c) = (Arc::clone(&up), Arc::clone(&conns));
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !u.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is closed
+                }
+                c.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:19000").await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        S3Switch { up, conns, url }
+    }
+    fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+/// Snapshots are published, then S3 goes down while uploads go on: processing is unaffected and
+/// the failures are counted. The instance then loses its disk: the published snapshot cannot be
+/// downloaded, so the restore fails (counted), the pointer is withdrawn and the task replays from
+/// the beginning — every key re-emitted under the new epoch, the output still the oracle's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_down_at_restore_falls_back_to_a_full_replay() {
+    let env = TestEnv::start().await;
+    let codec = vitals::app::codec(&env.cfg);
+    let t = env.topics();
+    let s3 = S3Switch::start().await;
+    let data = std::env::temp_dir().join(format!("vitals-outage-s3r-{}", uuid::Uuid::new_v4().simple()));
+    let port = free_port();
+    let mut vars = with(crate::process::proc_env(&env, &data), "VITALS_S3__ENDPOINT", &s3.url);
+    vars = with(vars, "VITALS_PROCESSORS__SNAPSHOT_EVERY_MS", "200");
+    vars = with(vars, "VITALS_PROCESSORS__METRICS_LISTEN", &format!("127.0.0.1:{port}"));
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    let mut p = VitalsProc::new(&["process", "rollup_day"], vars);
+    let pointers = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processor_snapshots").fetch_one(&env.pool).await.unwrap() };
+    assert_eq!(simulate::run(&env.sim("a", 61, 3, 2), &env.http).await.unwrap().rejected, 0);
+    p.start();
+    wait_for_every("a published snapshot", Duration::from_secs(60), Duration::from_millis(200), || async { (pointers().await > 0).then_some(()) }).await;
+
+    s3.down();
+    let failed_before = metric(&env.http, &metrics, "vitals_processor_snapshot_failures_total", "rollup_day").await.unwrap();
+    assert_eq!(simulate::run(&env.sim("b", 62, 2, 2), &env.http).await.unwrap().rejected, 0);
+    let want = rollup_day::oracle(&crate::process::inputs(&env, &codec).await);
+    assert!(want.len() > 20, "a realistic workload: {} rollups", want.len());
+    wait_for_every("the output to equal the oracle with S3 down", Duration::from_secs(90), Duration::from_millis(300), || {
+        let (env, codec, want) = (&env, &codec, &want);
+        async move { (crate::process::fold(env, codec).await.0 == *want).then_some(()) }
+    })
+    .await;
+    wait_for_every("snapshot failures on /metrics", Duration::from_secs(30), Duration::from_millis(200), || {
+        let (http, url) = (&env.http, &metrics);
+        async move { (metric(http, url, "vitals_processor_snapshot_failures_total", "rollup_day").await? > failed_before).then_some(()) }
+    })
+    .await;
+
+    p.kill9();
+    std::fs::remove_dir_all(&data).unwrap();
+    let epochs_before: BTreeMap<i32, i64> =
+        sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs").fetch_all(&env.pool).await.unwrap().into_iter().collect();
+    p.start();
+    wait_for_every("the replay to re-emit every rollup key under its new epoch", Duration::from_secs(120), Duration::from_millis(500), || {
+        let (env, codec, want, t, before) = (&env, &codec, &want, &t, &epochs_before);
+        async move {
+            let mut newest: BTreeMap<String, i64> = BTreeMap::new();
+            for m in env.read(&t.rollup_day).await {
+                if header(&m, PROGRESS_HEADER).is_some() {
+                    continue;
+                }
+                let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
+                if r.version_epoch > before.get(&m.partition()).copied().unwrap_or(0) {
+                    newest.insert(key(&m), r.version_epoch);
+                }
+            }
+            want.keys().all(|k| newest.contains_key(k)).then_some(())
+        }
+    })
+    .await;
+    wait_for_every("the output to equal the oracle after the full replay", Duration::from_secs(90), Duration::from_millis(300), || {
+        let (env, codec, want) = (&env, &codec, &want);
+        async move { (crate::process::fold(env, codec).await.0 == *want).then_some(()) }
+    })
+    .await;
+    let restore_failures = metric(&env.http, &metrics, "vitals_processor_snapshot_restore_failures_total", "rollup_day").await.unwrap();
+    assert!(restore_failures > 0, "the restores from an unreachable S3 are counted");
+    let restores: i64 = sqlx::query_scalar("SELECT count(*) FROM processor_restores").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(restores, 0, "nothing was restored");
+    assert_eq!(pointers().await, 0, "the pointers nobody started from are withdrawn");
+    assert!(env.read(&t.dead_letter).await.is_empty(), "nothing dead-lettered for an S3 outage");
+    assert!(p.exited().is_none(), "{:?}", p.exited());
+    p.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
