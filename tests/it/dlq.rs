@@ -9,7 +9,6 @@ use std::time::Duration;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::Message;
-use vitals_schemas::codec::Codec;
 use vitals_schemas::dead_letter::REPLAY_OF_HEADER;
 use vitals_schemas::topics::partition_for;
 use vitals_schemas::{DeadLetter, SampleBatch};

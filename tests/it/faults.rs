@@ -15,7 +15,6 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use vitals::simulate;
-use vitals_schemas::codec::Codec;
 use vitals_schemas::{DeadLetter, MetricKindRecord, RollupDay, SourceOffset};
 
 use crate::harness::{header, wait_for_every, TestEnv, VitalsProc};

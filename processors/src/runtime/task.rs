@@ -576,7 +576,7 @@ mod tests {
     /// something else than the user) were processed silently by a task that does not own the user.
     #[test]
     fn a_lane_record_off_its_users_partition_or_key_is_dead_lettered() {
-        let (mut task, dir) = task("misrouted");
+        let (task, dir) = task("misrouted");
         let lanes = Lanes { partitions: Some(6), ..lanes() };
         let hot = lanes.topics.hot.clone();
         let mut p = RollupDayProcessor::new(Config::default());
