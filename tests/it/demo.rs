@@ -4,11 +4,7 @@
 
 use std::process::{Command, Stdio};
 
-use crate::harness::{fresh_db, services_up};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use crate::harness::{free_port, fresh_db, services_up};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_the_whole_pipeline_on_the_embedded_broker() {

@@ -13,7 +13,7 @@ use vitals_schemas::dead_letter::REPLAY_OF_HEADER;
 use vitals_schemas::topics::partition_for;
 use vitals_schemas::{DeadLetter, SampleBatch};
 
-use crate::harness::{header, wait_for_every, TestEnv, VitalsProc};
+use crate::harness::{free_port, header, wait_for_every, TestEnv, VitalsProc};
 
 /// Runs `vitals <args>` in this test's world to completion: (success, stdout, stderr).
 async fn vitals(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
@@ -32,10 +32,6 @@ async fn ok(env: &TestEnv, args: &[&str]) -> String {
 
 async fn metrics(port: u16) -> Option<String> {
     reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn sample(id: &str, metric: &str) -> vitals_schemas::Sample {

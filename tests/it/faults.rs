@@ -17,7 +17,7 @@ use rdkafka::Message;
 use vitals::simulate;
 use vitals_schemas::{DeadLetter, MetricKindRecord, RollupDay, SourceOffset};
 
-use crate::harness::{header, wait_for_every, TestEnv, VitalsProc};
+use crate::harness::{free_port, header, wait_for_every, TestEnv, VitalsProc};
 use crate::pipeline::{expected, fold};
 
 /// A schema registry in front of the real one that answers `fault` (an HTTP status) instead of
@@ -70,10 +70,6 @@ impl FaultyRegistry {
     fn answer(&self, status: u16) {
         self.fault.store(status, Ordering::SeqCst);
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn with(mut vars: Vec<(String, String)>, key: &str, value: &str) -> Vec<(String, String)> {
@@ -256,11 +252,7 @@ async fn a_dead_lettered_record_makes_the_read_degraded_with_the_count_and_reaso
     proc.start();
     let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
     sink.start();
-    let pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
-    let api = vitals::app::api(&env.cfg, pool, false).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { vitals::app::serve(listener, vitals_api::router(api), std::future::pending()).await });
+    let base = env.serve_api().await;
     let token = env.token(user);
     let read = wait_for_every("the read to say degraded, naming the dead letter", Duration::from_secs(60), Duration::from_millis(300), || {
         let (http, url, token) = (&env.http, format!("{base}/v1/rollups?metric=heart_rate"), &token);
@@ -354,11 +346,7 @@ async fn hostile_sessions_harm_nothing_and_another_user_becomes_fresh() {
     proc.start();
     let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
     sink.start();
-    let pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
-    let api = vitals::app::api(&env.cfg, pool, false).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { vitals::app::serve(listener, vitals_api::router(api), std::future::pending()).await });
+    let base = env.serve_api().await;
 
     // Another user uploads meanwhile; their read becomes fresh within a bound.
     env.consent(good, &[]).await;

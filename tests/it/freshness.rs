@@ -13,25 +13,12 @@ use std::time::Duration;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use vitals_processors::rollup_day;
 use vitals_schemas::codec::Codec;
 use vitals_schemas::topics::PROGRESS_HEADER;
 use vitals_schemas::{MetricKindRecord, RollupDay, SourceOffset};
 
 use crate::harness::{wait_for, TestEnv, VitalsProc};
-
-/// The read API of this test's world, served in-process on port 0; its base URL.
-async fn serve_api(env: &TestEnv) -> String {
-    let pool = PgPool::connect(&env.db_url).await.unwrap();
-    let api = vitals::app::api(&env.cfg, pool, false).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        let _ = vitals::app::serve(listener, vitals_api::router(api), std::future::pending()).await;
-    });
-    base
-}
 
 async fn get(env: &TestEnv, url: &str, token: &str) -> Value {
     let resp = env.http.get(url).bearer_auth(token).send().await.unwrap();
@@ -145,7 +132,7 @@ async fn a_replay_from_an_older_checkpoint_is_not_fresh_until_it_has_caught_up()
     let t = env.topics();
     // The edge accepted the user's uploads up to HOT offset 99 and COLD offset 59.
     accepted(&env, &user, &[(&t.hot, 99), (&t.cold, 59)]).await;
-    let api = serve_api(&env).await;
+    let api = env.serve_api().await;
     let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
     sink.start();
     let owner = Owner { env: &env, codec: &codec, producer: vitals::app::producer(&env.cfg, "test-owner").unwrap(), user: user.clone() };
@@ -211,7 +198,7 @@ async fn a_read_pairs_rows_and_progress_of_one_moment() {
     let token = env.token(&user);
     let hot = env.topics().hot;
     accepted(&env, &user, &[(&hot, 99)]).await;
-    let api = serve_api(&env).await;
+    let api = env.serve_api().await;
 
     // Each read endpoint, with a replayed row (count 4) and progress at HOT 40.
     let cases = [
@@ -279,7 +266,7 @@ async fn during_a_real_replay_no_read_says_fresh_over_rows_from_less_input() {
     use vitals::simulate;
     let env = TestEnv::start().await;
     let codec = vitals::app::codec(&env.cfg);
-    let base = serve_api(&env).await;
+    let base = env.serve_api().await;
     let data = std::env::temp_dir().join(format!("vitals-fresh-{}", uuid::Uuid::new_v4().simple()));
     let vars = |batch: &str| {
         let mut v = env.child_env(&data);

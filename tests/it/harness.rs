@@ -118,7 +118,24 @@ pub struct TestEnv {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// A TCP port nobody listens on right now (for a child's metrics or API listener).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 impl TestEnv {
+    /// The read API of this test's world, served in-process on port 0; its base URL.
+    pub async fn serve_api(&self) -> String {
+        let pool = sqlx::PgPool::connect(&self.db_url).await.unwrap();
+        let api = vitals::app::api(&self.cfg, pool, false).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let _ = app::serve(listener, vitals_api::router(api), std::future::pending()).await;
+        });
+        base
+    }
+
     pub async fn start() -> TestEnv {
         TestEnv::start_with(KAFKA, &[]).await
     }

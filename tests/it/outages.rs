@@ -18,12 +18,8 @@ use vitals_schemas::topics::PROGRESS_HEADER;
 use vitals_processors::rollup_day;
 use vitals_schemas::{ProductImpact, RollupDay, SessionImpact, SleepNight};
 
-use crate::harness::{header, key, wait_for_every, OwnPostgres, OwnRedis, TestEnv, VitalsProc};
+use crate::harness::{free_port, header, key, wait_for_every, OwnPostgres, OwnRedis, TestEnv, VitalsProc};
 use crate::pipeline::{expected, expected_products, fold};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn with(mut vars: Vec<(String, String)>, key: &str, value: &str) -> Vec<(String, String)> {
     vars.retain(|(k, _)| k != key);
@@ -65,18 +61,6 @@ async fn metric(http: &reqwest::Client, url: &str, name: &str, processor: &str) 
     let text = http.get(url).send().await.ok()?.text().await.ok()?;
     let prefix = format!("{name}{{processor=\"{processor}\"}} ");
     text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
-}
-
-/// The read API of this test's world (over the sink's tables), in-process on port 0; its base URL.
-async fn serve_api(env: &TestEnv) -> String {
-    let pool = PgPool::connect(&env.db_url).await.unwrap();
-    let api = vitals::app::api(&env.cfg, pool, false).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        let _ = vitals::app::serve(listener, vitals_api::router(api), std::future::pending()).await;
-    });
-    base
 }
 
 /// Users whose uploads are all acknowledged, with the oracle's rollup rows of each (stripped).
@@ -179,7 +163,7 @@ async fn postgres_restarted_under_the_processors_loses_and_doubles_nothing() {
     let mut p = VitalsProc::new(&["process", "--all"], vars);
     // The sink and the read API use the shared PostgreSQL, like the edge.
     let mut sink = VitalsProc::new(&["sink"], env.child_env(&data.join("sink")));
-    let base = serve_api(&env).await;
+    let base = env.serve_api().await;
     assert_eq!(simulate::run(&env.sim("a", 31, 2, 2), &env.http).await.unwrap().rejected, 0);
     p.start();
     sink.start();
@@ -268,7 +252,7 @@ async fn s3_down_under_snapshots_costs_only_the_snapshots() {
     let metrics = format!("http://127.0.0.1:{port}/metrics");
     let mut p = VitalsProc::new(&["process", "--all"], vars);
     let mut sink = VitalsProc::new(&["sink"], env.child_env(&data.join("sink")));
-    let base = serve_api(&env).await;
+    let base = env.serve_api().await;
     let (wave_a, wave_b) = (env.sim("a", 41, 2, 2), env.sim("b", 42, 2, 2));
     assert_eq!(simulate::run(&wave_a, &env.http).await.unwrap().rejected, 0);
     p.start();
@@ -402,7 +386,7 @@ async fn redis_down_under_the_sink_costs_only_realtime() {
     let second = env.sim("b", 52, 2, 2);
     let user_b = simulate::user_id(&second, 0);
     assert_eq!(simulate::run(&second, &env.http).await.unwrap().rejected, 0);
-    let base = serve_api(&env).await;
+    let base = env.serve_api().await;
     let stop = Arc::new(AtomicBool::new(false));
     let users: Vec<String> = (0..second.users).map(|i| simulate::user_id(&second, i)).collect();
     let watcher = watch_reads(&env, &base, final_rows(&env, &users).await, Arc::clone(&stop));

@@ -48,7 +48,7 @@ async fn sink_killed_and_its_postgres_crashed_still_equals_the_oracle() {
     sink_env.push(("VITALS_POSTGRES__URL".into(), sink_db.clone()));
     // Small batches: many transactions to die between.
     sink_env.push(("VITALS_PROCESSORS__MAX_BATCH".into(), "20".into()));
-    let sink_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let sink_port = crate::harness::free_port();
     sink_env.push(("VITALS_SINK__METRICS_LISTEN".into(), format!("127.0.0.1:{sink_port}")));
     let readyz = format!("http://127.0.0.1:{sink_port}/readyz");
     let ready = |want: u16, needle: &'static str| {
