@@ -14,6 +14,38 @@ pub const SOURCE_PARTITION_HEADER: &str = "vitals-source-partition";
 pub const SOURCE_OFFSET_HEADER: &str = "vitals-source-offset";
 pub const REASON_HEADER: &str = "vitals-reason";
 
+/// The headers of a dead letter of the record at `topic` [`partition`] `offset`, refused for
+/// `reason`, of `user` when known (so that it counts against that user's freshness).
+pub fn headers(topic: &str, partition: i32, offset: i64, reason: &str, user: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut h = vec![
+        (SOURCE_TOPIC_HEADER, topic.to_owned()),
+        (SOURCE_PARTITION_HEADER, partition.to_string()),
+        (SOURCE_OFFSET_HEADER, offset.to_string()),
+        (REASON_HEADER, reason.to_owned()),
+    ];
+    if let Some(u) = user {
+        h.push((crate::topics::USER_HEADER, u.to_owned()));
+    }
+    h
+}
+
+/// The value of [`crate::topics::DEAD_LETTERS_HEADER`] on a progress marker: the dead letters of
+/// the marker's user in its interval, `partition:offset:code,…` of the dead-letter topic.
+pub fn announce(dead: &[(i32, i64, &str)]) -> String {
+    dead.iter().map(|(p, o, code)| format!("{p}:{o}:{code}")).collect::<Vec<_>>().join(",")
+}
+
+/// The dead letters an [`announce`] value names (malformed entries are skipped).
+pub fn announced(value: &str) -> Vec<(i32, i64, String)> {
+    value
+        .split(',')
+        .filter_map(|one| {
+            let mut it = one.splitn(3, ':');
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?, it.next()?.to_owned()))
+        })
+        .collect()
+}
+
 /// Header of a record written back by `vitals dlq replay`: the source record it is a copy of,
 /// `<topic>:<partition>:<offset>` (Kafka topic names never contain `:`). Replay finds its own
 /// earlier writes by it.
@@ -71,6 +103,14 @@ pub fn label(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_markers_announcement_reads_back_what_it_names() {
+        let value = announce(&[(0, 7, "undecodable"), (3, 12, "misrouted")]);
+        assert_eq!(value, "0:7:undecodable,3:12:misrouted");
+        assert_eq!(announced(&value), [(0, 7, "undecodable".to_owned()), (3, 12, "misrouted".to_owned())]);
+        assert_eq!(announced("x:1:a,2:3:b"), [(2, 3, "b".to_owned())], "a malformed entry is skipped");
+    }
 
     #[test]
     fn counts_render_one_line_per_stage_and_code() {

@@ -128,6 +128,11 @@ pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
 /// `<user>|~progress`, a tombstone-shaped record carrying the source offsets) rather than a
 /// projection row. Sinks record it as the user's freshness; chained processors skip it.
 pub const PROGRESS_HEADER: &str = "vitals-progress";
+/// On every processor output record (and dead letter): the user it belongs to.
+pub const USER_HEADER: &str = "vitals-user";
+/// On a progress marker: the interval's dead letters of the user
+/// ([`crate::dead_letter::announce`]).
+pub const DEAD_LETTERS_HEADER: &str = "vitals-dead-letters";
 
 #[cfg(test)]
 mod tests {

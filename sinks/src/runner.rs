@@ -26,11 +26,7 @@ use vitals_schemas::{DeadLetter, ProductImpact, RollupDay, SessionImpact, SleepN
 use crate::postgres::{self, Applied, Batch};
 use crate::{Progress, ProgressKind, Projection, Row, PROGRESS_HEADER};
 
-/// The header naming the user of a processor's output record (`vitals-user`), copied onto the
-/// dead letters of the sink so they count against that user's freshness.
-pub const USER_HEADER: &str = "vitals-user";
-/// On a processor's progress marker: the interval's dead letters of the user.
-pub const DEAD_LETTERS_HEADER: &str = "vitals-dead-letters";
+pub use vitals_schemas::topics::{DEAD_LETTERS_HEADER, USER_HEADER};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -385,15 +381,9 @@ fn dead_letter_all(
     };
     for ((m, code, reason), bytes) in dead.iter().zip(encoded) {
         warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), code, reason, "dead-lettered");
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: "vitals-source-topic", value: Some(m.topic()) })
-            .insert(Header { key: "vitals-source-partition", value: Some(m.partition().to_string().as_str()) })
-            .insert(Header { key: "vitals-source-offset", value: Some(m.offset().to_string().as_str()) })
-            .insert(Header { key: "vitals-reason", value: Some(reason.as_str()) });
-        let headers = match user_of(m) {
-            Some(u) => headers.insert(Header { key: USER_HEADER, value: Some(u.as_str()) }),
-            None => headers,
-        };
+        let headers = vitals_schemas::dead_letter::headers(m.topic(), m.partition(), m.offset(), reason, user_of(m).as_deref())
+            .into_iter()
+            .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: Some(v.as_str()) }));
         let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
         rt.block_on(producer.send(FutureRecord::to(&cfg.topics.dead_letter).partition(m.partition()).key(&key).payload(&bytes).headers(headers), Duration::from_secs(30)))
             .map_err(|(e, _)| SinkError::DeadLetter(e.to_string()))?;
@@ -434,25 +424,23 @@ async fn dead_row(codec: &Codec, t: &Topics, m: &OwnedMessage) -> Result<Option<
 /// `fresh`, from the moment the progress counts; the dead letters themselves fill them in.
 fn announced_dead_letters(t: &Topics, m: &OwnedMessage, pr: &Progress) -> Vec<postgres::DeadRow> {
     let Some(h) = m.headers().and_then(|h| h.iter().find(|h| h.key == DEAD_LETTERS_HEADER)).and_then(|h| h.value) else { return Vec::new() };
-    String::from_utf8_lossy(h)
-        .split(',')
-        .filter_map(|one| {
-            let mut it = one.splitn(3, ':');
-            let (p, o, code) = (it.next()?.parse().ok()?, it.next()?.parse().ok()?, it.next()?);
+    vitals_schemas::dead_letter::announced(&String::from_utf8_lossy(h))
+        .into_iter()
+        .map(|(p, o, code)| {
             let projection = pr.projection.name().to_owned();
-            Some(postgres::DeadRow {
+            postgres::DeadRow {
                 dlq_topic: t.dead_letter.clone(),
                 dlq_partition: p,
                 dlq_offset: o,
                 user_id: pr.user_id.clone(),
                 stage: format!("processor:{projection}"),
                 projection,
-                code: code.to_owned(),
+                code,
                 reason: "(announced by the progress marker; the dead letter has the reason)".into(),
                 source_topic: String::new(),
                 source_partition: -1,
                 source_offset: -1,
-            })
+            }
         })
         .collect()
 }

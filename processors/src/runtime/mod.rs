@@ -165,12 +165,8 @@ struct Shared {
 /// The headers every output record carries, so that the owner of the partition (and its
 /// successors) can read the output partition without decoding a single record.
 pub const EPOCH_HEADER: &str = "vitals-epoch";
-pub const USER_HEADER: &str = "vitals-user";
 pub const SOURCE_HEADER: &str = "vitals-source";
 pub const OWNER_HEADER: &str = "vitals-owner";
-/// On a progress marker: the dead letters of the user in the marker's interval,
-/// `partition:offset:code,…` of the dead-letter topic.
-pub const DEAD_LETTERS_HEADER: &str = "vitals-dead-letters";
 
 /// `topic=next_offset,…` (Kafka topic names contain neither `=` nor `,`).
 fn source_header(source: &[SourceOffset]) -> String {
@@ -677,7 +673,7 @@ fn gap_error<C: ConsumerContext>(consumer: &BaseConsumer<C>, partition: i32, top
     RuntimeError::Task { partition, source: task::TaskError::Gap { topic: format!("{topic} ({why})"), expected, got } }
 }
 
-pub use vitals_schemas::topics::PROGRESS_HEADER;
+pub use vitals_schemas::topics::{DEAD_LETTERS_HEADER, PROGRESS_HEADER, USER_HEADER};
 
 fn is_progress(m: &OwnedMessage) -> bool {
     m.headers().is_some_and(|h| h.iter().any(|h| h.key == PROGRESS_HEADER))
@@ -824,14 +820,11 @@ where
             Out::Dead { dead, reason } => {
                 warn!(topic = %dead.source_topic, partition = p, offset = dead.source_offset, code = %dead.code, "dead-lettered");
                 metrics.dead_letter(&dead.stage, &dead.code);
-                let headers = OwnedHeaders::new()
-                    .insert(Header { key: "vitals-source-topic", value: Some(dead.source_topic.as_str()) })
-                    .insert(Header { key: "vitals-source-partition", value: Some(p.to_string().as_str()) })
-                    .insert(Header { key: "vitals-source-offset", value: Some(dead.source_offset.to_string().as_str()) })
-                    .insert(Header { key: "vitals-reason", value: Some(reason.as_str()) });
                 let key = String::from_utf8_lossy(dead.key.as_deref().unwrap_or_default()).into_owned();
                 // Lanes are keyed by user: the dead letter counts against that user's freshness.
-                let headers = headers.insert(Header { key: USER_HEADER, value: Some(key.as_str()) });
+                let headers = vitals_schemas::dead_letter::headers(&dead.source_topic, p, dead.source_offset, reason, Some(&key))
+                    .into_iter()
+                    .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: Some(v.as_str()) }));
                 let bytes = encode_as(rt, codec, &t.dead_letter, dead)?;
                 dead_users.push(Some((key.clone(), dead.code.clone())));
                 rows.push((t.dead_letter.clone(), key, bytes, headers));
@@ -875,20 +868,20 @@ where
         // the sink records them in the same transaction as the progress they come with: a read
         // is never `fresh` over a dead-lettered record, not even until the sink reaches it in
         // the dead-letter topic.
-        let mut dead_of: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut dead_of: BTreeMap<&str, Vec<(i32, i64, &str)>> = BTreeMap::new();
         for ((rec, at), dead) in rows.iter().zip(&landed).zip(&dead_users) {
             if rec.0 == cfg.output_topic {
                 own.push(at.1);
             }
             if let Some((user, code)) = dead {
-                dead_of.entry(user.as_str()).or_default().push(format!("{}:{}:{code}", at.0, at.1));
+                dead_of.entry(user.as_str()).or_default().push((at.0, at.1, code.as_str()));
             }
         }
         let markers: Vec<Produce> = markers
             .into_iter()
             .zip(&marker_users)
             .map(|((topic, key, bytes, headers), user)| match dead_of.get(user.as_str()) {
-                Some(d) => (topic, key, bytes, headers.insert(Header { key: DEAD_LETTERS_HEADER, value: Some(d.join(",").as_str()) })),
+                Some(d) => (topic, key, bytes, headers.insert(Header { key: DEAD_LETTERS_HEADER, value: Some(vitals_schemas::dead_letter::announce(d).as_str()) })),
                 None => (topic, key, bytes, headers),
             })
             .collect();
