@@ -395,3 +395,119 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
     println!("  (one machine: broker, PostgreSQL, Redis, registry and every role share its cores)");
     Ok(())
 }
+
+/// The simulated people's uploads as the edge would write them to the lanes (the same
+/// validation and normalisation, one record per ≤ `max_items_per_record` items), decoded, in
+/// upload order: what the processors read, without a broker. The log timestamp of each record
+/// is its position in milliseconds after the simulated "now" (stream time only moves forward).
+pub fn offline_inputs(sim: &SimConfig, max_items_per_record: usize) -> Vec<vitals_processors::Input> {
+    use vitals_ingest::request::{self, Rules};
+    use vitals_processors::Input;
+    use vitals_schemas::{ChangeBatch, DomainChangeBatch, Lane, SampleBatch};
+    let catalog = vitals_schemas::Catalog::embedded();
+    let rules = Rules::default();
+    let now = sim.now_ms;
+    let chunk = max_items_per_record.max(1);
+    let mut out = Vec::new();
+    for (n, up) in simulate::plan(sim).into_iter().enumerate() {
+        let request_id = up.request_id().to_owned();
+        let user_id = up.user.clone();
+        let items = up.items().to_vec();
+        match up.endpoint {
+            simulate::SAMPLES_PATH => {
+                let (ok, _) = request::validate_samples(items, up.backfill(), None, catalog, &rules, now);
+                let (mut hot, mut cold, mut edits) = (Vec::new(), Vec::new(), Vec::new());
+                for r in ok {
+                    match r.lane {
+                        Lane::Hot => hot.push(r.sample),
+                        Lane::Cold => cold.push(r.sample),
+                        Lane::Change => edits.push(r.sample),
+                    }
+                }
+                for (lane, samples) in [(Lane::Hot, hot), (Lane::Cold, cold)] {
+                    for part in samples.chunks(chunk) {
+                        out.push(Input::Samples(SampleBatch { request_id: request_id.clone(), user_id: user_id.clone(), received_at_ms: now + n as i64, lane, samples: part.to_vec() }));
+                    }
+                }
+                for part in edits.chunks(chunk) {
+                    out.push(Input::Changes(ChangeBatch { request_id: request_id.clone(), user_id: user_id.clone(), received_at_ms: now + n as i64, edits: part.to_vec(), deletions: vec![] }));
+                }
+            }
+            simulate::DELETIONS_PATH => {
+                let (ok, _) = request::validate_deletions(items, catalog);
+                for part in ok.chunks(chunk) {
+                    out.push(Input::Changes(ChangeBatch { request_id: request_id.clone(), user_id: user_id.clone(), received_at_ms: now + n as i64, edits: vec![], deletions: part.to_vec() }));
+                }
+            }
+            _ => {
+                let (ok, _) = request::validate_changes(items, catalog, &rules, now);
+                for part in ok.chunks(chunk) {
+                    out.push(Input::Domain(DomainChangeBatch { request_id: request_id.clone(), user_id: user_id.clone(), received_at_ms: now + n as i64, changes: part.to_vec() }));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn input_items(inputs: &[vitals_processors::Input]) -> usize {
+    use vitals_processors::Input;
+    inputs
+        .iter()
+        .map(|i| match i {
+            Input::Samples(b) => b.samples.len(),
+            Input::Changes(b) => b.edits.len() + b.deletions.len(),
+            Input::Domain(b) => b.changes.len(),
+            Input::SessionImpact(_) => 1,
+        })
+        .sum()
+}
+
+/// `vitals bench driver`: every processor alone in the in-memory driver (no Kafka, no I/O, one
+/// thread) over the simulated people's inputs, as the edge would have written them. Needs no
+/// service. Prints items/s per core and the driver's state per retained sample.
+pub fn driver(sim: &SimConfig, max_items_per_record: usize) {
+    use vitals_processors::driver::Driver;
+    use vitals_processors::{product_impact, rollup_day, session_impact, sleep_night, Input, Processor};
+
+    let t0 = Instant::now();
+    let inputs = offline_inputs(sim, max_items_per_record);
+    let items = input_items(&inputs);
+    let retained = vitals_processors::identity::effective_samples(&inputs).values().map(Vec::len).sum::<usize>();
+    println!(
+        "vitals bench driver — {} users × {} days: {items} input items in {} records ({retained} samples retained), built in {:.2} s",
+        sim.users,
+        sim.days,
+        inputs.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    println!("  one thread, in-memory driver: no Kafka, no store, no checkpoint");
+
+    fn run<P: Processor>(name: &str, p: P, inputs: &[Input], items: usize, retained: usize) -> Vec<P::Output>
+    where
+        P::Output: Clone,
+    {
+        let t0 = Instant::now();
+        let mut d = Driver::new(p);
+        for (n, i) in inputs.iter().enumerate() {
+            let _ = d.feed_at(n as i64, i);
+        }
+        let took = t0.elapsed();
+        let bytes: usize = d.states.values().map(|s| s.map.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()).sum();
+        println!(
+            "  {name:<15} {:>8.3} s = {:>10.0} items/s; state {:>7.1} MB = {:>5.0} B per retained sample; {} outputs",
+            took.as_secs_f64(),
+            items as f64 / took.as_secs_f64(),
+            bytes as f64 / 1e6,
+            bytes as f64 / retained.max(1) as f64,
+            d.log.len()
+        );
+        d.log.iter().filter_map(|e| e.value.clone()).collect()
+    }
+    run("rollup_day", rollup_day::RollupDayProcessor::new(Default::default()), &inputs, items, retained);
+    run("sleep_night", sleep_night::SleepNightProcessor::new(Default::default()), &inputs, items, retained);
+    let impacts = run("session_impact", session_impact::SessionImpactProcessor::new(Default::default()), &inputs, items, retained);
+    let chained: Vec<Input> = impacts.into_iter().map(Input::SessionImpact).collect();
+    let n = chained.len();
+    run("product_impact", product_impact::ProductImpactProcessor::new(Default::default()), &chained, n, retained);
+}
