@@ -463,6 +463,10 @@ fn input_items(inputs: &[vitals_processors::Input]) -> usize {
         .sum()
 }
 
+/// Records per interval in `bench driver`: a partition's share of a loaded interval
+/// (`processors.max_batch` = 1000 over 6 partitions is ~166; this is fewer, to be conservative).
+const INTERVAL: usize = 100;
+
 /// `vitals bench driver`: every processor alone in the in-memory driver (no Kafka, no I/O, one
 /// thread) over the simulated people's inputs, as the edge would have written them. Needs no
 /// service. Prints items/s per core and the driver's state per retained sample.
@@ -481,7 +485,7 @@ pub fn driver(sim: &SimConfig, max_items_per_record: usize) {
         inputs.len(),
         t0.elapsed().as_secs_f64()
     );
-    println!("  one thread, in-memory driver: no Kafka, no store, no checkpoint");
+    println!("  one thread, in-memory driver: no Kafka, no store, no checkpoint; intervals of {INTERVAL} records");
 
     fn run<P: Processor>(name: &str, p: P, inputs: &[Input], items: usize, retained: usize) -> Vec<P::Output>
     where
@@ -489,8 +493,10 @@ pub fn driver(sim: &SimConfig, max_items_per_record: usize) {
     {
         let t0 = Instant::now();
         let mut d = Driver::new(p);
-        for (n, i) in inputs.iter().enumerate() {
-            let _ = d.feed_at(n as i64, i);
+        let stamped: Vec<(i64, Input)> = inputs.iter().enumerate().map(|(n, i)| (n as i64, i.clone())).collect();
+        let t0 = t0.max(Instant::now()); // the copy above is not the processor's work
+        for interval in stamped.chunks(INTERVAL) {
+            let _ = d.feed_interval(interval); // a rejected record is the DLQ's business, not the benchmark's
         }
         let took = t0.elapsed();
         let bytes: usize = d.states.values().map(|s| s.map.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()).sum();

@@ -14,6 +14,36 @@ pub struct MemState {
     /// Timer name → when it is due.
     pub timers: BTreeMap<String, i64>,
     stream_time_ms: i64,
+    /// What each write of the current record replaced, to undo a rejected record's writes
+    /// (instead of copying the whole state before every record).
+    undo: Vec<Undo>,
+}
+
+#[derive(Debug, Clone)]
+enum Undo {
+    Map(String, Option<Vec<u8>>),
+    Timer(String, Option<i64>),
+}
+
+impl MemState {
+    fn rollback(&mut self) {
+        while let Some(u) = self.undo.pop() {
+            match u {
+                Undo::Map(k, Some(v)) => {
+                    self.map.insert(k, v);
+                }
+                Undo::Map(k, None) => {
+                    self.map.remove(&k);
+                }
+                Undo::Timer(k, Some(at)) => {
+                    self.timers.insert(k, at);
+                }
+                Undo::Timer(k, None) => {
+                    self.timers.remove(&k);
+                }
+            }
+        }
+    }
 }
 
 impl State for MemState {
@@ -21,10 +51,13 @@ impl State for MemState {
         self.map.get(key).cloned()
     }
     fn put(&mut self, key: &str, value: Vec<u8>) {
-        self.map.insert(key.to_owned(), value);
+        let old = self.map.insert(key.to_owned(), value);
+        self.undo.push(Undo::Map(key.to_owned(), old));
     }
     fn delete(&mut self, key: &str) {
-        self.map.remove(key);
+        if let Some(old) = self.map.remove(key) {
+            self.undo.push(Undo::Map(key.to_owned(), Some(old)));
+        }
     }
     fn scan(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
         self.map.range(prefix.to_owned()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect()
@@ -36,10 +69,13 @@ impl State for MemState {
         panic!("state unusable: {reason}");
     }
     fn set_timer(&mut self, name: &str, at_ms: i64) {
-        self.timers.insert(name.to_owned(), at_ms);
+        let old = self.timers.insert(name.to_owned(), at_ms);
+        self.undo.push(Undo::Timer(name.to_owned(), old));
     }
     fn cancel_timer(&mut self, name: &str) {
-        self.timers.remove(name);
+        if let Some(old) = self.timers.remove(name) {
+            self.undo.push(Undo::Timer(name.to_owned(), Some(old)));
+        }
     }
 }
 
@@ -111,17 +147,70 @@ where
         let state = self.states.entry(input.user_id().to_owned()).or_default();
         state.stream_time_ms = now;
         // A rejected record leaves no trace, as in the runtime.
-        let saved = state.clone();
+        state.undo.clear();
         let mut out = Vec::new();
         if let Err(e) = self.processor.process(input, state, &mut Collect { out: &mut out, seq: &mut self.seq }) {
-            *state = saved;
+            state.rollback();
             // The record still moved stream time: due timers fire, as in the runtime.
             self.advance_to(now);
             return Err(e);
         }
+        state.undo.clear();
+        let user = input.user_id().to_owned();
+        self.processor.end_interval(&user, state, &mut Collect { out: &mut out, seq: &mut self.seq });
+        state.undo.clear();
         self.log.extend(out.iter().cloned());
         out.extend(self.advance_to(now));
         Ok(out)
+    }
+
+    /// Feeds records `(log timestamp, record)` as one interval of the runtime: each is processed
+    /// (timers firing as stream time reaches them), then the interval ends for every user with
+    /// input. Returns everything emitted; rejected records are counted in `rejected`.
+    pub fn feed_interval(&mut self, records: &[(i64, Input)]) -> (Vec<Emitted<P::Output>>, usize) {
+        self.processor.begin_interval();
+        let mut out = Vec::new();
+        let mut users = std::collections::BTreeSet::new();
+        let mut rejected = 0;
+        for (ts, input) in records {
+            self.stream_time_ms = self.stream_time_ms.max(*ts);
+            let now = self.stream_time_ms;
+            let filtered = crate::refuse_invalid_units(input);
+            let input = match filtered {
+                Some((kept, refused)) => {
+                    self.refused.extend(refused);
+                    std::borrow::Cow::Owned(kept)
+                }
+                None => std::borrow::Cow::Borrowed(input),
+            };
+            let input = input.as_ref();
+            users.insert(input.user_id().to_owned());
+            let state = self.states.entry(input.user_id().to_owned()).or_default();
+            state.stream_time_ms = now;
+            state.undo.clear();
+            let mut got = Vec::new();
+            match self.processor.process(input, state, &mut Collect { out: &mut got, seq: &mut self.seq }) {
+                Ok(()) => {
+                    self.log.extend(got.iter().cloned());
+                    out.extend(got);
+                }
+                Err(_) => {
+                    state.rollback();
+                    rejected += 1;
+                }
+            }
+            state.undo.clear();
+            out.extend(self.advance_to(now));
+        }
+        let mut ended = Vec::new();
+        for user in users {
+            let state = self.states.entry(user.clone()).or_default();
+            self.processor.end_interval(&user, state, &mut Collect { out: &mut ended, seq: &mut self.seq });
+            state.undo.clear();
+        }
+        self.log.extend(ended.iter().cloned());
+        out.extend(ended);
+        (out, rejected)
     }
 
     /// Moves stream time to `ts_ms` (if later) and fires every timer due by then, in time order
@@ -142,6 +231,7 @@ where
             state.stream_time_ms = now;
             let mut fired = Vec::new();
             self.processor.on_timer(&user, &name, state, &mut Collect { out: &mut fired, seq: &mut self.seq });
+            state.undo.clear();
             self.log.extend(fired.iter().cloned());
             out.extend(fired);
         }

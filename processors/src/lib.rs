@@ -147,9 +147,25 @@ pub trait Emitter<T> {
 pub trait Processor {
     /// The projection record it emits.
     type Output;
+    /// The layout of its state: raised when a new build lays its state out differently. A store
+    /// or snapshot of another format is refused at takeover (it is never read as empty).
+    const STATE_FORMAT: i64 = 1;
     /// Handles one input record of one user: reads/writes that user's `state` and emits full
     /// upserts or retractions. Must be deterministic (no clock, no randomness).
     fn process(&mut self, input: &Input, state: &mut dyn State, out: &mut dyn Emitter<Self::Output>) -> Result<(), Invalid>;
+
+    /// An interval begins: work deferred by an earlier interval that did not end (its plan
+    /// failed and will be redone from the checkpoint) must be forgotten. Default: nothing.
+    fn begin_interval(&mut self) {}
+
+    /// The end of an interval for `user` (after every record of the interval, before outputs
+    /// are produced): a processor may defer work to here — e.g. recompute each key touched by
+    /// many records once — and emit it now. `process` must then return `Err` only before it
+    /// defers anything (a rejected record's state writes are undone; deferred work is not).
+    /// Timers must not read deferred state. Default: nothing deferred.
+    fn end_interval(&mut self, user: &str, state: &mut dyn State, out: &mut dyn Emitter<Self::Output>) {
+        let _ = (user, state, out);
+    }
 
     /// A timer armed with [`State::set_timer`] is due: stream time has reached it. It fires
     /// once, in timestamp order, with the user's state. Default: nothing to do.

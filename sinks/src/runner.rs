@@ -200,8 +200,10 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         let mut msgs: Vec<OwnedMessage> = Vec::new();
         let deadline = Instant::now() + cfg.max_wait;
         while msgs.len() < cfg.max_batch {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            // Wait (up to `max_wait`) for the first record only; then take what the consumer
+            // already holds, and apply as soon as its queue is drained (batching under load).
+            let left = if msgs.is_empty() { deadline.saturating_duration_since(Instant::now()) } else { Duration::ZERO };
+            if left.is_zero() && msgs.is_empty() {
                 break;
             }
             match consumer.poll(left) {

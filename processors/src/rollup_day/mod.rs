@@ -23,17 +23,21 @@
 //! batch, and the tests prove the streaming result equals it whatever the order, duplication,
 //! edits and deletions.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use chrono::NaiveDate;
 use serde::Deserialize;
 use vitals_schemas::catalog::{Catalog, MetricKind};
-use vitals_schemas::{RollupDay, Sample};
+use vitals_schemas::{RollupDay, Sample, SourceKind};
 
-use crate::identity::{effective_samples, Identities};
+use crate::identity::{effective_samples, Deleted};
 use crate::sources::{merge_cumulative, Piece, Priority};
 use crate::time::{dates_covered, Zone};
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State};
+
+mod days;
+use days::{Day, Held, Identity};
 
 pub const INFO: ProcessorInfo = ProcessorInfo {
     name: "rollup_day",
@@ -52,24 +56,22 @@ pub struct Config {}
 const MAX_DAYS_PER_SAMPLE: usize = 31;
 const SEP: char = '\u{1f}';
 
-/// Where sample identities live in this processor's state.
-const IDS: Identities = Identities { namespace: "id" };
-fn ix_prefix(metric: &str, date: NaiveDate) -> String {
-    format!("ix{SEP}{metric}{SEP}{date}{SEP}")
+/// State keys: `i<source>SEP<record>` an identity ([`Identity`]); `d<metric>SEP<date>` a day
+/// ([`Day`]); `priority` the user's source priority.
+fn identity_key(source: &str, record: &str) -> String {
+    format!("i{source}{SEP}{record}")
 }
-fn ix_key(metric: &str, date: NaiveDate, s: &str, r: &str) -> String {
-    format!("{}{s}{SEP}{r}", ix_prefix(metric, date))
+fn day_key(metric: &str, date: NaiveDate) -> String {
+    format!("d{metric}{SEP}{date}")
 }
-fn emitted_key(metric: &str, date: NaiveDate) -> String {
-    format!("out{SEP}{metric}{SEP}{date}")
-}
+const DAY_PREFIX: &str = "d";
 
 /// The output key of a day.
 pub fn output_key(user: &str, metric: &str, date: NaiveDate) -> String {
     format!("{user}|{metric}|{date}")
 }
 
-/// The dates a sample counts on.
+/// The dates a sample counts on (contiguous).
 fn sample_dates(s: &Sample, kind: MetricKind) -> Vec<NaiveDate> {
     let z = Zone::parse(&s.time_zone);
     match kind {
@@ -78,116 +80,260 @@ fn sample_dates(s: &Sample, kind: MetricKind) -> Vec<NaiveDate> {
     }
 }
 
+/// The processor. Within an interval, the days a user's records touch are held decoded here and
+/// recomputed once each when the interval ends ([`crate::Processor::end_interval`]), so a day
+/// touched by many records (or many samples) is read, aggregated and written once.
 pub struct RollupDayProcessor {
     catalog: &'static Catalog,
+    /// Per user: the days touched in this interval, decoded, and whether their samples changed.
+    touched: BTreeMap<String, BTreeMap<(String, NaiveDate), (Day, bool)>>,
+    /// Interned strings (sources, zones, categories) shared by the decoded days.
+    names: std::collections::HashSet<Rc<str>>,
 }
 
 impl RollupDayProcessor {
     pub fn new(_config: Config) -> RollupDayProcessor {
-        RollupDayProcessor { catalog: Catalog::embedded() }
+        RollupDayProcessor { catalog: Catalog::embedded(), touched: BTreeMap::new(), names: Default::default() }
     }
 }
 
 impl crate::Processor for RollupDayProcessor {
     type Output = RollupDay;
+    /// 2: compact binary days and identities (1 was JSON samples with a per-day index).
+    const STATE_FORMAT: i64 = 2;
 
-    fn process(&mut self, input: &Input, state: &mut dyn State, out: &mut dyn Emitter<RollupDay>) -> Result<(), Invalid> {
-        let user = input.user_id().to_owned();
-        let mut dirty: BTreeSet<(String, NaiveDate)> = BTreeSet::new();
+    fn begin_interval(&mut self) {
+        self.touched.clear();
+        self.names.clear();
+    }
+
+    fn process(&mut self, input: &Input, state: &mut dyn State, _out: &mut dyn Emitter<RollupDay>) -> Result<(), Invalid> {
+        let user = input.user_id();
+        // Refused before anything changes (nothing is deferred for a rejected record).
+        let upserts: &[Sample] = match input {
+            Input::Samples(b) => &b.samples,
+            Input::Changes(b) => &b.edits,
+            _ => &[],
+        };
+        if let Some(s) = upserts.iter().find(|s| self.catalog.get(&s.metric).is_none()) {
+            return Err(Invalid { code: "unknown_metric", reason: format!("metric `{}` is not in the catalog", s.metric) });
+        }
+        let mut touched = self.touched.remove(user).unwrap_or_default();
         match input {
             Input::Samples(b) => {
                 for s in &b.samples {
-                    self.upsert(state, s, &mut dirty)?;
+                    self.upsert(state, s, &mut touched);
                 }
             }
             Input::Changes(b) => {
                 for s in &b.edits {
-                    self.upsert(state, s, &mut dirty)?;
+                    self.upsert(state, s, &mut touched);
                 }
                 for d in &b.deletions {
-                    let c = IDS.delete(state, &d.source, &d.source_record_id, d.deleted_version);
-                    if !c.is_noop() {
-                        self.reindex(state, c.before.as_ref(), c.after.as_ref(), &mut dirty);
-                    }
+                    self.delete(state, &d.source, &d.source_record_id, d.deleted_version, &mut touched);
                 }
             }
             Input::SessionImpact(_) => {} // not an input of this processor
             Input::Domain(b) => {
-                let changed = Priority::apply(state, b);
-                if changed {
+                if Priority::apply(state, b) {
                     // Every day of the user may change: re-derive them all.
-                    for (k, _) in state.scan(&format!("out{SEP}")) {
-                        let mut parts = k.split(SEP).skip(1);
-                        if let (Some(m), Some(d)) = (parts.next(), parts.next().and_then(|d| d.parse().ok())) {
-                            dirty.insert((m.to_owned(), d));
+                    for (k, v) in state.scan(DAY_PREFIX) {
+                        let Some((metric, date)) = k[DAY_PREFIX.len()..].split_once(SEP) else { continue };
+                        let Ok(date) = date.parse::<NaiveDate>() else { continue };
+                        if !touched.contains_key(&(metric.to_owned(), date)) {
+                            match Day::decode(&v) {
+                                Ok(day) => {
+                                    touched.insert((metric.to_owned(), date), (self.intern(day), false));
+                                }
+                                Err(e) => state.fail(format!("state value {k:?} does not deserialise: {e}")),
+                            }
                         }
                     }
                 }
             }
         }
-        let prio = Priority::load(state);
-        for (metric, date) in dirty {
-            self.recompute(&user, &metric, date, &prio, state, out);
-        }
+        self.touched.insert(user.to_owned(), touched);
         Ok(())
+    }
+
+    fn end_interval(&mut self, user: &str, state: &mut dyn State, out: &mut dyn Emitter<RollupDay>) {
+        let Some(touched) = self.touched.remove(user) else { return };
+        let prio = Priority::load(state);
+        for ((metric, date), (mut day, changed)) in touched {
+            let was = day.emitted;
+            let row = if day.samples.is_empty() { None } else { aggregate(user, &metric, date, day.samples.iter().map(point), &prio) };
+            match row {
+                Some(row) => {
+                    day.emitted = true;
+                    out.upsert(output_key(user, &metric, date), row);
+                }
+                None => {
+                    if day.emitted {
+                        day.emitted = false;
+                        out.retract(output_key(user, &metric, date));
+                    }
+                }
+            }
+            let key = day_key(&metric, date);
+            if day.samples.is_empty() && !day.emitted {
+                if changed || was {
+                    state.delete(&key);
+                }
+            } else if changed || was != day.emitted {
+                state.put(&key, day.encode());
+            }
+        }
     }
 }
 
+fn point<'a>(((source, record), h): (&'a (Rc<str>, String), &'a Held)) -> Point<'a> {
+    Point { source, kind: h.kind, record, start_ms: h.start_ms, end_ms: h.end_ms, value: h.value, category: h.category.as_deref(), time_zone: &h.time_zone }
+}
+
+type Touched = BTreeMap<(String, NaiveDate), (Day, bool)>;
+
 impl RollupDayProcessor {
-    fn upsert(&self, state: &mut dyn State, s: &Sample, dirty: &mut BTreeSet<(String, NaiveDate)>) -> Result<(), Invalid> {
-        if self.catalog.get(&s.metric).is_none() {
-            return Err(Invalid { code: "unknown_metric", reason: format!("metric `{}` is not in the catalog", s.metric) });
+    fn name(&mut self, s: &str) -> Rc<str> {
+        if let Some(n) = self.names.get(s) {
+            return n.clone();
         }
-        let c = IDS.upsert(state, s);
-        if !c.is_noop() {
-            self.reindex(state, c.before.as_ref(), c.after.as_ref(), dirty);
-        }
-        Ok(())
+        let n: Rc<str> = Rc::from(s);
+        self.names.insert(n.clone());
+        n
     }
 
-    /// Moves an identity's index entries from `before` to `after` and marks both sets of days.
-    fn reindex(&self, state: &mut dyn State, before: Option<&Sample>, after: Option<&Sample>, dirty: &mut BTreeSet<(String, NaiveDate)>) {
-        if let Some(b) = before {
-            if let Some(spec) = self.catalog.get(&b.metric) {
-                for d in sample_dates(b, spec.kind) {
-                    state.delete(&ix_key(&b.metric, d, &b.source, &b.source_record_id));
-                    dirty.insert((b.metric.clone(), d));
-                }
-            }
+    /// A decoded day whose strings share this interval's interned copies.
+    fn intern(&mut self, day: Day) -> Day {
+        let samples = day
+            .samples
+            .into_iter()
+            .map(|((source, record), h)| {
+                let held = Held { time_zone: self.name(&h.time_zone), category: h.category.as_deref().map(|c| self.name(c)), ..h };
+                ((self.name(&source), record), held)
+            })
+            .collect();
+        Day { emitted: day.emitted, samples }
+    }
+
+    /// The day `(metric, date)` of this interval: decoded from state on first touch.
+    fn day<'t>(&mut self, state: &dyn State, touched: &'t mut Touched, metric: &str, date: NaiveDate) -> &'t mut (Day, bool) {
+        let k = (metric.to_owned(), date);
+        if !touched.contains_key(&k) {
+            let day = match state.get(&day_key(metric, date)) {
+                None => Day::default(),
+                Some(v) => match Day::decode(&v) {
+                    Ok(d) => self.intern(d),
+                    Err(e) => {
+                        state.fail(format!("state value {:?} does not deserialise: {e}", day_key(metric, date)));
+                        Day::default()
+                    }
+                },
+            };
+            touched.insert(k.clone(), (day, false));
         }
-        if let Some(a) = after {
-            if let Some(spec) = self.catalog.get(&a.metric) {
-                for d in sample_dates(a, spec.kind) {
-                    state.put(&ix_key(&a.metric, d, &a.source, &a.source_record_id), Vec::new());
-                    dirty.insert((a.metric.clone(), d));
-                }
-            }
+        touched.get_mut(&k).expect("just inserted")
+    }
+
+    fn identity(&self, state: &dyn State, key: &str) -> Identity {
+        match state.get(key) {
+            None => Identity::default(),
+            Some(v) => Identity::decode(&v).unwrap_or_else(|e| {
+                state.fail(format!("state value {key:?} does not deserialise: {e}"));
+                Identity::default()
+            }),
         }
     }
 
-    fn recompute(&self, user: &str, metric: &str, date: NaiveDate, prio: &Priority, state: &mut dyn State, out: &mut dyn Emitter<RollupDay>) {
-        let mut samples = Vec::new();
-        for (k, _) in state.scan(&ix_prefix(metric, date)) {
-            let mut parts = k.split(SEP).skip(3);
-            if let (Some(s), Some(r)) = (parts.next(), parts.next()) {
-                if let Some(e) = IDS.get(state, s, r) {
-                    samples.push(e);
-                }
+    /// Takes the identity's sample out of the days it is held in.
+    fn unhold(&mut self, state: &dyn State, touched: &mut Touched, source: &str, record: &str, at: &(String, NaiveDate, u8)) {
+        let (metric, first, n) = at;
+        let mut d = *first;
+        for _ in 0..*n {
+            let (day, changed) = self.day(state, touched, metric, d);
+            let key = (Rc::<str>::from(source), record.to_owned());
+            if day.samples.remove(&key).is_some() {
+                *changed = true;
+            }
+            d = d.succ_opt().unwrap_or(d);
+        }
+    }
+
+    /// An upsert (sample batch or edit): a higher version replaces, the same or lower is ignored.
+    fn upsert(&mut self, state: &mut dyn State, s: &Sample, touched: &mut Touched) {
+        let Some(spec) = self.catalog.get(&s.metric) else { return };
+        let key = identity_key(&s.source, &s.source_record_id);
+        let mut id = self.identity(state, &key);
+        if id.version.is_some_and(|v| v >= s.version) {
+            return; // a duplicate or a stale version
+        }
+        if let Some(at) = id.at.take() {
+            self.unhold(state, touched, &s.source, &s.source_record_id, &at);
+        }
+        id.version = Some(s.version);
+        if id.counts(s.version) {
+            let dates = sample_dates(s, spec.kind);
+            let source = self.name(&s.source);
+            let held = Held {
+                kind: s.source_kind,
+                start_ms: s.start_ms,
+                end_ms: s.end_ms,
+                value: s.value,
+                category: s.category.as_deref().map(|c| self.name(c)),
+                time_zone: self.name(&s.time_zone),
+            };
+            for d in &dates {
+                let (day, changed) = self.day(state, touched, &s.metric, *d);
+                day.samples.insert((source.clone(), s.source_record_id.clone()), held.clone());
+                *changed = true;
+            }
+            id.at = Some((s.metric.clone(), dates[0], dates.len() as u8));
+        }
+        state.put(&key, id.encode());
+    }
+
+    /// A deletion of the versions up to `version` (every version when `None`).
+    fn delete(&mut self, state: &mut dyn State, source: &str, record: &str, version: Option<i64>, touched: &mut Touched) {
+        let key = identity_key(source, record);
+        let mut id = self.identity(state, &key);
+        let deleted = Deleted::merge(id.deleted, version);
+        if id.deleted == Some(deleted) {
+            return; // nothing more is deleted
+        }
+        id.deleted = Some(deleted);
+        if let (Some(v), Some(at)) = (id.version, id.at.clone()) {
+            if !id.counts(v) {
+                self.unhold(state, touched, source, record, &at);
+                id.at = None;
             }
         }
-        let refs: Vec<&Sample> = samples.iter().collect();
-        let ek = emitted_key(metric, date);
-        match aggregate_day(user, metric, date, &refs, prio) {
-            Some(row) => {
-                state.put(&ek, b"1".to_vec());
-                out.upsert(output_key(user, metric, date), row);
-            }
-            None => {
-                if state.get(&ek).is_some() {
-                    state.delete(&ek);
-                    out.retract(output_key(user, metric, date));
-                }
-            }
+        state.put(&key, id.encode());
+    }
+}
+
+/// What the aggregation reads of one effective sample.
+#[derive(Debug, Clone, Copy)]
+pub struct Point<'a> {
+    pub source: &'a str,
+    pub kind: SourceKind,
+    pub record: &'a str,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub value: f64,
+    pub category: Option<&'a str>,
+    pub time_zone: &'a str,
+}
+
+impl<'a> Point<'a> {
+    pub fn of(s: &'a Sample) -> Point<'a> {
+        Point {
+            source: &s.source,
+            kind: s.source_kind,
+            record: &s.source_record_id,
+            start_ms: s.start_ms,
+            end_ms: s.end_ms,
+            value: s.value,
+            category: s.category.as_deref(),
+            time_zone: &s.time_zone,
         }
     }
 }
@@ -221,28 +367,65 @@ pub fn blank_row(user: &str, metric: &str, local_date: &str) -> RollupDay {
 /// `None` when nothing counts (the day is retracted). Deterministic in the set of samples,
 /// whatever their order.
 pub fn aggregate_day(user: &str, metric: &str, date: NaiveDate, samples: &[&Sample], prio: &Priority) -> Option<RollupDay> {
+    let mut points: Vec<Point> = samples.iter().map(|s| Point::of(s)).collect();
+    points.sort_by(|a, b| (a.source, a.record).cmp(&(b.source, b.record)));
+    aggregate(user, metric, date, points.into_iter(), prio)
+}
+
+/// [`aggregate_day`] over points already in (source, source_record_id) order — the one
+/// aggregation, used by the streaming processor and by the oracle alike.
+fn aggregate<'a>(user: &str, metric: &str, date: NaiveDate, points: impl Iterator<Item = Point<'a>>, prio: &Priority) -> Option<RollupDay> {
     let spec = Catalog::embedded().get(metric)?;
-    let mut samples: Vec<&Sample> = samples.to_vec();
-    samples.sort_by(|a, b| (&a.source, &a.source_record_id).cmp(&(&b.source, &b.source_record_id)));
+    let samples: Vec<Point> = points.collect();
     if samples.is_empty() {
         return None;
     }
-    let rank = |s: &Sample| prio.rank(&s.source, s.source_kind);
-    let best_source = samples.iter().map(|s| (rank(s), s.source.clone())).min().map(|(_, s)| s);
-    let mut row = blank_row(user, metric, &date.to_string());
-    row.primary_source = best_source.clone();
-    // The part of each sample inside its own local day.
-    let clip = |s: &Sample| -> Option<(i64, i64)> {
-        let (a, b) = Zone::parse(&s.time_zone).day_bounds(date);
+    // Ranks per source and day bounds per zone, each computed once.
+    let mut ranks: Vec<(&str, SourceKind, crate::sources::Rank)> = Vec::new();
+    let mut rank = |s: &Point<'a>| -> crate::sources::Rank {
+        if let Some((_, _, r)) = ranks.iter().find(|(n, k, _)| *n == s.source && *k == s.kind) {
+            return r.clone();
+        }
+        let r = prio.rank(s.source, s.kind);
+        ranks.push((s.source, s.kind, r.clone()));
+        r
+    };
+    let mut bounds: Vec<(&str, (i64, i64))> = Vec::new();
+    let mut clip = |s: &Point<'a>| -> Option<(i64, i64)> {
+        let (a, b) = match bounds.iter().find(|(z, _)| *z == s.time_zone) {
+            Some((_, b)) => *b,
+            None => {
+                let b = Zone::parse(s.time_zone).day_bounds(date);
+                bounds.push((s.time_zone, b));
+                b
+            }
+        };
         if s.end_ms <= s.start_ms {
             return (s.start_ms >= a && s.start_ms < b).then_some((s.start_ms, s.start_ms));
         }
         let (x, y) = (s.start_ms.max(a), s.end_ms.min(b));
         (x < y).then_some((x, y))
     };
+    let best_source: Option<String> = {
+        let mut best: Option<(crate::sources::Rank, &str)> = None;
+        for s in &samples {
+            let r = rank(s);
+            if best.as_ref().is_none_or(|(b, n)| (&r, s.source) < (b, *n)) {
+                best = Some((r, s.source));
+            }
+        }
+        best.map(|(_, s)| s.to_owned())
+    };
+    let mut row = blank_row(user, metric, &date.to_string());
+    row.primary_source = best_source.clone();
     match spec.kind {
         MetricKind::Cumulative => {
-            let pieces: Vec<Piece> = samples.iter().filter_map(|s| Piece::clipped(s, clip(s)?, rank(s))).collect();
+            let mut pieces: Vec<Piece> = Vec::with_capacity(samples.len());
+            for s in &samples {
+                if let Some(c) = clip(s) {
+                    pieces.push(Piece::of(s.start_ms, s.end_ms, s.value, c, rank(s)));
+                }
+            }
             let (sum, used) = merge_cumulative(&pieces)?;
             row.count = used as i64;
             row.sum = Some(sum);
@@ -256,7 +439,7 @@ pub fn aggregate_day(user: &str, metric: &str, date: NaiveDate, samples: &[&Samp
             row.mean = Some(mean);
             // Midpoint rule: each value holds from halfway after its predecessor to halfway
             // before its successor; a lone value is its own mean.
-            let mut sorted = values.clone();
+            let mut sorted = values;
             sorted.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
             let n = sorted.len();
             let (mut wsum, mut w) = (0.0, 0.0);
@@ -274,7 +457,7 @@ pub fn aggregate_day(user: &str, metric: &str, date: NaiveDate, samples: &[&Samp
             let mut count = 0;
             for s in samples.iter().filter(|s| s.source == source) {
                 if let Some((a, b)) = clip(s) {
-                    *minutes.entry(s.category.clone().unwrap_or_default()).or_default() += (b - a) as f64 / 60_000.0;
+                    *minutes.entry(s.category.unwrap_or_default().to_owned()).or_default() += (b - a) as f64 / 60_000.0;
                     count += 1;
                 }
             }
@@ -286,11 +469,11 @@ pub fn aggregate_day(user: &str, metric: &str, date: NaiveDate, samples: &[&Samp
         }
         MetricKind::Instant => {
             let source = best_source?;
-            let mine: Vec<&&Sample> = samples.iter().filter(|s| s.source == source).collect();
+            let mine: Vec<&Point> = samples.iter().filter(|s| s.source == source).collect();
             row.count = mine.len() as i64;
             row.min = mine.iter().map(|s| s.value).reduce(f64::min);
             row.max = mine.iter().map(|s| s.value).reduce(f64::max);
-            row.last = mine.iter().max_by(|a, b| (a.start_ms, &a.source_record_id).cmp(&(b.start_ms, &b.source_record_id))).map(|s| s.value);
+            row.last = mine.iter().max_by(|a, b| (a.start_ms, a.record).cmp(&(b.start_ms, b.record))).map(|s| s.value);
         }
     }
     Some(row)

@@ -272,6 +272,36 @@ proptest! {
     }
 }
 
+proptest! {
+    /// Intervals as the runtime cuts them: each touched day is recomputed once at the end of its
+    /// interval, from the compact state, whatever the boundaries, order and duplicates.
+    #[test]
+    fn intervals_of_any_size_equal_the_oracle(
+        events in proptest::collection::vec(event(), 1..60),
+        cuts in proptest::collection::vec(1usize..8, 1..20),
+        seed in any::<u64>(),
+    ) {
+        let inputs = inputs_of(events);
+        let mut order: Vec<usize> = (0..inputs.len()).chain((0..inputs.len()).step_by(3)).collect();
+        let mut x = seed | 1;
+        for i in (1..order.len()).rev() {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            order.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        let mut d = driver();
+        let mut rest: &[usize] = &order;
+        let mut c = cuts.iter().cycle();
+        while !rest.is_empty() {
+            let n = (*c.next().unwrap()).min(rest.len());
+            let interval: Vec<(i64, Input)> = rest[..n].iter().map(|i| (0, inputs[*i].clone())).collect();
+            let (_, rejected) = d.feed_interval(&interval);
+            prop_assert_eq!(rejected, 0);
+            rest = &rest[n..];
+        }
+        prop_assert_eq!(d.projection(), oracle(&inputs));
+    }
+}
+
 /// The twenty lines: owner A reads sample `s` (COLD) and emits its day; before A reads
 /// the deletion of `s` (CHANGE), owner B takes over from the empty checkpoint, and its first
 /// interval holds both records — CHANGE is processed before COLD, so for B the deletion is a

@@ -205,6 +205,8 @@ struct RebalanceContext {
     watermarks: BaseConsumer,
     output_topic: String,
     checkpointing: bool,
+    /// The layout of the processor's state this build reads ([`crate::Processor::STATE_FORMAT`]).
+    state_format: i64,
 }
 
 /// How long a takeover may take to read its output partition up to its end.
@@ -276,6 +278,18 @@ impl RebalanceContext {
                 s
             }
         };
+        // A store (or snapshot) of another state layout is refused, never read as "nothing held".
+        let format = store.state_format().map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let fresh = store.checkpoint().map_err(|e| format!("reading {}: {e}", path.display()))?.offsets.is_empty();
+        if format != self.state_format && !fresh {
+            return Err(format!(
+                "the state of partition {p} ({}) is of format {format}, this build of {} reads format {}: stop every instance of it, delete its local stores and snapshots, and replay from the beginning of the input",
+                path.display(),
+                self.processor,
+                self.state_format
+            ));
+        }
+        store.set_state_format(self.state_format).map_err(|e| format!("writing {}: {e}", path.display()))?;
         let mut task = Task::new(store, p, epoch, Task::new_owner_id()).map_err(|e| format!("reading {}: {e}", path.display()))?;
         if !self.checkpointing {
             task = task.in_memory();
@@ -485,6 +499,7 @@ where
         watermarks: tail_cfg.create()?,
         output_topic: cfg.output_topic.clone(),
         checkpointing: cfg.checkpointing,
+        state_format: P::STATE_FORMAT,
     };
     let consumer: BaseConsumer<RebalanceContext> = consumer_config.create_with_context(ctx)?;
     // The lanes' partition count, for the producer-contract check of every lane record.
@@ -641,8 +656,11 @@ fn poll_batch<M>(
     let mut batch = Vec::new();
     let deadline = Instant::now() + max_wait;
     while batch.len() < max {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        // Wait (up to `max_wait`) only for the first record; then take what the consumer
+        // already holds and stop when its queue is drained: an idle pipeline answers at once,
+        // a loaded one still batches (its queue refills faster than an interval takes).
+        let left = if batch.is_empty() { deadline.saturating_duration_since(Instant::now()) } else { Duration::ZERO };
+        if left.is_zero() && batch.is_empty() {
             break;
         }
         let polled = poll(left);
@@ -1025,5 +1043,27 @@ mod tests {
         let batch = poll_batch(poll, || generation.get(), &mut seen, 100, Duration::from_secs(5));
         assert_eq!(batch, vec![10, 11]);
         assert_eq!(seen, 2);
+    }
+
+    /// Only the first record is waited for: then the consumer's queue is drained without waiting
+    /// (an idle pipeline answers at once), and batching continues while records are queued.
+    #[test]
+    fn an_interval_waits_for_its_first_record_only_and_ends_when_the_queue_is_drained() {
+        let waits = std::cell::RefCell::new(Vec::new());
+        let mut script = vec![Some(1), Some(2), Some(3), None, Some(4)].into_iter();
+        let poll = |d: Duration| {
+            waits.borrow_mut().push(d);
+            script.next().flatten().map(Ok)
+        };
+        let mut seen = 1;
+        let batch = poll_batch(poll, || 1, &mut seen, 100, Duration::from_secs(5));
+        assert_eq!(batch, vec![1, 2, 3], "the interval ends when the queue is drained");
+        let waits = waits.into_inner();
+        assert!(waits[0] > Duration::from_secs(4), "the first poll waits for a record: {waits:?}");
+        assert!(waits[1..].iter().all(|d| d.is_zero()), "later polls only take what is queued: {waits:?}");
+        // Under load the queue holds more than an interval: batching stops at `max`.
+        let mut queued = 0..;
+        let batch = poll_batch(|_| queued.next().map(Ok), || 1, &mut seen, 10, Duration::from_secs(5));
+        assert_eq!(batch.len(), 10);
     }
 }

@@ -122,6 +122,19 @@ impl Store {
     }
 
     /// Records that the store is now owned under `epoch` (durably, before anything is emitted).
+    /// The layout of the processor state in this store (1: stores written before it was recorded).
+    pub fn state_format(&self) -> Result<i64, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let meta = tx.open_table(META).map_err(e)?;
+        Ok(meta.get("state_format").map_err(e)?.map_or(1, |v| v.value()))
+    }
+
+    pub fn set_state_format(&self, format: i64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        tx.open_table(META).map_err(e)?.insert("state_format", format).map_err(e)?;
+        tx.commit().map_err(e)
+    }
+
     pub fn set_owner_epoch(&self, epoch: i64) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(e)?;
         tx.open_table(META).map_err(e)?.insert("owner_epoch", epoch).map_err(e)?;

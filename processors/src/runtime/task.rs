@@ -317,6 +317,7 @@ impl Task {
         // Lanes are never compacted nor truncated: every record is the next one of its lane, or
         // one already read. (A chained input is a compacted output topic: gaps are compaction.)
         let contiguous = lanes.inputs == Inputs::Lanes;
+        processor.begin_interval();
         for m in &msgs {
             read += 1;
             let next = cp.offsets.get(&m.topic).copied().unwrap_or(0);
@@ -403,6 +404,14 @@ impl Task {
                     break;
                 }
             }
+        }
+        // Work the processor deferred to the end of the interval (each key once).
+        for user in &users {
+            let mut state = UserState::at(&self.store, &mut overlay, user, cp.stream_time_ms);
+            let mut collect = Collect { user, out: BTreeMap::new() };
+            processor.end_interval(user, &mut state, &mut collect);
+            state.check()?;
+            outputs.extend(collect.out);
         }
         // Keys other owners wrote, now that this task's input has caught up with what they had
         // read: a key emitted in this interval is answered by that emission (it comes later in
@@ -542,8 +551,9 @@ mod tests {
         let planned = task.plan(&mut p, &lanes(), "t", vec![rec(&hot, 0, hr("a", NOON, 60.0))]).unwrap();
         assert!(planned.records.iter().any(|r| matches!(r, Out::Row { retraction: false, .. })));
         task.commit(planned).unwrap();
-        // Every state entry of sample `a` becomes garbage (a torn write, a bad migration).
-        let keys: Vec<String> = task.store.scan("u").unwrap().into_iter().map(|(k, _)| k).filter(|k| k.ends_with("\u{1f}a") || k.contains("watch\u{1f}a")).collect();
+        // Every state entry of sample `a` becomes garbage (a torn write, a bad migration): its
+        // identity and the day that holds it.
+        let keys: Vec<String> = task.store.scan("u").unwrap().into_iter().map(|(k, _)| k).filter(|k| k.ends_with("\u{1f}a") || k.contains("dheart_rate\u{1f}")).collect();
         assert!(!keys.is_empty(), "found sample a's state");
         for k in &keys {
             task.store.put_raw_for_test(k, b"{not json").unwrap();
