@@ -73,7 +73,11 @@ pub fn output_key(user: &str, metric: &str, date: NaiveDate) -> String {
 
 /// The dates a sample counts on (contiguous).
 fn sample_dates(s: &Sample, kind: MetricKind) -> Vec<NaiveDate> {
-    let z = Zone::parse(&s.time_zone);
+    sample_dates_in(&Zone::parse(&s.time_zone), s, kind)
+}
+
+fn sample_dates_in(z: &Zone, s: &Sample, kind: MetricKind) -> Vec<NaiveDate> {
+    let z = *z;
     match kind {
         MetricKind::Discrete | MetricKind::Instant => vec![z.local_date(s.start_ms)],
         MetricKind::Cumulative | MetricKind::Category => dates_covered(&z, s.start_ms, s.end_ms, MAX_DAYS_PER_SAMPLE),
@@ -89,11 +93,13 @@ pub struct RollupDayProcessor {
     touched: BTreeMap<String, BTreeMap<(String, NaiveDate), (Day, bool)>>,
     /// Interned strings (sources, zones, categories) shared by the decoded days.
     names: std::collections::HashSet<Rc<str>>,
+    /// Zones parsed in this interval.
+    zones: std::collections::HashMap<Rc<str>, Zone>,
 }
 
 impl RollupDayProcessor {
     pub fn new(_config: Config) -> RollupDayProcessor {
-        RollupDayProcessor { catalog: Catalog::embedded(), touched: BTreeMap::new(), names: Default::default() }
+        RollupDayProcessor { catalog: Catalog::embedded(), touched: BTreeMap::new(), names: Default::default(), zones: Default::default() }
     }
 }
 
@@ -105,6 +111,7 @@ impl crate::Processor for RollupDayProcessor {
     fn begin_interval(&mut self) {
         self.touched.clear();
         self.names.clear();
+        self.zones.clear();
     }
 
     fn process(&mut self, input: &Input, state: &mut dyn State, _out: &mut dyn Emitter<RollupDay>) -> Result<(), Invalid> {
@@ -271,7 +278,16 @@ impl RollupDayProcessor {
         }
         id.version = Some(s.version);
         if id.counts(s.version) {
-            let dates = sample_dates(s, spec.kind);
+            let zone = match self.zones.get(s.time_zone.as_str()) {
+                Some(z) => *z,
+                None => {
+                    let z = Zone::parse(&s.time_zone);
+                    let name = self.name(&s.time_zone);
+                    self.zones.insert(name, z);
+                    z
+                }
+            };
+            let dates = sample_dates_in(&zone, s, spec.kind);
             let source = self.name(&s.source);
             let held = Held {
                 kind: s.source_kind,
