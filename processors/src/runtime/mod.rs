@@ -209,6 +209,19 @@ struct RebalanceContext {
     state_format: i64,
 }
 
+/// Refuses a store that holds state of another layout than `want` (a build that laid its state
+/// out differently wrote it); a store with nothing read yet takes `want`.
+fn adopt_state_format(store: &Store, want: i64) -> Result<(), String> {
+    let format = store.state_format().map_err(|e| e.to_string())?;
+    let fresh = store.checkpoint().map_err(|e| e.to_string())?.offsets.is_empty();
+    if format != want && !fresh {
+        return Err(format!(
+            "the state is of format {format}, this build reads format {want}: stop every instance of the processor, delete its local stores and snapshots, and replay from the beginning of the input"
+        ));
+    }
+    store.set_state_format(want).map_err(|e| e.to_string())
+}
+
 /// How long a takeover may take to read its output partition up to its end.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(120);
 
@@ -279,17 +292,7 @@ impl RebalanceContext {
             }
         };
         // A store (or snapshot) of another state layout is refused, never read as "nothing held".
-        let format = store.state_format().map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let fresh = store.checkpoint().map_err(|e| format!("reading {}: {e}", path.display()))?.offsets.is_empty();
-        if format != self.state_format && !fresh {
-            return Err(format!(
-                "the state of partition {p} ({}) is of format {format}, this build of {} reads format {}: stop every instance of it, delete its local stores and snapshots, and replay from the beginning of the input",
-                path.display(),
-                self.processor,
-                self.state_format
-            ));
-        }
-        store.set_state_format(self.state_format).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        adopt_state_format(&store, self.state_format).map_err(|e| format!("partition {p} of {} ({}): {e}", self.processor, path.display()))?;
         let mut task = Task::new(store, p, epoch, Task::new_owner_id()).map_err(|e| format!("reading {}: {e}", path.display()))?;
         if !self.checkpointing {
             task = task.in_memory();
@@ -1043,6 +1046,24 @@ mod tests {
         let batch = poll_batch(poll, || generation.get(), &mut seen, 100, Duration::from_secs(5));
         assert_eq!(batch, vec![10, 11]);
         assert_eq!(seen, 2);
+    }
+
+    /// A store written by a build with another state layout is refused; an empty one adopts it.
+    #[test]
+    fn a_store_of_another_state_format_is_refused_never_read_as_empty() {
+        let dir = std::env::temp_dir().join(format!("vitals-format-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir.join("s.redb")).unwrap();
+        adopt_state_format(&store, 2).expect("an empty store takes the format");
+        assert_eq!(store.state_format().unwrap(), 2);
+        // A store of an earlier build: offsets read, no format recorded (= 1).
+        let old = Store::open(&dir.join("old.redb")).unwrap();
+        let cp = store::Checkpoint { offsets: [("hot".to_owned(), 5)].into(), ..Default::default() };
+        old.commit(store::Overlay::default(), &cp).unwrap();
+        let err = adopt_state_format(&old, 2).unwrap_err();
+        assert!(err.contains("format 1") && err.contains("replay"), "{err}");
+        adopt_state_format(&old, 1).expect("the same format is read");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// Only the first record is waited for: then the consumer's queue is drained without waiting
