@@ -16,6 +16,8 @@ use crate::app;
 use crate::config::Config;
 use crate::simulate::{self, SimConfig};
 
+pub mod pg_only;
+
 /// A fresh topic namespace (so figures never mix with earlier data), a real edge on port 0, and
 /// the simulated people uploaded through it. Returns the run's config, its pool, its prefix and
 /// the upload report.
@@ -393,6 +395,31 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
     println!("  broker alone, the same {} lane records / {:.2} MB produced (acks=all) and consumed back ({consumed}):", records.len(), bytes as f64 / 1e6);
     println!("    {:>7.2} s = {:>9.0} samples/s equivalent", raw.as_secs_f64(), items / raw.as_secs_f64());
     println!("  (one machine: broker, PostgreSQL, Redis, registry and every role share its cores)");
+    Ok(())
+}
+
+/// `vitals bench baseline`: only the Postgres-only design ([`pg_only`]) over the simulated
+/// people's uploads, normalised by the edge's own functions; needs only PostgreSQL.
+pub async fn baseline(cfg: &Config, sim: SimConfig) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let inputs = offline_inputs(&sim, cfg.ingest.max_items_per_record);
+    let built = t0.elapsed();
+    let pool = app::pg_pool(cfg).await?;
+    let r = pg_only::run(&pool, &inputs, true).await?;
+    println!("vitals bench baseline — the Postgres-only design, HealthWeek: {} users × {} days, batch ≤ {} (uploads normalised in memory in {:.2} s, before the clock)", sim.users, sim.days, sim.batch_size, built.as_secs_f64());
+    println!("  {}", pg_only::WHAT);
+    println!(
+        "  {:>9} items in {} transactions, {:>7.2} s = {:>9.0} samples/s; {} raw identities, {} rollup rows",
+        r.items,
+        r.uploads,
+        r.took.as_secs_f64(),
+        r.items_per_sec(),
+        r.raw_rows,
+        r.rollup_rows
+    );
+    if let Some((equal, total)) = r.discrete {
+        println!("  discrete-metric rows equal to rollup_day's (count, min, max, mean, time-weighted mean): {equal} of {total}");
+    }
     Ok(())
 }
 
