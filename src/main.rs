@@ -198,8 +198,8 @@ enum BenchCmd {
     /// transaction, one connection) over the simulated uploads; needs only PostgreSQL.
     Baseline(SimArgs),
     /// End to end: upload → every projection fresh in PostgreSQL (samples/s), then freshness
-    /// latency (upload ack → WebSocket envelope) at a fixed rate, beside the broker's raw
-    /// produce + consume rate for the same bytes.
+    /// latency (upload ack → WebSocket envelope) at a fixed rate and at half the end-to-end
+    /// rate, beside the broker's raw produce + consume rate for the same bytes.
     E2e {
         #[command(flatten)]
         sim: SimArgs,
