@@ -274,7 +274,8 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
 /// timed until every user's every projection is fresh; then freshness latency at a fixed rate,
 /// from an upload's acknowledgement to its envelope on the user's WebSocket, first with nothing
 /// else uploading, then under a load of half the end-to-end rate just measured; then the
-/// broker's raw produce + consume rate for the same bytes, in the same run.
+/// broker's raw produce + consume rate for the same bytes, and the Postgres-only design
+/// ([`pg_only`]) on the same uploads, in the same run, as ratios.
 pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_rate: f64) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -383,6 +384,10 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
     let raw = t1.elapsed();
     let _ = std::fs::remove_dir_all(&data);
 
+    // 5. The Postgres-only design on the same uploads (nothing else running by now).
+    let inputs = offline_inputs(&week, cfg.ingest.max_items_per_record);
+    let base = pg_only::run(&pool, &inputs, true).await?;
+
     let items = report.accepted as f64;
     println!("vitals bench e2e — HealthWeek: {} users × {} days, batch ≤ {}, concurrency {}", sim.users, sim.days, sim.batch_size, sim.concurrency);
     println!("  upload → every projection (rollup_day, sleep_night, session_impact, product_impact) committed in PostgreSQL and fresh:");
@@ -406,6 +411,23 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
     println!("    {}", percentiles(&half_latencies));
     println!("  broker alone, the same {} lane records / {:.2} MB produced (acks=all) and consumed back ({consumed}):", records.len(), bytes as f64 / 1e6);
     println!("    {:>7.2} s = {:>9.0} samples/s equivalent", raw.as_secs_f64(), items / raw.as_secs_f64());
+    println!("  Postgres-only design (raw samples + the touched daily rollups recomputed in each upload's transaction, 1 connection), same uploads:");
+    println!(
+        "    {:>9} items in {} transactions, {:>7.2} s = {:>9.0} samples/s; {} raw identities, {} rollup rows{}",
+        base.items,
+        base.uploads,
+        base.took.as_secs_f64(),
+        base.items_per_sec(),
+        base.raw_rows,
+        base.rollup_rows,
+        if base.items == report.accepted { String::new() } else { format!(" (the edge accepted {}: the rates below use each side's own count)", report.accepted) }
+    );
+    if let Some((equal, total)) = base.discrete {
+        println!("    discrete-metric rows equal to rollup_day's (count, min, max, mean, time-weighted mean): {equal} of {total}");
+    }
+    println!("    what it does: {}", pg_only::WHAT);
+    println!("  vitals end to end / Postgres-only = {:.2}×   (issue 10: ≥ 3×)", (items / end_to_end.as_secs_f64()) / base.items_per_sec());
+    println!("  vitals end to end / broker raw    = {:.2}    (issue 10: ≥ 0.50)", raw.as_secs_f64() / end_to_end.as_secs_f64());
     println!("  (one machine: broker, PostgreSQL, Redis, registry and every role share its cores)");
     Ok(())
 }

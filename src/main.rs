@@ -199,7 +199,8 @@ enum BenchCmd {
     Baseline(SimArgs),
     /// End to end: upload → every projection fresh in PostgreSQL (samples/s), then freshness
     /// latency (upload ack → WebSocket envelope) at a fixed rate and at half the end-to-end
-    /// rate, beside the broker's raw produce + consume rate for the same bytes.
+    /// rate, beside the broker's raw produce + consume rate for the same bytes and the
+    /// Postgres-only design on the same uploads.
     E2e {
         #[command(flatten)]
         sim: SimArgs,
