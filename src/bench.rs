@@ -340,7 +340,7 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
     let (records, bytes) = lane_records(&cfg).await?;
 
     // 2. Freshness latency at a fixed rate, nothing else uploading.
-    let latencies = freshness(&cfg, &ingest_url, api_addr, &format!("{run}lat-"), latency_uploads, latency_rate).await?;
+    let (latencies, _) = freshness(&cfg, &ingest_url, api_addr, &format!("{run}lat-"), latency_uploads, latency_rate).await?;
 
     // 3. Freshness at half the sustained end-to-end rate. The load is the workload itself, not
     // the probes: a fresh population (new people, same days) uploading their HealthWeek at
@@ -364,9 +364,7 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
         tokio::spawn(async move { simulate::run(&half, &reqwest::Client::new()).await })
     };
     let half_probes = (latency_rate * HALF_LOAD_SECS).round().max(1.0) as usize;
-    let probes_started = Instant::now();
-    let half_latencies = freshness(&cfg, &ingest_url, api_addr, &format!("{run}half-lat-"), half_probes, latency_rate).await?;
-    let probes_took = probes_started.elapsed();
+    let (half_latencies, probes_took) = freshness(&cfg, &ingest_url, api_addr, &format!("{run}half-lat-"), half_probes, latency_rate).await?;
     let load = load.await.context("half-rate load task")?.context("half-rate load")?;
 
     stop.store(true, Ordering::Relaxed);
@@ -406,7 +404,7 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
         half_latencies.len(),
         latency_rate,
         probes_took.as_secs_f64(),
-        if load.elapsed < probes_took { " (the load ended before the last probe)" } else { "" }
+        if load.elapsed < probes_took { " (the load ended before the last probe was sent)" } else { "" }
     );
     println!("    {}", percentiles(&half_latencies));
     println!("  broker alone, the same {} lane records / {:.2} MB produced (acks=all) and consumed back ({consumed}):", records.len(), bytes as f64 / 1e6);
@@ -435,8 +433,9 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
 /// Freshness latency: `count` uploads at `rate` per second, each a new person's (`{tag}{i}`)
 /// first sample — consent first, then the person's WebSocket connected, then one heart-rate
 /// sample — timed from the edge's 2xx to the first envelope on that socket (so the first
-/// envelope is this upload's). Sorted.
-async fn freshness(cfg: &Config, ingest_url: &str, api_addr: std::net::SocketAddr, tag: &str, count: usize, rate: f64) -> anyhow::Result<Vec<std::time::Duration>> {
+/// envelope is this upload's). Returns the latencies, sorted, and how long sending them took
+/// (from the first probe's start to the last one's).
+async fn freshness(cfg: &Config, ingest_url: &str, api_addr: std::net::SocketAddr, tag: &str, count: usize, rate: f64) -> anyhow::Result<(Vec<std::time::Duration>, std::time::Duration)> {
     use futures::StreamExt;
     let http = reqwest::Client::new();
     let secret = cfg.auth.hs256_secret.expose().as_bytes().to_vec();
@@ -465,12 +464,13 @@ async fn freshness(cfg: &Config, ingest_url: &str, api_addr: std::net::SocketAdd
             Ok::<_, anyhow::Error>(acked.elapsed())
         }));
     }
+    let sending = start.elapsed();
     let mut latencies = Vec::new();
     for p in probes {
         latencies.push(p.await.context("probe task")??);
     }
     latencies.sort();
-    Ok(latencies)
+    Ok((latencies, sending))
 }
 
 /// `p50 … p99 … max …` of sorted latencies, in ms.
