@@ -16,6 +16,8 @@ use crate::app;
 use crate::config::Config;
 use crate::simulate::{self, SimConfig};
 
+pub mod pg_only;
+
 /// A fresh topic namespace (so figures never mix with earlier data), a real edge on port 0, and
 /// the simulated people uploaded through it. Returns the run's config, its pool, its prefix and
 /// the upload report.
@@ -270,11 +272,12 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
 /// `vitals bench e2e`: the HealthWeek workload (simulated people × days) uploaded through the
 /// edge while every processor and the PostgreSQL sink run (in this process, on the real broker),
 /// timed until every user's every projection is fresh; then freshness latency at a fixed rate,
-/// from an upload's acknowledgement to its envelope on the user's WebSocket; then the broker's
-/// raw produce + consume rate for the same bytes, in the same run.
+/// from an upload's acknowledgement to its envelope on the user's WebSocket, first with nothing
+/// else uploading, then under a load of half the end-to-end rate just measured; then the
+/// broker's raw produce + consume rate for the same bytes, and the Postgres-only design
+/// ([`pg_only`]) on the same uploads, in the same run, as ratios.
 pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_rate: f64) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use futures::StreamExt;
 
     let mut cfg = base.clone();
     let run = format!("e2e{}.", chrono::Utc::now().timestamp_millis());
@@ -332,19 +335,119 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
     }
     let end_to_end = t0.elapsed();
 
-    // 2. Freshness latency at a fixed rate: each upload is a new person's first sample, so the
-    // first envelope on that person's socket is this upload's.
+    // The lane records of the throughput run (and only those): the bytes the broker alone
+    // moves in step 4.
+    let (records, bytes) = lane_records(&cfg).await?;
+
+    // 2. Freshness latency at a fixed rate, nothing else uploading.
+    let (latencies, _) = freshness(&cfg, &ingest_url, api_addr, &format!("{run}lat-"), latency_uploads, latency_rate).await?;
+
+    // 3. Freshness at half the sustained end-to-end rate. The load is the workload itself, not
+    // the probes: a fresh population (new people, same days) uploading their HealthWeek at
+    // uploads/s = (half of the end-to-end items/s measured in 1) ÷ (mean items per upload of
+    // that run) — realistic uploads, so realistic batch sizes, mix of lanes and per-request
+    // costs, where the single-sample probes would turn items/s into far more requests (and
+    // WebSockets) than the workload ever makes. Sized to last about `HALF_LOAD_SECS` (+1 s so
+    // that every probe is sent under load); meanwhile single-sample probes at `latency_rate`,
+    // measured as in 2.
+    const HALF_LOAD_SECS: f64 = 10.0;
+    let e2e_rate = report.accepted as f64 / end_to_end.as_secs_f64();
+    let per_upload = report.accepted as f64 / report.requests.saturating_sub(report.retries).max(1) as f64;
+    let per_user = report.accepted as f64 / week.users.max(1) as f64;
+    let load_rate = e2e_rate / 2.0 / per_upload;
+    let mut half = week.clone();
+    half.user_prefix = format!("{run}half-{}", sim.user_prefix);
+    half.users = ((HALF_LOAD_SECS + 1.0) * e2e_rate / 2.0 / per_user.max(1.0)).ceil().max(1.0) as usize;
+    half.rate = Some(load_rate);
+    let load = {
+        let half = half.clone();
+        tokio::spawn(async move { simulate::run(&half, &reqwest::Client::new()).await })
+    };
+    let half_probes = (latency_rate * HALF_LOAD_SECS).round().max(1.0) as usize;
+    let (half_latencies, probes_took) = freshness(&cfg, &ingest_url, api_addr, &format!("{run}half-lat-"), half_probes, latency_rate).await?;
+    let load = load.await.context("half-rate load task")?.context("half-rate load")?;
+
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), w).await;
+    }
+    edge.abort();
+    api_server.abort();
+
+    // 4. The broker alone with the same bytes: produce every lane record again, then consume.
+    let t1 = Instant::now();
+    raw_produce(&cfg, &records).await?;
+    let raw_topic = format!("{}raw", cfg.kafka.topic_prefix);
+    let consumed = app::read_all(&cfg, &raw_topic).await?.len();
+    let raw = t1.elapsed();
+    let _ = std::fs::remove_dir_all(&data);
+
+    // 5. The Postgres-only design on the same uploads (nothing else running by now).
+    let inputs = offline_inputs(&week, cfg.ingest.max_items_per_record);
+    let base = pg_only::run(&pool, &inputs, true).await?;
+
+    let items = report.accepted as f64;
+    println!("vitals bench e2e — HealthWeek: {} users × {} days, batch ≤ {}, concurrency {}", sim.users, sim.days, sim.batch_size, sim.concurrency);
+    println!("  upload → every projection (rollup_day, sleep_night, session_impact, product_impact) committed in PostgreSQL and fresh:");
+    println!("    {:>9} samples in {:>7.2} s = {:>9.0} samples/s end to end (upload alone took {:.2} s)", report.accepted, end_to_end.as_secs_f64(), items / end_to_end.as_secs_f64(), uploaded.as_secs_f64());
+    println!("  freshness, upload acknowledged → envelope on the user's WebSocket, {} single-sample uploads at {:.1}/s, nothing else uploading:", latencies.len(), latency_rate);
+    println!("    {}", percentiles(&latencies));
+    println!(
+        "  freshness at half the sustained end-to-end rate: {} fresh people uploading their HealthWeek at {:.1} uploads/s (half of {:.0} items/s ÷ {:.1} items per upload, the throughput run's mean),",
+        half.users, load_rate, e2e_rate, per_upload
+    );
+    println!(
+        "  which achieved {:.0} items/s over {:.2} s ({} items); meanwhile {} single-sample uploads at {:.1}/s over {:.2} s{}:",
+        load.accepted as f64 / load.elapsed.as_secs_f64(),
+        load.elapsed.as_secs_f64(),
+        load.accepted,
+        half_latencies.len(),
+        latency_rate,
+        probes_took.as_secs_f64(),
+        if load.elapsed < probes_took { " (the load ended before the last probe was sent)" } else { "" }
+    );
+    println!("    {}", percentiles(&half_latencies));
+    println!("  broker alone, the same {} lane records / {:.2} MB produced (acks=all) and consumed back ({consumed}):", records.len(), bytes as f64 / 1e6);
+    println!("    {:>7.2} s = {:>9.0} samples/s equivalent", raw.as_secs_f64(), items / raw.as_secs_f64());
+    println!("  Postgres-only design (raw samples + the touched daily rollups recomputed in each upload's transaction, 1 connection), same uploads:");
+    println!(
+        "    {:>9} items in {} transactions, {:>7.2} s = {:>9.0} samples/s; {} raw identities, {} rollup rows{}",
+        base.items,
+        base.uploads,
+        base.took.as_secs_f64(),
+        base.items_per_sec(),
+        base.raw_rows,
+        base.rollup_rows,
+        if base.items == report.accepted { String::new() } else { format!(" (the edge accepted {}: the rates below use each side's own count)", report.accepted) }
+    );
+    if let Some((equal, total)) = base.discrete {
+        println!("    discrete-metric rows equal to rollup_day's (count, min, max, mean, time-weighted mean): {equal} of {total}");
+    }
+    println!("    what it does: {}", pg_only::WHAT);
+    println!("  vitals end to end / Postgres-only = {:.2}×   (issue 10: ≥ 3×)", (items / end_to_end.as_secs_f64()) / base.items_per_sec());
+    println!("  vitals end to end / broker raw    = {:.2}    (issue 10: ≥ 0.50)", raw.as_secs_f64() / end_to_end.as_secs_f64());
+    println!("  (one machine: broker, PostgreSQL, Redis, registry and every role share its cores)");
+    Ok(())
+}
+
+/// Freshness latency: `count` uploads at `rate` per second, each a new person's (`{tag}{i}`)
+/// first sample — consent first, then the person's WebSocket connected, then one heart-rate
+/// sample — timed from the edge's 2xx to the first envelope on that socket (so the first
+/// envelope is this upload's). Returns the latencies, sorted, and how long sending them took
+/// (from the first probe's start to the last one's).
+async fn freshness(cfg: &Config, ingest_url: &str, api_addr: std::net::SocketAddr, tag: &str, count: usize, rate: f64) -> anyhow::Result<(Vec<std::time::Duration>, std::time::Duration)> {
+    use futures::StreamExt;
     let http = reqwest::Client::new();
     let secret = cfg.auth.hs256_secret.expose().as_bytes().to_vec();
     let mint = |u: &str| vitals_ingest::auth::mint_hs256(&secret, &cfg.auth.issuer, &cfg.auth.audience, u, 3600);
-    let period = std::time::Duration::from_secs_f64(1.0 / latency_rate);
+    let period = std::time::Duration::from_secs_f64(1.0 / rate);
     let mut probes = Vec::new();
     let start = tokio::time::Instant::now();
-    for i in 0..latency_uploads {
+    for i in 0..count {
         tokio::time::sleep_until(start + period * i as u32).await;
-        let user = format!("{run}lat-{i}");
+        let user = format!("{tag}{i}");
         let token = mint(&user);
-        let (http, ingest_url) = (http.clone(), ingest_url.clone());
+        let (http, ingest_url) = (http.clone(), ingest_url.to_owned());
         probes.push(tokio::spawn(async move {
             let consent = serde_json::json!({"request_id": format!("c-{user}"), "changes": [{"change_id": "privacy-1", "kind": "privacy_updated",
                 "occurred_at": chrono::Utc::now().to_rfc3339(), "privacy": {"health_upload_allowed": true, "blocked_metrics": []}}]});
@@ -361,38 +464,46 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
             Ok::<_, anyhow::Error>(acked.elapsed())
         }));
     }
+    let sending = start.elapsed();
     let mut latencies = Vec::new();
     for p in probes {
         latencies.push(p.await.context("probe task")??);
     }
     latencies.sort();
-    let pct = |q: f64| latencies[((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1].as_secs_f64() * 1000.0;
+    Ok((latencies, sending))
+}
 
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), w).await;
+/// `p50 … p99 … max …` of sorted latencies, in ms.
+fn percentiles(sorted: &[std::time::Duration]) -> String {
+    if sorted.is_empty() {
+        return "no uploads".into();
     }
-    edge.abort();
-    api_server.abort();
+    let pct = |q: f64| sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0;
+    format!("p50 {:>7.1} ms   p99 {:>7.1} ms   max {:>7.1} ms", pct(0.50), pct(0.99), pct(1.0))
+}
 
-    // 3. The broker alone with the same bytes: produce every lane record again, then consume.
-    let (records, bytes) = lane_records(&cfg).await?;
-    let t1 = Instant::now();
-    raw_produce(&cfg, &records).await?;
-    let raw_topic = format!("{}raw", cfg.kafka.topic_prefix);
-    let consumed = app::read_all(&cfg, &raw_topic).await?.len();
-    let raw = t1.elapsed();
-    let _ = std::fs::remove_dir_all(&data);
-
-    let items = report.accepted as f64;
-    println!("vitals bench e2e — HealthWeek: {} users × {} days, batch ≤ {}, concurrency {}", sim.users, sim.days, sim.batch_size, sim.concurrency);
-    println!("  upload → every projection (rollup_day, sleep_night, session_impact, product_impact) committed in PostgreSQL and fresh:");
-    println!("    {:>9} samples in {:>7.2} s = {:>9.0} samples/s end to end (upload alone took {:.2} s)", report.accepted, end_to_end.as_secs_f64(), items / end_to_end.as_secs_f64(), uploaded.as_secs_f64());
-    println!("  freshness, upload acknowledged → envelope on the user's WebSocket, {} uploads at {:.1}/s:", latencies.len(), latency_rate);
-    println!("    p50 {:>7.1} ms   p99 {:>7.1} ms   max {:>7.1} ms", pct(0.50), pct(0.99), pct(1.0));
-    println!("  broker alone, the same {} lane records / {:.2} MB produced (acks=all) and consumed back ({consumed}):", records.len(), bytes as f64 / 1e6);
-    println!("    {:>7.2} s = {:>9.0} samples/s equivalent", raw.as_secs_f64(), items / raw.as_secs_f64());
-    println!("  (one machine: broker, PostgreSQL, Redis, registry and every role share its cores)");
+/// `vitals bench baseline`: only the Postgres-only design ([`pg_only`]) over the simulated
+/// people's uploads, normalised by the edge's own functions; needs only PostgreSQL.
+pub async fn baseline(cfg: &Config, sim: SimConfig) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let inputs = offline_inputs(&sim, cfg.ingest.max_items_per_record);
+    let built = t0.elapsed();
+    let pool = app::pg_pool(cfg).await?;
+    let r = pg_only::run(&pool, &inputs, true).await?;
+    println!("vitals bench baseline — the Postgres-only design, HealthWeek: {} users × {} days, batch ≤ {} (uploads normalised in memory in {:.2} s, before the clock)", sim.users, sim.days, sim.batch_size, built.as_secs_f64());
+    println!("  {}", pg_only::WHAT);
+    println!(
+        "  {:>9} items in {} transactions, {:>7.2} s = {:>9.0} samples/s; {} raw identities, {} rollup rows",
+        r.items,
+        r.uploads,
+        r.took.as_secs_f64(),
+        r.items_per_sec(),
+        r.raw_rows,
+        r.rollup_rows
+    );
+    if let Some((equal, total)) = r.discrete {
+        println!("  discrete-metric rows equal to rollup_day's (count, min, max, mean, time-weighted mean): {equal} of {total}");
+    }
     Ok(())
 }
 

@@ -194,9 +194,13 @@ enum BenchCmd {
     /// Every processor alone in the in-memory driver (no Kafka, no I/O, needs no service) over
     /// the simulated inputs: items/s per core and state per retained sample.
     Driver(SimArgs),
+    /// The Postgres-only design alone (raw samples + daily rollups recomputed in each upload's
+    /// transaction, one connection) over the simulated uploads; needs only PostgreSQL.
+    Baseline(SimArgs),
     /// End to end: upload → every projection fresh in PostgreSQL (samples/s), then freshness
-    /// latency (upload ack → WebSocket envelope) at a fixed rate, beside the broker's raw
-    /// produce + consume rate for the same bytes.
+    /// latency (upload ack → WebSocket envelope) at a fixed rate and at half the end-to-end
+    /// rate, beside the broker's raw produce + consume rate for the same bytes and the
+    /// Postgres-only design on the same uploads.
     E2e {
         #[command(flatten)]
         sim: SimArgs,
@@ -475,6 +479,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { cmd: BenchCmd::Driver(args) } => {
             bench::driver(&args.to_config(&cfg), cfg.ingest.max_items_per_record);
+        }
+        Cmd::Bench { cmd: BenchCmd::Baseline(args) } => {
+            bench::baseline(&cfg, args.to_config(&cfg)).await?;
         }
         Cmd::Bench { cmd: BenchCmd::E2e { sim, latency_uploads, latency_rate } } => {
             bench::e2e(&cfg, sim.to_config(&cfg), latency_uploads, latency_rate).await?;
