@@ -124,6 +124,18 @@ where
         Driver { processor, states: BTreeMap::new(), log: Vec::new(), seq: 0, stream_time_ms: 0, refused: Vec::new() }
     }
 
+    /// As in the runtime: units the shared rules refuse are dropped (and kept in `refused`),
+    /// the rest of the record goes on.
+    fn valid_units<'a>(&mut self, input: &'a Input) -> std::borrow::Cow<'a, Input> {
+        match crate::refuse_invalid_units(input) {
+            Some((kept, refused)) => {
+                self.refused.extend(refused);
+                std::borrow::Cow::Owned(kept)
+            }
+            None => std::borrow::Cow::Borrowed(input),
+        }
+    }
+
     /// Feeds one record at the current stream time; returns what it emitted.
     pub fn feed(&mut self, input: &Input) -> Result<Vec<Emitted<P::Output>>, Invalid> {
         self.feed_at(self.stream_time_ms, input)
@@ -134,15 +146,7 @@ where
     pub fn feed_at(&mut self, ts_ms: i64, input: &Input) -> Result<Vec<Emitted<P::Output>>, Invalid> {
         self.stream_time_ms = self.stream_time_ms.max(ts_ms);
         let now = self.stream_time_ms;
-        // As in the runtime: units the shared rules refuse are dropped, the rest goes on.
-        let filtered = crate::refuse_invalid_units(input);
-        let input = match filtered {
-            Some((kept, refused)) => {
-                self.refused.extend(refused);
-                std::borrow::Cow::Owned(kept)
-            }
-            None => std::borrow::Cow::Borrowed(input),
-        };
+        let input = self.valid_units(input);
         let input = input.as_ref();
         let state = self.states.entry(input.user_id().to_owned()).or_default();
         state.stream_time_ms = now;
@@ -175,14 +179,7 @@ where
         for (ts, input) in records {
             self.stream_time_ms = self.stream_time_ms.max(*ts);
             let now = self.stream_time_ms;
-            let filtered = crate::refuse_invalid_units(input);
-            let input = match filtered {
-                Some((kept, refused)) => {
-                    self.refused.extend(refused);
-                    std::borrow::Cow::Owned(kept)
-                }
-                None => std::borrow::Cow::Borrowed(input),
-            };
+            let input = self.valid_units(input);
             let input = input.as_ref();
             users.insert(input.user_id().to_owned());
             let state = self.states.entry(input.user_id().to_owned()).or_default();

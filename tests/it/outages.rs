@@ -57,6 +57,30 @@ async fn outputs_equal_the_oracle(env: &TestEnv, what: &str) {
     .await;
 }
 
+/// Waits until every key of `want` has a rollup_day output of an epoch above its partition's
+/// epoch in `before`: the replay after the state was lost has re-emitted it.
+async fn replayed_under_new_epochs<V>(env: &TestEnv, want: &BTreeMap<String, V>, before: &BTreeMap<i32, i64>) {
+    let codec = vitals::app::codec(&env.cfg);
+    let t = env.topics();
+    wait_for_every("the replay to re-emit every rollup key under its new epoch", Duration::from_secs(120), Duration::from_millis(500), || {
+        let (codec, t) = (&codec, &t);
+        async move {
+            let mut newest: BTreeMap<String, i64> = BTreeMap::new();
+            for m in env.read(&t.rollup_day).await {
+                if header(&m, PROGRESS_HEADER).is_some() {
+                    continue;
+                }
+                let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
+                if r.version_epoch > before.get(&m.partition()).copied().unwrap_or(0) {
+                    newest.insert(key(&m), r.version_epoch);
+                }
+            }
+            want.keys().all(|k| newest.contains_key(k)).then_some(())
+        }
+    })
+    .await;
+}
+
 async fn metric(http: &reqwest::Client, url: &str, name: &str, processor: &str) -> Option<u64> {
     let text = http.get(url).send().await.ok()?.text().await.ok()?;
     let prefix = format!("{name}{{processor=\"{processor}\"}} ");
@@ -288,23 +312,7 @@ async fn s3_down_under_snapshots_costs_only_the_snapshots() {
         sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs WHERE processor LIKE '%rollup_day'").fetch_all(&env.pool).await.unwrap().into_iter().collect();
     p.start();
     let want = expected(&env, &codec).await.rollup;
-    wait_for_every("the replay to re-emit every rollup key under its new epoch", Duration::from_secs(120), Duration::from_millis(500), || {
-        let (env, codec, want, t, before) = (&env, &codec, &want, &t, &epochs_before);
-        async move {
-            let mut newest: BTreeMap<String, i64> = BTreeMap::new();
-            for m in env.read(&t.rollup_day).await {
-                if header(&m, PROGRESS_HEADER).is_some() {
-                    continue;
-                }
-                let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
-                if r.version_epoch > before.get(&m.partition()).copied().unwrap_or(0) {
-                    newest.insert(key(&m), r.version_epoch);
-                }
-            }
-            want.keys().all(|k| newest.contains_key(k)).then_some(())
-        }
-    })
-    .await;
+    replayed_under_new_epochs(&env, &want, &epochs_before).await;
     outputs_equal_the_oracle(&env, "every output to equal its oracle after the replay").await;
     let restores: i64 = sqlx::query_scalar("SELECT count(*) FROM processor_restores").fetch_one(&env.pool).await.unwrap();
     assert_eq!(restores, 0, "nothing to restore from");
@@ -515,23 +523,7 @@ async fn s3_down_at_restore_falls_back_to_a_full_replay() {
     let epochs_before: BTreeMap<i32, i64> =
         sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs").fetch_all(&env.pool).await.unwrap().into_iter().collect();
     p.start();
-    wait_for_every("the replay to re-emit every rollup key under its new epoch", Duration::from_secs(120), Duration::from_millis(500), || {
-        let (env, codec, want, t, before) = (&env, &codec, &want, &t, &epochs_before);
-        async move {
-            let mut newest: BTreeMap<String, i64> = BTreeMap::new();
-            for m in env.read(&t.rollup_day).await {
-                if header(&m, PROGRESS_HEADER).is_some() {
-                    continue;
-                }
-                let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
-                if r.version_epoch > before.get(&m.partition()).copied().unwrap_or(0) {
-                    newest.insert(key(&m), r.version_epoch);
-                }
-            }
-            want.keys().all(|k| newest.contains_key(k)).then_some(())
-        }
-    })
-    .await;
+    replayed_under_new_epochs(&env, &want, &epochs_before).await;
     wait_for_every("the output to equal the oracle after the full replay", Duration::from_secs(90), Duration::from_millis(300), || {
         let (env, codec, want) = (&env, &codec, &want);
         async move { (crate::process::fold(env, codec).await.0 == *want).then_some(()) }
