@@ -62,7 +62,7 @@ mod agreement {
     use serde::Serialize;
 
     use super::*;
-    use crate::codec::encode_with_id;
+    use crate::codec::{decode_own, encode_own, encode_with_id};
     use crate::records::*;
 
     fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(file: AvroFile, value: T) {
@@ -79,6 +79,21 @@ mod agreement {
         let decoded = apache_avro::from_avro_datum(&schema, &mut &framed[5..], None).unwrap();
         let back: T = apache_avro::from_value(&decoded).unwrap_or_else(|e| panic!("{}: {e}", file.name));
         assert_eq!(back, value, "{}: round trip", file.name);
+        fast_agrees(file, &value, &framed);
+    }
+
+    /// What vitals writes and reads (serde_avro_fast) is what apache-avro writes and reads.
+    fn fast_agrees<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(file: AvroFile, value: &T, reference: &[u8]) {
+        let fast = encode_own(file, 7, value).unwrap_or_else(|e| panic!("{}: {e}", file.name));
+        assert_eq!(fast, reference, "{}: serde_avro_fast bytes differ from apache-avro's", file.name);
+        let back: T = decode_own(file, &reference[5..]).unwrap_or_else(|e| panic!("{}: {e}", file.name));
+        assert_eq!(&back, value, "{}: serde_avro_fast round trip", file.name);
+        let mut longer = reference[5..].to_vec();
+        longer.push(0);
+        assert!(decode_own::<T>(file, &longer).unwrap_err().contains("1 bytes after the end"), "{}: trailing bytes refused", file.name);
+        if reference.len() > 6 {
+            assert!(decode_own::<T>(file, &reference[5..reference.len() - 1]).is_err(), "{}: a truncated body is refused", file.name);
+        }
     }
 
     fn sample(v: i64, category: Option<&str>) -> Sample {
@@ -268,5 +283,89 @@ mod agreement {
             version_seq: 3,
             payload: "{}".into(),
         });
+    }
+
+    mod random {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![Just(String::new()), "[a-z0-9._-]{1,12}", any::<String>()]
+        }
+
+        fn sample() -> impl Strategy<Value = Sample> {
+            (
+                (text(), 0..4u8, text(), text(), any::<i64>(), any::<i64>()),
+                (any::<f64>().prop_filter("NaN is never equal to itself", |v| !v.is_nan()), text(), proptest::option::of(text()), text(), any::<i64>()),
+                proptest::collection::hash_map(text(), text(), 0..4),
+            )
+                .prop_map(|((source, kind, rid, metric, start_ms, end_ms), (value, unit, category, time_zone, version), metadata)| Sample {
+                    source,
+                    source_kind: [SourceKind::Manual, SourceKind::Watch, SourceKind::Phone, SourceKind::ThirdParty][kind as usize],
+                    source_record_id: rid,
+                    metric,
+                    start_ms,
+                    end_ms,
+                    value,
+                    unit,
+                    category,
+                    time_zone,
+                    version,
+                    metadata,
+                })
+        }
+
+        fn cross_check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(file: AvroFile, value: &T, comparable: bool) -> Result<(), TestCaseError> {
+            let reference = encode_with_id(&file.schema(), 7, value).unwrap();
+            let fast = encode_own(file, 7, value).unwrap();
+            if comparable {
+                prop_assert_eq!(&fast, &reference);
+            }
+            let by_fast: T = decode_own(file, &reference[5..]).unwrap();
+            prop_assert_eq!(&by_fast, value);
+            #[allow(deprecated)]
+            let datum = apache_avro::from_avro_datum(&file.schema(), &mut &fast[5..], None).unwrap();
+            let by_apache: T = apache_avro::from_value(&datum).unwrap();
+            prop_assert_eq!(&by_apache, value);
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            /// Byte-compatibility over arbitrary values: any string (unicode, empty), any i64,
+            /// any f64 (NaN compared by bits through the bytes), maps of any size.
+            #[test]
+            fn serde_avro_fast_writes_and_reads_what_apache_avro_does(
+                request_id in text(), user_id in text(), received_at_ms in any::<i64>(), lane in 0..3u8,
+                samples in proptest::collection::vec(sample(), 0..6),
+                deleted_version in proptest::option::of(any::<i64>()),
+            ) {
+                let lane = [Lane::Hot, Lane::Cold, Lane::Change][lane as usize];
+                // Map entries have no order in Avro, and apache-avro re-hashes maps into its own
+                // `HashMap`: bytes are comparable only where no map has two entries. Everywhere,
+                // each library reads what the other wrote.
+                let comparable = samples.iter().all(|s| s.metadata.len() < 2);
+                let batch = SampleBatch { request_id: request_id.clone(), user_id: user_id.clone(), received_at_ms, lane, samples: samples.clone() };
+                cross_check(SAMPLE_BATCH, &batch, comparable)?;
+                let deletions = samples.iter().map(|s| Deletion { source: s.source.clone(), source_record_id: s.source_record_id.clone(), metric: s.metric.clone(), deleted_version }).collect();
+                cross_check(CHANGE_BATCH, &ChangeBatch { request_id, user_id, received_at_ms, edits: samples, deletions }, comparable)?;
+            }
+
+            /// Arbitrary bytes never panic the decoder, and it accepts exactly the bodies that
+            /// apache-avro reads in full.
+            #[test]
+            fn arbitrary_bodies_are_accepted_as_apache_avro_accepts_them(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+                let fast = decode_own::<SampleBatch>(SAMPLE_BATCH, &body);
+                let mut rest = &body[..];
+                #[allow(deprecated)]
+                let reference = apache_avro::from_avro_datum(&SAMPLE_BATCH.schema(), &mut rest, None)
+                    .ok()
+                    .filter(|_| rest.is_empty())
+                    .and_then(|v| apache_avro::from_value::<SampleBatch>(&v).ok());
+                prop_assert_eq!(fast.is_ok(), reference.is_some(), "fast: {:?}", fast.as_ref().err());
+            }
+        }
     }
 }
