@@ -36,6 +36,16 @@ async fn upload_fresh(base: &Config, tag: &str, mut sim: SimConfig) -> anyhow::R
     let server = tokio::spawn(app::serve(listener, vitals_ingest::router(Arc::clone(&ingest)), std::future::pending()));
     let report = simulate::run(&sim, &reqwest::Client::new()).await.context("simulated upload");
     server.abort();
+    // Where a request's time went, from the edge's own histograms (means over the run).
+    let m = &ingest.metrics;
+    let mean = vitals_ingest::metrics::mean_ms;
+    println!(
+        "  edge, mean per samples request: {:.1} ms in all = store claim {:.1} ms + produce and broker acks {:.1} ms + store finish {:.1} ms + the rest (JSON, validation, Avro, HTTP, waiting for a core)",
+        mean(&m.request_seconds, "samples"),
+        mean(&m.store_seconds, "claim"),
+        mean(&m.produce_seconds, "samples"),
+        mean(&m.store_seconds, "finish"),
+    );
     Ok((cfg, pool, run, report?))
 }
 
@@ -46,6 +56,7 @@ pub async fn ingest(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
     // same records (same producer settings, keys and payloads).
     let (records, bytes) = lane_records(&cfg).await?;
     let raw = raw_produce(&cfg, &records).await?;
+    let waiting = raw_produce_waiting(&cfg, &records, sim.concurrency).await?;
 
     let secs = report.elapsed.as_secs_f64();
     let mb = bytes as f64 / 1e6;
@@ -56,6 +67,13 @@ pub async fn ingest(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
     println!("  broker raw produce of the same {} records / {:.2} MB (idempotent, acks=all):", records.len(), mb);
     println!("    {:>7.2} s = {:.0} records/s, {:.2} MB/s, i.e. {:.0} items/s equivalent", raw.as_secs_f64(), records.len() as f64 / raw.as_secs_f64(), mb / raw.as_secs_f64(), report.accepted as f64 / raw.as_secs_f64());
     println!("  edge / raw throughput: {:.2}", raw.as_secs_f64() / secs);
+    println!(
+        "  broker raw produce, {} clients each waiting for its ack (the edge's pattern at this concurrency): {:.2} s = {:.0} items/s equivalent; edge / that: {:.2}",
+        sim.concurrency,
+        waiting.as_secs_f64(),
+        report.accepted as f64 / waiting.as_secs_f64(),
+        waiting.as_secs_f64() / secs
+    );
     Ok(())
 }
 
@@ -68,6 +86,31 @@ async fn lane_records(cfg: &Config) -> anyhow::Result<(Vec<rdkafka::message::Own
     }
     let bytes = records.iter().map(|m| m.payload().map_or(0, |p| p.len()) + m.key().map_or(0, |k| k.len())).sum();
     Ok((records, bytes))
+}
+
+/// Produces `records` again to a fresh topic as `concurrency` clients would that each send one
+/// record and wait for its acknowledgement before the next (the edge's pattern with that many
+/// uploads in flight, without the edge), and returns how long it took.
+async fn raw_produce_waiting(cfg: &Config, records: &[rdkafka::message::OwnedMessage], concurrency: usize) -> anyhow::Result<std::time::Duration> {
+    let raw_topic = format!("{}rawc", cfg.kafka.topic_prefix);
+    create_raw_topic(cfg, &raw_topic).await?;
+    let producer = app::producer(cfg, "vitals-bench-raw-waiting")?;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let t0 = Instant::now();
+    let client = || async {
+        loop {
+            let Some(m) = records.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) else { return Ok::<_, anyhow::Error>(()) };
+            let mut rec = FutureRecord::to(&raw_topic).payload(m.payload().unwrap_or_default());
+            if let Some(k) = m.key() {
+                rec = rec.key(k);
+            }
+            producer.send(rec, std::time::Duration::from_secs(30)).await.map_err(|(e, _)| e).context("raw produce")?;
+        }
+    };
+    for r in join_all((0..concurrency.max(1)).map(|_| client())).await {
+        r?;
+    }
+    Ok(t0.elapsed())
 }
 
 /// Produces `records` again (keys and payloads) to a fresh `<prefix>raw` topic with the edge's
@@ -186,6 +229,7 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
                 metrics: Arc::clone(&metrics),
                 snapshots: if checkpointing && info.name == "rollup_day" { snapshots.clone() } else { None },
             };
+            let args_snapshots = args.snapshots.clone();
             let run_fn = info.run;
             let task = tokio::task::spawn_blocking(move || run_fn(args));
             // Timed from the first record processed (group join and assignment excluded).
@@ -215,49 +259,56 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
                 if checkpointing { format!("; local state {:.1} MB", state_bytes as f64 / 1e6) } else { String::new() }
             );
             let _ = std::fs::remove_dir_all(&data);
+            if let (true, Some(s)) = (checkpointing, args_snapshots.as_ref()) {
+                restore_from_snapshots(&cfg, &pool, s, &t).await?;
+            }
         }
     }
+    Ok(())
+}
 
-    // Restore from snapshot: rollup_day's newest snapshot of every partition, fetched from S3
-    // and imported as a local store, as a task with no local state does on assignment.
-    if let Some(s) = &snapshots {
-        // The runtime uploads in the background after its commits: wait for every partition's.
-        let task = format!("{}rollup_day", t.prefix);
-        let parts = cfg.kafka.partitions;
-        let deadline = Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let mut have = 0;
-            for p in 0..parts {
-                have += runtime::snapshot::pointer(&pool, &task, p).await?.is_some() as i32;
-            }
-            if have == parts {
-                break;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "only {have} of {parts} partitions have a snapshot after 60 s");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        let dir = std::env::temp_dir().join(format!("vitals-bench-restore-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let (mut bytes, mut n, mut slowest) = (0u64, 0, std::time::Duration::ZERO);
-        let t0 = Instant::now();
+/// Restore from snapshot: rollup_day's newest snapshot of every partition, fetched from S3 and
+/// imported as a local store, as a task with no local state does on assignment. Run right
+/// after the exactly-once run that wrote them (an at-least-once run of the same task line
+/// withdraws the pointers, as it must: its state is not what they describe).
+async fn restore_from_snapshots(cfg: &Config, pool: &sqlx::PgPool, s: &vitals_processors::runtime::Snapshots, t: &vitals_schemas::topics::Topics) -> anyhow::Result<()> {
+    use vitals_processors::runtime;
+    // The runtime uploads in the background after its commits: wait for every partition's.
+    let task = format!("{}rollup_day", t.prefix);
+    let parts = cfg.kafka.partitions;
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let mut have = 0;
         for p in 0..parts {
-            let epoch = runtime::bump_epoch(&pool, &task, p, 0).await?;
-            if let Some(r) = s.restore(&task, p, epoch, &dir.join(format!("p{p}.redb"))).await.map_err(|e| anyhow::anyhow!(e))? {
-                bytes += r.pointer.bytes as u64;
-                n += 1;
-                slowest = slowest.max(r.took);
-            }
+            have += runtime::snapshot::pointer(pool, &task, p).await?.is_some() as i32;
         }
-        let all = t0.elapsed();
-        println!(
-            "  rollup_day restore from S3 snapshots: {n} partitions, {:.1} MB of state in {:.0} ms ({:.0} MB/s; slowest partition {:.0} ms) — vs. rebuilding by replay above",
-            bytes as f64 / 1e6,
-            all.as_secs_f64() * 1000.0,
-            bytes as f64 / 1e6 / all.as_secs_f64(),
-            slowest.as_secs_f64() * 1000.0
-        );
-        let _ = std::fs::remove_dir_all(&dir);
+        if have == parts {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "only {have} of {parts} partitions have a snapshot after 60 s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    let dir = std::env::temp_dir().join(format!("vitals-bench-restore-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut bytes, mut n, mut slowest) = (0u64, 0, std::time::Duration::ZERO);
+    let t0 = Instant::now();
+    for p in 0..parts {
+        let epoch = runtime::bump_epoch(pool, &task, p, 0).await?;
+        if let Some(r) = s.restore(&task, p, epoch, &dir.join(format!("p{p}.redb"))).await.map_err(|e| anyhow::anyhow!(e))? {
+            bytes += r.pointer.bytes as u64;
+            n += 1;
+            slowest = slowest.max(r.took);
+        }
+    }
+    let all = t0.elapsed();
+    println!(
+        "  rollup_day restore from S3 snapshots: {n} partitions, {:.1} MB of state in {:.0} ms ({:.0} MB/s; slowest partition {:.0} ms) — vs. rebuilding by replay above",
+        bytes as f64 / 1e6,
+        all.as_secs_f64() * 1000.0,
+        bytes as f64 / 1e6 / all.as_secs_f64(),
+        slowest.as_secs_f64() * 1000.0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -618,4 +669,83 @@ pub fn driver(sim: &SimConfig, max_items_per_record: usize) {
     let chained: Vec<Input> = impacts.into_iter().map(Input::SessionImpact).collect();
     let n = chained.len();
     run("product_impact", product_impact::ProductImpactProcessor::new(Default::default()), &chained, n, retained);
+}
+
+/// `vitals bench edge`: the edge's CPU work on the simulated sample uploads, stage by stage,
+/// without HTTP, PostgreSQL or Kafka (one thread; needs no service); then the lane records'
+/// Avro encoding and decoding by vitals' codec (serde_avro_fast) beside apache-avro's `Value`
+/// tree (what vitals used before) on the same records.
+pub fn edge(sim: &SimConfig, max_items_per_record: usize) {
+    use std::time::Duration;
+
+    use vitals_ingest::request::{self, BatchKind, Rules};
+    use vitals_schemas::avro::SAMPLE_BATCH;
+    use vitals_schemas::codec::{decode_own, encode_own, encode_with_id};
+    use vitals_schemas::SampleBatch;
+
+    let catalog = vitals_schemas::Catalog::embedded();
+    let rules = Rules::default();
+    let uploads: Vec<(String, Vec<u8>)> = simulate::plan(sim)
+        .into_iter()
+        .filter(|u| u.endpoint == simulate::SAMPLES_PATH)
+        .map(|u| (u.user.clone(), serde_json::to_vec(&u.body).expect("a body serialises")))
+        .collect();
+    let body_bytes: usize = uploads.iter().map(|(_, b)| b.len()).sum();
+    let (mut parse, mut hash, mut validate, mut encode, mut encode_ref) = (Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let (mut items, mut records) = (0usize, Vec::new());
+    let schema = SAMPLE_BATCH.schema();
+    for (user, body) in &uploads {
+        let t = Instant::now();
+        let (env, _, list) = request::parse_envelope(body, BatchKind::Samples, user, &rules).expect("a simulated body parses");
+        parse += t.elapsed();
+        // The hash alone (parse_envelope computes it too: its time is part of `parse`).
+        let value: serde_json::Value = serde_json::from_slice(body).expect("parses");
+        let t = Instant::now();
+        std::hint::black_box(vitals_schemas::hash::payload_hash(&value));
+        hash += t.elapsed();
+        let t = Instant::now();
+        let (ok, _) = request::validate_samples(list, env.backfill, None, catalog, &rules, sim.now_ms);
+        validate += t.elapsed();
+        items += ok.len();
+        let samples: Vec<_> = ok.into_iter().map(|r| r.sample).collect();
+        for part in samples.chunks(max_items_per_record.max(1)) {
+            let batch = SampleBatch { request_id: env.request_id.clone(), user_id: user.clone(), received_at_ms: sim.now_ms, lane: vitals_schemas::Lane::Hot, samples: part.to_vec() };
+            let t = Instant::now();
+            let bytes = encode_own(SAMPLE_BATCH, 1, &batch).expect("encodes");
+            encode += t.elapsed();
+            let t = Instant::now();
+            std::hint::black_box(encode_with_id(&schema, 1, &batch).expect("encodes"));
+            encode_ref += t.elapsed();
+            records.push(bytes);
+        }
+    }
+    let (mut decode, mut decode_ref) = (Duration::ZERO, Duration::ZERO);
+    for r in &records {
+        let t = Instant::now();
+        std::hint::black_box(decode_own::<SampleBatch>(SAMPLE_BATCH, &r[5..]).expect("decodes"));
+        decode += t.elapsed();
+        let t = Instant::now();
+        let mut body = &r[5..];
+        let datum = apache_avro::reader::datum::GenericDatumReader::builder(&schema).build().and_then(|d| d.read_value(&mut body)).expect("decodes");
+        std::hint::black_box(apache_avro::from_value::<SampleBatch>(&datum).expect("decodes"));
+        decode_ref += t.elapsed();
+    }
+    let per = |d: Duration| items as f64 / d.as_secs_f64();
+    println!(
+        "vitals bench edge — {} users × {} days: {} sample uploads, {items} samples, {:.1} MB of JSON, {} lane records",
+        sim.users,
+        sim.days,
+        uploads.len(),
+        body_bytes as f64 / 1e6,
+        records.len()
+    );
+    println!("  one thread, no HTTP / PostgreSQL / Kafka; samples per second of each stage alone:");
+    let total = parse + validate + encode;
+    for (name, d) in [("JSON envelope (parse, duplicate keys, fields, hash)", parse), ("  of which the payload hash (canonical JSON, SHA-256)", hash), ("validation + normalisation", validate), ("Avro encode (serde_avro_fast)", encode)] {
+        println!("    {name:<46} {:>8.3} s = {:>10.0} samples/s  ({:>4.1}% of the edge's CPU)", d.as_secs_f64(), per(d), 100.0 * d.as_secs_f64() / total.as_secs_f64());
+    }
+    println!("    {:<46} {:>8.3} s = {:>10.0} samples/s", "the edge's CPU work in all", total.as_secs_f64(), per(total));
+    println!("  Avro, the same {} records:", records.len());
+    println!("    encode: serde_avro_fast {:>10.0} samples/s, apache-avro Value tree {:>10.0} samples/s: {:.1}x", per(encode), per(encode_ref), encode_ref.as_secs_f64() / encode.as_secs_f64());
+    println!("    decode: serde_avro_fast {:>10.0} samples/s, apache-avro Value tree {:>10.0} samples/s: {:.1}x", per(decode), per(decode_ref), decode_ref.as_secs_f64() / decode.as_secs_f64());
 }

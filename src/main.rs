@@ -194,6 +194,10 @@ enum BenchCmd {
     /// Every processor alone in the in-memory driver (no Kafka, no I/O, needs no service) over
     /// the simulated inputs: items/s per core and state per retained sample.
     Driver(SimArgs),
+    /// The edge's CPU work per upload alone (no HTTP, PostgreSQL or Kafka; needs no service),
+    /// stage by stage: JSON envelope, payload hash, validation, Avro encoding — and the
+    /// processors' Avro decoding — beside apache-avro's `Value`-tree codec on the same records.
+    Edge(SimArgs),
     /// The Postgres-only design alone (raw samples + daily rollups recomputed in each upload's
     /// transaction, one connection) over the simulated uploads; needs only PostgreSQL.
     Baseline(SimArgs),
@@ -479,6 +483,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { cmd: BenchCmd::Driver(args) } => {
             bench::driver(&args.to_config(&cfg), cfg.ingest.max_items_per_record);
+        }
+        Cmd::Bench { cmd: BenchCmd::Edge(args) } => {
+            bench::edge(&args.to_config(&cfg), cfg.ingest.max_items_per_record);
         }
         Cmd::Bench { cmd: BenchCmd::Baseline(args) } => {
             bench::baseline(&cfg, args.to_config(&cfg)).await?;

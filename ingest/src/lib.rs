@@ -37,7 +37,6 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tracing::{error, info_span, warn, Instrument};
 use vitals_schemas::catalog::Catalog;
-use vitals_schemas::hash::payload_hash;
 use vitals_schemas::topics::Topics;
 use vitals_schemas::{ChangeBatch, DomainChangeBatch, DomainChangeKind, Lane, PrivacySettings, SampleBatch};
 
@@ -372,11 +371,20 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
 async fn process(s: &Ingest, kind: BatchKind, trace: &TraceContext, user: &str, body: &[u8]) -> Result<Response, ApiError> {
     let retry = s.cfg.retry_after_secs;
     let user = user.to_owned();
-    let (env, value, items) = request::parse_envelope(body, kind, &user, &s.cfg.rules)?;
-    let hash = payload_hash(&value);
+    let (env, hash, items) = request::parse_envelope(body, kind, &user, &s.cfg.rules)?;
 
-    let privacy = store::privacy(&s.pool, &user).await.map_err(|e| store_unavailable(e, retry))?;
+    let t = Instant::now();
+    let claim = store::claim(&s.pool, &user, &env.request_id, kind.endpoint(), &hash, s.cfg.idempotency_lease)
+        .await
+        .map_err(|e| store_unavailable(e, retry))?;
+    s.metrics.store_seconds.with_label_values(&["claim"]).observe(t.elapsed().as_secs_f64());
+    let privacy = claim.privacy;
     if kind == BatchKind::Samples && s.cfg.require_consent && !privacy.as_ref().is_some_and(|p| p.health_upload_allowed) {
+        if claim.begin == Begin::Proceed {
+            if let Err(re) = store::release(&s.pool, &user, &env.request_id).await {
+                error!(error = %re, "could not release request id; it frees itself when its lease expires");
+            }
+        }
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "health_upload_not_allowed",
@@ -384,10 +392,7 @@ async fn process(s: &Ingest, kind: BatchKind, trace: &TraceContext, user: &str, 
         ));
     }
 
-    match store::begin(&s.pool, &user, &env.request_id, kind.endpoint(), &hash, s.cfg.idempotency_lease)
-        .await
-        .map_err(|e| store_unavailable(e, retry))?
-    {
+    match claim.begin {
         Begin::Proceed => {}
         Begin::Replay { status, body } => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
@@ -415,7 +420,10 @@ async fn process(s: &Ingest, kind: BatchKind, trace: &TraceContext, user: &str, 
         }
     };
     let privacy_ref = privacy_update.as_ref().map(|(p, t)| (p, *t));
-    if let Err(e) = store::finish(&s.pool, &user, &env.request_id, status.as_u16(), &body, &landed, privacy_ref).await {
+    let t = Instant::now();
+    let finished = store::finish(&s.pool, &user, &env.request_id, status.as_u16(), &body, &landed, privacy_ref).await;
+    s.metrics.store_seconds.with_label_values(&["finish"]).observe(t.elapsed().as_secs_f64());
+    if let Err(e) = finished {
         // The records are in Kafka, but the answer could not be stored: let the client retry
         // (the retry re-produces; downstream deduplicates by sample identity and version).
         let _ = store::release(&s.pool, &user, &env.request_id).await;

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, FixedOffset};
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 use vitals_schemas::catalog::Catalog;
@@ -42,8 +41,10 @@ impl Default for Rules {
     }
 }
 
-/// The common envelope of every batch endpoint: items are kept as raw JSON so that one bad item
-/// is rejected with its index and field while the others go on.
+/// The common envelope of every batch endpoint. It is read from the parsed body without copying
+/// it: the item lists are only checked to be lists here ([`ItemList`]); the items themselves are
+/// then moved out of the body as raw JSON, so that one bad item is rejected with its index and
+/// field while the others go on.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Envelope {
@@ -55,11 +56,38 @@ pub struct Envelope {
     #[serde(default)]
     pub backfill: bool,
     #[serde(default)]
-    pub samples: Option<Vec<Value>>,
+    pub samples: Option<ItemList>,
     #[serde(default)]
-    pub deletions: Option<Vec<Value>>,
+    pub deletions: Option<ItemList>,
     #[serde(default)]
-    pub changes: Option<Vec<Value>>,
+    pub changes: Option<ItemList>,
+}
+
+/// An items field that is present and is a JSON array (its elements are not looked at). Refuses
+/// anything else with serde's own message ("invalid type: …, expected a sequence").
+#[derive(Debug)]
+pub struct ItemList {
+    pub len: usize,
+}
+
+impl<'de> Deserialize<'de> for ItemList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ItemList, D::Error> {
+        struct Seq;
+        impl<'de> serde::de::Visitor<'de> for Seq {
+            type Value = ItemList;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a sequence")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ItemList, A::Error> {
+                let mut len = 0;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    len += 1;
+                }
+                Ok(ItemList { len })
+            }
+        }
+        d.deserialize_seq(Seq)
+    }
 }
 
 /// The kinds of batch the edge takes.
@@ -88,17 +116,19 @@ impl BatchKind {
 }
 
 /// Parses and checks the envelope: strict JSON, known fields, the items list of this endpoint,
-/// a usable request id, the batch length limit and the user.
-pub fn parse_envelope(body: &[u8], kind: BatchKind, user: &str, rules: &Rules) -> Result<(Envelope, Value, Vec<Value>), ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
+/// a usable request id, the batch length limit and the user. Returns the envelope, the
+/// payload's canonical hash and the items (moved out of the parsed body, not copied).
+pub fn parse_envelope(body: &[u8], kind: BatchKind, user: &str, rules: &Rules) -> Result<(Envelope, String, Vec<Value>), ApiError> {
+    let (mut value, duplicate) = crate::json::parse_value(body).map_err(|e| {
         ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e} (NaN and Infinity are not JSON)"))
     })?;
     // `Value` keeps the last of two equal keys without a word; the client meant one of them.
-    if let Some(path) = crate::json::first_duplicate_key(body) {
+    if duplicate {
+        let path = crate::json::first_duplicate_key(body).unwrap_or_default();
         let path = crate::error::printable(&path);
         return Err(ApiError::bad_request("duplicate_key", format!("`{path}` appears more than once in one object")).field(path));
     }
-    let mut env: Envelope = deserialize_at(value.clone()).map_err(|(field, msg)| {
+    let env: Envelope = deserialize_at(&value).map_err(|(field, msg)| {
         ApiError::bad_request("invalid_request", format!("invalid request body: {msg}")).field(field)
     })?;
     if env.request_id.is_empty() || env.request_id.len() > 128 || env.request_id.chars().any(|c| c.is_control()) {
@@ -117,27 +147,34 @@ pub fn parse_envelope(body: &[u8], kind: BatchKind, user: &str, rules: &Rules) -
     if env.backfill && kind != BatchKind::Samples {
         return Err(ApiError::bad_request("invalid_request", "`backfill` applies to samples only").field("backfill"));
     }
-    let items = match kind {
-        BatchKind::Samples => env.samples.take(),
-        BatchKind::Deletions => env.deletions.take(),
-        BatchKind::DomainChanges => env.changes.take(),
+    let len = match kind {
+        BatchKind::Samples => env.samples.as_ref(),
+        BatchKind::Deletions => env.deletions.as_ref(),
+        BatchKind::DomainChanges => env.changes.as_ref(),
     }
-    .ok_or_else(|| ApiError::unprocessable("missing_field", format!("`{field}` is required")).field(field))?;
-    if items.is_empty() {
+    .ok_or_else(|| ApiError::unprocessable("missing_field", format!("`{field}` is required")).field(field))?
+    .len;
+    if len == 0 {
         return Err(ApiError::unprocessable("empty_batch", format!("`{field}` must not be empty")).field(field));
     }
-    if items.len() > rules.max_items {
+    if len > rules.max_items {
         return Err(ApiError::unprocessable(
             "too_many_items",
-            format!("at most {} items per request, got {}; split the batch", rules.max_items, items.len()),
+            format!("at most {} items per request, got {len}; split the batch", rules.max_items),
         )
         .field(field));
     }
-    Ok((env, value, items))
+    let hash = vitals_schemas::hash::payload_hash(&value);
+    let items = match value.as_object_mut().and_then(|m| m.remove(field)) {
+        Some(Value::Array(items)) => items,
+        // Cannot happen (the envelope has just read it as an array); a 4xx all the same.
+        _ => return Err(ApiError::unprocessable("missing_field", format!("`{field}` is required")).field(field)),
+    };
+    Ok((env, hash, items))
 }
 
 /// Deserializes with the path of the failing field.
-fn deserialize_at<T: DeserializeOwned>(v: Value) -> Result<T, (String, String)> {
+fn deserialize_at<'a, T: Deserialize<'a>, D: serde::Deserializer<'a>>(v: D) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
         let path = e.path().to_string();
         let msg = e.inner().to_string();

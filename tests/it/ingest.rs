@@ -144,14 +144,25 @@ async fn duplicate_requests_are_idempotent() {
     // makes it, with the payload's canonical hash.)
     let inflight = samples_body("req-inflight", vec![hr("c", json!(63), "bpm", 5)]);
     let hash = vitals_schemas::hash::payload_hash(&inflight);
-    let begin = vitals_ingest::store::begin(&env.pool, user, "req-inflight", "samples", &hash, Duration::from_secs(60)).await.unwrap();
-    assert_eq!(begin, vitals_ingest::store::Begin::Proceed);
+    let claim = vitals_ingest::store::claim(&env.pool, user, "req-inflight", "samples", &hash, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(claim.begin, vitals_ingest::store::Begin::Proceed);
+    assert_eq!(claim.privacy.map(|p| p.health_upload_allowed), Some(true), "the claim reads the user's privacy settings too");
     let (s5, _, r5) = env.post(SAMPLES, user, &inflight).await;
     assert_eq!((s5, r5["error"]["code"].as_str()), (409, Some("request_in_flight")));
     // Once the claim's lease has expired (a crashed edge), a retry takes the request over.
     sqlx::query("UPDATE ingest_requests SET lease_until = now() - interval '1 second' WHERE request_id = 'req-inflight'").execute(&env.pool).await.unwrap();
     let (s6, _, _) = env.post(SAMPLES, user, &inflight).await;
     assert_eq!(s6, 200);
+
+    // Refused for want of consent (the claim and the privacy read are one statement): the id is
+    // not left claimed, so the same request succeeds once consent is given.
+    let late = "user-idem-late-consent";
+    let (s7, _, r7) = env.post(SAMPLES, late, &body).await;
+    assert_eq!((s7, r7["error"]["code"].as_str()), (403, Some("health_upload_not_allowed")));
+    env.consent(late, &[]).await;
+    let (s8, h8, r8) = env.post(SAMPLES, late, &body).await;
+    assert_eq!(s8, 200, "{r8}");
+    assert!(h8.get("idempotent-replay").is_none());
     env.cleanup().await;
 }
 
