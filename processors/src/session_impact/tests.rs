@@ -450,6 +450,59 @@ fn a_sample_change_rederives_only_the_sessions_it_touches() {
     assert!(out[0].value.as_ref().unwrap().metrics.is_empty(), "b has no data left but still exists");
 }
 
+/// Within one interval the session index lags the folds (it is updated when a session is
+/// re-derived, at the interval's end): samples landing in buckets a session has only just
+/// gained, or in the ones it has just lost, a deletion among samples, a priority change — each
+/// session still comes out once per interval, equal to the oracle.
+#[test]
+fn one_interval_rederives_each_session_once_even_when_its_range_moves() {
+    let at0 = |i: Input| (0i64, i);
+    let key = output_key("u", "s1");
+    let mut d = driver();
+    let mut all: Vec<Input> = vec![started("s1", "coffee", t(10, 0)), ended("s1", t(10, 30))];
+    d.feed_interval(&all.iter().cloned().map(at0).collect::<Vec<_>>());
+    assert_eq!(d.projection()[&key].end_ms, Some(t(10, 30)));
+
+    // The end moves from 10:30 to 13:00: after = [13:00, 15:00), hours 13 and 14 are new. The
+    // samples of the new hours come after the move, in the same interval.
+    let mut second = vec![ended("s1", t(13, 0))];
+    second.extend((0..20).map(|n| hot(vec![hr(&format!("d{n}"), t(10, 5) + n * 60_000, 80.0 + n as f64)])));
+    second.push(hot(vec![hr("a1", t(14, 30), 70.0), hr("b1", t(9, 30), 60.0)]));
+    second.push(hot(vec![sample("watch", SourceKind::Watch, "st", "steps", t(12, 30), t(14, 30), 1200.0)]));
+    all.extend(second.iter().cloned());
+    let (out, rejected) = d.feed_interval(&second.into_iter().map(at0).collect::<Vec<_>>());
+    assert_eq!(rejected, 0);
+    assert_eq!(out.iter().filter(|e| e.key == key).count(), 1, "one upsert for the whole interval");
+    assert_eq!(d.projection(), oracle(&all, d.stream_time_ms));
+    let i = &d.projection()[&key];
+    assert_eq!(metric(i, "heart_rate").after.as_ref().map(|s| s.n), Some(1), "the 14:30 sample, in a bucket gained this interval");
+
+    // The end moves back to 10:30 and a sample lands in an hour the session just lost; a
+    // priority change too.
+    let third = vec![
+        domain("u", vec![change("back", DomainChangeKind::SessionUpdated, t(14, 0), Some(sess("s1", None, None, Some(t(10, 30)))))]),
+        hot(vec![hr("a2", t(14, 40), 75.0)]),
+        priority(1, &["phone", "watch"]),
+        hot(vec![hr("d99", t(10, 29), 99.0)]),
+    ];
+    all.extend(third.iter().cloned());
+    let (out, _) = d.feed_interval(&third.into_iter().map(at0).collect::<Vec<_>>());
+    assert_eq!(out.iter().filter(|e| e.key == key).count(), 1);
+    assert_eq!(d.projection(), oracle(&all, d.stream_time_ms));
+    assert_eq!(d.projection()[&key].end_ms, Some(t(10, 30)));
+
+    // Samples, the deletion, more samples: one retraction.
+    let fourth = vec![hot(vec![hr("e1", t(10, 1), 81.0)]), deleted("s1", t(15, 0)), hot(vec![hr("e2", t(10, 2), 82.0)])];
+    all.extend(fourth.iter().cloned());
+    let (out, _) = d.feed_interval(&fourth.into_iter().map(at0).collect::<Vec<_>>());
+    let mine: Vec<_> = out.iter().filter(|e| e.key == key).collect();
+    assert_eq!(mine.len(), 1);
+    assert!(mine[0].value.is_none(), "a retraction");
+    assert!(d.projection().is_empty());
+    assert!(oracle(&all, d.stream_time_ms).is_empty());
+    assert!(d.states["u"].map.keys().all(|k| !k.starts_with(&format!("sx{SEP}"))), "a deleted session leaves no index entries");
+}
+
 #[test]
 fn tombstones_parse_the_key_and_both_processors_are_registered() {
     let ts = SessionImpact::tombstone("u-1", "u-1|sess|x");
