@@ -53,7 +53,9 @@
 //! sample change re-derives only the sessions indexed in its buckets, and a session that arrives
 //! after its samples (backfill) gathers them from its buckets. A sample is a candidate of a
 //! session when one of its buckets is one of the session's. Source priority comes from the
-//! domain-changes lane (as in `rollup_day`); a change of it re-derives every session.
+//! domain-changes lane (as in `rollup_day`); a change of it re-derives every session. Records only
+//! mark sessions dirty: each is re-derived once at the end of the interval, however many records
+//! touched it (see [`SessionImpactProcessor`]); a due timer re-derives its session at once.
 //!
 //! An unchanged recomputation emits nothing. State grows with the user's samples and sessions
 //! (deleted sessions leave a small tombstone): samples can be edited, and sessions created for the
@@ -400,14 +402,33 @@ struct Held {
     last: Option<SessionImpact>,
 }
 
+/// Recomputation is deferred to the end of the interval ([`crate::Processor::end_interval`]):
+/// `process` applies a record to state (identities, the sample index `ix`, folds, priority) at
+/// once and only collects the sessions it makes dirty; each dirty session is then re-derived
+/// once, however many records of the interval touched it.
+///
+/// Why no session is missed although the session index `sx` is only maintained by
+/// [`SessionImpactProcessor::recompute`] (so during an interval it may lag behind the folds):
+/// the only thing that changes a session's range is a change of its fold — a session change
+/// (start or end moved, deleted, or made consistent/inconsistent) — and the record that makes
+/// that change marks the session dirty. So a session whose `sx` entries are stale is always
+/// already dirty, and `recompute` at the end gathers its samples from its *current* range
+/// (`ix`, which `process` keeps up to date), whatever buckets later samples of the interval
+/// landed in. Stale entries the other way (buckets the session no longer covers) only make a
+/// session dirty needlessly; re-deriving it is harmless (unchanged: nothing emitted). A priority
+/// change marks every held session dirty; a sample change marks the sessions `sx` lists in its
+/// buckets before and after. A timer (`on_timer`) re-derives its session at once from the same
+/// current state (nothing it reads is deferred, only the recomputation), and fixes `sx` for it.
 pub struct SessionImpactProcessor {
     cfg: Config,
     catalog: &'static Catalog,
+    /// Per user: the sessions made dirty in this interval, re-derived at its end.
+    dirty: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl SessionImpactProcessor {
     pub fn new(cfg: Config) -> SessionImpactProcessor {
-        SessionImpactProcessor { cfg, catalog: Catalog::embedded() }
+        SessionImpactProcessor { cfg, catalog: Catalog::embedded(), dirty: BTreeMap::new() }
     }
 }
 
@@ -415,10 +436,11 @@ impl crate::Processor for SessionImpactProcessor {
     type Output = SessionImpact;
 
     fn process(&mut self, input: &Input, state: &mut dyn State, out: &mut dyn Emitter<SessionImpact>) -> Result<(), Invalid> {
+        // The only refusal, before anything is written or deferred.
         validate(&self.cfg, input)?;
-        let user = input.user_id().to_owned();
+        let _ = out; // outputs come at the end of the interval
         let mut buckets: BTreeSet<i64> = BTreeSet::new();
-        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        let mut dirty = self.dirty.remove(input.user_id()).unwrap_or_default();
         match input {
             Input::Samples(b) => {
                 for s in &b.samples {
@@ -461,10 +483,21 @@ impl crate::Processor for SessionImpactProcessor {
                 dirty.insert(k[prefix.len()..].to_owned());
             }
         }
-        for session_id in dirty {
-            self.recompute(&user, &session_id, state, out);
+        if !dirty.is_empty() {
+            self.dirty.insert(input.user_id().to_owned(), dirty);
         }
         Ok(())
+    }
+
+    fn begin_interval(&mut self) {
+        // Deferred by an interval that did not end: it is redone from the checkpoint.
+        self.dirty.clear();
+    }
+
+    fn end_interval(&mut self, user: &str, state: &mut dyn State, out: &mut dyn Emitter<SessionImpact>) {
+        for session_id in self.dirty.remove(user).unwrap_or_default() {
+            self.recompute(user, &session_id, state, out);
+        }
     }
 
     fn on_timer(&mut self, user: &str, name: &str, state: &mut dyn State, out: &mut dyn Emitter<SessionImpact>) {
