@@ -605,6 +605,29 @@ fn inputs_of(events: Vec<Event>) -> Vec<Input> {
     events.iter().enumerate().map(|(i, e)| to_input(i, e)).collect()
 }
 
+/// A delivery of `n` inputs: every one, every `dup_every`-th again, shuffled by `seed`; and
+/// their log timestamps (minutes after 08:00, scaled by `span`/1000), which mostly grow through
+/// the delivery and sometimes go back (stream time is their running maximum), so sessions are
+/// last touched before their due time and only the timer can make them final.
+fn delivery(n: usize, dup_every: usize, seed: u64, times: &[i64], span: i64) -> (Vec<usize>, Vec<i64>) {
+    let mut order: Vec<usize> = (0..n).chain((0..n).step_by(dup_every)).collect();
+    let mut x = seed | 1;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let mut times: Vec<i64> = times[..order.len()].iter().map(|t| t * span / 1000).collect();
+    times.sort_unstable();
+    for (n, t) in times.iter_mut().enumerate() {
+        if n % 7 == 3 {
+            *t -= 300;
+        }
+    }
+    (order, times)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -619,22 +642,7 @@ proptest! {
         tail in proptest::option::of(0i64..1000),
     ) {
         let inputs = inputs_of(events);
-        let mut order: Vec<usize> = (0..inputs.len()).chain((0..inputs.len()).step_by(dup_every)).collect();
-        let mut x = seed | 1;
-        for i in (1..order.len()).rev() {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-            order.swap(i, (x % (i as u64 + 1)) as usize);
-        }
-        // Log timestamps mostly grow through the delivery (some go back: stream time is their
-        // running maximum), so sessions are last touched before their due time and only the
-        // timer can make them final.
-        let mut times: Vec<i64> = times[..order.len()].iter().map(|t| t * span / 1000).collect();
-        times.sort_unstable();
-        for (n, t) in times.iter_mut().enumerate() {
-            if n % 7 == 3 {
-                *t -= 300;
-            }
-        }
+        let (order, times) = delivery(inputs.len(), dup_every, seed, &times, span);
         let mut d = driver();
         for (n, i) in order.iter().enumerate() {
             // Refused records (the rare invalid session change) leave no trace, in both.
@@ -673,20 +681,7 @@ proptest! {
         tail in proptest::option::of(0i64..1000),
     ) {
         let inputs = inputs_of(events);
-        let mut order: Vec<usize> = (0..inputs.len()).chain((0..inputs.len()).step_by(dup_every)).collect();
-        let mut x = seed | 1;
-        for i in (1..order.len()).rev() {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-            order.swap(i, (x % (i as u64 + 1)) as usize);
-        }
-        // As in the per-record property: log timestamps mostly grow, some go back.
-        let mut times: Vec<i64> = times[..order.len()].iter().map(|t| t * span / 1000).collect();
-        times.sort_unstable();
-        for (n, t) in times.iter_mut().enumerate() {
-            if n % 7 == 3 {
-                *t -= 300;
-            }
-        }
+        let (order, times) = delivery(inputs.len(), dup_every, seed, &times, span);
         let stamped: Vec<(i64, Input)> = order.iter().zip(&times).map(|(i, t)| (base() + t * 60_000, inputs[*i].clone())).collect();
         let mut d = driver();
         let mut rest: &[(i64, Input)] = &stamped;
