@@ -57,6 +57,7 @@ pub async fn ingest(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
     let (records, bytes) = lane_records(&cfg).await?;
     let raw = raw_produce(&cfg, &records).await?;
     let waiting = raw_produce_waiting(&cfg, &records, sim.concurrency).await?;
+    let one = ack_latency(&cfg, &records).await?;
 
     let secs = report.elapsed.as_secs_f64();
     let mb = bytes as f64 / 1e6;
@@ -67,6 +68,7 @@ pub async fn ingest(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
     println!("  broker raw produce of the same {} records / {:.2} MB (idempotent, acks=all):", records.len(), mb);
     println!("    {:>7.2} s = {:.0} records/s, {:.2} MB/s, i.e. {:.0} items/s equivalent", raw.as_secs_f64(), records.len() as f64 / raw.as_secs_f64(), mb / raw.as_secs_f64(), report.accepted as f64 / raw.as_secs_f64());
     println!("  edge / raw throughput: {:.2}", raw.as_secs_f64() / secs);
+    println!("  one record at a time, each acknowledged before the next (50 records): mean ack {:.1} ms on a delete topic, {:.1} ms on a compacted one (as projection topics are)", one.0, one.1);
     println!(
         "  broker raw produce, {} clients each waiting for its ack (the edge's pattern at this concurrency): {:.2} s = {:.0} items/s equivalent; edge / that: {:.2}",
         sim.concurrency,
@@ -113,6 +115,25 @@ async fn raw_produce_waiting(cfg: &Config, records: &[rdkafka::message::OwnedMes
     Ok(t0.elapsed())
 }
 
+/// Mean acknowledgement latency (ms) of 50 of `records` produced one at a time, each awaited
+/// before the next: to a delete topic, and to a compacted one.
+async fn ack_latency(cfg: &Config, records: &[rdkafka::message::OwnedMessage]) -> anyhow::Result<(f64, f64)> {
+    let mut out = [0.0; 2];
+    for (i, cleanup) in ["delete", "compact"].into_iter().enumerate() {
+        let topic = format!("{}ack-{cleanup}", cfg.kafka.topic_prefix);
+        create_topic_with(cfg, &topic, cleanup).await?;
+        let producer = app::producer(cfg, "vitals-bench-ack")?;
+        let sample: Vec<_> = records.iter().take(50).collect();
+        let t0 = Instant::now();
+        for m in &sample {
+            let rec = FutureRecord::to(&topic).payload(m.payload().unwrap_or_default()).key(m.key().unwrap_or(b"k"));
+            producer.send(rec, std::time::Duration::from_secs(30)).await.map_err(|(e, _)| e).context("ack latency")?;
+        }
+        out[i] = t0.elapsed().as_secs_f64() * 1000.0 / sample.len().max(1) as f64;
+    }
+    Ok((out[0], out[1]))
+}
+
 /// Produces `records` again (keys and payloads) to a fresh `<prefix>raw` topic with the edge's
 /// producer settings, 1000 in flight at a time, and returns how long the acknowledgements took.
 async fn raw_produce(cfg: &Config, records: &[rdkafka::message::OwnedMessage]) -> anyhow::Result<std::time::Duration> {
@@ -139,9 +160,13 @@ async fn raw_produce(cfg: &Config, records: &[rdkafka::message::OwnedMessage]) -
 }
 
 async fn create_raw_topic(cfg: &Config, name: &str) -> anyhow::Result<()> {
+    create_topic_with(cfg, name, "delete").await
+}
+
+async fn create_topic_with(cfg: &Config, name: &str, cleanup: &str) -> anyhow::Result<()> {
     use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
     let admin = app::admin(cfg)?;
-    let t = NewTopic::new(name, cfg.kafka.partitions, TopicReplication::Fixed(cfg.kafka.replication_factor));
+    let t = NewTopic::new(name, cfg.kafka.partitions, TopicReplication::Fixed(cfg.kafka.replication_factor)).set("cleanup.policy", cleanup);
     let r = admin.create_topics([&t], &AdminOptions::new()).await?;
     for x in r {
         x.map_err(|(n, c)| anyhow::anyhow!("creating {n}: {c}"))?;
@@ -258,6 +283,18 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
                 took.as_secs_f64(),
                 if checkpointing { format!("; local state {:.1} MB", state_bytes as f64 / 1e6) } else { String::new() }
             );
+            if checkpointing {
+                // Where an exactly-once run's time went (the runtime's own counters, whole run).
+                let us = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e3;
+                let commits = metrics.commits.load(Ordering::Relaxed);
+                println!(
+                    "  {:<15} {:<44} {commits} intervals committed; waiting for acknowledgements {:.0} ms, local commits {:.0} ms in all",
+                    "",
+                    "",
+                    us(&metrics.ack_wait_micros),
+                    us(&metrics.commit_micros)
+                );
+            }
             let _ = std::fs::remove_dir_all(&data);
             if let (true, Some(s)) = (checkpointing, args_snapshots.as_ref()) {
                 restore_from_snapshots(&cfg, &pool, s, &t).await?;
