@@ -626,21 +626,36 @@ async fn markers_never_overtake_their_rows_with_a_saturated_producer_queue() {
     proc.set("VITALS_PROCESSORS__MAX_BATCH", 20);
     proc.start(None);
     let expected = rollup_day::oracle(&inputs(&env, &codec).await);
-    wait_for_every("the projection to reach the oracle", Duration::from_secs(120), Duration::from_millis(300), || async { (fold(&env, &codec).await.0 == expected).then_some(()) }).await;
-    proc.kill9();
     // (partition, epoch, user, source offsets) → the offset of that interval's marker.
     type Interval = (i32, i64, String, Vec<(String, i64)>);
-    let mut markers: BTreeMap<Interval, i64> = BTreeMap::new();
-    let mut rows: Vec<(Interval, i64, String)> = Vec::new();
-    for m in env.read(&env.topics().rollup_day).await {
-        let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
-        let at: Interval = (m.partition(), r.version_epoch, r.user_id.clone(), r.source_offsets.iter().map(|o| (o.topic.clone(), o.next_offset)).collect());
-        if crate::harness::header(&m, vitals_schemas::topics::PROGRESS_HEADER).is_some() {
-            markers.insert(at, m.offset());
-        } else {
-            rows.push((at, m.offset(), String::from_utf8_lossy(m.key().unwrap()).into_owned()));
+    type Written = (BTreeMap<Interval, i64>, Vec<(Interval, i64, String)>);
+    let written = || async {
+        let mut markers: BTreeMap<Interval, i64> = BTreeMap::new();
+        let mut rows: Vec<(Interval, i64, String)> = Vec::new();
+        for m in env.read(&env.topics().rollup_day).await {
+            let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
+            let at: Interval = (m.partition(), r.version_epoch, r.user_id.clone(), r.source_offsets.iter().map(|o| (o.topic.clone(), o.next_offset)).collect());
+            if crate::harness::header(&m, vitals_schemas::topics::PROGRESS_HEADER).is_some() {
+                markers.insert(at, m.offset());
+            } else {
+                rows.push((at, m.offset(), String::from_utf8_lossy(m.key().unwrap()).into_owned()));
+            }
         }
-    }
+        (markers, rows)
+    };
+    // The last interval's markers follow its rows by one acknowledgement: wait for them too
+    // before stopping the process (killed in between, an interval's rows have no marker yet —
+    // and a marker that never comes fails this wait).
+    wait_for_every("the projection to reach the oracle and every row's marker to be written", Duration::from_secs(120), Duration::from_millis(300), || async {
+        if fold(&env, &codec).await.0 != expected {
+            return None;
+        }
+        let (markers, rows): Written = written().await;
+        rows.iter().all(|(at, _, _)| markers.contains_key(at)).then_some(())
+    })
+    .await;
+    proc.kill9();
+    let (markers, rows): Written = written().await;
     assert!(rows.len() > 50 && !markers.is_empty(), "{} rows, {} markers", rows.len(), markers.len());
     for (at, offset, key) in &rows {
         let marker = markers.get(at).unwrap_or_else(|| panic!("no marker for the interval of {key} at {at:?}"));
