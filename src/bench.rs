@@ -90,6 +90,15 @@ async fn lane_records(cfg: &Config) -> anyhow::Result<(Vec<rdkafka::message::Own
     Ok((records, bytes))
 }
 
+/// A lane record produced again as it was (key and payload) to `topic`.
+fn raw_record<'a>(topic: &'a str, m: &'a rdkafka::message::OwnedMessage) -> FutureRecord<'a, [u8], [u8]> {
+    let rec = FutureRecord::to(topic).payload(m.payload().unwrap_or_default());
+    match m.key() {
+        Some(k) => rec.key(k),
+        None => rec,
+    }
+}
+
 /// Produces `records` again to a fresh topic as `concurrency` clients would that each send one
 /// record and wait for its acknowledgement before the next (the edge's pattern with that many
 /// uploads in flight, without the edge), and returns how long it took.
@@ -102,11 +111,7 @@ async fn raw_produce_waiting(cfg: &Config, records: &[rdkafka::message::OwnedMes
     let client = || async {
         loop {
             let Some(m) = records.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) else { return Ok::<_, anyhow::Error>(()) };
-            let mut rec = FutureRecord::to(&raw_topic).payload(m.payload().unwrap_or_default());
-            if let Some(k) = m.key() {
-                rec = rec.key(k);
-            }
-            producer.send(rec, std::time::Duration::from_secs(30)).await.map_err(|(e, _)| e).context("raw produce")?;
+            producer.send(raw_record(&raw_topic, m), std::time::Duration::from_secs(30)).await.map_err(|(e, _)| e).context("raw produce")?;
         }
     };
     for r in join_all((0..concurrency.max(1)).map(|_| client())).await {
@@ -126,8 +131,7 @@ async fn ack_latency(cfg: &Config, records: &[rdkafka::message::OwnedMessage]) -
         let sample: Vec<_> = records.iter().take(50).collect();
         let t0 = Instant::now();
         for m in &sample {
-            let rec = FutureRecord::to(&topic).payload(m.payload().unwrap_or_default()).key(m.key().unwrap_or(b"k"));
-            producer.send(rec, std::time::Duration::from_secs(30)).await.map_err(|(e, _)| e).context("ack latency")?;
+            producer.send(raw_record(&topic, m), std::time::Duration::from_secs(30)).await.map_err(|(e, _)| e).context("ack latency")?;
         }
         out[i] = t0.elapsed().as_secs_f64() * 1000.0 / sample.len().max(1) as f64;
     }
@@ -145,11 +149,7 @@ async fn raw_produce(cfg: &Config, records: &[rdkafka::message::OwnedMessage]) -
         let acks: Vec<_> = chunk
             .iter()
             .map(|m| {
-                let mut rec = FutureRecord::to(&raw_topic).payload(m.payload().unwrap_or_default());
-                if let Some(k) = m.key() {
-                    rec = rec.key(k);
-                }
-                producer.send(rec, std::time::Duration::from_secs(30))
+                producer.send(raw_record(&raw_topic, m), std::time::Duration::from_secs(30))
             })
             .collect();
         for r in join_all(acks).await {

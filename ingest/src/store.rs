@@ -60,13 +60,15 @@ pub async fn claim(pool: &PgPool, user: &str, request_id: &str, endpoint: &str, 
     .fetch_one(pool)
     .await?;
     let privacy = allowed.map(|health_upload_allowed| PrivacySettings { health_upload_allowed, blocked_metrics: blocked.unwrap_or_default() });
-    let begin = match (inserted, ep, h, state) {
-        (true, ..) => Begin::Proceed,
+    // The stored row's columns are NOT NULL: all present (a row) or all absent (none).
+    let stored = ep.zip(h).zip(state).map(|((ep, h), state)| (ep, h, state));
+    let begin = match (inserted, stored) {
+        (true, _) => Begin::Proceed,
         // Released between the other attempt's claim and ours: let the client retry.
-        (false, None, ..) | (false, _, None, _) | (false, _, _, None) => Begin::InFlight,
-        (false, Some(ep), Some(h), Some(_)) if ep != endpoint || h != hash => Begin::Mismatch,
-        (false, _, _, Some(state)) if state == "done" => Begin::Replay { status: status.unwrap_or(200) as u16, body: body.unwrap_or(Value::Null) },
-        (false, ..) if expired == Some(true) => {
+        (false, None) => Begin::InFlight,
+        (false, Some((ep, h, _))) if ep != endpoint || h != hash => Begin::Mismatch,
+        (false, Some((_, _, state))) if state == "done" => Begin::Replay { status: status.unwrap_or(200) as u16, body: body.unwrap_or(Value::Null) },
+        (false, Some(_)) if expired == Some(true) => {
             let taken = sqlx::query(
                 "UPDATE ingest_requests SET lease_until = now() + $3 * interval '1 millisecond'
                  WHERE user_id = $1 AND request_id = $2 AND state = 'in_flight' AND lease_until < now()",
@@ -82,7 +84,7 @@ pub async fn claim(pool: &PgPool, user: &str, request_id: &str, endpoint: &str, 
                 Begin::InFlight
             }
         }
-        (false, ..) => Begin::InFlight,
+        (false, Some(_)) => Begin::InFlight,
     };
     Ok(Claim { begin, privacy })
 }

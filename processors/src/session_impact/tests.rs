@@ -628,6 +628,21 @@ fn delivery(n: usize, dup_every: usize, seed: u64, times: &[i64], span: i64) -> 
     (order, times)
 }
 
+/// Advances to the optional `tail` (minutes after 08:00), then requires the driver's projection
+/// to be the oracle's at its stream time, key by key.
+fn equals_the_oracle(d: &mut Driver<SessionImpactProcessor>, inputs: &[Input], tail: Option<i64>) -> Result<(), TestCaseError> {
+    if let Some(m) = tail {
+        d.advance_to(base() + m * 60_000);
+    }
+    let expected = oracle(inputs, d.stream_time_ms);
+    let got = d.projection();
+    prop_assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+    for (k, v) in &expected {
+        prop_assert_eq!(&got[k], v, "key {}", k);
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -651,15 +666,7 @@ proptest! {
                 d.advance_to(d.stream_time_ms);
             }
         }
-        if let Some(m) = tail {
-            d.advance_to(base() + m * 60_000);
-        }
-        let expected = oracle(&inputs, d.stream_time_ms);
-        let got = d.projection();
-        prop_assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
-        for (k, v) in &expected {
-            prop_assert_eq!(&got[k], v, "key {}", k);
-        }
+        equals_the_oracle(&mut d, &inputs, tail)?;
     }
 }
 
@@ -695,15 +702,7 @@ proptest! {
         // The driver ends a user's interval at the stream time of that user's last record (the
         // runtime: at the interval's); a timer armed then that is already due fires now.
         d.advance_to(d.stream_time_ms);
-        if let Some(m) = tail {
-            d.advance_to(base() + m * 60_000);
-        }
-        let expected = oracle(&inputs, d.stream_time_ms);
-        let got = d.projection();
-        prop_assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
-        for (k, v) in &expected {
-            prop_assert_eq!(&got[k], v, "key {}", k);
-        }
+        equals_the_oracle(&mut d, &inputs, tail)?;
     }
 }
 
