@@ -531,21 +531,42 @@ where
         }
     }
     let ended = Ends(Arc::new(AtomicBool::new(false)));
+    let input_sweeps = Arc::new(std::sync::atomic::AtomicU64::new(0));
     {
         let (highs, shared, stop, client) = (Arc::clone(&highs), Arc::clone(&shared), Arc::clone(&stop), tail_cfg.create::<BaseConsumer>()?);
         let ended = Arc::clone(&ended.0);
         let stop_all = move || stop.load(Ordering::Relaxed) || ended.load(Ordering::Relaxed);
-        let mut topics = input_topics.clone();
-        topics.push(cfg.output_topic.clone());
+        let sweeps = Arc::clone(&input_sweeps);
+        let inputs = input_topics.clone();
+        let output = cfg.output_topic.clone();
         std::thread::Builder::new().name("watermarks".into()).spawn(move || {
+            // The output partitions' highs every sweep (the tail check reads them every
+            // `TAIL_EVERY`); the inputs' only every `LAG_EVERY`, for the lag, which is measured
+            // right after each such sweep: each request here is a storage read on the broker,
+            // whose polling is what loads it most (docs/benchmarks.md), and the inputs' highs
+            // every 0.5 s were 24 of the 30 requests of every sweep.
+            let mut inputs_at: Option<Instant> = None;
             while !stop_all() {
                 let owned: Vec<i32> = shared.lock().unwrap_or_else(|p| p.into_inner()).tasks.keys().copied().collect();
+                // (A sweep with nothing owned yet does not count: the first partitions get
+                // their lag at once.)
+                let with_inputs = !owned.is_empty() && inputs_at.is_none_or(|at| at.elapsed() >= LAG_EVERY);
+                if with_inputs {
+                    inputs_at = Some(Instant::now());
+                }
+                let mut topics = vec![output.clone()];
+                if with_inputs {
+                    topics.extend(inputs.iter().cloned());
+                }
                 for p in owned {
                     for topic in &topics {
                         if let Ok((_, high)) = client.fetch_watermarks(topic, p, Duration::from_secs(5)) {
                             highs.lock().unwrap_or_else(|e| e.into_inner()).insert((topic.clone(), p), high);
                         }
                     }
+                }
+                if with_inputs {
+                    sweeps.fetch_add(1, Ordering::Relaxed);
                 }
                 // A bounded pause between sweeps, cut short by stop.
                 for _ in 0..10 {
@@ -560,7 +581,7 @@ where
     }
     let high = |topic: &str, p: i32| highs.lock().unwrap_or_else(|e| e.into_inner()).get(&(topic.to_owned(), p)).copied();
     let mut produced = 0u64;
-    let mut lag_measured = Instant::now() - LAG_EVERY;
+    let mut lag_sweep = 0u64;
     // Partitions whose task was fenced, and since when.
     let mut fenced: BTreeMap<i32, Instant> = BTreeMap::new();
     let mut tail_checked = Instant::now();
@@ -669,8 +690,10 @@ where
         }
         metrics.paused.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| sh.tasks.contains_key(p));
         stop_fenced(&mut sh, &metrics, &mut fenced);
-        if lag_measured.elapsed() >= LAG_EVERY {
-            lag_measured = Instant::now();
+        // Measured once per sweep of the inputs' highs, right after it.
+        let sweep = input_sweeps.load(Ordering::Relaxed);
+        if sweep != lag_sweep {
+            lag_sweep = sweep;
             let mut lag = BTreeMap::new();
             for (p, r) in sh.tasks.iter() {
                 for topic in &input_topics {
