@@ -561,6 +561,13 @@ pub async fn snapshots(cfg: &Config, group: &str) -> anyhow::Result<Option<Arc<v
     Ok(Some(Arc::new(runtime::Snapshots::new(s3, pool, group, Duration::from_millis(cfg.processors.snapshot_every_ms)))))
 }
 
+/// A consumer configuration with the configured `fetch.wait.max.ms` (the processors' tail
+/// readers inherit it from their consumer's).
+pub fn fetch_wait(cfg: &Config, mut c: rdkafka::ClientConfig) -> rdkafka::ClientConfig {
+    c.set("fetch.wait.max.ms", cfg.kafka.fetch_wait_max_ms.to_string());
+    c
+}
+
 /// Runs one processor until SIGTERM/Ctrl-C (or a fatal error).
 pub async fn process(
     cfg: &Config,
@@ -594,7 +601,7 @@ pub async fn process(
     }
     let args = RunArgs {
         cfg: rc,
-        consumer_config: runtime::consumer_config(&cfg.kafka.brokers, &group),
+        consumer_config: fetch_wait(cfg, runtime::consumer_config(&cfg.kafka.brokers, &group)),
         producer: producer(cfg, &format!("vitals-proc-{name}"))?,
         codec: Arc::new(codec(cfg)),
         pool,
@@ -632,7 +639,7 @@ pub async fn sink(
             max_batch: cfg.processors.max_batch,
             max_wait: Duration::from_millis(cfg.processors.max_wait_ms),
         },
-        consumer_config: runner::consumer_config(&cfg.kafka.brokers, &format!("{}vitals-sink-postgres", cfg.kafka.topic_prefix)),
+        consumer_config: fetch_wait(cfg, runner::consumer_config(&cfg.kafka.brokers, &format!("{}vitals-sink-postgres", cfg.kafka.topic_prefix))),
         producer: producer(cfg, "vitals-sink")?,
         codec: Arc::new(codec(cfg)),
         pool,

@@ -92,6 +92,11 @@ pub struct KafkaConfig {
     pub queue_max_messages: u64,
     pub queue_max_kbytes: u64,
     pub linger_ms: u64,
+    /// The consumers' `fetch.wait.max.ms`: how long the broker may hold a fetch that has
+    /// nothing to return. It bounds how late new data is noticed (a broker that polls its
+    /// storage in rounds, as nisshi does, notices it at the next round: up to half this late)
+    /// against how often idle consumers cost the broker a read of every partition.
+    pub fetch_wait_max_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
