@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::simulate::{self, SimConfig};
 
 pub mod pg_only;
+pub mod scale;
 
 /// A fresh topic namespace (so figures never mix with earlier data), a real edge on port 0, and
 /// the simulated people uploaded through it. Returns the run's config, its pool, its prefix and
@@ -246,7 +247,7 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
                     crash_after_produce: None,
                     checkpointing,
                 },
-                consumer_config: runtime::consumer_config(&cfg.kafka.brokers, &format!("{run}bench-{}-{checkpointing}", info.name)),
+                consumer_config: app::fetch_wait(&cfg, runtime::consumer_config(&cfg.kafka.brokers, &format!("{run}bench-{}-{checkpointing}", info.name))),
                 producer: app::producer(&cfg, "vitals-bench-process")?,
                 codec: Arc::clone(&codec),
                 pool: pool.clone(),

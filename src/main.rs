@@ -221,6 +221,19 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10.0)]
         latency_rate: f64,
     },
+    /// Scaling: the end-to-end throughput run with 1, 2, 3… `vitals process --all` instances
+    /// (child processes of this binary) over topics of 6 and 12 partitions, beside the
+    /// Postgres-only design on the same uploads, and a users-per-core sizing.
+    Scale {
+        #[command(flatten)]
+        sim: SimArgs,
+        /// Instance counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 3])]
+        instances: Vec<usize>,
+        /// Partition counts of the lanes and outputs, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [6i32, 12])]
+        partitions: Vec<i32>,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -498,6 +511,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { cmd: BenchCmd::E2e { sim, latency_uploads, latency_rate } } => {
             bench::e2e(&cfg, sim.to_config(&cfg), latency_uploads, latency_rate).await?;
+        }
+        Cmd::Bench { cmd: BenchCmd::Scale { sim, instances, partitions } } => {
+            bench::scale::run(&cfg, sim.to_config(&cfg), &instances, &partitions).await?;
         }
     }
     Ok(())
