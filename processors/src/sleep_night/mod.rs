@@ -95,7 +95,7 @@ use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 use vitals_schemas::{Nap, Sample, SleepNight, SourceKind, SourceOffset};
 
-use crate::identity::{effective_samples, Identities};
+use crate::identity::{effective_samples, Identities, Keep};
 use crate::sources::Priority;
 use crate::time::Zone;
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State, StateExt};
@@ -523,8 +523,10 @@ pub fn oracle_with(inputs: &[Input], cfg: &Config) -> BTreeMap<String, SleepNigh
 
 // ---- streaming ----------------------------------------------------------------------------------
 
-/// Where sample identities live in this processor's state.
-const IDS: Identities = Identities { namespace: "id" };
+/// Where sample identities live in this processor's state, and what of each is kept: category
+/// and time zone ([`derive_nights`] reads source, record id, kind, metric, start, end, category
+/// and the zone of a final wake; never the value: a stage's minutes are its interval's).
+const IDS: Identities = Identities { namespace: "id", keep: Keep { value: false, category: true, time_zone: true } };
 
 /// An index entry: one effective sample with an interval, under the UTC day of its start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -640,6 +642,9 @@ impl SleepNightProcessor {
 
 impl crate::Processor for SleepNightProcessor {
     type Output = SleepNight;
+    /// 2: identities as compact binary values, the fields this processor reads only (1 was
+    /// JSON `Sample`s).
+    const STATE_FORMAT: i64 = 2;
 
     fn process(&mut self, input: &Input, state: &mut dyn State, out: &mut dyn Emitter<SleepNight>) -> Result<(), Invalid> {
         let user = input.user_id().to_owned();
