@@ -666,7 +666,8 @@ const INTERVAL: usize = 100;
 
 /// `vitals bench driver`: every processor alone in the in-memory driver (no Kafka, no I/O, one
 /// thread) over the simulated people's inputs, as the edge would have written them. Needs no
-/// service. Prints items/s per core and the driver's state per retained sample.
+/// service. Prints items/s per core and the driver's state per retained sample, then what the state
+/// holds (identities, indexes, …): how many keys and bytes each.
 pub fn driver(sim: &SimConfig, max_items_per_record: usize) {
     use vitals_processors::driver::Driver;
     use vitals_processors::{product_impact, rollup_day, session_impact, sleep_night, Input, Processor};
@@ -684,7 +685,14 @@ pub fn driver(sim: &SimConfig, max_items_per_record: usize) {
     );
     println!("  one thread, in-memory driver: no Kafka, no store, no checkpoint; intervals of {INTERVAL} records");
 
-    fn run<P: Processor>(name: &str, p: P, inputs: &[Input], items: usize, retained: usize) -> Vec<P::Output>
+    /// Where a processor's state keys start, by what they hold (as its key functions lay them
+    /// out; the runtime's per-user prefix is not in them). Keys matching none count as "other".
+    type Layout = &'static [(&'static str, &'static str)];
+    const ROLLUP_DAY: Layout = &[("identities", "i"), ("days", "d")];
+    const SLEEP_NIGHT: Layout = &[("identities", "id\u{1f}"), ("day index", "ix\u{1f}"), ("rows", "out\u{1f}")];
+    const SESSION_IMPACT: Layout = &[("identities", "id\u{1f}"), ("sample index", "ix\u{1f}"), ("sessions", "ss\u{1f}"), ("session index", "sx\u{1f}")];
+
+    fn run<P: Processor>(name: &str, p: P, inputs: &[Input], items: usize, retained: usize, layout: Layout) -> Vec<P::Output>
     where
         P::Output: Clone,
     {
@@ -704,14 +712,32 @@ pub fn driver(sim: &SimConfig, max_items_per_record: usize) {
             bytes as f64 / retained.max(1) as f64,
             d.log.len()
         );
+        // What the bytes hold: (keys, key bytes, value bytes) per part of the layout.
+        let mut parts: Vec<(&str, usize, usize, usize)> = layout.iter().map(|(l, _)| (*l, 0, 0, 0)).chain([("other", 0, 0, 0)]).collect();
+        for (k, v) in d.states.values().flat_map(|s| s.map.iter()) {
+            let i = layout.iter().position(|(_, prefix)| k.starts_with(prefix)).unwrap_or(layout.len());
+            parts[i].1 += 1;
+            parts[i].2 += k.len();
+            parts[i].3 += v.len();
+        }
+        for (label, n, kb, vb) in parts.into_iter().filter(|p| p.1 > 0) {
+            println!(
+                "  {:<15}   {label:<14} {n:>8} keys {:>7.1} MB = {:>4.0} B each (key {:>3.0} + value {:>3.0})",
+                "",
+                (kb + vb) as f64 / 1e6,
+                (kb + vb) as f64 / n as f64,
+                kb as f64 / n as f64,
+                vb as f64 / n as f64
+            );
+        }
         d.log.iter().filter_map(|e| e.value.clone()).collect()
     }
-    run("rollup_day", rollup_day::RollupDayProcessor::new(Default::default()), &inputs, items, retained);
-    run("sleep_night", sleep_night::SleepNightProcessor::new(Default::default()), &inputs, items, retained);
-    let impacts = run("session_impact", session_impact::SessionImpactProcessor::new(Default::default()), &inputs, items, retained);
+    run("rollup_day", rollup_day::RollupDayProcessor::new(Default::default()), &inputs, items, retained, ROLLUP_DAY);
+    run("sleep_night", sleep_night::SleepNightProcessor::new(Default::default()), &inputs, items, retained, SLEEP_NIGHT);
+    let impacts = run("session_impact", session_impact::SessionImpactProcessor::new(Default::default()), &inputs, items, retained, SESSION_IMPACT);
     let chained: Vec<Input> = impacts.into_iter().map(Input::SessionImpact).collect();
     let n = chained.len();
-    run("product_impact", product_impact::ProductImpactProcessor::new(Default::default()), &chained, n, retained);
+    run("product_impact", product_impact::ProductImpactProcessor::new(Default::default()), &chained, n, retained, &[]);
 }
 
 /// `vitals bench edge`: the edge's CPU work on the simulated sample uploads, stage by stage,

@@ -9,6 +9,7 @@
 //! [`runtime`] runs a processor on Kafka with exactly-once effects; [`driver`] runs it in memory
 //! for tests.
 
+mod codec;
 pub mod driver;
 pub mod identity;
 pub mod product_impact;

@@ -12,6 +12,7 @@ use std::rc::Rc;
 use chrono::NaiveDate;
 use vitals_schemas::SourceKind;
 
+use crate::codec::{kind_code, kind_of, R, W};
 use crate::identity::Deleted;
 
 const DAY_FORMAT: u8 = 1;
@@ -55,85 +56,6 @@ impl Identity {
             None => true,
         }
     }
-}
-
-struct W(Vec<u8>);
-
-impl W {
-    fn u(&mut self, mut x: u64) {
-        loop {
-            let b = (x & 0x7f) as u8;
-            x >>= 7;
-            if x == 0 {
-                self.0.push(b);
-                return;
-            }
-            self.0.push(b | 0x80);
-        }
-    }
-    fn i(&mut self, x: i64) {
-        self.u(((x << 1) ^ (x >> 63)) as u64);
-    }
-    fn s(&mut self, s: &str) {
-        self.u(s.len() as u64);
-        self.0.extend_from_slice(s.as_bytes());
-    }
-}
-
-struct R<'a>(&'a [u8]);
-
-impl<'a> R<'a> {
-    fn byte(&mut self) -> Result<u8, String> {
-        let (&b, rest) = self.0.split_first().ok_or("truncated")?;
-        self.0 = rest;
-        Ok(b)
-    }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.0.len() < n {
-            return Err("truncated".into());
-        }
-        let (a, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(a)
-    }
-    fn u(&mut self) -> Result<u64, String> {
-        let mut x = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            x |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(x);
-            }
-        }
-        Err("varint too long".into())
-    }
-    fn i(&mut self) -> Result<i64, String> {
-        let z = self.u()?;
-        Ok(((z >> 1) as i64) ^ -((z & 1) as i64))
-    }
-    fn s(&mut self) -> Result<&'a str, String> {
-        let n = self.u()? as usize;
-        std::str::from_utf8(self.take(n)?).map_err(|e| e.to_string())
-    }
-}
-
-fn kind_code(k: SourceKind) -> u8 {
-    match k {
-        SourceKind::Manual => 0,
-        SourceKind::Watch => 1,
-        SourceKind::Phone => 2,
-        SourceKind::ThirdParty => 3,
-    }
-}
-
-fn kind_of(c: u8) -> Result<SourceKind, String> {
-    Ok(match c {
-        0 => SourceKind::Manual,
-        1 => SourceKind::Watch,
-        2 => SourceKind::Phone,
-        3 => SourceKind::ThirdParty,
-        _ => return Err(format!("source kind {c}")),
-    })
 }
 
 /// A canonical lowercase UUID as 16 bytes (its text order is its byte order).

@@ -69,7 +69,7 @@ use serde::{Deserialize, Serialize};
 use vitals_schemas::catalog::{Catalog, MetricKind};
 use vitals_schemas::{DomainChange, DomainChangeKind, ImpactStatus, Sample, SessionImpact, SourceOffset, WindowStats, WindowedMetric};
 
-use crate::identity::{effective_samples, Identities};
+use crate::identity::{effective_samples, Identities, Keep};
 use crate::runtime::Versioned;
 use crate::sources::{merge_cumulative, Piece, Priority};
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State, StateExt};
@@ -379,8 +379,11 @@ impl Versioned for SessionImpact {
 
 // ---- streaming -------------------------------------------------------------------------------
 
-/// Where sample identities live in this processor's state.
-const IDS: Identities = Identities { namespace: "id" };
+/// Where sample identities live in this processor's state, and what of each is kept: the value
+/// ([`impact`] reads source, record id, kind, metric, start, end and value; never the category,
+/// which only category metrics have and they are not counted, nor the time zone: windows are in
+/// UTC milliseconds).
+const IDS: Identities = Identities { namespace: "id", keep: Keep { value: true, category: false, time_zone: false } };
 
 fn sample_ix_prefix(b: i64) -> String {
     format!("ix{SEP}{b}{SEP}")
@@ -434,6 +437,9 @@ impl SessionImpactProcessor {
 
 impl crate::Processor for SessionImpactProcessor {
     type Output = SessionImpact;
+    /// 2: identities as compact binary values, the fields this processor reads only (1 was
+    /// JSON `Sample`s).
+    const STATE_FORMAT: i64 = 2;
 
     fn process(&mut self, input: &Input, state: &mut dyn State, out: &mut dyn Emitter<SessionImpact>) -> Result<(), Invalid> {
         // The only refusal, before anything is written or deferred.

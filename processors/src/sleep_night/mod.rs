@@ -92,10 +92,11 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::NaiveDate;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use vitals_schemas::{Nap, Sample, SleepNight, SourceKind, SourceOffset};
 
-use crate::identity::{effective_samples, Identities};
+use crate::codec::{R, W};
+use crate::identity::{effective_samples, Identities, Keep};
 use crate::sources::Priority;
 use crate::time::Zone;
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State, StateExt};
@@ -523,16 +524,62 @@ pub fn oracle_with(inputs: &[Input], cfg: &Config) -> BTreeMap<String, SleepNigh
 
 // ---- streaming ----------------------------------------------------------------------------------
 
-/// Where sample identities live in this processor's state.
-const IDS: Identities = Identities { namespace: "id" };
+/// Where sample identities live in this processor's state, and what of each is kept: category
+/// and time zone ([`derive_nights`] reads source, record id, kind, metric, start, end, category
+/// and the zone of a final wake; never the value: a stage's minutes are its interval's).
+const IDS: Identities = Identities { namespace: "id", keep: Keep { value: false, category: true, time_zone: true } };
 
-/// An index entry: one effective sample with an interval, under the UTC day of its start.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// An index entry: one effective sample with an interval, under the UTC day of its start. The
+/// key ([`ix_key`]) names the identity; the value holds the interval only ([`Entry::encode`]).
+#[derive(Debug, Clone)]
 struct Entry {
     s: String,
     r: String,
     a: i64,
     b: i64,
+}
+
+/// The first byte of an index value: anything else is refused (an older build's JSON starts
+/// with `{`).
+const ENTRY_FORMAT: u8 = 1;
+
+impl Entry {
+    /// The value: [`ENTRY_FORMAT`], start and end − start as zigzag varints.
+    fn encode(&self) -> Vec<u8> {
+        let mut w = W(Vec::with_capacity(12));
+        w.0.push(ENTRY_FORMAT);
+        w.i(self.a);
+        w.i(self.b.wrapping_sub(self.a));
+        w.0
+    }
+
+    /// The entry of an index key (`ix SEP day SEP source SEP record`) and its value.
+    fn decode(key: &str, value: &[u8]) -> Result<Entry, String> {
+        let identity = key.strip_prefix(IX).and_then(|k| k.split_once(SEP)).map(|(_, id)| id);
+        let (s, r) = identity.and_then(|id| id.split_once(SEP)).ok_or("not an index key")?;
+        let mut v = R(value);
+        let f = v.byte()?;
+        if f != ENTRY_FORMAT {
+            return Err(format!("index value of format {f}, this build reads {ENTRY_FORMAT}"));
+        }
+        let a = v.i()?;
+        let b = a.wrapping_add(v.i()?);
+        v.end()?;
+        Ok(Entry { s: s.to_owned(), r: r.to_owned(), a, b })
+    }
+}
+
+/// The index entries under `prefix` (`ix SEP`, or one day's [`ix_prefix`]). An entry that does not
+/// decode fails the task ([`State::fail`]).
+fn scan_index(state: &dyn State, prefix: &str) -> Vec<Entry> {
+    let mut out = Vec::new();
+    for (k, v) in state.scan(prefix) {
+        match Entry::decode(&k, &v) {
+            Ok(e) => out.push(e),
+            Err(e) => state.fail(format!("state value {k:?} does not deserialise: {e}")),
+        }
+    }
+    out
 }
 
 fn day_of(ms: i64) -> i64 {
@@ -542,8 +589,10 @@ fn date_of_day(day: i64) -> Option<NaiveDate> {
     // Day 0 is 1970-01-01, day 719 163 of the common era.
     NaiveDate::from_num_days_from_ce_opt(i32::try_from(day.checked_add(719_163)?).ok()?)
 }
+/// Every index key starts with this.
+const IX: &str = "ix\u{1f}";
 fn ix_prefix(day: i64) -> String {
-    format!("ix{SEP}{day}{SEP}")
+    format!("{IX}{day}{SEP}")
 }
 fn ix_key(s: &Sample) -> String {
     format!("{}{}{SEP}{}", ix_prefix(day_of(s.start_ms)), s.source, s.source_record_id)
@@ -576,7 +625,7 @@ impl<'s> Index<'s> {
         let mut out = Vec::new();
         for day in day_of(x.saturating_sub(MAX_SAMPLE_MS))..=day_of(y) {
             let state = self.state;
-            let bucket = self.days.entry(day).or_insert_with(|| state.scan_json(&ix_prefix(day)).into_iter().map(|(_, v)| v).collect());
+            let bucket = self.days.entry(day).or_insert_with(|| scan_index(state, &ix_prefix(day)));
             out.extend(bucket.iter().filter(|e| e.b >= x && e.a <= y).cloned());
         }
         out
@@ -640,6 +689,9 @@ impl SleepNightProcessor {
 
 impl crate::Processor for SleepNightProcessor {
     type Output = SleepNight;
+    /// 2: identities as compact binary values, the fields this processor reads only, and index
+    /// entries as their interval alone (1 was JSON `Sample`s, and entries that repeated their key).
+    const STATE_FORMAT: i64 = 2;
 
     fn process(&mut self, input: &Input, state: &mut dyn State, out: &mut dyn Emitter<SleepNight>) -> Result<(), Invalid> {
         let user = input.user_id().to_owned();
@@ -691,7 +743,7 @@ fn reindex(state: &mut dyn State, before: Option<&Sample>, after: Option<&Sample
     if let Some(a) = after {
         if a.end_ms > a.start_ms {
             let e = Entry { s: a.source.clone(), r: a.source_record_id.clone(), a: a.start_ms, b: a.end_ms };
-            state.put_json(&ix_key(a), &e);
+            state.put(&ix_key(a), e.encode());
         }
         dirty.push((a.start_ms, a.end_ms));
     }
@@ -731,12 +783,7 @@ impl SleepNightProcessor {
     /// Re-derives every night of the user (a source priority change).
     fn rederive_all(&mut self, user: &str, state: &mut dyn State, out: &mut dyn Emitter<SleepNight>) {
         let prio = Priority::load(state);
-        let samples: Vec<Sample> = state
-            .scan_json::<Entry>(&format!("ix{SEP}"))
-            .into_iter()
-            .map(|(_, v)| v)
-            .filter_map(|e| IDS.get(&*state, &e.s, &e.r))
-            .collect();
+        let samples: Vec<Sample> = scan_index(&*state, IX).into_iter().filter_map(|e| IDS.get(&*state, &e.s, &e.r)).collect();
         self.last_loaded = samples.len();
         let refs: Vec<&Sample> = samples.iter().collect();
         let mut rows = derive_nights(user, &refs, &prio, &self.cfg);
