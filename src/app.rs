@@ -132,6 +132,18 @@ pub async fn create_topics(cfg: &Config) -> anyhow::Result<Vec<String>> {
     Ok(report)
 }
 
+/// Every topic the broker lists.
+pub async fn topic_names(cfg: &Config) -> anyhow::Result<Vec<String>> {
+    let client: rdkafka::consumer::BaseConsumer = kafka_base(cfg, "vitals-metadata").create().context("creating a metadata client")?;
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::Consumer;
+        let md = client.fetch_metadata(None, Duration::from_secs(10)).context("fetching metadata")?;
+        Ok(md.topics().iter().map(|t| t.name().to_owned()).collect())
+    })
+    .await
+    .context("metadata task")?
+}
+
 /// Partition counts of `names` as the broker reports them.
 pub async fn topic_partitions(cfg: &Config, names: &[String]) -> anyhow::Result<Vec<(String, usize)>> {
     let client: rdkafka::consumer::BaseConsumer = kafka_base(cfg, "vitals-metadata").create().context("creating a metadata client")?;

@@ -229,6 +229,7 @@ async fn point(base: &Config, sim: &SimConfig, partitions: i32, n: usize, tag: &
     instances.stop(Duration::from_secs(20)).await;
     let _ = tokio::time::timeout(Duration::from_secs(30), sink).await;
     edge.abort();
+    super::drop_run_topics(base, &cfg).await;
     let mut warnings = 0;
     let mut first_warning = None;
     for log in &logs {
