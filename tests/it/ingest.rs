@@ -166,6 +166,64 @@ async fn duplicate_requests_are_idempotent() {
     env.cleanup().await;
 }
 
+/// Idempotency under concurrency: the claim is one statement reading its own snapshot, so two
+/// attempts that start together must still not both proceed. Concurrent claims of one id at the
+/// store, then concurrent identical uploads at the edge: one attempt per id proceeds, the others
+/// are told it is in flight (409) or get its answer again, and the lane holds each upload once.
+#[tokio::test]
+async fn concurrent_attempts_of_one_request_id_proceed_exactly_once() {
+    let env = TestEnv::start().await;
+    let user = "user-idem-race";
+    env.consent(user, &[]).await;
+
+    // The store: 16 claims of the same id at once, 20 ids.
+    for round in 0..20 {
+        let id = format!("race-claim-{round}");
+        let hash = vitals_schemas::hash::payload_hash(&samples_body(&id, vec![]));
+        let claims = futures::future::join_all((0..16).map(|_| {
+            let (pool, id, hash) = (env.pool.clone(), id.clone(), hash.clone());
+            async move { vitals_ingest::store::claim(&pool, user, &id, "samples", &hash, Duration::from_secs(60)).await.unwrap().begin }
+        }))
+        .await;
+        let proceeded = claims.iter().filter(|b| **b == vitals_ingest::store::Begin::Proceed).count();
+        assert_eq!(proceeded, 1, "round {round}: exactly one of 16 concurrent claims proceeds: {claims:?}");
+        assert!(claims.iter().all(|b| matches!(b, vitals_ingest::store::Begin::Proceed | vitals_ingest::store::Begin::InFlight)), "round {round}: {claims:?}");
+        // The attempt that proceeded crashed: once its lease has expired, 16 retries race to
+        // take the request over, and again exactly one does.
+        sqlx::query("UPDATE ingest_requests SET lease_until = now() - interval '1 second' WHERE user_id = $1 AND request_id = $2").bind(user).bind(&id).execute(&env.pool).await.unwrap();
+        let takeovers = futures::future::join_all((0..16).map(|_| {
+            let (pool, id, hash) = (env.pool.clone(), id.clone(), hash.clone());
+            async move { vitals_ingest::store::claim(&pool, user, &id, "samples", &hash, Duration::from_secs(60)).await.unwrap().begin }
+        }))
+        .await;
+        let took = takeovers.iter().filter(|b| **b == vitals_ingest::store::Begin::Proceed).count();
+        assert_eq!(took, 1, "round {round}: exactly one of 16 concurrent retries takes an expired claim over: {takeovers:?}");
+    }
+
+    // The edge: the same upload sent 6 times at once (under the per-user limit), 10 uploads.
+    let uploads = 10;
+    for round in 0..uploads {
+        let body = samples_body(&format!("race-upload-{round}"), vec![hr(&format!("r{round}"), json!(60 + round), "bpm", 5)]);
+        let answers = futures::future::join_all((0..6).map(|_| env.post(SAMPLES, user, &body))).await;
+        let ok: Vec<&Value> = answers.iter().filter(|(s, _, _)| *s == 200).map(|(_, _, b)| b).collect();
+        assert!(!ok.is_empty(), "round {round}: one attempt succeeds: {answers:?}");
+        assert!(ok.windows(2).all(|w| w[0] == w[1]), "round {round}: every success is the same answer: {ok:?}");
+        for (status, _, b) in &answers {
+            assert!(*status == 200 || (*status == 409 && b["error"]["code"] == "request_in_flight"), "round {round}: {status} {b}");
+        }
+        // A retry after the race gets the one answer again, marked as a replay.
+        let (s, h, again) = env.post(SAMPLES, user, &body).await;
+        assert_eq!((s, &again), (200, ok[0]), "round {round}");
+        assert_eq!(h.get("idempotent-replay").map(|v| v.to_str().unwrap()), Some("true"), "round {round}");
+    }
+    let mut ids: Vec<String> = env.read(&env.topics().hot).await.iter().filter(|m| key(m) == user).filter_map(|m| header(m, "vitals-request-id")).collect();
+    ids.sort_unstable();
+    let mut want: Vec<String> = (0..uploads).map(|r| format!("race-upload-{r}")).collect();
+    want.sort_unstable();
+    assert_eq!(ids, want, "each upload in the lane exactly once");
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn every_bad_input_gets_its_4xx_and_writes_nothing() {
     let env = TestEnv::start().await;
