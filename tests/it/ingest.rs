@@ -176,26 +176,25 @@ async fn concurrent_attempts_of_one_request_id_proceed_exactly_once() {
     let user = "user-idem-race";
     env.consent(user, &[]).await;
 
-    // The store: 16 claims of the same id at once, 20 ids.
+    // 16 claims of one id at once.
+    let race = |id: &str, hash: &str| {
+        futures::future::join_all((0..16).map(|_| {
+            let (pool, id, hash) = (env.pool.clone(), id.to_owned(), hash.to_owned());
+            async move { vitals_ingest::store::claim(&pool, user, &id, "samples", &hash, Duration::from_secs(60)).await.unwrap().begin }
+        }))
+    };
+    // The store: 20 ids.
     for round in 0..20 {
         let id = format!("race-claim-{round}");
         let hash = vitals_schemas::hash::payload_hash(&samples_body(&id, vec![]));
-        let claims = futures::future::join_all((0..16).map(|_| {
-            let (pool, id, hash) = (env.pool.clone(), id.clone(), hash.clone());
-            async move { vitals_ingest::store::claim(&pool, user, &id, "samples", &hash, Duration::from_secs(60)).await.unwrap().begin }
-        }))
-        .await;
+        let claims = race(&id, &hash).await;
         let proceeded = claims.iter().filter(|b| **b == vitals_ingest::store::Begin::Proceed).count();
         assert_eq!(proceeded, 1, "round {round}: exactly one of 16 concurrent claims proceeds: {claims:?}");
         assert!(claims.iter().all(|b| matches!(b, vitals_ingest::store::Begin::Proceed | vitals_ingest::store::Begin::InFlight)), "round {round}: {claims:?}");
         // The attempt that proceeded crashed: once its lease has expired, 16 retries race to
         // take the request over, and again exactly one does.
         sqlx::query("UPDATE ingest_requests SET lease_until = now() - interval '1 second' WHERE user_id = $1 AND request_id = $2").bind(user).bind(&id).execute(&env.pool).await.unwrap();
-        let takeovers = futures::future::join_all((0..16).map(|_| {
-            let (pool, id, hash) = (env.pool.clone(), id.clone(), hash.clone());
-            async move { vitals_ingest::store::claim(&pool, user, &id, "samples", &hash, Duration::from_secs(60)).await.unwrap().begin }
-        }))
-        .await;
+        let takeovers = race(&id, &hash).await;
         let took = takeovers.iter().filter(|b| **b == vitals_ingest::store::Begin::Proceed).count();
         assert_eq!(took, 1, "round {round}: exactly one of 16 concurrent retries takes an expired claim over: {takeovers:?}");
     }
