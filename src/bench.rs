@@ -701,11 +701,17 @@ const INTERVAL: usize = 100;
 /// `vitals bench driver`: every processor alone in the in-memory driver (no Kafka, no I/O, one
 /// thread) over the simulated people's inputs, as the edge would have written them. Needs no
 /// service. Prints items/s per core and the driver's state per retained sample, then what the state
-/// holds (identities, indexes, …): how many keys and bytes each.
-pub fn driver(sim: &SimConfig, max_items_per_record: usize) {
+/// holds (identities, indexes, …): how many keys and bytes each. `only`: that processor alone
+/// (`product_impact` still needs `session_impact`'s outputs, so that one runs too, unprinted).
+pub fn driver(sim: &SimConfig, max_items_per_record: usize, only: Option<&str>) -> anyhow::Result<()> {
     use vitals_processors::driver::Driver;
     use vitals_processors::{product_impact, rollup_day, session_impact, sleep_night, Input, Processor};
 
+    const NAMES: [&str; 4] = ["rollup_day", "sleep_night", "session_impact", "product_impact"];
+    if let Some(o) = only {
+        anyhow::ensure!(NAMES.contains(&o), "--only {o}: not one of {}", NAMES.join(", "));
+    }
+    let wanted = |name: &str| only.is_none_or(|o| o == name);
     let t0 = Instant::now();
     let inputs = offline_inputs(sim, max_items_per_record);
     let items = input_items(&inputs);
@@ -726,7 +732,7 @@ pub fn driver(sim: &SimConfig, max_items_per_record: usize) {
     const SLEEP_NIGHT: Layout = &[("identities", "id\u{1f}"), ("day index", "ix\u{1f}"), ("rows", "out\u{1f}")];
     const SESSION_IMPACT: Layout = &[("identities", "id\u{1f}"), ("sample index", "ix\u{1f}"), ("sessions", "ss\u{1f}"), ("session index", "sx\u{1f}")];
 
-    fn run<P: Processor>(name: &str, p: P, inputs: &[Input], items: usize, retained: usize, layout: Layout) -> Vec<P::Output>
+    fn run<P: Processor>(name: &str, p: P, inputs: &[Input], items: usize, retained: usize, layout: Layout, print: bool) -> Vec<P::Output>
     where
         P::Output: Clone,
     {
@@ -737,6 +743,9 @@ pub fn driver(sim: &SimConfig, max_items_per_record: usize) {
             let _ = d.feed_interval(interval); // a rejected record is the DLQ's business, not the benchmark's
         }
         let took = t0.elapsed();
+        if !print {
+            return d.log.iter().filter_map(|e| e.value.clone()).collect();
+        }
         let bytes: usize = d.states.values().map(|s| s.map.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()).sum();
         println!(
             "  {name:<15} {:>8.3} s = {:>10.0} items/s; state {:>7.1} MB = {:>5.0} B per retained sample; {} outputs",
@@ -766,12 +775,19 @@ pub fn driver(sim: &SimConfig, max_items_per_record: usize) {
         }
         d.log.iter().filter_map(|e| e.value.clone()).collect()
     }
-    run("rollup_day", rollup_day::RollupDayProcessor::new(Default::default()), &inputs, items, retained, ROLLUP_DAY);
-    run("sleep_night", sleep_night::SleepNightProcessor::new(Default::default()), &inputs, items, retained, SLEEP_NIGHT);
-    let impacts = run("session_impact", session_impact::SessionImpactProcessor::new(Default::default()), &inputs, items, retained, SESSION_IMPACT);
-    let chained: Vec<Input> = impacts.into_iter().map(Input::SessionImpact).collect();
-    let n = chained.len();
-    run("product_impact", product_impact::ProductImpactProcessor::new(Default::default()), &chained, n, retained, &[]);
+    if wanted("rollup_day") {
+        run("rollup_day", rollup_day::RollupDayProcessor::new(Default::default()), &inputs, items, retained, ROLLUP_DAY, true);
+    }
+    if wanted("sleep_night") {
+        run("sleep_night", sleep_night::SleepNightProcessor::new(Default::default()), &inputs, items, retained, SLEEP_NIGHT, true);
+    }
+    if wanted("session_impact") || wanted("product_impact") {
+        let impacts = run("session_impact", session_impact::SessionImpactProcessor::new(Default::default()), &inputs, items, retained, SESSION_IMPACT, wanted("session_impact"));
+        let chained: Vec<Input> = impacts.into_iter().map(Input::SessionImpact).collect();
+        let n = chained.len();
+        run("product_impact", product_impact::ProductImpactProcessor::new(Default::default()), &chained, n, retained, &[], wanted("product_impact"));
+    }
+    Ok(())
 }
 
 /// `vitals bench edge`: the edge's CPU work on the simulated sample uploads, stage by stage,

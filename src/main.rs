@@ -199,7 +199,13 @@ enum BenchCmd {
     Process(SimArgs),
     /// Every processor alone in the in-memory driver (no Kafka, no I/O, needs no service) over
     /// the simulated inputs: items/s per core and state per retained sample.
-    Driver(SimArgs),
+    Driver {
+        #[command(flatten)]
+        sim: SimArgs,
+        /// Only this processor (e.g. `rollup_day`), so a profile covers it alone.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// The edge's CPU work per upload alone (no HTTP, PostgreSQL or Kafka; needs no service),
     /// stage by stage: JSON envelope, payload hash, validation, Avro encoding — and the
     /// processors' Avro decoding — beside apache-avro's `Value`-tree codec on the same records.
@@ -500,8 +506,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Bench { cmd: BenchCmd::Process(args) } => {
             bench::process(&cfg, args.to_config(&cfg)).await?;
         }
-        Cmd::Bench { cmd: BenchCmd::Driver(args) } => {
-            bench::driver(&args.to_config(&cfg), cfg.ingest.max_items_per_record);
+        Cmd::Bench { cmd: BenchCmd::Driver { sim, only } } => {
+            bench::driver(&sim.to_config(&cfg), cfg.ingest.max_items_per_record, only.as_deref())?;
         }
         Cmd::Bench { cmd: BenchCmd::Edge(args) } => {
             bench::edge(&args.to_config(&cfg), cfg.ingest.max_items_per_record);

@@ -17,32 +17,56 @@ pub struct MemState {
     /// What each write of the current record replaced, to undo a rejected record's writes
     /// (instead of copying the whole state before every record).
     undo: Vec<Undo>,
+    /// The keys the undo journal names, one after another (one buffer rather than a string per
+    /// write): each entry names its key by its end in here.
+    undo_keys: String,
 }
 
 #[derive(Debug, Clone)]
 enum Undo {
-    Map(String, Option<Vec<u8>>),
-    Timer(String, Option<i64>),
+    /// (end of the key in `undo_keys`, the value it replaced).
+    Map(usize, Option<Vec<u8>>),
+    Timer(usize, Option<i64>),
 }
 
 impl MemState {
+    fn journal_key(&mut self, key: &str) -> usize {
+        self.undo_keys.push_str(key);
+        self.undo_keys.len()
+    }
+
+    /// Forgets the undo journal (the record's writes stand).
+    fn clear_undo(&mut self) {
+        self.undo.clear();
+        self.undo_keys.clear();
+    }
+
     fn rollback(&mut self) {
         while let Some(u) = self.undo.pop() {
+            let end = match &u {
+                Undo::Map(end, _) | Undo::Timer(end, _) => *end,
+            };
+            let start = match self.undo.last() {
+                Some(Undo::Map(e, _) | Undo::Timer(e, _)) => *e,
+                None => 0,
+            };
+            let k = self.undo_keys[start..end].to_owned();
             match u {
-                Undo::Map(k, Some(v)) => {
+                Undo::Map(_, Some(v)) => {
                     self.map.insert(k, v);
                 }
-                Undo::Map(k, None) => {
+                Undo::Map(_, None) => {
                     self.map.remove(&k);
                 }
-                Undo::Timer(k, Some(at)) => {
+                Undo::Timer(_, Some(at)) => {
                     self.timers.insert(k, at);
                 }
-                Undo::Timer(k, None) => {
+                Undo::Timer(_, None) => {
                     self.timers.remove(&k);
                 }
             }
         }
+        self.undo_keys.clear();
     }
 }
 
@@ -50,13 +74,24 @@ impl State for MemState {
     fn get(&self, key: &str) -> Option<Vec<u8>> {
         self.map.get(key).cloned()
     }
+    fn read(&self, key: &str, f: &mut dyn FnMut(&[u8])) -> bool {
+        match self.map.get(key) {
+            Some(v) => {
+                f(v);
+                true
+            }
+            None => false,
+        }
+    }
     fn put(&mut self, key: &str, value: Vec<u8>) {
         let old = self.map.insert(key.to_owned(), value);
-        self.undo.push(Undo::Map(key.to_owned(), old));
+        let end = self.journal_key(key);
+        self.undo.push(Undo::Map(end, old));
     }
     fn delete(&mut self, key: &str) {
         if let Some(old) = self.map.remove(key) {
-            self.undo.push(Undo::Map(key.to_owned(), Some(old)));
+            let end = self.journal_key(key);
+            self.undo.push(Undo::Map(end, Some(old)));
         }
     }
     fn scan(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
@@ -70,11 +105,13 @@ impl State for MemState {
     }
     fn set_timer(&mut self, name: &str, at_ms: i64) {
         let old = self.timers.insert(name.to_owned(), at_ms);
-        self.undo.push(Undo::Timer(name.to_owned(), old));
+        let end = self.journal_key(name);
+        self.undo.push(Undo::Timer(end, old));
     }
     fn cancel_timer(&mut self, name: &str) {
         if let Some(old) = self.timers.remove(name) {
-            self.undo.push(Undo::Timer(name.to_owned(), Some(old)));
+            let end = self.journal_key(name);
+            self.undo.push(Undo::Timer(end, Some(old)));
         }
     }
 }
@@ -151,7 +188,7 @@ where
         let state = self.states.entry(input.user_id().to_owned()).or_default();
         state.stream_time_ms = now;
         // A rejected record leaves no trace, as in the runtime.
-        state.undo.clear();
+        state.clear_undo();
         let mut out = Vec::new();
         if let Err(e) = self.processor.process(input, state, &mut Collect { out: &mut out, seq: &mut self.seq }) {
             state.rollback();
@@ -159,10 +196,10 @@ where
             self.advance_to(now);
             return Err(e);
         }
-        state.undo.clear();
+        state.clear_undo();
         let user = input.user_id().to_owned();
         self.processor.end_interval(&user, state, &mut Collect { out: &mut out, seq: &mut self.seq });
-        state.undo.clear();
+        state.clear_undo();
         self.log.extend(out.iter().cloned());
         out.extend(self.advance_to(now));
         Ok(out)
@@ -184,7 +221,7 @@ where
             users.insert(input.user_id().to_owned());
             let state = self.states.entry(input.user_id().to_owned()).or_default();
             state.stream_time_ms = now;
-            state.undo.clear();
+            state.clear_undo();
             let mut got = Vec::new();
             match self.processor.process(input, state, &mut Collect { out: &mut got, seq: &mut self.seq }) {
                 Ok(()) => {
@@ -196,14 +233,14 @@ where
                     rejected += 1;
                 }
             }
-            state.undo.clear();
+            state.clear_undo();
             out.extend(self.advance_to(now));
         }
         let mut ended = Vec::new();
         for user in users {
             let state = self.states.entry(user.clone()).or_default();
             self.processor.end_interval(&user, state, &mut Collect { out: &mut ended, seq: &mut self.seq });
-            state.undo.clear();
+            state.clear_undo();
         }
         self.log.extend(ended.iter().cloned());
         out.extend(ended);
@@ -228,7 +265,7 @@ where
             state.stream_time_ms = now;
             let mut fired = Vec::new();
             self.processor.on_timer(&user, &name, state, &mut Collect { out: &mut fired, seq: &mut self.seq });
-            state.undo.clear();
+            state.clear_undo();
             self.log.extend(fired.iter().cloned());
             out.extend(fired);
         }

@@ -87,6 +87,17 @@ pub struct Invalid {
 /// (the runtime prefixes them with the processor and the user).
 pub trait State {
     fn get(&self, key: &str) -> Option<Vec<u8>>;
+    /// Reads the value of `key` in place, if any: `f` sees it (no copy where the store can lend
+    /// it); returns whether `key` is held. Default: through [`State::get`].
+    fn read(&self, key: &str, f: &mut dyn FnMut(&[u8])) -> bool {
+        match self.get(key) {
+            Some(v) => {
+                f(&v);
+                true
+            }
+            None => false,
+        }
+    }
     fn put(&mut self, key: &str, value: Vec<u8>);
     fn delete(&mut self, key: &str);
     /// Keys (and values) starting with `prefix`, in key order.

@@ -61,28 +61,23 @@ impl Identity {
 /// A canonical lowercase UUID as 16 bytes (its text order is its byte order).
 fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
     let b = s.as_bytes();
-    if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+    if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
         return None;
     }
+    let hex = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
     let mut out = [0u8; 16];
-    let mut n = 0;
-    let mut hi: Option<u8> = None;
-    for (i, &c) in b.iter().enumerate() {
-        if [8, 13, 18, 23].contains(&i) {
-            continue;
+    // The hex digits' positions: 8-4-4-4-12, dashes between.
+    let mut i = 0;
+    for (n, o) in out.iter_mut().enumerate() {
+        if matches!(n, 4 | 6 | 8 | 10) {
+            i += 1; // a dash
         }
-        let v = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => c - b'a' + 10,
-            _ => return None,
-        };
-        match hi.take() {
-            None => hi = Some(v),
-            Some(h) => {
-                out[n] = (h << 4) | v;
-                n += 1;
-            }
-        }
+        *o = (hex(b[i])? << 4) | hex(b[i + 1])?;
+        i += 2;
     }
     Some(out)
 }
@@ -100,29 +95,47 @@ fn uuid_text(b: &[u8]) -> String {
     s
 }
 
-/// Interns the strings of one day while encoding.
+/// Interns the strings of one day while encoding, in order of first use. A day holds a handful
+/// of distinct strings (its sources, zones and categories), so a list beats a hash map; the
+/// decoded days share interned `Rc`s, so most lookups end at a pointer comparison.
 #[derive(Default)]
 struct Dict<'a> {
     names: Vec<&'a str>,
-    index: std::collections::HashMap<&'a str, u64>,
 }
 
 impl<'a> Dict<'a> {
     fn id(&mut self, s: &'a str) -> u64 {
-        if let Some(&i) = self.index.get(s) {
-            return i;
+        if let Some(i) = self.names.iter().position(|n| std::ptr::eq(*n, s)) {
+            return i as u64;
         }
-        let i = self.names.len() as u64;
+        if let Some(i) = self.names.iter().position(|n| *n == s) {
+            return i as u64;
+        }
         self.names.push(s);
-        self.index.insert(s, i);
-        i
+        (self.names.len() - 1) as u64
     }
 }
 
 impl Day {
     pub fn encode(&self) -> Vec<u8> {
+        // The dictionary first (same order of first use as the body below), so the value is
+        // written into one buffer.
         let mut dict = Dict::default();
-        let mut body = W(Vec::with_capacity(self.samples.len() * 40));
+        for ((source, _), h) in &self.samples {
+            dict.id(source);
+            dict.id(&h.time_zone);
+            if let Some(c) = h.category.as_deref() {
+                dict.id(c);
+            }
+        }
+        let names: usize = dict.names.iter().map(|n| n.len() + 2).sum();
+        let mut body = W(Vec::with_capacity(8 + names + self.samples.len() * 34));
+        body.0.push(DAY_FORMAT);
+        body.0.push(u8::from(self.emitted));
+        body.u(dict.names.len() as u64);
+        for n in &dict.names {
+            body.s(n);
+        }
         body.u(self.samples.len() as u64);
         for ((source, record), h) in &self.samples {
             body.u(dict.id(source));
@@ -142,15 +155,7 @@ impl Day {
             body.i(h.end_ms - h.start_ms);
             body.0.extend_from_slice(&h.value.to_le_bytes());
         }
-        let mut w = W(Vec::with_capacity(body.0.len() + 64));
-        w.0.push(DAY_FORMAT);
-        w.0.push(u8::from(self.emitted));
-        w.u(dict.names.len() as u64);
-        for n in &dict.names {
-            w.s(n);
-        }
-        w.0.extend_from_slice(&body.0);
-        w.0
+        body.0
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Day, String> {

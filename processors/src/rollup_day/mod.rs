@@ -59,7 +59,17 @@ const SEP: char = '\u{1f}';
 /// State keys: `i<source>SEP<record>` an identity ([`Identity`]); `d<metric>SEP<date>` a day
 /// ([`Day`]); `priority` the user's source priority.
 fn identity_key(source: &str, record: &str) -> String {
-    format!("i{source}{SEP}{record}")
+    let mut k = String::new();
+    identity_key_into(&mut k, source, record);
+    k
+}
+/// [`identity_key`] written into `buf` (cleared first): no allocation once `buf` has grown.
+fn identity_key_into(buf: &mut String, source: &str, record: &str) {
+    buf.clear();
+    buf.push('i');
+    buf.push_str(source);
+    buf.push(SEP);
+    buf.push_str(record);
 }
 fn day_key(metric: &str, date: NaiveDate) -> String {
     format!("d{metric}{SEP}{date}")
@@ -84,22 +94,92 @@ fn sample_dates_in(z: &Zone, s: &Sample, kind: MetricKind) -> Vec<NaiveDate> {
     }
 }
 
+/// [`sample_dates_in`] as (first date, how many), without a vector: the dates are `first` and
+/// its successors, as [`Identity::at`](days::Identity) records them.
+fn sample_span(z: &Zone, s: &Sample, kind: MetricKind) -> (NaiveDate, usize) {
+    let first = z.local_date(s.start_ms);
+    match kind {
+        MetricKind::Discrete | MetricKind::Instant => (first, 1),
+        MetricKind::Cumulative | MetricKind::Category => {
+            if s.end_ms <= s.start_ms {
+                return (first, 1);
+            }
+            // As `dates_covered`: successors of `first` up to the date of the last instant.
+            let last = z.local_date(s.end_ms - 1);
+            let (mut d, mut n) = (first, 1);
+            while d < last && n < MAX_DAYS_PER_SAMPLE {
+                d = d.succ_opt().unwrap_or(d);
+                n += 1;
+            }
+            (first, n)
+        }
+    }
+}
+
 /// The processor. Within an interval, the days a user's records touch are held decoded here and
 /// recomputed once each when the interval ends ([`crate::Processor::end_interval`]), so a day
 /// touched by many records (or many samples) is read, aggregated and written once.
 pub struct RollupDayProcessor {
     catalog: &'static Catalog,
     /// Per user: the days touched in this interval, decoded, and whether their samples changed.
-    touched: BTreeMap<String, BTreeMap<(String, NaiveDate), (Day, bool)>>,
+    touched: BTreeMap<String, Touched>,
     /// Interned strings (sources, zones, categories) shared by the decoded days.
-    names: std::collections::HashSet<Rc<str>>,
+    names: std::collections::HashSet<Rc<str>, FastHash>,
     /// Zones parsed in this interval.
-    zones: std::collections::HashMap<Rc<str>, Zone>,
+    zones: std::collections::HashMap<Rc<str>, Zone, FastHash>,
+    /// The last zone looked up (a record's samples nearly always share one).
+    last_zone: Option<(Rc<str>, Zone)>,
+    /// The metrics looked up in the catalog, most recent first (a user has a handful).
+    specs: Vec<(&'static str, &'static vitals_schemas::catalog::MetricSpec)>,
+    /// A reused buffer for identity keys.
+    key: String,
+}
+
+/// A fast, deterministic hasher for the interval's small string tables (FxHash's mixing step);
+/// they hold names the processor interns, never keyed by anything an attacker chooses freely
+/// beyond one user's own sources and zones.
+#[derive(Default, Clone, Copy)]
+struct FastHash;
+
+impl std::hash::BuildHasher for FastHash {
+    type Hasher = FxHasher;
+    fn build_hasher(&self) -> FxHasher {
+        FxHasher(0)
+    }
+}
+
+struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(c.try_into().expect("8 bytes"))).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+    fn write_u8(&mut self, b: u8) {
+        self.write(&[b]);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl RollupDayProcessor {
     pub fn new(_config: Config) -> RollupDayProcessor {
-        RollupDayProcessor { catalog: Catalog::embedded(), touched: BTreeMap::new(), names: Default::default(), zones: Default::default() }
+        RollupDayProcessor {
+            catalog: Catalog::embedded(),
+            touched: BTreeMap::new(),
+            names: Default::default(),
+            zones: Default::default(),
+            last_zone: None,
+            specs: Vec::new(),
+            key: String::new(),
+        }
     }
 }
 
@@ -112,6 +192,7 @@ impl crate::Processor for RollupDayProcessor {
         self.touched.clear();
         self.names.clear();
         self.zones.clear();
+        self.last_zone = None;
     }
 
     fn process(&mut self, input: &Input, state: &mut dyn State, _out: &mut dyn Emitter<RollupDay>) -> Result<(), Invalid> {
@@ -122,7 +203,7 @@ impl crate::Processor for RollupDayProcessor {
             Input::Changes(b) => &b.edits,
             _ => &[],
         };
-        if let Some(s) = upserts.iter().find(|s| self.catalog.get(&s.metric).is_none()) {
+        if let Some(s) = upserts.iter().find(|s| self.spec(&s.metric).is_none()) {
             return Err(Invalid { code: "unknown_metric", reason: format!("metric `{}` is not in the catalog", s.metric) });
         }
         let mut touched = self.touched.remove(user).unwrap_or_default();
@@ -147,10 +228,11 @@ impl crate::Processor for RollupDayProcessor {
                     for (k, v) in state.scan(DAY_PREFIX) {
                         let Some((metric, date)) = k[DAY_PREFIX.len()..].split_once(SEP) else { continue };
                         let Ok(date) = date.parse::<NaiveDate>() else { continue };
-                        if !touched.contains_key(&(metric.to_owned(), date)) {
+                        if !touched.get(metric).is_some_and(|m| m.contains_key(&date)) {
                             match Day::decode(&v) {
                                 Ok(day) => {
-                                    touched.insert((metric.to_owned(), date), (self.intern(day), false));
+                                    let day = self.intern(day);
+                                    touched.entry(metric.to_owned()).or_default().insert(date, (day, false));
                                 }
                                 Err(e) => state.fail(format!("state value {k:?} does not deserialise: {e}")),
                             }
@@ -166,7 +248,7 @@ impl crate::Processor for RollupDayProcessor {
     fn end_interval(&mut self, user: &str, state: &mut dyn State, out: &mut dyn Emitter<RollupDay>) {
         let Some(touched) = self.touched.remove(user) else { return };
         let prio = Priority::load(state);
-        for ((metric, date), (mut day, changed)) in touched {
+        for ((metric, date), (mut day, changed)) in touched.into_iter().flat_map(|(m, days)| days.into_iter().map(move |(d, v)| ((m.clone(), d), v))) {
             let was = day.emitted;
             let row = if day.samples.is_empty() { None } else { aggregate(user, &metric, date, day.samples.iter().map(point), &prio) };
             match row {
@@ -197,9 +279,43 @@ fn point<'a>(((source, record), h): (&'a (Rc<str>, String), &'a Held)) -> Point<
     Point { source, kind: h.kind, record, start_ms: h.start_ms, end_ms: h.end_ms, value: h.value, category: h.category.as_deref(), time_zone: &h.time_zone }
 }
 
-type Touched = BTreeMap<(String, NaiveDate), (Day, bool)>;
+/// The days touched in an interval, by metric then date (the (metric, date) order), decoded,
+/// and whether their samples changed.
+type Touched = BTreeMap<String, BTreeMap<NaiveDate, (Day, bool)>>;
 
 impl RollupDayProcessor {
+    /// The catalog's entry for `metric` (those looked up are remembered).
+    fn spec(&mut self, metric: &str) -> Option<&'static vitals_schemas::catalog::MetricSpec> {
+        if let Some(&(_, spec)) = self.specs.iter().find(|(m, _)| *m == metric) {
+            return Some(spec);
+        }
+        let (m, spec) = self.catalog.metrics.get_key_value(metric)?;
+        if self.specs.len() < 64 {
+            self.specs.push((m.as_str(), spec));
+        }
+        Some(spec)
+    }
+
+    /// The zone named `tz`, parsed once per interval.
+    fn zone(&mut self, tz: &str) -> (Rc<str>, Zone) {
+        if let Some((n, z)) = &self.last_zone {
+            if &**n == tz {
+                return (n.clone(), *z);
+            }
+        }
+        let found = match self.zones.get_key_value(tz) {
+            Some((n, z)) => (n.clone(), *z),
+            None => {
+                let z = Zone::parse(tz);
+                let name = self.name(tz);
+                self.zones.insert(name.clone(), z);
+                (name, z)
+            }
+        };
+        self.last_zone = Some(found.clone());
+        found
+    }
+
     fn name(&mut self, s: &str) -> Rc<str> {
         if let Some(n) = self.names.get(s) {
             return n.clone();
@@ -224,40 +340,44 @@ impl RollupDayProcessor {
 
     /// The day `(metric, date)` of this interval: decoded from state on first touch.
     fn day<'t>(&mut self, state: &dyn State, touched: &'t mut Touched, metric: &str, date: NaiveDate) -> &'t mut (Day, bool) {
-        let k = (metric.to_owned(), date);
-        if !touched.contains_key(&k) {
-            let day = match state.get(&day_key(metric, date)) {
-                None => Day::default(),
-                Some(v) => match Day::decode(&v) {
-                    Ok(d) => self.intern(d),
-                    Err(e) => {
-                        state.fail(format!("state value {:?} does not deserialise: {e}", day_key(metric, date)));
-                        Day::default()
-                    }
-                },
-            };
-            touched.insert(k.clone(), (day, false));
+        if !touched.contains_key(metric) {
+            touched.insert(metric.to_owned(), BTreeMap::new());
         }
-        touched.get_mut(&k).expect("just inserted")
+        let days = touched.get_mut(metric).expect("just inserted");
+        match days.entry(date) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let day = match state.get(&day_key(metric, date)) {
+                    None => Day::default(),
+                    Some(v) => match Day::decode(&v) {
+                        Ok(d) => self.intern(d),
+                        Err(err) => {
+                            state.fail(format!("state value {:?} does not deserialise: {err}", day_key(metric, date)));
+                            Day::default()
+                        }
+                    },
+                };
+                e.insert((day, false))
+            }
+        }
     }
 
     fn identity(&self, state: &dyn State, key: &str) -> Identity {
-        match state.get(key) {
-            None => Identity::default(),
-            Some(v) => Identity::decode(&v).unwrap_or_else(|e| {
-                state.fail(format!("state value {key:?} does not deserialise: {e}"));
-                Identity::default()
-            }),
-        }
+        let mut id = Ok(Identity::default());
+        state.read(key, &mut |v| id = Identity::decode(v));
+        id.unwrap_or_else(|e| {
+            state.fail(format!("state value {key:?} does not deserialise: {e}"));
+            Identity::default()
+        })
     }
 
     /// Takes the identity's sample out of the days it is held in.
     fn unhold(&mut self, state: &dyn State, touched: &mut Touched, source: &str, record: &str, at: &(String, NaiveDate, u8)) {
         let (metric, first, n) = at;
         let mut d = *first;
+        let key = (self.name(source), record.to_owned());
         for _ in 0..*n {
             let (day, changed) = self.day(state, touched, metric, d);
-            let key = (Rc::<str>::from(source), record.to_owned());
             if day.samples.remove(&key).is_some() {
                 *changed = true;
             }
@@ -267,9 +387,15 @@ impl RollupDayProcessor {
 
     /// An upsert (sample batch or edit): a higher version replaces, the same or lower is ignored.
     fn upsert(&mut self, state: &mut dyn State, s: &Sample, touched: &mut Touched) {
-        let Some(spec) = self.catalog.get(&s.metric) else { return };
-        let key = identity_key(&s.source, &s.source_record_id);
-        let mut id = self.identity(state, &key);
+        let Some(spec) = self.spec(&s.metric) else { return };
+        let mut key = std::mem::take(&mut self.key);
+        identity_key_into(&mut key, &s.source, &s.source_record_id);
+        self.upsert_at(state, s, spec.kind, &key, touched);
+        self.key = key;
+    }
+
+    fn upsert_at(&mut self, state: &mut dyn State, s: &Sample, kind: MetricKind, key: &str, touched: &mut Touched) {
+        let mut id = self.identity(state, key);
         if id.version.is_some_and(|v| v >= s.version) {
             return; // a duplicate or a stale version
         }
@@ -278,33 +404,20 @@ impl RollupDayProcessor {
         }
         id.version = Some(s.version);
         if id.counts(s.version) {
-            let zone = match self.zones.get(s.time_zone.as_str()) {
-                Some(z) => *z,
-                None => {
-                    let z = Zone::parse(&s.time_zone);
-                    let name = self.name(&s.time_zone);
-                    self.zones.insert(name, z);
-                    z
-                }
-            };
-            let dates = sample_dates_in(&zone, s, spec.kind);
+            let (time_zone, zone) = self.zone(&s.time_zone);
+            let (first, n) = sample_span(&zone, s, kind);
             let source = self.name(&s.source);
-            let held = Held {
-                kind: s.source_kind,
-                start_ms: s.start_ms,
-                end_ms: s.end_ms,
-                value: s.value,
-                category: s.category.as_deref().map(|c| self.name(c)),
-                time_zone: self.name(&s.time_zone),
-            };
-            for d in &dates {
-                let (day, changed) = self.day(state, touched, &s.metric, *d);
+            let held = Held { kind: s.source_kind, start_ms: s.start_ms, end_ms: s.end_ms, value: s.value, category: s.category.as_deref().map(|c| self.name(c)), time_zone };
+            let mut d = first;
+            for _ in 0..n {
+                let (day, changed) = self.day(state, touched, &s.metric, d);
                 day.samples.insert((source.clone(), s.source_record_id.clone()), held.clone());
                 *changed = true;
+                d = d.succ_opt().unwrap_or(d);
             }
-            id.at = Some((s.metric.clone(), dates[0], dates.len() as u8));
+            id.at = Some((s.metric.clone(), first, n as u8));
         }
-        state.put(&key, id.encode());
+        state.put(key, id.encode());
     }
 
     /// A deletion of the versions up to `version` (every version when `None`).
