@@ -74,18 +74,24 @@ fn map<T: TimeZone>(r: LocalResult<DateTime<T>>) -> Option<i64> {
 
 /// The local dates `[start, end)` touches in `zone` (the start's date for an instant), at most `cap`.
 pub fn dates_covered(zone: &Zone, start: i64, end: i64, cap: usize) -> Vec<NaiveDate> {
+    let (first, n) = date_span(zone, start, end, cap);
+    std::iter::successors(Some(first), |d| Some(d.succ_opt().unwrap_or(*d))).take(n).collect()
+}
+
+/// [`dates_covered`] without a vector: the first date and how many (the first and its
+/// successors).
+pub fn date_span(zone: &Zone, start: i64, end: i64, cap: usize) -> (NaiveDate, usize) {
     let first = zone.local_date(start);
     if end <= start {
-        return vec![first];
+        return (first, 1);
     }
     let last = zone.local_date(end - 1);
-    let mut out = vec![first];
-    let mut d = first;
-    while d < last && out.len() < cap {
+    let (mut d, mut n) = (first, 1);
+    while d < last && n < cap {
         d = d.succ_opt().unwrap_or(d);
-        out.push(d);
+        n += 1;
     }
-    out
+    (first, n)
 }
 
 #[cfg(test)]

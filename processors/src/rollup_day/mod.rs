@@ -33,7 +33,7 @@ use vitals_schemas::{RollupDay, Sample, SourceKind};
 
 use crate::identity::{effective_samples, Deleted};
 use crate::sources::{merge_cumulative, Piece, Priority};
-use crate::time::{dates_covered, Zone};
+use crate::time::{date_span, dates_covered, Zone};
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State};
 
 mod days;
@@ -97,22 +97,9 @@ fn sample_dates_in(z: &Zone, s: &Sample, kind: MetricKind) -> Vec<NaiveDate> {
 /// [`sample_dates_in`] as (first date, how many), without a vector: the dates are `first` and
 /// its successors, as [`Identity::at`](days::Identity) records them.
 fn sample_span(z: &Zone, s: &Sample, kind: MetricKind) -> (NaiveDate, usize) {
-    let first = z.local_date(s.start_ms);
     match kind {
-        MetricKind::Discrete | MetricKind::Instant => (first, 1),
-        MetricKind::Cumulative | MetricKind::Category => {
-            if s.end_ms <= s.start_ms {
-                return (first, 1);
-            }
-            // As `dates_covered`: successors of `first` up to the date of the last instant.
-            let last = z.local_date(s.end_ms - 1);
-            let (mut d, mut n) = (first, 1);
-            while d < last && n < MAX_DAYS_PER_SAMPLE {
-                d = d.succ_opt().unwrap_or(d);
-                n += 1;
-            }
-            (first, n)
-        }
+        MetricKind::Discrete | MetricKind::Instant => (z.local_date(s.start_ms), 1),
+        MetricKind::Cumulative | MetricKind::Category => date_span(z, s.start_ms, s.end_ms, MAX_DAYS_PER_SAMPLE),
     }
 }
 
