@@ -23,18 +23,23 @@ pub struct Priority {
     pub set_by: (i64, String),
 }
 
+/// The precedence of a source kind when no list decides: manual > watch > phone > third-party
+/// (lower ranks first).
+pub fn kind_rank(kind: SourceKind) -> u8 {
+    match kind {
+        SourceKind::Manual => 0,
+        SourceKind::Watch => 1,
+        SourceKind::Phone => 2,
+        SourceKind::ThirdParty => 3,
+    }
+}
+
 impl Priority {
     /// The user's list first, in its order; then manual > watch > phone > third-party; then the
     /// source name, so the order is total.
     pub fn rank(&self, source: &str, kind: SourceKind) -> Rank {
         let listed = self.sources.iter().position(|s| s == source).unwrap_or(usize::MAX);
-        let kind_rank = match kind {
-            SourceKind::Manual => 0,
-            SourceKind::Watch => 1,
-            SourceKind::Phone => 2,
-            SourceKind::ThirdParty => 3,
-        };
-        (listed, kind_rank, source.to_owned())
+        (listed, kind_rank(kind), source.to_owned())
     }
 
     /// Folds a batch's priority changes into `self`; `true` if it changed.

@@ -97,7 +97,7 @@ use vitals_schemas::{Nap, Sample, SleepNight, SourceKind, SourceOffset};
 
 use crate::codec::{R, W};
 use crate::identity::{effective_samples, Identities, Keep};
-use crate::sources::Priority;
+use crate::sources::{kind_rank, Priority};
 use crate::time::Zone;
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State, StateExt};
 
@@ -253,15 +253,6 @@ impl Stage {
             Stage::Core => "core",
             Stage::Unspecified => "asleep_unspecified",
         }
-    }
-}
-
-fn kind_rank(kind: SourceKind) -> u8 {
-    match kind {
-        SourceKind::Manual => 0,
-        SourceKind::Watch => 1,
-        SourceKind::Phone => 2,
-        SourceKind::ThirdParty => 3,
     }
 }
 
