@@ -140,14 +140,7 @@ async fn groups_stable(cfg: &Config, n: usize, instances: &mut Instances, deadli
 async fn all_fresh(pool: &sqlx::PgPool, users: &[String], instances: &mut Instances, deadline: Instant, what: &str) -> anyhow::Result<()> {
     loop {
         instances.check()?;
-        let mut stale = None;
-        for u in users {
-            if vitals_api::freshness::UserProgress::load(pool, u).await?.all().values().any(|f| f.state != vitals_api::freshness::FreshnessState::Fresh) {
-                stale = Some(u);
-                break;
-            }
-        }
-        let Some(u) = stale else { return Ok(()) };
+        let Some(u) = super::first_stale(pool, users).await? else { return Ok(()) };
         if Instant::now() >= deadline {
             bail!("{what}: user {u} not fresh in time; instance logs: {:?}", instances.logs);
         }
