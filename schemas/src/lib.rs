@@ -7,6 +7,7 @@
 //! * [`catalog`] — the metric catalog: kind, canonical unit, exact unit conversions, plausible range.
 //! * [`hash`] — the canonical payload hash used for request idempotency.
 //! * [`topics`] — topic names, their specs, and the key partitioner every producer shares.
+//! * [`vouch`] — when a progress marker may be believed: every row it vouches for read before it.
 
 pub mod avro;
 pub mod catalog;
@@ -16,6 +17,7 @@ pub mod hash;
 pub mod records;
 pub mod topics;
 pub mod validate;
+pub mod vouch;
 
 pub use catalog::{Catalog, MetricKind, MetricSpec};
 pub use records::*;

@@ -133,6 +133,11 @@ pub const USER_HEADER: &str = "vitals-user";
 /// On a progress marker: the interval's dead letters of the user
 /// ([`crate::dead_letter::announce`]).
 pub const DEAD_LETTERS_HEADER: &str = "vitals-dead-letters";
+/// On every processor output row: the interval attempt that produced it ([`crate::vouch`]).
+pub const INTERVAL_HEADER: &str = "vitals-interval";
+/// On a progress marker: `<interval>:<rows>`, the rows of its user that attempt produced before
+/// it ([`crate::vouch`]).
+pub const VOUCH_HEADER: &str = "vitals-vouch";
 
 #[cfg(test)]
 mod tests {

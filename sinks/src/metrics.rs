@@ -44,6 +44,7 @@ impl SinkMetrics {
         c(out, "batches_committed_total", "Batches committed (rows + offsets in one transaction).", &self.batches_committed);
         c(out, "commit_retries_total", "Batch commits that failed and were retried (PostgreSQL unavailable).", &self.commit_retries);
         c(out, "dead_lettered_total", "Records sent to the dead-letter topic.", &self.dead_lettered);
+        c(out, "markers_refused_total", "Progress markers not believed: a row they vouch for was not read before them (an interval that failed part-way).", &self.markers_refused);
         let waiting = u8::from(self.not_ready().is_some());
         let _ = writeln!(out, "# HELP vitals_sink_waiting 1 while the sink waits for a failed dependency (see /readyz for why).\n# TYPE vitals_sink_waiting gauge");
         let _ = writeln!(out, "vitals_sink_waiting{{sink=\"{sink}\"}} {waiting}");

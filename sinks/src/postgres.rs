@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
+use vitals_schemas::vouch;
+
 use crate::{progress, Progress, Projection, Row};
 
 /// A row the batch actually changed (its version was newer than the stored one): what the
@@ -35,6 +37,8 @@ pub struct Batch {
     pub chained: BTreeMap<(String, String, i32), i64>,
     /// Dead letters consumed from the dead-letter topic: what freshness reports as `degraded`.
     pub dead_letters: Vec<DeadRow>,
+    /// The rows read of interval attempts whose markers are still to come ([`vouch`]).
+    pub vouches: vouch::Changes,
 }
 
 /// One dead letter as freshness sees it: whose, which projection it was withheld from, why.
@@ -100,6 +104,36 @@ pub async fn apply(pool: &PgPool, sink: &str, batch: &Batch) -> Result<Vec<Appli
         .execute(&mut *tx)
         .await?;
     }
+    if !batch.vouches.cleared.is_empty() {
+        let (topics, parts, users) = unzip3(batch.vouches.cleared.iter().map(|(t, p, u)| (t.as_str(), *p, u.as_str())));
+        sqlx::query(
+            "DELETE FROM sink_vouches WHERE sink = $1 AND (topic, partition, user_id) IN (SELECT * FROM UNNEST($2::text[], $3::int4[], $4::text[]))",
+        )
+        .bind(sink)
+        .bind(&topics)
+        .bind(&parts)
+        .bind(&users)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !batch.vouches.entries.is_empty() {
+        let (keys, rows): (Vec<_>, Vec<i64>) = batch.vouches.entries.iter().map(|((t, p, u), i, n)| ((t.as_str(), *p, (u.as_str(), i.as_str())), *n as i64)).unzip();
+        let (topics, parts, ui) = unzip3(keys.into_iter());
+        let (users, intervals): (Vec<&str>, Vec<&str>) = ui.into_iter().unzip();
+        sqlx::query(
+            "INSERT INTO sink_vouches (sink, topic, partition, user_id, interval, rows)
+             SELECT $1, * FROM UNNEST($2::text[], $3::int4[], $4::text[], $5::text[], $6::int8[])
+             ON CONFLICT (sink, topic, partition, user_id, interval) DO UPDATE SET rows = EXCLUDED.rows",
+        )
+        .bind(sink)
+        .bind(&topics)
+        .bind(&parts)
+        .bind(&users)
+        .bind(&intervals)
+        .bind(&rows)
+        .execute(&mut *tx)
+        .await?;
+    }
     if !batch.chained.is_empty() {
         let (mut users, mut topics, mut parts, mut offs) = (vec![], vec![], vec![], vec![]);
         for ((u, t, p), o) in &batch.chained {
@@ -122,15 +156,7 @@ pub async fn apply(pool: &PgPool, sink: &str, batch: &Batch) -> Result<Vec<Appli
         .await?;
     }
     if !batch.offsets.is_empty() {
-        let (topics, parts, offs): (Vec<&str>, Vec<i32>, Vec<i64>) = batch.offsets.iter().map(|((t, p), o)| (t.as_str(), *p, *o)).fold(
-            (vec![], vec![], vec![]),
-            |(mut a, mut b, mut c), (t, p, o)| {
-                a.push(t);
-                b.push(p);
-                c.push(o);
-                (a, b, c)
-            },
-        );
+        let (topics, parts, offs) = unzip3(batch.offsets.iter().map(|((t, p), o)| (t.as_str(), *p, *o)));
         // GREATEST: a position only moves forward (a zombie's older commit cannot move it back;
         // whoever committed a position also committed every row before it).
         sqlx::query(
@@ -280,6 +306,26 @@ fn columns<'a>(keys: impl Iterator<Item = progress::Key<'a>>) -> KeyColumns<'a> 
 }
 
 /// The stored next offsets of `sink` for `topic` (partition → offset).
+/// The counts of sink `sink` persisted for `topic` ([`Batch::vouches`]).
+pub async fn stored_vouches(pool: &PgPool, sink: &str, topic: &str) -> Result<Vec<(vouch::Key, String, u64)>, sqlx::Error> {
+    let rows: Vec<(i32, String, String, i64)> = sqlx::query_as("SELECT partition, user_id, interval, rows FROM sink_vouches WHERE sink = $1 AND topic = $2")
+        .bind(sink)
+        .bind(topic)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().map(|(p, u, i, n)| ((topic.to_owned(), p, u), i, n.max(0) as u64)).collect())
+}
+
+fn unzip3<A, B, C>(it: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, Vec<C>) {
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    for (x, y, z) in it {
+        a.push(x);
+        b.push(y);
+        c.push(z);
+    }
+    (a, b, c)
+}
+
 pub async fn stored_offsets(pool: &PgPool, sink: &str, topic: &str) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
     let rows: Vec<(i32, i64)> = sqlx::query_as("SELECT partition, next_offset FROM sink_offsets WHERE sink = $1 AND topic = $2")
         .bind(sink)

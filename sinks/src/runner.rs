@@ -21,12 +21,13 @@ use sqlx::PgPool;
 use tracing::{info, warn};
 use vitals_schemas::codec::{Codec, CodecError};
 use vitals_schemas::topics::Topics;
+use vitals_schemas::vouch::{Belief, Vouches};
 use vitals_schemas::{DeadLetter, ProductImpact, RollupDay, SessionImpact, SleepNight};
 
 use crate::postgres::{self, Applied, Batch};
 use crate::{Progress, ProgressKind, Projection, Row, PROGRESS_HEADER};
 
-pub use vitals_schemas::topics::{DEAD_LETTERS_HEADER, USER_HEADER};
+pub use vitals_schemas::topics::{DEAD_LETTERS_HEADER, INTERVAL_HEADER, USER_HEADER, VOUCH_HEADER};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -57,6 +58,8 @@ pub struct SinkMetrics {
     pub batches_committed: AtomicU64,
     pub commit_retries: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Progress markers not believed: a row they vouch for was not read before them.
+    pub markers_refused: AtomicU64,
     /// What the sink is waiting for (a failed dependency), while it waits: `/readyz` says it.
     pub waiting: Mutex<Option<String>>,
     pub dead_letters: vitals_schemas::dead_letter::DeadLetterCounts,
@@ -85,6 +88,8 @@ struct SeekContext {
     stop: Arc<AtomicBool>,
     fatal: Arc<Mutex<Option<String>>>,
     metrics: Arc<SinkMetrics>,
+    /// The rows read of attempts whose markers are still to come, of the assigned partitions.
+    vouches: Arc<Mutex<Vouches>>,
 }
 
 impl ClientContext for SeekContext {}
@@ -92,22 +97,31 @@ impl ClientContext for SeekContext {}
 impl SeekContext {
     /// The stored offsets of the assigned partitions; retried (with backoff) while PostgreSQL
     /// is down, since starting anywhere else would either skip or redo work.
+    /// The counts of open attempts ([`Vouches`]) of those partitions are loaded with them.
     fn stored(&self, tpl: &TopicPartitionList) -> Option<BTreeMap<(String, i32), i64>> {
         let mut wait = Duration::from_millis(100);
+        let assigned: std::collections::BTreeSet<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
         loop {
-            let result: Result<BTreeMap<(String, i32), i64>, sqlx::Error> = self.rt.block_on(async {
+            let result: Result<_, sqlx::Error> = self.rt.block_on(async {
                 let mut out = BTreeMap::new();
-                let topics: std::collections::BTreeSet<String> = tpl.elements().iter().map(|e| e.topic().to_owned()).collect();
+                let mut open = Vec::new();
+                let topics: std::collections::BTreeSet<&String> = assigned.iter().map(|(t, _)| t).collect();
                 for t in topics {
-                    for (p, o) in postgres::stored_offsets(&self.pool, &self.sink, &t).await? {
+                    for (p, o) in postgres::stored_offsets(&self.pool, &self.sink, t).await? {
                         out.insert((t.clone(), p), o);
                     }
+                    open.extend(postgres::stored_vouches(&self.pool, &self.sink, t).await?.into_iter().filter(|(k, _, _)| assigned.contains(&(k.0.clone(), k.1))));
                 }
-                Ok(out)
+                Ok((out, open))
             });
             match result {
-                Ok(o) => {
+                Ok((o, open)) => {
                     self.metrics.wait_over();
+                    let mut v = self.vouches.lock().unwrap_or_else(|p| p.into_inner());
+                    for (t, p) in &assigned {
+                        v.forget(t, *p);
+                    }
+                    v.load(open);
                     return Some(o);
                 }
                 Err(e) if !self.stop.load(Ordering::Relaxed) => {
@@ -139,6 +153,10 @@ impl ConsumerContext for SeekContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 info!("sink partitions revoked");
+                let mut v = self.vouches.lock().unwrap_or_else(|p| p.into_inner());
+                for el in tpl.elements() {
+                    v.forget(el.topic(), el.partition());
+                }
                 let _ = consumer.unassign();
             }
             other => warn!(?other, "rebalance error"),
@@ -167,6 +185,10 @@ enum Decoded {
     Progress(Progress),
 }
 
+fn header<'m>(m: &'m OwnedMessage, key: &str) -> Option<&'m str> {
+    m.headers()?.iter().find(|h| h.key == key).and_then(|h| std::str::from_utf8(h.value?).ok())
+}
+
 async fn decode(codec: &Codec, p: Projection, m: &OwnedMessage) -> Result<Decoded, CodecError> {
     let payload = m.payload().ok_or_else(|| CodecError::Undecodable("empty payload".into()))?;
     let row: Row = match p {
@@ -189,7 +211,8 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
     let SinkArgs { cfg, consumer_config, producer, codec, pool, stop, metrics, on_applied } = args;
     let rt = tokio::runtime::Handle::current();
     let fatal = Arc::new(Mutex::new(None));
-    let ctx = SeekContext { pool: pool.clone(), sink: cfg.name.clone(), rt: rt.clone(), stop: Arc::clone(&stop), fatal: Arc::clone(&fatal), metrics: Arc::clone(&metrics) };
+    let vouches = Arc::new(Mutex::new(Vouches::default()));
+    let ctx = SeekContext { pool: pool.clone(), sink: cfg.name.clone(), rt: rt.clone(), stop: Arc::clone(&stop), fatal: Arc::clone(&fatal), metrics: Arc::clone(&metrics), vouches: Arc::clone(&vouches) };
     let consumer: BaseConsumer<SeekContext> = consumer_config.create_with_context(ctx)?;
     // The projections, and the dead letters (freshness says `degraded` over them).
     let mut topics: Vec<String> = cfg.projections.iter().map(|p| p.topic(&cfg.topics)).collect();
@@ -221,9 +244,12 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         }
         // The registry being down is not the records' fault: wait and decode again.
         let mut wait = Duration::from_millis(100);
-        let batch = loop {
-            match decode_batch(&rt, &producer, &codec, &cfg, &metrics, &msgs, &stop)? {
-                Some(b) => break b,
+        // Each decoding reads the open counts on a copy, which becomes the sink's once the batch
+        // commits.
+        let (batch, work) = loop {
+            let mut work = vouches.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            match decode_batch(&rt, &producer, &codec, &cfg, &metrics, &msgs, &mut work, &stop)? {
+                Some(b) => break (b, work),
                 None if wait_or_stop(&stop, wait) => wait = (wait * 2).min(Duration::from_secs(5)),
                 None => return Ok(()),
             }
@@ -282,6 +308,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
             }
         };
         metrics.wait_over();
+        *vouches.lock().unwrap_or_else(|p| p.into_inner()) = work;
         metrics.rows_applied.fetch_add(applied.len() as u64, Ordering::Relaxed);
         metrics.batches_committed.fetch_add(1, Ordering::Relaxed);
         if !applied.is_empty() {
@@ -294,6 +321,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
 /// The batch's rows (with the index of each row's record in `msgs`), progress markers and next
 /// offsets; undecodable records are dead-lettered. `None` when the schema registry is
 /// unavailable (nothing was written: the batch is decoded again).
+#[allow(clippy::too_many_arguments)]
 fn decode_batch(
     rt: &tokio::runtime::Handle,
     producer: &FutureProducer,
@@ -301,6 +329,7 @@ fn decode_batch(
     cfg: &SinkConfig,
     metrics: &SinkMetrics,
     msgs: &[OwnedMessage],
+    vouches: &mut Vouches,
     stop: &AtomicBool,
 ) -> Result<Option<(Batch, Vec<usize>)>, SinkError> {
     let mut batch = Batch::default();
@@ -325,6 +354,7 @@ fn decode_batch(
         let Some(p) = Projection::from_topic(&cfg.topics, m.topic()) else { continue };
         match rt.block_on(decode(codec, p, m)) {
             Ok(Decoded::Row(r)) => {
+                vouches.row(m.topic(), m.partition(), &r.user_id, header(m, INTERVAL_HEADER));
                 if r.projection == Projection::SessionImpact {
                     let e = batch.chained.entry((r.user_id.clone(), m.topic().to_owned(), m.partition())).or_insert(m.offset());
                     *e = (*e).max(m.offset());
@@ -335,7 +365,15 @@ fn decode_batch(
             }
             Ok(Decoded::Progress(pr)) => {
                 batch.dead_letters.extend(announced_dead_letters(&cfg.topics, m, &pr));
-                batch.progress.push(pr)
+                match vouches.marker(m.topic(), m.partition(), &pr.user_id, header(m, VOUCH_HEADER)) {
+                    Belief::Refused => {
+                        // Its interval failed part-way (the processor retries it as a new attempt):
+                        // what it says of the user's progress is not proven.
+                        warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), user = %pr.user_id, vouch = header(m, VOUCH_HEADER), "a progress marker without every row it vouches for: not believed");
+                        metrics.markers_refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Belief::Vouched | Belief::Unvouched => batch.progress.push(pr),
+                }
             }
             Err(CodecError::Unavailable(e)) => {
                 warn!(error = %e, "schema registry unavailable; will retry the batch");
@@ -348,6 +386,7 @@ fn decode_batch(
     if !dead_letter_all(rt, producer, codec, cfg, metrics, &dead, stop)? {
         return Ok(None);
     }
+    batch.vouches = vouches.changes();
     Ok(Some((batch, row_msgs)))
 }
 

@@ -15,7 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 use vitals_processors::rollup_day;
 use vitals_schemas::codec::Codec;
-use vitals_schemas::topics::PROGRESS_HEADER;
+use vitals_schemas::topics::{INTERVAL_HEADER, PROGRESS_HEADER, VOUCH_HEADER};
 use vitals_schemas::{MetricKindRecord, RollupDay, SourceOffset};
 
 use crate::harness::{wait_for, TestEnv, VitalsProc};
@@ -95,9 +95,25 @@ impl Owner<'_> {
 
     /// A progress marker of `epoch` at `source_offsets` (tombstone-shaped, with the header).
     async fn marker(&self, version: (i64, i64), source_offsets: Vec<SourceOffset>) -> i64 {
+        self.marker_with(version, source_offsets, OwnedHeaders::new()).await
+    }
+
+    async fn marker_with(&self, version: (i64, i64), source_offsets: Vec<SourceOffset>, headers: OwnedHeaders) -> i64 {
         let mut m = self.rollup("~progress", 0, version, source_offsets);
         m.deleted = true;
-        self.send(&format!("{}|~progress", self.user), &m, OwnedHeaders::new().insert(Header { key: PROGRESS_HEADER, value: Some("1") })).await
+        self.send(&format!("{}|~progress", self.user), &m, headers.insert(Header { key: PROGRESS_HEADER, value: Some("1") })).await
+    }
+
+    /// A row of interval attempt `interval`, as the runtime writes it.
+    async fn row_of(&self, interval: &str, r: &RollupDay) -> i64 {
+        let key = rollup_day::output_key(&r.user_id, &r.metric, r.local_date.parse().unwrap());
+        self.send(&key, r, OwnedHeaders::new().insert(Header { key: INTERVAL_HEADER, value: Some(interval) })).await
+    }
+
+    /// A marker vouching for `rows` rows of `interval` (`vitals_schemas::vouch`).
+    async fn vouching(&self, interval: &str, rows: u64, version: (i64, i64), source_offsets: Vec<SourceOffset>) -> i64 {
+        let v = vitals_schemas::vouch::vouch(interval, rows);
+        self.marker_with(version, source_offsets, OwnedHeaders::new().insert(Header { key: VOUCH_HEADER, value: Some(v.as_str()) })).await
     }
 }
 
@@ -181,6 +197,50 @@ async fn a_replay_from_an_older_checkpoint_is_not_fresh_until_it_has_caught_up()
     accepted(&env, &user, &[(&t.hot, 150)]).await;
     let (count, state, body) = read_steps(&env, &api, &token).await;
     assert_eq!((count, state.as_str()), (Some(10), "stale"), "the zombie's marker at HOT 200 must not make epoch 2's rows fresh: {body}");
+
+    sink.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
+
+/// Issue 10: a processor produces an interval's rows and its markers together and waits for the
+/// acknowledgements once, so a row refused for good can leave the marker after it in the log (the
+/// task then fails the interval and retries it as a new attempt). Such a marker must never make
+/// the user fresh; a complete attempt's marker must, also when the sink restarts between reading
+/// the rows and reading the marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marker_is_believed_only_after_every_row_it_vouches_for() {
+    let env = TestEnv::start().await;
+    let codec = vitals::app::codec(&env.cfg);
+    let data = std::env::temp_dir().join(format!("vitals-vouch-{}", uuid::Uuid::new_v4().simple()));
+    let user = format!("vouch-{}", uuid::Uuid::new_v4().simple());
+    let token = env.token(&user);
+    let t = env.topics();
+    accepted(&env, &user, &[(&t.hot, 99), (&t.cold, 59)]).await;
+    let api = env.serve_api().await;
+    let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
+    sink.start();
+    let owner = Owner { env: &env, codec: &codec, producer: vitals::app::producer(&env.cfg, "test-owner").unwrap(), user: user.clone() };
+
+    // Attempt 1 of interval planned two rows and its marker; the heart-rate row was refused for
+    // good, the records after it landed.
+    owner.row_of("o.1", &owner.rollup("steps", 10, (1, 1), owner.at(100, 60))).await;
+    let last = owner.vouching("o.1", 2, (1, 3), owner.at(100, 60)).await;
+    consumed(&env, "attempt 1's steps row and its marker", last).await;
+    let (count, state, body) = read_steps(&env, &api, &token).await;
+    assert_eq!(count, Some(10), "the row that landed is applied: {body}");
+    assert_ne!(state, "fresh", "a marker vouching for two rows was believed after one: the heart-rate row is missing: {body}");
+
+    // The retry (attempt 2) lands both rows; the sink dies after committing them, before the marker.
+    owner.row_of("o.2", &owner.rollup("steps", 10, (1, 4), owner.at(100, 60))).await;
+    let last = owner.row_of("o.2", &owner.rollup("heart_rate", 5, (1, 5), owner.at(100, 60))).await;
+    consumed(&env, "attempt 2's rows", last).await;
+    sink.kill9();
+    let last = owner.vouching("o.2", 2, (1, 6), owner.at(100, 60)).await;
+    sink.start();
+    consumed(&env, "attempt 2's marker, after a restart", last).await;
+    let (count, state, body) = read_steps(&env, &api, &token).await;
+    assert_eq!((count, state.as_str()), (Some(10), "fresh"), "every row of attempt 2 was read before its marker (across the restart): {body}");
 
     sink.kill9();
     let _ = std::fs::remove_dir_all(&data);

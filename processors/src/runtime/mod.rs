@@ -5,7 +5,8 @@
 //! assignor hands a consumer the same `p` of every input topic), each with a local [`Store`]. An
 //! interval is: read a batch, run the processor over it against an [`Overlay`], produce the
 //! outputs (idempotent producer, `acks=all`) stamped with version `(epoch, seq)` and the source
-//! offsets, wait for every ack, then commit state + next input offsets + output position in one
+//! offsets (rows, then one progress marker per user, vouching for that user's rows:
+//! `vitals_schemas::vouch`), wait for every ack, then commit state + next input offsets + output position in one
 //! local transaction. A crash anywhere before that commit replays the interval from the previous
 //! checkpoint and re-emits the same values with a higher version; consumers keep the newest
 //! version per key, so the effect is exactly once. The epoch comes from PostgreSQL and is bumped
@@ -762,7 +763,7 @@ fn gap_error<C: ConsumerContext>(consumer: &BaseConsumer<C>, partition: i32, top
     RuntimeError::Task { partition, source: task::TaskError::Gap { topic: format!("{topic} ({why})"), expected, got } }
 }
 
-pub use vitals_schemas::topics::{DEAD_LETTERS_HEADER, PROGRESS_HEADER, USER_HEADER};
+pub use vitals_schemas::topics::{DEAD_LETTERS_HEADER, INTERVAL_HEADER, PROGRESS_HEADER, USER_HEADER, VOUCH_HEADER};
 
 fn is_progress(m: &OwnedMessage) -> bool {
     m.headers().is_some_and(|h| h.iter().any(|h| h.key == PROGRESS_HEADER))
@@ -887,8 +888,13 @@ where
             .insert(Header { key: USER_HEADER, value: Some(user) })
             .insert(Header { key: SOURCE_HEADER, value: Some(source.as_str()) })
     };
-    // Rows (and dead letters) first; markers only once every row is acknowledged, so a marker
-    // can never be stored before the rows it vouches for, whatever the producer retries.
+    // Rows (and dead letters) first, then the markers. Each row names the interval attempt and
+    // each marker how many rows of its user the attempt produced, so a reader believes a marker
+    // only after reading all of them (`vitals_schemas::vouch`): a row that fails for good while
+    // later records still land cannot make its marker count. Markers therefore go out with the
+    // rows, one acknowledgement wait per interval — unless the interval has dead letters, whose
+    // offsets (in another topic) the markers name: then the markers wait for them.
+    let interval_id = planned.interval.as_str();
     let mut rows: Vec<Produce> = Vec::new();
     let mut markers: Vec<Produce> = Vec::new();
     let mut marker_users: Vec<String> = Vec::new();
@@ -897,13 +903,16 @@ where
     for rec in &planned.records {
         match rec {
             Out::Row { key, user, value, .. } => {
-                rows.push((cfg.output_topic.clone(), key.clone(), encode(&cfg.output_topic, value)?, stamp(user)));
+                let headers = stamp(user).insert(Header { key: INTERVAL_HEADER, value: Some(interval_id) });
+                rows.push((cfg.output_topic.clone(), key.clone(), encode(&cfg.output_topic, value)?, headers));
                 dead_users.push(None);
                 metrics.add(&metrics.outputs, 1);
             }
-            Out::Marker { key, user, value, .. } => {
+            Out::Marker { key, user, value, rows: n, .. } => {
                 marker_users.push(user.clone());
-                markers.push((cfg.output_topic.clone(), key.clone(), encode(&cfg.output_topic, value)?, stamp(user).insert(Header { key: PROGRESS_HEADER, value: Some("1") })));
+                let vouch = vitals_schemas::vouch::vouch(interval_id, *n);
+                let headers = stamp(user).insert(Header { key: PROGRESS_HEADER, value: Some("1") }).insert(Header { key: VOUCH_HEADER, value: Some(vouch.as_str()) });
+                markers.push((cfg.output_topic.clone(), key.clone(), encode(&cfg.output_topic, value)?, headers));
                 metrics.add(&metrics.progress_markers, 1);
             }
             Out::Dead { dead, reason } => {
@@ -952,16 +961,23 @@ where
             }
             Ok(landed)
         };
+        let has_dead = dead_users.iter().any(Option::is_some);
+        if !has_dead {
+            rows.append(&mut markers);
+        }
         let landed = send_all(&rows)?;
         // A user's marker names the dead letters of the interval (`partition:offset:code`), so
         // the sink records them in the same transaction as the progress they come with: a read
         // is never `fresh` over a dead-lettered record, not even until the sink reaches it in
         // the dead-letter topic.
         let mut dead_of: BTreeMap<&str, Vec<(i32, i64, &str)>> = BTreeMap::new();
-        for ((rec, at), dead) in rows.iter().zip(&landed).zip(&dead_users) {
+        // (`rows` may hold the markers after the rows and dead letters: `dead_users` is shorter.)
+        for (rec, at) in rows.iter().zip(&landed) {
             if rec.0 == cfg.output_topic {
                 own.push(at.1);
             }
+        }
+        for (at, dead) in landed.iter().zip(&dead_users) {
             if let Some((user, code)) = dead {
                 dead_of.entry(user.as_str()).or_default().push((at.0, at.1, code.as_str()));
             }

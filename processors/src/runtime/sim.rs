@@ -32,6 +32,9 @@ pub struct OutRec<T> {
     pub source: BTreeMap<String, i64>,
     pub marker: bool,
     pub retraction: bool,
+    /// The interval attempt that wrote it, and for a marker the rows of its user it vouches for.
+    pub interval: String,
+    pub vouches: u64,
     pub value: T,
 }
 
@@ -89,6 +92,8 @@ pub struct Sim<P: Processor> {
     next_epoch: i64,
     /// The final owner's stream time (for oracles that depend on it).
     pub stream_time_ms: i64,
+    /// (interval, user) of every row that an owner dying mid-produce lost.
+    lost: std::collections::BTreeSet<(String, String)>,
 }
 
 /// The topics of the simulation.
@@ -110,7 +115,7 @@ where
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!("vitals-sim-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         let _ = std::fs::remove_dir_all(&dir);
-        Sim { lanes: Lanes { topics: topics(), inputs, partitions: None }, inputs: by_topic, out: Vec::new(), dir, made: 0, next_epoch: 1, stream_time_ms: 0 }
+        Sim { lanes: Lanes { topics: topics(), inputs, partitions: None }, inputs: by_topic, out: Vec::new(), dir, made: 0, next_epoch: 1, stream_time_ms: 0, lost: Default::default() }
     }
 
     fn path(&mut self) -> PathBuf {
@@ -161,6 +166,13 @@ where
     /// from the owner's position), then produce, then commit. A live owner first reads a random
     /// part of its output partition; a zombie reads nothing (it does not know it lost).
     fn step(&mut self, o: &mut Owner<P>, rng: &mut Rng, live: bool, drain_tail: bool) -> Result<(), Fenced> {
+        self.attempt(o, rng, live, drain_tail, false)
+    }
+
+    /// One interval; `dying`: the owner fails while producing it (a record refused for good): a
+    /// random part of its records is lost, those after a lost one may still land, nothing is
+    /// committed, and the owner is gone.
+    fn attempt(&mut self, o: &mut Owner<P>, rng: &mut Rng, live: bool, drain_tail: bool, dying: bool) -> Result<(), Fenced> {
         if live {
             let end = self.out.len() as i64;
             let upto = if drain_tail { end } else { o.task.tail.next + rng.below((end - o.task.tail.next + 1).max(1) as usize) as i64 };
@@ -185,12 +197,22 @@ where
         let planned = o.task.plan(&mut o.processor, &self.lanes, "sim", msgs).expect("plan");
         let source: BTreeMap<String, i64> = planned.source.iter().map(|s| (s.topic.clone(), s.next_offset)).collect();
         for r in &planned.records {
-            let (key, user, seq, value, marker, retraction) = match r {
-                Out::Row { key, user, seq, value, retraction } => (key, user, *seq, value, false, *retraction),
-                Out::Marker { key, user, seq, value } => (key, user, *seq, value, true, true),
+            let (key, user, seq, value, marker, retraction, vouches) = match r {
+                Out::Row { key, user, seq, value, retraction } => (key, user, *seq, value, false, *retraction, 0),
+                Out::Marker { key, user, seq, value, rows } => (key, user, *seq, value, true, true, *rows),
                 Out::Dead { .. } => continue,
             };
-            self.out.push(OutRec { key: key.clone(), user: user.clone(), epoch: planned.epoch, owner: o.task.owner, seq, source: source.clone(), marker, retraction, value: value.clone() });
+            if dying && rng.chance(30) {
+                if !marker {
+                    self.lost.insert((planned.interval.clone(), user.clone()));
+                }
+                continue;
+            }
+            let interval = planned.interval.clone();
+            self.out.push(OutRec { key: key.clone(), user: user.clone(), epoch: planned.epoch, owner: o.task.owner, seq, source: source.clone(), marker, retraction, interval, vouches, value: value.clone() });
+        }
+        if dying {
+            return Ok(());
         }
         o.task.commit(planned).expect("commit");
         o.checkpoints.push(o.task.store.export().expect("export"));
@@ -233,6 +255,14 @@ where
             let pick = rng.below(all.len() + 1);
             let snapshot = all.get(pick).map(|b| b.to_vec());
             owners.last_mut().unwrap().zombie_budget = rng.below(sc.max_zombie_steps + 1);
+            // Or it dies producing an interval (the runtime stops on an output it cannot get
+            // acknowledged): part of that interval is in the partition, uncommitted.
+            if rng.chance(40) {
+                let mut o = owners.pop().unwrap();
+                let _ = self.attempt(&mut o, &mut rng, true, false, true);
+                o.zombie_budget = 0;
+                owners.push(o);
+            }
             if sc.epochs_lost {
                 self.next_epoch = 1;
             }
@@ -258,6 +288,22 @@ where
             self.zombies(&mut owners[..n], &mut rng);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        self.check_vouches();
+    }
+
+    /// What a sink reading the partition believes of each marker: exactly the markers whose
+    /// attempt lost no row of their user ([`vitals_schemas::vouch`]).
+    fn check_vouches(&self) {
+        let mut reader = vitals_schemas::vouch::Vouches::default();
+        for (offset, r) in self.out.iter().enumerate() {
+            if !r.marker {
+                reader.row("out", 0, &r.user, Some(&r.interval));
+                continue;
+            }
+            let belief = reader.marker("out", 0, &r.user, Some(&vitals_schemas::vouch::vouch(&r.interval, r.vouches)));
+            let complete = !self.lost.contains(&(r.interval.clone(), r.user.clone()));
+            assert_eq!(belief.believed(), complete, "marker of {} at offset {offset} (attempt {}, {} rows): believed {belief:?}, rows complete {complete}", r.user, r.interval, r.vouches);
+        }
     }
 
     /// Now and then a zombie with budget left writes one more interval.

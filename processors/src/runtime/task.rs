@@ -204,14 +204,18 @@ impl Tail {
 pub enum Out<T> {
     /// A projection record (an upsert, or a retraction: `deleted = true`), stamped `seq`.
     Row { key: String, user: String, seq: i64, retraction: bool, value: T },
-    /// A user's progress marker, after every row of that user in this interval.
-    Marker { key: String, user: String, seq: i64, value: T },
+    /// A user's progress marker, after every row of that user in this interval; `rows` of them
+    /// (what it vouches for: [`vitals_schemas::vouch`]).
+    Marker { key: String, user: String, seq: i64, rows: u64, value: T },
     Dead { dead: DeadLetter, reason: String },
 }
 
 /// The outcome of planning an interval: what to produce, then what to commit.
 pub struct Planned<T> {
     pub records: Vec<Out<T>>,
+    /// This attempt's name, unique per owner and attempt: on every row, and vouched for by the
+    /// markers ([`vitals_schemas::vouch`]). A retried interval is a new attempt.
+    pub interval: String,
     /// The source offsets (position) every record of this interval carries.
     pub source: Vec<SourceOffset>,
     pub epoch: i64,
@@ -244,6 +248,8 @@ pub struct Task {
     /// The at-least-once baseline of the benchmark: state lives in this overlay, in memory only,
     /// and nothing is written to the store.
     unsaved: Option<Overlay>,
+    /// Intervals planned by this incarnation (names each attempt).
+    attempts: u64,
 }
 
 /// Where the emitted table keeps key `key` of `user` (a reserved key under the user's prefix).
@@ -257,7 +263,7 @@ impl Task {
     pub fn new(store: Store, partition: i32, epoch: i64, owner: u64) -> Result<Task, StoreError> {
         let cp = store.checkpoint()?;
         let tail = Tail::new(cp.out_next, cp.max_epoch);
-        Ok(Task { store, cp, epoch, owner, partition, tail, unsaved: None })
+        Ok(Task { store, cp, epoch, owner, partition, tail, unsaved: None, attempts: 0 })
     }
 
     /// A fresh owner id (random: two incarnations never share one).
@@ -440,6 +446,7 @@ impl Task {
             })
             .collect();
         let mut records = Vec::new();
+        let mut rows_of: BTreeMap<String, u64> = BTreeMap::new();
         for (key, (user, value)) in outputs {
             // The emitted table: what this key is now, for answers after a takeover.
             let ek = emitted_key(&user, &key);
@@ -451,6 +458,7 @@ impl Task {
             let retraction = value.is_none();
             let mut v = value.unwrap_or_else(|| P::Output::tombstone(&user, &key));
             v.stamp(self.epoch, cp.seq, source.clone());
+            *rows_of.entry(user.clone()).or_default() += 1;
             records.push(Out::Row { key, user, seq: cp.seq, retraction, value: v });
         }
         // Progress markers: "everything of this user up to `source` is processed, and its
@@ -460,12 +468,15 @@ impl Task {
             let key = progress_key(&user);
             let mut v = P::Output::tombstone(&user, &key);
             v.stamp(self.epoch, cp.seq, source.clone());
-            records.push(Out::Marker { key, user, seq: cp.seq, value: v });
+            let rows = rows_of.get(&user).copied().unwrap_or(0);
+            records.push(Out::Marker { key, user, seq: cp.seq, rows, value: v });
         }
         for (dead, reason) in dead {
             records.push(Out::Dead { dead, reason });
         }
-        Ok(Planned { records, source, epoch: self.epoch, read, timers_fired, overlay, cp, answered })
+        self.attempts += 1;
+        let interval = format!("{:x}.{}", self.owner, self.attempts);
+        Ok(Planned { records, interval, source, epoch: self.epoch, read, timers_fired, overlay, cp, answered })
     }
 
     /// Makes a planned interval the checkpoint (call it only once every record it planned was
