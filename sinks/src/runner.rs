@@ -354,7 +354,9 @@ fn decode_batch(
         let Some(p) = Projection::from_topic(&cfg.topics, m.topic()) else { continue };
         match rt.block_on(decode(codec, p, m)) {
             Ok(Decoded::Row(r)) => {
-                vouches.row(m.topic(), m.partition(), &r.user_id, header(m, INTERVAL_HEADER));
+                // Counted under the user the processor attributed it to (its header), as the
+                // marker counts it.
+                vouches.row(m.topic(), m.partition(), header(m, USER_HEADER).unwrap_or(&r.user_id), header(m, INTERVAL_HEADER));
                 if r.projection == Projection::SessionImpact {
                     let e = batch.chained.entry((r.user_id.clone(), m.topic().to_owned(), m.partition())).or_insert(m.offset());
                     *e = (*e).max(m.offset());
@@ -365,7 +367,7 @@ fn decode_batch(
             }
             Ok(Decoded::Progress(pr)) => {
                 batch.dead_letters.extend(announced_dead_letters(&cfg.topics, m, &pr));
-                match vouches.marker(m.topic(), m.partition(), &pr.user_id, header(m, VOUCH_HEADER)) {
+                match vouches.marker(m.topic(), m.partition(), header(m, USER_HEADER).unwrap_or(&pr.user_id), header(m, VOUCH_HEADER)) {
                     Belief::Refused => {
                         // Its interval failed part-way (the processor retries it as a new attempt):
                         // what it says of the user's progress is not proven.
@@ -380,7 +382,16 @@ fn decode_batch(
                 metrics.wait(format!("schema registry: {e}"));
                 return Ok(None);
             }
-            Err(e) => dead.push((m, "undecodable", e.to_string())),
+            Err(e) => {
+                // A row that does not decode is still a row of its attempt: it was read, and its
+                // dead letter makes the user's reads `degraded`.
+                if header(m, PROGRESS_HEADER).is_none() {
+                    if let Some(user) = header(m, USER_HEADER) {
+                        vouches.row(m.topic(), m.partition(), user, header(m, INTERVAL_HEADER));
+                    }
+                }
+                dead.push((m, "undecodable", e.to_string()))
+            }
         }
     }
     if !dead_letter_all(rt, producer, codec, cfg, metrics, &dead, stop)? {
