@@ -66,7 +66,26 @@ pub fn topics(cfg: &Config) -> Topics {
     Topics::with_prefix(&cfg.kafka.topic_prefix)
 }
 
-fn kafka_base(cfg: &Config, client_id: &str) -> ClientConfig {
+/// This process among its role's instances: `$VITALS_INSTANCE`, or the host name (a pod's name
+/// in Kubernetes) and the process id.
+pub fn instance() -> String {
+    if let Ok(i) = std::env::var("VITALS_INSTANCE") {
+        return i;
+    }
+    let host = std::env::var("HOSTNAME").ok().or_else(|| std::fs::read_to_string("/etc/hostname").ok()).map(|h| h.trim().to_owned()).filter(|h| !h.is_empty());
+    format!("{}-{}", host.unwrap_or_else(|| "localhost".into()), std::process::id())
+}
+
+/// The Kafka client id of a role (and processor): `vitals-<role>[-<what>]-<instance>`, what the
+/// broker's logs and `kafka-consumer-groups --describe` show for each member.
+pub fn client_id(role: &str, what: Option<&str>) -> String {
+    match what {
+        Some(w) => format!("vitals-{role}-{w}-{}", instance()),
+        None => format!("vitals-{role}-{}", instance()),
+    }
+}
+
+pub(crate) fn kafka_base(cfg: &Config, client_id: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka.brokers).set("client.id", client_id).set("log_level", "4");
     c
@@ -378,7 +397,7 @@ pub fn ingest_config(cfg: &Config) -> IngestConfig {
 pub async fn ingest(cfg: &Config, pool: PgPool) -> anyhow::Result<Arc<Ingest>> {
     let codec = Arc::new(codec(cfg));
     let ack_timeout = Duration::from_millis(cfg.kafka.produce_timeout_ms + 5_000);
-    let writer = LaneWriter::new(producer(cfg, "vitals-ingest")?, codec, ack_timeout);
+    let writer = LaneWriter::new(producer(cfg, &client_id("ingest", None))?, codec, ack_timeout);
     let readiness = Readiness { schemas: schema_probe(cfg)? };
     Ok(Arc::new(Ingest::new(ingest_config(cfg), verifier(cfg).await?, writer, pool, topics(cfg), readiness)))
 }
@@ -613,8 +632,12 @@ pub async fn process(
     }
     let args = RunArgs {
         cfg: rc,
-        consumer_config: fetch_wait(cfg, runtime::consumer_config(&cfg.kafka.brokers, &group)),
-        producer: producer(cfg, &format!("vitals-proc-{name}"))?,
+        consumer_config: {
+            let mut c = fetch_wait(cfg, runtime::consumer_config(&cfg.kafka.brokers, &group));
+            c.set("client.id", client_id("process", Some(name)));
+            c
+        },
+        producer: producer(cfg, &client_id("process", Some(name)))?,
         codec: Arc::new(codec(cfg)),
         pool,
         stop,
@@ -651,8 +674,12 @@ pub async fn sink(
             max_batch: cfg.processors.max_batch,
             max_wait: Duration::from_millis(cfg.processors.max_wait_ms),
         },
-        consumer_config: fetch_wait(cfg, runner::consumer_config(&cfg.kafka.brokers, &format!("{}vitals-sink-postgres", cfg.kafka.topic_prefix))),
-        producer: producer(cfg, "vitals-sink")?,
+        consumer_config: {
+            let mut c = fetch_wait(cfg, runner::consumer_config(&cfg.kafka.brokers, &format!("{}vitals-sink-postgres", cfg.kafka.topic_prefix)));
+            c.set("client.id", client_id("sink", Some("postgres")));
+            c
+        },
+        producer: producer(cfg, &client_id("sink", Some("postgres")))?,
         codec: Arc::new(codec(cfg)),
         pool,
         stop,

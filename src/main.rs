@@ -83,6 +83,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DlqCmd,
     },
+    /// Where the processor groups stand: offsets, lag, owners, epochs, snapshots.
+    Offsets {
+        #[command(subcommand)]
+        cmd: OffsetsCmd,
+    },
     /// Migrate, create topics and register schemas: everything a fresh cluster needs.
     Setup,
     /// Print a development token (HS256, auth.hs256_secret) for a user.
@@ -98,6 +103,20 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum OffsetsCmd {
+    /// Per input partition of each processor group (or of one): the offsets its tasks committed
+    /// to the group, the high watermark, the lag, the owning member, the epoch, the newest
+    /// snapshot.
+    Show {
+        /// One processor (default: every registered one).
+        processor: Option<String>,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -443,6 +462,14 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Topics { cmd: TopicsCmd::Create } => {
             for line in app::create_topics(&cfg).await? {
                 println!("{line}");
+            }
+        }
+        Cmd::Offsets { cmd: OffsetsCmd::Show { processor, json } } => {
+            let rows = vitals::offsets::show(&cfg, processor.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", vitals::offsets::render(&rows));
             }
         }
         Cmd::Topics { cmd: TopicsCmd::Stats } => {

@@ -39,6 +39,9 @@ pub enum SinkError {
     Assign(String),
 }
 
+/// How often the committed offsets are also committed to the group (informational only).
+const COMMIT_EVERY: Duration = Duration::from_secs(5);
+
 /// Settings of one sink.
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
@@ -219,6 +222,8 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
     topics.push(cfg.topics.dead_letter.clone());
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(sink = %cfg.name, ?topics, "sink started");
+    // Informational commits of what PostgreSQL holds as committed (see below).
+    let (mut committed_at, mut to_commit) = (Instant::now(), BTreeMap::<(String, i32), i64>::new());
     while !stop.load(Ordering::Relaxed) {
         let mut msgs: Vec<OwnedMessage> = Vec::new();
         let deadline = Instant::now() + cfg.max_wait;
@@ -240,6 +245,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         }
         if msgs.is_empty() {
             metrics.wait_over(); // nothing to apply: waiting for nothing
+            commit_informational(&consumer, &mut to_commit, &mut committed_at);
             continue;
         }
         // The registry being down is not the records' fault: wait and decode again.
@@ -309,6 +315,8 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         };
         metrics.wait_over();
         *vouches.lock().unwrap_or_else(|p| p.into_inner()) = work;
+        to_commit.extend(batch.offsets.iter().map(|(k, o)| (k.clone(), *o)));
+        commit_informational(&consumer, &mut to_commit, &mut committed_at);
         metrics.rows_applied.fetch_add(applied.len() as u64, Ordering::Relaxed);
         metrics.batches_committed.fetch_add(1, Ordering::Relaxed);
         if !applied.is_empty() {
@@ -316,6 +324,22 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         }
     }
     Ok(())
+}
+
+/// The offsets PostgreSQL now holds, committed to the group now and then (idle or not) so that
+/// standard lag tools see the sink; never read back (the sink seeks to `sink_offsets`).
+fn commit_informational<C: ConsumerContext>(consumer: &BaseConsumer<C>, to_commit: &mut BTreeMap<(String, i32), i64>, at: &mut Instant) {
+    if at.elapsed() < COMMIT_EVERY || to_commit.is_empty() {
+        return;
+    }
+    *at = Instant::now();
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), o) in std::mem::take(to_commit) {
+        let _ = tpl.add_partition_offset(&t, p, Offset::Offset(o));
+    }
+    if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+        tracing::debug!(error = %e, "informational offset commit");
+    }
 }
 
 /// The batch's rows (with the index of each row's record in `msgs`), progress markers and next

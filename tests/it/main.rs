@@ -12,6 +12,7 @@ mod faults;
 mod harness;
 mod hostile;
 mod ingest;
+mod offsets;
 mod outages;
 mod pipeline;
 mod process;

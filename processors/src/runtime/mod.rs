@@ -135,6 +135,8 @@ impl Running {
 }
 
 /// The first and the longest wait of a task paused on a failed dependency.
+/// How often the checkpointed offsets are committed to the group (informational only).
+pub const COMMIT_EVERY: Duration = Duration::from_secs(5);
 const PAUSE_FIRST: Duration = Duration::from_millis(200);
 const PAUSE_MAX: Duration = Duration::from_secs(10);
 
@@ -586,6 +588,8 @@ where
     // Partitions whose task was fenced, and since when.
     let mut fenced: BTreeMap<i32, Instant> = BTreeMap::new();
     let mut tail_checked = Instant::now();
+    let mut committed_at = Instant::now();
+    let mut committed: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut generation = shared.lock().unwrap_or_else(|p| p.into_inner()).generation;
     while !stop.load(Ordering::Relaxed) {
         let mut batch = poll_batch(
@@ -708,6 +712,23 @@ where
         if let Some(s) = &snapshots {
             for (p, r) in sh.tasks.iter_mut() {
                 maybe_snapshot(s, &name, &rt, *p, r);
+            }
+        }
+        // Informational: the checkpoints' next offsets committed to the group now and then, so
+        // standard lag tools (`kafka-consumer-groups --describe`) and `vitals offsets show` see
+        // the processor groups. Never read back: a task starts from its own checkpoint.
+        if cfg.checkpointing && committed_at.elapsed() >= COMMIT_EVERY {
+            committed_at = Instant::now();
+            let now: BTreeMap<(String, i32), i64> = sh.tasks.iter().flat_map(|(p, r)| r.task.cp.offsets.iter().map(move |(t, o)| ((t.clone(), *p), *o))).collect();
+            if now != committed {
+                let mut tpl = TopicPartitionList::new();
+                for ((t, p), o) in &now {
+                    let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+                }
+                if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+                    tracing::debug!(error = %e, "informational offset commit");
+                }
+                committed = now;
             }
         }
     }
