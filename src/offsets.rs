@@ -180,14 +180,15 @@ pub fn assignment(b: &[u8]) -> Vec<(String, i32)> {
 pub fn render(rows: &[PartitionRow]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "{:<16} {:<40} {:>4} {:>10} {:>10} {:>8} {:>6} {:>18}  owner", "processor", "topic", "part", "committed", "high", "lag", "epoch", "snapshot (off, age)");
+    let w = rows.iter().map(|r| r.topic.len()).max().unwrap_or(5).max(5);
+    let _ = writeln!(out, "{:<16} {:<w$} {:>4} {:>10} {:>10} {:>8} {:>6} {:>18}  owner", "processor", "topic", "part", "committed", "high", "lag", "epoch", "snapshot (off, age)");
     let mut total: BTreeMap<&str, i64> = BTreeMap::new();
     for r in rows {
         *total.entry(&r.processor).or_default() += r.lag;
         let committed = r.committed.map_or("-".into(), |o| o.to_string());
         let epoch = r.epoch.map_or("-".into(), |e| e.to_string());
         let snap = r.snapshot.map_or("-".into(), |(o, age)| format!("{o}, {age}s ago"));
-        let _ = writeln!(out, "{:<16} {:<40} {:>4} {:>10} {:>10} {:>8} {:>6} {:>18}  {}", r.processor, r.topic, r.partition, committed, r.high, r.lag, epoch, snap, r.owner.as_deref().unwrap_or("-"));
+        let _ = writeln!(out, "{:<16} {:<w$} {:>4} {:>10} {:>10} {:>8} {:>6} {:>18}  {}", r.processor, r.topic, r.partition, committed, r.high, r.lag, epoch, snap, r.owner.as_deref().unwrap_or("-"));
     }
     for (p, lag) in total {
         let _ = writeln!(out, "{p}: total lag {lag}");
