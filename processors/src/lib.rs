@@ -12,6 +12,7 @@
 mod codec;
 pub mod driver;
 pub mod identity;
+pub mod keys;
 pub mod product_impact;
 pub mod rollup_day;
 pub mod runtime;
