@@ -87,6 +87,7 @@ pub(crate) fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
 
 /// A canonical uppercase UUID (HealthKit's form) as 16 bytes; `None` for one without letters,
 /// which is canonical lowercase too (and coded as that).
+#[cfg(test)]
 pub(crate) fn uuid_bytes_upper(s: &str) -> Option<[u8; 16]> {
     match parse_uuid(s)? {
         (b, true) => Some(b),
