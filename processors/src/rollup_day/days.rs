@@ -36,12 +36,44 @@ pub struct Held {
     pub time_zone: Rc<str>,
 }
 
+/// An interned source name as a day's key holds it: ordered by its text, but the same
+/// interned `Rc` (what nearly every comparison in a day meets) is equal without reading it.
+#[derive(Debug, Clone)]
+pub struct Src(pub Rc<str>);
+
+impl std::ops::Deref for Src {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq for Src {
+    fn eq(&self, o: &Src) -> bool {
+        Rc::ptr_eq(&self.0, &o.0) || *self.0 == *o.0
+    }
+}
+impl Eq for Src {}
+impl PartialOrd for Src {
+    fn partial_cmp(&self, o: &Src) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Src {
+    fn cmp(&self, o: &Src) -> std::cmp::Ordering {
+        if Rc::ptr_eq(&self.0, &o.0) {
+            return std::cmp::Ordering::Equal;
+        }
+        (*self.0).cmp(&*o.0)
+    }
+}
+
 /// One (metric, date), decoded: its samples by (source, source_record_id) — the order the
 /// aggregation adds them in — and whether a row of it is out (so an empty day is retracted).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Day {
     pub emitted: bool,
-    pub samples: BTreeMap<(Rc<str>, String), Held>,
+    pub samples: BTreeMap<(Src, String), Held>,
 }
 
 /// What is held per identity.
@@ -162,7 +194,7 @@ impl Day {
             let start_ms = r.i()?;
             let end_ms = start_ms + r.i()?;
             let value = f64::from_le_bytes(r.take(8)?.try_into().map_err(|_| "truncated")?);
-            samples.insert((source, record), Held { kind, start_ms, end_ms, value, category, time_zone });
+            samples.insert((Src(source), record), Held { kind, start_ms, end_ms, value, category, time_zone });
         }
         if !r.0.is_empty() {
             return Err("trailing bytes".into());
@@ -257,7 +289,7 @@ mod tests {
     proptest! {
         #[test]
         fn a_day_round_trips(emitted in any::<bool>(), items in proptest::collection::vec((".{0,12}", record(), held()), 0..30)) {
-            let day = Day { emitted, samples: items.into_iter().map(|(s, r, h)| ((Rc::from(s.as_str()), r), h)).collect() };
+            let day = Day { emitted, samples: items.into_iter().map(|(s, r, h)| ((Src(Rc::from(s.as_str())), r), h)).collect() };
             let back = Day::decode(&day.encode()).unwrap();
             // NaN != NaN: compare the bits.
             prop_assert_eq!(back.emitted, day.emitted);

@@ -38,7 +38,7 @@ use crate::time::{date_span, dates_covered, Zone};
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State};
 
 mod days;
-use days::{Day, Held, Identity};
+use days::{Day, Held, Identity, Src};
 
 pub const INFO: ProcessorInfo = ProcessorInfo {
     name: "rollup_day",
@@ -267,7 +267,7 @@ impl crate::Processor for RollupDayProcessor {
     }
 }
 
-fn point<'a>(((source, record), h): (&'a (Rc<str>, String), &'a Held)) -> Point<'a> {
+fn point<'a>(((source, record), h): (&'a (Src, String), &'a Held)) -> Point<'a> {
     Point { source, kind: h.kind, record, start_ms: h.start_ms, end_ms: h.end_ms, value: h.value, category: h.category.as_deref(), time_zone: &h.time_zone }
 }
 
@@ -324,7 +324,7 @@ impl RollupDayProcessor {
             .into_iter()
             .map(|((source, record), h)| {
                 let held = Held { time_zone: self.name(&h.time_zone), category: h.category.as_deref().map(|c| self.name(c)), ..h };
-                ((self.name(&source), record), held)
+                ((Src(self.name(&source)), record), held)
             })
             .collect();
         Day { emitted: day.emitted, samples }
@@ -367,7 +367,7 @@ impl RollupDayProcessor {
     fn unhold(&mut self, state: &dyn State, touched: &mut Touched, source: &str, record: &str, at: &(String, NaiveDate, u8)) {
         let (metric, first, n) = at;
         let mut d = *first;
-        let key = (self.name(source), record.to_owned());
+        let key = (Src(self.name(source)), record.to_owned());
         for _ in 0..*n {
             let (day, changed) = self.day(state, touched, metric, d);
             if day.samples.remove(&key).is_some() {
@@ -403,7 +403,7 @@ impl RollupDayProcessor {
             let mut d = first;
             for _ in 0..n {
                 let (day, changed) = self.day(state, touched, &s.metric, d);
-                day.samples.insert((source.clone(), s.source_record_id.clone()), held.clone());
+                day.samples.insert((Src(source.clone()), s.source_record_id.clone()), held.clone());
                 *changed = true;
                 d = d.succ_opt().unwrap_or(d);
             }
