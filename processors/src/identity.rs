@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use vitals_schemas::Sample;
 
 use crate::codec::{kind_code, kind_of, R, W};
+use crate::keys::{self, Sources};
 use crate::{Input, State};
 
 const SEP: char = '\u{1f}';
@@ -249,7 +250,7 @@ impl Value {
 
 /// Codes of the catalog's metric names in identity values (code = position + 1; 0 = the name
 /// follows as text). **Append only**: the codes are in stored state.
-const METRICS: [&str; 16] = [
+pub(crate) const METRICS: [&str; 16] = [
     "steps",
     "active_energy",
     "basal_energy",
@@ -271,7 +272,7 @@ const METRICS: [&str; 16] = [
 /// Codes of the catalog's categories, as [`METRICS`]. **Append only.**
 const CATEGORIES: [&str; 7] = ["in_bed", "awake", "core", "deep", "rem", "asleep_unspecified", "mindful"];
 
-fn name(w: &mut W, table: &[&str], s: &str) {
+pub(crate) fn name(w: &mut W, table: &[&str], s: &str) {
     match table.iter().position(|n| *n == s) {
         Some(i) => w.u(i as u64 + 1),
         None => {
@@ -281,7 +282,7 @@ fn name(w: &mut W, table: &[&str], s: &str) {
     }
 }
 
-fn read_name(r: &mut R, table: &[&str]) -> Result<String, String> {
+pub(crate) fn read_name(r: &mut R, table: &[&str]) -> Result<String, String> {
     match r.u()? {
         0 => Ok(r.s()?.to_owned()),
         c => table.get(c as usize - 1).map(|n| (*n).to_owned()).ok_or_else(|| format!("name code {c} of {}", table.len())),
@@ -302,39 +303,55 @@ impl Change {
     }
 }
 
+/// Where a processor that keeps identities through [`Identities`] keeps its user's source
+/// dictionary ([`Sources`]).
+pub const SOURCES_KEY: &str = "src";
+
 /// The identities of one user, kept in processor state under `namespace`, with the fields
-/// `keep` names.
+/// `keep` names. A key is `namespace`, U+001F, then the identity as [`keys::push_identity`]
+/// writes it: the source's code in the user's [`Sources`] (loaded once per record with
+/// [`Identities::sources`]) and the record id (a UUID as 16 packed bytes).
 pub struct Identities<'a> {
     pub namespace: &'a str,
     pub keep: Keep,
 }
 
 impl Identities<'_> {
-    fn key(&self, source: &str, record: &str) -> String {
-        format!("{}{SEP}{source}{SEP}{record}", self.namespace)
+    /// The user's source dictionary.
+    pub fn sources(&self, state: &dyn State) -> Sources {
+        Sources::load(state, SOURCES_KEY)
+    }
+
+    fn key(&self, code: u64, record: &str) -> String {
+        let mut k = String::with_capacity(self.namespace.len() + 24);
+        k.push_str(self.namespace);
+        k.push(SEP);
+        keys::push_identity(&mut k, code, record);
+        k
     }
 
     /// What state holds of an identity; a value that does not decode fails the task
     /// ([`State::fail`]), it is never read as "nothing held".
     fn load(&self, state: &dyn State, key: &str, source: &str, record: &str) -> Held {
-        match state.get(key) {
-            None => Held::default(),
-            Some(v) => Held::decode(&v, source, record).unwrap_or_else(|e| {
-                state.fail(format!("state value {key:?} does not deserialise: {e}"));
-                Held::default()
-            }),
-        }
+        let mut held = Ok(Held::default());
+        state.read(key, &mut |v| held = Held::decode(v, source, record));
+        held.unwrap_or_else(|e| {
+            state.fail(format!("state value {:?} does not deserialise: {e}", keys::printable(key)));
+            Held::default()
+        })
     }
 
-    /// The effective sample of an identity.
-    pub fn get(&self, state: &dyn State, source: &str, record: &str) -> Option<Sample> {
-        let held = self.load(state, &self.key(source, record), source, record);
+    /// The effective sample of an identity (a source the dictionary does not name holds none).
+    pub fn get(&self, state: &dyn State, sources: &Sources, source: &str, record: &str) -> Option<Sample> {
+        let code = sources.code(source)?;
+        let held = self.load(state, &self.key(code, record), source, record);
         held.effective().cloned()
     }
 
     /// Applies an upsert (sample batch or edit).
-    pub fn upsert(&self, state: &mut dyn State, s: &Sample) -> Change {
-        let key = self.key(&s.source, &s.source_record_id);
+    pub fn upsert(&self, state: &mut dyn State, sources: &mut Sources, s: &Sample) -> Change {
+        let code = sources.code_or_add(state, &s.source);
+        let key = self.key(code, &s.source_record_id);
         let mut held = self.load(state, &key, &s.source, &s.source_record_id);
         let before = held.effective().cloned();
         if !held.upsert(s) {
@@ -347,8 +364,9 @@ impl Identities<'_> {
     }
 
     /// Applies a deletion.
-    pub fn delete(&self, state: &mut dyn State, source: &str, record: &str, version: Option<i64>) -> Change {
-        let key = self.key(source, record);
+    pub fn delete(&self, state: &mut dyn State, sources: &mut Sources, source: &str, record: &str, version: Option<i64>) -> Change {
+        let code = sources.code_or_add(state, source);
+        let key = self.key(code, record);
         let mut held = self.load(state, &key, source, record);
         let before = held.effective().cloned();
         held.delete(version);

@@ -12,6 +12,7 @@
 mod codec;
 pub mod driver;
 pub mod identity;
+pub mod keys;
 pub mod product_impact;
 pub mod rollup_day;
 pub mod runtime;
@@ -56,9 +57,23 @@ impl Input {
 /// dead-lettered on its own; the rest of the record is processed.
 pub fn refuse_invalid_units(input: &Input) -> Option<(Input, Vec<validate::Refused>)> {
     let catalog = vitals_schemas::Catalog::embedded();
+    // The last zone found valid: a record's samples nearly always share one, and its lookup in
+    // the tz database is the check's most expensive step.
+    let mut last_zone = String::new();
+    let mut zone_ok = |tz: &str| {
+        if tz == last_zone && !tz.is_empty() {
+            return true;
+        }
+        let ok = validate::valid_time_zone(tz);
+        if ok {
+            last_zone.clear();
+            last_zone.push_str(tz);
+        }
+        ok
+    };
     let all_valid = match input {
-        Input::Samples(b) => b.samples.iter().all(|s| validate::sample(s, catalog).is_ok()),
-        Input::Changes(b) => b.edits.iter().all(|s| validate::sample(s, catalog).is_ok()) && b.deletions.iter().all(|d| validate::deletion(d, catalog).is_ok()),
+        Input::Samples(b) => b.samples.iter().all(|s| validate::sample_with(s, catalog, &mut zone_ok).is_ok()),
+        Input::Changes(b) => b.edits.iter().all(|s| validate::sample_with(s, catalog, &mut zone_ok).is_ok()) && b.deletions.iter().all(|d| validate::deletion(d, catalog).is_ok()),
         Input::Domain(b) => b.changes.iter().all(|c| validate::change(c, catalog).is_ok()),
         Input::SessionImpact(_) => true,
     };

@@ -39,7 +39,8 @@ fn violation(field: &str, code: &'static str, message: impl Into<String>) -> Vio
 /// Text holds no control character (C0, DEL, C1: NUL, U+001F, ...): they break storage (a NUL
 /// is not valid in PostgreSQL text) and vitals' own key separators.
 fn printable(s: &str) -> bool {
-    !s.chars().any(char::is_control)
+    // The common case first: printable ASCII only, a byte test (no UTF-8 decoding).
+    s.bytes().all(|b| (0x20..0x7f).contains(&b)) || !s.chars().any(char::is_control)
 }
 
 /// An identifier: 1..=256 bytes, no control characters.
@@ -76,9 +77,13 @@ pub fn valid_time_zone(tz: &str) -> bool {
 
 fn time_zone(field: &str, tz: &str) -> Result<(), Violation> {
     if !valid_time_zone(tz) {
-        return Err(violation(field, "invalid_time_zone", format!("`{tz}` is not an IANA zone or ±HH:MM offset")));
+        return Err(invalid_time_zone(field, tz));
     }
     Ok(())
+}
+
+fn invalid_time_zone(field: &str, tz: &str) -> Violation {
+    violation(field, "invalid_time_zone", format!("`{tz}` is not an IANA zone or ±HH:MM offset"))
 }
 
 /// Metadata entries: at most 32, keys 1..=64 bytes, values at most 256, all printable.
@@ -100,6 +105,13 @@ pub fn metadata<'a>(entries: impl ExactSizeIterator<Item = (&'a String, &'a Stri
 
 /// One normalised sample (as it travels on a lane).
 pub fn sample(s: &Sample, catalog: &Catalog) -> Result<(), Violation> {
+    sample_with(s, catalog, &mut valid_time_zone)
+}
+
+/// [`sample`] with the zone check given: e.g. one that remembers the last zone it found valid
+/// (a batch's samples nearly always share one, and the tz database lookup is the check's most
+/// expensive step). `valid_zone` must agree with [`valid_time_zone`].
+pub fn sample_with(s: &Sample, catalog: &Catalog, valid_zone: &mut dyn FnMut(&str) -> bool) -> Result<(), Violation> {
     id("source", &s.source)?;
     id("source_record_id", &s.source_record_id)?;
     let Some(spec) = catalog.get(&s.metric) else {
@@ -111,7 +123,9 @@ pub fn sample(s: &Sample, catalog: &Catalog) -> Result<(), Violation> {
     if s.end_ms.saturating_sub(s.start_ms) > MAX_SAMPLE_MS {
         return Err(violation("end", "sample_too_long", format!("one sample may cover at most 24 h; this one covers {} h: split it", s.end_ms.saturating_sub(s.start_ms) / 3_600_000)));
     }
-    time_zone("time_zone", &s.time_zone)?;
+    if !valid_zone(&s.time_zone) {
+        return Err(invalid_time_zone("time_zone", &s.time_zone));
+    }
     if s.version < 1 {
         return Err(violation("version", "invalid_version", "`version` must be >= 1"));
     }
@@ -278,6 +292,15 @@ pub fn domain_change_batch(b: &mut crate::DomainChangeBatch, catalog: &Catalog) 
 mod tests {
     use super::*;
     use crate::{Product, Session, SourceKind};
+
+    proptest::proptest! {
+        /// The byte fast path decides as the definition does, whatever the text.
+        #[test]
+        fn printable_is_no_control_character(s in proptest::prelude::any::<String>(), ascii in "[\\x00-\\x7f]{0,12}") {
+            proptest::prop_assert_eq!(printable(&s), !s.chars().any(char::is_control));
+            proptest::prop_assert_eq!(printable(&ascii), !ascii.chars().any(char::is_control));
+        }
+    }
 
     fn steps(start: i64, end: i64) -> Sample {
         Sample {

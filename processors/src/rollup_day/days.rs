@@ -4,7 +4,8 @@
 //!
 //! Binary, versioned by a leading byte: a value of another format fails the task (it is never
 //! read as "nothing held"). Strings that repeat within a day (source, time zone, category) are
-//! written once per day; a canonical lowercase UUID record id takes 16 bytes.
+//! written once per day; a canonical UUID record id (lowercase, or uppercase as HealthKit
+//! writes it) takes 16 bytes.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -13,10 +14,16 @@ use chrono::NaiveDate;
 use vitals_schemas::SourceKind;
 
 use crate::codec::{kind_code, kind_of, R, W};
-use crate::identity::Deleted;
+use crate::identity::{name, read_name, Deleted, METRICS};
+use crate::keys::{parse_uuid, uuid_text, uuid_text_upper};
+#[cfg(test)]
+use crate::keys::{uuid_bytes, uuid_bytes_upper};
 
-const DAY_FORMAT: u8 = 1;
-const ID_FORMAT: u8 = 1;
+/// 2: a canonical uppercase UUID record id (HealthKit's form) takes 16 bytes too (1 kept it as
+/// text).
+const DAY_FORMAT: u8 = 2;
+/// 2: the metric of `at` as an [`METRICS`] code (1 wrote its name).
+const ID_FORMAT: u8 = 2;
 
 /// One effective sample as a day holds it (the identity is the map key).
 #[derive(Debug, Clone, PartialEq)]
@@ -29,12 +36,44 @@ pub struct Held {
     pub time_zone: Rc<str>,
 }
 
+/// An interned source name as a day's key holds it: ordered by its text, but the same
+/// interned `Rc` (what nearly every comparison in a day meets) is equal without reading it.
+#[derive(Debug, Clone)]
+pub struct Src(pub Rc<str>);
+
+impl std::ops::Deref for Src {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq for Src {
+    fn eq(&self, o: &Src) -> bool {
+        Rc::ptr_eq(&self.0, &o.0) || *self.0 == *o.0
+    }
+}
+impl Eq for Src {}
+impl PartialOrd for Src {
+    fn partial_cmp(&self, o: &Src) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Src {
+    fn cmp(&self, o: &Src) -> std::cmp::Ordering {
+        if Rc::ptr_eq(&self.0, &o.0) {
+            return std::cmp::Ordering::Equal;
+        }
+        (*self.0).cmp(&*o.0)
+    }
+}
+
 /// One (metric, date), decoded: its samples by (source, source_record_id) — the order the
 /// aggregation adds them in — and whether a row of it is out (so an empty day is retracted).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Day {
     pub emitted: bool,
-    pub samples: BTreeMap<(Rc<str>, String), Held>,
+    pub samples: BTreeMap<(Src, String), Held>,
 }
 
 /// What is held per identity.
@@ -56,43 +95,6 @@ impl Identity {
             None => true,
         }
     }
-}
-
-/// A canonical lowercase UUID as 16 bytes (its text order is its byte order).
-fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
-    let b = s.as_bytes();
-    if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
-        return None;
-    }
-    let hex = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; 16];
-    // The hex digits' positions: 8-4-4-4-12, dashes between.
-    let mut i = 0;
-    for (n, o) in out.iter_mut().enumerate() {
-        if matches!(n, 4 | 6 | 8 | 10) {
-            i += 1; // a dash
-        }
-        *o = (hex(b[i])? << 4) | hex(b[i + 1])?;
-        i += 2;
-    }
-    Some(out)
-}
-
-fn uuid_text(b: &[u8]) -> String {
-    let hex = b"0123456789abcdef";
-    let mut s = String::with_capacity(36);
-    for (i, x) in b.iter().enumerate() {
-        if [4, 6, 8, 10].contains(&i) {
-            s.push('-');
-        }
-        s.push(hex[(x >> 4) as usize] as char);
-        s.push(hex[(x & 15) as usize] as char);
-    }
-    s
 }
 
 /// Interns the strings of one day while encoding, in order of first use. A day holds a handful
@@ -139,9 +141,11 @@ impl Day {
         body.u(self.samples.len() as u64);
         for ((source, record), h) in &self.samples {
             body.u(dict.id(source));
-            match uuid_bytes(record) {
-                Some(b) => {
-                    body.0.push(kind_code(h.kind) | 0x10);
+            // Tag bits: 0x10 a UUID's 16 bytes follow, 0x20 (with 0x10) it is uppercase.
+            let uuid = parse_uuid(record).map(|(b, upper)| (if upper { 0x30 } else { 0x10 }, b));
+            match uuid {
+                Some((t, b)) => {
+                    body.0.push(kind_code(h.kind) | t);
                     body.0.extend_from_slice(&b);
                 }
                 None => {
@@ -175,7 +179,12 @@ impl Day {
         for _ in 0..r.u()? {
             let source = at(r.u()?)?;
             let tag = r.byte()?;
-            let record = if tag & 0x10 != 0 { uuid_text(r.take(16)?) } else { r.s()?.to_owned() };
+            let record = match tag & 0xf0 {
+                0x00 => r.s()?.to_owned(),
+                0x10 => uuid_text(r.take(16)?),
+                0x30 => uuid_text_upper(r.take(16)?),
+                _ => return Err(format!("sample tag {tag:#04x}")),
+            };
             let kind = kind_of(tag & 0x0f)?;
             let time_zone = at(r.u()?)?;
             let category = match r.u()? {
@@ -185,7 +194,7 @@ impl Day {
             let start_ms = r.i()?;
             let end_ms = start_ms + r.i()?;
             let value = f64::from_le_bytes(r.take(8)?.try_into().map_err(|_| "truncated")?);
-            samples.insert((source, record), Held { kind, start_ms, end_ms, value, category, time_zone });
+            samples.insert((Src(source), record), Held { kind, start_ms, end_ms, value, category, time_zone });
         }
         if !r.0.is_empty() {
             return Err("trailing bytes".into());
@@ -217,7 +226,7 @@ impl Identity {
             None => w.0.push(0),
             Some((metric, date, n)) => {
                 w.0.push(1);
-                w.s(metric);
+                name(&mut w, &METRICS, metric);
                 w.i(i64::from(chrono::Datelike::num_days_from_ce(date)));
                 w.0.push(*n);
             }
@@ -243,7 +252,7 @@ impl Identity {
         let at = match r.byte()? {
             0 => None,
             _ => {
-                let metric = r.s()?.to_owned();
+                let metric = read_name(&mut r, &METRICS)?;
                 let days = i32::try_from(r.i()?).map_err(|e| e.to_string())?;
                 let date = NaiveDate::from_num_days_from_ce_opt(days).ok_or("date out of range")?;
                 Some((metric, date, r.byte()?))
@@ -274,13 +283,13 @@ mod tests {
     }
 
     fn record() -> impl Strategy<Value = String> {
-        prop_oneof![any::<[u8; 16]>().prop_map(|b| uuid_text(&b)), ".{0,40}", "[0-9A-F-]{36}"]
+        prop_oneof![any::<[u8; 16]>().prop_map(|b| uuid_text(&b)), any::<[u8; 16]>().prop_map(|b| uuid_text_upper(&b)), ".{0,40}", "[0-9A-F-]{36}", "[0-9a-fA-F-]{36}"]
     }
 
     proptest! {
         #[test]
         fn a_day_round_trips(emitted in any::<bool>(), items in proptest::collection::vec((".{0,12}", record(), held()), 0..30)) {
-            let day = Day { emitted, samples: items.into_iter().map(|(s, r, h)| ((Rc::from(s.as_str()), r), h)).collect() };
+            let day = Day { emitted, samples: items.into_iter().map(|(s, r, h)| ((Src(Rc::from(s.as_str())), r), h)).collect() };
             let back = Day::decode(&day.encode()).unwrap();
             // NaN != NaN: compare the bits.
             prop_assert_eq!(back.emitted, day.emitted);
@@ -316,6 +325,8 @@ mod tests {
         let b = "f0000000-0000-4000-8000-000000000000";
         assert_eq!(uuid_text(&uuid_bytes(a).unwrap()), a);
         assert!(a < b && uuid_bytes(a).unwrap() < uuid_bytes(b).unwrap());
-        assert!(uuid_bytes("0A1B2C3D-0000-4000-8000-00000000000F").is_none(), "uppercase is kept as text (it would not round-trip)");
+        assert!(uuid_bytes("0A1B2C3D-0000-4000-8000-00000000000F").is_none(), "uppercase is not lowercase (it would not round-trip)");
+        let upper = "0A1B2C3D-0000-4000-8000-00000000000F";
+        assert_eq!(uuid_text_upper(&uuid_bytes_upper(upper).unwrap()), upper);
     }
 }

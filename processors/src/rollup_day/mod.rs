@@ -31,13 +31,14 @@ use serde::Deserialize;
 use vitals_schemas::catalog::{Catalog, MetricKind};
 use vitals_schemas::{RollupDay, Sample, SourceKind};
 
-use crate::identity::{effective_samples, Deleted};
+use crate::identity::{effective_samples, Deleted, SOURCES_KEY};
+use crate::keys::Sources;
 use crate::sources::{merge_cumulative, Piece, Priority};
 use crate::time::{date_span, dates_covered, Zone};
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State};
 
 mod days;
-use days::{Day, Held, Identity};
+use days::{Day, Held, Identity, Src};
 
 pub const INFO: ProcessorInfo = ProcessorInfo {
     name: "rollup_day",
@@ -56,20 +57,20 @@ pub struct Config {}
 const MAX_DAYS_PER_SAMPLE: usize = 31;
 const SEP: char = '\u{1f}';
 
-/// State keys: `i<source>SEP<record>` an identity ([`Identity`]); `d<metric>SEP<date>` a day
-/// ([`Day`]); `priority` the user's source priority.
-fn identity_key(source: &str, record: &str) -> String {
+/// State keys: `i<identity>` an identity ([`Identity`]; the source's code in the user's
+/// dictionary and the record id, as [`crate::keys::push_identity`] writes them);
+/// `d<metric>SEP<date>` a day ([`Day`]); `src` the dictionary ([`Sources`]); `priority` the
+/// user's source priority.
+fn identity_key(code: u64, record: &str) -> String {
     let mut k = String::new();
-    identity_key_into(&mut k, source, record);
+    identity_key_into(&mut k, code, record);
     k
 }
 /// [`identity_key`] written into `buf` (cleared first): no allocation once `buf` has grown.
-fn identity_key_into(buf: &mut String, source: &str, record: &str) {
+fn identity_key_into(buf: &mut String, code: u64, record: &str) {
     buf.clear();
     buf.push('i');
-    buf.push_str(source);
-    buf.push(SEP);
-    buf.push_str(record);
+    crate::keys::push_identity(buf, code, record);
 }
 fn day_key(metric: &str, date: NaiveDate) -> String {
     format!("d{metric}{SEP}{date}")
@@ -172,8 +173,10 @@ impl RollupDayProcessor {
 
 impl crate::Processor for RollupDayProcessor {
     type Output = RollupDay;
-    /// 2: compact binary days and identities (1 was JSON samples with a per-day index).
-    const STATE_FORMAT: i64 = 2;
+    /// 3: identity keys name the source by a per-user code and a UUID record id by its 16
+    /// bytes, identity values the metric by a code (2 spelled them out; 2 and 3: compact binary
+    /// days and identities; 1 was JSON samples with a per-day index).
+    const STATE_FORMAT: i64 = 3;
 
     fn begin_interval(&mut self) {
         self.touched.clear();
@@ -196,16 +199,18 @@ impl crate::Processor for RollupDayProcessor {
         let mut touched = self.touched.remove(user).unwrap_or_default();
         match input {
             Input::Samples(b) => {
+                let mut src = Sources::load(state, SOURCES_KEY);
                 for s in &b.samples {
-                    self.upsert(state, s, &mut touched);
+                    self.upsert(state, &mut src, s, &mut touched);
                 }
             }
             Input::Changes(b) => {
+                let mut src = Sources::load(state, SOURCES_KEY);
                 for s in &b.edits {
-                    self.upsert(state, s, &mut touched);
+                    self.upsert(state, &mut src, s, &mut touched);
                 }
                 for d in &b.deletions {
-                    self.delete(state, &d.source, &d.source_record_id, d.deleted_version, &mut touched);
+                    self.delete(state, &mut src, &d.source, &d.source_record_id, d.deleted_version, &mut touched);
                 }
             }
             Input::SessionImpact(_) => {} // not an input of this processor
@@ -262,7 +267,7 @@ impl crate::Processor for RollupDayProcessor {
     }
 }
 
-fn point<'a>(((source, record), h): (&'a (Rc<str>, String), &'a Held)) -> Point<'a> {
+fn point<'a>(((source, record), h): (&'a (Src, String), &'a Held)) -> Point<'a> {
     Point { source, kind: h.kind, record, start_ms: h.start_ms, end_ms: h.end_ms, value: h.value, category: h.category.as_deref(), time_zone: &h.time_zone }
 }
 
@@ -319,7 +324,7 @@ impl RollupDayProcessor {
             .into_iter()
             .map(|((source, record), h)| {
                 let held = Held { time_zone: self.name(&h.time_zone), category: h.category.as_deref().map(|c| self.name(c)), ..h };
-                ((self.name(&source), record), held)
+                ((Src(self.name(&source)), record), held)
             })
             .collect();
         Day { emitted: day.emitted, samples }
@@ -353,7 +358,7 @@ impl RollupDayProcessor {
         let mut id = Ok(Identity::default());
         state.read(key, &mut |v| id = Identity::decode(v));
         id.unwrap_or_else(|e| {
-            state.fail(format!("state value {key:?} does not deserialise: {e}"));
+            state.fail(format!("state value {:?} does not deserialise: {e}", crate::keys::printable(key)));
             Identity::default()
         })
     }
@@ -362,7 +367,7 @@ impl RollupDayProcessor {
     fn unhold(&mut self, state: &dyn State, touched: &mut Touched, source: &str, record: &str, at: &(String, NaiveDate, u8)) {
         let (metric, first, n) = at;
         let mut d = *first;
-        let key = (self.name(source), record.to_owned());
+        let key = (Src(self.name(source)), record.to_owned());
         for _ in 0..*n {
             let (day, changed) = self.day(state, touched, metric, d);
             if day.samples.remove(&key).is_some() {
@@ -373,10 +378,10 @@ impl RollupDayProcessor {
     }
 
     /// An upsert (sample batch or edit): a higher version replaces, the same or lower is ignored.
-    fn upsert(&mut self, state: &mut dyn State, s: &Sample, touched: &mut Touched) {
+    fn upsert(&mut self, state: &mut dyn State, src: &mut Sources, s: &Sample, touched: &mut Touched) {
         let Some(spec) = self.spec(&s.metric) else { return };
         let mut key = std::mem::take(&mut self.key);
-        identity_key_into(&mut key, &s.source, &s.source_record_id);
+        identity_key_into(&mut key, src.code_or_add(state, &s.source), &s.source_record_id);
         self.upsert_at(state, s, spec.kind, &key, touched);
         self.key = key;
     }
@@ -398,7 +403,7 @@ impl RollupDayProcessor {
             let mut d = first;
             for _ in 0..n {
                 let (day, changed) = self.day(state, touched, &s.metric, d);
-                day.samples.insert((source.clone(), s.source_record_id.clone()), held.clone());
+                day.samples.insert((Src(source.clone()), s.source_record_id.clone()), held.clone());
                 *changed = true;
                 d = d.succ_opt().unwrap_or(d);
             }
@@ -408,8 +413,8 @@ impl RollupDayProcessor {
     }
 
     /// A deletion of the versions up to `version` (every version when `None`).
-    fn delete(&mut self, state: &mut dyn State, source: &str, record: &str, version: Option<i64>, touched: &mut Touched) {
-        let key = identity_key(source, record);
+    fn delete(&mut self, state: &mut dyn State, src: &mut Sources, source: &str, record: &str, version: Option<i64>, touched: &mut Touched) {
+        let key = identity_key(src.code_or_add(state, source), record);
         let mut id = self.identity(state, &key);
         let deleted = Deleted::merge(id.deleted, version);
         if id.deleted == Some(deleted) {

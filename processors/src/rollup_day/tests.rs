@@ -354,3 +354,83 @@ proptest! {
         prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
     }
 }
+
+/// The record ids of `inputs` as UUIDs: `m-2j` as a lowercase UUID, `m-2j+1` as the same
+/// UUID in uppercase — two identities, as the ids differ (packed keys must not conflate them).
+fn with_uuid_ids(inputs: &[Input]) -> Vec<Input> {
+    fn uuid(id: &str) -> String {
+        let (m, n) = id.rsplit_once('-').unwrap();
+        let n: u64 = n.parse().unwrap();
+        let m = METRICS.iter().position(|x| *x == m).unwrap();
+        let u = format!("abcdef{m:02x}-0000-4000-8000-{:012x}", n / 2);
+        if n % 2 == 1 {
+            u.to_uppercase()
+        } else {
+            u
+        }
+    }
+    inputs
+        .iter()
+        .cloned()
+        .map(|mut i| {
+            match &mut i {
+                Input::Samples(b) => b.samples.iter_mut().for_each(|s| s.source_record_id = uuid(&s.source_record_id)),
+                Input::Changes(b) => {
+                    b.edits.iter_mut().for_each(|s| s.source_record_id = uuid(&s.source_record_id));
+                    b.deletions.iter_mut().for_each(|d| d.source_record_id = uuid(&d.source_record_id));
+                }
+                _ => {}
+            }
+            i
+        })
+        .collect()
+}
+
+proptest! {
+    /// A dictionary entry that leaked (a source coded but never used, codes in any order — what
+    /// a rejected record would leave if its writes were not undone) changes nothing: the
+    /// projection still equals the oracle, with UUID record ids in both cases.
+    #[test]
+    fn leaked_dictionary_entries_and_uuid_ids_change_nothing(
+        events in proptest::collection::vec(event(), 1..60),
+        junk in proptest::collection::vec(prop_oneof![Just("watch".to_owned()), Just("phone".to_owned()), Just("app".to_owned()), any::<String>()], 0..6),
+        cuts in proptest::collection::vec(1usize..8, 1..20),
+    ) {
+        let inputs = with_uuid_ids(&inputs_of(events));
+        let mut names: Vec<String> = Vec::new();
+        for n in junk {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        let mut d = driver();
+        for u in ["u0", "u1"] {
+            let mut st = crate::driver::MemState::default();
+            st.map.insert(SOURCES_KEY.to_owned(), Sources::encode(&names));
+            d.states.insert(u.to_owned(), st);
+        }
+        let mut rest: &[Input] = &inputs;
+        let mut c = cuts.iter().cycle();
+        while !rest.is_empty() {
+            let n = (*c.next().unwrap()).min(rest.len());
+            let interval: Vec<(i64, Input)> = rest[..n].iter().map(|i| (0, i.clone())).collect();
+            let (_, rejected) = d.feed_interval(&interval);
+            prop_assert_eq!(rejected, 0);
+            rest = &rest[n..];
+        }
+        prop_assert_eq!(d.projection(), oracle(&inputs));
+    }
+}
+
+/// The keys are short: a UUID identity takes 22 bytes (`i`, the source code, `u` and 19 packed
+/// characters), whatever the source's name.
+#[test]
+fn an_identity_key_is_short() {
+    let mut d = driver();
+    let id = "3f2c8a0e-5b1d-4c7e-9a60-1d2e3f405162";
+    d.feed(&batch("u", vec![sample("com.apple.health.watch", SourceKind::Watch, id, "heart_rate", ms(2026, 10, 23, 12, 0), ms(2026, 10, 23, 12, 0), 61.0, "UTC")])).unwrap();
+    let ids: Vec<&String> = d.states["u"].map.keys().filter(|k| k.starts_with('i')).collect();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(ids[0].len(), 22, "{ids:?}");
+    assert_eq!(Sources::load(&d.states["u"], SOURCES_KEY).name(0), Some("com.apple.health.watch"));
+}

@@ -70,6 +70,7 @@ use vitals_schemas::catalog::{Catalog, MetricKind};
 use vitals_schemas::{DomainChange, DomainChangeKind, ImpactStatus, Sample, SessionImpact, SourceOffset, WindowStats, WindowedMetric};
 
 use crate::identity::{effective_samples, Identities, Keep};
+use crate::keys::Sources;
 use crate::runtime::Versioned;
 use crate::sources::{merge_cumulative, Piece, Priority};
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State, StateExt};
@@ -388,6 +389,12 @@ const IDS: Identities = Identities { namespace: "id", keep: Keep { value: true, 
 fn sample_ix_prefix(b: i64) -> String {
     format!("ix{SEP}{b}{SEP}")
 }
+/// An entry of the sample index: bucket, then the identity as [`Identities`] keys it.
+fn sample_ix_key(b: i64, code: u64, record: &str) -> String {
+    let mut k = sample_ix_prefix(b);
+    crate::keys::push_identity(&mut k, code, record);
+    k
+}
 fn session_ix_prefix(b: i64) -> String {
     format!("sx{SEP}{b}{SEP}")
 }
@@ -437,9 +444,10 @@ impl SessionImpactProcessor {
 
 impl crate::Processor for SessionImpactProcessor {
     type Output = SessionImpact;
-    /// 2: identities as compact binary values, the fields this processor reads only (1 was
-    /// JSON `Sample`s).
-    const STATE_FORMAT: i64 = 2;
+    /// 3: identity and sample-index keys name the source by a per-user code and a UUID record
+    /// id by its 16 bytes (2 spelled both out; 2 and 3 both: identities as compact binary
+    /// values, the fields this processor reads only; 1 was JSON `Sample`s).
+    const STATE_FORMAT: i64 = 3;
 
     fn process(&mut self, input: &Input, state: &mut dyn State, out: &mut dyn Emitter<SessionImpact>) -> Result<(), Invalid> {
         // The only refusal, before anything is written or deferred.
@@ -449,19 +457,21 @@ impl crate::Processor for SessionImpactProcessor {
         let mut dirty = self.dirty.remove(input.user_id()).unwrap_or_default();
         match input {
             Input::Samples(b) => {
+                let mut src = IDS.sources(state);
                 for s in &b.samples {
-                    let c = IDS.upsert(state, s);
-                    self.reindex(state, c.before.as_ref(), c.after.as_ref(), &mut buckets);
+                    let c = IDS.upsert(state, &mut src, s);
+                    self.reindex(state, &mut src, c.before.as_ref(), c.after.as_ref(), &mut buckets);
                 }
             }
             Input::Changes(b) => {
+                let mut src = IDS.sources(state);
                 for s in &b.edits {
-                    let c = IDS.upsert(state, s);
-                    self.reindex(state, c.before.as_ref(), c.after.as_ref(), &mut buckets);
+                    let c = IDS.upsert(state, &mut src, s);
+                    self.reindex(state, &mut src, c.before.as_ref(), c.after.as_ref(), &mut buckets);
                 }
                 for d in &b.deletions {
-                    let c = IDS.delete(state, &d.source, &d.source_record_id, d.deleted_version);
-                    self.reindex(state, c.before.as_ref(), c.after.as_ref(), &mut buckets);
+                    let c = IDS.delete(state, &mut src, &d.source, &d.source_record_id, d.deleted_version);
+                    self.reindex(state, &mut src, c.before.as_ref(), c.after.as_ref(), &mut buckets);
                 }
             }
             Input::Domain(b) => {
@@ -513,20 +523,22 @@ impl crate::Processor for SessionImpactProcessor {
 
 impl SessionImpactProcessor {
     /// Moves a sample identity's index entries from `before` to `after`; collects both buckets.
-    fn reindex(&self, state: &mut dyn State, before: Option<&Sample>, after: Option<&Sample>, buckets: &mut BTreeSet<i64>) {
+    fn reindex(&self, state: &mut dyn State, src: &mut Sources, before: Option<&Sample>, after: Option<&Sample>, buckets: &mut BTreeSet<i64>) {
         if before == after {
             return;
         }
         let kind = |s: &Sample| self.catalog.get(&s.metric).map(|m| m.kind);
         if let Some(s) = before {
             for b in kind(s).map(|k| sample_buckets(s, k)).unwrap_or_default() {
-                state.delete(&format!("{}{}{SEP}{}", sample_ix_prefix(b), s.source, s.source_record_id));
+                let code = src.code_or_add(state, &s.source);
+                state.delete(&sample_ix_key(b, code, &s.source_record_id));
                 buckets.insert(b);
             }
         }
         if let Some(s) = after {
             for b in kind(s).map(|k| sample_buckets(s, k)).unwrap_or_default() {
-                state.put(&format!("{}{}{SEP}{}", sample_ix_prefix(b), s.source, s.source_record_id), Vec::new());
+                let code = src.code_or_add(state, &s.source);
+                state.put(&sample_ix_key(b, code, &s.source_record_id), Vec::new());
                 buckets.insert(b);
             }
         }
@@ -534,16 +546,21 @@ impl SessionImpactProcessor {
 
     /// The effective samples indexed in buckets `lo..=hi`.
     fn gather(&self, state: &dyn State, (lo, hi): (i64, i64)) -> Vec<Sample> {
+        let src = IDS.sources(state);
         let mut ids: BTreeSet<(String, String)> = BTreeSet::new();
         for b in lo..=hi {
             let prefix = sample_ix_prefix(b);
             for (k, _) in state.scan(&prefix) {
-                if let Some((s, r)) = k[prefix.len()..].split_once(SEP) {
-                    ids.insert((s.to_owned(), r.to_owned()));
+                match src.identity(&k[prefix.len()..]) {
+                    Ok(id) => {
+                        ids.insert(id);
+                    }
+                    Err(e) => state.fail(format!("state key {:?} does not deserialise: {e}", crate::keys::printable(&k))),
                 }
             }
         }
-        ids.into_iter().filter_map(|(s, r)| IDS.get(state, &s, &r)).collect()
+        // In (source, source_record_id) order, as the aggregation adds them.
+        ids.into_iter().filter_map(|(s, r)| IDS.get(state, &src, &s, &r)).collect()
     }
 
     /// Re-derives one session from state: upsert, retraction or nothing (unchanged); arms or

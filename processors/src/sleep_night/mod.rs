@@ -97,6 +97,7 @@ use vitals_schemas::{Nap, Sample, SleepNight, SourceKind, SourceOffset};
 
 use crate::codec::{R, W};
 use crate::identity::{effective_samples, Identities, Keep};
+use crate::keys::Sources;
 use crate::sources::{kind_rank, Priority};
 use crate::time::Zone;
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State, StateExt};
@@ -544,10 +545,10 @@ impl Entry {
         w.0
     }
 
-    /// The entry of an index key (`ix SEP day SEP source SEP record`) and its value.
-    fn decode(key: &str, value: &[u8]) -> Result<Entry, String> {
-        let identity = key.strip_prefix(IX).and_then(|k| k.split_once(SEP)).map(|(_, id)| id);
-        let (s, r) = identity.and_then(|id| id.split_once(SEP)).ok_or("not an index key")?;
+    /// The entry of an index key ([`ix_key`]) and its value.
+    fn decode(src: &Sources, key: &str, value: &[u8]) -> Result<Entry, String> {
+        let identity = key.strip_prefix(IX).and_then(|k| k.split_once(SEP)).map(|(_, id)| id).ok_or("not an index key")?;
+        let (s, r) = src.identity(identity)?;
         let mut v = R(value);
         let f = v.byte()?;
         if f != ENTRY_FORMAT {
@@ -556,18 +557,18 @@ impl Entry {
         let a = v.i()?;
         let b = a.wrapping_add(v.i()?);
         v.end()?;
-        Ok(Entry { s: s.to_owned(), r: r.to_owned(), a, b })
+        Ok(Entry { s, r, a, b })
     }
 }
 
 /// The index entries under `prefix` (`ix SEP`, or one day's [`ix_prefix`]). An entry that does not
 /// decode fails the task ([`State::fail`]).
-fn scan_index(state: &dyn State, prefix: &str) -> Vec<Entry> {
+fn scan_index(state: &dyn State, src: &Sources, prefix: &str) -> Vec<Entry> {
     let mut out = Vec::new();
     for (k, v) in state.scan(prefix) {
-        match Entry::decode(&k, &v) {
+        match Entry::decode(src, &k, &v) {
             Ok(e) => out.push(e),
-            Err(e) => state.fail(format!("state value {k:?} does not deserialise: {e}")),
+            Err(e) => state.fail(format!("state value {:?} does not deserialise: {e}", crate::keys::printable(&k))),
         }
     }
     out
@@ -585,8 +586,12 @@ const IX: &str = "ix\u{1f}";
 fn ix_prefix(day: i64) -> String {
     format!("{IX}{day}{SEP}")
 }
-fn ix_key(s: &Sample) -> String {
-    format!("{}{}{SEP}{}", ix_prefix(day_of(s.start_ms)), s.source, s.source_record_id)
+/// An index key: the day's [`ix_prefix`], then the identity as [`Identities`] keys it (the
+/// source's code in the user's dictionary, the record id).
+fn ix_key(s: &Sample, code: u64) -> String {
+    let mut k = ix_prefix(day_of(s.start_ms));
+    crate::keys::push_identity(&mut k, code, &s.source_record_id);
+    k
 }
 fn out_key(date: NaiveDate) -> String {
     format!("out{SEP}{date}")
@@ -603,20 +608,21 @@ fn kept(row: &SleepNight) -> Kept {
 /// Reads the index, one day bucket at a time, each at most once per input record.
 struct Index<'s> {
     state: &'s dyn State,
+    src: Sources,
     days: BTreeMap<i64, Vec<Entry>>,
 }
 
 impl<'s> Index<'s> {
     fn new(state: &'s dyn State) -> Index<'s> {
-        Index { state, days: BTreeMap::new() }
+        Index { state, src: IDS.sources(state), days: BTreeMap::new() }
     }
 
     /// The entries whose interval meets `[x, y]` (closed).
     fn meeting(&mut self, x: i64, y: i64) -> Vec<Entry> {
         let mut out = Vec::new();
         for day in day_of(x.saturating_sub(MAX_SAMPLE_MS))..=day_of(y) {
-            let state = self.state;
-            let bucket = self.days.entry(day).or_insert_with(|| scan_index(state, &ix_prefix(day)));
+            let (state, src) = (self.state, &self.src);
+            let bucket = self.days.entry(day).or_insert_with(|| scan_index(state, src, &ix_prefix(day)));
             out.extend(bucket.iter().filter(|e| e.b >= x && e.a <= y).cloned());
         }
         out
@@ -680,9 +686,11 @@ impl SleepNightProcessor {
 
 impl crate::Processor for SleepNightProcessor {
     type Output = SleepNight;
-    /// 2: identities as compact binary values, the fields this processor reads only, and index
-    /// entries as their interval alone (1 was JSON `Sample`s, and entries that repeated their key).
-    const STATE_FORMAT: i64 = 2;
+    /// 3: identity and index keys name the source by a per-user code and a UUID record id by
+    /// its 16 bytes (2 spelled both out). 2 and 3: identities as compact binary values, the
+    /// fields this processor reads only, and index entries as their interval alone (1 was JSON
+    /// `Sample`s, and entries that repeated their key).
+    const STATE_FORMAT: i64 = 3;
 
     fn process(&mut self, input: &Input, state: &mut dyn State, out: &mut dyn Emitter<SleepNight>) -> Result<(), Invalid> {
         let user = input.user_id().to_owned();
@@ -691,20 +699,22 @@ impl crate::Processor for SleepNightProcessor {
         match input {
             Input::Samples(b) => {
                 validate_all(&b.samples)?;
+                let mut src = IDS.sources(state);
                 for s in b.samples.iter().filter(|s| s.metric == METRIC) {
-                    let c = IDS.upsert(state, s);
-                    reindex(state, c.before.as_ref(), c.after.as_ref(), &mut dirty);
+                    let c = IDS.upsert(state, &mut src, s);
+                    reindex(state, &mut src, c.before.as_ref(), c.after.as_ref(), &mut dirty);
                 }
             }
             Input::Changes(b) => {
                 validate_all(&b.edits)?;
+                let mut src = IDS.sources(state);
                 for s in b.edits.iter().filter(|s| s.metric == METRIC) {
-                    let c = IDS.upsert(state, s);
-                    reindex(state, c.before.as_ref(), c.after.as_ref(), &mut dirty);
+                    let c = IDS.upsert(state, &mut src, s);
+                    reindex(state, &mut src, c.before.as_ref(), c.after.as_ref(), &mut dirty);
                 }
                 for d in b.deletions.iter().filter(|d| d.metric == METRIC) {
-                    let c = IDS.delete(state, &d.source, &d.source_record_id, d.deleted_version);
-                    reindex(state, c.before.as_ref(), c.after.as_ref(), &mut dirty);
+                    let c = IDS.delete(state, &mut src, &d.source, &d.source_record_id, d.deleted_version);
+                    reindex(state, &mut src, c.before.as_ref(), c.after.as_ref(), &mut dirty);
                 }
             }
             Input::Domain(b) => {
@@ -723,18 +733,20 @@ impl crate::Processor for SleepNightProcessor {
 }
 
 /// Moves an identity's index entry from `before` to `after`; records both time ranges.
-fn reindex(state: &mut dyn State, before: Option<&Sample>, after: Option<&Sample>, dirty: &mut Vec<(i64, i64)>) {
+fn reindex(state: &mut dyn State, src: &mut Sources, before: Option<&Sample>, after: Option<&Sample>, dirty: &mut Vec<(i64, i64)>) {
     if before == after {
         return;
     }
     if let Some(b) = before {
-        state.delete(&ix_key(b));
+        let code = src.code_or_add(state, &b.source);
+        state.delete(&ix_key(b, code));
         dirty.push((b.start_ms, b.end_ms));
     }
     if let Some(a) = after {
         if a.end_ms > a.start_ms {
             let e = Entry { s: a.source.clone(), r: a.source_record_id.clone(), a: a.start_ms, b: a.end_ms };
-            state.put(&ix_key(a), e.encode());
+            let code = src.code_or_add(state, &a.source);
+            state.put(&ix_key(a, code), e.encode());
         }
         dirty.push((a.start_ms, a.end_ms));
     }
@@ -759,7 +771,7 @@ impl SleepNightProcessor {
                     entries.insert((e.s.clone(), e.r.clone()), e);
                 }
             }
-            let samples: Vec<Sample> = entries.values().filter_map(|e| IDS.get(&*state, &e.s, &e.r)).collect();
+            let samples: Vec<Sample> = entries.values().filter_map(|e| IDS.get(&*state, &ix.src, &e.s, &e.r)).collect();
             self.last_loaded = samples.len();
             let refs: Vec<&Sample> = samples.iter().collect();
             let dates: Vec<NaiveDate> = days.into_iter().filter_map(date_of_day).collect();
@@ -774,7 +786,11 @@ impl SleepNightProcessor {
     /// Re-derives every night of the user (a source priority change).
     fn rederive_all(&mut self, user: &str, state: &mut dyn State, out: &mut dyn Emitter<SleepNight>) {
         let prio = Priority::load(state);
-        let samples: Vec<Sample> = scan_index(&*state, IX).into_iter().filter_map(|e| IDS.get(&*state, &e.s, &e.r)).collect();
+        let src = IDS.sources(&*state);
+        let mut entries = scan_index(&*state, &src, IX);
+        // In the order of the index keys before source codes: day, source name, record id.
+        entries.sort_by_cached_key(|e| format!("{}{SEP}{}{SEP}{}", day_of(e.a), e.s, e.r));
+        let samples: Vec<Sample> = entries.into_iter().filter_map(|e| IDS.get(&*state, &src, &e.s, &e.r)).collect();
         self.last_loaded = samples.len();
         let refs: Vec<&Sample> = samples.iter().collect();
         let mut rows = derive_nights(user, &refs, &prio, &self.cfg);
