@@ -30,6 +30,9 @@ const UUID_UPPER: char = 'U';
 /// Packed UUID characters (16 bytes, 7 bits each: 133 bits, the last 5 zero).
 const UUID_CHARS: usize = 19;
 
+/// The most distinct sources one user's dictionary holds ([`Sources::admit`]).
+pub const MAX_SOURCES: usize = 1024;
+
 /// The first byte of a [`Sources`] value.
 const SOURCES_FORMAT: u8 = 1;
 
@@ -264,6 +267,25 @@ impl Sources {
             Vec::new()
         });
         Sources { key, names }
+    }
+
+    /// Refuses a record that would give the user more than [`MAX_SOURCES`] sources: the
+    /// dictionary is read for every record and searched for every sample, so its size must stay
+    /// bounded whatever one user uploads (real users have a few dozen sources at most).
+    pub fn admit<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<(), crate::Invalid> {
+        let mut new: Vec<&str> = Vec::new();
+        for n in names {
+            if self.code(n).is_none() && !new.contains(&n) {
+                new.push(n);
+                if self.names.len() + new.len() > MAX_SOURCES {
+                    return Err(crate::Invalid {
+                        code: "too_many_sources",
+                        reason: format!("the user would have more than {MAX_SOURCES} distinct sources (`{n}` is one too many)"),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The code of `name`, if it has one.

@@ -196,16 +196,21 @@ impl crate::Processor for RollupDayProcessor {
         if let Some(s) = upserts.iter().find(|s| self.spec(&s.metric).is_none()) {
             return Err(Invalid { code: "unknown_metric", reason: format!("metric `{}` is not in the catalog", s.metric) });
         }
+        // A refusal comes before anything is taken from the deferred work or written.
+        let mut src = Sources::load(state, SOURCES_KEY);
+        match input {
+            Input::Samples(b) => src.admit(b.samples.iter().map(|s| s.source.as_str()))?,
+            Input::Changes(b) => src.admit(b.edits.iter().map(|s| s.source.as_str()).chain(b.deletions.iter().map(|d| d.source.as_str())))?,
+            _ => {}
+        }
         let mut touched = self.touched.remove(user).unwrap_or_default();
         match input {
             Input::Samples(b) => {
-                let mut src = Sources::load(state, SOURCES_KEY);
                 for s in &b.samples {
                     self.upsert(state, &mut src, s, &mut touched);
                 }
             }
             Input::Changes(b) => {
-                let mut src = Sources::load(state, SOURCES_KEY);
                 for s in &b.edits {
                     self.upsert(state, &mut src, s, &mut touched);
                 }

@@ -434,3 +434,35 @@ fn an_identity_key_is_short() {
     assert_eq!(ids[0].len(), 22, "{ids:?}");
     assert_eq!(Sources::load(&d.states["u"], SOURCES_KEY).name(0), Some("com.apple.health.watch"));
 }
+
+/// A user's source dictionary is read for every record: one user may not grow it without bound.
+/// The record that would bring a source past `keys::MAX_SOURCES` is refused (`too_many_sources`)
+/// and leaves no trace; what the interval did before it, for that user, still lands, and records
+/// with known sources go on.
+#[test]
+fn a_record_past_the_source_cap_is_refused_and_the_interval_keeps_its_work() {
+    use crate::keys::MAX_SOURCES;
+    let at = ms(2026, 5, 4, 10, 0);
+    let hr = |src: &str, id: &str| sample(src, SourceKind::Watch, id, "heart_rate", at, at, 60.0, "UTC");
+    let mut d = driver();
+    // MAX_SOURCES distinct sources, in records of 500.
+    let many: Vec<Sample> = (0..MAX_SOURCES).map(|i| hr(&format!("src-{i}"), &format!("r{i}"))).collect();
+    for chunk in many.chunks(500) {
+        let (_, rejected) = d.feed_interval(&[(at, batch("u", chunk.to_vec()))]);
+        assert_eq!(rejected, 0);
+    }
+    // One interval: a steps sample of a known source, then a record with one source too many.
+    let steps = sample("src-0", SourceKind::Watch, "s1", "steps", at, at + 60_000, 100.0, "UTC");
+    let (_, rejected) = d.feed_interval(&[(at, batch("u", vec![steps])), (at, batch("u", vec![hr("src-0", "ok"), hr("one-too-many", "x")]))]);
+    assert_eq!(rejected, 1, "the record bringing source {} is refused", MAX_SOURCES + 1);
+    let p = d.projection();
+    let steps_row = p.get(&output_key("u", "steps", day("2026-05-04"))).expect("the interval's earlier record still lands");
+    assert_eq!(steps_row.sum, Some(100.0));
+    assert_eq!(p[&output_key("u", "heart_rate", day("2026-05-04"))].count, MAX_SOURCES as i64, "the refused record left no trace");
+    let err = d.feed(&batch("u", vec![hr("another-new", "y")])).unwrap_err();
+    assert_eq!(err.code, "too_many_sources");
+    // Known sources go on; another user is not affected.
+    d.feed(&batch("u", vec![hr("src-7", "z")])).unwrap();
+    d.feed(&batch("w", vec![hr("one-too-many", "x")])).unwrap();
+    assert_eq!(d.projection()[&output_key("u", "heart_rate", day("2026-05-04"))].count, MAX_SOURCES as i64 + 1);
+}

@@ -454,17 +454,22 @@ impl crate::Processor for SessionImpactProcessor {
         validate(&self.cfg, input)?;
         let _ = out; // outputs come at the end of the interval
         let mut buckets: BTreeSet<i64> = BTreeSet::new();
+        // A refusal comes before anything is taken from the deferred work or written.
+        let mut src = IDS.sources(state);
+        match input {
+            Input::Samples(b) => src.admit(b.samples.iter().map(|s| s.source.as_str()))?,
+            Input::Changes(b) => src.admit(b.edits.iter().map(|s| s.source.as_str()).chain(b.deletions.iter().map(|d| d.source.as_str())))?,
+            _ => {}
+        }
         let mut dirty = self.dirty.remove(input.user_id()).unwrap_or_default();
         match input {
             Input::Samples(b) => {
-                let mut src = IDS.sources(state);
                 for s in &b.samples {
                     let c = IDS.upsert(state, &mut src, s);
                     self.reindex(state, &mut src, c.before.as_ref(), c.after.as_ref(), &mut buckets);
                 }
             }
             Input::Changes(b) => {
-                let mut src = IDS.sources(state);
                 for s in &b.edits {
                     let c = IDS.upsert(state, &mut src, s);
                     self.reindex(state, &mut src, c.before.as_ref(), c.after.as_ref(), &mut buckets);

@@ -700,6 +700,7 @@ impl crate::Processor for SleepNightProcessor {
             Input::Samples(b) => {
                 validate_all(&b.samples)?;
                 let mut src = IDS.sources(state);
+                src.admit(b.samples.iter().filter(|s| s.metric == METRIC).map(|s| s.source.as_str()))?;
                 for s in b.samples.iter().filter(|s| s.metric == METRIC) {
                     let c = IDS.upsert(state, &mut src, s);
                     reindex(state, &mut src, c.before.as_ref(), c.after.as_ref(), &mut dirty);
@@ -708,6 +709,7 @@ impl crate::Processor for SleepNightProcessor {
             Input::Changes(b) => {
                 validate_all(&b.edits)?;
                 let mut src = IDS.sources(state);
+                src.admit(b.edits.iter().filter(|s| s.metric == METRIC).map(|s| s.source.as_str()).chain(b.deletions.iter().filter(|d| d.metric == METRIC).map(|d| d.source.as_str())))?;
                 for s in b.edits.iter().filter(|s| s.metric == METRIC) {
                     let c = IDS.upsert(state, &mut src, s);
                     reindex(state, &mut src, c.before.as_ref(), c.after.as_ref(), &mut dirty);
