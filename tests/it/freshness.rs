@@ -138,19 +138,39 @@ async fn read_steps(env: &TestEnv, api: &str, token: &str) -> (Option<i64>, Stri
     (count, body["freshness"]["state"].as_str().unwrap_or_default().to_owned(), body)
 }
 
+/// A user whose uploads the edge accepted up to HOT offset 99 and COLD offset 59, a `vitals sink`
+/// running as its own process, and the read API.
+struct Scene {
+    env: TestEnv,
+    codec: Codec,
+    data: std::path::PathBuf,
+    user: String,
+    token: String,
+    t: vitals_schemas::topics::Topics,
+    api: String,
+    sink: VitalsProc,
+}
+
+impl Scene {
+    async fn start(name: &str) -> Scene {
+        let env = TestEnv::start().await;
+        let codec = vitals::app::codec(&env.cfg);
+        let data = std::env::temp_dir().join(format!("vitals-{name}-{}", uuid::Uuid::new_v4().simple()));
+        let user = format!("{name}-{}", uuid::Uuid::new_v4().simple());
+        let token = env.token(&user);
+        let t = env.topics();
+        accepted(&env, &user, &[(&t.hot, 99), (&t.cold, 59)]).await;
+        let api = env.serve_api().await;
+        let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
+        sink.start();
+        Scene { env, codec, data, user, token, t, api, sink }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_from_an_older_checkpoint_is_not_fresh_until_it_has_caught_up() {
-    let env = TestEnv::start().await;
-    let codec = vitals::app::codec(&env.cfg);
-    let data = std::env::temp_dir().join(format!("vitals-fresh-{}", uuid::Uuid::new_v4().simple()));
-    let user = format!("replay-{}", uuid::Uuid::new_v4().simple());
-    let token = env.token(&user);
-    let t = env.topics();
     // The edge accepted the user's uploads up to HOT offset 99 and COLD offset 59.
-    accepted(&env, &user, &[(&t.hot, 99), (&t.cold, 59)]).await;
-    let api = env.serve_api().await;
-    let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
-    sink.start();
+    let Scene { env, codec, data, user, token, t, api, mut sink } = Scene::start("replay").await;
     let owner = Owner { env: &env, codec: &codec, producer: vitals::app::producer(&env.cfg, "test-owner").unwrap(), user: user.clone() };
 
     // Epoch 1 processed everything: its rows, then its marker past the accepted offsets.
@@ -210,16 +230,7 @@ async fn a_replay_from_an_older_checkpoint_is_not_fresh_until_it_has_caught_up()
 /// the rows and reading the marker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_marker_is_believed_only_after_every_row_it_vouches_for() {
-    let env = TestEnv::start().await;
-    let codec = vitals::app::codec(&env.cfg);
-    let data = std::env::temp_dir().join(format!("vitals-vouch-{}", uuid::Uuid::new_v4().simple()));
-    let user = format!("vouch-{}", uuid::Uuid::new_v4().simple());
-    let token = env.token(&user);
-    let t = env.topics();
-    accepted(&env, &user, &[(&t.hot, 99), (&t.cold, 59)]).await;
-    let api = env.serve_api().await;
-    let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
-    sink.start();
+    let Scene { env, codec, data, user, token, api, mut sink, .. } = Scene::start("vouch").await;
     let owner = Owner { env: &env, codec: &codec, producer: vitals::app::producer(&env.cfg, "test-owner").unwrap(), user: user.clone() };
 
     // Attempt 1 of interval planned two rows and its marker; the heart-rate row was refused for
