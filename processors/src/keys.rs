@@ -139,6 +139,7 @@ pub(crate) fn parse_uuid(s: &str) -> Option<([u8; 16], bool)> {
 }
 
 /// The canonical lowercase text of a UUID's 16 bytes.
+#[cfg(test)]
 pub(crate) fn uuid_text(b: &[u8]) -> String {
     let mut s = String::with_capacity(36);
     push_uuid_text(&mut s, b);
@@ -168,7 +169,13 @@ fn push_uuid_text_in(s: &mut String, b: &[u8], hex: &[u8; 16]) {
 
 /// Writes a record id (see the module doc).
 pub fn push_record(buf: &mut String, record: &str) {
-    let (tag, b) = match parse_uuid(record) {
+    push_record_parsed(buf, record, parse_uuid(record));
+}
+
+/// [`push_record`] with `record`'s [`parse_uuid`] already done (`parsed` must be it), so a
+/// caller that needs the UUID's bytes too parses it once.
+pub(crate) fn push_record_parsed(buf: &mut String, record: &str, parsed: Option<([u8; 16], bool)>) {
+    let (tag, b) = match parsed {
         Some((b, false)) => (UUID, b),
         Some((b, true)) => (UUID_UPPER, b),
         None => {
@@ -239,6 +246,12 @@ fn push_record_of(out: &mut String, s: &str) -> Result<(), String> {
 pub fn push_identity(buf: &mut String, code: u64, record: &str) {
     push_code(buf, code);
     push_record(buf, record);
+}
+
+/// [`push_identity`] with `record`'s [`parse_uuid`] already done (see [`push_record_parsed`]).
+pub(crate) fn push_identity_parsed(buf: &mut String, code: u64, record: &str, parsed: Option<([u8; 16], bool)>) {
+    push_code(buf, code);
+    push_record_parsed(buf, record, parsed);
 }
 
 /// Reads a [`push_identity`] identity (all of `s`): the source's code and the record id.

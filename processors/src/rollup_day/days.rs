@@ -15,9 +15,9 @@ use vitals_schemas::SourceKind;
 
 use crate::codec::{kind_code, kind_of, R, W};
 use crate::identity::{name, read_name, Deleted, METRICS};
-use crate::keys::{parse_uuid, uuid_text, uuid_text_upper};
+use crate::keys::parse_uuid;
 #[cfg(test)]
-use crate::keys::{uuid_bytes, uuid_bytes_upper};
+use crate::keys::{uuid_bytes, uuid_bytes_upper, uuid_text, uuid_text_upper};
 
 /// 2: a canonical uppercase UUID record id (HealthKit's form) takes 16 bytes too (1 kept it as
 /// text).
@@ -68,12 +68,82 @@ impl Ord for Src {
     }
 }
 
+/// A record id as a day's key holds it: a canonical UUID by its 16 bytes and case (no text
+/// kept, no allocation), any other id as text. Equal and ordered exactly as the id's text is
+/// (within one case a UUID's bytes order as its text does), so a day's order is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rec {
+    /// The bytes and whether the text is uppercase (it has a letter, all uppercase).
+    Uuid([u8; 16], bool),
+    /// Not a canonical UUID.
+    Text(String),
+}
+
+impl Rec {
+    /// `record`'s form, from its [`parse_uuid`] (`parsed` must be it).
+    pub fn of(record: &str, parsed: Option<([u8; 16], bool)>) -> Rec {
+        match parsed {
+            Some((b, upper)) => Rec::Uuid(b, upper),
+            None => Rec::Text(record.to_owned()),
+        }
+    }
+
+    pub fn parse(record: &str) -> Rec {
+        Rec::of(record, parse_uuid(record))
+    }
+
+    /// The id's text, written into `buf` when it is a UUID.
+    pub fn text<'a>(&'a self, buf: &'a mut [u8; 36]) -> &'a str {
+        match self {
+            Rec::Text(t) => t,
+            Rec::Uuid(b, upper) => {
+                let hex: &[u8; 16] = if *upper { b"0123456789ABCDEF" } else { b"0123456789abcdef" };
+                let mut j = 0;
+                for (i, x) in b.iter().enumerate() {
+                    if matches!(i, 4 | 6 | 8 | 10) {
+                        buf[j] = b'-';
+                        j += 1;
+                    }
+                    buf[j] = hex[(x >> 4) as usize];
+                    buf[j + 1] = hex[(x & 15) as usize];
+                    j += 2;
+                }
+                std::str::from_utf8(&buf[..]).expect("ASCII")
+            }
+        }
+    }
+
+    pub fn to_text(&self) -> String {
+        self.text(&mut [0; 36]).to_owned()
+    }
+}
+
+impl PartialOrd for Rec {
+    fn partial_cmp(&self, o: &Rec) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Rec {
+    fn cmp(&self, o: &Rec) -> std::cmp::Ordering {
+        match (self, o) {
+            (Rec::Uuid(a, ua), Rec::Uuid(b, ub)) if ua == ub => a.cmp(b),
+            (Rec::Text(a), Rec::Text(b)) => a.cmp(b),
+            _ => self.text(&mut [0; 36]).cmp(o.text(&mut [0; 36])),
+        }
+    }
+}
+
+/// A UUID's bytes as uppercase text have a letter (without one it is the lowercase form).
+fn has_letter(b: &[u8]) -> bool {
+    b.iter().any(|x| x >> 4 >= 10 || x & 15 >= 10)
+}
+
 /// One (metric, date), decoded: its samples by (source, source_record_id) — the order the
 /// aggregation adds them in — and whether a row of it is out (so an empty day is retracted).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Day {
     pub emitted: bool,
-    pub samples: BTreeMap<(Src, String), Held>,
+    pub samples: BTreeMap<(Src, Rec), Held>,
 }
 
 /// What is held per identity.
@@ -142,15 +212,14 @@ impl Day {
         for ((source, record), h) in &self.samples {
             body.u(dict.id(source));
             // Tag bits: 0x10 a UUID's 16 bytes follow, 0x20 (with 0x10) it is uppercase.
-            let uuid = parse_uuid(record).map(|(b, upper)| (if upper { 0x30 } else { 0x10 }, b));
-            match uuid {
-                Some((t, b)) => {
-                    body.0.push(kind_code(h.kind) | t);
-                    body.0.extend_from_slice(&b);
+            match record {
+                Rec::Uuid(b, upper) => {
+                    body.0.push(kind_code(h.kind) | if *upper { 0x30 } else { 0x10 });
+                    body.0.extend_from_slice(b);
                 }
-                None => {
+                Rec::Text(t) => {
                     body.0.push(kind_code(h.kind));
-                    body.s(record);
+                    body.s(t);
                 }
             }
             body.u(dict.id(&h.time_zone));
@@ -180,9 +249,14 @@ impl Day {
             let source = at(r.u()?)?;
             let tag = r.byte()?;
             let record = match tag & 0xf0 {
-                0x00 => r.s()?.to_owned(),
-                0x10 => uuid_text(r.take(16)?),
-                0x30 => uuid_text_upper(r.take(16)?),
+                // (A UUID written as text, or uppercase without a letter, reads as the form
+                // the encoder writes, as its text always did.)
+                0x00 => Rec::parse(r.s()?),
+                0x10 => Rec::Uuid(r.take(16)?.try_into().map_err(|_| "truncated")?, false),
+                0x30 => {
+                    let b: [u8; 16] = r.take(16)?.try_into().map_err(|_| "truncated")?;
+                    Rec::Uuid(b, has_letter(&b))
+                }
                 _ => return Err(format!("sample tag {tag:#04x}")),
             };
             let kind = kind_of(tag & 0x0f)?;
@@ -289,7 +363,7 @@ mod tests {
     proptest! {
         #[test]
         fn a_day_round_trips(emitted in any::<bool>(), items in proptest::collection::vec((".{0,12}", record(), held()), 0..30)) {
-            let day = Day { emitted, samples: items.into_iter().map(|(s, r, h)| ((Src(Rc::from(s.as_str())), r), h)).collect() };
+            let day = Day { emitted, samples: items.into_iter().map(|(s, r, h)| ((Src(Rc::from(s.as_str())), Rec::parse(&r)), h)).collect() };
             let back = Day::decode(&day.encode()).unwrap();
             // NaN != NaN: compare the bits.
             prop_assert_eq!(back.emitted, day.emitted);

@@ -38,7 +38,7 @@ use crate::time::{date_span, dates_covered, Zone};
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State};
 
 mod days;
-use days::{Day, Held, Identity, Src};
+use days::{Day, Held, Identity, Rec, Src};
 
 pub const INFO: ProcessorInfo = ProcessorInfo {
     name: "rollup_day",
@@ -63,14 +63,15 @@ const SEP: char = '\u{1f}';
 /// user's source priority.
 fn identity_key(code: u64, record: &str) -> String {
     let mut k = String::new();
-    identity_key_into(&mut k, code, record);
+    identity_key_into(&mut k, code, record, crate::keys::parse_uuid(record));
     k
 }
-/// [`identity_key`] written into `buf` (cleared first): no allocation once `buf` has grown.
-fn identity_key_into(buf: &mut String, code: u64, record: &str) {
+/// [`identity_key`] written into `buf` (cleared first): no allocation once `buf` has grown;
+/// `parsed` is `record`'s [`crate::keys::parse_uuid`], shared with the day's key.
+fn identity_key_into(buf: &mut String, code: u64, record: &str, parsed: Option<([u8; 16], bool)>) {
     buf.clear();
     buf.push('i');
-    crate::keys::push_identity(buf, code, record);
+    crate::keys::push_identity_parsed(buf, code, record, parsed);
 }
 fn day_key(metric: &str, date: NaiveDate) -> String {
     format!("d{metric}{SEP}{date}")
@@ -272,8 +273,8 @@ impl crate::Processor for RollupDayProcessor {
     }
 }
 
-fn point<'a>(((source, record), h): (&'a (Src, String), &'a Held)) -> Point<'a> {
-    Point { source, kind: h.kind, record, start_ms: h.start_ms, end_ms: h.end_ms, value: h.value, category: h.category.as_deref(), time_zone: &h.time_zone }
+fn point<'a>(((source, record), h): (&'a (Src, Rec), &'a Held)) -> Point<'a> {
+    Point { source, kind: h.kind, record: RecordRef::Held(record), start_ms: h.start_ms, end_ms: h.end_ms, value: h.value, category: h.category.as_deref(), time_zone: &h.time_zone }
 }
 
 /// The days touched in an interval, by metric then date (the (metric, date) order), decoded,
@@ -369,10 +370,10 @@ impl RollupDayProcessor {
     }
 
     /// Takes the identity's sample out of the days it is held in.
-    fn unhold(&mut self, state: &dyn State, touched: &mut Touched, source: &str, record: &str, at: &(String, NaiveDate, u8)) {
+    fn unhold(&mut self, state: &dyn State, touched: &mut Touched, source: &str, record: Rec, at: &(String, NaiveDate, u8)) {
         let (metric, first, n) = at;
         let mut d = *first;
-        let key = (Src(self.name(source)), record.to_owned());
+        let key = (Src(self.name(source)), record);
         for _ in 0..*n {
             let (day, changed) = self.day(state, touched, metric, d);
             if day.samples.remove(&key).is_some() {
@@ -386,18 +387,20 @@ impl RollupDayProcessor {
     fn upsert(&mut self, state: &mut dyn State, src: &mut Sources, s: &Sample, touched: &mut Touched) {
         let Some(spec) = self.spec(&s.metric) else { return };
         let mut key = std::mem::take(&mut self.key);
-        identity_key_into(&mut key, src.code_or_add(state, &s.source), &s.source_record_id);
-        self.upsert_at(state, s, spec.kind, &key, touched);
+        // One UUID parse for the identity's key and the day's.
+        let parsed = crate::keys::parse_uuid(&s.source_record_id);
+        identity_key_into(&mut key, src.code_or_add(state, &s.source), &s.source_record_id, parsed);
+        self.upsert_at(state, s, spec.kind, &key, parsed, touched);
         self.key = key;
     }
 
-    fn upsert_at(&mut self, state: &mut dyn State, s: &Sample, kind: MetricKind, key: &str, touched: &mut Touched) {
+    fn upsert_at(&mut self, state: &mut dyn State, s: &Sample, kind: MetricKind, key: &str, parsed: Option<([u8; 16], bool)>, touched: &mut Touched) {
         let mut id = self.identity(state, key);
         if id.version.is_some_and(|v| v >= s.version) {
             return; // a duplicate or a stale version
         }
         if let Some(at) = id.at.take() {
-            self.unhold(state, touched, &s.source, &s.source_record_id, &at);
+            self.unhold(state, touched, &s.source, Rec::of(&s.source_record_id, parsed), &at);
         }
         id.version = Some(s.version);
         if id.counts(s.version) {
@@ -405,10 +408,11 @@ impl RollupDayProcessor {
             let (first, n) = sample_span(&zone, s, kind);
             let source = self.name(&s.source);
             let held = Held { kind: s.source_kind, start_ms: s.start_ms, end_ms: s.end_ms, value: s.value, category: s.category.as_deref().map(|c| self.name(c)), time_zone };
+            let rec = Rec::of(&s.source_record_id, parsed);
             let mut d = first;
             for _ in 0..n {
                 let (day, changed) = self.day(state, touched, &s.metric, d);
-                day.samples.insert((Src(source.clone()), s.source_record_id.clone()), held.clone());
+                day.samples.insert((Src(source.clone()), rec.clone()), held.clone());
                 *changed = true;
                 d = d.succ_opt().unwrap_or(d);
             }
@@ -428,11 +432,48 @@ impl RollupDayProcessor {
         id.deleted = Some(deleted);
         if let (Some(v), Some(at)) = (id.version, id.at.clone()) {
             if !id.counts(v) {
-                self.unhold(state, touched, source, record, &at);
+                self.unhold(state, touched, source, Rec::parse(record), &at);
                 id.at = None;
             }
         }
         state.put(&key, id.encode());
+    }
+}
+
+/// A sample's record id as the aggregation orders it: by its text, whether a day holds it as
+/// [`Rec`] or a sample's text is at hand.
+#[derive(Debug, Clone, Copy)]
+pub enum RecordRef<'a> {
+    Text(&'a str),
+    Held(&'a Rec),
+}
+
+impl RecordRef<'_> {
+    fn text<'b>(&'b self, buf: &'b mut [u8; 36]) -> &'b str {
+        match self {
+            RecordRef::Text(t) => t,
+            RecordRef::Held(r) => r.text(buf),
+        }
+    }
+}
+
+impl PartialEq for RecordRef<'_> {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o).is_eq()
+    }
+}
+impl Eq for RecordRef<'_> {}
+impl PartialOrd for RecordRef<'_> {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for RecordRef<'_> {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        match (self, o) {
+            (RecordRef::Held(a), RecordRef::Held(b)) => a.cmp(b),
+            _ => self.text(&mut [0; 36]).cmp(o.text(&mut [0; 36])),
+        }
     }
 }
 
@@ -441,7 +482,7 @@ impl RollupDayProcessor {
 pub struct Point<'a> {
     pub source: &'a str,
     pub kind: SourceKind,
-    pub record: &'a str,
+    pub record: RecordRef<'a>,
     pub start_ms: i64,
     pub end_ms: i64,
     pub value: f64,
@@ -454,7 +495,7 @@ impl<'a> Point<'a> {
         Point {
             source: &s.source,
             kind: s.source_kind,
-            record: &s.source_record_id,
+            record: RecordRef::Text(&s.source_record_id),
             start_ms: s.start_ms,
             end_ms: s.end_ms,
             value: s.value,
