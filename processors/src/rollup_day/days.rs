@@ -361,6 +361,18 @@ mod tests {
     }
 
     proptest! {
+        /// A day's key orders and equates record ids exactly as their text does (the day's order,
+        /// and so every aggregate, must not move with the key's form).
+        #[test]
+        fn a_record_key_orders_and_equates_as_its_text(a in record(), b in record(), digits in "[0-9]{8}-[0-9]{4}-[0-9]{4}-[0-9]{4}-[0-9]{12}") {
+            for (x, y) in [(&a, &b), (&a, &a), (&digits, &b), (&a, &digits), (&digits, &digits.to_uppercase())] {
+                let (rx, ry) = (Rec::parse(x), Rec::parse(y));
+                prop_assert_eq!(rx.cmp(&ry), x.cmp(y), "{} vs {}", x, y);
+                prop_assert_eq!(rx == ry, x == y, "{} vs {}", x, y);
+                prop_assert_eq!(rx.to_text(), x.clone());
+            }
+        }
+
         #[test]
         fn a_day_round_trips(emitted in any::<bool>(), items in proptest::collection::vec((".{0,12}", record(), held()), 0..30)) {
             let day = Day { emitted, samples: items.into_iter().map(|(s, r, h)| ((Src(Rc::from(s.as_str())), Rec::parse(&r)), h)).collect() };
