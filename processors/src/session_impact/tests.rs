@@ -760,3 +760,25 @@ fn a_refused_session_does_not_take_the_valid_one_of_its_record_with_it() {
     let i = &d.projection()[&output_key("u", "good")];
     assert_eq!(metric(i, "heart_rate").during.as_ref().map(|s| s.n), Some(2), "both valid samples count");
 }
+
+/// The source cap (`keys::MAX_SOURCES`) refuses the record that passes it before the user's
+/// deferred sessions are taken: the interval's impact is still computed from everything else.
+#[test]
+fn a_record_past_the_source_cap_is_refused_and_the_interval_keeps_its_work() {
+    use crate::keys::MAX_SOURCES;
+    let mut d = driver();
+    // Far from the session's windows: MAX_SOURCES minus the session's own three sources.
+    let far = t(10, 0) - 3 * DAY;
+    let fill: Vec<Sample> = (0..MAX_SOURCES - 3).map(|i| sample(&format!("src-{i}"), SourceKind::Watch, &format!("f{i}"), "heart_rate", far, far, 60.0)).collect();
+    for chunk in fill.chunks(500) {
+        assert_eq!(d.feed_interval(&[(0, hot(chunk.to_vec()))]).1, 0);
+    }
+    let mut interval: Vec<(i64, Input)> = coffee_session().into_iter().map(|i| (0, i)).collect();
+    interval.push((0, hot(vec![sample("one-too-many", SourceKind::Watch, "x", "heart_rate", t(10, 10), t(10, 10), 200.0)])));
+    let (_, rejected) = d.feed_interval(&interval);
+    assert_eq!(rejected, 1, "the record bringing source {} is refused", MAX_SOURCES + 1);
+    let p = d.projection();
+    let i = p.get(&output_key("u", "s1")).expect("the interval's session is still computed");
+    let hr = metric(i, "heart_rate");
+    assert_eq!((hr.during.clone(), hr.delta_during), (stats(2, 85.0, 80.0, 90.0, 170.0), Some(23.0)), "without the refused reading");
+}
