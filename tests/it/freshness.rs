@@ -258,6 +258,37 @@ async fn a_marker_is_believed_only_after_every_row_it_vouches_for() {
     env.cleanup().await;
 }
 
+/// A row the sink cannot decode is still a row of its attempt: it is dead-lettered (reads say
+/// `degraded`), and it counts toward its marker's vouch, so the user's progress still moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_does_not_decode_still_counts_for_its_marker() {
+    let Scene { env, codec, data, user, t, mut sink, .. } = Scene::start("undecodable").await;
+    let owner = Owner { env: &env, codec: &codec, producer: vitals::app::producer(&env.cfg, "test-owner").unwrap(), user: user.clone() };
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: vitals_schemas::topics::USER_HEADER, value: Some(user.as_str()) })
+        .insert(Header { key: INTERVAL_HEADER, value: Some("o.1") });
+    let topic = t.rollup_day.clone();
+    owner
+        .producer
+        .send(FutureRecord::to(&topic).partition(0).key(&format!("{user}|steps|2024-03-01")).payload(&b"not avro"[..]).headers(headers), Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    owner.row_of("o.1", &owner.rollup("heart_rate", 5, (1, 2), owner.at(100, 60))).await;
+    let last = owner.vouching("o.1", 2, (1, 3), owner.at(100, 60)).await;
+    consumed(&env, "the attempt's two rows (one undecodable) and its marker", last).await;
+    let hot: Option<(i64, i64)> = sqlx::query_as("SELECT epoch, next_offset FROM projection_progress WHERE user_id = $1 AND projection = 'rollup_day' AND topic = $2")
+        .bind(&user)
+        .bind(&t.hot)
+        .fetch_optional(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(hot, Some((1, 100)), "the marker is believed: both rows of its attempt were read, one of them dead-lettered");
+    sink.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
+
 /// A read sees its rows and its freshness as of one moment. The test holds `projection_progress`
 /// locked while the API reads, so the read gets past its rows and then waits for progress; while
 /// it waits, the replay catches up (row and progress, committed together). A read of rows from
