@@ -66,6 +66,16 @@ pub fn topics(cfg: &Config) -> Topics {
     Topics::with_prefix(&cfg.kafka.topic_prefix)
 }
 
+/// The consumer group of processor `name`.
+pub fn processor_group(cfg: &Config, name: &str) -> String {
+    format!("{}vitals-proc-{name}", cfg.kafka.topic_prefix)
+}
+
+/// The consumer group of the PostgreSQL sink.
+pub fn sink_group(cfg: &Config) -> String {
+    format!("{}vitals-sink-postgres", cfg.kafka.topic_prefix)
+}
+
 /// This process among its role's instances: `$VITALS_INSTANCE`, or the host name (a pod's name
 /// in Kubernetes) and the process id.
 pub fn instance() -> String {
@@ -625,7 +635,7 @@ pub async fn process(
         crash_after_produce,
         checkpointing: true,
     };
-    let group = format!("{}vitals-proc-{name}", cfg.kafka.topic_prefix);
+    let group = processor_group(cfg, name);
     let snapshots = snapshots(cfg, &group).await?;
     if let Some(s) = &snapshots {
         let _ = metrics.snapshots.set(Arc::clone(&s.metrics));
@@ -675,7 +685,7 @@ pub async fn sink(
             max_wait: Duration::from_millis(cfg.processors.max_wait_ms),
         },
         consumer_config: {
-            let mut c = fetch_wait(cfg, runner::consumer_config(&cfg.kafka.brokers, &format!("{}vitals-sink-postgres", cfg.kafka.topic_prefix)));
+            let mut c = fetch_wait(cfg, runner::consumer_config(&cfg.kafka.brokers, &sink_group(cfg)));
             c.set("client.id", client_id("sink", Some("postgres")));
             c
         },

@@ -32,11 +32,6 @@ pub struct PartitionRow {
     pub snapshot: Option<(i64, i64)>,
 }
 
-/// The consumer group of processor `name`.
-pub fn group(cfg: &Config, name: &str) -> String {
-    format!("{}vitals-proc-{name}", cfg.kafka.topic_prefix)
-}
-
 /// Every row for `only` (a processor name) or for every registered processor.
 pub async fn show(cfg: &Config, only: Option<&str>) -> anyhow::Result<Vec<PartitionRow>> {
     let infos = match only {
@@ -60,7 +55,7 @@ pub async fn show(cfg: &Config, only: Option<&str>) -> anyhow::Result<Vec<Partit
         .into_iter()
         .map(|(p, o, age)| (p, (o, age as i64)))
         .collect();
-        let (cfg2, group, inputs) = (cfg.clone(), group(cfg, info.name), info.inputs.topics(&topics));
+        let (cfg2, group, inputs) = (cfg.clone(), app::processor_group(cfg, info.name), info.inputs.topics(&topics));
         let kafka = tokio::task::spawn_blocking(move || group_positions(&cfg2, &group, &inputs)).await.context("offsets task")??;
         for (topic, partition, committed, high, owner) in kafka {
             let snapshot = snaps.get(&partition).and_then(|(o, age)| o.get(&topic).and_then(|v| v.as_i64()).map(|n| (n, *age)));

@@ -117,9 +117,14 @@ pub async fn apply(pool: &PgPool, sink: &str, batch: &Batch) -> Result<Vec<Appli
         .await?;
     }
     if !batch.vouches.entries.is_empty() {
-        let (keys, rows): (Vec<_>, Vec<i64>) = batch.vouches.entries.iter().map(|((t, p, u), i, n)| ((t.as_str(), *p, (u.as_str(), i.as_str())), *n as i64)).unzip();
-        let (topics, parts, ui) = unzip3(keys.into_iter());
-        let (users, intervals): (Vec<&str>, Vec<&str>) = ui.into_iter().unzip();
+        let (mut topics, mut parts, mut users, mut intervals, mut rows) = (vec![], vec![], vec![], vec![], vec![]);
+        for ((t, p, u), i, n) in &batch.vouches.entries {
+            topics.push(t.as_str());
+            parts.push(*p);
+            users.push(u.as_str());
+            intervals.push(i.as_str());
+            rows.push(*n as i64);
+        }
         sqlx::query(
             "INSERT INTO sink_vouches (sink, topic, partition, user_id, interval, rows)
              SELECT $1, * FROM UNNEST($2::text[], $3::int4[], $4::text[], $5::text[], $6::int8[])
@@ -305,7 +310,6 @@ fn columns<'a>(keys: impl Iterator<Item = progress::Key<'a>>) -> KeyColumns<'a> 
     c
 }
 
-/// The stored next offsets of `sink` for `topic` (partition → offset).
 /// The counts of sink `sink` persisted for `topic` ([`Batch::vouches`]).
 pub async fn stored_vouches(pool: &PgPool, sink: &str, topic: &str) -> Result<Vec<(vouch::Key, String, u64)>, sqlx::Error> {
     let rows: Vec<(i32, String, String, i64)> = sqlx::query_as("SELECT partition, user_id, interval, rows FROM sink_vouches WHERE sink = $1 AND topic = $2")
@@ -326,6 +330,7 @@ fn unzip3<A, B, C>(it: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, Vec<
     (a, b, c)
 }
 
+/// The stored next offsets of `sink` for `topic` (partition → offset).
 pub async fn stored_offsets(pool: &PgPool, sink: &str, topic: &str) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
     let rows: Vec<(i32, i64)> = sqlx::query_as("SELECT partition, next_offset FROM sink_offsets WHERE sink = $1 AND topic = $2")
         .bind(sink)

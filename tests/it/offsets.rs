@@ -45,7 +45,7 @@ async fn offsets_show_follows_the_checkpoints_with_owners_and_epochs() {
     let members = wait_for("the group's member list", Duration::from_secs(30), || {
         let env = &env;
         async move {
-            let group = offsets::group(&env.cfg, "rollup_day");
+            let group = vitals::app::processor_group(&env.cfg, "rollup_day");
             let cfg = env.cfg.clone();
             tokio::task::spawn_blocking(move || {
                 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -69,7 +69,7 @@ async fn offsets_show_follows_the_checkpoints_with_owners_and_epochs() {
     // The sink's group too: it commits what PostgreSQL holds, so its lag is visible.
     let mut sink = crate::harness::VitalsProc::new(&["sink"], env.child_env(&data));
     sink.start();
-    let group = format!("{}vitals-sink-postgres", env.cfg.kafka.topic_prefix);
+    let group = vitals::app::sink_group(&env.cfg);
     let projection = vec![env.topics().rollup_day];
     wait_for("the sink group's committed offsets to reach rollup_day's high watermarks", Duration::from_secs(60), || {
         let (cfg, group, projection) = (env.cfg.clone(), group.clone(), projection.clone());

@@ -134,9 +134,9 @@ impl Running {
     }
 }
 
-/// The first and the longest wait of a task paused on a failed dependency.
 /// How often the checkpointed offsets are committed to the group (informational only).
 pub const COMMIT_EVERY: Duration = Duration::from_secs(5);
+/// The first and the longest wait of a task paused on a failed dependency.
 const PAUSE_FIRST: Duration = Duration::from_millis(200);
 const PAUSE_MAX: Duration = Duration::from_secs(10);
 
