@@ -580,8 +580,8 @@ pub async fn topic_counts(cfg: &Config) -> anyhow::Result<Vec<(String, usize, i6
 
 /// The processors' snapshot store (S3), when snapshots are on (`processors.snapshot_every_ms`);
 /// objects go under `snapshots/<group>/`.
-pub async fn snapshots(cfg: &Config, group: &str) -> anyhow::Result<Option<Arc<vitals_processors::runtime::Snapshots>>> {
-    use vitals_processors::runtime;
+pub async fn snapshots(cfg: &Config, group: &str) -> anyhow::Result<Option<Arc<vitals_runtime::Snapshots>>> {
+    use vitals_runtime as runtime;
     if cfg.processors.snapshot_every_ms == 0 {
         return Ok(None);
     }
@@ -615,11 +615,11 @@ pub async fn process(
     name: &str,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     crash_after_produce: Option<u64>,
-    metrics: Arc<vitals_processors::runtime::metrics::RuntimeMetrics>,
+    metrics: Arc<vitals_runtime::metrics::RuntimeMetrics>,
 ) -> anyhow::Result<()> {
-    use vitals_processors::runtime::{self, RunArgs, RuntimeConfig};
-    let Some(info) = vitals_processors::find(name) else {
-        let known: Vec<&str> = vitals_processors::registry().iter().map(|p| p.name).collect();
+    use vitals_runtime::{self as runtime, RunArgs, RuntimeConfig};
+    let Some(info) = vitals_runtime::find(name) else {
+        let known: Vec<&str> = vitals_runtime::registry().iter().map(|p| p.name).collect();
         bail!("unknown processor `{name}` (known: {})", known.join(", "));
     };
     let pool = pg_ready(cfg, &stop).await?;

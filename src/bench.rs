@@ -226,7 +226,7 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use vitals_processors::driver::Driver;
     use vitals_processors::rollup_day::RollupDayProcessor;
-    use vitals_processors::runtime::{self, RunArgs, RuntimeConfig};
+    use vitals_runtime::{self as runtime, RunArgs, RuntimeConfig};
     use vitals_processors::{Input, Inputs};
 
     let (mut cfg, pool, run, report) = upload_fresh(base, "benchp", sim.clone()).await?;
@@ -261,7 +261,7 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
     println!("  {:<15} alone (in-memory driver, no Kafka, no checkpoint):          {:>8.2} s = {:>9.0} items/s", "rollup_day", alone.as_secs_f64(), items as f64 / alone.as_secs_f64());
 
     let snapshots = app::snapshots(&cfg, &format!("{run}bench")).await?;
-    for info in vitals_processors::registry() {
+    for info in vitals_runtime::registry() {
         for checkpointing in [true, false] {
             // A chained processor's input is its upstream's output as it stands now.
             let (n_records, n_items) = match info.inputs {
@@ -351,8 +351,8 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
 /// imported as a local store, as a task with no local state does on assignment. Run right
 /// after the exactly-once run that wrote them (an at-least-once run of the same task line
 /// withdraws the pointers, as it must: its state is not what they describe).
-async fn restore_from_snapshots(cfg: &Config, pool: &sqlx::PgPool, s: &vitals_processors::runtime::Snapshots, t: &vitals_schemas::topics::Topics) -> anyhow::Result<()> {
-    use vitals_processors::runtime;
+async fn restore_from_snapshots(cfg: &Config, pool: &sqlx::PgPool, s: &vitals_runtime::Snapshots, t: &vitals_schemas::topics::Topics) -> anyhow::Result<()> {
+    use vitals_runtime as runtime;
     // The runtime uploads in the background after its commits, at most one per
     // `snapshot_every_ms`: a partition whose input was done within that time may have none.
     // Wait until every partition has one or no new one came for 5 s.
@@ -421,7 +421,7 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
     // Every role but the simulator, in this process.
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
-    for info in vitals_processors::registry() {
+    for info in vitals_runtime::registry() {
         let (cfg, stop) = (cfg.clone(), Arc::clone(&stop));
         workers.push(tokio::spawn(async move { app::process(&cfg, info.name, stop, None, Default::default()).await }));
     }

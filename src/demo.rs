@@ -112,7 +112,7 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
         let _ = app::serve(listener, router, std::future::pending()).await;
     })));
 
-    for info in vitals_processors::registry() {
+    for info in vitals_runtime::registry() {
         let (cfg, stop) = (cfg.clone(), Arc::clone(&stop));
         tasks.push((true, tokio::spawn(async move {
             if let Err(e) = app::process(&cfg, info.name, stop, None, Default::default()).await {

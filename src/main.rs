@@ -349,9 +349,9 @@ async fn main() -> anyhow::Result<()> {
             app::serve_with(listener, vitals_ingest::router(ingest), shutdown_signal(), header_timeout).await?;
         }
         Cmd::Process { names, all, crash_after_produce } => {
-            let names: Vec<String> = if all { vitals_processors::registry().iter().map(|p| p.name.to_owned()).collect() } else { names };
+            let names: Vec<String> = if all { vitals_runtime::registry().iter().map(|p| p.name.to_owned()).collect() } else { names };
             if names.is_empty() {
-                let known: Vec<&str> = vitals_processors::registry().iter().map(|p| p.name).collect();
+                let known: Vec<&str> = vitals_runtime::registry().iter().map(|p| p.name).collect();
                 anyhow::bail!("name a processor or pass --all (known: {})", known.join(", "));
             }
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -362,7 +362,7 @@ async fn main() -> anyhow::Result<()> {
             });
             // One runtime per processor; the first to fail stops the others, and the process
             // exits non-zero so a supervisor restarts it.
-            let metrics: Vec<(String, std::sync::Arc<vitals_processors::runtime::metrics::RuntimeMetrics>)> =
+            let metrics: Vec<(String, std::sync::Arc<vitals_runtime::metrics::RuntimeMetrics>)> =
                 names.iter().map(|n| (n.clone(), Default::default())).collect();
             if !cfg.processors.metrics_listen.is_empty() {
                 let listener = TcpListener::bind(&cfg.processors.metrics_listen).await.with_context(|| format!("binding {}", cfg.processors.metrics_listen))?;
@@ -388,8 +388,8 @@ async fn main() -> anyhow::Result<()> {
                         let all = all.clone();
                         async move {
                             let mut out = String::new();
-                            let refs: Vec<(&str, &vitals_processors::runtime::metrics::RuntimeMetrics)> = all.iter().map(|(n, m)| (n.as_str(), m.as_ref())).collect();
-                            vitals_processors::runtime::metrics::render_all(&refs, &mut out);
+                            let refs: Vec<(&str, &vitals_runtime::metrics::RuntimeMetrics)> = all.iter().map(|(n, m)| (n.as_str(), m.as_ref())).collect();
+                            vitals_runtime::metrics::render_all(&refs, &mut out);
                             ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
                         }
                     }),

@@ -35,10 +35,10 @@ pub struct PartitionRow {
 /// Every row for `only` (a processor name) or for every registered processor.
 pub async fn show(cfg: &Config, only: Option<&str>) -> anyhow::Result<Vec<PartitionRow>> {
     let infos = match only {
-        Some(n) => vec![vitals_processors::find(n).with_context(|| {
-            format!("no processor {n:?}; registered: {}", vitals_processors::registry().iter().map(|p| p.name).collect::<Vec<_>>().join(", "))
+        Some(n) => vec![vitals_runtime::find(n).with_context(|| {
+            format!("no processor {n:?}; registered: {}", vitals_runtime::registry().iter().map(|p| p.name).collect::<Vec<_>>().join(", "))
         })?],
-        None => vitals_processors::registry(),
+        None => vitals_runtime::registry(),
     };
     let pool = app::pg_pool(cfg).await?;
     let topics = app::topics(cfg);

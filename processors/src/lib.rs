@@ -4,10 +4,12 @@
 //! given and emits full upserts (or retractions) of projection keys through an [`Emitter`]. That
 //! is what makes exactly-once possible: the runtime decides when state, input offsets and output
 //! position are checkpointed together, and re-running a processor over the same input yields the
-//! same outputs. Adding a processor is one file plus one line in [`registry`].
+//! same outputs. Adding a processor is one file plus one line in the registry (in
+//! `vitals-runtime`, which runs a processor on Kafka with exactly-once effects).
 //!
-//! [`runtime`] runs a processor on Kafka with exactly-once effects; [`driver`] runs it in memory
-//! for tests.
+//! This crate does no I/O and knows nothing of Kafka, local stores, PostgreSQL or S3: its
+//! dependencies say so, and the compiler keeps it that way. [`driver`] runs a processor in
+//! memory for tests.
 
 mod codec;
 pub mod driver;
@@ -15,7 +17,6 @@ pub mod identity;
 pub mod keys;
 pub mod product_impact;
 pub mod rollup_day;
-pub mod runtime;
 pub mod session_impact;
 pub mod sleep_night;
 pub mod sources;
@@ -24,7 +25,7 @@ pub mod time;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use vitals_schemas::validate;
-use vitals_schemas::{ChangeBatch, DomainChangeBatch, SampleBatch, SessionImpact};
+use vitals_schemas::{ChangeBatch, DomainChangeBatch, SampleBatch, SessionImpact, SourceOffset};
 
 /// One input record, already decoded, of one user.
 #[derive(Debug, Clone)]
@@ -220,8 +221,9 @@ impl Inputs {
     }
 }
 
-/// What the registry knows of a processor: enough to run it by name.
-#[derive(Clone, Copy)]
+/// What the registry knows of a processor: its name, what it reads and writes. How it is built
+/// and run is the runtime's (`vitals_runtime::registry`).
+#[derive(Debug, Clone, Copy)]
 pub struct ProcessorInfo {
     pub name: &'static str,
     pub description: &'static str,
@@ -229,21 +231,13 @@ pub struct ProcessorInfo {
     pub inputs: Inputs,
     /// The topic it writes.
     pub output_topic: fn(&vitals_schemas::topics::Topics) -> String,
-    /// Builds it with its default config and runs it on Kafka (blocking).
-    pub run: fn(runtime::RunArgs) -> Result<(), runtime::RuntimeError>,
 }
 
-/// Every processor, one line each. Adding a processor: one file, plus its line here.
-pub fn registry() -> Vec<ProcessorInfo> {
-    vec![
-        rollup_day::INFO,
-        sleep_night::INFO,
-        session_impact::INFO,
-        product_impact::INFO,
-    ]
-}
-
-/// The registry entry named `name`.
-pub fn find(name: &str) -> Option<ProcessorInfo> {
-    registry().into_iter().find(|p| p.name == name)
+/// What the runtime needs of an output record: a version stamp, the source offsets, and how to
+/// write a retraction of a key.
+pub trait Versioned: Sized {
+    fn stamp(&mut self, epoch: i64, seq: i64, offsets: Vec<SourceOffset>);
+    /// A retraction of `key`, an output key of `user` (`deleted = true`). The user is given, not
+    /// parsed from the key, so user ids may contain any character.
+    fn tombstone(user: &str, key: &str) -> Self;
 }

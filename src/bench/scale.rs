@@ -112,7 +112,7 @@ impl Instances {
 async fn groups_stable(cfg: &Config, n: usize, instances: &mut Instances, deadline: Instant) -> anyhow::Result<()> {
     let client: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &cfg.kafka.brokers).set("group.id", "vitals-bench-scale-observer").create()?;
     let client = Arc::new(client);
-    let groups: Vec<String> = vitals_processors::registry().iter().map(|p| app::processor_group(cfg, p.name)).collect();
+    let groups: Vec<String> = vitals_runtime::registry().iter().map(|p| app::processor_group(cfg, p.name)).collect();
     loop {
         instances.check()?;
         let c = Arc::clone(&client);

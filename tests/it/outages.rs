@@ -225,7 +225,7 @@ async fn postgres_restarted_under_the_processors_loses_and_doubles_nothing() {
     // the epoch; the process exits (non-zero) and a supervisor restarts it.
     eprintln!("{:?} into the outage: the processors went on without PostgreSQL", t0.elapsed());
     let group = format!("{}vitals-proc-rollup_day", env.cfg.kafka.topic_prefix);
-    let joiner: BaseConsumer = vitals_processors::runtime::consumer_config(&env.cfg.kafka.brokers, &group).create().unwrap();
+    let joiner: BaseConsumer = vitals_runtime::consumer_config(&env.cfg.kafka.brokers, &group).create().unwrap();
     joiner.subscribe(&[t.hot.as_str(), t.cold.as_str(), t.change.as_str(), t.domain.as_str()]).unwrap();
     let status = wait_for_every("the processors to give up the takeover without PostgreSQL", Duration::from_secs(60), Duration::from_millis(100), || {
         let _ = joiner.poll(Duration::from_millis(50));

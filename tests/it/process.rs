@@ -520,7 +520,7 @@ async fn a_local_store_is_not_trusted_after_another_owner_ran() {
     let victim = env.read(&topic).await.into_iter().rev().find(|m| crate::harness::header(m, vitals_schemas::topics::PROGRESS_HEADER).is_none()).unwrap();
     let mut stale: RollupDay = codec.decode(victim.payload().unwrap()).await.unwrap();
     for p in 0..env.cfg.kafka.partitions {
-        vitals_processors::runtime::bump_epoch(&env.pool, &task, p, 0).await.unwrap();
+        vitals_runtime::bump_epoch(&env.pool, &task, p, 0).await.unwrap();
     }
     let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM processor_epochs WHERE processor = $1 AND partition = $2")
         .bind(&task)
@@ -534,7 +534,7 @@ async fn a_local_store_is_not_trusted_after_another_owner_ran() {
     let producer = vitals::app::producer(&env.cfg, "test-other-owner").unwrap();
     // Written the way the runtime writes: with its epoch, user and source offsets in headers.
     use rdkafka::message::{Header, OwnedHeaders};
-    use vitals_processors::runtime::{EPOCH_HEADER, SOURCE_HEADER, USER_HEADER};
+    use vitals_runtime::{EPOCH_HEADER, SOURCE_HEADER, USER_HEADER};
     let source = stale.source_offsets.iter().map(|o| format!("{}={}", o.topic, o.next_offset)).collect::<Vec<_>>().join(",");
     let headers = OwnedHeaders::new()
         .insert(Header { key: EPOCH_HEADER, value: Some(epoch.to_string().as_str()) })

@@ -9,9 +9,9 @@ use std::time::Duration;
 use rdkafka::Message;
 use vitals::simulate::{self, SimConfig};
 use vitals_processors::rollup_day;
-use vitals_processors::runtime::bump_epoch;
-use vitals_processors::runtime::s3::{S3Client, S3Settings};
-use vitals_processors::runtime::snapshot::{pointer, publish, Pointer};
+use vitals_runtime::bump_epoch;
+use vitals_runtime::s3::{S3Client, S3Settings};
+use vitals_runtime::snapshot::{pointer, publish, Pointer};
 use vitals_schemas::RollupDay;
 
 use crate::harness::{fresh_db, services_up, wait_for, wait_for_every, TestEnv};
@@ -62,7 +62,7 @@ async fn a_task_without_local_state_restores_from_its_snapshot_and_replays() {
     let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
     let mut vars = proc_env(&env, &data);
     vars.retain(|(k, _)| k != "RUST_LOG");
-    vars.push(("RUST_LOG".into(), "warn,vitals_processors::runtime=info".into()));
+    vars.push(("RUST_LOG".into(), "warn,vitals_runtime=info".into()));
     vars.push(("VITALS_PROCESSORS__SNAPSHOT_EVERY_MS".into(), "200".into()));
     let mut proc = Proc { env: vars, child: None };
     let pointers = || async {

@@ -32,7 +32,6 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use vitals_schemas::{DeltaSummary, ImpactStatus, ProductImpact, SessionImpact, SourceOffset};
 
-use crate::runtime::Versioned;
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State, StateExt};
 
 pub const INFO: ProcessorInfo = ProcessorInfo {
@@ -40,8 +39,14 @@ pub const INFO: ProcessorInfo = ProcessorInfo {
     description: "Per (user, product): mean and std-dev of the final sessions' deltas, from session_impact's output",
     inputs: crate::Inputs::SessionImpacts,
     output_topic: |t| t.product_impact.clone(),
-    run: |args| crate::runtime::run(ProductImpactProcessor::new(Config::default()), args),
 };
+
+/// Built with its default [`Config`] (what the registry runs).
+impl Default for ProductImpactProcessor {
+    fn default() -> Self {
+        ProductImpactProcessor::new(Config::default())
+    }
+}
 
 /// No tunables yet; unknown keys are refused so a typo never goes unnoticed.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -148,7 +153,7 @@ pub fn output_key(user: &str, product_id: &str) -> String {
     format!("{user}|{product_id}")
 }
 
-impl Versioned for ProductImpact {
+impl crate::Versioned for ProductImpact {
     fn stamp(&mut self, epoch: i64, seq: i64, offsets: Vec<SourceOffset>) {
         self.version_epoch = epoch;
         self.version_seq = seq;
@@ -272,5 +277,7 @@ pub fn oracle(impacts: &[SessionImpact]) -> BTreeMap<String, ProductImpact> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests;
+/// Scenarios and generators, public under feature `testkit` (the runtime's takeover properties).
+#[cfg(any(test, feature = "testkit"))]
+#[cfg_attr(not(test), allow(dead_code, unused_imports, unused_macros))]
+pub mod tests;

@@ -9,11 +9,12 @@ use proptest::prelude::*;
 use vitals_schemas::WindowedMetric;
 
 use super::*;
+use crate::Versioned;
 use crate::driver::Driver;
 
 type Deltas<'a> = &'a [(&'a str, Option<f64>, Option<f64>)];
 
-fn imp(session: &str, product: Option<&str>, status: ImpactStatus, (epoch, seq): (i64, i64), deltas: Deltas) -> SessionImpact {
+pub fn imp(session: &str, product: Option<&str>, status: ImpactStatus, (epoch, seq): (i64, i64), deltas: Deltas) -> SessionImpact {
     SessionImpact {
         user_id: "u".into(),
         session_id: session.into(),
@@ -32,26 +33,26 @@ fn imp(session: &str, product: Option<&str>, status: ImpactStatus, (epoch, seq):
     }
 }
 
-fn fin(session: &str, product: &str, v: (i64, i64), deltas: Deltas) -> SessionImpact {
+pub fn fin(session: &str, product: &str, v: (i64, i64), deltas: Deltas) -> SessionImpact {
     imp(session, Some(product), ImpactStatus::Final, v, deltas)
 }
 
-fn tomb(session: &str, (epoch, seq): (i64, i64)) -> SessionImpact {
+pub fn tomb(session: &str, (epoch, seq): (i64, i64)) -> SessionImpact {
     let mut t = SessionImpact::tombstone("u", &format!("u|{session}"));
     t.stamp(epoch, seq, vec![]);
     t
 }
 
-fn driver() -> Driver<ProductImpactProcessor> {
+pub fn driver() -> Driver<ProductImpactProcessor> {
     Driver::new(ProductImpactProcessor::new(Config::default()))
 }
 
-fn feed(d: &mut Driver<ProductImpactProcessor>, r: &SessionImpact) -> Vec<crate::driver::Emitted<ProductImpact>> {
+pub fn feed(d: &mut Driver<ProductImpactProcessor>, r: &SessionImpact) -> Vec<crate::driver::Emitted<ProductImpact>> {
     d.feed(&Input::SessionImpact(r.clone())).unwrap()
 }
 
 #[test]
-fn mean_and_sample_sd_of_the_deltas_by_hand() {
+pub fn mean_and_sample_sd_of_the_deltas_by_hand() {
     let mut d = driver();
     let records = [
         fin("a", "coffee", (1, 1), &[("heart_rate", Some(10.0), Some(4.0)), ("spo2", None, None)]),
@@ -75,7 +76,7 @@ fn mean_and_sample_sd_of_the_deltas_by_hand() {
 }
 
 #[test]
-fn provisional_impacts_count_only_once_final() {
+pub fn provisional_impacts_count_only_once_final() {
     let mut d = driver();
     let prov = imp("a", Some("coffee"), ImpactStatus::Provisional, (1, 1), &[("heart_rate", Some(10.0), Some(2.0))]);
     assert!(feed(&mut d, &prov).is_empty(), "a provisional impact alone makes no product");
@@ -92,7 +93,7 @@ fn provisional_impacts_count_only_once_final() {
 }
 
 #[test]
-fn an_older_version_delivered_after_a_newer_one_changes_nothing() {
+pub fn an_older_version_delivered_after_a_newer_one_changes_nothing() {
     let mut d = driver();
     let key = output_key("u", "coffee");
     feed(&mut d, &fin("a", "coffee", (1, 5), &[("heart_rate", Some(10.0), None)]));
@@ -113,7 +114,7 @@ fn an_older_version_delivered_after_a_newer_one_changes_nothing() {
 }
 
 #[test]
-fn a_session_whose_product_changes_moves_between_products() {
+pub fn a_session_whose_product_changes_moves_between_products() {
     let mut d = driver();
     feed(&mut d, &fin("a", "coffee", (1, 1), &[("heart_rate", Some(10.0), None)]));
     feed(&mut d, &fin("b", "coffee", (1, 2), &[("heart_rate", Some(20.0), None)]));
@@ -136,7 +137,7 @@ fn a_session_whose_product_changes_moves_between_products() {
 }
 
 #[test]
-fn invalid_records_are_refused() {
+pub fn invalid_records_are_refused() {
     let mut d = driver();
     let nan = fin("a", "coffee", (1, 1), &[("heart_rate", Some(f64::NAN), None)]);
     assert_eq!(d.feed(&Input::SessionImpact(nan)).unwrap_err().code, "value_not_finite");
@@ -148,7 +149,7 @@ fn invalid_records_are_refused() {
 }
 
 #[test]
-fn chained_from_session_impacts_own_output() {
+pub fn chained_from_session_impacts_own_output() {
     use crate::session_impact::{SessionImpactProcessor, Config as SiConfig};
     use vitals_schemas::{DomainChange, DomainChangeBatch, DomainChangeKind, Lane, Sample, SampleBatch, Session, SourceKind};
     let h = 3_600_000;
@@ -225,7 +226,7 @@ fn chained_from_session_impacts_own_output() {
 // ---- the property: streaming == oracle ---------------------------------------------------------
 
 #[derive(Debug, Clone)]
-struct Rec {
+pub struct Rec {
     user: u8,
     session: u8,
     version: (i64, i64),
@@ -235,7 +236,7 @@ struct Rec {
     deltas: Vec<(u8, Option<i32>, Option<i32>)>,
 }
 
-fn rec() -> impl Strategy<Value = Rec> {
+pub fn rec() -> impl Strategy<Value = Rec> {
     (
         0u8..2,
         0u8..5,
@@ -248,9 +249,9 @@ fn rec() -> impl Strategy<Value = Rec> {
         .prop_map(|(user, session, version, deleted, product, is_final, deltas)| Rec { user, session, version, deleted, product, is_final, deltas })
 }
 
-const METRIC_NAMES: [&str; 3] = ["heart_rate", "hrv_sdnn", "steps"];
+pub const METRIC_NAMES: [&str; 3] = ["heart_rate", "hrv_sdnn", "steps"];
 
-fn to_impact(r: &Rec) -> SessionImpact {
+pub fn to_impact(r: &Rec) -> SessionImpact {
     let user = format!("u{}", r.user);
     let session = format!("s{}", r.session);
     if r.deleted {
@@ -284,7 +285,7 @@ fn to_impact(r: &Rec) -> SessionImpact {
 
 /// One version of one session is one record (the first content generated stands), plus replays:
 /// the same value re-emitted under a new, higher epoch (a restarted owner).
-fn impacts_of(recs: Vec<Rec>, replay_every: usize) -> Vec<SessionImpact> {
+pub fn impacts_of(recs: Vec<Rec>, replay_every: usize) -> Vec<SessionImpact> {
     let mut first: HashMap<(u8, u8, (i64, i64)), Rec> = HashMap::new();
     let recs: Vec<Rec> = recs.into_iter().map(|r| first.entry((r.user, r.session, r.version)).or_insert(r).clone()).collect();
     let mut records: Vec<SessionImpact> = recs.iter().map(to_impact).collect();
@@ -328,31 +329,3 @@ proptest! {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48)))]
-
-    /// Takeovers at random earlier checkpoints (or from nothing), each owner with its own batch
-    /// boundaries and lane interleaving, zombies writing after the takeover, `processor_epochs`
-    /// lost now and then: the output partition folded by version and as compaction keeps it both
-    /// equal the oracle. The input is session_impact's output: versions, re-emissions and
-    /// retractions in any order.
-    #[test]
-    fn takeovers_zombies_and_compaction_leave_exactly_the_oracle(
-        recs in proptest::collection::vec(rec(), 1..50),
-        replay_every in 2usize..6,
-        seed in any::<u64>(),
-        takeovers in 1usize..4,
-        max_zombie_steps in 0usize..4,
-        epochs_lost in proptest::bool::weighted(0.2),
-    ) {
-        use crate::runtime::sim::{self, Scenario, Sim};
-        let records = impacts_of(recs, replay_every);
-        let inputs: Vec<Input> = records.iter().cloned().map(Input::SessionImpact).collect();
-        let log = sim::on_lanes(&inputs, 0, |n| n as i64 * 1000);
-        let mut sim: Sim<ProductImpactProcessor> = Sim::new(crate::Inputs::SessionImpacts, log);
-        sim.run(|| ProductImpactProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
-        let expected = oracle(&records);
-        prop_assert_eq!(sim.fold_by_version(), expected.clone(), "by version");
-        prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
-    }
-}

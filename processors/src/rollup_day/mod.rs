@@ -45,8 +45,14 @@ pub const INFO: ProcessorInfo = ProcessorInfo {
     description: "Daily rollups per (user, metric, local date): value-kind-aware, source priority, DST, edits, deletions, late backfill",
     inputs: crate::Inputs::Lanes,
     output_topic: |t| t.rollup_day.clone(),
-    run: |args| crate::runtime::run(RollupDayProcessor::new(Config::default()), args),
 };
+
+/// Built with its default [`Config`] (what the registry runs).
+impl Default for RollupDayProcessor {
+    fn default() -> Self {
+        RollupDayProcessor::new(Config::default())
+    }
+}
 
 /// No tunables yet; unknown keys are refused so a typo never goes unnoticed.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -505,6 +511,21 @@ impl<'a> Point<'a> {
     }
 }
 
+impl crate::Versioned for RollupDay {
+    fn stamp(&mut self, epoch: i64, seq: i64, offsets: Vec<vitals_schemas::SourceOffset>) {
+        self.version_epoch = epoch;
+        self.version_seq = seq;
+        self.source_offsets = offsets;
+    }
+    fn tombstone(user: &str, key: &str) -> RollupDay {
+        // `<user>|<metric>|<date>`: neither metric nor date contains `|`.
+        let rest = key.strip_prefix(user).and_then(|k| k.strip_prefix('|')).unwrap_or(key);
+        let (metric, date) = rest.rsplit_once('|').unwrap_or((rest, ""));
+        RollupDay { deleted: true, ..blank_row(user, metric, date) }
+    }
+}
+
+
 /// A row of (user, metric, local date) with no figures yet (also the body of a retraction).
 pub fn blank_row(user: &str, metric: &str, local_date: &str) -> RollupDay {
     let spec = Catalog::embedded().get(metric);
@@ -670,5 +691,7 @@ pub fn oracle(inputs: &[Input]) -> BTreeMap<String, RollupDay> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests;
+/// Scenarios and generators, public under feature `testkit` (the runtime's takeover properties).
+#[cfg(any(test, feature = "testkit"))]
+#[cfg_attr(not(test), allow(dead_code, unused_imports, unused_macros))]
+pub mod tests;

@@ -11,12 +11,12 @@ use vitals_schemas::{ChangeBatch, Deletion, DomainChange, DomainChangeBatch, Lan
 use super::*;
 use crate::driver::Driver;
 
-fn ms(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> i64 {
+pub fn ms(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> i64 {
     Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap().timestamp_millis()
 }
 
 #[allow(clippy::too_many_arguments)]
-fn sample(source: &str, kind: SourceKind, id: &str, metric: &str, start: i64, end: i64, value: f64, tz: &str) -> Sample {
+pub fn sample(source: &str, kind: SourceKind, id: &str, metric: &str, start: i64, end: i64, value: f64, tz: &str) -> Sample {
     let unit = Catalog::embedded().get(metric).unwrap().unit.clone();
     Sample {
         source: source.into(),
@@ -34,15 +34,15 @@ fn sample(source: &str, kind: SourceKind, id: &str, metric: &str, start: i64, en
     }
 }
 
-fn batch(user: &str, samples: Vec<Sample>) -> Input {
+pub fn batch(user: &str, samples: Vec<Sample>) -> Input {
     Input::Samples(SampleBatch { request_id: "r".into(), user_id: user.into(), received_at_ms: 0, lane: Lane::Hot, samples })
 }
 
-fn changes(user: &str, edits: Vec<Sample>, deletions: Vec<Deletion>) -> Input {
+pub fn changes(user: &str, edits: Vec<Sample>, deletions: Vec<Deletion>) -> Input {
     Input::Changes(ChangeBatch { request_id: "r".into(), user_id: user.into(), received_at_ms: 0, edits, deletions })
 }
 
-fn priority(user: &str, at: i64, sources: &[&str]) -> Input {
+pub fn priority(user: &str, at: i64, sources: &[&str]) -> Input {
     // A change id names one change: equal (occurred_at, change_id) means the same content.
     Input::Domain(DomainChangeBatch {
         request_id: "r".into(),
@@ -60,16 +60,16 @@ fn priority(user: &str, at: i64, sources: &[&str]) -> Input {
     })
 }
 
-fn driver() -> Driver<RollupDayProcessor> {
+pub fn driver() -> Driver<RollupDayProcessor> {
     Driver::new(RollupDayProcessor::new(Config::default()))
 }
 
-fn day(s: &str) -> NaiveDate {
+pub fn day(s: &str) -> NaiveDate {
     s.parse().unwrap()
 }
 
 #[test]
-fn overlapping_phone_and_watch_steps_are_never_double_counted() {
+pub fn overlapping_phone_and_watch_steps_are_never_double_counted() {
     let mut d = driver();
     let watch = sample("watch", SourceKind::Watch, "w1", "steps", ms(2026, 5, 4, 10, 0), ms(2026, 5, 4, 10, 30), 1000.0, "UTC");
     let phone = sample("phone", SourceKind::Phone, "p1", "steps", ms(2026, 5, 4, 10, 10), ms(2026, 5, 4, 10, 40), 900.0, "UTC");
@@ -91,7 +91,7 @@ fn overlapping_phone_and_watch_steps_are_never_double_counted() {
 }
 
 #[test]
-fn samples_straddling_midnight_are_split_pro_rata_in_their_own_zone() {
+pub fn samples_straddling_midnight_are_split_pro_rata_in_their_own_zone() {
     let mut d = driver();
     // 23:00–01:00 in New York (UTC−4 in May): half on each local date.
     let s = sample("watch", SourceKind::Watch, "w", "steps", ms(2026, 5, 5, 3, 0), ms(2026, 5, 5, 5, 0), 1200.0, "America/New_York");
@@ -102,7 +102,7 @@ fn samples_straddling_midnight_are_split_pro_rata_in_their_own_zone() {
 }
 
 #[test]
-fn dst_and_travel_use_each_samples_own_zone() {
+pub fn dst_and_travel_use_each_samples_own_zone() {
     let mut d = driver();
     // Berlin, spring forward (2026-03-29 is 23 h long): 23:30 local on the 29th is 21:30 UTC.
     let late = sample("watch", SourceKind::Watch, "h1", "heart_rate", ms(2026, 3, 29, 21, 30), ms(2026, 3, 29, 21, 30), 60.0, "Europe/Berlin");
@@ -119,7 +119,7 @@ fn dst_and_travel_use_each_samples_own_zone() {
 }
 
 #[test]
-fn edits_deletions_and_stale_versions() {
+pub fn edits_deletions_and_stale_versions() {
     let mut d = driver();
     let s1 = sample("scale", SourceKind::ThirdParty, "m1", "body_mass", ms(2026, 6, 1, 7, 0), ms(2026, 6, 1, 7, 0), 80.0, "UTC");
     let s2 = sample("scale", SourceKind::ThirdParty, "m2", "body_mass", ms(2026, 6, 1, 20, 0), ms(2026, 6, 1, 20, 0), 79.0, "UTC");
@@ -145,7 +145,7 @@ fn edits_deletions_and_stale_versions() {
 }
 
 #[test]
-fn one_source_per_day_for_sleep_stages() {
+pub fn one_source_per_day_for_sleep_stages() {
     let mut d = driver();
     let stage = |src: &str, kind, id: &str, cat: &str, h0: u32, h1: u32| Sample {
         category: Some(cat.into()),
@@ -164,18 +164,18 @@ fn one_source_per_day_for_sleep_stages() {
 
 // ---- the property: streaming == oracle ---------------------------------------------------------
 
-const SOURCES: [(&str, SourceKind); 3] = [("watch", SourceKind::Watch), ("phone", SourceKind::Phone), ("app", SourceKind::ThirdParty)];
-const ZONES: [&str; 4] = ["Europe/Berlin", "America/New_York", "+05:30", "UTC"];
-const METRICS: [&str; 5] = ["steps", "heart_rate", "sleep_stage", "body_mass", "active_energy"];
+pub const SOURCES: [(&str, SourceKind); 3] = [("watch", SourceKind::Watch), ("phone", SourceKind::Phone), ("app", SourceKind::ThirdParty)];
+pub const ZONES: [&str; 4] = ["Europe/Berlin", "America/New_York", "+05:30", "UTC"];
+pub const METRICS: [&str; 5] = ["steps", "heart_rate", "sleep_stage", "body_mass", "active_energy"];
 
 #[derive(Debug, Clone)]
-enum Event {
+pub enum Event {
     Upsert { user: u8, src: usize, id: u8, metric: usize, start_min: i64, dur_min: i64, value: u32, zone: usize, version: i64 },
     Delete { user: u8, src: usize, id: u8, metric: usize, version: Option<i64> },
     Priority { user: u8, at: i64, order: Vec<usize> },
 }
 
-fn event() -> impl Strategy<Value = Event> {
+pub fn event() -> impl Strategy<Value = Event> {
     // Times around Berlin's autumn DST change (2026-10-25), over three days.
     prop_oneof![
         8 => (0u8..2, 0usize..3, 0u8..12, 0usize..5, 0i64..4320, 0i64..600, 1u32..200, 0usize..4, 1i64..4).prop_map(
@@ -186,7 +186,7 @@ fn event() -> impl Strategy<Value = Event> {
     ]
 }
 
-fn to_input(e: &Event) -> Input {
+pub fn to_input(e: &Event) -> Input {
     let base = ms(2026, 10, 23, 12, 0);
     match e {
         Event::Upsert { user, src, id, metric, start_min, dur_min, value, zone, version } => {
@@ -228,7 +228,7 @@ fn to_input(e: &Event) -> Input {
 
 /// One identity at one version is one sample (a re-send is identical): the first content
 /// generated for (user, source, id, metric, version) stands for every copy.
-fn inputs_of(events: Vec<Event>) -> Vec<Input> {
+pub fn inputs_of(events: Vec<Event>) -> Vec<Input> {
     let mut first: HashMap<(u8, usize, u8, usize, i64), Event> = HashMap::new();
     let events: Vec<Event> = events
         .into_iter()
@@ -302,62 +302,9 @@ proptest! {
     }
 }
 
-/// The issue's twenty lines: owner A reads sample `s` (COLD) and emits its day; before A reads
-/// the deletion of `s` (CHANGE), owner B takes over from the empty checkpoint, and its first
-/// interval holds both records — CHANGE is processed before COLD, so for B the deletion is a
-/// no-op and `s` arrives already deleted: B emits nothing for that day. Without answers, A's row
-/// (counting `s`) would stay the newest version of the day forever.
-#[test]
-fn a_takeover_that_sees_a_deletion_before_its_sample_still_retracts_the_day() {
-    use crate::runtime::sim::{self, Scenario, Sim};
-    let s = sample("watch", SourceKind::Watch, "hr-1", "heart_rate", ms(2026, 10, 23, 12, 0), ms(2026, 10, 23, 12, 0), 61.0, "UTC");
-    let del = changes("u", vec![], vec![Deletion { source: "watch".into(), source_record_id: "hr-1".into(), metric: "heart_rate".into(), deleted_version: None }]);
-    let t = sim::topics();
-    let records = vec![(t.cold.clone(), 1, batch("u", vec![s])), (t.change.clone(), 2, del)];
-    let inputs: Vec<Input> = records.iter().map(|(_, _, i)| i.clone()).collect();
-    assert!(oracle(&inputs).is_empty(), "the oracle has no row: the sample is deleted");
-    // Seeds decide batch boundaries; some seeds give A the sample alone and B both records.
-    let mut saw_a_stale_write = false;
-    for seed in 0..200u64 {
-        let mut sim: Sim<RollupDayProcessor> = Sim::new(crate::Inputs::Lanes, records.clone());
-        sim.run(|| RollupDayProcessor::new(Config::default()), &Scenario { seed, takeovers: 1, max_zombie_steps: 1, epochs_lost: false });
-        saw_a_stale_write |= sim.out.iter().any(|r| !r.marker && !r.retraction);
-        assert_eq!(sim.fold_by_version(), BTreeMap::new(), "seed {seed}: by version");
-        assert_eq!(sim.fold_as_compaction(), BTreeMap::new(), "seed {seed}: as compaction keeps it");
-    }
-    assert!(saw_a_stale_write, "no seed had an owner emit the day before the deletion: the test exercised nothing");
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)))]
-
-    /// Takeovers at random earlier checkpoints (or from nothing), each owner with its own batch
-    /// boundaries and lane interleaving, zombies writing after the takeover, `processor_epochs`
-    /// lost now and then: the output partition folded by version and as compaction keeps it both
-    /// equal the oracle.
-    #[test]
-    fn takeovers_zombies_and_compaction_leave_exactly_the_oracle(
-        events in proptest::collection::vec(event(), 1..50),
-        seed in any::<u64>(),
-        lanes in any::<u64>(),
-        takeovers in 1usize..4,
-        max_zombie_steps in 0usize..4,
-        epochs_lost in proptest::bool::weighted(0.2),
-    ) {
-        use crate::runtime::sim::{self, Scenario, Sim};
-        let inputs = inputs_of(events);
-        let records = sim::on_lanes(&inputs, lanes, |n| n as i64 * 1000);
-        let mut sim: Sim<RollupDayProcessor> = Sim::new(crate::Inputs::Lanes, records);
-        sim.run(|| RollupDayProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
-        let expected = oracle(&inputs);
-        prop_assert_eq!(sim.fold_by_version(), expected.clone(), "by version");
-        prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
-    }
-}
-
 /// The record ids of `inputs` as UUIDs: `m-2j` as a lowercase UUID, `m-2j+1` as the same
 /// UUID in uppercase — two identities, as the ids differ (packed keys must not conflate them).
-fn with_uuid_ids(inputs: &[Input]) -> Vec<Input> {
+pub fn with_uuid_ids(inputs: &[Input]) -> Vec<Input> {
     fn uuid(id: &str) -> String {
         let (m, n) = id.rsplit_once('-').unwrap();
         let n: u64 = n.parse().unwrap();
@@ -425,7 +372,7 @@ proptest! {
 /// The keys are short: a UUID identity takes 22 bytes (`i`, the source code, `u` and 19 packed
 /// characters), whatever the source's name.
 #[test]
-fn an_identity_key_is_short() {
+pub fn an_identity_key_is_short() {
     let mut d = driver();
     let id = "3f2c8a0e-5b1d-4c7e-9a60-1d2e3f405162";
     d.feed(&batch("u", vec![sample("com.apple.health.watch", SourceKind::Watch, id, "heart_rate", ms(2026, 10, 23, 12, 0), ms(2026, 10, 23, 12, 0), 61.0, "UTC")])).unwrap();
@@ -440,7 +387,7 @@ fn an_identity_key_is_short() {
 /// and leaves no trace; what the interval did before it, for that user, still lands, and records
 /// with known sources go on.
 #[test]
-fn a_record_past_the_source_cap_is_refused_and_the_interval_keeps_its_work() {
+pub fn a_record_past_the_source_cap_is_refused_and_the_interval_keeps_its_work() {
     use crate::keys::MAX_SOURCES;
     let at = ms(2026, 5, 4, 10, 0);
     let hr = |src: &str, id: &str| sample(src, SourceKind::Watch, id, "heart_rate", at, at, 60.0, "UTC");

@@ -71,7 +71,6 @@ use vitals_schemas::{DomainChange, DomainChangeKind, ImpactStatus, Sample, Sessi
 
 use crate::identity::{effective_samples, Identities, Keep};
 use crate::keys::Sources;
-use crate::runtime::Versioned;
 use crate::sources::{merge_cumulative, Piece, Priority};
 use crate::{Emitter, Input, Invalid, ProcessorInfo, State, StateExt};
 
@@ -80,8 +79,14 @@ pub const INFO: ProcessorInfo = ProcessorInfo {
     description: "Per session: before/during/after window stats per metric and their deltas; provisional until the after-window plus grace has passed",
     inputs: crate::Inputs::Lanes,
     output_topic: |t| t.session_impact.clone(),
-    run: |args| crate::runtime::run(SessionImpactProcessor::new(Config::default()), args),
 };
+
+/// Built with its default [`Config`] (what the registry runs).
+impl Default for SessionImpactProcessor {
+    fn default() -> Self {
+        SessionImpactProcessor::new(Config::default())
+    }
+}
 
 /// Window lengths, in minutes. Negative values count as 0. Unknown keys are refused.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -354,7 +359,7 @@ pub fn output_key(user: &str, session_id: &str) -> String {
     format!("{user}|{session_id}")
 }
 
-impl Versioned for SessionImpact {
+impl crate::Versioned for SessionImpact {
     fn stamp(&mut self, epoch: i64, seq: i64, offsets: Vec<SourceOffset>) {
         self.version_epoch = epoch;
         self.version_seq = seq;
@@ -656,5 +661,7 @@ pub fn oracle_with(cfg: &Config, inputs: &[Input], stream_time_ms: i64) -> BTree
     out
 }
 
-#[cfg(test)]
-mod tests;
+/// Scenarios and generators, public under feature `testkit` (the runtime's takeover properties).
+#[cfg(any(test, feature = "testkit"))]
+#[cfg_attr(not(test), allow(dead_code, unused_imports, unused_macros))]
+pub mod tests;

@@ -10,16 +10,17 @@ use proptest::prelude::*;
 use vitals_schemas::{ChangeBatch, Deletion, DomainChangeBatch, Lane, SampleBatch, Session, SourceKind};
 
 use super::*;
+use crate::Versioned;
 use crate::driver::Driver;
 
 /// 2026-05-04 at h:mi UTC.
-fn t(h: u32, mi: u32) -> i64 {
+pub fn t(h: u32, mi: u32) -> i64 {
     Utc.with_ymd_and_hms(2026, 5, 4, h, mi, 0).unwrap().timestamp_millis()
 }
 
-const DAY: i64 = 86_400_000;
+pub const DAY: i64 = 86_400_000;
 
-fn sample(source: &str, kind: SourceKind, id: &str, metric: &str, start: i64, end: i64, value: f64) -> Sample {
+pub fn sample(source: &str, kind: SourceKind, id: &str, metric: &str, start: i64, end: i64, value: f64) -> Sample {
     let unit = Catalog::embedded().get(metric).map(|m| m.unit.clone()).unwrap_or_default();
     Sample {
         source: source.into(),
@@ -38,72 +39,72 @@ fn sample(source: &str, kind: SourceKind, id: &str, metric: &str, start: i64, en
 }
 
 /// A watch heart-rate reading.
-fn hr(id: &str, at: i64, value: f64) -> Sample {
+pub fn hr(id: &str, at: i64, value: f64) -> Sample {
     sample("watch", SourceKind::Watch, id, "heart_rate", at, at, value)
 }
 
-fn batch(user: &str, lane: Lane, samples: Vec<Sample>) -> Input {
+pub fn batch(user: &str, lane: Lane, samples: Vec<Sample>) -> Input {
     Input::Samples(SampleBatch { request_id: "r".into(), user_id: user.into(), received_at_ms: 0, lane, samples })
 }
 
-fn hot(samples: Vec<Sample>) -> Input {
+pub fn hot(samples: Vec<Sample>) -> Input {
     batch("u", Lane::Hot, samples)
 }
 
-fn changes(user: &str, edits: Vec<Sample>, deletions: Vec<Deletion>) -> Input {
+pub fn changes(user: &str, edits: Vec<Sample>, deletions: Vec<Deletion>) -> Input {
     Input::Changes(ChangeBatch { request_id: "r".into(), user_id: user.into(), received_at_ms: 0, edits, deletions })
 }
 
-fn change(id: &str, kind: DomainChangeKind, at: i64, session: Option<Session>) -> DomainChange {
+pub fn change(id: &str, kind: DomainChangeKind, at: i64, session: Option<Session>) -> DomainChange {
     DomainChange { change_id: id.into(), kind, occurred_at_ms: at, session, product: None, privacy: None, source_priority: None }
 }
 
-fn domain(user: &str, changes: Vec<DomainChange>) -> Input {
+pub fn domain(user: &str, changes: Vec<DomainChange>) -> Input {
     Input::Domain(DomainChangeBatch { request_id: "r".into(), user_id: user.into(), received_at_ms: 0, changes })
 }
 
-fn sess(id: &str, product: Option<&str>, start: Option<i64>, end: Option<i64>) -> Session {
+pub fn sess(id: &str, product: Option<&str>, start: Option<i64>, end: Option<i64>) -> Session {
     Session { session_id: id.into(), product_id: product.map(Into::into), start_ms: start, end_ms: end, time_zone: Some("UTC".into()) }
 }
 
-fn started(id: &str, product: &str, start: i64) -> Input {
+pub fn started(id: &str, product: &str, start: i64) -> Input {
     domain("u", vec![change(&format!("{id}-start"), DomainChangeKind::SessionStarted, start, Some(sess(id, Some(product), Some(start), None)))])
 }
 
-fn ended(id: &str, end: i64) -> Input {
+pub fn ended(id: &str, end: i64) -> Input {
     domain("u", vec![change(&format!("{id}-end"), DomainChangeKind::SessionEnded, end, Some(sess(id, None, None, Some(end))))])
 }
 
-fn deleted(id: &str, at: i64) -> Input {
+pub fn deleted(id: &str, at: i64) -> Input {
     domain("u", vec![change(&format!("{id}-del"), DomainChangeKind::SessionDeleted, at, Some(sess(id, None, None, None)))])
 }
 
-fn priority(at: i64, sources: &[&str]) -> Input {
+pub fn priority(at: i64, sources: &[&str]) -> Input {
     domain("u", vec![DomainChange {
         source_priority: Some(sources.iter().map(|s| s.to_string()).collect()),
         ..change(&format!("p{at}"), DomainChangeKind::SourcePriorityUpdated, at, None)
     }])
 }
 
-fn driver() -> Driver<SessionImpactProcessor> {
+pub fn driver() -> Driver<SessionImpactProcessor> {
     Driver::new(SessionImpactProcessor::new(Config::default()))
 }
 
-fn stats(n: i64, mean: f64, min: f64, max: f64, total: f64) -> Option<WindowStats> {
+pub fn stats(n: i64, mean: f64, min: f64, max: f64, total: f64) -> Option<WindowStats> {
     Some(WindowStats { n, mean, min, max, total })
 }
 
-fn metric<'a>(i: &'a SessionImpact, name: &str) -> &'a WindowedMetric {
+pub fn metric<'a>(i: &'a SessionImpact, name: &str) -> &'a WindowedMetric {
     i.metrics.iter().find(|m| m.metric == name).unwrap_or_else(|| panic!("no {name} in {i:?}"))
 }
 
-fn close(a: f64, b: f64) -> bool {
+pub fn close(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-9
 }
 
 /// The inputs of the hand-computed session: coffee from 10:00 to 10:30, so before = [09:00,
 /// 10:00), during = [10:00, 10:30), after = [10:30, 12:30).
-fn coffee_session() -> Vec<Input> {
+pub fn coffee_session() -> Vec<Input> {
     vec![
         started("s1", "coffee", t(10, 0)),
         ended("s1", t(10, 30)),
@@ -128,7 +129,7 @@ fn coffee_session() -> Vec<Input> {
 }
 
 #[test]
-fn windows_and_deltas_are_computed_by_hand() {
+pub fn windows_and_deltas_are_computed_by_hand() {
     let mut d = driver();
     for i in coffee_session() {
         d.feed(&i).unwrap();
@@ -170,7 +171,7 @@ fn windows_and_deltas_are_computed_by_hand() {
 }
 
 #[test]
-fn a_late_sample_updates_a_provisional_impact() {
+pub fn a_late_sample_updates_a_provisional_impact() {
     let mut d = driver();
     for i in coffee_session() {
         d.feed(&i).unwrap();
@@ -200,7 +201,7 @@ fn a_late_sample_updates_a_provisional_impact() {
 }
 
 #[test]
-fn the_timer_makes_it_final_exactly_at_end_plus_after_plus_grace() {
+pub fn the_timer_makes_it_final_exactly_at_end_plus_after_plus_grace() {
     let mut d = driver();
     let mut fed = Vec::new();
     for i in coffee_session() {
@@ -246,7 +247,7 @@ fn the_timer_makes_it_final_exactly_at_end_plus_after_plus_grace() {
 }
 
 #[test]
-fn a_session_ending_after_its_due_time_is_final_at_once() {
+pub fn a_session_ending_after_its_due_time_is_final_at_once() {
     let mut d = driver();
     d.feed_at(t(20, 0), &started("s1", "tea", t(10, 0))).unwrap();
     let out = d.feed_at(t(20, 0), &ended("s1", t(10, 30))).unwrap();
@@ -255,7 +256,7 @@ fn a_session_ending_after_its_due_time_is_final_at_once() {
 }
 
 #[test]
-fn a_deleted_session_is_retracted_and_stays_deleted() {
+pub fn a_deleted_session_is_retracted_and_stays_deleted() {
     let mut d = driver();
     for i in coffee_session() {
         d.feed_at(t(10, 35), &i).unwrap();
@@ -284,7 +285,7 @@ fn a_deleted_session_is_retracted_and_stays_deleted() {
 }
 
 #[test]
-fn a_session_created_after_its_samples_gathers_them() {
+pub fn a_session_created_after_its_samples_gathers_them() {
     let mut d = driver();
     // Backfill first: heart rate and a steps sample from 08:30 to 09:30 (two hour buckets, half
     // of it in the before window).
@@ -307,7 +308,7 @@ fn a_session_created_after_its_samples_gathers_them() {
 }
 
 #[test]
-fn phone_and_watch_steps_in_a_window_are_not_double_counted() {
+pub fn phone_and_watch_steps_in_a_window_are_not_double_counted() {
     let mut d = driver();
     let watch = |id: &str, a: i64, b: i64, v: f64| sample("watch", SourceKind::Watch, id, "steps", a, b, v);
     let phone = |id: &str, a: i64, b: i64, v: f64| sample("phone", SourceKind::Phone, id, "steps", a, b, v);
@@ -348,7 +349,7 @@ fn phone_and_watch_steps_in_a_window_are_not_double_counted() {
 }
 
 #[test]
-fn the_session_fold_is_order_independent() {
+pub fn the_session_fold_is_order_independent() {
     let updated = domain("u", vec![change("c3", DomainChangeKind::SessionUpdated, t(11, 0), Some(sess("s1", Some("tea"), Some(t(9, 55)), None)))]);
     let inputs = [started("s1", "coffee", t(10, 0)), ended("s1", t(10, 30)), updated, hot(vec![hr("h1", t(9, 50), 60.0), hr("h2", t(9, 58), 70.0)])];
     let orders = [[0, 1, 2, 3], [2, 1, 0, 3], [3, 2, 0, 1], [1, 3, 2, 0], [0, 2, 3, 1], [2, 3, 1, 0]];
@@ -368,7 +369,7 @@ fn the_session_fold_is_order_independent() {
 }
 
 #[test]
-fn invalid_records_are_refused_and_inconsistent_sessions_not_emitted() {
+pub fn invalid_records_are_refused_and_inconsistent_sessions_not_emitted() {
     let mut d = driver();
     // Refused by the shared rules (the edge's): each unit on its own, before the processor.
     let backwards = domain("u", vec![change("c", DomainChangeKind::SessionUpdated, 1, Some(sess("s1", None, Some(t(10, 0)), Some(t(9, 0)))))]);
@@ -410,7 +411,7 @@ fn invalid_records_are_refused_and_inconsistent_sessions_not_emitted() {
 }
 
 #[test]
-fn an_ongoing_session_reports_only_its_before_window() {
+pub fn an_ongoing_session_reports_only_its_before_window() {
     let mut d = driver();
     d.feed(&hot(vec![hr("h1", t(9, 30), 60.0), hr("h2", t(10, 10), 80.0)])).unwrap();
     d.feed(&started("s1", "coffee", t(10, 0))).unwrap();
@@ -432,7 +433,7 @@ fn an_ongoing_session_reports_only_its_before_window() {
 }
 
 #[test]
-fn a_sample_change_rederives_only_the_sessions_it_touches() {
+pub fn a_sample_change_rederives_only_the_sessions_it_touches() {
     let mut d = driver();
     for i in [started("a", "coffee", t(10, 0)), ended("a", t(10, 30)), started("b", "tea", t(10, 0) + DAY), ended("b", t(10, 30) + DAY)] {
         d.feed(&i).unwrap();
@@ -455,7 +456,7 @@ fn a_sample_change_rederives_only_the_sessions_it_touches() {
 /// gained, or in the ones it has just lost, a deletion among samples, a priority change — each
 /// session still comes out once per interval, equal to the oracle.
 #[test]
-fn one_interval_rederives_each_session_once_even_when_its_range_moves() {
+pub fn one_interval_rederives_each_session_once_even_when_its_range_moves() {
     let at0 = |i: Input| (0i64, i);
     let key = output_key("u", "s1");
     let mut d = driver();
@@ -504,14 +505,14 @@ fn one_interval_rederives_each_session_once_even_when_its_range_moves() {
 }
 
 #[test]
-fn tombstones_parse_the_key_and_both_processors_are_registered() {
+pub fn tombstones_parse_the_key_and_both_processors_declare_their_inputs() {
     let ts = SessionImpact::tombstone("u-1", "u-1|sess|x");
     assert_eq!((ts.user_id.as_str(), ts.session_id.as_str(), ts.deleted), ("u-1", "sess|x", true));
     let mut v = ts;
     v.stamp(3, 7, vec![]);
     assert_eq!((v.version_epoch, v.version_seq), (3, 7));
-    assert_eq!(crate::find("session_impact").map(|p| p.inputs), Some(crate::Inputs::Lanes));
-    assert_eq!(crate::find("product_impact").map(|p| p.inputs), Some(crate::Inputs::SessionImpacts));
+    assert_eq!(INFO.inputs, crate::Inputs::Lanes);
+    assert_eq!(crate::product_impact::INFO.inputs, crate::Inputs::SessionImpacts);
     let cfg: Config = serde_json::from_str(r#"{"before_min": 30}"#).unwrap();
     assert_eq!((cfg.before_min, cfg.after_min, cfg.grace_min), (30, 120, 30));
     assert!(serde_json::from_str::<Config>(r#"{"befor_min": 30}"#).is_err(), "unknown keys are refused");
@@ -519,19 +520,19 @@ fn tombstones_parse_the_key_and_both_processors_are_registered() {
 
 // ---- the property: streaming == oracle ---------------------------------------------------------
 
-const SOURCES: [(&str, SourceKind); 2] = [("watch", SourceKind::Watch), ("phone", SourceKind::Phone)];
+pub const SOURCES: [(&str, SourceKind); 2] = [("watch", SourceKind::Watch), ("phone", SourceKind::Phone)];
 /// Weighted towards heart rate and steps; one identity has one metric (its record id names it).
-const METRICS: [&str; 7] = ["heart_rate", "heart_rate", "hrv_sdnn", "steps", "steps", "active_energy", "body_mass"];
+pub const METRICS: [&str; 7] = ["heart_rate", "heart_rate", "hrv_sdnn", "steps", "steps", "active_energy", "body_mass"];
 
 #[derive(Debug, Clone)]
-enum Event {
+pub enum Event {
     Upsert { user: u8, src: usize, id: u8, metric: usize, start_min: i64, dur_min: i64, value: u32, version: i64 },
     Delete { user: u8, src: usize, id: u8, metric: usize, version: Option<i64> },
     Session { user: u8, sid: u8, kind: u8, at: i64, product: Option<u8>, start_min: i64, end_min: i64, bad: bool },
     Priority { user: u8, at: i64, phone_first: bool },
 }
 
-fn event() -> impl Strategy<Value = Event> {
+pub fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
         12 => (0u8..2, 0usize..2, 0u8..16, 0usize..7, -120i64..720, 0i64..180, 1u32..200, 1i64..4).prop_map(
             |(user, src, id, metric, start_min, dur_min, value, version)| Event::Upsert { user, src, id, metric, start_min, dur_min, value, version }),
@@ -543,11 +544,11 @@ fn event() -> impl Strategy<Value = Event> {
     ]
 }
 
-fn base() -> i64 {
+pub fn base() -> i64 {
     t(8, 0)
 }
 
-fn to_input(i: usize, e: &Event) -> Input {
+pub fn to_input(i: usize, e: &Event) -> Input {
     let at_min = |m: i64| base() + m * 60_000;
     match e {
         Event::Upsert { user, src, id, metric, start_min, dur_min, value, version } => {
@@ -593,7 +594,7 @@ fn to_input(i: usize, e: &Event) -> Input {
 }
 
 /// One identity at one version is one sample: the first content generated stands for every copy.
-fn inputs_of(events: Vec<Event>) -> Vec<Input> {
+pub fn inputs_of(events: Vec<Event>) -> Vec<Input> {
     let mut first: HashMap<(u8, usize, u8, &str, i64), Event> = HashMap::new();
     let events: Vec<Event> = events
         .into_iter()
@@ -609,7 +610,7 @@ fn inputs_of(events: Vec<Event>) -> Vec<Input> {
 /// their log timestamps (minutes after 08:00, scaled by `span`/1000), which mostly grow through
 /// the delivery and sometimes go back (stream time is their running maximum), so sessions are
 /// last touched before their due time and only the timer can make them final.
-fn delivery(n: usize, dup_every: usize, seed: u64, times: &[i64], span: i64) -> (Vec<usize>, Vec<i64>) {
+pub fn delivery(n: usize, dup_every: usize, seed: u64, times: &[i64], span: i64) -> (Vec<usize>, Vec<i64>) {
     let mut order: Vec<usize> = (0..n).chain((0..n).step_by(dup_every)).collect();
     let mut x = seed | 1;
     for i in (1..order.len()).rev() {
@@ -630,7 +631,7 @@ fn delivery(n: usize, dup_every: usize, seed: u64, times: &[i64], span: i64) -> 
 
 /// Advances to the optional `tail` (minutes after 08:00), then requires the driver's projection
 /// to be the oracle's at its stream time, key by key.
-fn equals_the_oracle(d: &mut Driver<SessionImpactProcessor>, inputs: &[Input], tail: Option<i64>) -> Result<(), TestCaseError> {
+pub fn equals_the_oracle(d: &mut Driver<SessionImpactProcessor>, inputs: &[Input], tail: Option<i64>) -> Result<(), TestCaseError> {
     if let Some(m) = tail {
         d.advance_to(base() + m * 60_000);
     }
@@ -706,39 +707,10 @@ proptest! {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48)))]
-
-    /// Takeovers at random earlier checkpoints (or from nothing), each owner with its own batch
-    /// boundaries and lane interleaving, zombies writing after the takeover, `processor_epochs`
-    /// lost now and then: the output partition folded by version and as compaction keeps it both
-    /// equal the oracle. Stream time is the log timestamps' running maximum, so timers fire
-    /// at other points for each owner.
-    #[test]
-    fn takeovers_zombies_and_compaction_leave_exactly_the_oracle(
-        events in proptest::collection::vec(event(), 1..60),
-        seed in any::<u64>(),
-        lanes in any::<u64>(),
-        step_min in 1i64..20,
-        takeovers in 1usize..4,
-        max_zombie_steps in 0usize..4,
-        epochs_lost in proptest::bool::weighted(0.2),
-    ) {
-        use crate::runtime::sim::{self, Scenario, Sim};
-        let inputs = inputs_of(events);
-        let records = sim::on_lanes(&inputs, lanes, |n| base() + n as i64 * step_min * 60_000);
-        let mut sim: Sim<SessionImpactProcessor> = Sim::new(crate::Inputs::Lanes, records);
-        sim.run(|| SessionImpactProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
-        let expected = oracle(&inputs, sim.stream_time_ms);
-        prop_assert_eq!(sim.fold_by_version(), expected.clone(), "by version");
-        prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
-    }
-}
-
 /// Issue 9, item 2: one record with a valid session (10:00-10:30) and a 30-hour one. Before, the
 /// whole record was refused (`session_too_long`) and the valid session never appeared.
 #[test]
-fn a_refused_session_does_not_take_the_valid_one_of_its_record_with_it() {
+pub fn a_refused_session_does_not_take_the_valid_one_of_its_record_with_it() {
     let mut d = driver();
     let both = domain(
         "u",
@@ -764,7 +736,7 @@ fn a_refused_session_does_not_take_the_valid_one_of_its_record_with_it() {
 /// The source cap (`keys::MAX_SOURCES`) refuses the record that passes it before the user's
 /// deferred sessions are taken: the interval's impact is still computed from everything else.
 #[test]
-fn a_record_past_the_source_cap_is_refused_and_the_interval_keeps_its_work() {
+pub fn a_record_past_the_source_cap_is_refused_and_the_interval_keeps_its_work() {
     use crate::keys::MAX_SOURCES;
     let mut d = driver();
     // Far from the session's windows: MAX_SOURCES minus the session's own three sources.

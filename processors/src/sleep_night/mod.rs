@@ -107,8 +107,14 @@ pub const INFO: ProcessorInfo = ProcessorInfo {
     description: "Sleep nights per (user, local date of final wake): periods, naps, stages, awakenings, efficiency, one source per night",
     inputs: crate::Inputs::Lanes,
     output_topic: |t| t.sleep_night.clone(),
-    run: |args| crate::runtime::run(SleepNightProcessor::new(Config::default()), args),
 };
+
+/// Built with its default [`Config`] (what the registry runs).
+impl Default for SleepNightProcessor {
+    fn default() -> Self {
+        SleepNightProcessor::new(Config::default())
+    }
+}
 
 /// The metric this processor reads.
 pub const METRIC: &str = "sleep_stage";
@@ -185,7 +191,7 @@ pub fn blank_row(user: &str, night_date: &str) -> SleepNight {
     }
 }
 
-impl crate::runtime::Versioned for SleepNight {
+impl crate::Versioned for SleepNight {
     fn stamp(&mut self, epoch: i64, seq: i64, offsets: Vec<SourceOffset>) {
         self.version_epoch = epoch;
         self.version_seq = seq;
@@ -825,5 +831,7 @@ fn publish(user: &str, date: NaiveDate, row: Option<SleepNight>, state: &mut dyn
     }
 }
 
-#[cfg(test)]
-mod tests;
+/// Scenarios and generators, public under feature `testkit` (the runtime's takeover properties).
+#[cfg(any(test, feature = "testkit"))]
+#[cfg_attr(not(test), allow(dead_code, unused_imports, unused_macros))]
+pub mod tests;

@@ -11,18 +11,18 @@ use vitals_schemas::{ChangeBatch, Deletion, DomainChange, DomainChangeBatch, Lan
 
 use super::*;
 use crate::driver::{Driver, Emitted};
-use crate::runtime::Versioned;
+use crate::Versioned;
 
-fn ms(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> i64 {
+pub fn ms(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> i64 {
     Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap().timestamp_millis()
 }
 
 /// 2026-05-`d` at `h:mi` UTC.
-fn may(d: u32, h: u32, mi: u32) -> i64 {
+pub fn may(d: u32, h: u32, mi: u32) -> i64 {
     ms(2026, 5, d, h, mi)
 }
 
-fn kind_of(source: &str) -> SourceKind {
+pub fn kind_of(source: &str) -> SourceKind {
     match source {
         "watch" => SourceKind::Watch,
         "phone" => SourceKind::Phone,
@@ -31,7 +31,7 @@ fn kind_of(source: &str) -> SourceKind {
     }
 }
 
-fn stage_tz(source: &str, id: &str, cat: &str, start: i64, end: i64, tz: &str) -> Sample {
+pub fn stage_tz(source: &str, id: &str, cat: &str, start: i64, end: i64, tz: &str) -> Sample {
     Sample {
         source: source.into(),
         source_kind: kind_of(source),
@@ -48,23 +48,23 @@ fn stage_tz(source: &str, id: &str, cat: &str, start: i64, end: i64, tz: &str) -
     }
 }
 
-fn stage(source: &str, id: &str, cat: &str, start: i64, end: i64) -> Sample {
+pub fn stage(source: &str, id: &str, cat: &str, start: i64, end: i64) -> Sample {
     stage_tz(source, id, cat, start, end, "UTC")
 }
 
-fn batch(user: &str, samples: Vec<Sample>) -> Input {
+pub fn batch(user: &str, samples: Vec<Sample>) -> Input {
     Input::Samples(SampleBatch { request_id: "r".into(), user_id: user.into(), received_at_ms: 0, lane: Lane::Hot, samples })
 }
 
-fn changes(user: &str, edits: Vec<Sample>, deletions: Vec<Deletion>) -> Input {
+pub fn changes(user: &str, edits: Vec<Sample>, deletions: Vec<Deletion>) -> Input {
     Input::Changes(ChangeBatch { request_id: "r".into(), user_id: user.into(), received_at_ms: 0, edits, deletions })
 }
 
-fn del(source: &str, id: &str, version: Option<i64>) -> Deletion {
+pub fn del(source: &str, id: &str, version: Option<i64>) -> Deletion {
     Deletion { source: source.into(), source_record_id: id.into(), metric: METRIC.into(), deleted_version: version }
 }
 
-fn priority(user: &str, at: i64, sources: &[&str]) -> Input {
+pub fn priority(user: &str, at: i64, sources: &[&str]) -> Input {
     Input::Domain(DomainChangeBatch {
         request_id: "r".into(),
         user_id: user.into(),
@@ -81,16 +81,16 @@ fn priority(user: &str, at: i64, sources: &[&str]) -> Input {
     })
 }
 
-fn day(s: &str) -> NaiveDate {
+pub fn day(s: &str) -> NaiveDate {
     s.parse().unwrap()
 }
 
-fn close(a: f64, b: f64) -> bool {
+pub fn close(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-9
 }
 
 /// The driver plus every input it was fed, so a scenario can also be checked against the oracle.
-struct Scenario {
+pub struct Scenario {
     d: Driver<SleepNightProcessor>,
     inputs: Vec<Input>,
 }
@@ -115,18 +115,18 @@ impl Scenario {
     }
 }
 
-fn minutes(row: &SleepNight) -> BTreeMap<String, f64> {
+pub fn minutes(row: &SleepNight) -> BTreeMap<String, f64> {
     row.stage_minutes.iter().map(|(k, v)| (k.clone(), *v)).collect()
 }
 
-fn stage_map(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
+pub fn stage_map(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
 
 // ---- scenarios ---------------------------------------------------------------------------------
 
 #[test]
-fn a_staged_night_with_awakenings() {
+pub fn a_staged_night_with_awakenings() {
     let mut s = Scenario::new();
     s.feed(batch("u", vec![
         stage("watch", "bed", "in_bed", may(4, 22, 30), may(5, 6, 45)),
@@ -159,7 +159,7 @@ fn a_staged_night_with_awakenings() {
 }
 
 #[test]
-fn two_periods_less_than_three_hours_apart_are_one_night_with_the_gap_as_awake() {
+pub fn two_periods_less_than_three_hours_apart_are_one_night_with_the_gap_as_awake() {
     let mut s = Scenario::new();
     s.feed(batch("u", vec![
         stage("watch", "p1", "asleep_unspecified", may(4, 23, 0), may(5, 3, 0)),
@@ -178,7 +178,7 @@ fn two_periods_less_than_three_hours_apart_are_one_night_with_the_gap_as_awake()
 }
 
 #[test]
-fn a_gap_of_exactly_three_hours_separates_and_a_short_sleep_after_it_is_a_nap() {
+pub fn a_gap_of_exactly_three_hours_separates_and_a_short_sleep_after_it_is_a_nap() {
     let mut s = Scenario::new();
     s.feed(batch("u", vec![
         stage("watch", "p1", "core", may(4, 23, 0), may(5, 3, 0)),
@@ -197,7 +197,7 @@ fn a_gap_of_exactly_three_hours_separates_and_a_short_sleep_after_it_is_a_nap() 
 }
 
 #[test]
-fn naps_are_reported_with_the_row_of_their_date_and_not_in_its_totals() {
+pub fn naps_are_reported_with_the_row_of_their_date_and_not_in_its_totals() {
     let mut s = Scenario::new();
     s.feed(batch("u", vec![
         stage("watch", "n1", "core", may(4, 23, 0), may(5, 7, 0)),
@@ -231,7 +231,7 @@ fn naps_are_reported_with_the_row_of_their_date_and_not_in_its_totals() {
 }
 
 #[test]
-fn two_long_sleeps_ending_on_the_same_date_report_the_longer_as_the_night() {
+pub fn two_long_sleeps_ending_on_the_same_date_report_the_longer_as_the_night() {
     let mut s = Scenario::new();
     s.feed(batch("u", vec![
         stage("watch", "a", "core", may(5, 0, 0), may(5, 4, 0)),
@@ -244,7 +244,7 @@ fn two_long_sleeps_ending_on_the_same_date_report_the_longer_as_the_night() {
 }
 
 #[test]
-fn phone_and_watch_on_the_same_night_count_one_source() {
+pub fn phone_and_watch_on_the_same_night_count_one_source() {
     let mut s = Scenario::new();
     s.feed(batch("u", vec![
         stage("watch", "w1", "core", may(4, 23, 0), may(5, 6, 0)),
@@ -283,7 +283,7 @@ fn phone_and_watch_on_the_same_night_count_one_source() {
 }
 
 #[test]
-fn in_bed_is_never_counted_as_sleep() {
+pub fn in_bed_is_never_counted_as_sleep() {
     let mut s = Scenario::new();
     s.feed(batch("u", vec![
         stage("watch", "bed", "in_bed", may(4, 22, 0), may(5, 7, 0)),
@@ -300,7 +300,7 @@ fn in_bed_is_never_counted_as_sleep() {
 }
 
 #[test]
-fn awakenings_are_bouts_of_at_least_five_minutes_and_every_gap_between_periods() {
+pub fn awakenings_are_bouts_of_at_least_five_minutes_and_every_gap_between_periods() {
     let mut s = Scenario::new();
     s.feed(batch("u", vec![
         stage("watch", "s1", "core", may(4, 23, 0), may(5, 1, 0)),
@@ -322,7 +322,7 @@ fn awakenings_are_bouts_of_at_least_five_minutes_and_every_gap_between_periods()
 }
 
 #[test]
-fn in_bed_within_thirty_minutes_belongs_to_the_night() {
+pub fn in_bed_within_thirty_minutes_belongs_to_the_night() {
     let mut s = Scenario::new();
     s.feed(batch("u", vec![
         stage("watch", "b1", "in_bed", may(4, 22, 0), may(4, 22, 40)), // 20 min before onset
@@ -336,7 +336,7 @@ fn in_bed_within_thirty_minutes_belongs_to_the_night() {
 }
 
 #[test]
-fn a_sleep_chain_over_several_days_is_rederived_whole() {
+pub fn a_sleep_chain_over_several_days_is_rederived_whole() {
     // A patient's record: 2 h asleep, 1 h awake, for four days: one episode (every gap < 3 h),
     // dated by its final wake four days after it started.
     let mut s = Scenario::new();
@@ -354,7 +354,7 @@ fn a_sleep_chain_over_several_days_is_rederived_whole() {
 }
 
 #[test]
-fn overlapping_stages_of_one_source_are_resolved_not_added() {
+pub fn overlapping_stages_of_one_source_are_resolved_not_added() {
     let mut s = Scenario::new();
     s.feed(batch("u", vec![
         stage("app", "whole", "asleep_unspecified", may(4, 23, 0), may(5, 7, 0)),
@@ -370,7 +370,7 @@ fn overlapping_stages_of_one_source_are_resolved_not_added() {
 }
 
 #[test]
-fn late_stages_edits_and_deletions_rederive_the_night() {
+pub fn late_stages_edits_and_deletions_rederive_the_night() {
     let mut s = Scenario::new();
     let c1 = stage("watch", "c1", "core", may(4, 23, 0), may(5, 3, 0));
     let r1 = stage("watch", "r1", "rem", may(5, 3, 0), may(5, 5, 0));
@@ -399,7 +399,7 @@ fn late_stages_edits_and_deletions_rederive_the_night() {
 }
 
 #[test]
-fn a_deleted_night_is_retracted_and_a_moved_one_follows_its_sample() {
+pub fn a_deleted_night_is_retracted_and_a_moved_one_follows_its_sample() {
     let mut s = Scenario::new();
     let a = stage("watch", "a", "core", may(4, 23, 0), may(5, 3, 0));
     let b = stage("watch", "b", "rem", may(5, 3, 0), may(5, 6, 0));
@@ -423,7 +423,7 @@ fn a_deleted_night_is_retracted_and_a_moved_one_follows_its_sample() {
 }
 
 #[test]
-fn dst_nights_count_real_minutes() {
+pub fn dst_nights_count_real_minutes() {
     let mut s = Scenario::new();
     // Berlin, autumn: 23:00 CEST on the 24th to 07:00 CET on the 25th is 9 real hours.
     s.feed(batch("u", vec![stage_tz("watch", "autumn", "core", ms(2026, 10, 24, 21, 0), ms(2026, 10, 25, 6, 0), "Europe/Berlin")]));
@@ -437,7 +437,7 @@ fn dst_nights_count_real_minutes() {
 }
 
 #[test]
-fn nights_in_other_zones_are_dated_by_their_local_final_wake() {
+pub fn nights_in_other_zones_are_dated_by_their_local_final_wake() {
     let mut s = Scenario::new();
     // Tokyo: 00:00–07:00 JST on the 5th is 15:00–22:00 UTC on the 4th.
     s.feed(batch("u", vec![stage_tz("watch", "tokyo", "core", may(4, 15, 0), may(4, 22, 0), "Asia/Tokyo")]));
@@ -455,7 +455,7 @@ fn nights_in_other_zones_are_dated_by_their_local_final_wake() {
 }
 
 #[test]
-fn invalid_sleep_samples_are_rejected_with_a_stable_code_and_leave_no_trace() {
+pub fn invalid_sleep_samples_are_rejected_with_a_stable_code_and_leave_no_trace() {
     let good = stage("watch", "ok", "core", may(4, 23, 0), may(5, 6, 0));
     let cases = [
         (Sample { category: Some("dreaming".into()), ..stage("watch", "x", "core", may(5, 1, 0), may(5, 2, 0)) }, "unknown_category"),
@@ -494,7 +494,7 @@ fn invalid_sleep_samples_are_rejected_with_a_stable_code_and_leave_no_trace() {
 }
 
 #[test]
-fn a_change_rederives_only_the_nights_it_touches() {
+pub fn a_change_rederives_only_the_nights_it_touches() {
     let mut d = Driver::new(SleepNightProcessor::new(Config::default()));
     let night = |n: u32| {
         vec![
@@ -522,7 +522,7 @@ fn a_change_rederives_only_the_nights_it_touches() {
 }
 
 #[test]
-fn versioned_stamps_and_tombstones() {
+pub fn versioned_stamps_and_tombstones() {
     let mut row = blank_row("u", "2026-05-05");
     row.stamp(3, 7, vec![SourceOffset { topic: "t".into(), partition: 1, next_offset: 9 }]);
     assert_eq!((row.version_epoch, row.version_seq, row.source_offsets.len()), (3, 7, 1));
@@ -532,7 +532,7 @@ fn versioned_stamps_and_tombstones() {
 }
 
 #[test]
-fn config_defaults_and_unknown_keys() {
+pub fn config_defaults_and_unknown_keys() {
     let c: Config = serde_json::from_str("{}").unwrap();
     assert_eq!(c, Config { merge_gap_minutes: 30, night_gap_minutes: 180, nap_max_minutes: 180, min_awakening_minutes: 5 });
     let c: Config = serde_json::from_str(r#"{"merge_gap_minutes": 10}"#).unwrap();
@@ -541,23 +541,22 @@ fn config_defaults_and_unknown_keys() {
 }
 
 #[test]
-fn categories_match_the_catalog_and_the_processor_is_registered() {
+pub fn categories_match_the_catalog_and_the_processor_declares_its_inputs() {
     assert_eq!(Catalog::embedded().get(METRIC).unwrap().categories, CATEGORIES.map(String::from).to_vec());
-    let info = crate::find("sleep_night").unwrap();
-    assert_eq!(info.inputs, crate::Inputs::Lanes);
+    assert_eq!((INFO.name, INFO.inputs), ("sleep_night", crate::Inputs::Lanes));
     assert_eq!(date_of_day(0), Some(day("1970-01-01")));
     assert_eq!(date_of_day(day_of(may(5, 23, 59))), Some(day("2026-05-05")));
 }
 
 // ---- the property: streaming == oracle ---------------------------------------------------------
 
-const SOURCES: [&str; 4] = ["watch", "phone", "appa", "appb"];
-const ZONES: [&str; 5] = ["Europe/Berlin", "America/New_York", "+05:30", "UTC", "Asia/Tokyo"];
+pub const SOURCES: [&str; 4] = ["watch", "phone", "appa", "appb"];
+pub const ZONES: [&str; 5] = ["Europe/Berlin", "America/New_York", "+05:30", "UTC", "Asia/Tokyo"];
 /// Weighted: mostly asleep stages, some awake and in_bed.
-const CATS: [&str; 12] = ["core", "core", "core", "deep", "deep", "rem", "rem", "awake", "awake", "asleep_unspecified", "in_bed", "in_bed"];
+pub const CATS: [&str; 12] = ["core", "core", "core", "deep", "deep", "rem", "rem", "awake", "awake", "asleep_unspecified", "in_bed", "in_bed"];
 
 #[derive(Debug, Clone)]
-enum Event {
+pub enum Event {
     /// One sample (record id `r{id}`), a new version when `version > 1`.
     Upsert { user: u8, src: usize, id: u8, cat: usize, start_min: i64, dur_min: i64, zone: usize, version: i64 },
     /// A watch-like night: consecutive stages (record ids `k{k}-{j}`) with small gaps, maybe under
@@ -567,7 +566,7 @@ enum Event {
     Priority { user: u8, at: i64, order: Vec<usize> },
 }
 
-fn event() -> impl Strategy<Value = Event> {
+pub fn event() -> impl Strategy<Value = Event> {
     // Three days around Berlin's autumn DST change (2026-10-25), mostly in night windows (20:00 to
     // 10:00 UTC) so that stages chain into periods, nights, naps and overlapping sources.
     let start = prop_oneof![3 => (0i64..3, 480i64..1320).prop_map(|(n, m)| n * 1440 + m), 1 => 0i64..4320];
@@ -585,7 +584,7 @@ fn event() -> impl Strategy<Value = Event> {
     ]
 }
 
-fn to_input(e: &Event) -> Input {
+pub fn to_input(e: &Event) -> Input {
     let base = ms(2026, 10, 23, 12, 0);
     match e {
         Event::Upsert { user, src, id, cat, start_min, dur_min, zone, version } => {
@@ -623,7 +622,7 @@ fn to_input(e: &Event) -> Input {
 
 /// One identity at one version is one sample: the first content generated for an identity and
 /// version stands for every copy (a run's stages share the run's key).
-fn canonical(events: Vec<Event>) -> Vec<Event> {
+pub fn canonical(events: Vec<Event>) -> Vec<Event> {
     let mut first: HashMap<(u8, usize, String, i64), Event> = HashMap::new();
     events
         .into_iter()
@@ -677,33 +676,6 @@ proptest! {
     }
 }
 
-
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48)))]
-
-    /// Takeovers at random earlier checkpoints (or from nothing), each owner with its own batch
-    /// boundaries and lane interleaving, zombies writing after the takeover, `processor_epochs`
-    /// lost now and then: the output partition folded by version and as compaction keeps it both
-    /// equal the oracle.
-    #[test]
-    fn takeovers_zombies_and_compaction_leave_exactly_the_oracle(
-        events in proptest::collection::vec(event(), 1..50),
-        seed in any::<u64>(),
-        lanes in any::<u64>(),
-        takeovers in 1usize..4,
-        max_zombie_steps in 0usize..4,
-        epochs_lost in proptest::bool::weighted(0.2),
-    ) {
-        use crate::runtime::sim::{self, Scenario, Sim};
-        let inputs: Vec<Input> = canonical(events).iter().map(to_input).collect();
-        let records = sim::on_lanes(&inputs, lanes, |n| n as i64 * 1000);
-        let mut sim: Sim<SleepNightProcessor> = Sim::new(crate::Inputs::Lanes, records);
-        sim.run(|| SleepNightProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
-        let expected = oracle(&inputs);
-        prop_assert_eq!(sim.fold_by_version(), expected.clone(), "by version");
-        prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
-    }
-}
 
 proptest! {
     /// An index entry round-trips through its key and value (any source, separators included:

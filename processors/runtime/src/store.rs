@@ -8,7 +8,7 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::State;
+use vitals_processors::State;
 
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
@@ -495,6 +495,31 @@ impl State for UserState<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rejected record's new source-dictionary entries are undone by the view's rollback with
+    /// its other writes (`vitals_processors::keys::Sources`; the driver's side is tested there).
+    #[test]
+    fn a_rolled_back_records_new_sources_do_not_leak() {
+        use vitals_processors::keys::Sources;
+        let dir = std::env::temp_dir().join(format!("vitals-store-sources-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir.join("t.redb")).unwrap();
+        let mut overlay = Overlay::default();
+        {
+            let mut view = UserState::new(&store, &mut overlay, "u");
+            let mut src = Sources::load(&view, "src");
+            assert_eq!(src.code_or_add(&mut view, "watch"), 0);
+        }
+        {
+            let mut view = UserState::new(&store, &mut overlay, "u");
+            let mut src = Sources::load(&view, "src");
+            assert_eq!(src.code_or_add(&mut view, "ring"), 1);
+            view.rollback();
+        }
+        let view = UserState::new(&store, &mut overlay, "u");
+        assert_eq!(Sources::load(&view, "src").names(), ["watch".to_owned()]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn an_interval_is_invisible_until_committed_and_then_all_there() {

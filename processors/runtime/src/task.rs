@@ -27,8 +27,8 @@ use vitals_schemas::topics::Topics;
 use vitals_schemas::{DeadLetter, SourceOffset};
 
 use super::store::{Checkpoint, Overlay, Store, StoreError, UserState};
-use super::Versioned;
-use crate::{Emitter, Input, Inputs, Invalid, Processor, State};
+
+use vitals_processors::{Emitter, Input, Inputs, Invalid, Processor, State, Versioned};
 
 /// A processor that re-arms a due timer in its own `on_timer` would otherwise spin forever.
 const MAX_TIMERS_PER_RECORD: usize = 100_000;
@@ -368,7 +368,7 @@ impl Task {
                     users.insert(input.user_id().to_owned());
                     // Units the shared rules refuse are dead-lettered one by one; the rest of the
                     // record goes on.
-                    let filtered = crate::refuse_invalid_units(input);
+                    let filtered = vitals_processors::refuse_invalid_units(input);
                     let input = match &filtered {
                         Some((kept, refused)) => {
                             for r in refused {
@@ -516,7 +516,7 @@ impl<T> Emitter<T> for Collect<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollup_day::{Config, RollupDayProcessor};
+    use vitals_processors::rollup_day::{Config, RollupDayProcessor};
     use vitals_schemas::{Lane, Sample, SampleBatch, SourceKind};
 
     fn lanes() -> Lanes {

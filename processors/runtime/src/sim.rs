@@ -18,8 +18,8 @@ use vitals_schemas::topics::Topics;
 
 use super::store::Store;
 use super::task::{Fenced, InBody, InRecord, Lanes, Out, Seen, Tail, Task};
-use super::Versioned;
-use crate::{Input, Inputs, Processor};
+
+use vitals_processors::{Input, Inputs, Processor, Versioned};
 
 /// One record of the output partition.
 #[derive(Debug, Clone)]

@@ -17,9 +17,12 @@
 //! newest snapshot and replays the input from the snapshot's offsets ([`snapshot`]).
 
 pub mod metrics;
+pub mod registry;
 pub mod s3;
 #[cfg(test)]
 pub mod sim;
+#[cfg(test)]
+mod takeovers;
 pub mod snapshot;
 pub mod store;
 pub mod task;
@@ -43,35 +46,13 @@ use sqlx::PgPool;
 use tracing::{info, warn};
 use vitals_schemas::codec::{Codec, CodecError};
 use vitals_schemas::topics::Topics;
-use vitals_schemas::{ChangeBatch, DomainChangeBatch, RollupDay, SampleBatch, SessionImpact, SourceOffset};
+use vitals_schemas::{ChangeBatch, DomainChangeBatch, SampleBatch, SessionImpact, SourceOffset};
 
+pub use self::registry::{find, registry, Registered};
 pub use self::snapshot::Snapshots;
 use self::store::{Checkpoint, Store};
 use self::task::{InBody, InRecord, Lanes, Out, Tail, Task};
-use crate::{Input, Inputs, Processor};
-
-/// What the runtime needs of an output record: a version stamp, the source offsets, and how to
-/// write a retraction of a key.
-pub trait Versioned: Sized {
-    fn stamp(&mut self, epoch: i64, seq: i64, offsets: Vec<SourceOffset>);
-    /// A retraction of `key`, an output key of `user` (`deleted = true`). The user is given, not
-    /// parsed from the key, so user ids may contain any character.
-    fn tombstone(user: &str, key: &str) -> Self;
-}
-
-impl Versioned for RollupDay {
-    fn stamp(&mut self, epoch: i64, seq: i64, offsets: Vec<SourceOffset>) {
-        self.version_epoch = epoch;
-        self.version_seq = seq;
-        self.source_offsets = offsets;
-    }
-    fn tombstone(user: &str, key: &str) -> RollupDay {
-        // `<user>|<metric>|<date>`: neither metric nor date contains `|`.
-        let rest = key.strip_prefix(user).and_then(|k| k.strip_prefix('|')).unwrap_or(key);
-        let (metric, date) = rest.rsplit_once('|').unwrap_or((rest, ""));
-        RollupDay { deleted: true, ..crate::rollup_day::blank_row(user, metric, date) }
-    }
-}
+use vitals_processors::{Input, Inputs, Processor, Versioned};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -208,7 +189,7 @@ struct RebalanceContext {
     watermarks: BaseConsumer,
     output_topic: String,
     checkpointing: bool,
-    /// The layout of the processor's state this build reads ([`crate::Processor::STATE_FORMAT`]).
+    /// The layout of the processor's state this build reads ([`vitals_processors::Processor::STATE_FORMAT`]).
     state_format: i64,
 }
 
