@@ -13,7 +13,7 @@ use rdkafka::ClientConfig;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tracing::info;
-use vitals_ingest::auth::{AuthConfig, JwtVerifier};
+use vitals_auth::{AuthConfig, JwtVerifier};
 use vitals_ingest::request::Rules;
 use vitals_ingest::writer::LaneWriter;
 use vitals_ingest::{Ingest, IngestConfig, Readiness};

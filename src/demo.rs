@@ -152,7 +152,7 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
         edits_and_deletions: true,
     };
     let users: Vec<String> = (0..args.users).map(|i| simulate::user_id(&sim, i)).collect();
-    let token = vitals_ingest::auth::mint_hs256(cfg.auth.hs256_secret.expose().as_bytes(), &cfg.auth.issuer, &cfg.auth.audience, &users[0], 86_400);
+    let token = vitals_auth::mint_hs256(cfg.auth.hs256_secret.expose().as_bytes(), &cfg.auth.issuer, &cfg.auth.audience, &users[0], 86_400);
     println!();
     println!("Dashboard:  http://{}/#token={token}", cfg.api.listen);
     println!("            (user {}; `vitals token --user <id>` signs in as any other: {})", users[0], users.join(", "));

@@ -520,7 +520,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Token { user, ttl_secs } => {
             let secret = cfg.auth.hs256_secret.expose();
             anyhow::ensure!(!secret.is_empty(), "auth.hs256_secret is empty: no development tokens");
-            println!("{}", vitals_ingest::auth::mint_hs256(secret.as_bytes(), &cfg.auth.issuer, &cfg.auth.audience, &user, ttl_secs));
+            println!("{}", vitals_auth::mint_hs256(secret.as_bytes(), &cfg.auth.issuer, &cfg.auth.audience, &user, ttl_secs));
         }
         Cmd::Simulate(args) => {
             let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
