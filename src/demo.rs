@@ -98,7 +98,7 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     };
     if !registry_up {
         let listener = TcpListener::bind(&cfg.registry.listen).await.with_context(|| format!("binding the registry on {}", cfg.registry.listen))?;
-        let router = crate::registry::router(pool.clone(), app::registry_access(&cfg)?);
+        let router = vitals_registry::router(pool.clone(), app::registry_access(&cfg)?);
         tasks.push((false, tokio::spawn(async move {
             let _ = app::serve(listener, router, std::future::pending()).await;
         })));

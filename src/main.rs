@@ -337,7 +337,7 @@ async fn main() -> anyhow::Result<()> {
             app::migrate(&pool).await?;
             let listener = TcpListener::bind(&cfg.registry.listen).await.with_context(|| format!("binding {}", cfg.registry.listen))?;
             let access = app::registry_access(&cfg)?;
-            app::serve(listener, vitals::registry::router(pool, access), shutdown_signal()).await?;
+            app::serve(listener, vitals_registry::router(pool, access), shutdown_signal()).await?;
         }
         Cmd::Ingest => {
             app::refuse_committed_secret(&cfg, "ingest")?;

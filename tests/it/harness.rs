@@ -153,7 +153,7 @@ impl TestEnv {
         all.extend_from_slice(overrides);
         let cfg = config(&db_url, &prefix, brokers, &all);
         // The registry takes the same credentials the roles send ([registry] in the config).
-        let router = vitals::registry::router(pool.clone(), app::registry_access(&cfg).expect("registry credentials"));
+        let router = vitals_registry::router(pool.clone(), app::registry_access(&cfg).expect("registry credentials"));
         tasks.push(tokio::spawn(async move {
             let _ = app::serve(registry, router, std::future::pending()).await;
         }));
