@@ -13,15 +13,15 @@ use rdkafka::ClientConfig;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tracing::info;
-use vitals_ingest::auth::{AuthConfig, JwtVerifier};
+use vitals_auth::{AuthConfig, JwtVerifier};
 use vitals_ingest::request::Rules;
 use vitals_ingest::writer::LaneWriter;
 use vitals_ingest::{Ingest, IngestConfig, Readiness};
+use vitals_registry::client::{RegistryClient, SubjectState};
 use vitals_schemas::codec::Codec;
 use vitals_schemas::topics::{TopicRole, Topics};
 
 use crate::config::Config;
-use crate::registry::client::{RegistryClient, SubjectState};
 
 /// Every table of `migrations/`, applied in order.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -192,8 +192,8 @@ pub async fn topic_partitions(cfg: &Config, names: &[String]) -> anyhow::Result<
 }
 
 /// The registry's access rules from `[registry]` (for `vitals registry`).
-pub fn registry_access(cfg: &Config) -> anyhow::Result<crate::registry::Access> {
-    use crate::registry::{Access, Credential};
+pub fn registry_access(cfg: &Config) -> anyhow::Result<vitals_registry::Access> {
+    use vitals_registry::{Access, Credential};
     let r = &cfg.registry;
     let access = Access {
         admin: Credential::new(&r.admin_user, r.admin_password.expose()),

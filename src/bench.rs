@@ -559,7 +559,7 @@ async fn freshness(cfg: &Config, ingest_url: &str, api_addr: std::net::SocketAdd
     use futures::StreamExt;
     let http = reqwest::Client::new();
     let secret = cfg.auth.hs256_secret.expose().as_bytes().to_vec();
-    let mint = |u: &str| vitals_ingest::auth::mint_hs256(&secret, &cfg.auth.issuer, &cfg.auth.audience, u, 3600);
+    let mint = |u: &str| vitals_auth::mint_hs256(&secret, &cfg.auth.issuer, &cfg.auth.audience, u, 3600);
     let period = std::time::Duration::from_secs_f64(1.0 / rate);
     let mut probes = Vec::new();
     let start = tokio::time::Instant::now();

@@ -98,7 +98,7 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     };
     if !registry_up {
         let listener = TcpListener::bind(&cfg.registry.listen).await.with_context(|| format!("binding the registry on {}", cfg.registry.listen))?;
-        let router = crate::registry::router(pool.clone(), app::registry_access(&cfg)?);
+        let router = vitals_registry::router(pool.clone(), app::registry_access(&cfg)?);
         tasks.push((false, tokio::spawn(async move {
             let _ = app::serve(listener, router, std::future::pending()).await;
         })));
@@ -152,7 +152,7 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
         edits_and_deletions: true,
     };
     let users: Vec<String> = (0..args.users).map(|i| simulate::user_id(&sim, i)).collect();
-    let token = vitals_ingest::auth::mint_hs256(cfg.auth.hs256_secret.expose().as_bytes(), &cfg.auth.issuer, &cfg.auth.audience, &users[0], 86_400);
+    let token = vitals_auth::mint_hs256(cfg.auth.hs256_secret.expose().as_bytes(), &cfg.auth.issuer, &cfg.auth.audience, &users[0], 86_400);
     println!();
     println!("Dashboard:  http://{}/#token={token}", cfg.api.listen);
     println!("            (user {}; `vitals token --user <id>` signs in as any other: {})", users[0], users.join(", "));

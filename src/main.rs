@@ -337,7 +337,7 @@ async fn main() -> anyhow::Result<()> {
             app::migrate(&pool).await?;
             let listener = TcpListener::bind(&cfg.registry.listen).await.with_context(|| format!("binding {}", cfg.registry.listen))?;
             let access = app::registry_access(&cfg)?;
-            app::serve(listener, vitals::registry::router(pool, access), shutdown_signal()).await?;
+            app::serve(listener, vitals_registry::router(pool, access), shutdown_signal()).await?;
         }
         Cmd::Ingest => {
             app::refuse_committed_secret(&cfg, "ingest")?;
@@ -520,7 +520,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Token { user, ttl_secs } => {
             let secret = cfg.auth.hs256_secret.expose();
             anyhow::ensure!(!secret.is_empty(), "auth.hs256_secret is empty: no development tokens");
-            println!("{}", vitals_ingest::auth::mint_hs256(secret.as_bytes(), &cfg.auth.issuer, &cfg.auth.audience, &user, ttl_secs));
+            println!("{}", vitals_auth::mint_hs256(secret.as_bytes(), &cfg.auth.issuer, &cfg.auth.audience, &user, ttl_secs));
         }
         Cmd::Simulate(args) => {
             let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;

@@ -25,8 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
-use vitals_ingest::auth::JwtVerifier;
-use vitals_ingest::error::ApiError;
+use vitals_auth::{ApiError, JwtVerifier};
 
 use crate::freshness::Freshness;
 

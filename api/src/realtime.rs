@@ -28,7 +28,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::{mpsc, Notify};
 use tracing::{info, warn};
-use vitals_ingest::error::ApiError;
+use vitals_auth::ApiError;
 
 use crate::Api;
 

@@ -1,6 +1,6 @@
 //! `vitals-ingest`: the edge phones upload to.
 //!
-//! A request goes through: JWT auth ([`auth`]) → the user's concurrency slot → bounded body read
+//! A request goes through: JWT auth ([`vitals_auth`]) → the user's concurrency slot → bounded body read
 //! within a deadline → a global in-flight permit (only now: a slow body holds no permit) → strict
 //! JSON envelope →
 //! privacy/consent → request idempotency ([`store`]) → per-item validation and unit normalisation
@@ -12,7 +12,6 @@
 //! Everything is handed in by the composition root ([`Ingest::new`]); nothing here reads the
 //! environment or opens connections of its own.
 
-pub mod auth;
 pub mod error;
 pub mod json;
 pub mod metrics;
@@ -36,12 +35,12 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tracing::{error, info_span, warn, Instrument};
+use vitals_auth::{ApiError, JwtVerifier};
 use vitals_schemas::catalog::Catalog;
 use vitals_schemas::topics::Topics;
 use vitals_schemas::{ChangeBatch, DomainChangeBatch, DomainChangeKind, Lane, PrivacySettings, SampleBatch};
 
-use crate::auth::JwtVerifier;
-use crate::error::{ApiError, ItemError};
+use crate::error::ItemError;
 use crate::metrics::Metrics;
 use crate::request::{BatchKind, Rules};
 use crate::store::{Begin, Landed};

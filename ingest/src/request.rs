@@ -7,13 +7,14 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, FixedOffset};
 use serde::Deserialize;
 use serde_json::Value;
+use vitals_auth::ApiError;
 use vitals_schemas::catalog::Catalog;
 use vitals_schemas::validate;
 use vitals_schemas::{
     Deletion, DomainChange, DomainChangeKind, Lane, PrivacySettings, Product, Sample, Session, SourceKind,
 };
 
-use crate::error::{ApiError, ItemError};
+use crate::error::ItemError;
 
 /// Limits and clocks the validation needs.
 #[derive(Debug, Clone)]

@@ -68,7 +68,7 @@ pub async fn run(cfg: &SimConfig, http: &reqwest::Client) -> anyhow::Result<SimR
                 let owned = cfg.clone();
                 let uploads = tokio::task::spawn_blocking(move || plan_user(&owned, i)).await.context("planning a simulated user")?;
                 let user = user_id(cfg, i);
-                let token = vitals_ingest::auth::mint_hs256(&cfg.jwt_secret, &cfg.jwt_issuer, &cfg.jwt_audience, &user, TOKEN_TTL_SECS);
+                let token = vitals_auth::mint_hs256(&cfg.jwt_secret, &cfg.jwt_issuer, &cfg.jwt_audience, &user, TOKEN_TTL_SECS);
                 for up in &uploads {
                     send(http, base, &token, up, stats, limiter).await?;
                 }

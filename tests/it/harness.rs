@@ -153,7 +153,7 @@ impl TestEnv {
         all.extend_from_slice(overrides);
         let cfg = config(&db_url, &prefix, brokers, &all);
         // The registry takes the same credentials the roles send ([registry] in the config).
-        let router = vitals::registry::router(pool.clone(), app::registry_access(&cfg).expect("registry credentials"));
+        let router = vitals_registry::router(pool.clone(), app::registry_access(&cfg).expect("registry credentials"));
         tasks.push(tokio::spawn(async move {
             let _ = app::serve(registry, router, std::future::pending()).await;
         }));
@@ -197,7 +197,7 @@ impl TestEnv {
     }
 
     pub fn token(&self, user: &str) -> String {
-        vitals_ingest::auth::mint_hs256(self.cfg.auth.hs256_secret.expose().as_bytes(), &self.cfg.auth.issuer, &self.cfg.auth.audience, user, 3600)
+        vitals_auth::mint_hs256(self.cfg.auth.hs256_secret.expose().as_bytes(), &self.cfg.auth.issuer, &self.cfg.auth.audience, user, 3600)
     }
 
     /// POSTs `body` (raw bytes) to `path` as `user` (no token when `None`).
@@ -544,7 +544,7 @@ impl ApiEnv {
     }
 
     pub fn token(&self, user: &str, ttl_secs: u64) -> String {
-        vitals_ingest::auth::mint_hs256(self.cfg.auth.hs256_secret.expose().as_bytes(), &self.cfg.auth.issuer, &self.cfg.auth.audience, user, ttl_secs)
+        vitals_auth::mint_hs256(self.cfg.auth.hs256_secret.expose().as_bytes(), &self.cfg.auth.issuer, &self.cfg.auth.audience, user, ttl_secs)
     }
 
     pub async fn cleanup(self) {

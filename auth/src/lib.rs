@@ -1,3 +1,6 @@
+//! `vitals-auth`: what both HTTP edges (`vitals-ingest`, `vitals-api`) share: bearer-token
+//! verification ([`JwtVerifier`]) and the typed error they answer with ([`ApiError`]).
+//!
 //! JWT bearer authentication: `sub` is the user id. RS256 with keys from a JWKS (file or URL, loaded
 //! by the composition root) and HS256 with a shared secret for local development. Checks the
 //! algorithm against an allow-list before anything else (so `alg: none` and algorithm confusion are
@@ -10,7 +13,9 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::error::ApiError;
+mod error;
+
+pub use error::ApiError;
 
 /// What the verifier trusts. Built by the composition root.
 #[derive(Clone)]

@@ -1,4 +1,5 @@
-//! The `vitals registry` role: a Confluent-compatible Schema Registry backed by PostgreSQL.
+//! `vitals-registry`: a Confluent-compatible Schema Registry backed by PostgreSQL, served by the
+//! binary's `vitals registry` role.
 //!
 //! Producers and consumers reach it through `schema_registry_converter` exactly as they would
 //! reach Confluent's registry (so pointing vitals at a real Confluent registry is a URL change):

@@ -64,7 +64,7 @@ impl TestDatabase {
             .connect(&database_url(&database.name))
             .await
             .expect("connect to test database");
-        sqlx::raw_sql(include_str!("../../migrations/0002_registry.sql"))
+        sqlx::raw_sql(include_str!("../../../migrations/0002_registry.sql"))
             .execute(&pool)
             .await
             .expect("apply migrations/0002_registry.sql");
