@@ -62,8 +62,16 @@ pub async fn pg_ready(cfg: &Config, stop: &std::sync::atomic::AtomicBool) -> any
     }
 }
 
+/// The descriptors of every registered processor's projection (what the sink applies and the
+/// read API serves).
+pub fn projections() -> Vec<&'static vitals_schemas::projection::Descriptor> {
+    vitals_runtime::registry::projections().into_iter().map(|p| p.descriptor).collect()
+}
+
+/// The topics of this deployment: the lanes, the dead-letter topic and every registered
+/// processor's output.
 pub fn topics(cfg: &Config) -> Topics {
-    Topics::with_prefix(&cfg.kafka.topic_prefix)
+    Topics::with_prefix(&cfg.kafka.topic_prefix).with_projections(projections())
 }
 
 /// The consumer group of processor `name`.
@@ -627,7 +635,7 @@ pub async fn process(
     let rc = RuntimeConfig {
         processor: info.name,
         inputs: info.inputs,
-        output_topic: (info.output_topic)(&t),
+        output_topic: info.output_topic(&t),
         topics: t,
         data_dir: std::path::PathBuf::from(&cfg.processors.data_dir),
         max_batch: cfg.processors.max_batch,
@@ -675,12 +683,14 @@ pub async fn sink(
     // Not ready until the consumer loop runs (it clears this at its first poll or commit).
     metrics.wait("PostgreSQL (starting: connecting)".to_owned());
     let pool = pg_ready(cfg, &stop).await?;
+    let projections = vitals_runtime::registry::projections();
+    vitals_sinks::postgres::ensure_tables(&pool, &projections).await.context("creating the projection tables")?;
     let name = sink_name(cfg);
     let args = SinkArgs {
         cfg: SinkConfig {
             name: name.clone(),
             topics: topics(cfg),
-            projections: vitals_sinks::Projection::ALL.to_vec(),
+            projections,
             max_batch: cfg.processors.max_batch,
             max_wait: Duration::from_millis(cfg.processors.max_wait_ms),
         },
@@ -702,7 +712,10 @@ pub async fn sink(
 /// The read API (with the dashboard and the realtime gateway) over `pool`.
 pub async fn api(cfg: &Config, pool: PgPool, realtime: bool) -> anyhow::Result<Arc<vitals_api::Api>> {
     let hub = if realtime { Some(vitals_api::realtime::Hub::start(&cfg.redis.url, cfg.api.realtime_buffer, cfg.api.max_connections_per_user).context("redis url")?) } else { None };
-    Ok(Arc::new(vitals_api::Api { pool, verifier: Arc::new(verifier(cfg).await?), realtime: hub, ingest_url: format!("http://{}", cfg.ingest.listen) }))
+    Ok(Arc::new(vitals_api::Api { pool, verifier: Arc::new(verifier(cfg).await?), realtime: hub,
+        ingest_url: format!("http://{}", cfg.ingest.listen),
+        projections: projections(),
+    }))
 }
 
 /// The sink's realtime publisher (Redis), as the sink's `on_applied` hook.

@@ -53,7 +53,7 @@ async fn upload_fresh(base: &Config, tag: &str, mut sim: SimConfig) -> anyhow::R
 /// The first of `users` with a projection that is not fresh, if any.
 pub(crate) async fn first_stale<'u>(pool: &sqlx::PgPool, users: &'u [String]) -> anyhow::Result<Option<&'u String>> {
     for u in users {
-        if vitals_api::freshness::UserProgress::load(pool, u).await?.all().values().any(|f| f.state != vitals_api::freshness::FreshnessState::Fresh) {
+        if vitals_api::freshness::UserProgress::load(pool, u).await?.all(&crate::app::projections()).values().any(|f| f.state != vitals_api::freshness::FreshnessState::Fresh) {
             return Ok(Some(u));
         }
     }
@@ -280,7 +280,7 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
                 cfg: RuntimeConfig {
                     processor: info.name,
                     inputs: info.inputs,
-                    output_topic: (info.output_topic)(&t),
+                    output_topic: info.output_topic(&t),
                     topics: t.clone(),
                     data_dir: data.clone(),
                     max_batch: cfg.processors.max_batch,

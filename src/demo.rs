@@ -170,7 +170,7 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     loop {
         let mut behind = Vec::new();
         for u in &users {
-            for (p, f) in vitals_api::freshness::UserProgress::load(&pool, u).await?.all() {
+            for (p, f) in vitals_api::freshness::UserProgress::load(&pool, u).await?.all(&crate::app::projections()) {
                 if f.state != vitals_api::freshness::FreshnessState::Fresh {
                     behind.push(format!("{u}/{p}: {}", f.state.as_str()));
                 }

@@ -86,14 +86,13 @@ pub fn resolve_topic(t: &Topics, s: &str) -> String {
         "cold" => Some(&t.cold),
         "change" => Some(&t.change),
         "domain" => Some(&t.domain),
-        "rollup_day" => Some(&t.rollup_day),
-        "sleep_night" => Some(&t.sleep_night),
-        "session_impact" => Some(&t.session_impact),
-        "product_impact" => Some(&t.product_impact),
         _ => None,
     };
     if let Some(a) = alias {
         return a.clone();
+    }
+    if let Some(d) = t.projections.iter().find(|d| d.name == s) {
+        return t.output(d.name);
     }
     let specs = t.specs();
     let prefixed = format!("{}{s}", t.prefix);
@@ -857,10 +856,10 @@ mod tests {
 
     #[test]
     fn only_input_lanes_with_a_key_are_replayable() {
-        let t = Topics::with_prefix("p.");
+        let t = Topics::with_prefix("p.").with_projections([&vitals_schemas::records::descriptors::ROLLUP_DAY]);
         let e = |d: DeadLetter| Entry { partition: 0, offset: 0, timestamp_ms: None, dead: d, headers: vec![], broken: None };
         assert!(replayable(&t, &e(dl(&t.hot, 0, 0, "processor:x", "c"))).is_ok());
-        assert!(replayable(&t, &e(dl(&t.rollup_day, 0, 0, "sink:x", "c"))).is_err());
+        assert!(replayable(&t, &e(dl(&t.rollup_day, 0, 0, "sink:x", "c"))).unwrap_err().contains("a projection topic"));
         assert!(replayable(&t, &e(dl("q.vitals.health.hot", 0, 0, "processor:x", "c"))).is_err());
         assert!(replayable(&t, &e(DeadLetter { key: None, ..dl(&t.hot, 0, 0, "processor:x", "c") })).is_err());
     }

@@ -10,10 +10,11 @@
 //! * `stale`: some accepted data is not reflected yet; says how many lanes and log positions
 //!   behind, and since when.
 //!
-//! `product_impact` is computed from `session_impact`'s output, not from the lanes: it is fresh
-//! when `session_impact` is fresh *and* product_impact has consumed every session-impact record of
-//! the user (`projection_inputs`, recorded by the sink); otherwise it reports the first of the two
-//! that is behind.
+//! A projection built from another's output ([`BuiltFrom::Projection`], e.g. `product_impact`
+//! from `session_impact`) is fresh when that upstream is fresh *and* it has consumed every
+//! upstream record of the user (`projection_inputs`, recorded by the sink); otherwise it reports
+//! the first of the two that is behind. Which projections there are, and what each is built
+//! from, is their descriptors' ([`vitals_schemas::projection`]).
 //!
 //! The three inputs are read on one connection; a caller that also reads rows passes the
 //! transaction it read them in (the API's `REPEATABLE READ` snapshot), so rows and freshness are
@@ -23,8 +24,10 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use vitals_schemas::projection::{BuiltFrom, Descriptor};
 
-pub const PROJECTIONS: [&str; 4] = ["rollup_day", "sleep_night", "session_impact", "product_impact"];
+/// The projections a deployment has (the registered processors' descriptors).
+pub type Projections = [&'static Descriptor];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -98,8 +101,9 @@ type Accepted = BTreeMap<(String, i32), (i64, chrono::DateTime<chrono::Utc>)>;
 pub struct UserProgress {
     /// What the edge accepted, per input partition.
     lanes: Accepted,
-    /// The session-impact records the sink applied (product_impact's input), per partition.
-    session_impacts: Accepted,
+    /// The upstream records the sink applied that chained projections are built from (topic,
+    /// partition → last offset).
+    inputs: Accepted,
     /// Per projection, how far it has been computed and applied, per input partition.
     applied: BTreeMap<String, BTreeMap<(String, i32), i64>>,
     /// Per projection, its dead letters of the user not replayed yet.
@@ -143,18 +147,26 @@ impl UserProgress {
         for (projection, code, count, reason) in dead_rows {
             dead.entry(projection).or_default().push(DeadLetters { code, count, reason });
         }
-        Ok(UserProgress { lanes: accepted(lanes), session_impacts: accepted(inputs), applied, dead })
+        Ok(UserProgress { lanes: accepted(lanes), inputs: accepted(inputs), applied, dead })
     }
 
-    /// The freshness of `projection`. `product_impact` is built from session_impact's output:
-    /// first that must be fresh, then product_impact must have consumed every session-impact
-    /// record of the user.
-    pub fn of(&self, projection: &str) -> Freshness {
-        let mut f = self.progress_of(projection);
-        // product_impact is built from session_impact's output: its dead letters count too.
-        let upstream: &[&str] = if projection == "product_impact" { &["session_impact", "product_impact"] } else { &[] };
-        for p in upstream.iter().copied().chain((projection != "product_impact").then_some(projection)) {
-            f.dead_letters.extend(self.dead.get(p).into_iter().flatten().cloned());
+    /// The freshness of projection `d` (`all`: every projection, where `d`'s upstream is found).
+    /// A chained projection counts its upstream's dead letters too: what they withheld from the
+    /// upstream never reached it either.
+    pub fn of(&self, d: &Descriptor, all: &Projections) -> Freshness {
+        let mut f = self.progress_of(d, all, 0);
+        let mut chain = vec![d.name];
+        let mut at = d;
+        while let BuiltFrom::Projection(up) = at.built_from {
+            let Some(u) = all.iter().find(|p| p.name == up) else { break };
+            if chain.contains(&u.name) {
+                break;
+            }
+            chain.push(u.name);
+            at = u;
+        }
+        for p in chain.iter().rev() {
+            f.dead_letters.extend(self.dead.get(*p).into_iter().flatten().cloned());
         }
         if f.state == FreshnessState::Fresh && !f.dead_letters.is_empty() {
             f.state = FreshnessState::Degraded;
@@ -162,22 +174,28 @@ impl UserProgress {
         f
     }
 
-    fn progress_of(&self, projection: &str) -> Freshness {
+    fn progress_of(&self, d: &Descriptor, all: &Projections, depth: usize) -> Freshness {
         let none = BTreeMap::new();
-        let applied = |p: &str| self.applied.get(p).unwrap_or(&none);
-        if projection == "product_impact" {
-            let upstream = Freshness::compare(&self.lanes, applied("session_impact"));
-            if upstream.state != FreshnessState::Fresh {
-                return upstream;
-            }
-            return Freshness::compare(&self.session_impacts, applied(projection));
+        let applied = self.applied.get(d.name).unwrap_or(&none);
+        let upstream = match d.built_from {
+            BuiltFrom::Projection(up) if depth < all.len() => all.iter().find(|p| p.name == up),
+            _ => None,
+        };
+        let Some(up) = upstream else { return Freshness::compare(&self.lanes, applied) };
+        let before = self.progress_of(up, all, depth + 1);
+        if before.state != FreshnessState::Fresh {
+            return before;
         }
-        Freshness::compare(&self.lanes, applied(projection))
+        // The upstream's records of this user, on its output topic (whatever the deployment's
+        // prefix: a projection name holds no dot).
+        let topic_end = format!("vitals.out.{}", up.name);
+        let inputs: Accepted = self.inputs.iter().filter(|((t, _), _)| t.ends_with(&topic_end)).map(|(k, v)| (k.clone(), *v)).collect();
+        Freshness::compare(&inputs, applied)
     }
 
     /// Every projection's freshness.
-    pub fn all(&self) -> BTreeMap<&'static str, Freshness> {
-        PROJECTIONS.iter().map(|p| (*p, self.of(p))).collect()
+    pub fn all(&self, all: &Projections) -> BTreeMap<&'static str, Freshness> {
+        all.iter().map(|d| (d.name, self.of(d, all))).collect()
     }
 }
 
@@ -206,9 +224,9 @@ impl<'a> From<&'a mut Transaction<'_, Postgres>> for Db<'a> {
     }
 }
 
-/// The freshness of `projection` for `user`, read on `db` ([`UserProgress::load`]).
-pub async fn of(db: impl Into<Db<'_>>, user: &str, projection: &str) -> Result<Freshness, sqlx::Error> {
-    Ok(UserProgress::load(db, user).await?.of(projection))
+/// The freshness of projection `d` for `user`, read on `db` ([`UserProgress::load`]).
+pub async fn of(db: impl Into<Db<'_>>, user: &str, d: &Descriptor, all: &Projections) -> Result<Freshness, sqlx::Error> {
+    Ok(UserProgress::load(db, user).await?.of(d, all))
 }
 
 #[cfg(test)]
@@ -231,5 +249,30 @@ mod tests {
         let all = BTreeMap::from([(("hot".to_owned(), 0), 11), (("cold".to_owned(), 0), 5)]);
         assert_eq!(Freshness::compare(&accepted, &all).state, FreshnessState::Fresh);
         assert_eq!(Freshness::compare(&BTreeMap::new(), &nothing).state, FreshnessState::Fresh, "nothing uploaded: nothing missing");
+    }
+
+    /// A chained projection is as fresh as its upstream, then as its own consumption of the
+    /// upstream's records; the upstream's dead letters degrade it.
+    #[test]
+    fn a_chained_projection_waits_for_its_upstream_then_for_its_inputs() {
+        use vitals_schemas::records::descriptors::{PRODUCT_IMPACT, ROLLUP_DAY, SESSION_IMPACT};
+        let all: &Projections = &[&ROLLUP_DAY, &SESSION_IMPACT, &PRODUCT_IMPACT];
+        let lane = || BTreeMap::from([(("p.vitals.health.hot".to_owned(), 0), (10, at(100)))]);
+        let out = "p.vitals.out.session_impact".to_owned();
+        let mut u = UserProgress { lanes: lane(), inputs: BTreeMap::new(), applied: BTreeMap::new(), dead: BTreeMap::new() };
+        u.applied.insert("session_impact".into(), BTreeMap::from([(("p.vitals.health.hot".to_owned(), 0), 5)]));
+        assert_eq!(u.of(&PRODUCT_IMPACT, all).state, FreshnessState::Stale, "upstream behind");
+        u.applied.insert("session_impact".into(), BTreeMap::from([(("p.vitals.health.hot".to_owned(), 0), 11)]));
+        u.inputs.insert((out.clone(), 3), (7, at(120)));
+        // Another projection's output of the same user is not this one's input.
+        u.inputs.insert(("p.vitals.out.rollup_day".to_owned(), 3), (900, at(120)));
+        assert_eq!(u.of(&PRODUCT_IMPACT, all).state, FreshnessState::Pending, "upstream fresh, nothing of it consumed");
+        u.applied.insert("product_impact".into(), BTreeMap::from([((out.clone(), 3), 8)]));
+        assert_eq!(u.of(&PRODUCT_IMPACT, all).state, FreshnessState::Fresh);
+        assert_eq!(u.of(&ROLLUP_DAY, all).state, FreshnessState::Pending, "its own progress only");
+        u.dead.insert("session_impact".into(), vec![DeadLetters { code: "c".into(), count: 1, reason: "r".into() }]);
+        assert_eq!(u.of(&PRODUCT_IMPACT, all).state, FreshnessState::Degraded);
+        assert_eq!(u.of(&SESSION_IMPACT, all).state, FreshnessState::Degraded);
+        assert_eq!(u.all(all).keys().copied().collect::<Vec<_>>(), ["product_impact", "rollup_day", "session_impact"]);
     }
 }

@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 use vitals_auth::{ApiError, JwtVerifier};
+use vitals_schemas::projection::{Descriptor, Order};
 
 use crate::freshness::Freshness;
 
@@ -37,6 +38,18 @@ pub struct Api {
     pub realtime: Option<Arc<realtime::Hub>>,
     /// Shown by the dashboard: where uploads go (the ingest edge's public URL).
     pub ingest_url: String,
+    /// The projections it serves (the registered processors' descriptors), each at
+    /// `/v1/projections/{name}`.
+    pub projections: Vec<&'static Descriptor>,
+}
+
+impl Api {
+    fn projection(&self, name: &str) -> Result<&'static Descriptor, ApiError> {
+        self.projections.iter().copied().find(|d| d.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.projections.iter().map(|d| d.name).collect();
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_projection", format!("no projection `{name}` (known: {})", known.join(", "))).field("name")
+        })
+    }
 }
 
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -50,19 +63,43 @@ pub fn realtime_router(api: Arc<Api>) -> Router {
 }
 
 pub fn router(api: Arc<Api>) -> Router {
+    let doc: &'static str = Box::leak(openapi(&api.projections).into_boxed_str());
     Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
         .route("/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], APP_JS) }))
-        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .route("/openapi.json", get(move || async move { ([(header::CONTENT_TYPE, "application/json")], doc) }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/rollups", get(rollups))
         .route("/v1/sleep", get(sleep))
         .route("/v1/sessions", get(sessions))
         .route("/v1/sessions/{id}", get(session))
         .route("/v1/products", get(products))
+        .route("/v1/projections", get(projections))
+        .route("/v1/projections/{name}", get(projection_list))
+        .route("/v1/projections/{name}/{key}", get(projection_item))
         .route("/v1/freshness", get(freshness_summary))
         .route("/v1/realtime", get(realtime::upgrade))
         .with_state(api)
+}
+
+/// The OpenAPI document: `api/openapi.json` with each projection's path parameters and record
+/// schema derived from its descriptor.
+pub fn openapi(projections: &[&'static Descriptor]) -> String {
+    let mut doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("api/openapi.json is JSON");
+    let names: Vec<&str> = projections.iter().map(|d| d.name).collect();
+    let refs: Vec<serde_json::Value> = names.iter().map(|n| serde_json::json!({"$ref": format!("#/components/schemas/projection.{n}")})).collect();
+    if let Some(p) = doc.pointer_mut("/components/parameters/ProjectionName/schema") {
+        p["enum"] = serde_json::json!(names);
+    }
+    if let Some(items) = doc.pointer_mut("/components/schemas/ProjectionRecord") {
+        *items = serde_json::json!({ "oneOf": refs });
+    }
+    if let Some(schemas) = doc.pointer_mut("/components/schemas").and_then(|s| s.as_object_mut()) {
+        for d in projections {
+            schemas.insert(format!("projection.{}", d.name), vitals_schemas::projection::json_schema(d));
+        }
+    }
+    serde_json::to_string_pretty(&doc).unwrap_or_else(|_| OPENAPI.to_owned())
 }
 
 fn user(api: &Api, headers: &HeaderMap) -> Result<String, ApiError> {
@@ -211,78 +248,139 @@ fn page(mut rows: Rows, limit: i64, freshness: Freshness) -> Page {
 
 async fn rollups(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(bad_query)?;
-    by_day(&api, &headers, q, "proj_rollup_day", "rollup_day").await
+    list(&api, &headers, q, api.projection("rollup_day")?).await
 }
 
 async fn sleep(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(bad_query)?;
-    if q.metric.is_some() {
-        return Err(ApiError::bad_request("invalid_parameter", "sleep nights take no metric").field("metric"));
-    }
-    by_day(&api, &headers, q, "proj_sleep_night", "sleep_night").await
+    list(&api, &headers, q, api.projection("sleep_night")?).await
 }
 
-/// A page of a projection keyed by local date (rollups, sleep nights), ordered by date, optionally
-/// of one metric and within [from, to].
-async fn by_day(api: &Api, headers: &HeaderMap, q: ListQuery, table: &str, projection: &str) -> Result<Response, ApiError> {
+async fn sessions(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(bad_query)?;
+    // `/v1/sessions` has always taken no metric (`/v1/projections/session_impact` filters by
+    // product with it).
+    if q.metric.is_some() {
+        return Err(ApiError::bad_request("invalid_parameter", "sessions take no metric").field("metric"));
+    }
+    list(&api, &headers, q, api.projection("session_impact")?).await
+}
+
+async fn session(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    item(&api, &headers, api.projection("session_impact")?, &id, "id").await
+}
+
+async fn products(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(bad_query)?;
+    list(&api, &headers, q, api.projection("product_impact")?).await
+}
+
+/// Every projection this API serves, and how its list is read.
+async fn projections(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    user(&api, &headers)?;
+    let data: Vec<serde_json::Value> = api
+        .projections
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "name": d.name,
+                "description": d.doc,
+                "path": format!("/v1/projections/{}", d.name),
+                "key": d.key,
+                "order": order_name(d.order),
+                "metric_filter": d.group,
+                "range": match d.order { Order::Day => Some("date"), Order::At => Some("epoch_ms"), Order::Key => None },
+                "schema": d.avro_json(),
+            })
+        })
+        .collect();
+    Ok(respond(&headers, &serde_json::json!({ "data": data })))
+}
+
+fn order_name(o: Order) -> &'static str {
+    match o {
+        Order::Day => "day",
+        Order::At => "time",
+        Order::Key => "key",
+    }
+}
+
+async fn projection_list(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    user(&api, &headers)?;
+    let d = api.projection(&name)?;
+    let Query(q) = q.map_err(bad_query)?;
+    list(&api, &headers, q, d).await
+}
+
+async fn projection_item(State(api): State<Arc<Api>>, headers: HeaderMap, Path((name, key)): Path<(String, String)>) -> Result<Response, ApiError> {
+    user(&api, &headers)?;
+    let d = api.projection(&name)?;
+    item(&api, &headers, d, &key, "key").await
+}
+
+/// A page of projection `d` for the token's user, in the descriptor's order: by day (`from`/`to`
+/// dates, inclusive), by time (`from` inclusive, `to` exclusive, epoch ms) or by key (no
+/// range); `metric` filters on the descriptor's group field.
+async fn list(api: &Api, headers: &HeaderMap, q: ListQuery, d: &'static Descriptor) -> Result<Response, ApiError> {
     let user = user(api, headers)?;
     if let Some(m) = &q.metric {
+        if d.group.is_none() {
+            return Err(ApiError::bad_request("invalid_parameter", format!("{} takes no metric", d.name)).field("metric"));
+        }
         text("metric", m)?;
     }
-    let (from, to, n, cursor) = (date("from", &q.from)?, date("to", &q.to)?, limit(&q)?, decode_cursor(&q.cursor)?);
+    if d.order == Order::Key && (q.from.is_some() || q.to.is_some()) {
+        return Err(ApiError::bad_request("invalid_parameter", format!("{} is ordered by key: it takes no from or to", d.name)).field(if q.from.is_some() { "from" } else { "to" }));
+    }
+    // Validated before anything is read, whatever the order.
+    let (days, times) = match d.order {
+        Order::Day => ((date("from", &q.from)?, date("to", &q.to)?), (None, None)),
+        Order::At => ((None, None), (millis("from", &q.from)?, millis("to", &q.to)?)),
+        Order::Key => ((None, None), (None, None)),
+    };
+    let (n, cursor) = (limit(&q)?, decode_cursor(&q.cursor)?);
     let (ck, ce) = cursor.map(|c| (Some(c.k), Some(c.e))).unwrap_or((None, None));
-    let mut tx = snapshot(api).await?;
-    let rows: Rows = sqlx::query_as(&format!(
-        "SELECT day::text, entity_id, body FROM {table}
+    // The sort key is text (it goes into the cursor); times are zero-padded so text order is
+    // time order.
+    let (sort, order_by) = match d.order {
+        Order::Day => ("day::text", "day, entity_id"),
+        Order::At => ("lpad(at_ms::text, 20, '0')", "1, entity_id"),
+        Order::Key => ("''", "entity_id"),
+    };
+    let sql = format!(
+        "SELECT {sort}, entity_id, body FROM {table}
          WHERE user_id = $1 AND NOT deleted AND ($2::text IS NULL OR metric = $2)
            AND ($3::date IS NULL OR day >= $3) AND ($4::date IS NULL OR day <= $4)
-           AND ($5::text IS NULL OR (day::text, entity_id) > ($5, $6))
-         ORDER BY day, entity_id LIMIT $7"
-    ))
-    .bind(&user)
-    .bind(&q.metric)
-    .bind(from)
-    .bind(to)
-    .bind(ck)
-    .bind(ce)
-    .bind(n + 1)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    let f = freshness::of(&mut tx, &user, projection).await.map_err(db_error)?;
+           AND ($5::int8 IS NULL OR at_ms >= $5) AND ($6::int8 IS NULL OR at_ms < $6)
+           AND ($7::text IS NULL OR ({sort}, entity_id) > ($7, $8))
+         ORDER BY {order_by} LIMIT $9",
+        table = d.table()
+    );
+    let mut tx = snapshot(api).await?;
+    let rows: Result<Rows, sqlx::Error> =
+        sqlx::query_as(&sql).bind(&user).bind(&q.metric).bind(days.0).bind(days.1).bind(times.0).bind(times.1).bind(ck).bind(ce).bind(n + 1).fetch_all(&mut *tx).await;
+    let (rows, mut tx) = match rows {
+        Ok(rows) => (rows, tx),
+        // A registered projection whose table the sink has not created yet: nothing of it is
+        // applied, and freshness says so.
+        Err(e) if is_undefined_table(&e) => {
+            drop(tx);
+            (Vec::new(), snapshot(api).await?)
+        }
+        Err(e) => return Err(db_error(e)),
+    };
+    let f = freshness::of(&mut tx, &user, d, &api.projections).await.map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
     Ok(respond(headers, &page(rows, n, f)))
 }
 
-async fn sessions(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
-    let user = user(&api, &headers)?;
-    let Query(q) = q.map_err(bad_query)?;
-    if q.metric.is_some() {
-        return Err(ApiError::bad_request("invalid_parameter", "sessions take no metric").field("metric"));
-    }
-    let (from, to, n, cursor) = (millis("from", &q.from)?, millis("to", &q.to)?, limit(&q)?, decode_cursor(&q.cursor)?);
-    let (ck, ce) = cursor.map(|c| (Some(c.k), Some(c.e))).unwrap_or((None, None));
-    // Sorted by start; the key is zero-padded so text order is time order.
-    let mut tx = snapshot(&api).await?;
-    let rows: Rows = sqlx::query_as(
-        "SELECT lpad(at_ms::text, 20, '0'), entity_id, body FROM proj_session_impact
-         WHERE user_id = $1 AND NOT deleted
-           AND ($2::int8 IS NULL OR at_ms >= $2) AND ($3::int8 IS NULL OR at_ms < $3)
-           AND ($4::text IS NULL OR (lpad(at_ms::text, 20, '0'), entity_id) > ($4, $5))
-         ORDER BY 1, entity_id LIMIT $6",
-    )
-    .bind(&user)
-    .bind(from)
-    .bind(to)
-    .bind(ck)
-    .bind(ce)
-    .bind(n + 1)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    let f = freshness::of(&mut tx, &user, "session_impact").await.map_err(db_error)?;
-    tx.commit().await.map_err(db_error)?;
-    Ok(respond(&headers, &page(rows, n, f)))
+fn is_undefined_table(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01"))
 }
 
 #[derive(Serialize)]
@@ -291,54 +389,34 @@ struct One {
     freshness: Freshness,
 }
 
-async fn session(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let user = user(&api, &headers)?;
-    text("id", &id)?;
-    let mut tx = snapshot(&api).await?;
-    let row: Option<(Json<serde_json::Value>,)> = sqlx::query_as("SELECT body FROM proj_session_impact WHERE user_id = $1 AND entity_id = $2 AND NOT deleted")
-        .bind(&user)
-        .bind(&id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_error)?;
-    let f = freshness::of(&mut tx, &user, "session_impact").await.map_err(db_error)?;
+/// One row of projection `d` by its key (the descriptor's key fields joined by `|`).
+async fn item(api: &Api, headers: &HeaderMap, d: &'static Descriptor, key: &str, field: &'static str) -> Result<Response, ApiError> {
+    let user = user(api, headers)?;
+    text(field, key)?;
+    let mut tx = snapshot(api).await?;
+    let row: Result<Option<(Json<serde_json::Value>,)>, sqlx::Error> =
+        sqlx::query_as(&format!("SELECT body FROM {} WHERE user_id = $1 AND entity_id = $2 AND NOT deleted", d.table())).bind(&user).bind(key).fetch_optional(&mut *tx).await;
+    let (row, mut tx) = match row {
+        Ok(row) => (row, tx),
+        Err(e) if is_undefined_table(&e) => {
+            drop(tx);
+            (None, snapshot(api).await?)
+        }
+        Err(e) => return Err(db_error(e)),
+    };
+    let f = freshness::of(&mut tx, &user, d, &api.projections).await.map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
     match row {
-        Some((body,)) => Ok(respond(&headers, &One { data: body.0, freshness: f })),
-        // Another user's session is indistinguishable from a missing one.
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no session `{id}` (yet: freshness is {})", f.state.as_str())).field("id")),
+        Some((body,)) => Ok(respond(headers, &One { data: body.0, freshness: f })),
+        // Another user's row is indistinguishable from a missing one.
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no {} `{key}` (yet: freshness is {})", d.name, f.state.as_str())).field(field)),
     }
-}
-
-async fn products(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
-    let user = user(&api, &headers)?;
-    let Query(q) = q.map_err(bad_query)?;
-    if q.metric.is_some() || q.from.is_some() || q.to.is_some() {
-        return Err(ApiError::bad_request("invalid_parameter", "products take only cursor and limit"));
-    }
-    let (n, cursor) = (limit(&q)?, decode_cursor(&q.cursor)?);
-    let ce = cursor.map(|c| c.e);
-    let mut tx = snapshot(&api).await?;
-    let rows: Rows = sqlx::query_as(
-        "SELECT '' AS k, entity_id, body FROM proj_product_impact
-         WHERE user_id = $1 AND NOT deleted AND ($2::text IS NULL OR entity_id > $2)
-         ORDER BY entity_id LIMIT $3",
-    )
-    .bind(&user)
-    .bind(ce)
-    .bind(n + 1)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    let f = freshness::of(&mut tx, &user, "product_impact").await.map_err(db_error)?;
-    tx.commit().await.map_err(db_error)?;
-    Ok(respond(&headers, &page(rows, n, f)))
 }
 
 async fn freshness_summary(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
     let user = user(&api, &headers)?;
     let mut tx = snapshot(&api).await?;
-    let all = freshness::UserProgress::load(&mut tx, &user).await.map_err(db_error)?.all();
+    let all = freshness::UserProgress::load(&mut tx, &user).await.map_err(db_error)?.all(&api.projections);
     tx.commit().await.map_err(db_error)?;
     Ok(respond(&headers, &serde_json::json!({ "user_id": user, "freshness": all })))
 }

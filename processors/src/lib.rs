@@ -221,16 +221,15 @@ impl Inputs {
     }
 }
 
-/// What the registry knows of a processor: its name, what it reads and writes. How it is built
-/// and run is the runtime's (`vitals_runtime::registry`).
+/// What the registry knows of a processor: its name and what it reads. What it writes is its
+/// output type's descriptor ([`vitals_schemas::projection::Projected`]); how it is built and run
+/// is the runtime's (`vitals_runtime::registry`).
 #[derive(Debug, Clone, Copy)]
 pub struct ProcessorInfo {
     pub name: &'static str,
     pub description: &'static str,
     /// The topics it reads.
     pub inputs: Inputs,
-    /// The topic it writes.
-    pub output_topic: fn(&vitals_schemas::topics::Topics) -> String,
 }
 
 /// What the runtime needs of an output record: a version stamp, the source offsets, and how to

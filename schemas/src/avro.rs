@@ -19,22 +19,16 @@ pub const SAMPLE_BATCH: AvroFile = avsc!("sample_batch");
 pub const CHANGE_BATCH: AvroFile = avsc!("change_batch");
 pub const DOMAIN_CHANGE_BATCH: AvroFile = avsc!("domain_change_batch");
 pub const DEAD_LETTER: AvroFile = avsc!("dead_letter");
-pub const ROLLUP_DAY: AvroFile = avsc!("rollup_day");
-pub const SLEEP_NIGHT: AvroFile = avsc!("sleep_night");
-pub const SESSION_IMPACT: AvroFile = avsc!("session_impact");
-pub const PRODUCT_IMPACT: AvroFile = avsc!("product_impact");
 pub const REALTIME_ENVELOPE: AvroFile = avsc!("realtime_envelope");
 
-/// Every schema the project owns.
+/// Every hand-written schema the project owns (projection records' schemas are derived from their
+/// descriptors, [`crate::projection`]; `rollup_day.avsc` and its three siblings are kept as
+/// their reviewed snapshot).
 pub const ALL: &[AvroFile] = &[
     SAMPLE_BATCH,
     CHANGE_BATCH,
     DOMAIN_CHANGE_BATCH,
     DEAD_LETTER,
-    ROLLUP_DAY,
-    SLEEP_NIGHT,
-    SESSION_IMPACT,
-    PRODUCT_IMPACT,
     REALTIME_ENVELOPE,
 ];
 
@@ -62,7 +56,7 @@ mod agreement {
     use serde::Serialize;
 
     use super::*;
-    use crate::codec::{decode_own, encode_own, encode_with_id};
+    use crate::codec::{decode_own, encode_own, encode_with_id, AvroRecord};
     use crate::records::*;
 
     fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(file: AvroFile, value: T) {
@@ -198,7 +192,7 @@ mod agreement {
 
     #[test]
     fn projection_records_agree() {
-        round_trip(ROLLUP_DAY, RollupDay {
+        round_trip(RollupDay::file(), RollupDay {
             user_id: "u1".into(),
             metric: "steps".into(),
             local_date: "2026-03-29".into(),
@@ -218,7 +212,7 @@ mod agreement {
             deleted: false,
             source_offsets: offsets(),
         });
-        round_trip(SLEEP_NIGHT, SleepNight {
+        round_trip(SleepNight::file(), SleepNight {
             user_id: "u1".into(),
             night_date: "2026-03-29".into(),
             source: "watch".into(),
@@ -237,7 +231,7 @@ mod agreement {
             source_offsets: offsets(),
         });
         let stats = WindowStats { n: 3, mean: 70.0, min: 60.0, max: 80.0, total: 210.0 };
-        round_trip(SESSION_IMPACT, SessionImpact {
+        round_trip(SessionImpact::file(), SessionImpact {
             user_id: "u1".into(),
             session_id: "s1".into(),
             product_id: None,
@@ -257,7 +251,7 @@ mod agreement {
             deleted: false,
             source_offsets: offsets(),
         });
-        round_trip(PRODUCT_IMPACT, ProductImpact {
+        round_trip(ProductImpact::file(), ProductImpact {
             user_id: "u1".into(),
             product_id: "p1".into(),
             sessions: 4,

@@ -51,12 +51,19 @@ pub enum CodecError {
 
 /// A record type vitals puts on the wire, and its own schema.
 pub trait AvroRecord {
-    const FILE: AvroFile;
+    fn file() -> AvroFile;
+}
+
+/// A projection record's schema is derived from its descriptor.
+impl<T: crate::projection::Projected> AvroRecord for T {
+    fn file() -> AvroFile {
+        T::DESCRIPTOR.avro()
+    }
 }
 
 macro_rules! records {
     ($($t:ident => $f:ident),* $(,)?) => {
-        $(impl AvroRecord for crate::records::$t { const FILE: AvroFile = avro::$f; })*
+        $(impl AvroRecord for crate::records::$t { fn file() -> AvroFile { avro::$f } })*
     };
 }
 records! {
@@ -64,10 +71,6 @@ records! {
     ChangeBatch => CHANGE_BATCH,
     DomainChangeBatch => DOMAIN_CHANGE_BATCH,
     DeadLetter => DEAD_LETTER,
-    RollupDay => ROLLUP_DAY,
-    SleepNight => SLEEP_NIGHT,
-    SessionImpact => SESSION_IMPACT,
-    ProductImpact => PRODUCT_IMPACT,
     RealtimeEnvelope => REALTIME_ENVELOPE,
 }
 
@@ -152,8 +155,8 @@ impl Codec {
     /// Encodes `value` with vitals' own schema of `T`, framed with that schema's id under
     /// `<topic>-value`.
     pub async fn encode<T: Serialize + AvroRecord>(&self, topic: &str, value: &T) -> Result<Vec<u8>, CodecError> {
-        let id = self.own_id(topic, T::FILE).await?;
-        encode_own(T::FILE, id, value)
+        let id = self.own_id(topic, T::file()).await?;
+        encode_own(T::file(), id, value)
     }
 
     /// The id of vitals' own `file` under `<topic>-value`, looked up by content.
@@ -226,20 +229,20 @@ impl Codec {
     pub async fn decode<T: DeserializeOwned + AvroRecord>(&self, bytes: &[u8]) -> Result<T, CodecError> {
         let (id, body) = frame(bytes)?;
         let writer = self.writer(id).await?;
-        let own = own(T::FILE);
+        let own = own(T::file());
         if writer.canonical == own.canonical {
-            return decode_own(T::FILE, body).map_err(|e| CodecError::Undecodable(format!("schema id {id} → {}: {e}", T::FILE.name)));
+            return decode_own(T::file(), body).map_err(|e| CodecError::Undecodable(format!("schema id {id} → {}: {e}", T::file().name)));
         }
         let mut body = body;
         let datum = GenericDatumReader::builder(&writer.schema)
             .reader_schema(&own.schema)
             .build()
             .and_then(|r| r.read_value(&mut body))
-            .map_err(|e| CodecError::Undecodable(format!("schema id {id} → {}: {e}", T::FILE.name)))?;
+            .map_err(|e| CodecError::Undecodable(format!("schema id {id} → {}: {e}", T::file().name)))?;
         if !body.is_empty() {
             return Err(CodecError::Undecodable(format!("{} bytes after the end of the record (schema id {id})", body.len())));
         }
-        apache_avro::from_value::<T>(&datum).map_err(|e| CodecError::Undecodable(format!("schema id {id} → {}: {e}", T::FILE.name)))
+        apache_avro::from_value::<T>(&datum).map_err(|e| CodecError::Undecodable(format!("schema id {id} → {}: {e}", T::file().name)))
     }
 
     /// Decodes a Confluent-framed record with its writer's schema only, whatever type it is (for

@@ -5,6 +5,8 @@
 //! * [`codec`] — the Confluent-framed (magic byte + schema id) codec over a schema registry.
 //! * [`dead_letter`] — the dead-letter topic's headers, the replay header, the per-reason counter.
 //! * [`catalog`] — the metric catalog: kind, canonical unit, exact unit conversions, plausible range.
+//! * [`projection`] — projection descriptors: a processor's output declared once, its schema,
+//!   topic, table and read endpoint derived from it.
 //! * [`hash`] — the canonical payload hash used for request idempotency.
 //! * [`topics`] — topic names, their specs, and the key partitioner every producer shares.
 //! * [`vouch`] — when a progress marker may be believed: every row it vouches for read before it.
@@ -14,6 +16,7 @@ pub mod catalog;
 pub mod codec;
 pub mod dead_letter;
 pub mod hash;
+pub mod projection;
 pub mod records;
 pub mod topics;
 pub mod validate;

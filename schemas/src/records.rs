@@ -372,3 +372,176 @@ mod opt_bytes {
         d.deserialize_option(Opt)
     }
 }
+
+/// The descriptors of the four projection records above ([`crate::projection`]): their Avro
+/// schemas, topics, tables and read endpoints derive from these.
+pub mod descriptors {
+    use crate::projection::{BuiltFrom, Descriptor, Enum, Field, Order, Projected, Record, Type};
+
+    const OPT_DOUBLE: Type = Type::Optional(&Type::Double);
+    const OPT_STRING: Type = Type::Optional(&Type::String);
+
+    pub const ROLLUP_DAY: Descriptor = Descriptor {
+        name: "rollup_day",
+        record: "RollupDay",
+        doc: "Daily rollup of one metric for one user on one local date.",
+        fields: &[
+            Field::new("metric", Type::String),
+            Field::new("local_date", Type::String).doc("YYYY-MM-DD in each sample's own zone."),
+            Field::new("unit", Type::String),
+            Field::new("kind", Type::Enum(&Enum { name: "MetricKind", symbols: &["CUMULATIVE", "DISCRETE", "CATEGORY", "INSTANT"] })),
+            Field::new("count", Type::Long),
+            Field::new("sum", OPT_DOUBLE),
+            Field::new("min", OPT_DOUBLE),
+            Field::new("max", OPT_DOUBLE),
+            Field::new("mean", OPT_DOUBLE),
+            Field::new("time_weighted_mean", OPT_DOUBLE),
+            Field::new("last", OPT_DOUBLE),
+            Field::new("category_minutes", Type::Map(&Type::Double)).empty_by_default(),
+            Field::new("primary_source", OPT_STRING),
+        ],
+        key: &["metric", "local_date"],
+        group: Some("metric"),
+        day: Some("local_date"),
+        at: None,
+        order: Order::Day,
+        built_from: BuiltFrom::Lanes,
+    };
+
+    const NAP: Record = Record { name: "Nap", fields: &[Field::new("start_ms", Type::Long), Field::new("end_ms", Type::Long), Field::new("minutes", Type::Double)] };
+
+    pub const SLEEP_NIGHT: Descriptor = Descriptor {
+        name: "sleep_night",
+        record: "SleepNight",
+        doc: "One night of sleep, dated by the local date of its final wake.",
+        fields: &[
+            Field::new("night_date", Type::String),
+            Field::new("source", Type::String),
+            Field::new("in_bed_start_ms", Type::Long),
+            Field::new("in_bed_end_ms", Type::Long),
+            Field::new("sleep_onset_ms", Type::Long),
+            Field::new("final_wake_ms", Type::Long),
+            Field::new("stage_minutes", Type::Map(&Type::Double)),
+            Field::new("total_sleep_minutes", Type::Double),
+            Field::new("efficiency", Type::Double),
+            Field::new("awakenings", Type::Int),
+            Field::new("naps", Type::Array(&Type::Record(&NAP))).empty_by_default(),
+        ],
+        key: &["night_date"],
+        group: None,
+        day: Some("night_date"),
+        at: Some("final_wake_ms"),
+        order: Order::Day,
+        built_from: BuiltFrom::Lanes,
+    };
+
+    const WINDOW_STATS: Type = Type::Optional(&Type::Record(&Record {
+        name: "WindowStats",
+        fields: &[
+            Field::new("n", Type::Long),
+            Field::new("mean", Type::Double),
+            Field::new("min", Type::Double),
+            Field::new("max", Type::Double),
+            Field::new("total", Type::Double),
+        ],
+    }));
+
+    const WINDOWED_METRIC: Record = Record {
+        name: "WindowedMetric",
+        fields: &[
+            Field::new("metric", Type::String),
+            Field::new("before", WINDOW_STATS),
+            Field::new("during", WINDOW_STATS),
+            Field::new("after", WINDOW_STATS),
+            Field::new("delta_during", OPT_DOUBLE),
+            Field::new("delta_after", OPT_DOUBLE),
+        ],
+    };
+
+    pub const SESSION_IMPACT: Descriptor = Descriptor {
+        name: "session_impact",
+        record: "SessionImpact",
+        doc: "Before/during/after impact of one consumption session.",
+        fields: &[
+            Field::new("session_id", Type::String),
+            Field::new("product_id", OPT_STRING),
+            Field::new("start_ms", Type::Long),
+            Field::new("end_ms", Type::Optional(&Type::Long)),
+            Field::new("status", Type::Enum(&Enum { name: "ImpactStatus", symbols: &["PROVISIONAL", "FINAL"] })),
+            Field::new("metrics", Type::Array(&Type::Record(&WINDOWED_METRIC))),
+        ],
+        key: &["session_id"],
+        group: Some("product_id"),
+        day: None,
+        at: Some("start_ms"),
+        order: Order::At,
+        built_from: BuiltFrom::Lanes,
+    };
+
+    const DELTA_SUMMARY: Record = Record {
+        name: "DeltaSummary",
+        fields: &[
+            Field::new("metric", Type::String),
+            Field::new("n", Type::Long),
+            Field::new("mean_delta_during", OPT_DOUBLE),
+            Field::new("sd_delta_during", OPT_DOUBLE),
+            Field::new("mean_delta_after", OPT_DOUBLE),
+            Field::new("sd_delta_after", OPT_DOUBLE),
+        ],
+    };
+
+    pub const PRODUCT_IMPACT: Descriptor = Descriptor {
+        name: "product_impact",
+        record: "ProductImpact",
+        doc: "Per (user, product) summary of the sessions' deltas.",
+        fields: &[
+            Field::new("product_id", Type::String),
+            Field::new("sessions", Type::Long),
+            Field::new("metrics", Type::Array(&Type::Record(&DELTA_SUMMARY))),
+        ],
+        key: &["product_id"],
+        group: None,
+        day: None,
+        at: None,
+        order: Order::Key,
+        built_from: BuiltFrom::Projection("session_impact"),
+    };
+
+    impl Projected for super::RollupDay {
+        const DESCRIPTOR: &'static Descriptor = &ROLLUP_DAY;
+    }
+    impl Projected for super::SleepNight {
+        const DESCRIPTOR: &'static Descriptor = &SLEEP_NIGHT;
+    }
+    impl Projected for super::SessionImpact {
+        const DESCRIPTOR: &'static Descriptor = &SESSION_IMPACT;
+    }
+    impl Projected for super::ProductImpact {
+        const DESCRIPTOR: &'static Descriptor = &PRODUCT_IMPACT;
+    }
+
+    /// The derived schemas are the ones vitals has registered all along: the `.avsc` files kept
+    /// in `schemas/avro/` are their reviewed snapshot, and must stay equal to what is derived
+    /// (field for field, docs and defaults included), so a descriptor change shows up in review
+    /// as a schema diff.
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn derived_schemas_equal_the_registered_avsc_files() {
+            for (d, text) in [
+                (ROLLUP_DAY, include_str!("../avro/rollup_day.avsc")),
+                (SLEEP_NIGHT, include_str!("../avro/sleep_night.avsc")),
+                (SESSION_IMPACT, include_str!("../avro/session_impact.avsc")),
+                (PRODUCT_IMPACT, include_str!("../avro/product_impact.avsc")),
+            ] {
+                d.check().unwrap_or_else(|e| panic!("{e}"));
+                let file: serde_json::Value = serde_json::from_str(text).unwrap();
+                assert_eq!(d.avro_json(), file, "{}: the descriptor and schemas/avro/{}.avsc differ", d.name, d.name);
+                let (derived, filed) = (d.avro().schema(), apache_avro::Schema::parse_str(text).unwrap());
+                assert_eq!(derived.canonical_form(), filed.canonical_form());
+            }
+        }
+    }
+}

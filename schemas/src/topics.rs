@@ -6,6 +6,7 @@
 //! domain changes.
 
 use crate::avro::{self, AvroFile};
+use crate::projection::Descriptor;
 
 /// Which role a topic plays; decides its retention and cleanup policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +41,9 @@ pub struct Topics {
     pub product_impact: String,
     /// The namespace prefix every name starts with (`kafka.topic_prefix`).
     pub prefix: String,
+    /// The projections whose output topics this deployment has ([`Topics::with_projections`]):
+    /// their specs are listed with the rest.
+    pub projections: Vec<&'static Descriptor>,
 }
 
 impl Topics {
@@ -56,10 +60,28 @@ impl Topics {
             sleep_night: t("out.sleep_night"),
             session_impact: t("out.session_impact"),
             product_impact: t("out.product_impact"),
+            projections: Vec::new(),
         }
     }
 
-    /// Every topic with its role and value schema.
+    /// These names, with the output topics of `projections` (the registered processors').
+    pub fn with_projections(mut self, projections: impl IntoIterator<Item = &'static Descriptor>) -> Topics {
+        self.projections.extend(projections);
+        self
+    }
+
+    /// The output topic of projection `name`.
+    pub fn output(&self, name: &str) -> String {
+        format!("{}vitals.out.{name}", self.prefix)
+    }
+
+    /// The projection whose output topic is `topic`.
+    pub fn projection_of(&self, topic: &str) -> Option<&'static Descriptor> {
+        self.projections.iter().copied().find(|d| self.output(d.name) == topic)
+    }
+
+    /// Every topic with its role and value schema: the input lanes, the dead-letter topic, and
+    /// the registered projections' outputs.
     pub fn specs(&self) -> Vec<TopicSpec> {
         let s = |name: &String, role, value_schema| TopicSpec { name: name.clone(), role, value_schema };
         vec![
@@ -68,11 +90,10 @@ impl Topics {
             s(&self.change, TopicRole::Input, avro::CHANGE_BATCH),
             s(&self.domain, TopicRole::Input, avro::DOMAIN_CHANGE_BATCH),
             s(&self.dead_letter, TopicRole::DeadLetter, avro::DEAD_LETTER),
-            s(&self.rollup_day, TopicRole::Projection, avro::ROLLUP_DAY),
-            s(&self.sleep_night, TopicRole::Projection, avro::SLEEP_NIGHT),
-            s(&self.session_impact, TopicRole::Projection, avro::SESSION_IMPACT),
-            s(&self.product_impact, TopicRole::Projection, avro::PRODUCT_IMPACT),
         ]
+        .into_iter()
+        .chain(self.projections.iter().map(|d| TopicSpec { name: self.output(d.name), role: TopicRole::Projection, value_schema: d.avro() }))
+        .collect()
     }
 }
 
@@ -158,8 +179,14 @@ mod tests {
     fn topics_are_prefixed_and_complete() {
         let t = Topics::with_prefix("t1.");
         assert_eq!(t.hot, "t1.vitals.health.hot");
+        assert_eq!(t.specs().len(), 5, "the lanes and the dead-letter topic");
+        let d = &crate::records::descriptors::ROLLUP_DAY;
+        let t = t.with_projections([d]);
         let specs = t.specs();
-        assert_eq!(specs.len(), 9);
+        assert_eq!(specs.len(), 6);
         assert!(specs.iter().all(|s| s.name.starts_with("t1.vitals.")));
+        assert_eq!(t.output("rollup_day"), t.rollup_day);
+        assert_eq!(t.projection_of(&t.rollup_day), Some(d));
+        assert_eq!(specs[5].value_schema.text, d.avro().text);
     }
 }

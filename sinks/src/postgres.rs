@@ -68,12 +68,14 @@ pub async fn apply(pool: &PgPool, sink: &str, batch: &Batch) -> Result<Vec<Appli
             newest.insert(k, r);
         }
     }
+    let mut by_projection: BTreeMap<Projection, Vec<&Row>> = BTreeMap::new();
+    for ((p, _, _), r) in &newest {
+        by_projection.entry(*p).or_default().push(*r);
+    }
     let mut applied = Vec::new();
-    for p in Projection::ALL {
-        let rows: Vec<&Row> = newest.iter().filter(|(k, _)| k.0 == p).map(|(_, r)| *r).collect();
-        if !rows.is_empty() {
-            applied.extend(upsert_rows(&mut tx, p, &rows).await?);
-        }
+    // One statement per table, in name order (every sink instance locks tables in one order).
+    for (p, rows) in by_projection {
+        applied.extend(upsert_rows(&mut tx, p, &rows).await?);
     }
     upsert_progress(&mut tx, &batch.progress).await?;
     for d in &batch.dead_letters {
@@ -179,6 +181,53 @@ pub async fn apply(pool: &PgPool, sink: &str, batch: &Batch) -> Result<Vec<Appli
     }
     tx.commit().await?;
     Ok(applied)
+}
+
+/// Creates the table of each projection that has none yet (Kafka Connect JDBC's `auto.create`):
+/// every projection table has the same columns (the descriptor's key, group, day and time
+/// fields fill `entity_id`, `metric`, `day`, `at_ms`; the record itself is `body`), with the
+/// indexes its reads use. Idempotent, and safe with several sinks starting at once.
+pub async fn ensure_tables(pool: &PgPool, projections: &[Projection]) -> Result<(), sqlx::Error> {
+    for p in projections {
+        let d = p.descriptor;
+        // The name is a checked identifier ([`vitals_schemas::projection::Descriptor::check`]).
+        if let Err(e) = d.check() {
+            return Err(sqlx::Error::Configuration(e.into()));
+        }
+        let t = d.table();
+        let mut tx = pool.begin().await?;
+        // Serialises concurrent creators: `CREATE TABLE IF NOT EXISTS` alone can still fail on
+        // the catalog's unique index when two run at once.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(&t).execute(&mut *tx).await?;
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
+                user_id        TEXT        NOT NULL,
+                entity_id      TEXT        NOT NULL,
+                metric         TEXT,
+                day            DATE,
+                at_ms          BIGINT,
+                version_epoch  BIGINT      NOT NULL,
+                version_seq    BIGINT      NOT NULL,
+                deleted        BOOLEAN     NOT NULL,
+                body           JSONB       NOT NULL,
+                source_offsets JSONB       NOT NULL,
+                updated_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (user_id, entity_id))"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        let index = match (d.group, d.order) {
+            (Some(_), vitals_schemas::projection::Order::Day) => Some(("range", "user_id, metric, day")),
+            (_, vitals_schemas::projection::Order::Day) => Some(("range", "user_id, day")),
+            (_, vitals_schemas::projection::Order::At) => Some(("start", "user_id, at_ms")),
+            (_, vitals_schemas::projection::Order::Key) => None,
+        };
+        if let Some((suffix, columns)) = index {
+            sqlx::query(&format!("CREATE INDEX IF NOT EXISTS {t}_{suffix} ON {t} ({columns})")).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+    }
+    Ok(())
 }
 
 /// Whether PostgreSQL refused the data itself (SQLSTATE class 22, data exception: a NUL in

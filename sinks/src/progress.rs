@@ -68,7 +68,7 @@ mod tests {
 
     fn record(kind: ProgressKind, epoch: i64, next_offset: i64) -> Progress {
         Progress {
-            projection: Projection::RollupDay,
+            projection: Projection::of::<vitals_schemas::RollupDay>(),
             user_id: "u".into(),
             kind,
             epoch,
@@ -156,7 +156,7 @@ mod tests {
         let mut two = marker(1, 100);
         two.source_offsets.push(SourceOffset { topic: "cold".into(), partition: 0, next_offset: 7 });
         let mut other = marker(5, 1);
-        other.projection = Projection::SleepNight;
+        other.projection = Projection::of::<vitals_schemas::SleepNight>();
         let records = [two, other];
         let moved = fold(&BTreeMap::new(), &records);
         assert_eq!(moved.get(&KEY), Some(&at(1, 100)));

@@ -22,7 +22,8 @@ use tracing::{info, warn};
 use vitals_schemas::codec::{Codec, CodecError};
 use vitals_schemas::topics::Topics;
 use vitals_schemas::vouch::{Belief, Vouches};
-use vitals_schemas::{DeadLetter, ProductImpact, RollupDay, SessionImpact, SleepNight};
+use vitals_schemas::projection::BuiltFrom;
+use vitals_schemas::DeadLetter;
 
 use crate::postgres::{self, Applied, Batch};
 use crate::{Progress, ProgressKind, Projection, Row, PROGRESS_HEADER};
@@ -51,6 +52,15 @@ pub struct SinkConfig {
     pub projections: Vec<Projection>,
     pub max_batch: usize,
     pub max_wait: Duration,
+}
+
+impl SinkConfig {
+    /// Output topic → its projection, and whether another projection is built from it (its
+    /// rows are then recorded per user as that projection's inputs, for freshness).
+    fn by_topic(&self) -> BTreeMap<String, (Projection, bool)> {
+        let chained = |p: &Projection| self.projections.iter().any(|q| q.descriptor.built_from == BuiltFrom::Projection(p.name()));
+        self.projections.iter().map(|p| (p.topic(&self.topics), (*p, chained(p)))).collect()
+    }
 }
 
 /// Counters an operator (and the tests) can read.
@@ -194,12 +204,8 @@ fn header<'m>(m: &'m OwnedMessage, key: &str) -> Option<&'m str> {
 
 async fn decode(codec: &Codec, p: Projection, m: &OwnedMessage) -> Result<Decoded, CodecError> {
     let payload = m.payload().ok_or_else(|| CodecError::Undecodable("empty payload".into()))?;
-    let row: Row = match p {
-        Projection::RollupDay => codec.decode::<RollupDay>(payload).await?.into(),
-        Projection::SleepNight => codec.decode::<SleepNight>(payload).await?.into(),
-        Projection::SessionImpact => codec.decode::<SessionImpact>(payload).await?.into(),
-        Projection::ProductImpact => codec.decode::<ProductImpact>(payload).await?.into(),
-    };
+    let body = (p.decode_json)(codec, payload).await?;
+    let row = Row::of(p, body).map_err(CodecError::Undecodable)?;
     let is_progress = m.headers().is_some_and(|h| h.iter().any(|h| h.key == PROGRESS_HEADER));
     Ok(if is_progress {
         Decoded::Progress(Progress { projection: p, user_id: row.user_id, kind: ProgressKind::Marker, epoch: row.version.0, source_offsets: row.source_offsets })
@@ -359,10 +365,11 @@ fn decode_batch(
     let mut batch = Batch::default();
     let mut row_msgs = Vec::new();
     let mut dead = Vec::new();
+    let by_topic = cfg.by_topic();
     for (i, m) in msgs.iter().enumerate() {
         batch.offsets.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
         if m.topic() == cfg.topics.dead_letter {
-            match rt.block_on(dead_row(codec, &cfg.topics, m)) {
+            match rt.block_on(dead_row(codec, &by_topic, m)) {
                 Ok(Some(d)) => batch.dead_letters.push(d),
                 Ok(None) => {}
                 Err(CodecError::Unavailable(e)) => {
@@ -375,13 +382,13 @@ fn decode_batch(
             }
             continue;
         }
-        let Some(p) = Projection::from_topic(&cfg.topics, m.topic()) else { continue };
+        let Some(&(p, chained)) = by_topic.get(m.topic()) else { continue };
         match rt.block_on(decode(codec, p, m)) {
             Ok(Decoded::Row(r)) => {
                 // Counted under the user the processor attributed it to (its header), as the
                 // marker counts it.
                 vouches.row(m.topic(), m.partition(), header(m, USER_HEADER).unwrap_or(&r.user_id), header(m, INTERVAL_HEADER));
-                if r.projection == Projection::SessionImpact {
+                if chained {
                     let e = batch.chained.entry((r.user_id.clone(), m.topic().to_owned(), m.partition())).or_insert(m.offset());
                     *e = (*e).max(m.offset());
                 }
@@ -469,14 +476,14 @@ fn dead_letter_all(
 }
 
 /// The dead letter `m` as freshness sees it; `None` when it names no user or no projection.
-async fn dead_row(codec: &Codec, t: &Topics, m: &OwnedMessage) -> Result<Option<postgres::DeadRow>, CodecError> {
+async fn dead_row(codec: &Codec, by_topic: &BTreeMap<String, (Projection, bool)>, m: &OwnedMessage) -> Result<Option<postgres::DeadRow>, CodecError> {
     let dl: DeadLetter = codec.decode(m.payload().unwrap_or_default()).await?;
     let Some(user) = user_of(m).or_else(|| m.key().map(|k| String::from_utf8_lossy(k).into_owned())) else { return Ok(None) };
     // `processor:<name>` withholds the record from that processor's projection; `sink:<name>`
     // from the projection of the topic it read.
     let projection = match dl.stage.split_once(':') {
         Some(("processor", name)) => Some(name.to_owned()),
-        Some(("sink", _)) => Projection::from_topic(t, &dl.source_topic).map(|p| p.name().to_owned()),
+        Some(("sink", _)) => by_topic.get(&dl.source_topic).map(|(p, _)| p.name().to_owned()),
         _ => None,
     };
     let Some(projection) = projection else { return Ok(None) };

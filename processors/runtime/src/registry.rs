@@ -5,6 +5,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use vitals_processors::{product_impact, rollup_day, session_impact, sleep_night};
 use vitals_processors::{Processor, ProcessorInfo, Versioned};
+use vitals_schemas::projection::{Projected, Projection};
+use vitals_schemas::topics::Topics;
 
 use crate::{RunArgs, RuntimeError};
 
@@ -13,8 +15,17 @@ use crate::{RunArgs, RuntimeError};
 #[derive(Clone, Copy)]
 pub struct Registered {
     pub info: ProcessorInfo,
+    /// What it writes: its output's descriptor and decoder (for the sink and the read API).
+    pub output: Projection,
     /// Builds it with its default config and runs it on Kafka (blocking).
     pub run: fn(RunArgs) -> Result<(), RuntimeError>,
+}
+
+impl Registered {
+    /// The topic it writes.
+    pub fn output_topic(&self, t: &Topics) -> String {
+        self.output.topic(t)
+    }
 }
 
 impl std::ops::Deref for Registered {
@@ -28,9 +39,14 @@ impl std::ops::Deref for Registered {
 pub fn entry<P>(info: ProcessorInfo) -> Registered
 where
     P: Processor + Default,
-    P::Output: Versioned + vitals_schemas::codec::AvroRecord + Serialize + DeserializeOwned + Clone,
+    P::Output: Versioned + Projected + Serialize + DeserializeOwned + Clone + Send + 'static,
 {
-    Registered { info, run: |args| crate::run(P::default(), args) }
+    Registered { info, output: Projection::of::<P::Output>(), run: |args| crate::run(P::default(), args) }
+}
+
+/// The projections of every registered processor, in registry order.
+pub fn projections() -> Vec<Projection> {
+    registry().iter().map(|p| p.output).collect()
 }
 
 /// Every processor, one line each.
@@ -61,5 +77,19 @@ mod tests {
         }
         assert!(find("rollup").is_none());
         assert_eq!(find("product_impact").map(|p| p.inputs), Some(vitals_processors::Inputs::SessionImpacts));
+    }
+
+    /// What every layer derives from a descriptor holds for each registered processor: its
+    /// projection is named after it, its descriptor is well formed and its schema parses.
+    #[test]
+    fn every_output_is_a_well_formed_projection_named_after_its_processor() {
+        for p in registry() {
+            assert_eq!(p.output.name(), p.name, "{}: the projection is named after its processor", p.name);
+            p.output.descriptor.check().unwrap_or_else(|e| panic!("{e}"));
+            p.output.descriptor.avro().schema();
+            if let vitals_schemas::projection::BuiltFrom::Projection(up) = p.output.descriptor.built_from {
+                assert!(find(up).is_some(), "{}: built from {up}, which is not registered", p.name);
+            }
+        }
     }
 }

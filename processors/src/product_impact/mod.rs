@@ -38,7 +38,6 @@ pub const INFO: ProcessorInfo = ProcessorInfo {
     name: "product_impact",
     description: "Per (user, product): mean and std-dev of the final sessions' deltas, from session_impact's output",
     inputs: crate::Inputs::SessionImpacts,
-    output_topic: |t| t.product_impact.clone(),
 };
 
 /// Built with its default [`Config`] (what the registry runs).

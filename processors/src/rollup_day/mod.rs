@@ -44,7 +44,6 @@ pub const INFO: ProcessorInfo = ProcessorInfo {
     name: "rollup_day",
     description: "Daily rollups per (user, metric, local date): value-kind-aware, source priority, DST, edits, deletions, late backfill",
     inputs: crate::Inputs::Lanes,
-    output_topic: |t| t.rollup_day.clone(),
 };
 
 /// Built with its default [`Config`] (what the registry runs).

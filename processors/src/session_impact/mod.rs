@@ -78,7 +78,6 @@ pub const INFO: ProcessorInfo = ProcessorInfo {
     name: "session_impact",
     description: "Per session: before/during/after window stats per metric and their deltas; provisional until the after-window plus grace has passed",
     inputs: crate::Inputs::Lanes,
-    output_topic: |t| t.session_impact.clone(),
 };
 
 /// Built with its default [`Config`] (what the registry runs).

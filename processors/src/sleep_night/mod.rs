@@ -106,7 +106,6 @@ pub const INFO: ProcessorInfo = ProcessorInfo {
     name: "sleep_night",
     description: "Sleep nights per (user, local date of final wake): periods, naps, stages, awakenings, efficiency, one source per night",
     inputs: crate::Inputs::Lanes,
-    output_topic: |t| t.sleep_night.clone(),
 };
 
 /// Built with its default [`Config`] (what the registry runs).
