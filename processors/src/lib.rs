@@ -4,8 +4,8 @@
 //! given and emits full upserts (or retractions) of projection keys through an [`Emitter`]. That
 //! is what makes exactly-once possible: the runtime decides when state, input offsets and output
 //! position are checkpointed together, and re-running a processor over the same input yields the
-//! same outputs. Adding a processor is one file plus one line in the registry (in
-//! `vitals-runtime`, which runs a processor on Kafka with exactly-once effects).
+//! same outputs. Adding a processor is one file plus one line in [`each_processor`]'s list
+//! (`vitals-runtime` runs each on Kafka with exactly-once effects).
 //!
 //! This crate does no I/O and knows nothing of Kafka, local stores, PostgreSQL or S3: its
 //! dependencies say so, and the compiler keeps it that way. [`driver`] runs a processor in
@@ -15,12 +15,36 @@ mod codec;
 pub mod driver;
 pub mod identity;
 pub mod keys;
-pub mod product_impact;
-pub mod rollup_day;
-pub mod session_impact;
-pub mod sleep_night;
 pub mod sources;
 pub mod time;
+
+/// Declares each processor's module and lists it for the runtime's registry
+/// ([`each_processor`]): `module::ProcessorType`, the module holding its `INFO`.
+macro_rules! processors {
+    ($($m:ident :: $t:ident),* $(,)?) => {
+        $(pub mod $m;)*
+        /// Shows every processor, with its [`ProcessorInfo`], to `v`, in this order.
+        pub fn each_processor(v: &mut impl EachProcessor) {
+            $(v.visit::<$m::$t>($m::INFO);)*
+        }
+    };
+}
+
+// Every processor, one line each: adding one is its file plus its line here.
+processors! {
+    rollup_day::RollupDayProcessor,
+    sleep_night::SleepNightProcessor,
+    session_impact::SessionImpactProcessor,
+    product_impact::ProductImpactProcessor,
+}
+
+/// What [`each_processor`] shows every processor to (the runtime builds its registry with it).
+pub trait EachProcessor {
+    fn visit<P>(&mut self, info: ProcessorInfo)
+    where
+        P: Processor + Default,
+        P::Output: Versioned + vitals_schemas::projection::Projected + Clone + Send + 'static;
+}
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;

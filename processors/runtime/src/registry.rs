@@ -1,10 +1,9 @@
-//! Every processor the runtime can run, one line each. Adding a processor: its file under
-//! `processors/src/`, plus its line here.
+//! Every processor the runtime can run: those `vitals_processors::each_processor` lists (one
+//! line each in `processors/src/lib.rs`).
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use vitals_processors::{product_impact, rollup_day, session_impact, sleep_night};
-use vitals_processors::{Processor, ProcessorInfo, Versioned};
+use vitals_processors::{EachProcessor, Processor, ProcessorInfo, Versioned};
 use vitals_schemas::projection::{Projected, Projection};
 use vitals_schemas::topics::Topics;
 
@@ -49,14 +48,21 @@ pub fn projections() -> Vec<Projection> {
     registry().iter().map(|p| p.output).collect()
 }
 
-/// Every processor, one line each.
+/// Every processor, in `vitals_processors::each_processor`'s order.
 pub fn registry() -> Vec<Registered> {
-    vec![
-        entry::<rollup_day::RollupDayProcessor>(rollup_day::INFO),
-        entry::<sleep_night::SleepNightProcessor>(sleep_night::INFO),
-        entry::<session_impact::SessionImpactProcessor>(session_impact::INFO),
-        entry::<product_impact::ProductImpactProcessor>(product_impact::INFO),
-    ]
+    struct Collect(Vec<Registered>);
+    impl EachProcessor for Collect {
+        fn visit<P>(&mut self, info: ProcessorInfo)
+        where
+            P: Processor + Default,
+            P::Output: Versioned + Projected + Clone + Send + 'static,
+        {
+            self.0.push(entry::<P>(info));
+        }
+    }
+    let mut all = Collect(Vec::new());
+    vitals_processors::each_processor(&mut all);
+    all.0
 }
 
 /// The registry entry named `name`.
@@ -71,7 +77,11 @@ mod tests {
     #[test]
     fn every_processor_is_found_by_its_own_name_once() {
         let names: Vec<&str> = registry().iter().map(|p| p.name).collect();
-        assert_eq!(names, ["rollup_day", "sleep_night", "session_impact", "product_impact"]);
+        assert_eq!(names[..4], ["rollup_day", "sleep_night", "session_impact", "product_impact"], "the first four, in their order");
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len(), "a name is registered once: {names:?}");
         for n in &names {
             assert_eq!(find(n).map(|p| p.name), Some(*n));
         }
