@@ -36,6 +36,7 @@ processors! {
     sleep_night::SleepNightProcessor,
     session_impact::SessionImpactProcessor,
     product_impact::ProductImpactProcessor,
+    readiness_baseline::ReadinessBaselineProcessor,
 }
 
 /// What [`each_processor`] shows every processor to (the runtime builds its registry with it).

@@ -16,6 +16,7 @@ mod offsets;
 mod outages;
 mod pipeline;
 mod process;
+mod projections;
 mod registry;
 mod schemas;
 mod simulate;

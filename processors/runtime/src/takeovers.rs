@@ -171,3 +171,35 @@ mod product_impact {
         }
     }
 }
+
+mod readiness_baseline {
+    use proptest::prelude::*;
+    use vitals_processors::readiness_baseline::tests::*;
+    use vitals_processors::readiness_baseline::{oracle, ReadinessBaselineProcessor};
+    use vitals_processors::Inputs;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48)))]
+
+        /// Takeovers at random earlier checkpoints, zombies, lost epochs, any lane interleaving:
+        /// the output folded by version and as compaction keeps it both equal the oracle.
+        #[test]
+        fn takeovers_zombies_and_compaction_leave_exactly_the_oracle(
+            events in proptest::collection::vec(event(), 1..50),
+            seed in any::<u64>(),
+            lanes in any::<u64>(),
+            takeovers in 1usize..4,
+            max_zombie_steps in 0usize..4,
+            epochs_lost in proptest::bool::weighted(0.2),
+        ) {
+            use crate::sim::{self, Scenario, Sim};
+            let inputs = inputs_of(events);
+            let records = sim::on_lanes(&inputs, lanes, |n| n as i64 * 1000);
+            let mut sim: Sim<ReadinessBaselineProcessor> = Sim::new(Inputs::Lanes, records);
+            sim.run(|| ReadinessBaselineProcessor, &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
+            let expected = oracle(&inputs);
+            prop_assert_eq!(sim.fold_by_version(), expected.clone(), "by version");
+            prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
+        }
+    }
+}
