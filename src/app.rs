@@ -682,9 +682,24 @@ pub async fn sink(
     use vitals_sinks::runner::{self, SinkArgs, SinkConfig};
     // Not ready until the consumer loop runs (it clears this at its first poll or commit).
     metrics.wait("PostgreSQL (starting: connecting)".to_owned());
-    let pool = pg_ready(cfg, &stop).await?;
     let projections = vitals_runtime::registry::projections();
-    vitals_sinks::postgres::ensure_tables(&pool, &projections).await.context("creating the projection tables")?;
+    // PostgreSQL can go away between being ready and the tables being created (the sink crash
+    // test kills it there): that waits like any outage, it never ends the sink.
+    let mut wait = Duration::from_millis(200);
+    let pool = loop {
+        let pool = pg_ready(cfg, &stop).await?;
+        match vitals_sinks::postgres::ensure_tables(&pool, &projections).await {
+            Ok(()) => break pool,
+            Err(e @ sqlx::Error::Configuration(_)) => return Err(e).context("a projection descriptor is not usable"),
+            Err(e) if !stop.load(std::sync::atomic::Ordering::Relaxed) => {
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "creating the projection tables failed; retrying");
+                metrics.wait(format!("PostgreSQL (creating the projection tables: {e})"));
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e).context("creating the projection tables"),
+        }
+    };
     let name = sink_name(cfg);
     let args = SinkArgs {
         cfg: SinkConfig {
