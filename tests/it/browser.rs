@@ -162,7 +162,8 @@ async fn the_dashboard_shows_data_and_updates_live_in_chromium() {
     assert!(updated.1 >= 54321.0, "today's steps bar carries the new upload: {updated:?}");
     let feed = b.eval("document.querySelector('#feed').textContent").await;
     assert!(feed.as_str().unwrap().contains("rollup_day.upserted"), "the live feed lists the update: {feed}");
-    let shot = root().join("target/dashboard.png");
+    // Cargo's scratch directory for integration tests: it exists wherever the target dir is.
+    let shot = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     assert!(b.screenshot(&shot).await > 10_000, "a real screenshot at {}", shot.display());
 
     drop(b);

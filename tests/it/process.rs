@@ -170,6 +170,10 @@ async fn rollup_day_killed_at_any_point_still_equals_the_oracle() {
     // Small intervals: many checkpoints, many places to die between.
     env_vars.retain(|(k, _)| k != "VITALS_PROCESSORS__MAX_BATCH");
     env_vars.push(("VITALS_PROCESSORS__MAX_BATCH".into(), "7".into()));
+    // The runtime's own progress (assignments, takeovers, catch-up) in the log: once, under a
+    // full suite's load, a restarted owner emitted nothing for 120 s; a rerun must say why.
+    env_vars.retain(|(k, _)| k != "RUST_LOG");
+    env_vars.push(("RUST_LOG".into(), std::env::var("VITALS_TEST_CHILD_LOG").unwrap_or_else(|_| "warn,vitals_runtime=info".into())));
     let mut proc = Proc { env: env_vars, child: None };
     let sim = |prefix: &str, seed: u64| env.sim(prefix, seed, 3, 3);
     let codec = vitals::app::codec(&env.cfg);
