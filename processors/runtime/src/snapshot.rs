@@ -186,6 +186,9 @@ impl Snapshots {
         let Some(ptr) = pointer(&self.pool, processor, partition).await.map_err(|e| format!("reading the snapshot pointer: {e}"))? else {
             return Ok(None);
         };
+        // The takeover waits for this download (bounded by the S3 client's timeout): say so, so a
+        // slow store is visible while it happens, not only once it fails.
+        info!(processor, partition, epoch, object = %ptr.object_key, "fetching the published snapshot");
         let bytes = self.s3.get(&ptr.object_key).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("snapshot object {} is missing", ptr.object_key))?;
         let store = Store::import(path, &bytes).map_err(|e| format!("{}: {e}", ptr.object_key))?;
         let cp = match store.checkpoint() {
