@@ -337,6 +337,20 @@ where
     }
 }
 
+impl<P> Sim<P>
+where
+    P: Processor,
+    P::Output: Versioned + Serialize + DeserializeOwned + Clone + PartialEq + std::fmt::Debug,
+{
+    /// The property every takeover test ends with: the output partition folded by version and
+    /// as compaction keeps it both equal `expected` (the oracle).
+    pub fn check_folds(&self, expected: &BTreeMap<String, P::Output>) -> Result<(), proptest::test_runner::TestCaseError> {
+        proptest::prop_assert_eq!(&self.fold_by_version(), expected, "by version");
+        proptest::prop_assert_eq!(&self.fold_as_compaction(), expected, "as compaction keeps it");
+        Ok(())
+    }
+}
+
 /// A value without its version and source offsets, as oracles compute them.
 pub fn unstamped<T: Versioned + Clone>(v: &T) -> T {
     let mut v = v.clone();

@@ -60,8 +60,7 @@ mod rollup_day {
             let mut sim: Sim<RollupDayProcessor> = Sim::new(Inputs::Lanes, records);
             sim.run(|| RollupDayProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
             let expected = oracle(&inputs);
-            prop_assert_eq!(sim.fold_by_version(), expected.clone(), "by version");
-            prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
+            sim.check_folds(&expected)?;
         }
     }
 }
@@ -94,8 +93,7 @@ mod sleep_night {
             let mut sim: Sim<SleepNightProcessor> = Sim::new(Inputs::Lanes, records);
             sim.run(|| SleepNightProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
             let expected = oracle(&inputs);
-            prop_assert_eq!(sim.fold_by_version(), expected.clone(), "by version");
-            prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
+            sim.check_folds(&expected)?;
         }
     }
 }
@@ -130,8 +128,7 @@ mod session_impact {
             let mut sim: Sim<SessionImpactProcessor> = Sim::new(Inputs::Lanes, records);
             sim.run(|| SessionImpactProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
             let expected = oracle(&inputs, sim.stream_time_ms);
-            prop_assert_eq!(sim.fold_by_version(), expected.clone(), "by version");
-            prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
+            sim.check_folds(&expected)?;
         }
     }
 }
@@ -166,8 +163,7 @@ mod product_impact {
             let mut sim: Sim<ProductImpactProcessor> = Sim::new(Inputs::SessionImpacts, log);
             sim.run(|| ProductImpactProcessor::new(Config::default()), &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
             let expected = oracle(&records);
-            prop_assert_eq!(sim.fold_by_version(), expected.clone(), "by version");
-            prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
+            sim.check_folds(&expected)?;
         }
     }
 }
@@ -198,8 +194,7 @@ mod readiness_baseline {
             let mut sim: Sim<ReadinessBaselineProcessor> = Sim::new(Inputs::Lanes, records);
             sim.run(|| ReadinessBaselineProcessor, &Scenario { seed, takeovers, max_zombie_steps, epochs_lost });
             let expected = oracle(&inputs);
-            prop_assert_eq!(sim.fold_by_version(), expected.clone(), "by version");
-            prop_assert_eq!(sim.fold_as_compaction(), expected, "as compaction keeps it");
+            sim.check_folds(&expected)?;
         }
     }
 }
