@@ -9,6 +9,7 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod dlq;
+pub mod k8s;
 pub mod offsets;
 pub mod simulate;
 
