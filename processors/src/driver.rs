@@ -153,6 +153,20 @@ pub struct Driver<P: Processor> {
     pub refused: Vec<vitals_schemas::validate::Refused>,
 }
 
+/// An arrival order for `n` records: every index once, and every `dup_every`-th once more,
+/// shuffled by a seeded xorshift (the same seed, the same order).
+pub fn arrival_order(n: usize, dup_every: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).chain((0..n).step_by(dup_every.max(1))).collect();
+    let mut x = seed | 1;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
 impl<P: Processor> Driver<P>
 where
     P::Output: Clone,
@@ -245,6 +259,21 @@ where
         self.log.extend(ended.iter().cloned());
         out.extend(ended);
         (out, rejected)
+    }
+
+    /// Feeds `inputs` in `order` (indexes, repeats allowed) as consecutive intervals of the
+    /// sizes `cuts` gives, cycled (log timestamps 0); returns how many records were rejected.
+    pub fn feed_in_intervals(&mut self, inputs: &[Input], order: &[usize], cuts: &[usize]) -> usize {
+        let mut rejected = 0;
+        let mut rest = order;
+        let mut c = cuts.iter().cycle();
+        while !rest.is_empty() {
+            let n = c.next().copied().unwrap_or(1).clamp(1, rest.len());
+            let interval: Vec<(i64, Input)> = rest[..n].iter().map(|i| (0, inputs[*i].clone())).collect();
+            rejected += self.feed_interval(&interval).1;
+            rest = &rest[n..];
+        }
+        rejected
     }
 
     /// Moves stream time to `ts_ms` (if later) and fires every timer due by then, in time order

@@ -310,12 +310,7 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let records = impacts_of(recs, replay_every);
-        let mut order: Vec<usize> = (0..records.len()).chain((0..records.len()).step_by(dup_every)).collect();
-        let mut x = seed | 1;
-        for i in (1..order.len()).rev() {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-            order.swap(i, (x % (i as u64 + 1)) as usize);
-        }
+        let order = crate::driver::arrival_order(records.len(), dup_every, seed);
         let mut d = driver();
         for i in &order {
             d.feed(&Input::SessionImpact(records[*i].clone())).unwrap();

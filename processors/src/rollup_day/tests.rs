@@ -252,12 +252,7 @@ proptest! {
     ) {
         let inputs = inputs_of(events);
         // Arrival order: a seeded shuffle of the inputs, with some delivered twice.
-        let mut order: Vec<usize> = (0..inputs.len()).chain((0..inputs.len()).step_by(dup_every)).collect();
-        let mut x = seed | 1;
-        for i in (1..order.len()).rev() {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-            order.swap(i, (x % (i as u64 + 1)) as usize);
-        }
+        let order = crate::driver::arrival_order(inputs.len(), dup_every, seed);
         let mut d = driver();
         for i in &order {
             d.feed(&inputs[*i]).unwrap();
@@ -282,22 +277,9 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let inputs = inputs_of(events);
-        let mut order: Vec<usize> = (0..inputs.len()).chain((0..inputs.len()).step_by(3)).collect();
-        let mut x = seed | 1;
-        for i in (1..order.len()).rev() {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-            order.swap(i, (x % (i as u64 + 1)) as usize);
-        }
+        let order = crate::driver::arrival_order(inputs.len(), 3, seed);
         let mut d = driver();
-        let mut rest: &[usize] = &order;
-        let mut c = cuts.iter().cycle();
-        while !rest.is_empty() {
-            let n = (*c.next().unwrap()).min(rest.len());
-            let interval: Vec<(i64, Input)> = rest[..n].iter().map(|i| (0, inputs[*i].clone())).collect();
-            let (_, rejected) = d.feed_interval(&interval);
-            prop_assert_eq!(rejected, 0);
-            rest = &rest[n..];
-        }
+        prop_assert_eq!(d.feed_in_intervals(&inputs, &order, &cuts), 0, "no record is rejected");
         prop_assert_eq!(d.projection(), oracle(&inputs));
     }
 }

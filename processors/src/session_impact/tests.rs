@@ -611,14 +611,7 @@ pub fn inputs_of(events: Vec<Event>) -> Vec<Input> {
 /// the delivery and sometimes go back (stream time is their running maximum), so sessions are
 /// last touched before their due time and only the timer can make them final.
 pub fn delivery(n: usize, dup_every: usize, seed: u64, times: &[i64], span: i64) -> (Vec<usize>, Vec<i64>) {
-    let mut order: Vec<usize> = (0..n).chain((0..n).step_by(dup_every)).collect();
-    let mut x = seed | 1;
-    for i in (1..order.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
-    }
+    let order = crate::driver::arrival_order(n, dup_every, seed);
     let mut times: Vec<i64> = times[..order.len()].iter().map(|t| t * span / 1000).collect();
     times.sort_unstable();
     for (n, t) in times.iter_mut().enumerate() {

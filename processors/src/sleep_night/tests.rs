@@ -648,12 +648,7 @@ proptest! {
         let events = canonical(events);
         let inputs: Vec<Input> = events.iter().map(to_input).collect();
         // Arrival order: a seeded shuffle of the inputs, with some delivered twice.
-        let mut order: Vec<usize> = (0..inputs.len()).chain((0..inputs.len()).step_by(dup_every)).collect();
-        let mut x = seed | 1;
-        for i in (1..order.len()).rev() {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-            order.swap(i, (x % (i as u64 + 1)) as usize);
-        }
+        let order = crate::driver::arrival_order(inputs.len(), dup_every, seed);
         // Half the cases with other gaps, so the rules are not tied to the defaults.
         let cfg = if tight {
             Config { merge_gap_minutes: 10, night_gap_minutes: 60, nap_max_minutes: 90, min_awakening_minutes: 2 }
