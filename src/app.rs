@@ -42,12 +42,19 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// A migrated pool for a long-running worker: while PostgreSQL is unreachable (a restart, a
 /// failover) it retries with backoff instead of exiting, for up to five minutes or until `stop`.
 pub async fn pg_ready(cfg: &Config, stop: &std::sync::atomic::AtomicBool) -> anyhow::Result<PgPool> {
+    pg_ready_with_tables(cfg, stop, &[]).await
+}
+
+/// [`pg_ready`], with the tables of `projections` created when missing as part of being ready:
+/// PostgreSQL going away between the migrations and the tables is waited out like any outage.
+pub async fn pg_ready_with_tables(cfg: &Config, stop: &std::sync::atomic::AtomicBool, projections: &[vitals_sinks::Projection]) -> anyhow::Result<PgPool> {
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     let mut wait = Duration::from_millis(200);
     loop {
         let attempt = async {
             let pool = pg_pool(cfg).await?;
             migrate(&pool).await?;
+            vitals_sinks::postgres::ensure_tables(&pool, projections).await.context("creating the projection tables")?;
             anyhow::Ok(pool)
         };
         match attempt.await {
@@ -683,23 +690,11 @@ pub async fn sink(
     // Not ready until the consumer loop runs (it clears this at its first poll or commit).
     metrics.wait("PostgreSQL (starting: connecting)".to_owned());
     let projections = vitals_runtime::registry::projections();
-    // PostgreSQL can go away between being ready and the tables being created (the sink crash
-    // test kills it there): that waits like any outage, it never ends the sink.
-    let mut wait = Duration::from_millis(200);
-    let pool = loop {
-        let pool = pg_ready(cfg, &stop).await?;
-        match vitals_sinks::postgres::ensure_tables(&pool, &projections).await {
-            Ok(()) => break pool,
-            Err(e @ sqlx::Error::Configuration(_)) => return Err(e).context("a projection descriptor is not usable"),
-            Err(e) if !stop.load(std::sync::atomic::Ordering::Relaxed) => {
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "creating the projection tables failed; retrying");
-                metrics.wait(format!("PostgreSQL (creating the projection tables: {e})"));
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e).context("creating the projection tables"),
-        }
-    };
+    // A descriptor that cannot make a table is a build's bug: refused at once, not retried.
+    for p in &projections {
+        p.descriptor.check().map_err(anyhow::Error::msg).context("a projection descriptor is not usable")?;
+    }
+    let pool = pg_ready_with_tables(cfg, &stop, &projections).await?;
     let name = sink_name(cfg);
     let args = SinkArgs {
         cfg: SinkConfig {

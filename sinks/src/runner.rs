@@ -54,10 +54,14 @@ pub struct SinkConfig {
     pub max_wait: Duration,
 }
 
+/// Output topic → its projection, and whether another projection is built from it.
+type ByTopic = BTreeMap<String, (Projection, bool)>;
+
 impl SinkConfig {
     /// Output topic → its projection, and whether another projection is built from it (its
-    /// rows are then recorded per user as that projection's inputs, for freshness).
-    fn by_topic(&self) -> BTreeMap<String, (Projection, bool)> {
+    /// rows are then recorded per user as that projection's inputs, for freshness). Computed
+    /// once per run.
+    fn by_topic(&self) -> ByTopic {
         let chained = |p: &Projection| self.projections.iter().any(|q| q.descriptor.built_from == BuiltFrom::Projection(p.name()));
         self.projections.iter().map(|p| (p.topic(&self.topics), (*p, chained(p)))).collect()
     }
@@ -224,7 +228,8 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
     let ctx = SeekContext { pool: pool.clone(), sink: cfg.name.clone(), rt: rt.clone(), stop: Arc::clone(&stop), fatal: Arc::clone(&fatal), metrics: Arc::clone(&metrics), vouches: Arc::clone(&vouches) };
     let consumer: BaseConsumer<SeekContext> = consumer_config.create_with_context(ctx)?;
     // The projections, and the dead letters (freshness says `degraded` over them).
-    let mut topics: Vec<String> = cfg.projections.iter().map(|p| p.topic(&cfg.topics)).collect();
+    let by_topic = cfg.by_topic();
+    let mut topics: Vec<String> = by_topic.keys().cloned().collect();
     topics.push(cfg.topics.dead_letter.clone());
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(sink = %cfg.name, ?topics, "sink started");
@@ -260,7 +265,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         // commits.
         let (batch, work) = loop {
             let mut work = vouches.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            match decode_batch(&rt, &producer, &codec, &cfg, &metrics, &msgs, &mut work, &stop)? {
+            match decode_batch(&rt, &producer, &codec, &cfg, &by_topic, &metrics, &msgs, &mut work, &stop)? {
                 Some(b) => break (b, work),
                 None if wait_or_stop(&stop, wait) => wait = (wait * 2).min(Duration::from_secs(5)),
                 None => return Ok(()),
@@ -357,6 +362,7 @@ fn decode_batch(
     producer: &FutureProducer,
     codec: &Codec,
     cfg: &SinkConfig,
+    by_topic: &ByTopic,
     metrics: &SinkMetrics,
     msgs: &[OwnedMessage],
     vouches: &mut Vouches,
@@ -365,11 +371,10 @@ fn decode_batch(
     let mut batch = Batch::default();
     let mut row_msgs = Vec::new();
     let mut dead = Vec::new();
-    let by_topic = cfg.by_topic();
     for (i, m) in msgs.iter().enumerate() {
         batch.offsets.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
         if m.topic() == cfg.topics.dead_letter {
-            match rt.block_on(dead_row(codec, &by_topic, m)) {
+            match rt.block_on(dead_row(codec, by_topic, m)) {
                 Ok(Some(d)) => batch.dead_letters.push(d),
                 Ok(None) => {}
                 Err(CodecError::Unavailable(e)) => {
@@ -476,7 +481,7 @@ fn dead_letter_all(
 }
 
 /// The dead letter `m` as freshness sees it; `None` when it names no user or no projection.
-async fn dead_row(codec: &Codec, by_topic: &BTreeMap<String, (Projection, bool)>, m: &OwnedMessage) -> Result<Option<postgres::DeadRow>, CodecError> {
+async fn dead_row(codec: &Codec, by_topic: &ByTopic, m: &OwnedMessage) -> Result<Option<postgres::DeadRow>, CodecError> {
     let dl: DeadLetter = codec.decode(m.payload().unwrap_or_default()).await?;
     let Some(user) = user_of(m).or_else(|| m.key().map(|k| String::from_utf8_lossy(k).into_owned())) else { return Ok(None) };
     // `processor:<name>` withholds the record from that processor's projection; `sink:<name>`
