@@ -248,12 +248,12 @@ fn page(mut rows: Rows, limit: i64, freshness: Freshness) -> Page {
 
 async fn rollups(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(bad_query)?;
-    list(&api, &headers, q, api.projection("rollup_day")?).await
+    list(&api, &headers, user(&api, &headers)?, q, api.projection("rollup_day")?).await
 }
 
 async fn sleep(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(bad_query)?;
-    list(&api, &headers, q, api.projection("sleep_night")?).await
+    list(&api, &headers, user(&api, &headers)?, q, api.projection("sleep_night")?).await
 }
 
 async fn sessions(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
@@ -263,16 +263,16 @@ async fn sessions(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Que
     if q.metric.is_some() {
         return Err(ApiError::bad_request("invalid_parameter", "sessions take no metric").field("metric"));
     }
-    list(&api, &headers, q, api.projection("session_impact")?).await
+    list(&api, &headers, user(&api, &headers)?, q, api.projection("session_impact")?).await
 }
 
 async fn session(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
-    item(&api, &headers, api.projection("session_impact")?, &id, "id").await
+    item(&api, &headers, user(&api, &headers)?, api.projection("session_impact")?, &id, "id").await
 }
 
 async fn products(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(bad_query)?;
-    list(&api, &headers, q, api.projection("product_impact")?).await
+    list(&api, &headers, user(&api, &headers)?, q, api.projection("product_impact")?).await
 }
 
 /// Every projection this API serves, and how its list is read.
@@ -311,23 +311,23 @@ async fn projection_list(
     Path(name): Path<String>,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    user(&api, &headers)?;
+    // Authenticated before the name is looked up: no projection names without a token.
+    let user = user(&api, &headers)?;
     let d = api.projection(&name)?;
     let Query(q) = q.map_err(bad_query)?;
-    list(&api, &headers, q, d).await
+    list(&api, &headers, user, q, d).await
 }
 
 async fn projection_item(State(api): State<Arc<Api>>, headers: HeaderMap, Path((name, key)): Path<(String, String)>) -> Result<Response, ApiError> {
-    user(&api, &headers)?;
+    let user = user(&api, &headers)?;
     let d = api.projection(&name)?;
-    item(&api, &headers, d, &key, "key").await
+    item(&api, &headers, user, d, &key, "key").await
 }
 
 /// A page of projection `d` for the token's user, in the descriptor's order: by day (`from`/`to`
 /// dates, inclusive), by time (`from` inclusive, `to` exclusive, epoch ms) or by key (no
 /// range); `metric` filters on the descriptor's group field.
-async fn list(api: &Api, headers: &HeaderMap, q: ListQuery, d: &'static Descriptor) -> Result<Response, ApiError> {
-    let user = user(api, headers)?;
+async fn list(api: &Api, headers: &HeaderMap, user: String, q: ListQuery, d: &'static Descriptor) -> Result<Response, ApiError> {
     if let Some(m) = &q.metric {
         if d.group.is_none() {
             return Err(ApiError::bad_request("invalid_parameter", format!("{} takes no metric", d.name)).field("metric"));
@@ -364,23 +364,24 @@ async fn list(api: &Api, headers: &HeaderMap, q: ListQuery, d: &'static Descript
     let mut tx = snapshot(api).await?;
     let rows: Result<Rows, sqlx::Error> =
         sqlx::query_as(&sql).bind(&user).bind(&q.metric).bind(days.0).bind(days.1).bind(times.0).bind(times.1).bind(ck).bind(ce).bind(n + 1).fetch_all(&mut *tx).await;
-    let (rows, mut tx) = match rows {
-        Ok(rows) => (rows, tx),
-        // A registered projection whose table the sink has not created yet: nothing of it is
-        // applied, and freshness says so.
-        Err(e) if is_undefined_table(&e) => {
-            drop(tx);
-            (Vec::new(), snapshot(api).await?)
-        }
-        Err(e) => return Err(db_error(e)),
-    };
+    let (rows, mut tx) = or_no_table(api, tx, rows, Vec::new()).await?;
     let f = freshness::of(&mut tx, &user, d, &api.projections).await.map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
     Ok(respond(headers, &page(rows, n, f)))
 }
 
-fn is_undefined_table(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01"))
+/// What a read in `tx` returned; a registered projection whose table the sink has not created
+/// yet (SQLSTATE 42P01) reads as `empty` — nothing of it is applied, and freshness, read in a
+/// new snapshot (the failed statement ended `tx`), says so.
+async fn or_no_table<T>(api: &Api, tx: Transaction<'static, Postgres>, read: Result<T, sqlx::Error>, empty: T) -> Result<(T, Transaction<'static, Postgres>), ApiError> {
+    match read {
+        Ok(v) => Ok((v, tx)),
+        Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42P01") => {
+            drop(tx);
+            Ok((empty, snapshot(api).await?))
+        }
+        Err(e) => Err(db_error(e)),
+    }
 }
 
 #[derive(Serialize)]
@@ -390,20 +391,12 @@ struct One {
 }
 
 /// One row of projection `d` by its key (the descriptor's key fields joined by `|`).
-async fn item(api: &Api, headers: &HeaderMap, d: &'static Descriptor, key: &str, field: &'static str) -> Result<Response, ApiError> {
-    let user = user(api, headers)?;
+async fn item(api: &Api, headers: &HeaderMap, user: String, d: &'static Descriptor, key: &str, field: &'static str) -> Result<Response, ApiError> {
     text(field, key)?;
     let mut tx = snapshot(api).await?;
     let row: Result<Option<(Json<serde_json::Value>,)>, sqlx::Error> =
         sqlx::query_as(&format!("SELECT body FROM {} WHERE user_id = $1 AND entity_id = $2 AND NOT deleted", d.table())).bind(&user).bind(key).fetch_optional(&mut *tx).await;
-    let (row, mut tx) = match row {
-        Ok(row) => (row, tx),
-        Err(e) if is_undefined_table(&e) => {
-            drop(tx);
-            (None, snapshot(api).await?)
-        }
-        Err(e) => return Err(db_error(e)),
-    };
+    let (row, mut tx) = or_no_table(api, tx, row, None).await?;
     let f = freshness::of(&mut tx, &user, d, &api.projections).await.map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
     match row {
