@@ -220,8 +220,16 @@ impl Processor for ReadinessBaselineProcessor {
         for (m, d) in touched {
             rows.extend((0..=WINDOW_DAYS).filter_map(|k| d.checked_add_days(Days::new(k))).map(|x| (m, x)));
         }
+        // Each day a row reads (its own and its window's) is read from state once per record, not
+        // once per row that reads it: the rows only write their `e␟` markers, never a day.
+        let mut days: BTreeMap<(&str, NaiveDate), Vec<f64>> = BTreeMap::new();
+        for &(m, date) in &rows {
+            for d in (0..=WINDOW_DAYS).filter_map(|k| date.checked_sub_days(Days::new(k))) {
+                days.entry((m, d)).or_insert_with(|| state.scan_json::<f64>(&day_prefix(m, d)).into_iter().map(|(_, v)| v).collect());
+            }
+        }
         for (m, date) in rows {
-            let day = |d: NaiveDate| state.scan_json::<f64>(&day_prefix(m, d)).into_iter().map(|(_, v)| v).collect::<Vec<f64>>();
+            let day = |d: NaiveDate| days.get(&(m, d)).cloned().unwrap_or_default();
             let emitted = format!("e{SEP}{m}{SEP}{date}");
             match derive(&user, m, date, day) {
                 Some(r) => {
