@@ -154,19 +154,10 @@ impl UserProgress {
     /// A chained projection counts its upstream's dead letters too: what they withheld from the
     /// upstream never reached it either.
     pub fn of(&self, d: &Descriptor, all: &Projections) -> Freshness {
-        let mut f = self.progress_of(d, all, 0);
-        let mut chain = vec![d.name];
-        let mut at = d;
-        while let BuiltFrom::Projection(up) = at.built_from {
-            let Some(u) = all.iter().find(|p| p.name == up) else { break };
-            if chain.contains(&u.name) {
-                break;
-            }
-            chain.push(u.name);
-            at = u;
-        }
+        let chain = chain(d, all);
+        let mut f = self.progress_along(&chain);
         for p in chain.iter().rev() {
-            f.dead_letters.extend(self.dead.get(*p).into_iter().flatten().cloned());
+            f.dead_letters.extend(self.dead.get(p.name).into_iter().flatten().cloned());
         }
         if f.state == FreshnessState::Fresh && !f.dead_letters.is_empty() {
             f.state = FreshnessState::Degraded;
@@ -174,29 +165,49 @@ impl UserProgress {
         f
     }
 
-    fn progress_of(&self, d: &Descriptor, all: &Projections, depth: usize) -> Freshness {
+    /// `chain`: a projection, then what it is built from, down to one built from the lanes. The
+    /// first link that is not fresh is the answer: the root against the lanes, then each
+    /// projection against its upstream's records of the user on the upstream's output topic
+    /// (whatever the deployment's prefix: a projection name holds no dot).
+    fn progress_along(&self, chain: &[&Descriptor]) -> Freshness {
         let none = BTreeMap::new();
-        let applied = self.applied.get(d.name).unwrap_or(&none);
-        let upstream = match d.built_from {
-            BuiltFrom::Projection(up) if depth < all.len() => all.iter().find(|p| p.name == up),
-            _ => None,
-        };
-        let Some(up) = upstream else { return Freshness::compare(&self.lanes, applied) };
-        let before = self.progress_of(up, all, depth + 1);
-        if before.state != FreshnessState::Fresh {
-            return before;
+        let applied = |d: &Descriptor| self.applied.get(d.name).unwrap_or(&none);
+        let Some((root, built)) = chain.split_last() else { return Freshness::compare(&BTreeMap::new(), &none) };
+        let mut f = Freshness::compare(&self.lanes, applied(root));
+        let mut up = *root;
+        for d in built.iter().rev() {
+            if f.state != FreshnessState::Fresh {
+                return f;
+            }
+            let topic_end = format!("vitals.out.{}", up.name);
+            let inputs: Accepted = self.inputs.iter().filter(|((t, _), _)| t.ends_with(&topic_end)).map(|(k, v)| (k.clone(), *v)).collect();
+            f = Freshness::compare(&inputs, applied(d));
+            up = d;
         }
-        // The upstream's records of this user, on its output topic (whatever the deployment's
-        // prefix: a projection name holds no dot).
-        let topic_end = format!("vitals.out.{}", up.name);
-        let inputs: Accepted = self.inputs.iter().filter(|((t, _), _)| t.ends_with(&topic_end)).map(|(k, v)| (k.clone(), *v)).collect();
-        Freshness::compare(&inputs, applied)
+        f
     }
 
     /// Every projection's freshness.
     pub fn all(&self, all: &Projections) -> BTreeMap<&'static str, Freshness> {
         all.iter().map(|d| (d.name, self.of(d, all))).collect()
     }
+}
+
+/// `d`, then the projection it is built from, and so on, while that is registered and not
+/// already in the chain.
+fn chain<'a>(d: &'a Descriptor, all: &'a Projections) -> Vec<&'a Descriptor> {
+    let mut chain = vec![d];
+    let mut at = d;
+    while let BuiltFrom::Projection(up) = at.built_from {
+        match all.iter().copied().find(|p| p.name == up) {
+            Some(u) if !chain.iter().any(|c| c.name == u.name) => {
+                chain.push(u);
+                at = u;
+            }
+            _ => break,
+        }
+    }
+    chain
 }
 
 /// Where [`UserProgress::load`] reads: any connection of a pool, or one given connection — the
