@@ -95,10 +95,10 @@ pub(crate) async fn inputs(env: &TestEnv, codec: &Codec) -> Vec<Input> {
 /// Folds the output topic: per key the record with the greatest version; checks versions grow
 /// strictly per key along each partition's log, and that compaction (the last record per key by
 /// offset) keeps the same. Returns (live rows without version fields, records).
-pub(crate) async fn fold(env: &TestEnv, codec: &Codec) -> (BTreeMap<String, RollupDay>, usize) {
+pub(crate) async fn fold(env: &TestEnv, codec: &Codec) -> (BTreeMap<String, RollupDay>, i64) {
     let f = fold_with(env, codec, true).await;
     assert_eq!(f.by_version, f.compacted, "the last record of every key by offset is its newest version");
-    (f.by_version, f.records)
+    (f.by_version, f.end)
 }
 
 /// The output topic folded two ways.
@@ -107,7 +107,10 @@ pub(crate) struct Folded {
     pub(crate) by_version: BTreeMap<String, RollupDay>,
     /// What log compaction keeps: the last record of every key by offset.
     pub(crate) compacted: BTreeMap<String, RollupDay>,
-    pub(crate) records: usize,
+    /// How far the log has been written: per partition the last offset read + 1, summed. It
+    /// only grows — unlike the number of records read, which compaction lowers — so "the
+    /// processor emitted more" is measured with it.
+    pub(crate) end: i64,
 }
 
 fn live(m: BTreeMap<String, RollupDay>) -> BTreeMap<String, RollupDay> {
@@ -133,6 +136,7 @@ pub(crate) async fn fold_with(env: &TestEnv, codec: &Codec, log_monotonic: bool)
     for m in &records {
         by_part.entry(m.partition()).or_default().push(m);
     }
+    let end = by_part.values().map(|ms| ms.iter().map(|m| m.offset() + 1).max().unwrap_or(0)).sum();
     for (_, mut ms) in by_part {
         ms.sort_by_key(|m| m.offset());
         for m in ms {
@@ -159,7 +163,7 @@ pub(crate) async fn fold_with(env: &TestEnv, codec: &Codec, log_monotonic: bool)
             latest.insert(key, r);
         }
     }
-    Folded { by_version: live(latest), compacted: live(last), records: records.len() }
+    Folded { by_version: live(latest), compacted: live(last), end }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,17 +267,17 @@ async fn rebalance_between_instances_and_a_frozen_zombie_change_nothing() {
     let codec = vitals::app::codec(&env.cfg);
     let base = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
     let sim = |prefix: &str, seed: u64, users: usize| env.sim(prefix, seed, users, 2);
-    let grown = |before: usize| {
+    let grown = |before: i64| {
         let env = &env;
         let codec = &codec;
-        move || async move { (fold_with(env, codec, false).await.records > before).then_some(()) }
+        move || async move { (fold_with(env, codec, false).await.end > before).then_some(()) }
     };
     assert_eq!(simulate::run(&sim("a", 1, 3), &env.http).await.unwrap().rejected, 0);
 
     let mut a = Proc { env: proc_env(&env, &base.join("a")), child: None };
     let mut b = Proc { env: proc_env(&env, &base.join("b")), child: None };
     a.start(None);
-    let n0 = fold_with(&env, &codec, false).await.records;
+    let n0 = fold_with(&env, &codec, false).await.end;
     wait_for_every("instance A to emit", Duration::from_secs(60), Duration::from_millis(300), grown(n0)).await;
     // B joins: the group rebalances and the partitions are split between A and B.
     b.start(None);
@@ -282,7 +286,7 @@ async fn rebalance_between_instances_and_a_frozen_zombie_change_nothing() {
         let http = env.http.clone();
         tokio::spawn(async move { simulate::run(&cfg, &http).await })
     };
-    let n1 = fold_with(&env, &codec, false).await.records;
+    let n1 = fold_with(&env, &codec, false).await.end;
     wait_for_every("output after B joined", Duration::from_secs(60), Duration::from_millis(300), grown(n1)).await;
     // Freeze A mid-stream. Its session expires and the group gives its partitions to B, which
     // bumps their epochs.
