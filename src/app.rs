@@ -138,8 +138,12 @@ pub fn admin(cfg: &Config) -> anyhow::Result<AdminClient<DefaultClientContext>> 
 /// Creates every topic with its partitions, retention and cleanup policy. Idempotent: existing
 /// topics are checked to have the configured partition count (co-partitioning) and left alone.
 pub async fn create_topics(cfg: &Config) -> anyhow::Result<Vec<String>> {
+    create_specs(cfg, &topics(cfg).specs()).await
+}
+
+/// Creates the topics of `specs` ([`create_topics`]).
+pub async fn create_specs(cfg: &Config, specs: &[vitals_schemas::topics::TopicSpec]) -> anyhow::Result<Vec<String>> {
     let admin = admin(cfg)?;
-    let specs = topics(cfg).specs();
     let input_retention = cfg.topics.input_retention_ms.to_string();
     let dlq_retention = cfg.topics.dead_letter_retention_ms.to_string();
     let new: Vec<NewTopic> = specs
@@ -166,7 +170,7 @@ pub async fn create_topics(cfg: &Config) -> anyhow::Result<Vec<String>> {
     // Every keyed topic must have the same partition count, or a user's data would be split
     // across processor tasks.
     let found = topic_partitions(cfg, &specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>()).await?;
-    for s in &specs {
+    for s in specs {
         match found.iter().find(|(n, _)| n == &s.name) {
             Some((_, n)) if *n as i32 == cfg.kafka.partitions => {}
             Some((_, n)) => bail!("topic {} has {n} partitions, expected {} (co-partitioning)", s.name, cfg.kafka.partitions),
@@ -266,10 +270,15 @@ fn repair_hint(cfg: &Config, subject: &str, state: &SubjectState) -> String {
 /// version, registering again cannot make it the latest, so that subject is an error naming
 /// the latest version and vitals'. Every subject is tried before failing.
 pub async fn register_schemas(cfg: &Config) -> anyhow::Result<Vec<String>> {
+    register_specs(cfg, &topics(cfg).specs()).await
+}
+
+/// Registers the value schemas of `specs` ([`register_schemas`]).
+pub async fn register_specs(cfg: &Config, specs: &[vitals_schemas::topics::TopicSpec]) -> anyhow::Result<Vec<String>> {
     let registry = registry_admin(cfg)?;
     let mut report = Vec::new();
     let mut problems = Vec::new();
-    for s in topics(cfg).specs() {
+    for s in specs {
         let subject = vitals_schemas::avro::value_subject(&s.name);
         let name = s.value_schema.name;
         let before = registry.state(&subject, s.value_schema.text).await.with_context(|| format!("checking {subject}"))?;
@@ -624,10 +633,40 @@ pub fn fetch_wait(cfg: &Config, mut c: rdkafka::ClientConfig) -> rdkafka::Client
     c
 }
 
+/// Which version of a processor runs, and where its tasks that have read nothing start
+/// (`vitals replay`); the default is the base version from the beginning.
+#[derive(Debug, Clone, Default)]
+pub struct Line {
+    /// `None`: the base version ([`vitals_schemas::projection::BASE_VERSION`]).
+    pub version: Option<String>,
+    pub start: std::collections::BTreeMap<(String, i32), i64>,
+}
+
+impl Line {
+    /// The name the processor's line goes by: epochs, snapshots, state directory, dead-letter
+    /// stage, metrics (`<processor>@<version>` for a replay's).
+    pub fn name(&self, processor: &str) -> String {
+        vitals_schemas::projection::version::key(processor, self.version.as_deref())
+    }
+}
+
 /// Runs one processor until SIGTERM/Ctrl-C (or a fatal error).
 pub async fn process(
     cfg: &Config,
     name: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    crash_after_produce: Option<u64>,
+    metrics: Arc<vitals_runtime::metrics::RuntimeMetrics>,
+) -> anyhow::Result<()> {
+    process_line(cfg, name, &Line::default(), stop, crash_after_produce, metrics).await
+}
+
+/// Runs one version of one processor ([`Line`]) until stopped (or a fatal error): its own
+/// consumer group, output topic, epochs, snapshots and state directory.
+pub async fn process_line(
+    cfg: &Config,
+    name: &str,
+    line: &Line,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     crash_after_produce: Option<u64>,
     metrics: Arc<vitals_runtime::metrics::RuntimeMetrics>,
@@ -638,19 +677,25 @@ pub async fn process(
         bail!("unknown processor `{name}` (known: {})", known.join(", "));
     };
     let pool = pg_ready(cfg, &stop).await?;
+    if line.version.is_none() && crate::replay::base_retired(&pool, info.name).await? {
+        let served = crate::replay::promoted(&pool, info.name).await?;
+        bail!("{name} {} is retired (reads serve {served}): run `vitals process {name} --as {served}`", vitals_schemas::projection::BASE_VERSION);
+    }
     let t = topics(cfg);
+    let line_name = line.name(info.name);
     let rc = RuntimeConfig {
-        processor: info.name,
+        processor: Box::leak(line_name.clone().into_boxed_str()),
         inputs: info.inputs,
-        output_topic: info.output_topic(&t),
+        output_topic: info.output.at(line.version.as_deref().unwrap_or(vitals_schemas::projection::BASE_VERSION)).topic(&t),
         topics: t,
         data_dir: std::path::PathBuf::from(&cfg.processors.data_dir),
         max_batch: cfg.processors.max_batch,
         max_wait: Duration::from_millis(cfg.processors.max_wait_ms),
         crash_after_produce,
         checkpointing: true,
+        start: line.start.clone(),
     };
-    let group = processor_group(cfg, name);
+    let group = processor_group(cfg, &line_name);
     let snapshots = snapshots(cfg, &group).await?;
     if let Some(s) = &snapshots {
         let _ = metrics.snapshots.set(Arc::clone(&s.metrics));
@@ -659,10 +704,10 @@ pub async fn process(
         cfg: rc,
         consumer_config: {
             let mut c = fetch_wait(cfg, runtime::consumer_config(&cfg.kafka.brokers, &group));
-            c.set("client.id", client_id("process", Some(name)));
+            c.set("client.id", client_id("process", Some(&line_name)));
             c
         },
-        producer: producer(cfg, &client_id("process", Some(name)))?,
+        producer: producer(cfg, &client_id("process", Some(&line_name)))?,
         codec: Arc::new(codec(cfg)),
         pool,
         stop,
@@ -678,6 +723,11 @@ pub fn sink_name(cfg: &Config) -> String {
     format!("{}postgres", cfg.kafka.topic_prefix)
 }
 
+/// The name and group of the sink of one replayed version of a projection (`<projection>@<version>`).
+pub fn version_sink(cfg: &Config, key: &str) -> (String, String) {
+    (format!("{}postgres-{key}", cfg.kafka.topic_prefix), format!("{}vitals-sink-{key}", cfg.kafka.topic_prefix))
+}
+
 /// Runs the PostgreSQL projection sink over every projection until `stop` (or a fatal error).
 /// `on_applied` gets the rows each commit changed (the realtime push hangs off it).
 pub async fn sink(
@@ -686,16 +736,41 @@ pub async fn sink(
     metrics: std::sync::Arc<vitals_sinks::runner::SinkMetrics>,
     on_applied: vitals_sinks::runner::OnApplied,
 ) -> anyhow::Result<()> {
+    let mut projections = vitals_runtime::registry::projections();
+    // A retired base version is applied no more (its table is gone; nothing reads it).
+    metrics.wait("PostgreSQL (starting: connecting)".to_owned());
+    let pool = pg_ready(cfg, &stop).await?;
+    let mut retired = Vec::new();
+    for p in &projections {
+        if crate::replay::base_retired(&pool, p.name()).await? {
+            retired.push(p.name());
+        }
+    }
+    if !retired.is_empty() {
+        tracing::info!(?retired, "retired base versions are not applied");
+        projections.retain(|p| !retired.contains(&p.name()));
+    }
+    pool.close().await;
+    sink_of(cfg, projections, (sink_name(cfg), sink_group(cfg)), stop, metrics, on_applied).await
+}
+
+/// Runs a PostgreSQL sink of `projections` as (`name`, consumer group) until `stop`.
+pub async fn sink_of(
+    cfg: &Config,
+    projections: Vec<vitals_sinks::Projection>,
+    (name, group): (String, String),
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    metrics: std::sync::Arc<vitals_sinks::runner::SinkMetrics>,
+    on_applied: vitals_sinks::runner::OnApplied,
+) -> anyhow::Result<()> {
     use vitals_sinks::runner::{self, SinkArgs, SinkConfig};
     // Not ready until the consumer loop runs (it clears this at its first poll or commit).
     metrics.wait("PostgreSQL (starting: connecting)".to_owned());
-    let projections = vitals_runtime::registry::projections();
     // A descriptor that cannot make a table is a build's bug: refused at once, not retried.
     for p in &projections {
         p.descriptor.check().map_err(anyhow::Error::msg).context("a projection descriptor is not usable")?;
     }
     let pool = pg_ready_with_tables(cfg, &stop, &projections).await?;
-    let name = sink_name(cfg);
     let args = SinkArgs {
         cfg: SinkConfig {
             name: name.clone(),
@@ -705,11 +780,11 @@ pub async fn sink(
             max_wait: Duration::from_millis(cfg.processors.max_wait_ms),
         },
         consumer_config: {
-            let mut c = fetch_wait(cfg, runner::consumer_config(&cfg.kafka.brokers, &sink_group(cfg)));
-            c.set("client.id", client_id("sink", Some("postgres")));
+            let mut c = fetch_wait(cfg, runner::consumer_config(&cfg.kafka.brokers, &group));
+            c.set("client.id", client_id("sink", Some(name.trim_start_matches(&cfg.kafka.topic_prefix))));
             c
         },
-        producer: producer(cfg, &client_id("sink", Some("postgres")))?,
+        producer: producer(cfg, &client_id("sink", Some(name.trim_start_matches(&cfg.kafka.topic_prefix))))?,
         codec: Arc::new(codec(cfg)),
         pool,
         stop,

@@ -287,6 +287,7 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
                     max_wait: std::time::Duration::from_millis(cfg.processors.max_wait_ms),
                     crash_after_produce: None,
                     checkpointing,
+                    start: Default::default(),
                 },
                 consumer_config: app::fetch_wait(&cfg, runtime::consumer_config(&cfg.kafka.brokers, &format!("{run}bench-{}-{checkpointing}", info.name))),
                 producer: app::producer(&cfg, "vitals-bench-process")?,

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod dlq;
 pub mod k8s;
 pub mod offsets;
+pub mod replay;
 pub mod simulate;
 
 /// Resolves on Ctrl-C or SIGTERM: how every long-running role stops.

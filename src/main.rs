@@ -43,6 +43,50 @@ enum Cmd {
         /// its checkpoint (the crash tests use it).
         #[arg(long, hide = true)]
         crash_after_produce: Option<u64>,
+        /// Run this version of the (one) processor, started by `vitals replay --as` (its
+        /// group, topic, checkpoints); the sink of its shadow table runs with `vitals replay`.
+        #[arg(long = "as", value_name = "VERSION")]
+        as_version: Option<String>,
+    },
+    /// Replay a processor as a new version beside the live one: its own consumer group, output
+    /// topic and shadow table (`proj_<name>__<version>`), with a progress display per input
+    /// partition. Stopped and started again (or killed), it resumes from its checkpoints.
+    Replay {
+        processor: String,
+        /// The new version's name, e.g. v2.
+        #[arg(long = "as", value_name = "VERSION")]
+        as_version: String,
+        /// `earliest`, an RFC 3339 time, or a JSON offsets file ([{"topic","partition","offset"}],
+        /// or `vitals offsets show --json`). Only the first start reads it.
+        #[arg(long, default_value = "earliest")]
+        from: vitals::replay::From,
+        /// Exit once the shadow table has caught up with the input.
+        #[arg(long)]
+        until_caught_up: bool,
+        /// Progress display: redrawn in place on a terminal, plain lines otherwise.
+        #[arg(long, value_enum, default_value = "auto")]
+        progress: vitals::replay::Display,
+        /// Seconds between progress updates.
+        #[arg(long, default_value_t = 2.0)]
+        every: f64,
+        #[arg(long, hide = true)]
+        crash_after_produce: Option<u64>,
+    },
+    /// Serve a version of a processor's projection to reads (the API's table and freshness),
+    /// atomically. Refused when that version is behind the one served, unless --force.
+    Promote {
+        processor: String,
+        version: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a version that is not served: its table, topic, consumer groups, epochs,
+    /// snapshots, progress and local state. Asks for confirmation unless --yes.
+    Retire {
+        processor: String,
+        version: String,
+        #[arg(long)]
+        yes: bool,
     },
     /// Run the PostgreSQL projection sink (every projection; exactly-once in effect), announcing
     /// changed rows on Redis for the realtime gateways.
@@ -348,11 +392,14 @@ async fn main() -> anyhow::Result<()> {
             let header_timeout = Duration::from_millis(cfg.ingest.header_timeout_ms);
             app::serve_with(listener, vitals_ingest::router(ingest), shutdown_signal(), header_timeout).await?;
         }
-        Cmd::Process { names, all, crash_after_produce } => {
+        Cmd::Process { names, all, crash_after_produce, as_version } => {
             let names: Vec<String> = if all { vitals_runtime::registry().iter().map(|p| p.name.to_owned()).collect() } else { names };
             if names.is_empty() {
                 let known: Vec<&str> = vitals_runtime::registry().iter().map(|p| p.name).collect();
                 anyhow::bail!("name a processor or pass --all (known: {})", known.join(", "));
+            }
+            if as_version.is_some() && names.len() != 1 {
+                anyhow::bail!("--as runs one version of one processor: name exactly one");
             }
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flag = std::sync::Arc::clone(&stop);
@@ -397,9 +444,13 @@ async fn main() -> anyhow::Result<()> {
                 tokio::spawn(app::serve(listener, router, std::future::pending()));
             }
             let runs = metrics.iter().map(|(name, m)| {
-                let (cfg, stop, m) = (&cfg, std::sync::Arc::clone(&stop), std::sync::Arc::clone(m));
+                let (cfg, stop, m, as_version) = (&cfg, std::sync::Arc::clone(&stop), std::sync::Arc::clone(m), as_version.clone());
                 async move {
-                    let r = app::process(cfg, name, std::sync::Arc::clone(&stop), crash_after_produce, m).await;
+                    let line = match &as_version {
+                        Some(v) => vitals::replay::line(cfg, name, v).await?,
+                        None => app::Line::default(),
+                    };
+                    let r = app::process_line(cfg, name, &line, std::sync::Arc::clone(&stop), crash_after_produce, m).await;
                     if r.is_err() {
                         stop.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -408,6 +459,25 @@ async fn main() -> anyhow::Result<()> {
             });
             for r in futures::future::join_all(runs).await {
                 r?;
+            }
+        }
+        Cmd::Replay { processor, as_version, from, until_caught_up, progress, every, crash_after_produce } => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+            let every = Duration::from_secs_f64(every.clamp(0.1, 3600.0));
+            let args = vitals::replay::ReplayArgs { processor, version: as_version, from, until_caught_up, display: progress, every, crash_after_produce };
+            vitals::replay::replay(&cfg, args, stop).await?;
+        }
+        Cmd::Promote { processor, version, force } => {
+            println!("{}", vitals::replay::promote(&cfg, &processor, &version, force).await?);
+        }
+        Cmd::Retire { processor, version, yes } => {
+            for line in vitals::replay::retire(&cfg, &processor, &version, yes).await? {
+                println!("{line}");
             }
         }
         Cmd::Demo { broker, users, days, rate, once } => {

@@ -108,6 +108,9 @@ pub struct UserProgress {
     applied: BTreeMap<String, BTreeMap<(String, i32), i64>>,
     /// Per projection, its dead letters of the user not replayed yet.
     dead: BTreeMap<String, Vec<DeadLetters>>,
+    /// Per projection with a promoted replay, that version (`vitals promote`): its progress
+    /// and dead letters are the projection's.
+    promoted: BTreeMap<String, String>,
 }
 
 impl UserProgress {
@@ -138,7 +141,7 @@ impl UserProgress {
         .fetch_all(&mut *conn)
         .await?;
         let progress: Vec<(String, String, i32, i64)> =
-            sqlx::query_as("SELECT projection, topic, partition, next_offset FROM projection_progress WHERE user_id = $1").bind(user).fetch_all(conn).await?;
+            sqlx::query_as("SELECT projection, topic, partition, next_offset FROM projection_progress WHERE user_id = $1").bind(user).fetch_all(&mut *conn).await?;
         let mut applied: BTreeMap<String, BTreeMap<(String, i32), i64>> = BTreeMap::new();
         for (projection, t, p, o) in progress {
             applied.entry(projection).or_default().insert((t, p), o);
@@ -147,7 +150,8 @@ impl UserProgress {
         for (projection, code, count, reason) in dead_rows {
             dead.entry(projection).or_default().push(DeadLetters { code, count, reason });
         }
-        Ok(UserProgress { lanes: accepted(lanes), inputs: accepted(inputs), applied, dead })
+        let promoted = promoted_versions(conn).await?;
+        Ok(UserProgress { lanes: accepted(lanes), inputs: accepted(inputs), applied, dead, promoted })
     }
 
     /// The freshness of projection `d` (`all`: every projection, where `d`'s upstream is found).
@@ -156,8 +160,8 @@ impl UserProgress {
     pub fn of(&self, d: &Descriptor, all: &Projections) -> Freshness {
         let chain = chain(d, all);
         let mut f = self.progress_along(&chain);
-        for p in chain.iter().rev() {
-            f.dead_letters.extend(self.dead.get(p.name).into_iter().flatten().cloned());
+        for (i, p) in chain.iter().enumerate().rev() {
+            f.dead_letters.extend(self.dead.get(&self.key(p, i == 0)).into_iter().flatten().cloned());
         }
         if f.state == FreshnessState::Fresh && !f.dead_letters.is_empty() {
             f.state = FreshnessState::Degraded;
@@ -169,9 +173,13 @@ impl UserProgress {
     /// first link that is not fresh is the answer: the root against the lanes, then each
     /// projection against its upstream's records of the user on the upstream's output topic
     /// (whatever the deployment's prefix: a projection name holds no dot).
+    ///
+    /// Only the head is read as its promoted version: what a projection is built from is its
+    /// upstream's base version (the topic it consumes).
     fn progress_along(&self, chain: &[&Descriptor]) -> Freshness {
         let none = BTreeMap::new();
-        let applied = |d: &Descriptor| self.applied.get(d.name).unwrap_or(&none);
+        let head = chain.first().map(|d| d.name);
+        let applied = |d: &Descriptor| self.applied.get(&self.key(d, Some(d.name) == head)).unwrap_or(&none);
         let Some((root, built)) = chain.split_last() else { return Freshness::compare(&BTreeMap::new(), &none) };
         let mut f = Freshness::compare(&self.lanes, applied(root));
         let mut up = *root;
@@ -185,6 +193,13 @@ impl UserProgress {
             up = d;
         }
         f
+    }
+
+    /// The name `d`'s progress and dead letters go by: its promoted version's when `head` (the
+    /// projection being read), the base version's otherwise.
+    fn key(&self, d: &Descriptor, head: bool) -> String {
+        let version = if head { self.promoted.get(d.name).map(String::as_str) } else { None };
+        vitals_schemas::projection::version::key(d.name, version)
     }
 
     /// Every projection's freshness.
@@ -208,6 +223,12 @@ fn chain<'a>(d: &'a Descriptor, all: &'a Projections) -> Vec<&'a Descriptor> {
         }
     }
     chain
+}
+
+/// Every projection whose promoted version is not the base one, with that version.
+pub async fn promoted_versions(conn: &mut PgConnection) -> Result<BTreeMap<String, String>, sqlx::Error> {
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT projection, promoted FROM projection_versions").fetch_all(conn).await?;
+    Ok(rows.into_iter().filter(|(_, v)| vitals_schemas::projection::version::non_base(v).is_some()).collect())
 }
 
 /// Where [`UserProgress::load`] reads: any connection of a pool, or one given connection — the
@@ -262,6 +283,32 @@ mod tests {
         assert_eq!(Freshness::compare(&BTreeMap::new(), &nothing).state, FreshnessState::Fresh, "nothing uploaded: nothing missing");
     }
 
+    /// A promoted version's progress and dead letters are the projection's; what a chained
+    /// projection is built from stays its upstream's base version (the topic it consumes).
+    #[test]
+    fn a_promoted_version_is_read_by_its_own_progress() {
+        use vitals_schemas::records::descriptors::{PRODUCT_IMPACT, ROLLUP_DAY, SESSION_IMPACT};
+        let all: &Projections = &[&ROLLUP_DAY, &SESSION_IMPACT, &PRODUCT_IMPACT];
+        let hot = "vitals.health.hot".to_owned();
+        let mut u = UserProgress { lanes: BTreeMap::from([((hot.clone(), 0), (10, at(100)))]), inputs: BTreeMap::new(), applied: BTreeMap::new(), dead: BTreeMap::new(), promoted: BTreeMap::new() };
+        u.applied.insert("rollup_day".into(), BTreeMap::from([((hot.clone(), 0), 11)]));
+        u.applied.insert("session_impact".into(), BTreeMap::from([((hot.clone(), 0), 11)]));
+        u.applied.insert("rollup_day@v2".into(), BTreeMap::from([((hot.clone(), 0), 4)]));
+        assert_eq!(u.of(&ROLLUP_DAY, all).state, FreshnessState::Fresh);
+        u.promoted.insert("rollup_day".into(), "v2".into());
+        u.promoted.insert("session_impact".into(), "v2".into());
+        assert_eq!(u.of(&ROLLUP_DAY, all).state, FreshnessState::Stale, "v2 is behind: the base's progress does not count for it");
+        assert_eq!(u.of(&SESSION_IMPACT, all).state, FreshnessState::Pending, "nothing of session_impact v2 applied");
+        u.applied.insert("product_impact".into(), BTreeMap::from([(("vitals.out.session_impact".to_owned(), 0), 1)]));
+        u.inputs.insert(("vitals.out.session_impact".to_owned(), 0), (0, at(100)));
+        assert_eq!(u.of(&PRODUCT_IMPACT, all).state, FreshnessState::Fresh, "built from session_impact's base version, which is fresh");
+        u.applied.insert("rollup_day@v2".into(), BTreeMap::from([((hot.clone(), 0), 11)]));
+        u.dead.insert("rollup_day".into(), vec![DeadLetters { code: "c".into(), count: 1, reason: "r".into() }]);
+        assert_eq!(u.of(&ROLLUP_DAY, all).state, FreshnessState::Fresh, "the base's dead letters are not v2's");
+        u.dead.insert("rollup_day@v2".into(), vec![DeadLetters { code: "c".into(), count: 1, reason: "r".into() }]);
+        assert_eq!(u.of(&ROLLUP_DAY, all).state, FreshnessState::Degraded);
+    }
+
     /// A chained projection is as fresh as its upstream, then as its own consumption of the
     /// upstream's records; the upstream's dead letters degrade it.
     #[test]
@@ -270,7 +317,7 @@ mod tests {
         let all: &Projections = &[&ROLLUP_DAY, &SESSION_IMPACT, &PRODUCT_IMPACT];
         let lane = || BTreeMap::from([(("p.vitals.health.hot".to_owned(), 0), (10, at(100)))]);
         let out = "p.vitals.out.session_impact".to_owned();
-        let mut u = UserProgress { lanes: lane(), inputs: BTreeMap::new(), applied: BTreeMap::new(), dead: BTreeMap::new() };
+        let mut u = UserProgress { lanes: lane(), inputs: BTreeMap::new(), applied: BTreeMap::new(), dead: BTreeMap::new(), promoted: BTreeMap::new() };
         u.applied.insert("session_impact".into(), BTreeMap::from([(("p.vitals.health.hot".to_owned(), 0), 5)]));
         assert_eq!(u.of(&PRODUCT_IMPACT, all).state, FreshnessState::Stale, "upstream behind");
         u.applied.insert("session_impact".into(), BTreeMap::from([(("p.vitals.health.hot".to_owned(), 0), 11)]));

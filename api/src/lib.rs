@@ -352,6 +352,7 @@ async fn list(api: &Api, headers: &HeaderMap, user: String, q: ListQuery, d: &'s
         Order::At => ("lpad(at_ms::text, 20, '0')", "1, entity_id"),
         Order::Key => ("''", "entity_id"),
     };
+    let mut tx = snapshot(api).await?;
     let sql = format!(
         "SELECT {sort}, entity_id, body FROM {table}
          WHERE user_id = $1 AND NOT deleted AND ($2::text IS NULL OR metric = $2)
@@ -359,15 +360,22 @@ async fn list(api: &Api, headers: &HeaderMap, user: String, q: ListQuery, d: &'s
            AND ($5::int8 IS NULL OR at_ms >= $5) AND ($6::int8 IS NULL OR at_ms < $6)
            AND ($7::text IS NULL OR ({sort}, entity_id) > ($7, $8))
          ORDER BY {order_by} LIMIT $9",
-        table = d.table()
+        table = table_of(&mut tx, d).await?
     );
-    let mut tx = snapshot(api).await?;
     let rows: Result<Rows, sqlx::Error> =
         sqlx::query_as(&sql).bind(&user).bind(&q.metric).bind(days.0).bind(days.1).bind(times.0).bind(times.1).bind(ck).bind(ce).bind(n + 1).fetch_all(&mut *tx).await;
     let (rows, mut tx) = or_no_table(api, tx, rows, Vec::new()).await?;
     let f = freshness::of(&mut tx, &user, d, &api.projections).await.map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
     Ok(respond(headers, &page(rows, n, f)))
+}
+
+/// The table reads of `d` go to: its promoted version's (`vitals promote`), looked up in the
+/// request's snapshot, so rows and freshness are of one version whenever the switch commits.
+async fn table_of(tx: &mut Transaction<'static, Postgres>, d: &Descriptor) -> Result<String, ApiError> {
+    use vitals_schemas::projection::version;
+    let v: Option<String> = sqlx::query_scalar("SELECT promoted FROM projection_versions WHERE projection = $1").bind(d.name).fetch_optional(&mut **tx).await.map_err(db_error)?;
+    Ok(version::table(d, v.as_deref().and_then(version::non_base)))
 }
 
 /// What a read in `tx` returned; a registered projection whose table the sink has not created
@@ -394,8 +402,9 @@ struct One {
 async fn item(api: &Api, headers: &HeaderMap, user: String, d: &'static Descriptor, key: &str, field: &'static str) -> Result<Response, ApiError> {
     text(field, key)?;
     let mut tx = snapshot(api).await?;
+    let table = table_of(&mut tx, d).await?;
     let row: Result<Option<(Json<serde_json::Value>,)>, sqlx::Error> =
-        sqlx::query_as(&format!("SELECT body FROM {} WHERE user_id = $1 AND entity_id = $2 AND NOT deleted", d.table())).bind(&user).bind(key).fetch_optional(&mut *tx).await;
+        sqlx::query_as(&format!("SELECT body FROM {table} WHERE user_id = $1 AND entity_id = $2 AND NOT deleted")).bind(&user).bind(key).fetch_optional(&mut *tx).await;
     let (row, mut tx) = or_no_table(api, tx, row, None).await?;
     let f = freshness::of(&mut tx, &user, d, &api.projections).await.map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;

@@ -366,31 +366,99 @@ fn decode_json<'a, T: Projected + Send + 'static>(codec: &'a Codec, bytes: &'a [
 pub struct Projection {
     pub descriptor: &'static Descriptor,
     pub decode_json: JsonDecoder,
+    /// The version it is written as: `None` is the base version ([`BASE_VERSION`]), whose
+    /// topic and table carry no suffix; a replay writes `Some` ([`version`]).
+    pub version: Option<&'static str>,
+    /// The name its progress and dead letters go by: the projection's name, `<name>@<version>`
+    /// for another version ([`version::key`]).
+    key: &'static str,
 }
 
 impl Projection {
     pub fn of<T: Projected + Send + 'static>() -> Projection {
-        Projection { descriptor: T::DESCRIPTOR, decode_json: decode_json::<T> }
+        Projection { descriptor: T::DESCRIPTOR, decode_json: decode_json::<T>, version: None, key: T::DESCRIPTOR.name }
+    }
+    /// The same projection written as `version` (checked with [`version::check`]; the base
+    /// version is the projection itself).
+    pub fn at(self, version: &str) -> Projection {
+        if version == BASE_VERSION {
+            return Projection { version: None, key: self.descriptor.name, ..self };
+        }
+        let v: &'static str = Box::leak(version.to_owned().into_boxed_str());
+        Projection { version: Some(v), key: Box::leak(version::key(self.descriptor.name, Some(v)).into_boxed_str()), ..self }
     }
     pub fn name(self) -> &'static str {
         self.descriptor.name
     }
+    /// Its name as progress, dead letters and the sink's rows know it (`<name>@<version>`).
+    pub fn key(self) -> &'static str {
+        self.key
+    }
     pub fn table(self) -> String {
-        self.descriptor.table()
+        version::table(self.descriptor, self.version)
     }
     pub fn topic(self, t: &Topics) -> String {
-        self.descriptor.topic(t)
+        version::topic(self.descriptor, t, self.version)
+    }
+}
+
+/// The version a projection has before any replay: its topic and table are the descriptor's.
+pub const BASE_VERSION: &str = "v1";
+
+/// Versions of a projection (`vitals replay … --as <version>`): each has its own output topic,
+/// table, consumer groups, epochs and state, named by suffixing the base version's.
+pub mod version {
+    use super::{Descriptor, Topics, BASE_VERSION};
+
+    /// A version is a lowercase letter then up to 15 lowercase letters, digits or `_`: it goes
+    /// into topic, table, group and file names unquoted.
+    pub fn check(v: &str) -> Result<(), String> {
+        let ok = v.len() <= 16
+            && v.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+            && v.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("version `{v}`: a lowercase letter then up to 15 lowercase letters, digits or _ (e.g. v2)"))
+        }
+    }
+
+    /// `None` for the base version, the version otherwise.
+    pub fn non_base(v: &str) -> Option<&str> {
+        (v != BASE_VERSION).then_some(v)
+    }
+
+    /// The name progress, dead letters and processor lines go by.
+    pub fn key(name: &str, version: Option<&str>) -> String {
+        match version {
+            None => name.to_owned(),
+            Some(v) => format!("{name}@{v}"),
+        }
+    }
+
+    pub fn table(d: &Descriptor, version: Option<&str>) -> String {
+        match version {
+            None => d.table(),
+            Some(v) => format!("{}__{v}", d.table()),
+        }
+    }
+
+    pub fn topic(d: &Descriptor, t: &Topics, version: Option<&str>) -> String {
+        match version {
+            None => d.topic(t),
+            Some(v) => format!("{}.{v}", d.topic(t)),
+        }
     }
 }
 
 impl std::fmt::Debug for Projection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        f.write_str(self.key())
     }
 }
 impl PartialEq for Projection {
     fn eq(&self, other: &Self) -> bool {
-        self.name() == other.name()
+        self.key() == other.key()
     }
 }
 impl Eq for Projection {}
@@ -401,23 +469,39 @@ impl PartialOrd for Projection {
 }
 impl Ord for Projection {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.name().cmp(other.name())
+        self.key().cmp(other.key())
     }
 }
 impl std::hash::Hash for Projection {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        self.name().hash(h)
+        self.key().hash(h)
     }
 }
 impl Serialize for Projection {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
+        s.serialize_str(self.key())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_names_its_own_topic_table_and_key() {
+        let t = Topics::with_prefix("p.");
+        assert_eq!(version::topic(&D, &t, Some("v2")), "p.vitals.out.demo.v2");
+        assert_eq!(version::table(&D, Some("v2")), "proj_demo__v2");
+        assert_eq!(version::key("demo", Some("v2")), "demo@v2");
+        assert_eq!((version::topic(&D, &t, None), version::table(&D, None), version::key("demo", None)), ("p.vitals.out.demo".into(), "proj_demo".into(), "demo".into()));
+        for ok in ["v2", "backfill_2026", "a"] {
+            assert!(version::check(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "V2", "2v", "v-2", "v2;drop", "v.2", "abcdefghijklmnopq"] {
+            assert!(version::check(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(version::non_base(BASE_VERSION), None);
+    }
 
     const KIND: Enum = Enum { name: "Kind", symbols: &["A", "B"] };
     const INNER: Record = Record { name: "Inner", fields: &[Field::new("n", Type::Long)] };

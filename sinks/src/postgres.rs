@@ -194,7 +194,7 @@ pub async fn ensure_tables(pool: &PgPool, projections: &[Projection]) -> Result<
         if let Err(e) = d.check() {
             return Err(sqlx::Error::Configuration(e.into()));
         }
-        let t = d.table();
+        let t = p.table();
         let mut tx = pool.begin().await?;
         // Serialises concurrent creators: `CREATE TABLE IF NOT EXISTS` alone can still fail on
         // the catalog's unique index when two run at once.
@@ -304,7 +304,7 @@ fn offsets_json(o: &[vitals_schemas::SourceOffset]) -> serde_json::Value {
 /// rebalance yet) moves them in between; the write moves a position only forward in `(epoch,
 /// next_offset)` order, as the fold does, which also covers a key that writer stored first.
 async fn upsert_progress(tx: &mut Transaction<'_, Postgres>, progress: &[Progress]) -> Result<(), sqlx::Error> {
-    let keys: BTreeSet<progress::Key> = progress.iter().flat_map(|p| p.source_offsets.iter().map(move |o| (p.user_id.as_str(), p.projection.name(), o.topic.as_str(), o.partition))).collect();
+    let keys: BTreeSet<progress::Key> = progress.iter().flat_map(|p| p.source_offsets.iter().map(move |o| (p.user_id.as_str(), p.projection.key(), o.topic.as_str(), o.partition))).collect();
     if keys.is_empty() {
         return Ok(());
     }

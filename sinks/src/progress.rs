@@ -36,7 +36,7 @@ pub fn fold<'a>(held: &BTreeMap<Key<'a>, Position>, evidence: &'a [Progress]) ->
     let mut moved: BTreeMap<Key<'a>, Position> = BTreeMap::new();
     for p in evidence {
         for o in &p.source_offsets {
-            let key = (p.user_id.as_str(), p.projection.name(), o.topic.as_str(), o.partition);
+            let key = (p.user_id.as_str(), p.projection.key(), o.topic.as_str(), o.partition);
             let now = moved.get(&key).or(held.get(&key)).copied();
             let next = step(now, p.kind, Position { epoch: p.epoch, next_offset: o.next_offset });
             if Some(next) != now {

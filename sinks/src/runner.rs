@@ -62,7 +62,7 @@ impl SinkConfig {
     /// rows are then recorded per user as that projection's inputs, for freshness). Computed
     /// once per run.
     fn by_topic(&self) -> ByTopic {
-        let chained = |p: &Projection| self.projections.iter().any(|q| q.descriptor.built_from == BuiltFrom::Projection(p.name()));
+        let chained = |p: &Projection| p.version.is_none() && self.projections.iter().any(|q| q.version.is_none() && q.descriptor.built_from == BuiltFrom::Projection(p.name()));
         self.projections.iter().map(|p| (p.topic(&self.topics), (*p, chained(p)))).collect()
     }
 }
@@ -488,7 +488,7 @@ async fn dead_row(codec: &Codec, by_topic: &ByTopic, m: &OwnedMessage) -> Result
     // from the projection of the topic it read.
     let projection = match dl.stage.split_once(':') {
         Some(("processor", name)) => Some(name.to_owned()),
-        Some(("sink", _)) => by_topic.get(&dl.source_topic).map(|(p, _)| p.name().to_owned()),
+        Some(("sink", _)) => by_topic.get(&dl.source_topic).map(|(p, _)| p.key().to_owned()),
         _ => None,
     };
     let Some(projection) = projection else { return Ok(None) };
@@ -515,7 +515,7 @@ fn announced_dead_letters(t: &Topics, m: &OwnedMessage, pr: &Progress) -> Vec<po
     vitals_schemas::dead_letter::announced(&String::from_utf8_lossy(h))
         .into_iter()
         .map(|(p, o, code)| {
-            let projection = pr.projection.name().to_owned();
+            let projection = pr.projection.key().to_owned();
             postgres::DeadRow {
                 dlq_topic: t.dead_letter.clone(),
                 dlq_partition: p,

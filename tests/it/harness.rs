@@ -333,24 +333,45 @@ impl Drop for OwnBroker {
 pub struct VitalsProc {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Where its standard output goes (appended; default: nowhere).
+    pub stdout: Option<std::path::PathBuf>,
     child: Option<Child>,
 }
 
 impl VitalsProc {
     pub fn new(args: &[&str], env: Vec<(String, String)>) -> VitalsProc {
-        VitalsProc { args: args.iter().map(|s| s.to_string()).collect(), env, child: None }
+        VitalsProc { args: args.iter().map(|s| s.to_string()).collect(), env, stdout: None, child: None }
     }
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "{:?} already running", self.args);
+        let stdout = match &self.stdout {
+            Some(p) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(p).expect("the child's stdout file")),
+            None => Stdio::null(),
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_vitals"))
             .args(&self.args)
             .envs(self.env.iter().cloned())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("starting vitals");
         self.child = Some(child);
+    }
+    /// SIGTERM (a graceful stop), and reap within `timeout`.
+    pub fn terminate(&mut self, timeout: std::time::Duration) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let until = std::time::Instant::now() + timeout;
+            while std::time::Instant::now() < until {
+                if c.try_wait().ok().flatten().is_some() {
+                    self.child = None;
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        self.kill9();
     }
     /// SIGKILL, and reap.
     pub fn kill9(&mut self) {

@@ -18,6 +18,7 @@ mod pipeline;
 mod process;
 mod projections;
 mod registry;
+mod replay;
 mod schemas;
 mod simulate;
 mod snapshot;

@@ -90,6 +90,10 @@ pub struct RuntimeConfig {
     /// `false` only for the benchmark's baseline: plain at-least-once — outputs are produced
     /// without waiting for acks and nothing is checkpointed (state lives in memory).
     pub checkpointing: bool,
+    /// Where a task that has read nothing yet starts, per (input topic, partition); any other
+    /// starts at the beginning. A replay `--from` a time or an offsets file sets it; a task with
+    /// a checkpoint (or a snapshot) always resumes from that.
+    pub start: BTreeMap<(String, i32), i64>,
 }
 
 /// A task as the Kafka runtime runs it: the task itself and its snapshot bookkeeping.
@@ -191,6 +195,9 @@ struct RebalanceContext {
     checkpointing: bool,
     /// The layout of the processor's state this build reads ([`vitals_processors::Processor::STATE_FORMAT`]).
     state_format: i64,
+    /// [`RuntimeConfig::start`].
+    start: BTreeMap<(String, i32), i64>,
+    metrics: Arc<metrics::RuntimeMetrics>,
 }
 
 /// Refuses a store that holds state of another layout than `want` (a build that laid its state
@@ -278,6 +285,11 @@ impl RebalanceContext {
         // A store (or snapshot) of another state layout is refused, never read as "nothing held".
         adopt_state_format(&store, self.state_format).map_err(|e| format!("partition {p} of {} ({}): {e}", self.processor, path.display()))?;
         let mut task = Task::new(store, p, epoch, Task::new_owner_id()).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        // A task that has read nothing starts where it was told to (committed with its first
+        // checkpoint; until then every restart starts there again).
+        if task.cp.offsets.is_empty() {
+            task.cp.offsets.extend(self.start.iter().filter(|((_, q), _)| *q == p).map(|((t, _), o)| (t.clone(), *o)));
+        }
         if !self.checkpointing {
             task = task.in_memory();
         }
@@ -292,6 +304,7 @@ impl RebalanceContext {
         task.tail = tail;
         task.store.set_owner_epoch(epoch).map_err(|e| format!("writing {}: {e}", path.display()))?;
         info!(partition = p, epoch, from = ?task.cp.offsets, output_read = read, pending = task.tail.pending(), ms = t0.elapsed().as_millis() as u64, "task taken");
+        self.metrics.taken.lock().unwrap_or_else(|e| e.into_inner()).extend(task.cp.offsets.iter().map(|(t, o)| ((t.clone(), p), *o)));
         let mut r = Running::new(task);
         if restored {
             r.snapshot_at = Some(Instant::now());
@@ -487,6 +500,8 @@ where
         output_topic: cfg.output_topic.clone(),
         checkpointing: cfg.checkpointing,
         state_format: P::STATE_FORMAT,
+        start: cfg.start.clone(),
+        metrics: Arc::clone(&metrics),
     };
     let consumer: BaseConsumer<RebalanceContext> = consumer_config.create_with_context(ctx)?;
     // The lanes' partition count, for the producer-contract check of every lane record.
@@ -566,6 +581,7 @@ where
     let high = |topic: &str, p: i32| highs.lock().unwrap_or_else(|e| e.into_inner()).get(&(topic.to_owned(), p)).copied();
     let mut produced = 0u64;
     let mut lag_sweep = 0u64;
+    let mut positions_at: Option<Instant> = None;
     // Partitions whose task was fenced, and since when.
     let mut fenced: BTreeMap<i32, Instant> = BTreeMap::new();
     let mut tail_checked = Instant::now();
@@ -680,15 +696,22 @@ where
         let sweep = input_sweeps.load(Ordering::Relaxed);
         if sweep != lag_sweep {
             lag_sweep = sweep;
-            let mut lag = BTreeMap::new();
+            let (mut lag, mut ends) = (BTreeMap::new(), BTreeMap::new());
             for (p, r) in sh.tasks.iter() {
                 for topic in &input_topics {
                     if let Some(h) = high(topic, *p) {
                         lag.insert((topic.clone(), *p), (h - r.task.next_offset(topic)).max(0));
+                        ends.insert((topic.clone(), *p), h);
                     }
                 }
             }
             *metrics.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
+            *metrics.ends.lock().unwrap_or_else(|e| e.into_inner()) = ends;
+        }
+        if positions_at.is_none_or(|at| at.elapsed() >= POSITIONS_EVERY) {
+            positions_at = Some(Instant::now());
+            let positions = sh.tasks.iter().flat_map(|(p, r)| input_topics.iter().map(move |t| ((t.clone(), *p), r.task.next_offset(t)))).collect();
+            *metrics.positions.lock().unwrap_or_else(|e| e.into_inner()) = positions;
         }
         if let Some(s) = &snapshots {
             for (p, r) in sh.tasks.iter_mut() {
@@ -803,6 +826,9 @@ fn stop_fenced(sh: &mut Shared, metrics: &metrics::RuntimeMetrics, fenced: &mut 
 /// How often the lag of the owned partitions is measured (a watermark request per input topic
 /// and partition).
 const LAG_EVERY: Duration = Duration::from_secs(10);
+/// How often the owned partitions' checkpointed offsets are published to the metrics (a map
+/// copy, no I/O): what progress displays read.
+const POSITIONS_EVERY: Duration = Duration::from_secs(1);
 
 async fn decode(codec: &Codec, t: &Topics, m: &OwnedMessage) -> Result<Input, CodecError> {
     let payload = m.payload().ok_or_else(|| CodecError::Undecodable("empty payload".into()))?;

@@ -30,6 +30,13 @@ pub struct RuntimeMetrics {
     pub ack_wait_micros: AtomicU64,
     /// Per (input topic, partition): records behind the partition's end, as last measured.
     pub lag: Mutex<BTreeMap<(String, i32), i64>>,
+    /// Per owned (input topic, partition): the checkpointed next offset (every second), and
+    /// the partition's end when `lag` was measured: what a replay's progress display reads.
+    pub positions: Mutex<BTreeMap<(String, i32), i64>>,
+    pub ends: Mutex<BTreeMap<(String, i32), i64>>,
+    /// Per (input topic, partition) taken here: the checkpoint's next offset it started from
+    /// (what a restarted replay shows it resumed at).
+    pub taken: Mutex<BTreeMap<(String, i32), i64>>,
     /// Partitions paused because a dependency (the schema registry) failed, and why: their
     /// records wait, nothing is skipped or dead-lettered; each is retried with backoff.
     pub paused: Mutex<BTreeMap<i32, String>>,

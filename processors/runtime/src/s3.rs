@@ -221,6 +221,16 @@ impl S3Client {
         }
     }
 
+    /// Deletes object `key` (deleting one that is not there succeeds, as in S3).
+    pub async fn delete(&self, key: &str) -> Result<(), S3Error> {
+        let resp = self.send(reqwest::Method::DELETE, key, Vec::new()).await?;
+        if resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_FOUND {
+            Ok(())
+        } else {
+            Err(S3Client::failure(&format!("DELETE {key}"), resp).await)
+        }
+    }
+
     pub async fn bucket_exists(&self) -> Result<bool, S3Error> {
         let resp = self.send(reqwest::Method::HEAD, "", Vec::new()).await?;
         match resp.status() {
