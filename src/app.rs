@@ -42,23 +42,34 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// A migrated pool for a long-running worker: while PostgreSQL is unreachable (a restart, a
 /// failover) it retries with backoff instead of exiting, for up to five minutes or until `stop`.
 pub async fn pg_ready(cfg: &Config, stop: &std::sync::atomic::AtomicBool) -> anyhow::Result<PgPool> {
-    pg_ready_with_tables(cfg, stop, &[]).await
+    Ok(pg_ready_with_tables(cfg, stop, Vec::new()).await?.0)
 }
 
-/// [`pg_ready`], with the tables of `projections` created when missing as part of being ready:
-/// PostgreSQL going away between the migrations and the tables is waited out like any outage.
-pub async fn pg_ready_with_tables(cfg: &Config, stop: &std::sync::atomic::AtomicBool, projections: &[vitals_sinks::Projection]) -> anyhow::Result<PgPool> {
+/// [`pg_ready`] for a sink of `projections`: those it applies (a retired base version is
+/// applied no more: its table is gone and nothing reads it), their tables created when missing
+/// as part of being ready: PostgreSQL going away between the migrations and the tables is
+/// waited out like any outage.
+pub async fn pg_ready_with_tables(
+    cfg: &Config,
+    stop: &std::sync::atomic::AtomicBool,
+    projections: Vec<vitals_sinks::Projection>,
+) -> anyhow::Result<(PgPool, Vec<vitals_sinks::Projection>)> {
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     let mut wait = Duration::from_millis(200);
     loop {
         let attempt = async {
             let pool = pg_pool(cfg).await?;
             migrate(&pool).await?;
-            vitals_sinks::postgres::ensure_tables(&pool, projections).await.context("creating the projection tables")?;
-            anyhow::Ok(pool)
+            let retired = crate::replay::retired_bases(&pool).await?;
+            let (gone, applied): (Vec<_>, Vec<_>) = projections.iter().copied().partition(|p| p.version.is_none() && retired.iter().any(|r| r == p.name()));
+            if !gone.is_empty() {
+                tracing::info!(retired = ?gone, "retired base versions are not applied");
+            }
+            vitals_sinks::postgres::ensure_tables(&pool, &applied).await.context("creating the projection tables")?;
+            anyhow::Ok((pool, applied))
         };
         match attempt.await {
-            Ok(pool) => return Ok(pool),
+            Ok(ready) => return Ok(ready),
             Err(e) if std::time::Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "PostgreSQL not ready; retrying");
                 tokio::time::sleep(wait).await;
@@ -602,6 +613,18 @@ pub async fn topic_counts(cfg: &Config) -> anyhow::Result<Vec<(String, usize, i6
     .context("stats task")?
 }
 
+/// A client of the configured S3-compatible store (`[s3]`).
+pub fn s3_client(cfg: &Config) -> anyhow::Result<vitals_runtime::s3::S3Client> {
+    vitals_runtime::s3::S3Client::new(&vitals_runtime::s3::S3Settings {
+        endpoint: cfg.s3.endpoint.clone(),
+        bucket: cfg.s3.bucket.clone(),
+        region: cfg.s3.region.clone(),
+        access_key_id: cfg.s3.access_key_id.clone(),
+        secret_access_key: cfg.s3.secret_access_key.expose().to_owned(),
+    })
+    .context("the snapshot store ([s3])")
+}
+
 /// The processors' snapshot store (S3), when snapshots are on (`processors.snapshot_every_ms`);
 /// objects go under `snapshots/<group>/`.
 pub async fn snapshots(cfg: &Config, group: &str) -> anyhow::Result<Option<Arc<vitals_runtime::Snapshots>>> {
@@ -609,14 +632,7 @@ pub async fn snapshots(cfg: &Config, group: &str) -> anyhow::Result<Option<Arc<v
     if cfg.processors.snapshot_every_ms == 0 {
         return Ok(None);
     }
-    let s3 = runtime::s3::S3Client::new(&runtime::s3::S3Settings {
-        endpoint: cfg.s3.endpoint.clone(),
-        bucket: cfg.s3.bucket.clone(),
-        region: cfg.s3.region.clone(),
-        access_key_id: cfg.s3.access_key_id.clone(),
-        secret_access_key: cfg.s3.secret_access_key.expose().to_owned(),
-    })
-    .context("the snapshot store ([s3])")?;
+    let s3 = s3_client(cfg)?;
     // Snapshots are an optimisation: an unreachable store is logged, never fatal (snapshots
     // then fail with warnings and tasks without local state replay from the beginning).
     if let Err(e) = s3.ensure_bucket().await {
@@ -736,21 +752,7 @@ pub async fn sink(
     metrics: std::sync::Arc<vitals_sinks::runner::SinkMetrics>,
     on_applied: vitals_sinks::runner::OnApplied,
 ) -> anyhow::Result<()> {
-    let mut projections = vitals_runtime::registry::projections();
-    // A retired base version is applied no more (its table is gone; nothing reads it).
-    metrics.wait("PostgreSQL (starting: connecting)".to_owned());
-    let pool = pg_ready(cfg, &stop).await?;
-    let mut retired = Vec::new();
-    for p in &projections {
-        if crate::replay::base_retired(&pool, p.name()).await? {
-            retired.push(p.name());
-        }
-    }
-    if !retired.is_empty() {
-        tracing::info!(?retired, "retired base versions are not applied");
-        projections.retain(|p| !retired.contains(&p.name()));
-    }
-    pool.close().await;
+    let projections = vitals_runtime::registry::projections();
     sink_of(cfg, projections, (sink_name(cfg), sink_group(cfg)), stop, metrics, on_applied).await
 }
 
@@ -770,7 +772,7 @@ pub async fn sink_of(
     for p in &projections {
         p.descriptor.check().map_err(anyhow::Error::msg).context("a projection descriptor is not usable")?;
     }
-    let pool = pg_ready_with_tables(cfg, &stop, &projections).await?;
+    let (pool, projections) = pg_ready_with_tables(cfg, &stop, projections).await?;
     let args = SinkArgs {
         cfg: SinkConfig {
             name: name.clone(),

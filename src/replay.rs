@@ -124,6 +124,11 @@ pub async fn base_retired(pool: &PgPool, projection: &str) -> anyhow::Result<boo
     Ok(r.unwrap_or(false))
 }
 
+/// The projections whose base version was retired.
+pub async fn retired_bases(pool: &PgPool) -> anyhow::Result<Vec<String>> {
+    Ok(sqlx::query_scalar("SELECT projection FROM projection_versions WHERE base_retired").fetch_all(pool).await?)
+}
+
 /// Input topic → partition count of `topics`.
 async fn partitions(cfg: &Config, topics: &[String]) -> anyhow::Result<BTreeMap<String, i32>> {
     Ok(app::topic_partitions(cfg, topics).await?.into_iter().map(|(t, n)| (t, n as i32)).collect())
@@ -599,11 +604,13 @@ pub async fn retire(cfg: &Config, processor: &str, v: &str, yes: bool) -> anyhow
     sqlx::query("DELETE FROM projection_progress WHERE projection = $1").bind(key).execute(&mut *tx).await?;
     sqlx::query("DELETE FROM projection_dead_letters WHERE projection = $1").bind(key).execute(&mut *tx).await?;
     sqlx::query("DELETE FROM projection_inputs WHERE topic = $1").bind(&topic).execute(&mut *tx).await?;
-    sqlx::query("DELETE FROM sink_offsets WHERE sink = $1 AND topic = $2").bind(&sink_of_topic).bind(&topic).execute(&mut *tx).await?;
-    sqlx::query("DELETE FROM sink_vouches WHERE sink = $1 AND topic = $2").bind(&sink_of_topic).bind(&topic).execute(&mut *tx).await?;
+    // A version's own sink: every row of it (its dead-letter topic's too); the base sink: only
+    // the retired topic's.
+    let only_topic = if p.version.is_some() { None } else { Some(topic.as_str()) };
+    for table in ["sink_offsets", "sink_vouches"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE sink = $1 AND ($2::text IS NULL OR topic = $2)")).bind(&sink_of_topic).bind(only_topic).execute(&mut *tx).await?;
+    }
     if p.version.is_some() {
-        sqlx::query("DELETE FROM sink_offsets WHERE sink = $1").bind(&sink).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM sink_vouches WHERE sink = $1").bind(&sink).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM projection_replays WHERE projection = $1 AND version = $2").bind(name).bind(v).execute(&mut *tx).await?;
     }
     tx.commit().await?;
@@ -632,13 +639,7 @@ pub async fn retire(cfg: &Config, processor: &str, v: &str, yes: bool) -> anyhow
         report.push(format!("removed local state {}", dir.display()));
     }
     if !snapshot_keys.is_empty() {
-        let s3 = vitals_runtime::s3::S3Client::new(&vitals_runtime::s3::S3Settings {
-            endpoint: cfg.s3.endpoint.clone(),
-            bucket: cfg.s3.bucket.clone(),
-            region: cfg.s3.region.clone(),
-            access_key_id: cfg.s3.access_key_id.clone(),
-            secret_access_key: cfg.s3.secret_access_key.expose().to_owned(),
-        })?;
+        let s3 = app::s3_client(cfg)?;
         let mut deleted = 0;
         for k in &snapshot_keys {
             match s3.delete(k).await {
