@@ -195,6 +195,13 @@ impl UserProgress {
         f
     }
 
+    /// The table reads of `d` go to: its promoted version's (`vitals promote`), as read with
+    /// this progress, so rows read in the same snapshot are of the version freshness is of.
+    pub fn table(&self, d: &Descriptor) -> String {
+        use vitals_schemas::projection::version;
+        version::table(d, self.promoted.get(d.name).map(String::as_str))
+    }
+
     /// The name `d`'s progress and dead letters go by: its promoted version's when `head` (the
     /// projection being read), the base version's otherwise.
     fn key(&self, d: &Descriptor, head: bool) -> String {
@@ -256,10 +263,6 @@ impl<'a> From<&'a mut Transaction<'_, Postgres>> for Db<'a> {
     }
 }
 
-/// The freshness of projection `d` for `user`, read on `db` ([`UserProgress::load`]).
-pub async fn of(db: impl Into<Db<'_>>, user: &str, d: &Descriptor, all: &Projections) -> Result<Freshness, sqlx::Error> {
-    Ok(UserProgress::load(db, user).await?.of(d, all))
-}
 
 #[cfg(test)]
 mod tests {

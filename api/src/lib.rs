@@ -353,6 +353,9 @@ async fn list(api: &Api, headers: &HeaderMap, user: String, q: ListQuery, d: &'s
         Order::Key => ("''", "entity_id"),
     };
     let mut tx = snapshot(api).await?;
+    // The user's progress first: it names the version reads are served from (the same
+    // snapshot as the rows).
+    let progress = freshness::UserProgress::load(&mut tx, &user).await.map_err(db_error)?;
     let sql = format!(
         "SELECT {sort}, entity_id, body FROM {table}
          WHERE user_id = $1 AND NOT deleted AND ($2::text IS NULL OR metric = $2)
@@ -360,34 +363,26 @@ async fn list(api: &Api, headers: &HeaderMap, user: String, q: ListQuery, d: &'s
            AND ($5::int8 IS NULL OR at_ms >= $5) AND ($6::int8 IS NULL OR at_ms < $6)
            AND ($7::text IS NULL OR ({sort}, entity_id) > ($7, $8))
          ORDER BY {order_by} LIMIT $9",
-        table = table_of(&mut tx, d).await?
+        table = progress.table(d)
     );
     let rows: Result<Rows, sqlx::Error> =
         sqlx::query_as(&sql).bind(&user).bind(&q.metric).bind(days.0).bind(days.1).bind(times.0).bind(times.1).bind(ck).bind(ce).bind(n + 1).fetch_all(&mut *tx).await;
-    let (rows, mut tx) = or_no_table(api, tx, rows, Vec::new()).await?;
-    let f = freshness::of(&mut tx, &user, d, &api.projections).await.map_err(db_error)?;
-    tx.commit().await.map_err(db_error)?;
+    let (rows, tx) = or_no_table(tx, rows, Vec::new())?;
+    let f = progress.of(d, &api.projections);
+    if let Some(tx) = tx {
+        tx.commit().await.map_err(db_error)?;
+    }
     Ok(respond(headers, &page(rows, n, f)))
 }
 
-/// The table reads of `d` go to: its promoted version's (`vitals promote`), looked up in the
-/// request's snapshot, so rows and freshness are of one version whenever the switch commits.
-async fn table_of(tx: &mut Transaction<'static, Postgres>, d: &Descriptor) -> Result<String, ApiError> {
-    use vitals_schemas::projection::version;
-    let v: Option<String> = sqlx::query_scalar("SELECT promoted FROM projection_versions WHERE projection = $1").bind(d.name).fetch_optional(&mut **tx).await.map_err(db_error)?;
-    Ok(version::table(d, v.as_deref().and_then(version::non_base)))
-}
-
-/// What a read in `tx` returned; a registered projection whose table the sink has not created
-/// yet (SQLSTATE 42P01) reads as `empty` — nothing of it is applied, and freshness, read in a
-/// new snapshot (the failed statement ended `tx`), says so.
-async fn or_no_table<T>(api: &Api, tx: Transaction<'static, Postgres>, read: Result<T, sqlx::Error>, empty: T) -> Result<(T, Transaction<'static, Postgres>), ApiError> {
+/// What a read in `tx` returned, and the transaction if it is still open; a registered
+/// projection whose table the sink has not created yet (SQLSTATE 42P01) reads as `empty` —
+/// nothing of it is applied, as the progress read before it in the same snapshot says (the
+/// failed statement ended `tx`, which is then dropped: it read nothing more).
+fn or_no_table<T>(tx: Transaction<'static, Postgres>, read: Result<T, sqlx::Error>, empty: T) -> Result<(T, Option<Transaction<'static, Postgres>>), ApiError> {
     match read {
-        Ok(v) => Ok((v, tx)),
-        Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42P01") => {
-            drop(tx);
-            Ok((empty, snapshot(api).await?))
-        }
+        Ok(v) => Ok((v, Some(tx))),
+        Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42P01") => Ok((empty, None)),
         Err(e) => Err(db_error(e)),
     }
 }
@@ -402,12 +397,14 @@ struct One {
 async fn item(api: &Api, headers: &HeaderMap, user: String, d: &'static Descriptor, key: &str, field: &'static str) -> Result<Response, ApiError> {
     text(field, key)?;
     let mut tx = snapshot(api).await?;
-    let table = table_of(&mut tx, d).await?;
+    let progress = freshness::UserProgress::load(&mut tx, &user).await.map_err(db_error)?;
     let row: Result<Option<(Json<serde_json::Value>,)>, sqlx::Error> =
-        sqlx::query_as(&format!("SELECT body FROM {table} WHERE user_id = $1 AND entity_id = $2 AND NOT deleted")).bind(&user).bind(key).fetch_optional(&mut *tx).await;
-    let (row, mut tx) = or_no_table(api, tx, row, None).await?;
-    let f = freshness::of(&mut tx, &user, d, &api.projections).await.map_err(db_error)?;
-    tx.commit().await.map_err(db_error)?;
+        sqlx::query_as(&format!("SELECT body FROM {} WHERE user_id = $1 AND entity_id = $2 AND NOT deleted", progress.table(d))).bind(&user).bind(key).fetch_optional(&mut *tx).await;
+    let (row, tx) = or_no_table(tx, row, None)?;
+    let f = progress.of(d, &api.projections);
+    if let Some(tx) = tx {
+        tx.commit().await.map_err(db_error)?;
+    }
     match row {
         Some((body,)) => Ok(respond(headers, &One { data: body.0, freshness: f })),
         // Another user's row is indistinguishable from a missing one.
