@@ -381,6 +381,14 @@ impl VitalsProc {
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
+    /// Waits (at most `timeout`) for it to exit by itself; its exit status.
+    pub async fn wait_exit(&mut self, what: &str, timeout: Duration) -> std::process::ExitStatus {
+        wait_for(what, timeout, || {
+            let s = self.exited();
+            async move { s }
+        })
+        .await
+    }
 }
 
 impl Drop for VitalsProc {

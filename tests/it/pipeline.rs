@@ -16,7 +16,7 @@ use vitals_schemas::codec::Codec;
 use vitals_schemas::topics::PROGRESS_HEADER;
 use vitals_schemas::{ChangeBatch, DomainChangeBatch, ProductImpact, RollupDay, SampleBatch, SessionImpact, SleepNight, SourceOffset};
 
-use crate::harness::{header, key, wait_for, wait_for_every, TestEnv, VitalsProc};
+use crate::harness::{header, key, wait_for_every, TestEnv, VitalsProc};
 
 /// What the fold needs of an output record.
 pub(crate) trait Out: DeserializeOwned + vitals_schemas::codec::AvroRecord + Clone + PartialEq + std::fmt::Debug {
@@ -173,11 +173,7 @@ async fn every_processor_killed_at_any_point_equals_its_oracle() {
     for n in [1u64, 2, 3] {
         let mut p = VitalsProc::new(&["process", "--all", "--crash-after-produce", &n.to_string()], with_batch(&vars));
         p.start();
-        let status = wait_for("the failpoint abort", Duration::from_secs(120), || {
-            let s = p.exited();
-            async move { s }
-        })
-        .await;
+        let status = p.wait_exit("the failpoint abort", Duration::from_secs(120)).await;
         assert!(!status.success(), "aborted at the failpoint: {status:?}");
     }
     // kill -9 at arbitrary moments while more people upload.

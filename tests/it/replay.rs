@@ -78,11 +78,7 @@ async fn a_replay_resumes_after_a_crash_catches_up_and_is_promoted_without_a_sta
     let mut crashing = VitalsProc::new(&[&args[..], &["--crash-after-produce", "4"]].concat(), replay_env.clone());
     crashing.stdout = Some(out.clone());
     crashing.start();
-    let status = wait_for("the replay to abort after its 4th interval", Duration::from_secs(120), || {
-        let s = crashing.exited();
-        async move { s }
-    })
-    .await;
+    let status = crashing.wait_exit("the replay to abort after its 4th interval", Duration::from_secs(120)).await;
     assert!(!status.success(), "aborted: {status:?}");
     // Three intervals of at most ten records are not all of v1's input: v2 is behind.
     let e = vitals::replay::promote(&env.cfg, "rollup_day", "v2", false).await.unwrap_err();
@@ -200,11 +196,7 @@ async fn a_replay_resumes_after_a_crash_catches_up_and_is_promoted_without_a_sta
     }
     let mut again = VitalsProc::new(&["process", "rollup_day"], env.child_env(&data));
     again.start();
-    let status = wait_for("the retired base version to refuse to run", Duration::from_secs(60), || {
-        let s = again.exited();
-        async move { s }
-    })
-    .await;
+    let status = again.wait_exit("the retired base version to refuse to run", Duration::from_secs(60)).await;
     assert!(!status.success());
     replay.terminate(Duration::from_secs(30));
     sink.kill9();
