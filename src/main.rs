@@ -57,9 +57,10 @@ enum Cmd {
         #[arg(long = "as", value_name = "VERSION")]
         as_version: String,
         /// `earliest`, an RFC 3339 time, or a JSON offsets file ([{"topic","partition","offset"}],
-        /// or `vitals offsets show --json`). Only the first start reads it.
-        #[arg(long, default_value = "earliest")]
-        from: vitals::replay::From,
+        /// or `vitals offsets show <processor> --json`); default earliest. Only the first start
+        /// reads it: a version started again resumes from its checkpoints.
+        #[arg(long)]
+        from: Option<vitals::replay::From>,
         /// Exit once the shadow table has caught up with the input.
         #[arg(long)]
         until_caught_up: bool,
@@ -127,6 +128,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DlqCmd,
     },
+    /// The raw archive of the input lanes in the S3-compatible store, sealed per user: run as a
+    /// role, or `status` (what is archived, and so how far each lane may be truncated).
+    Archive {
+        #[command(subcommand)]
+        cmd: Option<ArchiveCmd>,
+    },
     /// Where the processor groups stand: offsets, lag, owners, epochs, snapshots.
     Offsets {
         #[command(subcommand)]
@@ -147,6 +154,16 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ArchiveCmd {
+    /// Per input partition: the offsets the archive holds, the lane's first and next offset,
+    /// records not archived yet, recorded gaps.
+    Status {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -532,6 +549,23 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Topics { cmd: TopicsCmd::Create } => {
             for line in app::create_topics(&cfg).await? {
                 println!("{line}");
+            }
+        }
+        Cmd::Archive { cmd: None } => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+            vitals::archive::run(&cfg, stop).await?;
+        }
+        Cmd::Archive { cmd: Some(ArchiveCmd::Status { json }) } => {
+            let rows = vitals::archive::status(&cfg).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", vitals::archive::render(&rows));
             }
         }
         Cmd::Offsets { cmd: OffsetsCmd::Show { processor, json } } => {

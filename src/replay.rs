@@ -80,7 +80,8 @@ pub enum Display {
 pub struct ReplayArgs {
     pub processor: String,
     pub version: String,
-    pub from: From,
+    /// Where a new version starts (`None`: the beginning, or where it was started from).
+    pub from: Option<From>,
     /// Exit once the shadow table has caught up (the processor's input and the sink's).
     pub until_caught_up: bool,
     pub display: Display,
@@ -135,19 +136,29 @@ async fn partitions(cfg: &Config, topics: &[String]) -> anyhow::Result<BTreeMap<
 }
 
 /// The start offsets `from` means for the processor's input `topics`.
-async fn start_offsets(cfg: &Config, topics: &[String], from: &From) -> anyhow::Result<Vec<StartOffset>> {
+async fn start_offsets(cfg: &Config, processor: &str, topics: &[String], from: &From) -> anyhow::Result<Vec<StartOffset>> {
     match from {
         From::Earliest => Ok(Vec::new()),
         From::Offsets(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            let offsets: Vec<StartOffset> = serde_json::from_str(&text).with_context(|| format!("{}: expected [{{\"topic\", \"partition\", \"offset\"}}]", path.display()))?;
             let known = partitions(cfg, topics).await?;
-            for o in &offsets {
-                match known.get(&o.topic) {
-                    None => bail!("{}: topic `{}` is not an input of this processor (inputs: {})", path.display(), o.topic, topics.join(", ")),
-                    Some(n) if o.partition < 0 || o.partition >= *n => bail!("{}: {} has no partition {}", path.display(), o.topic, o.partition),
-                    _ if o.offset < 0 => bail!("{}: {}/{}: offset {} is negative", path.display(), o.topic, o.partition, o.offset),
-                    _ => {}
+            let offsets = parse_offsets(&text, processor, &cfg.kafka.topic_prefix, &known).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            // An offset outside what the partition holds would start somewhere else than asked:
+            // before its first record (deleted by retention) is a gap, past its end a wait for
+            // records that may never come.
+            let client: BaseConsumer = app::kafka_base(cfg, "vitals-replay-offsets").set("group.id", "vitals-replay-offsets").create()?;
+            let checked = offsets.clone();
+            let bounds = tokio::task::spawn_blocking(move || {
+                checked.iter().map(|o| client.fetch_watermarks(&o.topic, o.partition, Duration::from_secs(10))).collect::<Result<Vec<_>, _>>()
+            })
+            .await?
+            .context("reading the partitions' watermarks")?;
+            for (o, (low, high)) in offsets.iter().zip(bounds) {
+                if o.offset < low {
+                    bail!("{}: {}/{}: offset {} is before the partition's first record {low} (the records before it were deleted by retention)", path.display(), o.topic, o.partition, o.offset);
+                }
+                if o.offset > high {
+                    bail!("{}: {}/{}: offset {} is past the partition's end {high}", path.display(), o.topic, o.partition, o.offset);
                 }
             }
             Ok(offsets)
@@ -180,32 +191,102 @@ async fn start_offsets(cfg: &Config, topics: &[String], from: &From) -> anyhow::
     }
 }
 
+/// The start offsets an offsets file names for `processor`, whose input topics (full names) and
+/// their partition counts are `known`. The file is a JSON array of `{"topic", "partition",
+/// "offset"}`; the rows `vitals offsets show --json` prints are read as they are: their
+/// `committed` is the offset, a `null` one (nothing committed) leaves the partition at its
+/// beginning, and rows of other processors are skipped. Topics may be named without
+/// `kafka.topic_prefix`. A partition the file does not name starts at its beginning.
+pub fn parse_offsets(text: &str, processor: &str, prefix: &str, known: &BTreeMap<String, i32>) -> Result<Vec<StartOffset>, String> {
+    const SHAPE: &str = r#"expected a JSON array of {"topic", "partition", "offset"} (or the rows of `vitals offsets show <processor> --json`)"#;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|e| format!("{SHAPE}: {e}"))?;
+    let inputs = || known.keys().cloned().collect::<Vec<_>>().join(", ");
+    let (mut out, mut others, mut seen) = (Vec::<StartOffset>::new(), std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+    for (i, row) in rows.iter().enumerate() {
+        let Some(obj) = row.as_object() else { return Err(format!("row {i}: {SHAPE}")) };
+        if let Some(p) = obj.get("processor") {
+            let p = p.as_str().ok_or_else(|| format!("row {i}: `processor` is not a string"))?;
+            if p != processor {
+                others.insert(p.to_owned());
+                continue;
+            }
+        }
+        let topic = obj.get("topic").and_then(|t| t.as_str()).ok_or_else(|| format!("row {i}: no `topic` string; {SHAPE}"))?;
+        let partition = obj.get("partition").and_then(|p| p.as_i64()).ok_or_else(|| format!("row {i}: no integer `partition`; {SHAPE}"))?;
+        let offset = match (obj.get("offset"), obj.get("committed")) {
+            (Some(o), _) | (None, Some(o)) => o,
+            (None, None) => return Err(format!("row {i}: no `offset` (or `committed`); {SHAPE}")),
+        };
+        let full = if known.contains_key(topic) { topic.to_owned() } else { format!("{prefix}{topic}") };
+        let Some(n) = known.get(&full) else { return Err(format!("row {i}: topic `{topic}` is not an input of {processor} (inputs: {})", inputs())) };
+        if partition < 0 || partition >= i64::from(*n) {
+            return Err(format!("row {i}: {full} has no partition {partition} (it has {n})"));
+        }
+        let partition = partition as i32;
+        if !seen.insert((full.clone(), partition)) {
+            return Err(format!("row {i}: {full}/{partition} is named twice"));
+        }
+        if offset.is_null() {
+            continue;
+        }
+        let offset = offset.as_i64().ok_or_else(|| format!("row {i}: {full}/{partition}: offset {offset} is not an integer"))?;
+        if offset < 0 {
+            return Err(format!("row {i}: {full}/{partition}: offset {offset} is negative"));
+        }
+        out.push(StartOffset { topic: full, partition, offset });
+    }
+    if seen.is_empty() && !others.is_empty() {
+        return Err(format!("no row is of {processor} (the file has rows of {}): `vitals offsets show {processor} --json` writes its own", others.into_iter().collect::<Vec<_>>().join(", ")));
+    }
+    Ok(out)
+}
+
 /// The output topic of `p`, as a spec to create and register.
 fn spec(cfg: &Config, p: Projection) -> TopicSpec {
     TopicSpec { name: p.topic(&app::topics(cfg)), role: TopicRole::Projection, value_schema: p.descriptor.avro() }
 }
 
-/// Records the replay (or finds the one to resume) and returns its start offsets.
-async fn begin(pool: &PgPool, cfg: &Config, name: &str, v: &str, input_topics: &[String], from: &From) -> anyhow::Result<(Vec<StartOffset>, Option<String>)> {
-    let existing: Option<(String, sqlx::types::Json<Vec<StartOffset>>, chrono::DateTime<chrono::Utc>)> =
-        sqlx::query_as("SELECT from_spec, start_offsets, started_at FROM projection_replays WHERE projection = $1 AND version = $2").bind(name).bind(v).fetch_optional(pool).await?;
-    if let Some((spec, offsets, at)) = existing {
-        return Ok((offsets.0, Some(format!("resuming {name} {v} (started {} from {spec}) from its checkpoints", at.format("%Y-%m-%d %H:%M:%S UTC")))));
-    }
-    let offsets = start_offsets(cfg, input_topics, from).await?;
-    let spec = match from {
+/// How `from` is recorded in `projection_replays`.
+fn spec_of(from: &From) -> String {
+    match from {
         From::Earliest => "earliest".to_owned(),
         From::Time(t) => t.to_rfc3339(),
         From::Offsets(p) => p.display().to_string(),
+    }
+}
+
+/// Records the replay (or finds the one to resume) and returns its start offsets. A version
+/// resumes from its checkpoints: a `--from` other than the one it was started from is refused
+/// rather than ignored, and of two first starts at once both use the one recorded first.
+async fn begin(pool: &PgPool, cfg: &Config, name: &str, v: &str, input_topics: &[String], from: Option<&From>) -> anyhow::Result<(Vec<StartOffset>, Option<String>)> {
+    let recorded = || async {
+        let row: Option<(String, sqlx::types::Json<Vec<StartOffset>>, chrono::DateTime<chrono::Utc>)> =
+            sqlx::query_as("SELECT from_spec, start_offsets, started_at FROM projection_replays WHERE projection = $1 AND version = $2").bind(name).bind(v).fetch_optional(pool).await?;
+        anyhow::Ok(row)
     };
+    let check = |spec: &str| match from.map(spec_of) {
+        Some(asked) if asked != spec => {
+            bail!("{name} {v} was started from {spec} and resumes from its checkpoints, not from {asked}: leave out --from, or `vitals retire {name} {v}` and replay it again")
+        }
+        _ => Ok(()),
+    };
+    if let Some((spec, offsets, at)) = recorded().await? {
+        check(&spec)?;
+        return Ok((offsets.0, Some(format!("resuming {name} {v} (started {} from {spec}) from its checkpoints", at.format("%Y-%m-%d %H:%M:%S UTC")))));
+    }
+    let from = from.unwrap_or(&From::Earliest);
+    let offsets = start_offsets(cfg, name, input_topics, from).await?;
     sqlx::query("INSERT INTO projection_replays (projection, version, from_spec, start_offsets) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
         .bind(name)
         .bind(v)
-        .bind(&spec)
+        .bind(spec_of(from))
         .bind(sqlx::types::Json(&offsets))
         .execute(pool)
         .await?;
-    Ok((offsets, None))
+    // Another first start may have recorded its own in between: the recorded one holds.
+    let (spec, offsets, _) = recorded().await?.context("the replay's record vanished")?;
+    check(&spec)?;
+    Ok((offsets.0, None))
 }
 
 /// Runs the replay until stopped (or caught up, with `until_caught_up`).
@@ -218,11 +299,11 @@ pub async fn replay(cfg: &Config, args: ReplayArgs, stop: Arc<AtomicBool>) -> an
     let pool = app::pg_ready(cfg, &stop).await?;
     let t = app::topics(cfg);
     let input_topics = info.inputs.topics(&t);
-    let (start, resumed) = begin(&pool, cfg, info.name, v, &input_topics, &args.from).await?;
+    let (start, resumed) = begin(&pool, cfg, info.name, v, &input_topics, args.from.as_ref()).await?;
     let mut out = Out::new(args.display);
     match &resumed {
         Some(line) => out.line(line),
-        None => out.line(&format!("replaying {} as {v} from {}", info.name, describe(&args.from))),
+        None => out.line(&format!("replaying {} as {v} from {}", info.name, describe(args.from.as_ref().unwrap_or(&From::Earliest)))),
     }
     let spec = spec(cfg, projection);
     app::create_specs(cfg, std::slice::from_ref(&spec)).await.context("creating the version's output topic")?;
@@ -664,4 +745,70 @@ async fn group_members(cfg: &Config, group: &str) -> anyhow::Result<usize> {
         Ok(list.groups().iter().filter(|g| g.name() == group).map(|g| g.members().len()).sum())
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known() -> BTreeMap<String, i32> {
+        [("t.vitals.health.hot".to_owned(), 3), ("t.vitals.health.cold".to_owned(), 3)].into_iter().collect()
+    }
+
+    fn parse(text: &str) -> Result<Vec<StartOffset>, String> {
+        parse_offsets(text, "rollup_day", "t.", &known())
+    }
+
+    fn at(topic: &str, partition: i32, offset: i64) -> StartOffset {
+        StartOffset { topic: topic.into(), partition, offset }
+    }
+
+    #[test]
+    fn an_offsets_file_names_partitions_by_full_or_unprefixed_topic() {
+        let got = parse(r#"[{"topic": "t.vitals.health.hot", "partition": 0, "offset": 5}, {"topic": "vitals.health.cold", "partition": 2, "offset": 0}]"#).unwrap();
+        assert_eq!(got, vec![at("t.vitals.health.hot", 0, 5), at("t.vitals.health.cold", 2, 0)]);
+    }
+
+    #[test]
+    fn the_rows_of_offsets_show_are_read_as_they_are() {
+        // `vitals offsets show --json` of every processor: other processors' rows are skipped,
+        // a partition nothing was committed for starts at its beginning.
+        let text = r#"[
+            {"processor": "sleep_night", "topic": "t.vitals.health.hot", "partition": 0, "committed": 99, "high": 99, "lag": 0},
+            {"processor": "rollup_day", "topic": "t.vitals.health.hot", "partition": 0, "committed": 7, "high": 9, "lag": 2, "owner": null},
+            {"processor": "rollup_day", "topic": "t.vitals.health.hot", "partition": 1, "committed": null, "high": 0, "lag": 0}
+        ]"#;
+        assert_eq!(parse(text).unwrap(), vec![at("t.vitals.health.hot", 0, 7)]);
+        let e = parse(r#"[{"processor": "sleep_night", "topic": "t.vitals.health.hot", "partition": 0, "committed": 1}]"#).unwrap_err();
+        assert!(e.contains("no row is of rollup_day") && e.contains("sleep_night") && e.contains("vitals offsets show rollup_day --json"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_offsets_file_is_refused_naming_the_row_and_the_fault() {
+        for (text, want) in [
+            ("{}", "expected a JSON array"),
+            ("not json", "expected a JSON array"),
+            ("[1]", "row 0: expected"),
+            (r#"[{"partition": 0, "offset": 1}]"#, "row 0: no `topic`"),
+            (r#"[{"topic": "t.vitals.health.hot", "offset": 1}]"#, "row 0: no integer `partition`"),
+            (r#"[{"topic": "t.vitals.health.hot", "partition": 0}]"#, "row 0: no `offset`"),
+            (r#"[{"topic": "t.vitals.domain.changes", "partition": 0, "offset": 1}]"#, "is not an input of rollup_day (inputs: t.vitals.health.cold, t.vitals.health.hot)"),
+            (r#"[{"topic": "t.vitals.health.hot", "partition": 3, "offset": 1}]"#, "has no partition 3 (it has 3)"),
+            (r#"[{"topic": "t.vitals.health.hot", "partition": -1, "offset": 1}]"#, "has no partition -1"),
+            (r#"[{"topic": "t.vitals.health.hot", "partition": 0, "offset": -4}]"#, "offset -4 is negative"),
+            (r#"[{"topic": "t.vitals.health.hot", "partition": 0, "offset": 1.5}]"#, "is not an integer"),
+            (r#"[{"topic": "t.vitals.health.hot", "partition": 0, "offset": 1}, {"topic": "vitals.health.hot", "partition": 0, "offset": null}]"#, "row 1: t.vitals.health.hot/0 is named twice"),
+        ] {
+            let e = parse(text).expect_err(text);
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn from_names_earliest_a_time_or_a_file() {
+        assert_eq!("earliest".parse::<From>().unwrap(), From::Earliest);
+        assert_eq!("2026-11-30T01:00:00+01:00".parse::<From>().unwrap(), From::Time("2026-11-30T00:00:00Z".parse().unwrap()));
+        let e = "2026-11-30".parse::<From>().unwrap_err();
+        assert!(e.contains("neither `earliest`, an RFC 3339 time"), "{e}");
+    }
 }

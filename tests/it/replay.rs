@@ -203,3 +203,119 @@ async fn a_replay_resumes_after_a_crash_catches_up_and_is_promoted_without_a_sta
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
 }
+
+/// The rows of `table` (a version's shadow table), per user, as the oracle lists them.
+async fn table_rows(pool: &sqlx::PgPool, table: &str) -> Rows {
+    let bodies: Vec<(sqlx::types::Json<RollupDay>,)> = sqlx::query_as(&format!("SELECT body FROM {table} WHERE NOT deleted")).fetch_all(pool).await.unwrap();
+    let mut out = Rows::new();
+    for (b,) in bodies {
+        let mut r = b.0;
+        r.strip();
+        out.entry(r.user_id.clone()).or_default().push(r);
+    }
+    for rows in out.values_mut() {
+        rows.sort_by(|a, b| (&a.metric, &a.local_date).cmp(&(&b.metric, &b.local_date)));
+    }
+    out
+}
+
+/// `--from <time>` and `--from <offsets file>` (the file `vitals offsets show rollup_day --json`
+/// writes once v1 has read the first users): both versions hold exactly the users uploaded
+/// after that point, as the oracle computes them, and nothing of those before. Two replays run
+/// at once; a bad offsets file and a `--from` other than a version's own are refused before
+/// anything starts; a partial version is not promoted unforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_from_a_time_or_an_offsets_file_holds_exactly_what_came_after() {
+    let env = TestEnv::start().await;
+    let data = std::env::temp_dir().join(format!("vitals-replay-from-{}", uuid::Uuid::new_v4().simple()));
+    let before = env.sim("rfa", 31, 2, 2);
+    assert_eq!(simulate::run(&before, &env.http).await.unwrap().rejected, 0);
+
+    // v1 reads the first users; its group's committed offsets then stand at the lanes' ends.
+    let mut v1 = VitalsProc::new(&["process", "rollup_day"], env.child_env(&data));
+    v1.start();
+    let rows = wait_for_every("v1's committed offsets to reach every partition's end", Duration::from_secs(120), Duration::from_millis(500), || {
+        let cfg = env.cfg.clone();
+        async move {
+            let rows = vitals::offsets::show(&cfg, Some("rollup_day")).await.ok()?;
+            rows.iter().all(|r| r.committed.unwrap_or(0) == r.high && r.lag == 0).then_some(rows)
+        }
+    })
+    .await;
+    assert!(rows.iter().any(|r| r.committed.is_some_and(|c| c > 0)), "v1 committed something: {rows:?}");
+    let file = data.with_extension("offsets.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    // v1's table holds the first users (what a partial version is then behind of).
+    let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
+    sink.start();
+    let pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
+    let first_rows = oracle(&env).await;
+    wait_for_every("v1's table to equal the oracle of the first users", Duration::from_secs(120), Duration::from_millis(300), || async {
+        (table_rows(&pool, "proj_rollup_day").await == first_rows).then_some(())
+    })
+    .await;
+    v1.terminate(Duration::from_secs(30));
+
+    // A moment strictly after every record of the first users (broker timestamps are the
+    // edge's produce time, in milliseconds), then the second users.
+    let at = chrono::Utc::now() + chrono::Duration::milliseconds(5);
+    wait_for("the clock to pass the replay's start time", Duration::from_secs(5), || async { (chrono::Utc::now() > at).then_some(()) }).await;
+    let after = env.sim("rfb", 32, 2, 2);
+    assert_eq!(simulate::run(&after, &env.http).await.unwrap().rejected, 0);
+
+    // Refused before anything starts: an offset past a partition's end.
+    let mut bad: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    bad[0]["committed"] = serde_json::json!(1_000_000);
+    let bad_file = data.with_extension("bad.json");
+    std::fs::write(&bad_file, serde_json::to_string(&bad).unwrap()).unwrap();
+    let run = |v: &str, from: &str| vitals::replay::ReplayArgs {
+        processor: "rollup_day".into(),
+        version: v.into(),
+        from: Some(from.parse().unwrap()),
+        until_caught_up: true,
+        display: vitals::replay::Display::Plain,
+        every: Duration::from_millis(300),
+        crash_after_produce: None,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let e = vitals::replay::replay(&env.cfg, run("v4", bad_file.to_str().unwrap()), Arc::clone(&stop)).await.unwrap_err();
+    assert!(format!("{e:#}").contains("offset 1000000 is past the partition's end"), "{e:#}");
+
+    // Two replays at once, from the time and from the file.
+    let t = at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    // As the replay reads it back (milliseconds).
+    let at: chrono::DateTime<chrono::Utc> = t.parse().unwrap();
+    let common = ["--until-caught-up", "--progress", "plain", "--every", "0.3"];
+    let out = data.with_extension("replays.out");
+    let mut by_time = VitalsProc::new(&[&["replay", "rollup_day", "--as", "v2", "--from", &t][..], &common].concat(), env.child_env(&data));
+    let mut by_file = VitalsProc::new(&[&["replay", "rollup_day", "--as", "v3", "--from", file.to_str().unwrap()][..], &common].concat(), env.child_env(&data));
+    by_time.stdout = Some(out.clone());
+    by_file.stdout = Some(out.clone());
+    by_time.start();
+    by_file.start();
+    assert!(by_time.wait_exit("the replay from a time to catch up", Duration::from_secs(180)).await.success());
+    assert!(by_file.wait_exit("the replay from an offsets file to catch up", Duration::from_secs(180)).await.success());
+
+    let all = oracle(&env).await;
+    let second: Vec<String> = (0..2).map(|i| simulate::user_id(&after, i)).collect();
+    let first: Vec<String> = (0..2).map(|i| simulate::user_id(&before, i)).collect();
+    assert!(first.iter().chain(&second).all(|u| all.contains_key(u)), "every user has rollups");
+    let want: Rows = all.into_iter().filter(|(u, _)| second.contains(u)).collect();
+    let text = std::fs::read_to_string(&out).unwrap();
+    for table in ["proj_rollup_day__v2", "proj_rollup_day__v3"] {
+        let got = table_rows(&pool, table).await;
+        assert_eq!(got, want, "{table} holds exactly the users uploaded after the start point\n{text}");
+    }
+    assert!(text.contains(&format!("replaying rollup_day as v2 from {}", at.to_rfc3339())), "{text}");
+    assert!(text.contains("replaying rollup_day as v3 from the offsets in"), "{text}");
+
+    // A partial version is behind v1 for the first users: not promoted unforced.
+    let e = vitals::replay::promote(&env.cfg, "rollup_day", "v2", false).await.unwrap_err();
+    assert!(format!("{e:#}").contains("v2 is behind v1"), "{e:#}");
+    // v2 resumes from its checkpoints, not from somewhere else.
+    let e = vitals::replay::replay(&env.cfg, run("v2", "earliest"), stop).await.unwrap_err();
+    assert!(format!("{e:#}").contains(&format!("rollup_day v2 was started from {} and resumes from its checkpoints, not from earliest", at.to_rfc3339())), "{e:#}");
+    sink.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
