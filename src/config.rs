@@ -46,6 +46,19 @@ pub struct Config {
     pub redis: RedisConfig,
     pub s3: S3Config,
     pub api: ApiConfig,
+    pub archive: ArchiveConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// Object key prefix of the archive's segments in the `[s3]` bucket.
+    pub prefix: String,
+    /// A segment is closed at this many records, bytes or milliseconds open, whichever first
+    /// (and always at the end of a UTC day of its records' timestamps).
+    pub max_records: usize,
+    pub max_bytes: usize,
+    pub max_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

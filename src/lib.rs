@@ -5,6 +5,7 @@
 //! open connections themselves: they get what they need from here.
 
 pub mod app;
+pub mod archive;
 pub mod bench;
 pub mod config;
 pub mod demo;

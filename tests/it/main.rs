@@ -4,6 +4,7 @@
 //! fresh topic names per test.
 
 mod api;
+mod archive;
 mod browser;
 mod demo;
 mod dlq;
