@@ -713,6 +713,7 @@ pub async fn process_line(
     };
     let group = processor_group(cfg, &line_name);
     let snapshots = snapshots(cfg, &group).await?;
+    let archive_pool = pool.clone();
     if let Some(s) = &snapshots {
         let _ = metrics.snapshots.set(Arc::clone(&s.metrics));
     }
@@ -729,6 +730,7 @@ pub async fn process_line(
         stop,
         metrics,
         snapshots,
+        archive: Some(Arc::new(crate::archive::Source { pool: archive_pool, s3: s3_client(cfg)?, rt: tokio::runtime::Handle::current() })),
     };
     tokio::task::spawn_blocking(move || (info.run)(args)).await.context("processor thread")?.context("processor runtime")
 }

@@ -372,6 +372,32 @@ pub async fn run(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
         }
         at = positions(&pool, &topics).await?;
+        // A lane that now starts past where its archive stands lost those records before they
+        // were archived (retention while the archiver was down or behind): recorded as a gap, and
+        // the archive goes on from the lane's start.
+        for ((topic, p), pos) in at.iter_mut() {
+            let (c, t, q) = (Arc::clone(&consumer), topic.clone(), *p);
+            let (low, _) = tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, q, Duration::from_secs(10))).await??;
+            if low > pos.next {
+                error!(%topic, partition = p, from = pos.next, to = low, "records deleted from the lane before they were archived: recorded as an archive gap");
+                let mut tx = pool.begin().await?;
+                let moved = sqlx::query("UPDATE archive_positions SET next_offset = $4, updated_at = now() WHERE topic = $1 AND partition = $2 AND next_offset = $3")
+                    .bind(topic)
+                    .bind(*p)
+                    .bind(pos.next)
+                    .bind(low)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if moved == 1 {
+                    sqlx::query("INSERT INTO archive_gaps (topic, partition, from_offset, to_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING").bind(topic).bind(*p).bind(pos.next).bind(low).execute(&mut *tx).await?;
+                    tx.commit().await?;
+                    pos.next = low;
+                } else {
+                    continue 'assign; // another archiver moved it: read the positions again
+                }
+            }
+        }
         let mut tpl = TopicPartitionList::new();
         for ((t, p), pos) in &at {
             tpl.add_partition_offset(t, *p, Offset::Offset(pos.next))?;
@@ -519,23 +545,38 @@ fn failpoint_after_record() {
 /// What a read of the archive returned.
 #[derive(Debug, Default)]
 pub struct Read {
-    /// The records, in offset order, as their lane held them.
+    /// Every offset asked for, in order, as its lane held it; an erased user's record (their
+    /// key is gone) as a record with [`ERASED_HEADER`] and nothing else.
     pub records: Vec<OwnedMessage>,
-    /// Records whose user's key is gone (erased): skipped.
+    /// How many were erased.
     pub erased: u64,
 }
 
-/// Offsets `from..to` of one partition, from the archive. Refused when the archive does not
-/// hold all of them (it starts later, has not got that far, or has a recorded gap there).
-pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, topic: &str, partition: i32, from: i64, to: i64) -> anyhow::Result<Read> {
+pub use vitals_runtime::{ArchiveError, ERASED_HEADER};
+
+fn erased_record(topic: &str, partition: i32, offset: i64, timestamp_ms: i64) -> OwnedMessage {
+    let h = OwnedHeaders::new_with_capacity(1).insert(Header { key: ERASED_HEADER, value: Some(&b"1"[..]) });
+    OwnedMessage::new(None, None, topic.to_owned(), Timestamp::CreateTime(timestamp_ms), partition, offset, Some(h))
+}
+
+/// Offsets `from..to` of one partition, from the archive. [`ArchiveError::Missing`] when the
+/// archive does not hold all of them (it starts later, has not got that far, has a recorded
+/// gap there, or an object is gone or altered); [`ArchiveError::Unavailable`] when PostgreSQL
+/// or the store cannot be reached.
+pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, topic: &str, partition: i32, from: i64, to: i64) -> Result<Read, ArchiveError> {
+    let down = |e: &dyn std::fmt::Display| ArchiveError::Unavailable(e.to_string());
+    macro_rules! missing {
+        ($($t:tt)*) => { return Err(ArchiveError::Missing(format!($($t)*))) };
+    }
     let mut out = Read::default();
     if from >= to {
         return Ok(out);
     }
-    let pos: Option<(i64, i64)> = sqlx::query_as("SELECT start_offset, next_offset FROM archive_positions WHERE topic = $1 AND partition = $2").bind(topic).bind(partition).fetch_optional(pool).await?;
-    let Some((start, next)) = pos else { bail!("{topic}/{partition} was never archived") };
+    let pos: Option<(i64, i64)> =
+        sqlx::query_as("SELECT start_offset, next_offset FROM archive_positions WHERE topic = $1 AND partition = $2").bind(topic).bind(partition).fetch_optional(pool).await.map_err(|e| down(&e))?;
+    let Some((start, next)) = pos else { missing!("{topic}/{partition} was never archived") };
     if from < start || to > next {
-        bail!("the archive of {topic}/{partition} holds offsets {start}..{next}, not all of {from}..{to}");
+        missing!("the archive of {topic}/{partition} holds offsets {start}..{next}, not all of {from}..{to}");
     }
     let gaps: Vec<(i64, i64)> = sqlx::query_as("SELECT from_offset, to_offset FROM archive_gaps WHERE topic = $1 AND partition = $2 AND from_offset < $4 AND to_offset > $3 ORDER BY from_offset")
         .bind(topic)
@@ -543,9 +584,10 @@ pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, topic: &str,
         .bind(from)
         .bind(to)
         .fetch_all(pool)
-        .await?;
+        .await
+        .map_err(|e| down(&e))?;
     if let Some((a, b)) = gaps.first() {
-        bail!("the archive of {topic}/{partition} has a gap at offsets {a}..{b}: they were deleted from the lane before they were archived");
+        missing!("the archive of {topic}/{partition} has a gap at offsets {a}..{b}: they were deleted from the lane before they were archived");
     }
     let segments: Vec<(i64, i64, String)> = sqlx::query_as(
         "SELECT first_offset, next_offset, object_key FROM archive_segments WHERE topic = $1 AND partition = $2 AND first_offset < $4 AND next_offset > $3 ORDER BY first_offset",
@@ -555,33 +597,51 @@ pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, topic: &str,
     .bind(from)
     .bind(to)
     .fetch_all(pool)
-    .await?;
+    .await
+    .map_err(|e| down(&e))?;
     let mut at = from;
     let mut keys: HashMap<uuid::Uuid, Option<DataKey>> = HashMap::new();
     for (first, seg_next, object) in segments {
-        anyhow::ensure!(first <= at, "the archive of {topic}/{partition} has no segment for offsets {at}..{first}");
-        let body = s3.get(&object).await.with_context(|| format!("reading {object}"))?.with_context(|| format!("{object} is recorded but not in the store"))?;
-        let (meta, records) = decode_segment(&body).with_context(|| format!("decoding {object}"))?;
-        anyhow::ensure!(meta.topic == topic && meta.partition == partition && meta.first == first && meta.next == seg_next, "{object} holds {meta:?}, not what is recorded");
-        let missing: Vec<uuid::Uuid> = records.iter().map(|r| r.key_id).filter(|id| !keys.contains_key(id)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        if !missing.is_empty() {
-            let ids: Vec<String> = missing.iter().map(uuid::Uuid::to_string).collect();
-            let rows: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT key_id, key FROM archive_keys WHERE key_id = ANY($1)").bind(&ids).fetch_all(pool).await?;
-            for id in &missing {
+        if first > at {
+            missing!("the archive of {topic}/{partition} has no segment for offsets {at}..{first}");
+        }
+        let Some(body) = s3.get(&object).await.map_err(|e| down(&format!("reading {object}: {e}")))? else { missing!("{object} is recorded but not in the store") };
+        let (meta, records) = match decode_segment(&body) {
+            Ok(d) => d,
+            Err(e) => missing!("decoding {object}: {e:#}"),
+        };
+        if meta.topic != topic || meta.partition != partition || meta.first != first || meta.next != seg_next {
+            missing!("{object} holds {meta:?}, not what is recorded");
+        }
+        let unknown: Vec<uuid::Uuid> = records.iter().map(|r| r.key_id).filter(|id| !keys.contains_key(id)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        if !unknown.is_empty() {
+            let ids: Vec<String> = unknown.iter().map(uuid::Uuid::to_string).collect();
+            let rows: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT key_id, key FROM archive_keys WHERE key_id = ANY($1)").bind(&ids).fetch_all(pool).await.map_err(|e| down(&e))?;
+            for id in &unknown {
                 keys.insert(*id, None);
             }
             for (id, bytes) in rows {
-                let id: uuid::Uuid = id.parse()?;
-                keys.insert(id, Some(DataKey::from_row(id, &bytes)?));
+                let key = id.parse().map_err(anyhow::Error::from).and_then(|id| DataKey::from_row(id, &bytes));
+                match key {
+                    Ok(k) => keys.insert(k.id, Some(k)),
+                    Err(e) => missing!("archive key {id}: {e:#}"),
+                };
             }
         }
         for r in records {
-            if r.offset < from || r.offset >= to {
+            if r.offset < at || r.offset >= to {
                 continue;
             }
+            // Offsets the broker never used (none with an idempotent producer) are simply absent.
             match &keys[&r.key_id] {
-                None => out.erased += 1,
-                Some(k) => out.records.push(open(k, topic, partition, r.offset, r.timestamp_ms, &r.nonce, &r.sealed)?.message(topic, partition)),
+                None => {
+                    out.erased += 1;
+                    out.records.push(erased_record(topic, partition, r.offset, r.timestamp_ms));
+                }
+                Some(k) => match open(k, topic, partition, r.offset, r.timestamp_ms, &r.nonce, &r.sealed) {
+                    Ok(raw) => out.records.push(raw.message(topic, partition)),
+                    Err(e) => missing!("{object}: {e:#}"),
+                },
             }
         }
         at = seg_next.max(at);
@@ -589,8 +649,52 @@ pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, topic: &str,
             break;
         }
     }
-    anyhow::ensure!(at >= to, "the archive of {topic}/{partition} has no segment for offsets {at}..{to}");
+    if at < to {
+        missing!("the archive of {topic}/{partition} has no segment for offsets {at}..{to}");
+    }
     Ok(out)
+}
+
+/// The first archived offset of `topic`/`partition` below `before` whose timestamp is at or
+/// after `ms` (what the broker's time index answers for the records it still holds). Segments
+/// hold one UTC day each, so only those of that day and later are read.
+pub async fn offset_for_time(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, topic: &str, partition: i32, ms: i64, before: i64) -> anyhow::Result<Option<i64>> {
+    let day = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().date_naive();
+    let segments: Vec<String> = sqlx::query_scalar("SELECT object_key FROM archive_segments WHERE topic = $1 AND partition = $2 AND day >= $3 AND first_offset < $4 ORDER BY first_offset")
+        .bind(topic)
+        .bind(partition)
+        .bind(day)
+        .bind(before)
+        .fetch_all(pool)
+        .await?;
+    for object in segments {
+        let body = s3.get(&object).await?.with_context(|| format!("{object} is recorded but not in the store"))?;
+        let (_, records) = decode_segment(&body).with_context(|| format!("decoding {object}"))?;
+        if let Some(r) = records.iter().find(|r| r.timestamp_ms >= ms && r.offset < before) {
+            return Ok(Some(r.offset));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether the archive holds every offset `from..to` of `topic`/`partition` (no recorded gap).
+pub async fn holds(pool: &PgPool, topic: &str, partition: i32, from: i64, to: i64) -> anyhow::Result<bool> {
+    let pos: Option<(i64, i64)> = sqlx::query_as("SELECT start_offset, next_offset FROM archive_positions WHERE topic = $1 AND partition = $2").bind(topic).bind(partition).fetch_optional(pool).await?;
+    let gaps: i64 = sqlx::query_scalar("SELECT count(*) FROM archive_gaps WHERE topic = $1 AND partition = $2 AND from_offset < $4 AND to_offset > $3").bind(topic).bind(partition).bind(from).bind(to).fetch_one(pool).await?;
+    Ok(pos.is_some_and(|(start, next)| start <= from && next >= to) && gaps == 0)
+}
+
+/// The archive as the runtime reads it (blocking, from the runtime's thread).
+pub struct Source {
+    pub pool: PgPool,
+    pub s3: vitals_runtime::s3::S3Client,
+    pub rt: tokio::runtime::Handle,
+}
+
+impl vitals_runtime::Archive for Source {
+    fn read(&self, topic: &str, partition: i32, from: i64, to: i64) -> Result<Vec<OwnedMessage>, ArchiveError> {
+        self.rt.block_on(read(&self.pool, &self.s3, topic, partition, from, to)).map(|r| r.records)
+    }
 }
 
 /// Per input partition: what the archive holds, what the lane holds, and so up to which offset

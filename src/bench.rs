@@ -296,6 +296,7 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
                 stop: Arc::clone(&stop),
                 metrics: Arc::clone(&metrics),
                 snapshots: if checkpointing && info.name == "rollup_day" { snapshots.clone() } else { None },
+                archive: None,
             };
             let args_snapshots = args.snapshots.clone();
             let run_fn = info.run;

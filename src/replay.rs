@@ -153,9 +153,11 @@ async fn start_offsets(cfg: &Config, processor: &str, topics: &[String], from: &
             })
             .await?
             .context("reading the partitions' watermarks")?;
+            let pool = app::pg_pool(cfg).await?;
             for (o, (low, high)) in offsets.iter().zip(bounds) {
-                if o.offset < low {
-                    bail!("{}: {}/{}: offset {} is before the partition's first record {low} (the records before it were deleted by retention)", path.display(), o.topic, o.partition, o.offset);
+                // Records deleted from the lane are read from the archive, if it holds them.
+                if o.offset < low && !crate::archive::holds(&pool, &o.topic, o.partition, o.offset, low).await? {
+                    bail!("{}: {}/{}: offset {} is before the partition's first record {low} (the records before it were deleted by retention), and the archive does not hold them", path.display(), o.topic, o.partition, o.offset);
                 }
                 if o.offset > high {
                     bail!("{}: {}/{}: offset {} is past the partition's end {high}", path.display(), o.topic, o.partition, o.offset);
@@ -167,7 +169,7 @@ async fn start_offsets(cfg: &Config, processor: &str, topics: &[String], from: &
             let known = partitions(cfg, topics).await?;
             let client: BaseConsumer = app::kafka_base(cfg, "vitals-replay-offsets").set("group.id", "vitals-replay-offsets").create()?;
             let ms = at.timestamp_millis();
-            tokio::task::spawn_blocking(move || {
+            let found = tokio::task::spawn_blocking(move || {
                 let mut tpl = TopicPartitionList::new();
                 for (t, n) in &known {
                     for p in 0..*n {
@@ -177,16 +179,31 @@ async fn start_offsets(cfg: &Config, processor: &str, topics: &[String], from: &
                 let found = client.offsets_for_times(tpl, Duration::from_secs(30)).context("ListOffsets by time")?;
                 let mut out = Vec::new();
                 for el in found.elements() {
+                    let (low, high) = client.fetch_watermarks(el.topic(), el.partition(), Duration::from_secs(10))?;
                     let offset = match el.offset() {
                         Offset::Offset(o) => o,
                         // Nothing at or after the time: from the partition's end.
-                        _ => client.fetch_watermarks(el.topic(), el.partition(), Duration::from_secs(10))?.1,
+                        _ => high,
                     };
-                    out.push(StartOffset { topic: el.topic().to_owned(), partition: el.partition(), offset });
+                    out.push((StartOffset { topic: el.topic().to_owned(), partition: el.partition(), offset }, low));
                 }
-                Ok(out)
+                anyhow::Ok(out)
             })
-            .await?
+            .await??;
+            // The lane's first record is the answer: records before it (deleted) may be at or
+            // after the time too, and the archive has them.
+            let pool = app::pg_pool(cfg).await?;
+            let s3 = app::s3_client(cfg)?;
+            let mut out = Vec::new();
+            for (mut o, low) in found {
+                if low > 0 && o.offset <= low {
+                    if let Some(earlier) = crate::archive::offset_for_time(&pool, &s3, &o.topic, o.partition, ms, low).await.context("looking up the time in the archive")? {
+                        o.offset = earlier;
+                    }
+                }
+                out.push(o);
+            }
+            Ok(out)
         }
     }
 }
@@ -331,10 +348,18 @@ pub async fn replay(cfg: &Config, args: ReplayArgs, stop: Arc<AtomicBool>) -> an
     let watermarks = Arc::new(watermarks);
     let mut tick = tokio::time::interval(args.every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // (A finished task's handle is not polled again: that panics.)
+    let (mut processor_done, mut sink_done) = (false, false);
     let result = loop {
         tokio::select! {
-            r = &mut processor => break r.context("processor task")?.context("the replay's processor"),
-            r = &mut sink => break r.context("sink task")?.context("the replay's sink"),
+            r = &mut processor, if !processor_done => {
+                processor_done = true;
+                break r.context("processor task").and_then(|r| r.context("the replay's processor"));
+            }
+            r = &mut sink, if !sink_done => {
+                sink_done = true;
+                break r.context("sink task").and_then(|r| r.context("the replay's sink"));
+            }
             _ = tick.tick() => {}
         }
         let sink_lag = sink_lag(&pool, &sink_name, &output, n_partitions.values().next().copied().unwrap_or(0), &watermarks).await.ok();
@@ -349,8 +374,12 @@ pub async fn replay(cfg: &Config, args: ReplayArgs, stop: Arc<AtomicBool>) -> an
     };
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(30), async {
-        let _ = (&mut processor).await;
-        let _ = (&mut sink).await;
+        if !processor_done {
+            let _ = (&mut processor).await;
+        }
+        if !sink_done {
+            let _ = (&mut sink).await;
+        }
     })
     .await;
     result?;

@@ -149,6 +149,9 @@ pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
 /// `<user>|~progress`, a tombstone-shaped record carrying the source offsets) rather than a
 /// projection row. Sinks record it as the user's freshness; chained processors skip it.
 pub const PROGRESS_HEADER: &str = "vitals-progress";
+/// On a record read back from the raw archive whose user's key was deleted (erased): it keeps
+/// its offset and carries nothing (no key, no payload); a processor passes over it.
+pub const ERASED_HEADER: &str = "vitals-erased";
 /// On every processor output record (and dead letter): the user it belongs to.
 pub const USER_HEADER: &str = "vitals-user";
 /// On a progress marker: the interval's dead letters of the user

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use rdkafka::consumer::Consumer;
 use vitals::archive::{self, Raw};
 use vitals::simulate;
 
@@ -103,7 +104,12 @@ async fn the_archive_holds_every_lane_record_once_across_crashes_and_two_archive
         for m in &r.records {
             assert_ne!(rdkafka::Message::key(m), Some(gone.as_bytes()), "an erased user's record was read");
         }
-        readable += r.records.len();
+        // Erased records keep their offsets (a reader sees no gap), and carry nothing.
+        assert_eq!(r.records.len() as i64, *to, "{topic}/{p}: every offset, erased or not");
+        let placeholders = r.records.iter().filter(|m| rdkafka::Message::headers(*m).is_some_and(|h| rdkafka::message::Headers::iter(h).any(|h| h.key == archive::ERASED_HEADER))).count();
+        assert!(r.records.iter().filter(|m| rdkafka::Message::payload(*m).is_none()).count() == placeholders);
+        assert_eq!(placeholders as u64, r.erased);
+        readable += r.records.len() - placeholders;
     }
     assert_eq!(erased, by_user[gone], "every record of the erased user, and only theirs");
     assert_eq!(readable as u64 + erased, total as u64);
@@ -112,6 +118,148 @@ async fn the_archive_holds_every_lane_record_once_across_crashes_and_two_archive
     let (topic, p) = next.keys().next().unwrap().clone();
     let e = archive::read(&pool, &s3, &topic, p, 0, next[&(topic.clone(), p)] + 5).await.unwrap_err();
     assert!(e.to_string().contains("not all of"), "{e:#}");
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
+
+/// Issue 11's done-means: the lanes are archived, then their early records deleted from the
+/// broker (DeleteRecords: what a finite retention does); `vitals replay --from <time before
+/// that>` reads the archive first, then the lanes, and equals the oracle — killed (at the worst
+/// moment) while it reads the archive, it resumes; a replay from the beginning does the same.
+/// No record at the seam is lost (a gap stops a task) or read twice (a task passes over
+/// offsets it has read), and the tables say so by equalling the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_from_before_the_lanes_retention_reads_the_archive_then_the_lanes() {
+    use crate::replay::{oracle, table_rows, Rows};
+    let env = TestEnv::start().await;
+    let data = std::env::temp_dir().join(format!("vitals-rehydrate-{}", uuid::Uuid::new_v4().simple()));
+    let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let first = env.sim("rha", 51, 3, 3);
+    assert_eq!(simulate::run(&first, &env.http).await.unwrap().rejected, 0);
+    let mut vars = env.child_env(&data);
+    vars.push(("VITALS_ARCHIVE__MAX_RECORDS".into(), "4".into()));
+    vars.push(("VITALS_ARCHIVE__MAX_WAIT_MS".into(), "300".into()));
+    let mut archiver = VitalsProc::new(&["archive"], vars.clone());
+    archiver.start();
+    wait_for_every("the first users' records to be archived", Duration::from_secs(120), Duration::from_millis(500), || {
+        let cfg = env.cfg.clone();
+        async move { archive::status(&cfg).await.ok()?.iter().all(|r| r.behind == 0).then_some(()) }
+    })
+    .await;
+    // The oracle of the first users while the broker still holds all of their records.
+    let first_rows = oracle(&env).await;
+
+    // "Retention": every lane partition loses its first half (at least one record).
+    let admin = vitals::app::admin(&env.cfg).unwrap();
+    let mut cut = rdkafka::TopicPartitionList::new();
+    let watermarks: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &env.cfg.kafka.brokers).create().unwrap();
+    for topic in archive::lanes(&env.cfg) {
+        for p in 0..env.cfg.kafka.partitions {
+            let (low, high) = watermarks.fetch_watermarks(&topic, p, Duration::from_secs(10)).unwrap();
+            if high > low {
+                cut.add_partition_offset(&topic, p, rdkafka::Offset::Offset(low + ((high - low) / 2).max(1))).unwrap();
+            }
+        }
+    }
+    let done = admin.delete_records(&cut, &rdkafka::admin::AdminOptions::new()).await.expect("DeleteRecords");
+    for el in done.elements() {
+        assert!(el.error().is_ok(), "{}/{}: {:?}", el.topic(), el.partition(), el.error());
+    }
+    for el in cut.elements() {
+        let (low, _) = watermarks.fetch_watermarks(el.topic(), el.partition(), Duration::from_secs(10)).unwrap();
+        assert_eq!(rdkafka::Offset::Offset(low), el.offset(), "{}/{}: the early records are gone from the broker", el.topic(), el.partition());
+    }
+
+    // More people upload after the cut; the lanes hold all of theirs.
+    let second = env.sim("rhb", 52, 2, 2);
+    assert_eq!(simulate::run(&second, &env.http).await.unwrap().rejected, 0);
+    let later: Vec<String> = (0..2).map(|i| simulate::user_id(&second, i)).collect();
+    let mut want: Rows = oracle(&env).await.into_iter().filter(|(u, _)| later.contains(u)).collect();
+    assert_eq!(want.len(), 2, "the second users have rollups");
+    want.extend(first_rows);
+    assert_eq!(want.len(), 5);
+
+    // From a time before everything: aborted after its 3rd interval (small intervals, so that
+    // it is still reading the archive), then again to the end.
+    let mut replay_vars = env.child_env(&data);
+    replay_vars.retain(|(k, _)| k != "VITALS_PROCESSORS__MAX_BATCH");
+    replay_vars.push(("VITALS_PROCESSORS__MAX_BATCH".into(), "3".into()));
+    let t = before.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let args = ["replay", "rollup_day", "--as", "v2", "--from", &t, "--until-caught-up", "--progress", "plain", "--every", "0.3"];
+    let mut crashing = VitalsProc::new(&[&args[..], &["--crash-after-produce", "3"]].concat(), replay_vars.clone());
+    crashing.start();
+    assert!(!crashing.wait_exit("the replay to abort while it reads the archive", Duration::from_secs(120)).await.success());
+    let pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
+    let start: sqlx::types::Json<Vec<vitals::replay::StartOffset>> =
+        sqlx::query_scalar("SELECT start_offsets FROM projection_replays WHERE projection = 'rollup_day' AND version = 'v2'").fetch_one(&pool).await.unwrap();
+    assert!(start.0.iter().all(|o| o.offset == 0), "a time before everything starts every partition at 0, below the lanes' start: {:?}", start.0);
+    let out = data.with_extension("rehydrate.out");
+    let mut again = VitalsProc::new(&args[..], replay_vars.clone());
+    again.stdout = Some(out.clone());
+    // And from the beginning, at the same time.
+    let mut earliest = VitalsProc::new(&["replay", "rollup_day", "--as", "v3", "--until-caught-up", "--progress", "plain"], env.child_env(&data));
+    again.start();
+    earliest.start();
+    assert!(again.wait_exit("the replay from a time to catch up", Duration::from_secs(180)).await.success());
+    assert!(earliest.wait_exit("the replay from the beginning to catch up", Duration::from_secs(180)).await.success());
+    archiver.kill9();
+    for table in ["proj_rollup_day__v2", "proj_rollup_day__v3"] {
+        let got = table_rows(&pool, table).await;
+        assert!(got == want, "{table} differs from the oracle: {} users vs {}\n{}", got.len(), want.len(), std::fs::read_to_string(&out).unwrap_or_default());
+    }
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
+
+/// Records deleted from a lane before the archiver reached them are lost to both: the archiver
+/// records the gap (and `status` shows it), and a replay that needs them stops with an error
+/// that says so instead of producing a projection from less input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_deleted_before_they_were_archived_are_a_recorded_gap_and_a_replay_across_it_stops() {
+    let env = TestEnv::start().await;
+    let data = std::env::temp_dir().join(format!("vitals-archive-gap-{}", uuid::Uuid::new_v4().simple()));
+    let sim = env.sim("agap", 61, 2, 2);
+    assert_eq!(simulate::run(&sim, &env.http).await.unwrap().rejected, 0);
+    let mut vars = env.child_env(&data);
+    vars.push(("VITALS_ARCHIVE__MAX_RECORDS".into(), "2".into()));
+    vars.push(("VITALS_ARCHIVE__MAX_WAIT_MS".into(), "300".into()));
+    let mut crashing_vars = vars.clone();
+    crashing_vars.push(("VITALS_ARCHIVE_CRASH_AFTER".into(), "1".into()));
+    let mut a = VitalsProc::new(&["archive"], crashing_vars);
+    a.start();
+    assert!(!a.wait_exit("the archiver to abort after its first segment", Duration::from_secs(120)).await.success());
+
+    // Every lane record deleted while the archiver is down.
+    let admin = vitals::app::admin(&env.cfg).unwrap();
+    let mut cut = rdkafka::TopicPartitionList::new();
+    for topic in archive::lanes(&env.cfg) {
+        for p in 0..env.cfg.kafka.partitions {
+            cut.add_partition_offset(&topic, p, rdkafka::Offset::End).unwrap();
+        }
+    }
+    admin.delete_records(&cut, &rdkafka::admin::AdminOptions::new()).await.expect("DeleteRecords");
+    let mut a = VitalsProc::new(&["archive"], vars);
+    a.start();
+    let rows = wait_for_every("the archiver to reach the lanes' ends", Duration::from_secs(120), Duration::from_millis(500), || {
+        let cfg = env.cfg.clone();
+        async move {
+            let rows = archive::status(&cfg).await.ok()?;
+            rows.iter().all(|r| r.behind == 0 && r.archived_to == Some(r.high)).then_some(rows)
+        }
+    })
+    .await;
+    a.kill9();
+    assert!(rows.iter().any(|r| r.gaps > 0), "the records it never read are recorded as gaps: {rows:?}");
+
+    let err = data.with_extension("replay.err");
+    let mut replay = VitalsProc::new(&["replay", "rollup_day", "--as", "v2", "--until-caught-up", "--progress", "plain"], env.child_env(&data));
+    replay.stderr = Some(err.clone());
+    replay.start();
+    let status = replay.wait_exit("the replay to stop at the gap", Duration::from_secs(120)).await;
+    let text = std::fs::read_to_string(&err).unwrap_or_default();
+    assert!(!status.success(), "{text}");
+    assert!(text.contains("deleted from the lane and not in the archive") && text.contains("has a gap at offsets"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
 }

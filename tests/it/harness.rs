@@ -335,12 +335,14 @@ pub struct VitalsProc {
     pub env: Vec<(String, String)>,
     /// Where its standard output goes (appended; default: nowhere).
     pub stdout: Option<std::path::PathBuf>,
+    /// Where its standard error goes (appended; default: the test's).
+    pub stderr: Option<std::path::PathBuf>,
     child: Option<Child>,
 }
 
 impl VitalsProc {
     pub fn new(args: &[&str], env: Vec<(String, String)>) -> VitalsProc {
-        VitalsProc { args: args.iter().map(|s| s.to_string()).collect(), env, stdout: None, child: None }
+        VitalsProc { args: args.iter().map(|s| s.to_string()).collect(), env, stdout: None, stderr: None, child: None }
     }
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "{:?} already running", self.args);
@@ -348,12 +350,16 @@ impl VitalsProc {
             Some(p) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(p).expect("the child's stdout file")),
             None => Stdio::null(),
         };
+        let stderr = match &self.stderr {
+            Some(p) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(p).expect("the child's stderr file")),
+            None => Stdio::inherit(),
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_vitals"))
             .args(&self.args)
             .envs(self.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("starting vitals");
         self.child = Some(child);

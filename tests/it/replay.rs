@@ -18,7 +18,7 @@ use vitals_schemas::RollupDay;
 use crate::harness::{wait_for, wait_for_every, TestEnv, VitalsProc};
 use crate::pipeline::Out;
 
-type Rows = BTreeMap<String, Vec<RollupDay>>;
+pub(crate) type Rows = BTreeMap<String, Vec<RollupDay>>;
 
 /// One user's rollups as the API serves them (every page), and the freshness state.
 async fn read(http: &reqwest::Client, base: &str, token: &str) -> (String, Vec<RollupDay>) {
@@ -34,7 +34,7 @@ async fn read(http: &reqwest::Client, base: &str, token: &str) -> (String, Vec<R
 }
 
 /// The oracle over everything the edge accepted, per user, as the API would list it.
-async fn oracle(env: &TestEnv) -> Rows {
+pub(crate) async fn oracle(env: &TestEnv) -> Rows {
     let codec = vitals::app::codec(&env.cfg);
     let mut by_user = Rows::new();
     for r in crate::pipeline::expected(env, &codec).await.rollup.into_values().filter(|r| !r.deleted) {
@@ -205,7 +205,7 @@ async fn a_replay_resumes_after_a_crash_catches_up_and_is_promoted_without_a_sta
 }
 
 /// The rows of `table` (a version's shadow table), per user, as the oracle lists them.
-async fn table_rows(pool: &sqlx::PgPool, table: &str) -> Rows {
+pub(crate) async fn table_rows(pool: &sqlx::PgPool, table: &str) -> Rows {
     let bodies: Vec<(sqlx::types::Json<RollupDay>,)> = sqlx::query_as(&format!("SELECT body FROM {table} WHERE NOT deleted")).fetch_all(pool).await.unwrap();
     let mut out = Rows::new();
     for (b,) in bodies {

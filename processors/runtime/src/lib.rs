@@ -70,6 +70,8 @@ pub enum RuntimeError {
     Encode(String),
     #[error("partition {partition}: {source}")]
     Task { partition: i32, source: task::TaskError },
+    #[error("the archive is unavailable: {0}")]
+    Archive(String),
 }
 
 /// Settings of one processor's runtime.
@@ -111,11 +113,41 @@ struct Running {
     paused_until: Option<Instant>,
     /// The next wait after a failure (doubling, reset by a committed interval).
     backoff: Duration,
+    /// Input topics whose lane starts past the task's next offset (records deleted by
+    /// retention), with the lane's first offset: read from the archive up to it first, while
+    /// the consumer's partition waits there, paused.
+    from_archive: BTreeMap<String, i64>,
 }
 
 impl Running {
     fn new(task: Task) -> Running {
-        Running { task, snapshot_at: None, snapshot_of: None, snapshot_busy: Arc::default(), fenced: false, paused_until: None, backoff: PAUSE_FIRST }
+        Running { task, snapshot_at: None, snapshot_of: None, snapshot_busy: Arc::default(), fenced: false, paused_until: None, backoff: PAUSE_FIRST, from_archive: BTreeMap::new() }
+    }
+
+    /// Where the consumer reads `topic` of this task from: its checkpoint, or, while the task
+    /// reads the archive, the lane's first record (where the archive hands over).
+    fn consumer_offset(&self, topic: &str) -> Offset {
+        match self.from_archive.get(topic) {
+            Some(low) => Offset::Offset(*low),
+            None => self.task.start_offset(topic),
+        }
+    }
+}
+
+/// Seeks the consumer's partitions of task `p` back to where the task reads them (after a pause
+/// or a retake); those still read from the archive stay paused.
+fn reposition<C: ConsumerContext>(consumer: &BaseConsumer<C>, input_topics: &[String], p: i32, r: &Running) {
+    for topic in input_topics {
+        if let Err(e) = consumer.seek(topic, p, r.consumer_offset(topic), Duration::from_secs(5)) {
+            warn!(partition = p, %topic, error = %e, "seeking back to the checkpoint");
+        }
+    }
+    let mut tpl = TopicPartitionList::new();
+    for topic in input_topics.iter().filter(|t| !r.from_archive.contains_key(*t)) {
+        let _ = tpl.add_partition(topic, p);
+    }
+    if let Err(e) = consumer.resume(&tpl) {
+        warn!(partition = p, error = %e, "resuming the partition's fetch");
     }
 }
 
@@ -128,7 +160,7 @@ const PAUSE_MAX: Duration = Duration::from_secs(10);
 impl RuntimeError {
     /// A failure of a dependency, not of the input: the interval is put back and retried.
     fn is_dependency(&self) -> bool {
-        matches!(self, RuntimeError::Registry(_))
+        matches!(self, RuntimeError::Registry(_) | RuntimeError::Archive(_))
     }
 }
 
@@ -385,6 +417,9 @@ impl ConsumerContext for RebalanceContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let mut start = TopicPartitionList::new();
+                // Partitions whose records come from the archive first: assigned at the lane's
+                // start and paused until the archive has handed over.
+                let mut waiting = TopicPartitionList::new();
                 for el in tpl.elements() {
                     let p = el.partition();
                     // A takeover failed (its dependency, PostgreSQL, is down?): the process stops;
@@ -406,11 +441,18 @@ impl ConsumerContext for RebalanceContext {
                             }
                         }
                     };
-                    let _ = start.add_partition_offset(el.topic(), p, running.task.start_offset(el.topic()));
+                    let _ = start.add_partition_offset(el.topic(), p, running.consumer_offset(el.topic()));
+                    if running.from_archive.contains_key(el.topic()) {
+                        let _ = waiting.add_partition(el.topic(), p);
+                    }
                 }
                 info!(partitions = ?sh.tasks.keys().collect::<Vec<_>>(), "assigned");
                 if let Err(e) = consumer.assign(&start) {
                     sh.fatal = Some(format!("assign: {e}"));
+                } else if waiting.count() > 0 {
+                    if let Err(e) = consumer.pause(&waiting) {
+                        sh.fatal = Some(format!("pausing the partitions read from the archive: {e}"));
+                    }
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -446,6 +488,24 @@ pub async fn bump_epoch(pool: &PgPool, processor: &str, partition: i32, floor: i
     .await
 }
 
+/// The raw archive of the input lanes (`vitals archive`): where a task reads the records its
+/// lane no longer holds (deleted by retention) before it reads the lane itself.
+pub trait Archive: Send + Sync {
+    /// Every offset `from..to` of `topic`/`partition`, in order, as its lane held it; a record
+    /// whose user was erased as a record with [`ERASED_HEADER`] and nothing else.
+    fn read(&self, topic: &str, partition: i32, from: i64, to: i64) -> Result<Vec<OwnedMessage>, ArchiveError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// The store or its index is unreachable: retried, nothing skipped.
+    #[error("the archive is unavailable: {0}")]
+    Unavailable(String),
+    /// The archive does not hold these offsets: the task cannot go on without a gap.
+    #[error("{0}")]
+    Missing(String),
+}
+
 /// Everything the runtime is handed by the composition root.
 pub struct RunArgs {
     pub cfg: RuntimeConfig,
@@ -460,6 +520,8 @@ pub struct RunArgs {
     /// Snapshots to S3 and restore from them; `None`: local stores only (a task without one
     /// replays its partition from the beginning).
     pub snapshots: Option<Arc<Snapshots>>,
+    /// Where records deleted from a lane are read from; `None`: such a lane is refused as a gap.
+    pub archive: Option<Arc<dyn Archive>>,
 }
 
 /// A consumer of the output partitions, without a group: for the catch-up read at takeover.
@@ -481,7 +543,8 @@ where
     P: Processor,
     P::Output: Versioned + vitals_schemas::codec::AvroRecord + Serialize + DeserializeOwned + Clone,
 {
-    let RunArgs { cfg, consumer_config, producer, codec, pool, stop, metrics, snapshots } = args;
+    let RunArgs { cfg, consumer_config, producer, codec, pool, stop, metrics, snapshots, archive } = args;
+    let lane_topics = if cfg.inputs == Inputs::Lanes { cfg.inputs.topics(&cfg.topics) } else { Vec::new() };
     let rt = tokio::runtime::Handle::current();
     let shared = Arc::new(Mutex::new(Shared::default()));
     // Snapshots only exist of checkpoints.
@@ -522,6 +585,9 @@ where
     // under load), and asking them inline blocked processing for ~10 s of every 10 s of lag
     // measurement and ~2.5 s of every 2 s of tail checks.
     let highs: Arc<Mutex<BTreeMap<(String, i32), i64>>> = Arc::default();
+    // And the inputs' low watermarks (the same requests): a lane that starts past its task
+    // with nothing after it to read sends no record that would show the gap.
+    let lows: Arc<Mutex<BTreeMap<(String, i32), i64>>> = Arc::default();
     // The thread ends with this function, however it returns.
     struct Ends(Arc<AtomicBool>);
     impl Drop for Ends {
@@ -532,7 +598,7 @@ where
     let ended = Ends(Arc::new(AtomicBool::new(false)));
     let input_sweeps = Arc::new(std::sync::atomic::AtomicU64::new(0));
     {
-        let (highs, shared, stop, client) = (Arc::clone(&highs), Arc::clone(&shared), Arc::clone(&stop), tail_cfg.create::<BaseConsumer>()?);
+        let (highs, lows, shared, stop, client) = (Arc::clone(&highs), Arc::clone(&lows), Arc::clone(&shared), Arc::clone(&stop), tail_cfg.create::<BaseConsumer>()?);
         let ended = Arc::clone(&ended.0);
         let stop_all = move || stop.load(Ordering::Relaxed) || ended.load(Ordering::Relaxed);
         let sweeps = Arc::clone(&input_sweeps);
@@ -559,8 +625,11 @@ where
                 }
                 for p in owned {
                     for topic in &topics {
-                        if let Ok((_, high)) = client.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+                        if let Ok((low, high)) = client.fetch_watermarks(topic, p, Duration::from_secs(5)) {
                             highs.lock().unwrap_or_else(|e| e.into_inner()).insert((topic.clone(), p), high);
+                            if topic != &output {
+                                lows.lock().unwrap_or_else(|e| e.into_inner()).insert((topic.clone(), p), low);
+                            }
                         }
                     }
                 }
@@ -617,9 +686,10 @@ where
             warn!(partition = p, "fenced partition still assigned here: taking it again");
             let path = cfg.data_dir.join(cfg.processor).join(format!("p{p}.redb"));
             let r = consumer.context().take(p, &path).map_err(|e| RuntimeError::Store(store::StoreError::from_message(e)))?;
-            for topic in &input_topics {
-                let _ = consumer.seek(topic, p, r.task.start_offset(topic), Duration::from_secs(5));
+            if let Err(e) = consumer.pause(&task_partitions(&input_topics, p)) {
+                warn!(partition = p, error = %e, "pausing the partition's fetch");
             }
+            reposition(&consumer, &input_topics, p, &r);
             sh.tasks.insert(p, r);
         }
         // The tail: a task knows the offsets of its own writes (delivery reports), so anything
@@ -638,6 +708,11 @@ where
         }
         let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
         for m in batch {
+            // (A lane still read from the archive is paused; what was fetched before is not
+            // the task's next record.)
+            if sh.tasks.get(&m.partition()).is_some_and(|r| r.from_archive.contains_key(m.topic())) {
+                continue;
+            }
             by_partition.entry(m.partition()).or_default().push(m);
         }
         for (p, r) in sh.tasks.iter_mut() {
@@ -651,43 +726,41 @@ where
                 continue; // read again from the checkpoint when the pause ends
             }
             let result = decode_all(&rt, &codec, t, msgs).and_then(|decoded| interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, consumer.context(), r, decoded, &mut produced, &metrics));
-            match result {
-                Ok(()) => {
-                    if r.backoff != PAUSE_FIRST {
-                        r.backoff = PAUSE_FIRST;
-                        metrics.resume(p);
-                        info!(partition = p, "dependency back: the task runs again");
-                    }
+            settle(result, &consumer, &input_topics, &metrics, cfg.checkpointing, archive.as_ref().map(|_| lane_topics.as_slice()), p, r)?;
+        }
+        // Tasks whose lanes start later than they read: the next records from the archive,
+        // through the same interval, until the archive has handed over to the lane.
+        if let Some(archive) = &archive {
+            for (p, r) in sh.tasks.iter_mut() {
+                let p = *p;
+                if r.paused_until.is_some() || r.fenced {
+                    continue;
                 }
-                // Nothing of the interval was committed (a checkpointing task's state lives in
-                // its store), so its records can simply be read again: the task's input is
-                // paused, and after the wait re-read from the checkpoint.
-                Err(e) if e.is_dependency() && cfg.checkpointing => {
-                    warn!(partition = p, error = %e, retry_in_ms = r.backoff.as_millis() as u64, "a dependency failed: task paused, its records wait (nothing skipped, nothing dead-lettered)");
-                    metrics.add(&metrics.dependency_retries, 1);
-                    metrics.pause(p, e.to_string());
-                    r.paused_until = Some(Instant::now() + r.backoff);
-                    r.backoff = (r.backoff * 2).min(PAUSE_MAX);
-                    if let Err(e) = consumer.pause(&task_partitions(&input_topics, p)) {
-                        warn!(partition = p, error = %e, "pausing the partition's fetch");
-                    }
+                let Some((topic, low)) = r.from_archive.iter().next().map(|(t, l)| (t.clone(), *l)) else { continue };
+                let from = r.task.next_offset(&topic);
+                if from >= low {
+                    r.from_archive.remove(&topic);
+                    info!(partition = p, %topic, at = low, "read from the archive up to the lane's start: reading the lane");
+                    reposition(&consumer, &input_topics, p, r);
+                    continue;
                 }
-                Err(RuntimeError::Task { partition, source: task::TaskError::Gap { topic, expected, got } }) => return Err(gap_error(&consumer, partition, topic, expected, got)),
-                Err(e) => return Err(e),
+                let to = low.min(from + cfg.max_batch.max(1) as i64);
+                let result = match archive.read(&topic, p, from, to) {
+                    Ok(msgs) => decode_all(&rt, &codec, t, msgs).and_then(|decoded| interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, consumer.context(), r, decoded, &mut produced, &metrics)),
+                    Err(ArchiveError::Unavailable(e)) => Err(RuntimeError::Archive(e)),
+                    Err(ArchiveError::Missing(e)) => {
+                        tracing::error!(partition = p, %topic, from, to = low, "the lane starts later and the archive does not hold the records before: {e}");
+                        return Err(RuntimeError::Task { partition: p, source: task::TaskError::Gap { topic: format!("{topic} (deleted from the lane and not in the archive: {e})"), expected: from, got: low } });
+                    }
+                };
+                settle(result, &consumer, &input_topics, &metrics, cfg.checkpointing, Some(lane_topics.as_slice()), p, r)?;
             }
         }
         // Paused tasks whose wait is over read again from their checkpoint.
         for (p, r) in sh.tasks.iter_mut() {
             if r.paused_until.is_some_and(|at| Instant::now() >= at) {
                 r.paused_until = None;
-                for topic in &input_topics {
-                    if let Err(e) = consumer.seek(topic, *p, r.task.start_offset(topic), Duration::from_secs(5)) {
-                        warn!(partition = p, %topic, error = %e, "seeking back to the checkpoint");
-                    }
-                }
-                if let Err(e) = consumer.resume(&task_partitions(&input_topics, *p)) {
-                    warn!(partition = p, error = %e, "resuming the partition's fetch");
-                }
+                reposition(&consumer, &input_topics, *p, r);
             }
         }
         metrics.paused.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| sh.tasks.contains_key(p));
@@ -707,6 +780,18 @@ where
             }
             *metrics.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
             *metrics.ends.lock().unwrap_or_else(|e| e.into_inner()) = ends;
+            if archive.is_some() {
+                let lows = lows.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                for (p, r) in sh.tasks.iter_mut() {
+                    for topic in &lane_topics {
+                        if let Some(low) = lows.get(&(topic.clone(), *p)).copied() {
+                            if low > r.task.next_offset(topic) && !r.from_archive.contains_key(topic) && r.paused_until.is_none() {
+                                read_from_archive(&consumer, &input_topics, *p, r, topic, low);
+                            }
+                        }
+                    }
+                }
+            }
         }
         if positions_at.is_none_or(|at| at.elapsed() >= POSITIONS_EVERY) {
             positions_at = Some(Instant::now());
@@ -737,6 +822,69 @@ where
         }
     }
     Ok(())
+}
+
+/// What an interval's outcome means for its task: a committed interval resets the backoff; a
+/// failed dependency pauses the task's input, to be read again from the checkpoint (nothing of
+/// the interval was committed: a checkpointing task's state lives in its store), nothing
+/// skipped, nothing dead-lettered; anything else stops the runtime.
+fn settle<C: ConsumerContext>(
+    result: Result<(), RuntimeError>,
+    consumer: &BaseConsumer<C>,
+    input_topics: &[String],
+    metrics: &metrics::RuntimeMetrics,
+    checkpointing: bool,
+    archived_lanes: Option<&[String]>,
+    p: i32,
+    r: &mut Running,
+) -> Result<(), RuntimeError> {
+    match result {
+        Ok(()) => {
+            if r.backoff != PAUSE_FIRST {
+                r.backoff = PAUSE_FIRST;
+                metrics.resume(p);
+                info!(partition = p, "dependency back: the task runs again");
+            }
+            Ok(())
+        }
+        Err(e) if e.is_dependency() && checkpointing => {
+            warn!(partition = p, error = %e, retry_in_ms = r.backoff.as_millis() as u64, "a dependency failed: task paused, its records wait (nothing skipped, nothing dead-lettered)");
+            metrics.add(&metrics.dependency_retries, 1);
+            metrics.pause(p, e.to_string());
+            r.paused_until = Some(Instant::now() + r.backoff);
+            r.backoff = (r.backoff * 2).min(PAUSE_MAX);
+            if let Err(e) = consumer.pause(&task_partitions(input_topics, p)) {
+                warn!(partition = p, error = %e, "pausing the partition's fetch");
+            }
+            Ok(())
+        }
+        Err(RuntimeError::Task { partition, source: task::TaskError::Gap { topic, expected, got } }) => {
+            // A lane that starts past the task (records deleted by retention): from the archive,
+            // when there is one. Nothing of the interval was committed.
+            if archived_lanes.is_some_and(|l| l.contains(&topic)) {
+                if let Ok((low, _)) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(5)) {
+                    if low > expected {
+                        read_from_archive(consumer, input_topics, p, r, &topic, low);
+                        return Ok(());
+                    }
+                }
+            }
+            Err(gap_error(consumer, partition, topic, expected, got))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Task `p` reads `topic` from the archive up to `low` (the lane's first record) before the
+/// lane: the consumer's partition waits there, paused; the others are read again from the
+/// checkpoint.
+fn read_from_archive<C: ConsumerContext>(consumer: &BaseConsumer<C>, input_topics: &[String], p: i32, r: &mut Running, topic: &str, low: i64) {
+    info!(partition = p, %topic, from = r.task.next_offset(topic), to = low, "the lane starts later: reading those records from the archive first");
+    r.from_archive.insert(topic.to_owned(), low);
+    if let Err(e) = consumer.pause(&task_partitions(input_topics, p)) {
+        warn!(partition = p, error = %e, "pausing the partition's fetch");
+    }
+    reposition(consumer, input_topics, p, r);
 }
 
 /// Polls up to `max` records for at most `max_wait`. When a rebalance ran inside a `poll` (the
@@ -788,7 +936,7 @@ fn gap_error<C: ConsumerContext>(consumer: &BaseConsumer<C>, partition: i32, top
     RuntimeError::Task { partition, source: task::TaskError::Gap { topic: format!("{topic} ({why})"), expected, got } }
 }
 
-pub use vitals_schemas::topics::{DEAD_LETTERS_HEADER, INTERVAL_HEADER, PROGRESS_HEADER, USER_HEADER, VOUCH_HEADER};
+pub use vitals_schemas::topics::{DEAD_LETTERS_HEADER, ERASED_HEADER, INTERVAL_HEADER, PROGRESS_HEADER, USER_HEADER, VOUCH_HEADER};
 
 fn is_progress(m: &OwnedMessage) -> bool {
     m.headers().is_some_and(|h| h.iter().any(|h| h.key == PROGRESS_HEADER))
@@ -849,7 +997,9 @@ async fn decode(codec: &Codec, t: &Topics, m: &OwnedMessage) -> Result<Input, Co
 fn decode_all(rt: &tokio::runtime::Handle, codec: &Codec, t: &Topics, msgs: Vec<OwnedMessage>) -> Result<Vec<InRecord>, RuntimeError> {
     let mut out = Vec::with_capacity(msgs.len());
     for m in msgs {
-        let body = if is_progress(&m) {
+        // An erased record read back from the archive keeps its offset and nothing else.
+        let erased = m.headers().is_some_and(|h| h.iter().any(|h| h.key == ERASED_HEADER));
+        let body = if is_progress(&m) || erased {
             InBody::Marker
         } else {
             match rt.block_on(decode(codec, t, &m)) {
