@@ -70,6 +70,8 @@ pub async fn pg_ready_with_tables(
         };
         match attempt.await {
             Ok(ready) => return Ok(ready),
+            // A table its descriptor cannot be applied to stays so: said at once, not retried.
+            Err(e) if e.chain().any(|c| matches!(c.downcast_ref::<vitals_sinks::postgres::TableError>(), Some(vitals_sinks::postgres::TableError::Breaking(_)))) => return Err(e),
             Err(e) if std::time::Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "PostgreSQL not ready; retrying");
                 tokio::time::sleep(wait).await;

@@ -128,6 +128,49 @@ pub struct Descriptor {
     pub built_from: BuiltFrom,
 }
 
+/// The columns every projection table has (the sink's upsert writes them; the typed
+/// [`Descriptor::columns`] are generated from `body`).
+pub const BASE_COLUMNS: &[&str] = &["user_id", "entity_id", "metric", "day", "at_ms", "version_epoch", "version_seq", "deleted", "body", "source_offsets", "updated_at"];
+
+/// A typed column of a projection table: field `field` of `body`, as `sql_type`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub field: &'static str,
+    /// As PostgreSQL's `information_schema.columns.data_type` spells it.
+    pub sql_type: &'static str,
+}
+
+impl Column {
+    /// The generation expression.
+    pub fn expr(&self) -> String {
+        let f = self.field;
+        match self.sql_type {
+            "text" => format!("(body->>'{f}')"),
+            "jsonb" => format!("(body->'{f}')"),
+            t => format!("((body->>'{f}')::{t})"),
+        }
+    }
+
+    /// Whether a column of type `from` can become `self.sql_type` without losing a value: the
+    /// Avro promotions (int → long → double) of a compatible schema change.
+    pub fn widens(&self, from: &str) -> bool {
+        matches!((from, self.sql_type), ("integer", "bigint") | ("integer", "double precision") | ("bigint", "double precision"))
+    }
+}
+
+fn sql_type(t: &Type) -> &'static str {
+    match t {
+        Type::Boolean => "boolean",
+        Type::Int => "integer",
+        Type::Long => "bigint",
+        Type::Double => "double precision",
+        Type::String | Type::Enum(_) => "text",
+        Type::Optional(t) => sql_type(t),
+        Type::Array(_) | Type::Map(_) | Type::Record(_) => "jsonb",
+    }
+}
+
 /// The envelope fields every projection record ends with.
 const ENVELOPE_DOCS: [(&str, &str); 3] = [
     ("version_epoch", "Owner epoch, bumped and persisted at every start/assignment of the producing task."),
@@ -181,6 +224,18 @@ impl Descriptor {
         format!("proj_{}", self.name)
     }
 
+    /// The table's typed columns, one per top-level field: stored columns generated from
+    /// `body`, so every upsert keeps them and SQL readers get the record's own names and types.
+    /// The group field named `metric` is the base `metric` column already; a field named like
+    /// another base column ([`BASE_COLUMNS`]) is `field_<name>`.
+    pub fn columns(&self) -> Vec<Column> {
+        self.fields
+            .iter()
+            .filter(|f| !(f.name == "metric" && self.group == Some("metric")))
+            .map(|f| Column { name: if BASE_COLUMNS.contains(&f.name) { format!("field_{}", f.name) } else { f.name.to_owned() }, field: f.name, sql_type: sql_type(&f.ty) })
+            .collect()
+    }
+
     /// The key of `body` (the record as JSON) within its user: the key fields' values joined by
     /// `|`. `None` when a key field is missing or not a string or integer.
     pub fn row_key(&self, body: &Value) -> Option<String> {
@@ -216,6 +271,10 @@ impl Descriptor {
                 Some(t) => return Err(format!("{name}: key field {k} is {t:?}; a key field is a string or an integer")),
                 None => return Err(format!("{name}: key field {k} is not a field")),
             }
+        }
+        // (Field names name table columns: identifiers only, as Avro requires anyway.)
+        if let Some(f) = self.fields.iter().find(|f| f.name.is_empty() || f.name.starts_with(|c: char| c.is_ascii_digit()) || !f.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')) {
+            return Err(format!("{name}: field name {:?}: letters, digits and _ only, not starting with a digit", f.name));
         }
         let reserved = ["user_id", "version_epoch", "version_seq", "deleted", "source_offsets"];
         if let Some(f) = self.fields.iter().find(|f| reserved.contains(&f.name)) {
@@ -387,6 +446,12 @@ impl Projection {
         let v: &'static str = Box::leak(version.to_owned().into_boxed_str());
         Projection { version: Some(v), key: Box::leak(version::key(self.descriptor.name, Some(v)).into_boxed_str()), ..self }
     }
+    /// The same projection (name, decoder, version) declared as `descriptor`: what a new build
+    /// of its processor declares (the table's evolution is tested with it).
+    pub fn declared_as(self, descriptor: &'static Descriptor) -> Projection {
+        assert_eq!(descriptor.name, self.descriptor.name, "a projection keeps its name");
+        Projection { descriptor, ..self }
+    }
     pub fn name(self) -> &'static str {
         self.descriptor.name
     }
@@ -525,6 +590,26 @@ mod tests {
         order: Order::Day,
         built_from: BuiltFrom::Lanes,
     };
+
+    #[test]
+    fn every_field_but_the_metric_group_is_a_typed_column_generated_from_the_body() {
+        let cols: Vec<(String, &str, String)> = D.columns().into_iter().map(|c| (c.name.clone(), c.sql_type, c.expr())).collect();
+        assert_eq!(
+            cols,
+            vec![
+                ("field_day".to_owned(), "text", "(body->>'day')".to_owned()),
+                ("n".to_owned(), "integer", "((body->>'n')::integer)".to_owned()),
+                ("kind".to_owned(), "text", "(body->>'kind')".to_owned()),
+                ("first".to_owned(), "jsonb", "(body->'first')".to_owned()),
+                ("again".to_owned(), "jsonb", "(body->'again')".to_owned()),
+                ("tags".to_owned(), "jsonb", "(body->'tags')".to_owned()),
+            ]
+        );
+        let long = Column { name: "n".into(), field: "n", sql_type: "bigint" };
+        assert!(long.widens("integer") && !long.widens("text") && !long.widens("double precision"));
+        const BAD: Descriptor = Descriptor { fields: &[Field::new("metric", Type::String), Field::new("n\"; DROP", Type::Int)], key: &["metric"], day: None, order: Order::Key, ..D };
+        assert!(BAD.check().unwrap_err().contains("letters, digits and _ only"));
+    }
 
     #[test]
     fn a_derived_schema_parses_and_defines_each_named_type_once() {

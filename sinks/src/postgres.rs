@@ -187,12 +187,12 @@ pub async fn apply(pool: &PgPool, sink: &str, batch: &Batch) -> Result<Vec<Appli
 /// every projection table has the same columns (the descriptor's key, group, day and time
 /// fields fill `entity_id`, `metric`, `day`, `at_ms`; the record itself is `body`), with the
 /// indexes its reads use. Idempotent, and safe with several sinks starting at once.
-pub async fn ensure_tables(pool: &PgPool, projections: &[Projection]) -> Result<(), sqlx::Error> {
+pub async fn ensure_tables(pool: &PgPool, projections: &[Projection]) -> Result<(), TableError> {
     for p in projections {
         let d = p.descriptor;
         // The name is a checked identifier ([`vitals_schemas::projection::Descriptor::check`]).
         if let Err(e) = d.check() {
-            return Err(sqlx::Error::Configuration(e.into()));
+            return Err(TableError::Breaking(e));
         }
         let t = p.table();
         let mut tx = pool.begin().await?;
@@ -225,7 +225,61 @@ pub async fn ensure_tables(pool: &PgPool, projections: &[Projection]) -> Result<
         if let Some((suffix, columns)) = index {
             sqlx::query(&format!("CREATE INDEX IF NOT EXISTS {t}_{suffix} ON {t} ({columns})")).execute(&mut *tx).await?;
         }
+        evolve(&mut tx, p, &t).await?;
         tx.commit().await?;
+    }
+    Ok(())
+}
+
+/// Why a projection table cannot be made what its descriptor says.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    /// A change of the descriptor that the live table cannot take (not retried: it stays so).
+    #[error("{0}")]
+    Breaking(String),
+}
+
+/// Kafka Connect JDBC's `auto.create` / `auto.evolve`, for the typed columns
+/// ([`vitals_schemas::projection::Descriptor::columns`], stored columns generated from `body`):
+/// a field new to the descriptor is added (and computed for every existing row: PostgreSQL
+/// rewrites the table); a field that widened (int → long → double) is regenerated; a column of
+/// a field the descriptor no longer has stays (nothing is dropped). Any other change of a
+/// column's type, or a column of that name that is not generated from `body`, is refused,
+/// naming the column.
+async fn evolve(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, p: &Projection, t: &str) -> Result<(), TableError> {
+    let existing: BTreeMap<String, (String, String)> = sqlx::query_as::<_, (String, String, String)>(
+        "SELECT column_name::text, data_type::text, is_generated::text FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1",
+    )
+    .bind(t)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .map(|(c, ty, g)| (c, (ty, g)))
+    .collect();
+    for c in p.descriptor.columns() {
+        let add = format!("ALTER TABLE {t} ADD COLUMN \"{}\" {} GENERATED ALWAYS AS ({}) STORED", c.name, c.sql_type, c.expr());
+        match existing.get(&c.name) {
+            None => {
+                sqlx::query(&add).execute(&mut **tx).await?;
+                tracing::info!(table = t, column = %c.name, r#type = c.sql_type, "added the column of a new field");
+            }
+            Some((ty, generated)) if generated == "ALWAYS" && ty == c.sql_type => {}
+            Some((ty, generated)) if generated == "ALWAYS" && c.widens(ty) => {
+                sqlx::query(&format!("ALTER TABLE {t} DROP COLUMN \"{}\"", c.name)).execute(&mut **tx).await?;
+                sqlx::query(&add).execute(&mut **tx).await?;
+                tracing::info!(table = t, column = %c.name, from = %ty, to = c.sql_type, "widened the column of a field");
+            }
+            Some((ty, generated)) => {
+                let what = if generated == "ALWAYS" { format!("is {ty}, the field `{}` is now {}", c.field, c.sql_type) } else { format!("is a {ty} column not generated from body (added by hand?)") };
+                return Err(TableError::Breaking(format!(
+                    "{t}.{}: the column {what}: a breaking change the sink does not apply to a live table. Replay the processor as a new version (`vitals replay {} --as <v>`, a new table with the new shape) and promote it, or fix the column",
+                    c.name,
+                    p.name()
+                )));
+            }
+        }
     }
     Ok(())
 }

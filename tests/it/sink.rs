@@ -134,3 +134,77 @@ async fn sink_killed_and_its_postgres_crashed_still_equals_the_oracle() {
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
 }
+
+/// Kafka Connect JDBC's auto.create / auto.evolve on the typed columns of a projection table,
+/// against the real PostgreSQL: every field is a typed column generated from `body`; a field
+/// added to the descriptor is added and computed for existing rows; a field widened (int →
+/// long) is regenerated with its values; a breaking change is refused naming the column, and
+/// the sink's start-up says so at once instead of retrying it as an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_table_gets_typed_columns_evolves_additively_and_refuses_a_breaking_change() {
+    use vitals_schemas::projection::{Descriptor, Field, Projected, Projection, Type};
+    use vitals_sinks::postgres::{ensure_tables, TableError};
+    let env = TestEnv::start().await;
+    let pool = PgPool::connect(&env.db_url).await.unwrap();
+    let base = Projection::of::<RollupDay>().at("evo1");
+    let table = base.table();
+    let leak = |fields: Vec<Field>| -> &'static Descriptor { Box::leak(Box::new(Descriptor { fields: Box::leak(fields.into_boxed_slice()), ..*RollupDay::DESCRIPTOR })) };
+    let fields = |extra: Vec<Field>| -> Vec<Field> { RollupDay::DESCRIPTOR.fields.iter().copied().chain(extra).collect() };
+    let columns = |pool: PgPool, table: String| async move {
+        sqlx::query_as::<_, (String, String)>("SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_name = $1 AND is_generated = 'ALWAYS' ORDER BY ordinal_position")
+            .bind(table)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+
+    // Created: one typed column per field (the metric group is the base `metric` column).
+    let v1 = base.declared_as(leak(fields(vec![Field::new("score", Type::Int)])));
+    ensure_tables(&pool, &[v1]).await.unwrap();
+    let cols = columns(pool.clone(), table.clone()).await;
+    assert_eq!(cols.len(), RollupDay::DESCRIPTOR.fields.len(), "{cols:?}");
+    assert!(cols.contains(&("sum".into(), "double precision".into())) && cols.contains(&("count".into(), "bigint".into())) && cols.contains(&("score".into(), "integer".into())), "{cols:?}");
+    assert!(cols.contains(&("category_minutes".into(), "jsonb".into())) && cols.contains(&("kind".into(), "text".into())), "{cols:?}");
+    let body = serde_json::json!({"user_id": "u1", "metric": "steps", "local_date": "2026-11-30", "unit": "count", "kind": "CUMULATIVE", "count": 3, "sum": 1234.5,
+        "min": null, "max": null, "mean": null, "time_weighted_mean": null, "last": null, "category_minutes": {"rem": 5.0}, "primary_source": null, "score": 7, "bonus": 2.5});
+    sqlx::query(&format!("INSERT INTO {table} (user_id, entity_id, metric, day, version_epoch, version_seq, deleted, body, source_offsets) VALUES ('u1', 'steps|2026-11-30', 'steps', '2026-11-30', 1, 1, false, $1, '[]')"))
+        .bind(&body)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (sum, score, rem): (Option<f64>, Option<i32>, Option<f64>) =
+        sqlx::query_as(&format!("SELECT sum, score, (category_minutes->>'rem')::float8 FROM {table}")).fetch_one(&pool).await.unwrap();
+    assert_eq!((sum, score, rem), (Some(1234.5), Some(7), Some(5.0)));
+
+    // Added: a new field's column, computed for the row already there. Widened: int → long.
+    let v2 = base.declared_as(leak(fields(vec![Field::new("score", Type::Long), Field::new("bonus", Type::Optional(&Type::Double))])));
+    ensure_tables(&pool, &[v2]).await.unwrap();
+    let cols = columns(pool.clone(), table.clone()).await;
+    assert!(cols.contains(&("bonus".into(), "double precision".into())) && cols.contains(&("score".into(), "bigint".into())), "{cols:?}");
+    let (bonus, score): (Option<f64>, Option<i64>) = sqlx::query_as(&format!("SELECT bonus, score FROM {table}")).fetch_one(&pool).await.unwrap();
+    assert_eq!((bonus, score), (Some(2.5), Some(7)));
+    // Idempotent; a field dropped from the descriptor keeps its column.
+    ensure_tables(&pool, &[base.declared_as(leak(fields(vec![Field::new("score", Type::Long)])))]).await.unwrap();
+    assert!(columns(pool.clone(), table.clone()).await.iter().any(|(c, _)| c == "bonus"));
+
+    // Breaking: a string field made a number; a column of a field's name added by hand.
+    let mut broken = fields(vec![Field::new("score", Type::Long)]);
+    broken.iter_mut().find(|f| f.name == "unit").unwrap().ty = Type::Long;
+    let e = ensure_tables(&pool, &[base.declared_as(leak(broken.clone()))]).await.unwrap_err();
+    assert!(matches!(e, TableError::Breaking(_)), "{e}");
+    assert!(e.to_string().contains(&format!("{table}.unit: the column is text, the field `unit` is now bigint")) && e.to_string().contains("vitals replay rollup_day --as"), "{e}");
+    sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN handmade text")).execute(&pool).await.unwrap();
+    let e = ensure_tables(&pool, &[base.declared_as(leak(fields(vec![Field::new("score", Type::Long), Field::new("handmade", Type::String)])))]).await.unwrap_err();
+    assert!(e.to_string().contains(&format!("{table}.handmade: the column is a text column not generated from body")), "{e}");
+    // Nothing of a refused change was applied.
+    let (unit,): (String,) = sqlx::query_as(&format!("SELECT unit FROM {table}")).fetch_one(&pool).await.unwrap();
+    assert_eq!(unit, "count");
+
+    // The sink's start-up refuses it at once rather than waiting it out as an outage.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let started = std::time::Instant::now();
+    let e = vitals::app::pg_ready_with_tables(&env.cfg, &stop, vec![base.declared_as(leak(broken))]).await.unwrap_err();
+    assert!(format!("{e:#}").contains("breaking change"), "{e:#}");
+    assert!(started.elapsed() < Duration::from_secs(20), "refused at once, not retried: {:?}", started.elapsed());
+    env.cleanup().await;
+}
