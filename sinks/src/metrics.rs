@@ -10,7 +10,34 @@ use vitals_schemas::dead_letter::{label, DeadLetterCounts};
 
 use crate::runner::SinkMetrics;
 
+/// One projection's changes as the sink applied them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProjectionCounts {
+    pub upserts: u64,
+    pub retractions: u64,
+    /// Unix seconds of the newest commit that changed a row.
+    pub last_change: f64,
+}
+
 impl SinkMetrics {
+    /// The rows a commit changed, counted per projection.
+    pub fn applied(&self, rows: &[crate::postgres::Applied]) {
+        if rows.is_empty() {
+            return;
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let mut m = self.projections.lock().unwrap_or_else(|e| e.into_inner());
+        for r in rows {
+            let c = m.entry(r.projection.key().to_owned()).or_default();
+            if r.deleted {
+                c.retractions += 1;
+            } else {
+                c.upserts += 1;
+            }
+            c.last_change = now;
+        }
+    }
+
     /// One record sent to the dead-letter topic by `stage` with reason `code`.
     pub fn dead_letter(&self, stage: &str, code: &str) {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -48,6 +75,17 @@ impl SinkMetrics {
         let waiting = u8::from(self.not_ready().is_some());
         let _ = writeln!(out, "# HELP vitals_sink_waiting 1 while the sink waits for a failed dependency (see /readyz for why).\n# TYPE vitals_sink_waiting gauge");
         let _ = writeln!(out, "vitals_sink_waiting{{sink=\"{sink}\"}} {waiting}");
+        let projections = self.projections.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = writeln!(out, "# HELP vitals_sink_projection_rows_total Rows of a projection the sink changed, by change (upsert, retraction).\n# TYPE vitals_sink_projection_rows_total counter");
+        for (p, c) in &projections {
+            let p = label(p);
+            let _ = writeln!(out, "vitals_sink_projection_rows_total{{sink=\"{sink}\",projection=\"{p}\",change=\"upsert\"}} {}", c.upserts);
+            let _ = writeln!(out, "vitals_sink_projection_rows_total{{sink=\"{sink}\",projection=\"{p}\",change=\"retraction\"}} {}", c.retractions);
+        }
+        let _ = writeln!(out, "# HELP vitals_sink_projection_last_change_timestamp_seconds When the sink last changed a row of the projection (Unix time).\n# TYPE vitals_sink_projection_last_change_timestamp_seconds gauge");
+        for (p, c) in &projections {
+            let _ = writeln!(out, "vitals_sink_projection_last_change_timestamp_seconds{{sink=\"{sink}\",projection=\"{}\"}} {:.3}", label(p), c.last_change);
+        }
         DeadLetterCounts::render_header(out);
         self.dead_letters.render_samples(out);
     }
@@ -65,5 +103,25 @@ mod tests {
         m.render("postgres", &mut out);
         assert!(out.contains("vitals_sink_dead_lettered_total{sink=\"postgres\"} 1\n"), "{out}");
         assert!(out.contains("vitals_dead_letters_total{stage=\"sink:postgres\",code=\"undecodable\"} 1\n"), "{out}");
+    }
+
+    #[test]
+    fn counts_changed_rows_per_projection_and_version() {
+        use vitals_schemas::projection::{Projected, Projection};
+        let m = SinkMetrics::default();
+        let row = |p: Projection, deleted: bool| crate::postgres::Applied { projection: p, user_id: "u".into(), entity_id: "e".into(), version: (1, 1), deleted, body: serde_json::json!({}) };
+        let (v1, v2) = (Projection::of::<vitals_schemas::RollupDay>(), Projection::of::<vitals_schemas::RollupDay>().at("v2"));
+        m.applied(&[row(v1, false), row(v1, false), row(v1, true), row(v2, false)]);
+        let mut out = String::new();
+        m.render("postgres", &mut out);
+        for want in [
+            "vitals_sink_projection_rows_total{sink=\"postgres\",projection=\"rollup_day\",change=\"upsert\"} 2\n",
+            "vitals_sink_projection_rows_total{sink=\"postgres\",projection=\"rollup_day\",change=\"retraction\"} 1\n",
+            "vitals_sink_projection_rows_total{sink=\"postgres\",projection=\"rollup_day@v2\",change=\"upsert\"} 1\n",
+        ] {
+            assert!(out.contains(want), "{want}{out}");
+        }
+        assert_eq!(out.matches("# TYPE vitals_sink_projection_rows_total").count(), 1, "{out}");
+        assert!(out.contains("vitals_sink_projection_last_change_timestamp_seconds{sink=\"postgres\",projection=\"rollup_day@v2\"} "), "{out}");
     }
 }

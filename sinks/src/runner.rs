@@ -80,6 +80,9 @@ pub struct SinkMetrics {
     /// What the sink is waiting for (a failed dependency), while it waits: `/readyz` says it.
     pub waiting: Mutex<Option<String>>,
     pub dead_letters: vitals_schemas::dead_letter::DeadLetterCounts,
+    /// Per projection (its key, `name` or `name@version`): rows changed (upserts, retractions)
+    /// and the time of the newest change ([`SinkMetrics::applied`]).
+    pub projections: Mutex<BTreeMap<String, crate::metrics::ProjectionCounts>>,
 }
 
 /// What runs after each commit with the rows it changed.
@@ -329,6 +332,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         to_commit.extend(batch.offsets.iter().map(|(k, o)| (k.clone(), *o)));
         commit_informational(&consumer, &mut to_commit, &mut committed_at);
         metrics.rows_applied.fetch_add(applied.len() as u64, Ordering::Relaxed);
+        metrics.applied(&applied);
         metrics.batches_committed.fetch_add(1, Ordering::Relaxed);
         if !applied.is_empty() {
             on_applied(&applied);
