@@ -1,7 +1,7 @@
 //! The `vitals` composition root: configuration ([`config`]), every client built in one place
 //! ([`app`]), and the roles `main` runs as subcommands: the ingest edge (`vitals-ingest`), the
 //! schema registry (`vitals-registry`), topic and schema administration, the simulator
-//! ([`simulate`]) and the benchmarks ([`bench`]). Library crates never read the environment or
+//! ([`simulate`], crate `vitals-simulator`) and the benchmarks ([`bench`]). Library crates never read the environment or
 //! open connections themselves: they get what they need from here.
 
 pub mod app;
@@ -13,7 +13,8 @@ pub mod dlq;
 pub mod k8s;
 pub mod offsets;
 pub mod replay;
-pub mod simulate;
+/// The simulator lives with the edge it drives (`ingest/simulator`); re-exported under its old path.
+pub use vitals_simulator as simulate;
 
 /// Resolves on Ctrl-C or SIGTERM: how every long-running role stops.
 pub async fn shutdown_signal() {

@@ -107,7 +107,7 @@ mod tests {
 
     #[test]
     fn counts_changed_rows_per_projection_and_version() {
-        use vitals_schemas::projection::{Projected, Projection};
+        use vitals_schemas::projection::Projection;
         let m = SinkMetrics::default();
         let row = |p: Projection, deleted: bool| crate::postgres::Applied { projection: p, user_id: "u".into(), entity_id: "e".into(), version: (1, 1), deleted, body: serde_json::json!({}) };
         let (v1, v2) = (Projection::of::<vitals_schemas::RollupDay>(), Projection::of::<vitals_schemas::RollupDay>().at("v2"));
