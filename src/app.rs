@@ -732,7 +732,7 @@ pub async fn process_line(
         stop,
         metrics,
         snapshots,
-        archive: Some(Arc::new(crate::archive::Source { pool: archive_pool, s3: s3_client(cfg)?, rt: tokio::runtime::Handle::current() })),
+        archive: Some(Arc::new(crate::archive::Source { pool: archive_pool, s3: s3_client(cfg)?, rt: tokio::runtime::Handle::current(), cache: Default::default() })),
     };
     tokio::task::spawn_blocking(move || (info.run)(args)).await.context("processor thread")?.context("processor runtime")
 }

@@ -286,7 +286,12 @@ impl Keys {
         if let Some(k) = self.by_user.get(user) {
             return Ok(k.clone());
         }
-        let name = String::from_utf8_lossy(user).into_owned();
+        // (Lane keys are user ids, UTF-8; anything else is kept apart, not merged by a lossy
+        // conversion.)
+        let name = match std::str::from_utf8(user) {
+            Ok(u) => u.to_owned(),
+            Err(_) => format!("hex:{}", hex::encode(user)),
+        };
         let fresh = DataKey::generate();
         sqlx::query("INSERT INTO archive_keys (user_id, key_id, key) VALUES ($1, $2, $3) ON CONFLICT (user_id) DO NOTHING")
             .bind(&name)
@@ -311,6 +316,8 @@ pub fn lanes(cfg: &Config) -> Vec<String> {
 struct Open {
     meta: SegmentMeta,
     records: Vec<Sealed>,
+    /// Offsets within it that the lane no longer had (`archive_gaps`).
+    gaps: Vec<(i64, i64)>,
     bytes: usize,
     since: Instant,
 }
@@ -390,7 +397,7 @@ pub async fn run(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     .await?
                     .rows_affected();
                 if moved == 1 {
-                    sqlx::query("INSERT INTO archive_gaps (topic, partition, from_offset, to_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING").bind(topic).bind(*p).bind(pos.next).bind(low).execute(&mut *tx).await?;
+                    record_gap(&mut tx, topic, *p, pos.next, low).await?;
                     tx.commit().await?;
                     pos.next = low;
                 } else {
@@ -414,35 +421,40 @@ pub async fn run(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
             let polled = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
             if let Ok(m) = polled {
-                let m = m.context("consuming the lanes")?.detach();
+                let m = match m {
+                    Ok(m) => m.detach(),
+                    Err(e) => {
+                        // (The broker going away and coming back: librdkafka reconnects.)
+                        warn!(error = %e, "consuming the lanes");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
                 let k = (m.topic().to_owned(), m.partition());
                 let want = expected.get(&k).copied().unwrap_or(0);
                 if m.offset() < want {
                     continue; // delivered again after a seek
                 }
-                if m.offset() > want {
-                    // Offsets that are not there: deleted before they were archived when the
-                    // lane now starts past them.
-                    let (c, t, p) = (Arc::clone(&consumer), k.0.clone(), k.1);
-                    let low = tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, p, Duration::from_secs(10))).await??.0;
-                    if low > want {
-                        error!(topic = %k.0, partition = k.1, from = want, to = m.offset(), "records deleted from the lane before they were archived: recorded as an archive gap");
-                        sqlx::query("INSERT INTO archive_gaps (topic, partition, from_offset, to_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING").bind(&k.0).bind(k.1).bind(want).bind(m.offset()).execute(&pool).await?;
-                    }
-                    // (Otherwise offsets the broker never used: nothing is missing.)
-                }
                 let raw = Raw::of(&m);
                 let day = chrono::DateTime::from_timestamp_millis(raw.timestamp_ms).unwrap_or_default().date_naive();
-                // A segment holds one day: a record of another day closes it first.
-                if open.get(&k).is_some_and(|o| o.meta.day != day) {
+                // A segment holds one day: a record of a later day closes it first (one of an
+                // earlier day, a producer's clock behind, joins it).
+                if open.get(&k).is_some_and(|o| day > o.meta.day) {
                     let o = open.remove(&k).expect("open");
                     if !flush(cfg, &pool, &s3, o, &stop).await? {
                         continue 'assign;
                     }
                 }
+                let o = open.entry(k.clone()).or_insert_with(|| Open { meta: SegmentMeta { topic: k.0.clone(), partition: k.1, first: want, next: want, day }, records: Vec::new(), gaps: Vec::new(), bytes: 0, since: Instant::now() });
+                if m.offset() > want {
+                    // Offsets the archive will never have (deleted from the lane before they
+                    // were read, or never written): a gap, recorded with the segment (only if
+                    // its compare-and-set holds: a losing archiver records nothing).
+                    error!(topic = %k.0, partition = k.1, from = want, to = m.offset(), "offsets missing from the lane before they were archived: recorded as an archive gap");
+                    o.gaps.push((want, m.offset()));
+                }
                 let key = keys.of(raw.key.as_deref()).await?;
                 let (nonce, sealed) = seal(&key, &k.0, k.1, &raw)?;
-                let o = open.entry(k.clone()).or_insert_with(|| Open { meta: SegmentMeta { topic: k.0.clone(), partition: k.1, first: want, next: want, day }, records: Vec::new(), bytes: 0, since: Instant::now() });
                 o.bytes += raw.bytes() + 64;
                 o.meta.next = raw.offset + 1;
                 o.records.push(Sealed { offset: raw.offset, timestamp_ms: raw.timestamp_ms, key_id: key.id, nonce, sealed });
@@ -458,6 +470,22 @@ pub async fn run(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Records offsets `from..to` of a partition as missing from the archive (a gap recorded again
+/// from the same offset keeps the larger).
+async fn record_gap(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, topic: &str, partition: i32, from: i64, to: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO archive_gaps (topic, partition, from_offset, to_offset) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (topic, partition, from_offset) DO UPDATE SET to_offset = GREATEST(archive_gaps.to_offset, EXCLUDED.to_offset)",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(from)
+    .bind(to)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Uploads a segment and records it; `false` when the partition's recorded position is no
@@ -494,6 +522,9 @@ async fn flush(cfg: &Config, pool: &PgPool, s3: &vitals_runtime::s3::S3Client, o
                 .rows_affected();
             if moved == 0 {
                 return Ok::<bool, sqlx::Error>(false);
+            }
+            for (from, to) in &o.gaps {
+                record_gap(&mut tx, &o.meta.topic, o.meta.partition, *from, *to).await?;
             }
             sqlx::query("INSERT INTO archive_segments (topic, partition, first_offset, next_offset, records, bytes, day, object_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
                 .bind(&o.meta.topic)
@@ -563,7 +594,7 @@ fn erased_record(topic: &str, partition: i32, offset: i64, timestamp_ms: i64) ->
 /// archive does not hold all of them (it starts later, has not got that far, has a recorded
 /// gap there, or an object is gone or altered); [`ArchiveError::Unavailable`] when PostgreSQL
 /// or the store cannot be reached.
-pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, topic: &str, partition: i32, from: i64, to: i64) -> Result<Read, ArchiveError> {
+pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, cache: Option<&SegmentCache>, topic: &str, partition: i32, from: i64, to: i64) -> Result<Read, ArchiveError> {
     let down = |e: &dyn std::fmt::Display| ArchiveError::Unavailable(e.to_string());
     macro_rules! missing {
         ($($t:tt)*) => { return Err(ArchiveError::Missing(format!($($t)*))) };
@@ -575,8 +606,12 @@ pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, topic: &str,
     let pos: Option<(i64, i64)> =
         sqlx::query_as("SELECT start_offset, next_offset FROM archive_positions WHERE topic = $1 AND partition = $2").bind(topic).bind(partition).fetch_optional(pool).await.map_err(|e| down(&e))?;
     let Some((start, next)) = pos else { missing!("{topic}/{partition} was never archived") };
-    if from < start || to > next {
-        missing!("the archive of {topic}/{partition} holds offsets {start}..{next}, not all of {from}..{to}");
+    if from < start {
+        missing!("the archive of {topic}/{partition} starts at offset {start} (archiving began after the lane lost offsets before it), not at {from}");
+    }
+    if to > next {
+        // Not archived yet (a segment still open, the archiver behind or down): they will be.
+        return Err(ArchiveError::Unavailable(format!("the archive of {topic}/{partition} holds offsets up to {next} so far, not yet all of {from}..{to}")));
     }
     let gaps: Vec<(i64, i64)> = sqlx::query_as("SELECT from_offset, to_offset FROM archive_gaps WHERE topic = $1 AND partition = $2 AND from_offset < $4 AND to_offset > $3 ORDER BY from_offset")
         .bind(topic)
@@ -605,14 +640,24 @@ pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, topic: &str,
         if first > at {
             missing!("the archive of {topic}/{partition} has no segment for offsets {at}..{first}");
         }
-        let Some(body) = s3.get(&object).await.map_err(|e| down(&format!("reading {object}: {e}")))? else { missing!("{object} is recorded but not in the store") };
-        let (meta, records) = match decode_segment(&body) {
-            Ok(d) => d,
-            Err(e) => missing!("decoding {object}: {e:#}"),
+        let records = match cache.and_then(|c| c.get(&object)) {
+            Some(r) => r,
+            None => {
+                let Some(body) = s3.get(&object).await.map_err(|e| down(&format!("reading {object}: {e}")))? else { missing!("{object} is recorded but not in the store") };
+                let (meta, records) = match decode_segment(&body) {
+                    Ok(d) => d,
+                    Err(e) => missing!("decoding {object}: {e:#}"),
+                };
+                if meta.topic != topic || meta.partition != partition || meta.first != first || meta.next != seg_next {
+                    missing!("{object} holds {meta:?}, not what is recorded");
+                }
+                let records = Arc::new(records);
+                if let Some(c) = cache {
+                    c.put(&object, Arc::clone(&records));
+                }
+                records
+            }
         };
-        if meta.topic != topic || meta.partition != partition || meta.first != first || meta.next != seg_next {
-            missing!("{object} holds {meta:?}, not what is recorded");
-        }
         let unknown: Vec<uuid::Uuid> = records.iter().map(|r| r.key_id).filter(|id| !keys.contains_key(id)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         if !unknown.is_empty() {
             let ids: Vec<String> = unknown.iter().map(uuid::Uuid::to_string).collect();
@@ -628,11 +673,15 @@ pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, topic: &str,
                 };
             }
         }
-        for r in records {
+        for r in records.iter() {
             if r.offset < at || r.offset >= to {
                 continue;
             }
-            // Offsets the broker never used (none with an idempotent producer) are simply absent.
+            // Every offset, in order: a hole is an unrecorded gap, never passed over.
+            let want = from + out.records.len() as i64;
+            if r.offset != want {
+                missing!("{object}: offset {want} is missing (the next record is {})", r.offset);
+            }
             match &keys[&r.key_id] {
                 None => {
                     out.erased += 1;
@@ -649,10 +698,31 @@ pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, topic: &str,
             break;
         }
     }
-    if at < to {
-        missing!("the archive of {topic}/{partition} has no segment for offsets {at}..{to}");
+    if at < to || out.records.len() as i64 != to - from {
+        missing!("the archive of {topic}/{partition} does not hold every offset of {from}..{to} (has {} of them)", out.records.len());
     }
     Ok(out)
+}
+
+/// Decoded segments a reader goes back to (a task reads a segment in several intervals): the
+/// last few, by object key.
+#[derive(Default)]
+pub struct SegmentCache {
+    segments: std::sync::Mutex<std::collections::VecDeque<(String, Arc<Vec<Sealed>>)>>,
+}
+
+impl SegmentCache {
+    const KEEP: usize = 8;
+    fn get(&self, object: &str) -> Option<Arc<Vec<Sealed>>> {
+        self.segments.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| k == object).map(|(_, r)| Arc::clone(r))
+    }
+    fn put(&self, object: &str, records: Arc<Vec<Sealed>>) {
+        let mut s = self.segments.lock().unwrap_or_else(|e| e.into_inner());
+        if s.len() >= Self::KEEP {
+            s.pop_front();
+        }
+        s.push_back((object.to_owned(), records));
+    }
 }
 
 /// The first archived offset of `topic`/`partition` below `before` whose timestamp is at or
@@ -681,7 +751,29 @@ pub async fn offset_for_time(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, t
 pub async fn holds(pool: &PgPool, topic: &str, partition: i32, from: i64, to: i64) -> anyhow::Result<bool> {
     let pos: Option<(i64, i64)> = sqlx::query_as("SELECT start_offset, next_offset FROM archive_positions WHERE topic = $1 AND partition = $2").bind(topic).bind(partition).fetch_optional(pool).await?;
     let gaps: i64 = sqlx::query_scalar("SELECT count(*) FROM archive_gaps WHERE topic = $1 AND partition = $2 AND from_offset < $4 AND to_offset > $3").bind(topic).bind(partition).bind(from).bind(to).fetch_one(pool).await?;
-    Ok(pos.is_some_and(|(start, next)| start <= from && next >= to) && gaps == 0)
+    if !(pos.is_some_and(|(start, next)| start <= from && next >= to) && gaps == 0) {
+        return Ok(false);
+    }
+    let segments: Vec<(i64, i64)> = sqlx::query_as("SELECT first_offset, next_offset FROM archive_segments WHERE topic = $1 AND partition = $2 AND first_offset < $4 AND next_offset > $3 ORDER BY first_offset")
+        .bind(topic)
+        .bind(partition)
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool)
+        .await?;
+    let mut at = from;
+    for (first, next) in segments {
+        if first > at {
+            return Ok(false);
+        }
+        at = at.max(next);
+    }
+    Ok(at >= to)
+}
+
+/// The archive's first offset of `topic`/`partition` (where archiving began), if it has one.
+pub async fn start(pool: &PgPool, topic: &str, partition: i32) -> anyhow::Result<Option<i64>> {
+    Ok(sqlx::query_scalar("SELECT start_offset FROM archive_positions WHERE topic = $1 AND partition = $2").bind(topic).bind(partition).fetch_optional(pool).await?)
 }
 
 /// The archive as the runtime reads it (blocking, from the runtime's thread).
@@ -689,11 +781,12 @@ pub struct Source {
     pub pool: PgPool,
     pub s3: vitals_runtime::s3::S3Client,
     pub rt: tokio::runtime::Handle,
+    pub cache: SegmentCache,
 }
 
 impl vitals_runtime::Archive for Source {
     fn read(&self, topic: &str, partition: i32, from: i64, to: i64) -> Result<Vec<OwnedMessage>, ArchiveError> {
-        self.rt.block_on(read(&self.pool, &self.s3, topic, partition, from, to)).map(|r| r.records)
+        self.rt.block_on(read(&self.pool, &self.s3, Some(&self.cache), topic, partition, from, to)).map(|r| r.records)
     }
 }
 

@@ -134,20 +134,20 @@ impl Running {
     }
 }
 
-/// Seeks the consumer's partitions of task `p` back to where the task reads them (after a pause
-/// or a retake); those still read from the archive stay paused.
+/// Seeks the consumer's partitions of task `p` back to where the task reads them (after a pause,
+/// a retake or the archive's handover) and resumes them; while the task still reads the archive
+/// every lane of it stays paused, so that no lane races ahead of the archived records of the
+/// others (stream time and timers see them roughly in step, as a consumer would deliver them).
 fn reposition<C: ConsumerContext>(consumer: &BaseConsumer<C>, input_topics: &[String], p: i32, r: &Running) {
     for topic in input_topics {
         if let Err(e) = consumer.seek(topic, p, r.consumer_offset(topic), Duration::from_secs(5)) {
             warn!(partition = p, %topic, error = %e, "seeking back to the checkpoint");
         }
     }
-    let mut tpl = TopicPartitionList::new();
-    for topic in input_topics.iter().filter(|t| !r.from_archive.contains_key(*t)) {
-        let _ = tpl.add_partition(topic, p);
-    }
-    if let Err(e) = consumer.resume(&tpl) {
-        warn!(partition = p, error = %e, "resuming the partition's fetch");
+    if r.from_archive.is_empty() {
+        if let Err(e) = consumer.resume(&task_partitions(input_topics, p)) {
+            warn!(partition = p, error = %e, "resuming the partition's fetch");
+        }
     }
 }
 
@@ -417,9 +417,8 @@ impl ConsumerContext for RebalanceContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let mut start = TopicPartitionList::new();
-                // Partitions whose records come from the archive first: assigned at the lane's
-                // start and paused until the archive has handed over.
-                let mut waiting = TopicPartitionList::new();
+                // Partitions of tasks reading the archive first: paused until it has handed over.
+                let (mut waiting, mut fetching) = (TopicPartitionList::new(), TopicPartitionList::new());
                 for el in tpl.elements() {
                     let p = el.partition();
                     // A takeover failed (its dependency, PostgreSQL, is down?): the process stops;
@@ -442,16 +441,26 @@ impl ConsumerContext for RebalanceContext {
                         }
                     };
                     let _ = start.add_partition_offset(el.topic(), p, running.consumer_offset(el.topic()));
-                    if running.from_archive.contains_key(el.topic()) {
+                    if running.from_archive.is_empty() {
+                        let _ = fetching.add_partition(el.topic(), p);
+                    } else {
                         let _ = waiting.add_partition(el.topic(), p);
                     }
                 }
                 info!(partitions = ?sh.tasks.keys().collect::<Vec<_>>(), "assigned");
                 if let Err(e) = consumer.assign(&start) {
                     sh.fatal = Some(format!("assign: {e}"));
-                } else if waiting.count() > 0 {
-                    if let Err(e) = consumer.pause(&waiting) {
-                        sh.fatal = Some(format!("pausing the partitions read from the archive: {e}"));
+                } else {
+                    // A partition paused by the application stays paused across a revoke and a
+                    // new assignment (librdkafka clears only its own pauses), while the task that
+                    // paused it (a dependency's backoff, the archive) is gone: resumed here.
+                    if let Err(e) = consumer.resume(&fetching) {
+                        warn!(error = %e, "resuming the assigned partitions");
+                    }
+                    if waiting.count() > 0 {
+                        if let Err(e) = consumer.pause(&waiting) {
+                            sh.fatal = Some(format!("pausing the partitions read from the archive: {e}"));
+                        }
                     }
                 }
             }
@@ -658,12 +667,15 @@ where
     let mut committed: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut generation = shared.lock().unwrap_or_else(|p| p.into_inner()).generation;
     while !stop.load(Ordering::Relaxed) {
+        // While a task reads the archive, the poll only serves the consumer's events and what
+        // the other tasks have: waiting for records would cap the archive's pace.
+        let rehydrating = shared.lock().unwrap_or_else(|p| p.into_inner()).tasks.values().any(|r| !r.from_archive.is_empty() && r.paused_until.is_none());
         let mut batch = poll_batch(
             |left| consumer.poll(left).map(|r| r.map(|m| m.detach())),
             || shared.lock().unwrap_or_else(|p| p.into_inner()).generation,
             &mut generation,
             cfg.max_batch,
-            cfg.max_wait,
+            if rehydrating { cfg.max_wait.min(Duration::from_millis(10)) } else { cfg.max_wait },
         );
         let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = sh.fatal.take() {
@@ -710,7 +722,7 @@ where
         for m in batch {
             // (A lane still read from the archive is paused; what was fetched before is not
             // the task's next record.)
-            if sh.tasks.get(&m.partition()).is_some_and(|r| r.from_archive.contains_key(m.topic())) {
+            if sh.tasks.get(&m.partition()).is_some_and(|r| !r.from_archive.is_empty()) {
                 continue;
             }
             by_partition.entry(m.partition()).or_default().push(m);
@@ -725,35 +737,51 @@ where
             if r.paused_until.is_some() {
                 continue; // read again from the checkpoint when the pause ends
             }
-            let result = decode_all(&rt, &codec, t, msgs).and_then(|decoded| interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, consumer.context(), r, decoded, &mut produced, &metrics));
+            let result = decode_all(&rt, &codec, t, msgs, false).and_then(|decoded| interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, consumer.context(), r, decoded, &mut produced, &metrics));
             settle(result, &consumer, &input_topics, &metrics, cfg.checkpointing, archive.as_ref().map(|_| lane_topics.as_slice()), p, r)?;
         }
-        // Tasks whose lanes start later than they read: the next records from the archive,
-        // through the same interval, until the archive has handed over to the lane.
+        // Tasks whose lanes start later than they read: the next records of every such lane
+        // from the archive (a share of an interval each, so the lanes stay in step), through
+        // the same interval, until the archive has handed over to the lanes.
         if let Some(archive) = &archive {
             for (p, r) in sh.tasks.iter_mut() {
                 let p = *p;
-                if r.paused_until.is_some() || r.fenced {
+                if r.paused_until.is_some() || r.fenced || r.from_archive.is_empty() {
                     continue;
                 }
-                let Some((topic, low)) = r.from_archive.iter().next().map(|(t, l)| (t.clone(), *l)) else { continue };
-                let from = r.task.next_offset(&topic);
-                if from >= low {
+                let done: Vec<String> = r.from_archive.iter().filter(|(t, low)| r.task.next_offset(t) >= **low).map(|(t, _)| t.clone()).collect();
+                for topic in done {
+                    info!(partition = p, %topic, at = r.from_archive[&topic], "read from the archive up to the lane's start");
                     r.from_archive.remove(&topic);
-                    info!(partition = p, %topic, at = low, "read from the archive up to the lane's start: reading the lane");
+                }
+                if r.from_archive.is_empty() {
+                    info!(partition = p, "the archive has handed over: reading the lanes");
                     reposition(&consumer, &input_topics, p, r);
                     continue;
                 }
-                let to = low.min(from + cfg.max_batch.max(1) as i64);
-                let result = match archive.read(&topic, p, from, to) {
-                    Ok(msgs) => decode_all(&rt, &codec, t, msgs).and_then(|decoded| interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, consumer.context(), r, decoded, &mut produced, &metrics)),
-                    Err(ArchiveError::Unavailable(e)) => Err(RuntimeError::Archive(e)),
-                    Err(ArchiveError::Missing(e)) => {
-                        tracing::error!(partition = p, %topic, from, to = low, "the lane starts later and the archive does not hold the records before: {e}");
-                        return Err(RuntimeError::Task { partition: p, source: task::TaskError::Gap { topic: format!("{topic} (deleted from the lane and not in the archive: {e})"), expected: from, got: low } });
+                let share = (cfg.max_batch.max(1) / r.from_archive.len()).max(1) as i64;
+                let mut msgs = Vec::new();
+                let mut failed = None;
+                for (topic, low) in r.from_archive.clone() {
+                    let from = r.task.next_offset(&topic);
+                    match archive.read(&topic, p, from, low.min(from + share)) {
+                        Ok(m) => msgs.extend(m),
+                        Err(ArchiveError::Unavailable(e)) => {
+                            failed = Some(RuntimeError::Archive(e));
+                            break;
+                        }
+                        Err(ArchiveError::Missing(e)) => {
+                            tracing::error!(partition = p, %topic, from, to = low, "the lane starts later and the archive does not hold the records before: {e}");
+                            return Err(RuntimeError::Task { partition: p, source: task::TaskError::Gap { topic: format!("{topic} (deleted from the lane and not in the archive: {e})"), expected: from, got: low } });
+                        }
                     }
+                }
+                let result = match failed {
+                    Some(e) => Err(e),
+                    None => decode_all(&rt, &codec, t, msgs, true).and_then(|decoded| interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, consumer.context(), r, decoded, &mut produced, &metrics)),
                 };
-                settle(result, &consumer, &input_topics, &metrics, cfg.checkpointing, Some(lane_topics.as_slice()), p, r)?;
+                // (A gap within archived records is fatal: no other source holds them.)
+                settle(result, &consumer, &input_topics, &metrics, cfg.checkpointing, None, p, r)?;
             }
         }
         // Paused tasks whose wait is over read again from their checkpoint.
@@ -786,7 +814,7 @@ where
                     for topic in &lane_topics {
                         if let Some(low) = lows.get(&(topic.clone(), *p)).copied() {
                             if low > r.task.next_offset(topic) && !r.from_archive.contains_key(topic) && r.paused_until.is_none() {
-                                read_from_archive(&consumer, &input_topics, *p, r, topic, low);
+                                read_from_archive(&consumer, &input_topics, &lane_topics, *p, r, topic, low);
                             }
                         }
                     }
@@ -861,10 +889,10 @@ fn settle<C: ConsumerContext>(
         Err(RuntimeError::Task { partition, source: task::TaskError::Gap { topic, expected, got } }) => {
             // A lane that starts past the task (records deleted by retention): from the archive,
             // when there is one. Nothing of the interval was committed.
-            if archived_lanes.is_some_and(|l| l.contains(&topic)) {
+            if let Some(lanes) = archived_lanes.filter(|l| l.contains(&topic)) {
                 if let Ok((low, _)) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(5)) {
                     if low > expected {
-                        read_from_archive(consumer, input_topics, p, r, &topic, low);
+                        read_from_archive(consumer, input_topics, lanes, p, r, &topic, low);
                         return Ok(());
                     }
                 }
@@ -876,11 +904,20 @@ fn settle<C: ConsumerContext>(
 }
 
 /// Task `p` reads `topic` from the archive up to `low` (the lane's first record) before the
-/// lane: the consumer's partition waits there, paused; the others are read again from the
-/// checkpoint.
-fn read_from_archive<C: ConsumerContext>(consumer: &BaseConsumer<C>, input_topics: &[String], p: i32, r: &mut Running, topic: &str, low: i64) {
+/// lane, and so every other of its `lanes` that starts past it too (asked now: this is rare);
+/// the consumer's partitions of the task wait, paused, until the archive has handed over.
+fn read_from_archive<C: ConsumerContext>(consumer: &BaseConsumer<C>, input_topics: &[String], lanes: &[String], p: i32, r: &mut Running, topic: &str, low: i64) {
     info!(partition = p, %topic, from = r.task.next_offset(topic), to = low, "the lane starts later: reading those records from the archive first");
     r.from_archive.insert(topic.to_owned(), low);
+    let others: Vec<&String> = lanes.iter().filter(|l| *l != topic && !r.from_archive.contains_key(*l)).collect();
+    for other in others {
+        if let Ok((low, _)) = consumer.fetch_watermarks(other, p, Duration::from_secs(5)) {
+            if low > r.task.next_offset(other) {
+                info!(partition = p, topic = %other, from = r.task.next_offset(other), to = low, "the lane starts later: reading those records from the archive first");
+                r.from_archive.insert(other.clone(), low);
+            }
+        }
+    }
     if let Err(e) = consumer.pause(&task_partitions(input_topics, p)) {
         warn!(partition = p, error = %e, "pausing the partition's fetch");
     }
@@ -994,11 +1031,13 @@ async fn decode(codec: &Codec, t: &Topics, m: &OwnedMessage) -> Result<Input, Co
 
 /// Decodes a partition's records for the task. A registry that is unavailable stops the
 /// runtime (it restarts and reads them again); a record that does not decode is proven bad.
-fn decode_all(rt: &tokio::runtime::Handle, codec: &Codec, t: &Topics, msgs: Vec<OwnedMessage>) -> Result<Vec<InRecord>, RuntimeError> {
+/// `archived`: the records were read back from the archive, whose erased records (and only
+/// those: a lane record with that header is an ordinary record) are placeholders.
+fn decode_all(rt: &tokio::runtime::Handle, codec: &Codec, t: &Topics, msgs: Vec<OwnedMessage>, archived: bool) -> Result<Vec<InRecord>, RuntimeError> {
     let mut out = Vec::with_capacity(msgs.len());
     for m in msgs {
         // An erased record read back from the archive keeps its offset and nothing else.
-        let erased = m.headers().is_some_and(|h| h.iter().any(|h| h.key == ERASED_HEADER));
+        let erased = archived && m.headers().is_some_and(|h| h.iter().any(|h| h.key == ERASED_HEADER));
         let body = if is_progress(&m) || erased {
             InBody::Marker
         } else {
