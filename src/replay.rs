@@ -783,7 +783,8 @@ pub async fn retire(cfg: &Config, processor: &str, v: &str, yes: bool) -> anyhow
 }
 
 /// How many members consumer group `group` has now (0 when the broker does not know it).
-async fn group_members(cfg: &Config, group: &str) -> anyhow::Result<usize> {
+/// Members of consumer group `group` (as the broker lists them).
+pub async fn group_members(cfg: &Config, group: &str) -> anyhow::Result<usize> {
     let client: BaseConsumer = app::kafka_base(cfg, "vitals-retire").create()?;
     let group = group.to_owned();
     tokio::task::spawn_blocking(move || {

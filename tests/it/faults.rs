@@ -136,6 +136,54 @@ async fn a_failing_registry_pauses_the_processor_and_nothing_is_dead_lettered() 
     env.cleanup().await;
 }
 
+/// Before: a partition the runtime paused while the registry failed stayed paused after a
+/// rebalance took it away and gave it back (librdkafka keeps an application's pause across a
+/// new assignment; the task that would have resumed it was gone): those users' data never came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_on_a_failing_registry_is_read_again_after_a_rebalance() {
+    let env = TestEnv::start().await;
+    let codec = vitals::app::codec(&env.cfg);
+    let t = env.topics();
+    let (faulty, faulty_url) = FaultyRegistry::start(&env.cfg.registry.url).await;
+    let data = std::env::temp_dir().join(format!("vitals-faults-rb-{}", uuid::Uuid::new_v4().simple()));
+    let port = free_port();
+    faulty.answer(500);
+    assert_eq!(simulate::run(&env.sim("rb", 5, 3, 2), &env.http).await.unwrap().rejected, 0);
+    let vars = with(env.child_env(&data), "VITALS_REGISTRY__URL", &faulty_url);
+    let mut a = VitalsProc::new(&["process", "rollup_day"], with(vars.clone(), "VITALS_PROCESSORS__METRICS_LISTEN", &format!("127.0.0.1:{port}")));
+    a.start();
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    wait_for_every("the first instance to pause its partitions on the failing registry", Duration::from_secs(60), Duration::from_millis(200), || {
+        let (http, url) = (&env.http, &readyz);
+        async move { http.get(url).send().await.ok().filter(|r| r.status() == 503).map(|_| ()) }
+    })
+    .await;
+    // A second instance joins (every partition is revoked and assigned again) and leaves (they
+    // come back), all while the registry still fails.
+    let mut b = VitalsProc::new(&["process", "rollup_day"], with(vars, "VITALS_PROCESSORS__DATA_DIR", data.join("b").to_str().unwrap()));
+    b.start();
+    let group = vitals::app::processor_group(&env.cfg, "rollup_day");
+    let admin_members = |want: usize| {
+        let (cfg, group) = (env.cfg.clone(), group.clone());
+        async move { (vitals::replay::group_members(&cfg, &group).await.ok()? == want).then_some(()) }
+    };
+    wait_for_every("the second instance to join the group", Duration::from_secs(60), Duration::from_millis(300), || admin_members(2)).await;
+    b.terminate(Duration::from_secs(30));
+    wait_for_every("the second instance to leave the group", Duration::from_secs(60), Duration::from_millis(300), || admin_members(1)).await;
+    // The registry answers again: every record is processed by the remaining instance.
+    faulty.answer(0);
+    let want = expected(&env, &codec).await.rollup;
+    wait_for_every("the rollups to equal the oracle after the rebalances", Duration::from_secs(120), Duration::from_millis(500), || {
+        let (env, codec, want, t) = (&env, &codec, &want, &t);
+        async move { (fold::<RollupDay>(env, codec, &t.rollup_day).await.0 == *want).then_some(()) }
+    })
+    .await;
+    assert!(env.read(&t.dead_letter).await.is_empty());
+    a.kill9();
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
+
 fn rollup(user: &str, metric: &str, count: i64, topic: &str) -> RollupDay {
     RollupDay {
         user_id: user.to_owned(),
