@@ -26,6 +26,7 @@ use vitals_schemas::projection::BuiltFrom;
 use vitals_schemas::DeadLetter;
 
 use crate::postgres::{self, Applied, Batch};
+use vitals_consumer::{dead_letter_of, poll_batch, Backoff, InformationalCommits};
 use crate::{Progress, ProgressKind, Projection, Row, PROGRESS_HEADER};
 
 pub use vitals_schemas::topics::{DEAD_LETTERS_HEADER, INTERVAL_HEADER, USER_HEADER, VOUCH_HEADER};
@@ -39,9 +40,6 @@ pub enum SinkError {
     #[error("assigning partitions: {0}")]
     Assign(String),
 }
-
-/// How often the committed offsets are also committed to the group (informational only).
-const COMMIT_EVERY: Duration = Duration::from_secs(5);
 
 /// Settings of one sink.
 #[derive(Debug, Clone)]
@@ -119,7 +117,7 @@ impl SeekContext {
     /// is down, since starting anywhere else would either skip or redo work.
     /// The counts of open attempts ([`Vouches`]) of those partitions are loaded with them.
     fn stored(&self, tpl: &TopicPartitionList) -> Option<BTreeMap<(String, i32), i64>> {
-        let mut wait = Duration::from_millis(100);
+        let mut wait = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let assigned: std::collections::BTreeSet<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
         loop {
             let result: Result<_, sqlx::Error> = self.rt.block_on(async {
@@ -147,8 +145,7 @@ impl SeekContext {
                 Err(e) if !self.stop.load(Ordering::Relaxed) => {
                     warn!(error = %e, "reading stored offsets failed; retrying");
                     self.metrics.wait(format!("PostgreSQL (reading the stored offsets): {e}"));
-                    std::thread::sleep(wait);
-                    wait = (wait * 2).min(Duration::from_secs(5));
+                    std::thread::sleep(wait.next());
                 }
                 Err(_) => return None,
             }
@@ -237,46 +234,36 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(sink = %cfg.name, ?topics, "sink started");
     // Informational commits of what PostgreSQL holds as committed (see below).
-    let (mut committed_at, mut to_commit) = (Instant::now(), BTreeMap::<(String, i32), i64>::new());
+    // The offsets PostgreSQL holds, committed to the group now and then (idle or not) so that
+    // standard lag tools see the sink; never read back (the sink seeks to `sink_offsets`).
+    let (mut commits, mut positions) = (InformationalCommits::default(), BTreeMap::<(String, i32), i64>::new());
     while !stop.load(Ordering::Relaxed) {
-        let mut msgs: Vec<OwnedMessage> = Vec::new();
-        let deadline = Instant::now() + cfg.max_wait;
-        while msgs.len() < cfg.max_batch {
-            // Wait (up to `max_wait`) for the first record only; then take what the consumer
-            // already holds, and apply as soon as its queue is drained (batching under load).
-            let left = if msgs.is_empty() { deadline.saturating_duration_since(Instant::now()) } else { Duration::ZERO };
-            if left.is_zero() && msgs.is_empty() {
-                break;
-            }
-            match consumer.poll(left) {
-                Some(Ok(m)) => msgs.push(m.detach()),
-                Some(Err(e)) => warn!(error = %e, "consumer error"),
-                None => break,
-            }
-        }
+        // (The sink's rebalance callback reads its offsets before any record of the new
+        // assignment is delivered, and drops nothing: no generation to watch.)
+        let msgs: Vec<OwnedMessage> = poll_batch(|left| consumer.poll(left).map(|r| r.map(|m| m.detach())), || 0, &mut 0, cfg.max_batch, cfg.max_wait);
         if let Some(f) = fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Err(SinkError::Assign(f));
         }
         if msgs.is_empty() {
             metrics.wait_over(); // nothing to apply: waiting for nothing
-            commit_informational(&consumer, &mut to_commit, &mut committed_at);
+            commits.offer(&consumer, || positions.clone());
             continue;
         }
         // The registry being down is not the records' fault: wait and decode again.
-        let mut wait = Duration::from_millis(100);
+        let mut wait = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         // Each decoding reads the open counts on a copy, which becomes the sink's once the batch
         // commits.
         let (batch, work) = loop {
             let mut work = vouches.lock().unwrap_or_else(|p| p.into_inner()).clone();
             match decode_batch(&rt, &producer, &codec, &cfg, &by_topic, &metrics, &msgs, &mut work, &stop)? {
                 Some(b) => break (b, work),
-                None if wait_or_stop(&stop, wait) => wait = (wait * 2).min(Duration::from_secs(5)),
+                None if wait_or_stop(&stop, wait.next()) => {}
                 None => return Ok(()),
             }
         };
         metrics.records_in.fetch_add(msgs.len() as u64, Ordering::Relaxed);
         let (mut batch, mut row_msgs) = batch;
-        let mut wait = Duration::from_millis(100);
+        let mut wait = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let applied = loop {
             match rt.block_on(postgres::apply(&pool, &cfg.name, &batch)) {
                 Ok(a) => break a,
@@ -288,19 +275,17 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
                         Ok(r) => r,
                         Err(e) => {
                             warn!(error = %e, "finding the rows PostgreSQL refuses failed; retrying");
-                            if !wait_or_stop(&stop, wait) {
+                            if !wait_or_stop(&stop, wait.next()) {
                                 return Ok(());
                             }
-                            wait = (wait * 2).min(Duration::from_secs(5));
                             continue;
                         }
                     };
                     if refused.is_empty() {
                         warn!(error = %e, "PostgreSQL refused the batch but no row on its own; retrying");
-                        if !wait_or_stop(&stop, wait) {
+                        if !wait_or_stop(&stop, wait.next()) {
                             return Ok(());
                         }
-                        wait = (wait * 2).min(Duration::from_secs(5));
                         continue;
                     }
                     let mut dead = Vec::new();
@@ -319,18 +304,18 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
                 Err(e) => {
                     metrics.commit_retries.fetch_add(1, Ordering::Relaxed);
                     metrics.wait(format!("PostgreSQL: {e}"));
-                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "committing the batch failed; retrying");
-                    if !wait_or_stop(&stop, wait) {
+                    let d = wait.next();
+                    warn!(error = %e, retry_in_ms = d.as_millis() as u64, "committing the batch failed; retrying");
+                    if !wait_or_stop(&stop, d) {
                         return Ok(()); // stopping: nothing of this batch was committed
                     }
-                    wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }
         };
         metrics.wait_over();
         *vouches.lock().unwrap_or_else(|p| p.into_inner()) = work;
-        to_commit.extend(batch.offsets.iter().map(|(k, o)| (k.clone(), *o)));
-        commit_informational(&consumer, &mut to_commit, &mut committed_at);
+        positions.extend(batch.offsets.iter().map(|(k, o)| (k.clone(), *o)));
+        commits.offer(&consumer, || positions.clone());
         metrics.rows_applied.fetch_add(applied.len() as u64, Ordering::Relaxed);
         metrics.applied(&applied);
         metrics.batches_committed.fetch_add(1, Ordering::Relaxed);
@@ -339,22 +324,6 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         }
     }
     Ok(())
-}
-
-/// The offsets PostgreSQL now holds, committed to the group now and then (idle or not) so that
-/// standard lag tools see the sink; never read back (the sink seeks to `sink_offsets`).
-fn commit_informational<C: ConsumerContext>(consumer: &BaseConsumer<C>, to_commit: &mut BTreeMap<(String, i32), i64>, at: &mut Instant) {
-    if at.elapsed() < COMMIT_EVERY || to_commit.is_empty() {
-        return;
-    }
-    *at = Instant::now();
-    let mut tpl = TopicPartitionList::new();
-    for ((t, p), o) in std::mem::take(to_commit) {
-        let _ = tpl.add_partition_offset(&t, p, Offset::Offset(o));
-    }
-    if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
-        tracing::debug!(error = %e, "informational offset commit");
-    }
 }
 
 /// The batch's rows (with the index of each row's record in `msgs`), progress markers and next
@@ -456,17 +425,16 @@ fn dead_letter_all(
     if dead.is_empty() {
         return Ok(true);
     }
-    let mut wait = Duration::from_millis(100);
+    let mut wait = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let encoded = loop {
         match dead.iter().map(|(m, code, reason)| encode_dead_letter(rt, codec, cfg, m, code, reason)).collect::<Result<Vec<_>, _>>() {
             Ok(e) => break e,
             Err(CodecError::Unavailable(e)) => {
                 warn!(error = %e, "schema registry unavailable while dead-lettering; retrying");
                 metrics.wait(format!("schema registry: {e}"));
-                if !wait_or_stop(stop, wait) {
+                if !wait_or_stop(stop, wait.next()) {
                     return Ok(false);
                 }
-                wait = (wait * 2).min(Duration::from_secs(5));
             }
             Err(e) => return Err(SinkError::DeadLetter(e.to_string())),
         }
@@ -556,15 +524,6 @@ fn wait_or_stop(stop: &AtomicBool, d: Duration) -> bool {
 }
 
 fn encode_dead_letter(rt: &tokio::runtime::Handle, codec: &Codec, cfg: &SinkConfig, m: &OwnedMessage, code: &str, reason: &str) -> Result<Vec<u8>, CodecError> {
-    let dl = DeadLetter {
-        source_topic: m.topic().to_owned(),
-        source_partition: m.partition(),
-        source_offset: m.offset(),
-        stage: format!("sink:{}", cfg.name),
-        code: code.to_owned(),
-        reason: reason.to_owned(),
-        key: m.key().map(<[u8]>::to_vec),
-        payload: m.payload().map(<[u8]>::to_vec),
-    };
+    let dl = dead_letter_of(m, format!("sink:{}", cfg.name), code, reason);
     rt.block_on(codec.encode(&cfg.topics.dead_letter, &dl))
 }

@@ -52,6 +52,7 @@ pub use self::registry::{find, registry, Registered};
 pub use self::snapshot::Snapshots;
 use self::store::{Checkpoint, Store};
 use self::task::{InBody, InRecord, Lanes, Out, Tail, Task};
+use vitals_consumer::{poll_batch, Backoff, InformationalCommits};
 use vitals_processors::{Input, Inputs, Processor, Versioned};
 
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +113,7 @@ struct Running {
     /// checkpoint (nothing of the failed interval was committed).
     paused_until: Option<Instant>,
     /// The next wait after a failure (doubling, reset by a committed interval).
-    backoff: Duration,
+    backoff: Backoff,
     /// Input topics whose lane starts past the task's next offset (records deleted by
     /// retention), with the lane's first offset: read from the archive up to it first, while
     /// the consumer's partition waits there, paused.
@@ -121,7 +122,7 @@ struct Running {
 
 impl Running {
     fn new(task: Task) -> Running {
-        Running { task, snapshot_at: None, snapshot_of: None, snapshot_busy: Arc::default(), fenced: false, paused_until: None, backoff: PAUSE_FIRST, from_archive: BTreeMap::new() }
+        Running { task, snapshot_at: None, snapshot_of: None, snapshot_busy: Arc::default(), fenced: false, paused_until: None, backoff: Backoff::new(PAUSE_FIRST, PAUSE_MAX), from_archive: BTreeMap::new() }
     }
 
     /// Where the consumer reads `topic` of this task from: its checkpoint, or, while the task
@@ -152,7 +153,7 @@ fn reposition<C: ConsumerContext>(consumer: &BaseConsumer<C>, input_topics: &[St
 }
 
 /// How often the checkpointed offsets are committed to the group (informational only).
-pub const COMMIT_EVERY: Duration = Duration::from_secs(5);
+pub use vitals_consumer::COMMIT_EVERY;
 /// The first and the longest wait of a task paused on a failed dependency.
 const PAUSE_FIRST: Duration = Duration::from_millis(200);
 const PAUSE_MAX: Duration = Duration::from_secs(10);
@@ -663,8 +664,7 @@ where
     // Partitions whose task was fenced, and since when.
     let mut fenced: BTreeMap<i32, Instant> = BTreeMap::new();
     let mut tail_checked = Instant::now();
-    let mut committed_at = Instant::now();
-    let mut committed: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let mut commits = InformationalCommits::default();
     let mut generation = shared.lock().unwrap_or_else(|p| p.into_inner()).generation;
     while !stop.load(Ordering::Relaxed) {
         // While a task reads the archive, the poll only serves the consumer's events and what
@@ -834,19 +834,8 @@ where
         // Informational: the checkpoints' next offsets committed to the group now and then, so
         // standard lag tools (`kafka-consumer-groups --describe`) and `vitals offsets show` see
         // the processor groups. Never read back: a task starts from its own checkpoint.
-        if cfg.checkpointing && committed_at.elapsed() >= COMMIT_EVERY {
-            committed_at = Instant::now();
-            let now: BTreeMap<(String, i32), i64> = sh.tasks.iter().flat_map(|(p, r)| r.task.cp.offsets.iter().map(move |(t, o)| ((t.clone(), *p), *o))).collect();
-            if now != committed {
-                let mut tpl = TopicPartitionList::new();
-                for ((t, p), o) in &now {
-                    let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
-                }
-                if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
-                    tracing::debug!(error = %e, "informational offset commit");
-                }
-                committed = now;
-            }
+        if cfg.checkpointing {
+            commits.offer(&consumer, || sh.tasks.iter().flat_map(|(p, r)| r.task.cp.offsets.iter().map(move |(t, o)| ((t.clone(), *p), *o))).collect());
         }
     }
     Ok(())
@@ -868,19 +857,19 @@ fn settle<C: ConsumerContext>(
 ) -> Result<(), RuntimeError> {
     match result {
         Ok(()) => {
-            if r.backoff != PAUSE_FIRST {
-                r.backoff = PAUSE_FIRST;
+            if r.backoff.is_backing_off() {
+                r.backoff.reset();
                 metrics.resume(p);
                 info!(partition = p, "dependency back: the task runs again");
             }
             Ok(())
         }
         Err(e) if e.is_dependency() && checkpointing => {
-            warn!(partition = p, error = %e, retry_in_ms = r.backoff.as_millis() as u64, "a dependency failed: task paused, its records wait (nothing skipped, nothing dead-lettered)");
+            let wait = r.backoff.next();
+            warn!(partition = p, error = %e, retry_in_ms = wait.as_millis() as u64, "a dependency failed: task paused, its records wait (nothing skipped, nothing dead-lettered)");
             metrics.add(&metrics.dependency_retries, 1);
             metrics.pause(p, e.to_string());
-            r.paused_until = Some(Instant::now() + r.backoff);
-            r.backoff = (r.backoff * 2).min(PAUSE_MAX);
+            r.paused_until = Some(Instant::now() + wait);
             if let Err(e) = consumer.pause(&task_partitions(input_topics, p)) {
                 warn!(partition = p, error = %e, "pausing the partition's fetch");
             }
@@ -922,42 +911,6 @@ fn read_from_archive<C: ConsumerContext>(consumer: &BaseConsumer<C>, input_topic
         warn!(partition = p, error = %e, "pausing the partition's fetch");
     }
     reposition(consumer, input_topics, p, r);
-}
-
-/// Polls up to `max` records for at most `max_wait`. When a rebalance ran inside a `poll` (the
-/// `generation` moved), what was polled before it is dropped: it may belong to a task that was
-/// replaced (restored from a snapshot behind those records, or started empty), and the new
-/// assignment restarted every partition at its task's checkpoint, so those records come again.
-fn poll_batch<M>(
-    mut poll: impl FnMut(Duration) -> Option<Result<M, KafkaError>>,
-    current: impl Fn() -> u64,
-    generation: &mut u64,
-    max: usize,
-    max_wait: Duration,
-) -> Vec<M> {
-    let mut batch = Vec::new();
-    let deadline = Instant::now() + max_wait;
-    while batch.len() < max {
-        // Wait (up to `max_wait`) only for the first record; then take what the consumer
-        // already holds and stop when its queue is drained: an idle pipeline answers at once,
-        // a loaded one still batches (its queue refills faster than an interval takes).
-        let left = if batch.is_empty() { deadline.saturating_duration_since(Instant::now()) } else { Duration::ZERO };
-        if left.is_zero() && batch.is_empty() {
-            break;
-        }
-        let polled = poll(left);
-        let now = current();
-        if now != *generation {
-            *generation = now;
-            batch.clear();
-        }
-        match polled {
-            Some(Ok(m)) => batch.push(m),
-            Some(Err(e)) => warn!(error = %e, "consumer error"),
-            None => break,
-        }
-    }
-    batch
 }
 
 /// An input record that is not the next one of its lane. The input lanes are never compacted,
@@ -1326,28 +1279,7 @@ pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::Cell;
-
     use super::*;
-
-    /// Records 0..3 are polled for the old task; the rebalance callback runs inside the poll that
-    /// returns record 10 (the new task's first, from its checkpoint): 0..3 must not reach it.
-    #[test]
-    fn records_polled_before_a_rebalance_are_dropped_and_those_after_kept() {
-        let generation = Cell::new(1u64);
-        let mut script = vec![(0, false), (1, false), (2, false), (10, true), (11, false)].into_iter();
-        let poll = |_| {
-            let (m, rebalance) = script.next()?;
-            if rebalance {
-                generation.set(generation.get() + 1);
-            }
-            Some(Ok(m))
-        };
-        let mut seen = 1;
-        let batch = poll_batch(poll, || generation.get(), &mut seen, 100, Duration::from_secs(5));
-        assert_eq!(batch, vec![10, 11]);
-        assert_eq!(seen, 2);
-    }
 
     /// A store written by a build with another state layout is refused; an empty one adopts it.
     #[test]
@@ -1367,25 +1299,4 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    /// Only the first record is waited for: then the consumer's queue is drained without waiting
-    /// (an idle pipeline answers at once), and batching continues while records are queued.
-    #[test]
-    fn an_interval_waits_for_its_first_record_only_and_ends_when_the_queue_is_drained() {
-        let waits = std::cell::RefCell::new(Vec::new());
-        let mut script = vec![Some(1), Some(2), Some(3), None, Some(4)].into_iter();
-        let poll = |d: Duration| {
-            waits.borrow_mut().push(d);
-            script.next().flatten().map(Ok)
-        };
-        let mut seen = 1;
-        let batch = poll_batch(poll, || 1, &mut seen, 100, Duration::from_secs(5));
-        assert_eq!(batch, vec![1, 2, 3], "the interval ends when the queue is drained");
-        let waits = waits.into_inner();
-        assert!(waits[0] > Duration::from_secs(4), "the first poll waits for a record: {waits:?}");
-        assert!(waits[1..].iter().all(|d| d.is_zero()), "later polls only take what is queued: {waits:?}");
-        // Under load the queue holds more than an interval: batching stops at `max`.
-        let mut queued = 0..;
-        let batch = poll_batch(|_| queued.next().map(Ok), || 1, &mut seen, 10, Duration::from_secs(5));
-        assert_eq!(batch.len(), 10);
-    }
 }
