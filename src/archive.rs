@@ -590,6 +590,34 @@ fn erased_record(topic: &str, partition: i32, offset: i64, timestamp_ms: i64) ->
     OwnedMessage::new(None, None, topic.to_owned(), Timestamp::CreateTime(timestamp_ms), partition, offset, Some(h))
 }
 
+/// What the archive's index says of offsets `from..to` of one partition: its position (start,
+/// next), the recorded gaps and the segments overlapping them (first, next, object), in order.
+struct Coverage {
+    position: Option<(i64, i64)>,
+    gaps: Vec<(i64, i64)>,
+    segments: Vec<(i64, i64, String)>,
+}
+
+async fn coverage(pool: &PgPool, topic: &str, partition: i32, from: i64, to: i64) -> Result<Coverage, sqlx::Error> {
+    let position = sqlx::query_as("SELECT start_offset, next_offset FROM archive_positions WHERE topic = $1 AND partition = $2").bind(topic).bind(partition).fetch_optional(pool).await?;
+    // (Both: the rows overlapping from..to, $3..$4.)
+    let gaps = sqlx::query_as("SELECT from_offset, to_offset FROM archive_gaps WHERE topic = $1 AND partition = $2 AND from_offset < $4 AND to_offset > $3 ORDER BY from_offset")
+        .bind(topic)
+        .bind(partition)
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool)
+        .await?;
+    let segments = sqlx::query_as("SELECT first_offset, next_offset, object_key FROM archive_segments WHERE topic = $1 AND partition = $2 AND first_offset < $4 AND next_offset > $3 ORDER BY first_offset")
+        .bind(topic)
+        .bind(partition)
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool)
+        .await?;
+    Ok(Coverage { position, gaps, segments })
+}
+
 /// Offsets `from..to` of one partition, from the archive. [`ArchiveError::Missing`] when the
 /// archive does not hold all of them (it starts later, has not got that far, has a recorded
 /// gap there, or an object is gone or altered); [`ArchiveError::Unavailable`] when PostgreSQL
@@ -603,9 +631,8 @@ pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, cache: Optio
     if from >= to {
         return Ok(out);
     }
-    let pos: Option<(i64, i64)> =
-        sqlx::query_as("SELECT start_offset, next_offset FROM archive_positions WHERE topic = $1 AND partition = $2").bind(topic).bind(partition).fetch_optional(pool).await.map_err(|e| down(&e))?;
-    let Some((start, next)) = pos else { missing!("{topic}/{partition} was never archived") };
+    let Coverage { position, gaps, segments } = coverage(pool, topic, partition, from, to).await.map_err(|e| down(&e))?;
+    let Some((start, next)) = position else { missing!("{topic}/{partition} was never archived") };
     if from < start {
         missing!("the archive of {topic}/{partition} starts at offset {start} (archiving began after the lane lost offsets before it), not at {from}");
     }
@@ -613,27 +640,9 @@ pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, cache: Optio
         // Not archived yet (a segment still open, the archiver behind or down): they will be.
         return Err(ArchiveError::Unavailable(format!("the archive of {topic}/{partition} holds offsets up to {next} so far, not yet all of {from}..{to}")));
     }
-    let gaps: Vec<(i64, i64)> = sqlx::query_as("SELECT from_offset, to_offset FROM archive_gaps WHERE topic = $1 AND partition = $2 AND from_offset < $4 AND to_offset > $3 ORDER BY from_offset")
-        .bind(topic)
-        .bind(partition)
-        .bind(from)
-        .bind(to)
-        .fetch_all(pool)
-        .await
-        .map_err(|e| down(&e))?;
     if let Some((a, b)) = gaps.first() {
         missing!("the archive of {topic}/{partition} has a gap at offsets {a}..{b}: they were deleted from the lane before they were archived");
     }
-    let segments: Vec<(i64, i64, String)> = sqlx::query_as(
-        "SELECT first_offset, next_offset, object_key FROM archive_segments WHERE topic = $1 AND partition = $2 AND first_offset < $4 AND next_offset > $3 ORDER BY first_offset",
-    )
-    .bind(topic)
-    .bind(partition)
-    .bind(from)
-    .bind(to)
-    .fetch_all(pool)
-    .await
-    .map_err(|e| down(&e))?;
     let mut at = from;
     let mut keys: HashMap<uuid::Uuid, Option<DataKey>> = HashMap::new();
     for (first, seg_next, object) in segments {
@@ -749,20 +758,12 @@ pub async fn offset_for_time(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, t
 
 /// Whether the archive holds every offset `from..to` of `topic`/`partition` (no recorded gap).
 pub async fn holds(pool: &PgPool, topic: &str, partition: i32, from: i64, to: i64) -> anyhow::Result<bool> {
-    let pos: Option<(i64, i64)> = sqlx::query_as("SELECT start_offset, next_offset FROM archive_positions WHERE topic = $1 AND partition = $2").bind(topic).bind(partition).fetch_optional(pool).await?;
-    let gaps: i64 = sqlx::query_scalar("SELECT count(*) FROM archive_gaps WHERE topic = $1 AND partition = $2 AND from_offset < $4 AND to_offset > $3").bind(topic).bind(partition).bind(from).bind(to).fetch_one(pool).await?;
-    if !(pos.is_some_and(|(start, next)| start <= from && next >= to) && gaps == 0) {
+    let Coverage { position, gaps, segments } = coverage(pool, topic, partition, from, to).await?;
+    if !(position.is_some_and(|(start, next)| start <= from && next >= to) && gaps.is_empty()) {
         return Ok(false);
     }
-    let segments: Vec<(i64, i64)> = sqlx::query_as("SELECT first_offset, next_offset FROM archive_segments WHERE topic = $1 AND partition = $2 AND first_offset < $4 AND next_offset > $3 ORDER BY first_offset")
-        .bind(topic)
-        .bind(partition)
-        .bind(from)
-        .bind(to)
-        .fetch_all(pool)
-        .await?;
     let mut at = from;
-    for (first, next) in segments {
+    for (first, next, _) in segments {
         if first > at {
             return Ok(false);
         }
