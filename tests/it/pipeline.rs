@@ -11,6 +11,7 @@ use std::time::Duration;
 use rdkafka::Message;
 use serde::de::DeserializeOwned;
 use vitals::simulate::{self, SimConfig};
+use vitals_processors::readiness_baseline::{self, ReadinessBaseline};
 use vitals_processors::{product_impact, rollup_day, session_impact, sleep_night, Input};
 use vitals_schemas::codec::Codec;
 use vitals_schemas::topics::PROGRESS_HEADER;
@@ -47,6 +48,7 @@ out!(RollupDay);
 out!(SleepNight);
 out!(SessionImpact);
 out!(ProductImpact);
+out!(ReadinessBaseline);
 
 /// Folds `topic` like a sink: per key the newest version; asserts versions grow strictly along
 /// each partition's log per key. Returns the live rows (stripped) and how many records it read.
@@ -117,6 +119,7 @@ pub(crate) struct Expected {
     pub rollup: BTreeMap<String, RollupDay>,
     pub sleep: BTreeMap<String, SleepNight>,
     pub session: BTreeMap<String, SessionImpact>,
+    pub readiness: BTreeMap<String, ReadinessBaseline>,
 }
 
 pub(crate) async fn expected(env: &TestEnv, codec: &Codec) -> Expected {
@@ -126,7 +129,12 @@ pub(crate) async fn expected(env: &TestEnv, codec: &Codec) -> Expected {
     for (inputs, stream_time) in parts.values() {
         session.extend(session_impact::oracle(inputs, *stream_time));
     }
-    Expected { rollup: strip_all(rollup_day::oracle(&all)), sleep: strip_all(sleep_night::oracle(&all)), session: strip_all(session) }
+    Expected {
+        rollup: strip_all(rollup_day::oracle(&all)),
+        sleep: strip_all(sleep_night::oracle(&all)),
+        session: strip_all(session),
+        readiness: strip_all(readiness_baseline::oracle(&all)),
+    }
 }
 
 /// product_impact's oracle over session_impact's actual output (every record, not progress
@@ -204,17 +212,20 @@ async fn every_processor_killed_at_any_point_equals_its_oracle() {
         let (session, _) = fold::<SessionImpact>(&env, &codec, &t.session_impact).await;
         let (product, _) = fold::<ProductImpact>(&env, &codec, &t.product_impact).await;
         let want_products = expected_products(&env, &codec).await;
-        let ok = [rollup == want.rollup, sleep == want.sleep, session == want.session, product == want_products && !product.is_empty()];
+        let readiness_topic = vitals_schemas::projection::Projection::of::<ReadinessBaseline>().topic(&t);
+        let (readiness, _) = fold::<ReadinessBaseline>(&env, &codec, &readiness_topic).await;
+        let ok = [rollup == want.rollup, sleep == want.sleep, session == want.session, product == want_products && !product.is_empty(), readiness == want.readiness && !readiness.is_empty()];
         if ok.iter().all(|x| *x) {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "not equal to the oracles after 120 s ({ok:?}):\n{}\n{}\n{}\n{}",
+            "not equal to the oracles after 120 s ({ok:?}):\n{}\n{}\n{}\n{}\n{}",
             diff("rollup_day", &rollup, &want.rollup),
             diff("sleep_night", &sleep, &want.sleep),
             diff("session_impact", &session, &want.session),
-            diff("product_impact", &product, &want_products)
+            diff("product_impact", &product, &want_products),
+            diff("readiness_baseline", &readiness, &want.readiness)
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
