@@ -306,6 +306,58 @@ impl Keys {
     }
 }
 
+/// What an operator reads of a running archiver (`archive.metrics_listen`: `/metrics`,
+/// `/readyz`).
+#[derive(Default)]
+pub struct ArchiveMetrics {
+    pub records: std::sync::atomic::AtomicU64,
+    pub segments: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
+    pub upload_retries: std::sync::atomic::AtomicU64,
+    pub record_retries: std::sync::atomic::AtomicU64,
+    pub gaps: std::sync::atomic::AtomicU64,
+    /// Segments a second archiver had recorded first (this one started again from there).
+    pub lost_races: std::sync::atomic::AtomicU64,
+    /// What the archiver waits for (a failed dependency), while it waits.
+    pub waiting: std::sync::Mutex<Option<String>>,
+    /// Unix seconds of the newest recorded segment.
+    pub last_segment: std::sync::Mutex<f64>,
+}
+
+impl ArchiveMetrics {
+    fn add(c: &std::sync::atomic::AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    fn wait(&self, why: String) {
+        *self.waiting.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+    fn wait_over(&self) {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+    /// Why the archiver is not ready (`None`: ready).
+    pub fn not_ready(&self) -> Option<String> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    /// The Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let c = |out: &mut String, name: &str, help: &str, v: &std::sync::atomic::AtomicU64| {
+            let _ = writeln!(out, "# HELP vitals_archive_{name} {help}\n# TYPE vitals_archive_{name} counter\nvitals_archive_{name} {}", v.load(Ordering::Relaxed));
+        };
+        c(out, "records_total", "Lane records in recorded segments.", &self.records);
+        c(out, "segments_total", "Segments uploaded and recorded.", &self.segments);
+        c(out, "bytes_total", "Bytes of recorded segments.", &self.bytes);
+        c(out, "upload_retries_total", "Segment uploads that failed and were retried (the store unavailable).", &self.upload_retries);
+        c(out, "record_retries_total", "Segment records that failed and were retried (PostgreSQL unavailable).", &self.record_retries);
+        c(out, "gaps_total", "Gaps recorded: offsets the lane no longer had when the archiver reached them.", &self.gaps);
+        c(out, "lost_races_total", "Segments another archiver recorded first.", &self.lost_races);
+        let waiting = u8::from(self.not_ready().is_some());
+        let _ = writeln!(out, "# HELP vitals_archive_waiting 1 while the archiver waits for a failed dependency (see /readyz for why).\n# TYPE vitals_archive_waiting gauge\nvitals_archive_waiting {waiting}");
+        let last = *self.last_segment.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(out, "# HELP vitals_archive_last_segment_timestamp_seconds When the newest segment was recorded (Unix time; 0: none yet).\n# TYPE vitals_archive_last_segment_timestamp_seconds gauge\nvitals_archive_last_segment_timestamp_seconds {last:.3}");
+    }
+}
+
 /// The four input lanes.
 pub fn lanes(cfg: &Config) -> Vec<String> {
     let t = app::topics(cfg);
@@ -338,7 +390,7 @@ async fn positions(pool: &PgPool, topics: &[String]) -> anyhow::Result<BTreeMap<
 
 /// Runs the archiver until `stop`: every partition of the input lanes, from where the archive
 /// stands (a partition never archived: from the lane's first record).
-pub async fn run(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+pub async fn run(cfg: &Config, stop: Arc<AtomicBool>, metrics: Arc<ArchiveMetrics>) -> anyhow::Result<()> {
     let pool = app::pg_ready(cfg, &stop).await?;
     let s3 = app::s3_client(cfg)?;
     let mut backoff = Duration::from_millis(200);
@@ -347,6 +399,7 @@ pub async fn run(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             Ok(()) => break,
             Err(e) if !stop.load(Ordering::Relaxed) => {
                 warn!(error = %e, "the archive's bucket is not reachable yet; waiting");
+                metrics.wait(format!("the archive store: {e}"));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
@@ -441,7 +494,7 @@ pub async fn run(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 // earlier day, a producer's clock behind, joins it).
                 if open.get(&k).is_some_and(|o| day > o.meta.day) {
                     let o = open.remove(&k).expect("open");
-                    if !flush(cfg, &pool, &s3, o, &stop).await? {
+                    if !flush(cfg, &pool, &s3, o, &stop, &metrics).await? {
                         continue 'assign;
                     }
                 }
@@ -464,7 +517,7 @@ pub async fn run(cfg: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             let due: Vec<(String, i32)> = open.iter().filter(|(_, o)| o.records.len() >= max_records || o.bytes >= max_bytes || o.since.elapsed() >= max_wait).map(|(k, _)| k.clone()).collect();
             for k in due {
                 let o = open.remove(&k).expect("due");
-                if !flush(cfg, &pool, &s3, o, &stop).await? {
+                if !flush(cfg, &pool, &s3, o, &stop, &metrics).await? {
                     continue 'assign;
                 }
             }
@@ -491,7 +544,7 @@ async fn record_gap(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, topic: &str,
 /// Uploads a segment and records it; `false` when the partition's recorded position is no
 /// longer this segment's start (another archiver got there first: start again from it).
 /// S3 or PostgreSQL failing delays the segment, never drops it: retried with backoff.
-async fn flush(cfg: &Config, pool: &PgPool, s3: &vitals_runtime::s3::S3Client, o: Open, stop: &AtomicBool) -> anyhow::Result<bool> {
+async fn flush(cfg: &Config, pool: &PgPool, s3: &vitals_runtime::s3::S3Client, o: Open, stop: &AtomicBool, metrics: &ArchiveMetrics) -> anyhow::Result<bool> {
     let object = o.meta.object_key(&cfg.archive.prefix);
     let body = encode_segment(&o.meta, &o.records)?;
     let bytes = body.len() as i64;
@@ -504,6 +557,8 @@ async fn flush(cfg: &Config, pool: &PgPool, s3: &vitals_runtime::s3::S3Client, o
                     bail!("stopped while the archive store failed: {e}");
                 }
                 warn!(error = %e, %object, retry_in_ms = backoff.as_millis() as u64, "archive upload failed; retrying (nothing skipped)");
+                ArchiveMetrics::add(&metrics.upload_retries, 1);
+                metrics.wait(format!("the archive store: {e}"));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
@@ -543,10 +598,17 @@ async fn flush(cfg: &Config, pool: &PgPool, s3: &vitals_runtime::s3::S3Client, o
         .await;
         match recorded {
             Ok(true) => {
+                metrics.wait_over();
+                ArchiveMetrics::add(&metrics.segments, 1);
+                ArchiveMetrics::add(&metrics.records, o.records.len() as u64);
+                ArchiveMetrics::add(&metrics.bytes, bytes as u64);
+                ArchiveMetrics::add(&metrics.gaps, o.gaps.len() as u64);
+                *metrics.last_segment.lock().unwrap_or_else(|e| e.into_inner()) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
                 failpoint_after_record();
                 return Ok(true);
             }
             Ok(false) => {
+                ArchiveMetrics::add(&metrics.lost_races, 1);
                 warn!(topic = %o.meta.topic, partition = o.meta.partition, first = o.meta.first, "the partition's archive moved on elsewhere (a second archiver?): starting again from its recorded position");
                 return Ok(false);
             }
@@ -555,6 +617,8 @@ async fn flush(cfg: &Config, pool: &PgPool, s3: &vitals_runtime::s3::S3Client, o
                     bail!("stopped while PostgreSQL failed: {e}");
                 }
                 warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "recording an archive segment failed; retrying");
+                ArchiveMetrics::add(&metrics.record_retries, 1);
+                metrics.wait(format!("PostgreSQL: {e}"));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }

@@ -59,6 +59,8 @@ pub struct ArchiveConfig {
     pub max_records: usize,
     pub max_bytes: usize,
     pub max_wait_ms: u64,
+    /// Where `vitals archive` serves `/metrics` and `/readyz`; empty: nowhere.
+    pub metrics_listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -558,7 +558,35 @@ async fn main() -> anyhow::Result<()> {
                 shutdown_signal().await;
                 flag.store(true, std::sync::atomic::Ordering::Relaxed);
             });
-            vitals::archive::run(&cfg, stop).await?;
+            let metrics: std::sync::Arc<vitals::archive::ArchiveMetrics> = Default::default();
+            if !cfg.archive.metrics_listen.is_empty() {
+                let listener = TcpListener::bind(&cfg.archive.metrics_listen).await.with_context(|| format!("binding {}", cfg.archive.metrics_listen))?;
+                let (m, ready) = (std::sync::Arc::clone(&metrics), std::sync::Arc::clone(&metrics));
+                let router = axum::Router::new()
+                    .route(
+                        "/readyz",
+                        // Not ready while the archiver waits for the store or PostgreSQL: says which.
+                        axum::routing::get(move || {
+                            let why = ready.not_ready();
+                            async move {
+                                match why {
+                                    None => (http::StatusCode::OK, "ready\n".to_owned()),
+                                    Some(w) => (http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: waiting for {w}\n")),
+                                }
+                            }
+                        }),
+                    )
+                    .route(
+                        "/metrics",
+                        axum::routing::get(move || {
+                            let mut out = String::new();
+                            m.render(&mut out);
+                            async move { ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out) }
+                        }),
+                    );
+                tokio::spawn(app::serve(listener, router, std::future::pending()));
+            }
+            vitals::archive::run(&cfg, stop, metrics).await?;
         }
         Cmd::Archive { cmd: Some(ArchiveCmd::Status { json }) } => {
             let rows = vitals::archive::status(&cfg).await?;

@@ -197,13 +197,14 @@ async fn start_offsets(cfg: &Config, processor: &str, topics: &[String], from: &
             let mut out = Vec::new();
             for (mut o, low) in found {
                 if low > 0 && o.offset <= low {
-                    // Records before the lane's start are only in the archive: it must hold all
-                    // of them from the one the time finds (or, finding none, from its start) to
-                    // the lane's start, or the replay would start later than asked.
+                    // Records before the lane's start are only in the archive: it must hold every
+                    // one of them, or the replay could start later than asked.
                     let archived_from = crate::archive::start(&pool, &o.topic, o.partition).await?;
                     let earlier = crate::archive::offset_for_time(&pool, &s3, &o.topic, o.partition, ms, low).await.context("looking up the time in the archive")?;
                     let from = earlier.unwrap_or(low);
-                    let whole = archived_from == Some(0) && crate::archive::holds(&pool, &o.topic, o.partition, from, low).await?;
+                    // (All of it from the lane's first offset: where the time falls among records
+                    // that were lost cannot be known, whether or not an archived one is found.)
+                    let whole = archived_from == Some(0) && crate::archive::holds(&pool, &o.topic, o.partition, 0, low).await?;
                     if !whole {
                         bail!(
                             "{}/{}: the lane starts at offset {low}, and the archive does not hold every record before it from {at} on ({}): a replay from this time would miss records; replay --from an offsets file at or after what is held",

@@ -36,10 +36,26 @@ async fn the_archive_holds_every_lane_record_once_across_crashes_and_two_archive
     let pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
     let segments: i64 = sqlx::query_scalar("SELECT count(*) FROM archive_segments").fetch_one(&pool).await.unwrap();
     assert_eq!(segments, 6, "each aborted archiver recorded three segments");
+    let crashed_records: i64 = sqlx::query_scalar("SELECT coalesce(sum(records), 0)::int8 FROM archive_segments").fetch_one(&pool).await.unwrap();
+
+    // With its store unreachable it waits and says so on /readyz.
+    let port = crate::harness::free_port();
+    let mut down = VitalsProc::new(&["archive"], [vars.clone(), vec![("VITALS_S3__ENDPOINT".into(), "http://127.0.0.1:9".into()), ("VITALS_ARCHIVE__METRICS_LISTEN".into(), format!("127.0.0.1:{port}"))]].concat());
+    down.start();
+    let body = wait_for_every("/readyz to say the archiver waits for its store", Duration::from_secs(60), Duration::from_millis(200), || async {
+        let r = env.http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.ok()?;
+        (r.status() == 503).then_some(())?;
+        r.text().await.ok()
+    })
+    .await;
+    assert!(body.contains("waiting for the archive store"), "{body}");
+    down.kill9();
 
     // Two archivers of the same partitions at once, while more people upload.
-    let mut one = VitalsProc::new(&["archive"], vars.clone());
-    let mut two = VitalsProc::new(&["archive"], vars.clone());
+    let port = crate::harness::free_port();
+    let mut one = VitalsProc::new(&["archive"], [vars.clone(), vec![("VITALS_ARCHIVE__METRICS_LISTEN".into(), format!("127.0.0.1:{port}"))]].concat());
+    let port_two = crate::harness::free_port();
+    let mut two = VitalsProc::new(&["archive"], [vars.clone(), vec![("VITALS_ARCHIVE__METRICS_LISTEN".into(), format!("127.0.0.1:{port_two}"))]].concat());
     one.start();
     two.start();
     let second = env.sim("arcb", 42, 2, 2);
@@ -52,6 +68,17 @@ async fn the_archive_holds_every_lane_record_once_across_crashes_and_two_archive
         }
     })
     .await;
+    // Their /metrics: between them, exactly the records of the segments they recorded.
+    let mut recorded = 0.0;
+    for port in [port, port_two] {
+        let metrics = env.http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
+        let value = |name: &str| metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("{name} in {metrics}"));
+        assert_eq!(value("vitals_archive_waiting"), 0.0, "{metrics}");
+        assert_eq!(value("vitals_archive_segments_total") > 0.0, value("vitals_archive_last_segment_timestamp_seconds") > 0.0, "{metrics}");
+        recorded += value("vitals_archive_records_total");
+    }
+    let all_records: i64 = sqlx::query_scalar("SELECT coalesce(sum(records), 0)::int8 FROM archive_segments").fetch_one(&pool).await.unwrap();
+    assert_eq!(recorded as i64, all_records - crashed_records, "the archivers' vitals_archive_records_total");
     one.kill9();
     two.kill9();
     assert!(rows.iter().all(|r| r.gaps == 0 && r.archived_from == Some(0)), "{rows:?}");
