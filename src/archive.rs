@@ -396,7 +396,10 @@ pub async fn run(cfg: &Config, stop: Arc<AtomicBool>, metrics: Arc<ArchiveMetric
     let mut backoff = Duration::from_millis(200);
     loop {
         match s3.ensure_bucket().await {
-            Ok(()) => break,
+            Ok(()) => {
+                metrics.wait_over();
+                break;
+            }
             Err(e) if !stop.load(Ordering::Relaxed) => {
                 warn!(error = %e, "the archive's bucket is not reachable yet; waiting");
                 metrics.wait(format!("the archive store: {e}"));
@@ -452,6 +455,7 @@ pub async fn run(cfg: &Config, stop: Arc<AtomicBool>, metrics: Arc<ArchiveMetric
                 if moved == 1 {
                     record_gap(&mut tx, topic, *p, pos.next, low).await?;
                     tx.commit().await?;
+                    ArchiveMetrics::add(&metrics.gaps, 1);
                     pos.next = low;
                 } else {
                     continue 'assign; // another archiver moved it: read the positions again
@@ -608,6 +612,7 @@ async fn flush(cfg: &Config, pool: &PgPool, s3: &vitals_runtime::s3::S3Client, o
                 return Ok(true);
             }
             Ok(false) => {
+                metrics.wait_over();
                 ArchiveMetrics::add(&metrics.lost_races, 1);
                 warn!(topic = %o.meta.topic, partition = o.meta.partition, first = o.meta.first, "the partition's archive moved on elsewhere (a second archiver?): starting again from its recorded position");
                 return Ok(false);

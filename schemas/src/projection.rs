@@ -147,7 +147,8 @@ impl Column {
         let f = self.field;
         match self.sql_type {
             "text" => format!("(body->>'{f}')"),
-            "jsonb" => format!("(body->'{f}')"),
+            // (An absent value is SQL NULL whether the key is missing or JSON null.)
+            "jsonb" => format!("NULLIF(body->'{f}', 'null'::jsonb)"),
             t => format!("((body->>'{f}')::{t})"),
         }
     }
@@ -276,7 +277,11 @@ impl Descriptor {
         if let Some(f) = self.fields.iter().find(|f| f.name.is_empty() || f.name.starts_with(|c: char| c.is_ascii_digit()) || !f.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')) {
             return Err(format!("{name}: field name {:?}: letters, digits and _ only, not starting with a digit", f.name));
         }
-        let reserved = ["user_id", "version_epoch", "version_seq", "deleted", "source_offsets"];
+        let mut columns = std::collections::BTreeSet::new();
+        if let Some(c) = self.columns().into_iter().find(|c| !columns.insert(c.name.clone())) {
+            return Err(format!("{name}: two fields make the table column {}", c.name));
+        }
+                let reserved = ["user_id", "version_epoch", "version_seq", "deleted", "source_offsets"];
         if let Some(f) = self.fields.iter().find(|f| reserved.contains(&f.name)) {
             return Err(format!("{name}: field {} is part of the envelope every projection record has", f.name));
         }
@@ -600,15 +605,17 @@ mod tests {
                 ("field_day".to_owned(), "text", "(body->>'day')".to_owned()),
                 ("n".to_owned(), "integer", "((body->>'n')::integer)".to_owned()),
                 ("kind".to_owned(), "text", "(body->>'kind')".to_owned()),
-                ("first".to_owned(), "jsonb", "(body->'first')".to_owned()),
-                ("again".to_owned(), "jsonb", "(body->'again')".to_owned()),
-                ("tags".to_owned(), "jsonb", "(body->'tags')".to_owned()),
+                ("first".to_owned(), "jsonb", "NULLIF(body->'first', 'null'::jsonb)".to_owned()),
+                ("again".to_owned(), "jsonb", "NULLIF(body->'again', 'null'::jsonb)".to_owned()),
+                ("tags".to_owned(), "jsonb", "NULLIF(body->'tags', 'null'::jsonb)".to_owned()),
             ]
         );
         let long = Column { name: "n".into(), field: "n", sql_type: "bigint" };
         assert!(long.widens("integer") && !long.widens("text") && !long.widens("double precision"));
         const BAD: Descriptor = Descriptor { fields: &[Field::new("metric", Type::String), Field::new("n\"; DROP", Type::Int)], key: &["metric"], day: None, order: Order::Key, ..D };
         assert!(BAD.check().unwrap_err().contains("letters, digits and _ only"));
+        const TWICE: Descriptor = Descriptor { fields: &[Field::new("metric", Type::String), Field::new("day", Type::String), Field::new("field_day", Type::String)], key: &["metric"], day: None, order: Order::Key, ..D };
+        assert!(TWICE.check().unwrap_err().contains("two fields make the table column field_day"));
     }
 
     #[test]

@@ -20,6 +20,15 @@ pub struct ProjectionCounts {
 }
 
 impl SinkMetrics {
+    /// The projections this sink applies: their series exist (at zero) from the start, so that
+    /// an alert on a projection that never changes can fire.
+    pub fn declare<'a>(&self, keys: impl Iterator<Item = &'a str>) {
+        let mut m = self.projections.lock().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            m.entry(k.to_owned()).or_default();
+        }
+    }
+
     /// The rows a commit changed, counted per projection.
     pub fn applied(&self, rows: &[crate::postgres::Applied]) {
         if rows.is_empty() {

@@ -258,19 +258,25 @@ async fn evolve(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, p: &Projection, 
     .into_iter()
     .map(|(c, ty, g)| (c, (ty, g)))
     .collect();
+    // Every change in one ALTER TABLE: one rewrite of the table, not one per column, under a
+    // bounded wait for its lock (a timeout is retried like any outage).
+    let (mut changes, mut notes) = (Vec::new(), Vec::new());
     for c in p.descriptor.columns() {
-        let add = format!("ALTER TABLE {t} ADD COLUMN \"{}\" {} GENERATED ALWAYS AS ({}) STORED", c.name, c.sql_type, c.expr());
+        let add = format!("ADD COLUMN \"{}\" {} GENERATED ALWAYS AS ({}) STORED", c.name, c.sql_type, c.expr());
         match existing.get(&c.name) {
             None => {
-                sqlx::query(&add).execute(&mut **tx).await?;
-                tracing::info!(table = t, column = %c.name, r#type = c.sql_type, "added the column of a new field");
+                changes.push(add);
+                notes.push(format!("added {} {}", c.name, c.sql_type));
             }
             Some((ty, generated)) if generated == "ALWAYS" && ty == c.sql_type => {}
             Some((ty, generated)) if generated == "ALWAYS" && c.widens(ty) => {
-                sqlx::query(&format!("ALTER TABLE {t} DROP COLUMN \"{}\"", c.name)).execute(&mut **tx).await?;
-                sqlx::query(&add).execute(&mut **tx).await?;
-                tracing::info!(table = t, column = %c.name, from = %ty, to = c.sql_type, "widened the column of a field");
+                changes.push(format!("DROP COLUMN \"{}\"", c.name));
+                changes.push(add);
+                notes.push(format!("widened {} {ty} -> {}", c.name, c.sql_type));
             }
+            // Wider than the descriptor says (a newer build widened it; this one is older): it
+            // holds every value this build writes.
+            Some((ty, generated)) if generated == "ALWAYS" && vitals_schemas::projection::Column { sql_type: ty_static(ty), ..c.clone() }.widens(c.sql_type) => {}
             Some((ty, generated)) => {
                 let what = if generated == "ALWAYS" { format!("is {ty}, the field `{}` is now {}", c.field, c.sql_type) } else { format!("is a {ty} column not generated from body (added by hand?)") };
                 return Err(TableError::Breaking(format!(
@@ -281,7 +287,30 @@ async fn evolve(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, p: &Projection, 
             }
         }
     }
+    if changes.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SET LOCAL lock_timeout = '10s'").execute(&mut **tx).await?;
+    if let Err(e) = sqlx::query(&format!("ALTER TABLE {t} {}", changes.join(", "))).execute(&mut **tx).await {
+        // What fails the same way on every retry is said at once: a value of an existing row
+        // the new column cannot take (class 22), a column name taken twice (42701), a view or
+        // index of someone else's depending on a column to widen (2BP01).
+        let code = match &e {
+            sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+            _ => None,
+        };
+        if code.as_deref().is_some_and(|c| c.starts_with("22") || c == "42701" || c == "2BP01") {
+            return Err(TableError::Breaking(format!("{t}: evolving the table ({}) failed: {e}; replay the processor as a new version (`vitals replay {} --as <v>`) instead", notes.join(", "), p.name())));
+        }
+        return Err(e.into());
+    }
+    tracing::info!(table = t, changes = %notes.join(", "), "evolved the table's typed columns");
     Ok(())
+}
+
+/// The `information_schema` spelling of a column type as one of [`Column::sql_type`]'s.
+fn ty_static(ty: &str) -> &'static str {
+    ["boolean", "integer", "bigint", "double precision", "text", "jsonb"].into_iter().find(|t| *t == ty).unwrap_or("unknown")
 }
 
 /// Whether PostgreSQL refused the data itself (SQLSTATE class 22, data exception: a NUL in

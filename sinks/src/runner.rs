@@ -108,6 +108,9 @@ struct SeekContext {
     metrics: Arc<SinkMetrics>,
     /// The rows read of attempts whose markers are still to come, of the assigned partitions.
     vouches: Arc<Mutex<Vouches>>,
+    /// Bumped by every rebalance: what a batch polled before one is read again from the stored
+    /// offsets, and counted again against the reloaded vouches, so it is dropped.
+    generation: Arc<AtomicU64>,
 }
 
 impl ClientContext for SeekContext {}
@@ -155,6 +158,7 @@ impl SeekContext {
 
 impl ConsumerContext for SeekContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let Some(stored) = self.stored(tpl) else { return };
@@ -225,7 +229,8 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
     let rt = tokio::runtime::Handle::current();
     let fatal = Arc::new(Mutex::new(None));
     let vouches = Arc::new(Mutex::new(Vouches::default()));
-    let ctx = SeekContext { pool: pool.clone(), sink: cfg.name.clone(), rt: rt.clone(), stop: Arc::clone(&stop), fatal: Arc::clone(&fatal), metrics: Arc::clone(&metrics), vouches: Arc::clone(&vouches) };
+    let generation = Arc::new(AtomicU64::new(0));
+    let ctx = SeekContext { pool: pool.clone(), sink: cfg.name.clone(), rt: rt.clone(), stop: Arc::clone(&stop), fatal: Arc::clone(&fatal), metrics: Arc::clone(&metrics), vouches: Arc::clone(&vouches), generation: Arc::clone(&generation) };
     let consumer: BaseConsumer<SeekContext> = consumer_config.create_with_context(ctx)?;
     // The projections, and the dead letters (freshness says `degraded` over them).
     let by_topic = cfg.by_topic();
@@ -233,20 +238,25 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
     topics.push(cfg.topics.dead_letter.clone());
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     info!(sink = %cfg.name, ?topics, "sink started");
+    metrics.declare(cfg.projections.iter().map(|p| p.key()));
     // Informational commits of what PostgreSQL holds as committed (see below).
     // The offsets PostgreSQL holds, committed to the group now and then (idle or not) so that
     // standard lag tools see the sink; never read back (the sink seeks to `sink_offsets`).
     let (mut commits, mut positions) = (InformationalCommits::default(), BTreeMap::<(String, i32), i64>::new());
+    // (Only what moved since the last commit: a partition that went to another instance is
+    // not committed again with its old offset.)
     while !stop.load(Ordering::Relaxed) {
-        // (The sink's rebalance callback reads its offsets before any record of the new
-        // assignment is delivered, and drops nothing: no generation to watch.)
-        let msgs: Vec<OwnedMessage> = poll_batch(|left| consumer.poll(left).map(|r| r.map(|m| m.detach())), || 0, &mut 0, cfg.max_batch, cfg.max_wait);
+        // A rebalance inside a poll seeks every assigned partition back to its stored offset and
+        // reloads the vouches: what was polled before it comes again, and is dropped here (kept,
+        // its rows would count twice against their marker, which would then be refused).
+        let mut seen = generation.load(Ordering::Relaxed);
+        let msgs: Vec<OwnedMessage> = poll_batch(|left| consumer.poll(left).map(|r| r.map(|m| m.detach())), || generation.load(Ordering::Relaxed), &mut seen, cfg.max_batch, cfg.max_wait);
         if let Some(f) = fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Err(SinkError::Assign(f));
         }
         if msgs.is_empty() {
             metrics.wait_over(); // nothing to apply: waiting for nothing
-            commits.offer(&consumer, || positions.clone());
+            commits.offer(&consumer, || std::mem::take(&mut positions));
             continue;
         }
         // The registry being down is not the records' fault: wait and decode again.
@@ -315,7 +325,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         metrics.wait_over();
         *vouches.lock().unwrap_or_else(|p| p.into_inner()) = work;
         positions.extend(batch.offsets.iter().map(|(k, o)| (k.clone(), *o)));
-        commits.offer(&consumer, || positions.clone());
+        commits.offer(&consumer, || std::mem::take(&mut positions));
         metrics.rows_applied.fetch_add(applied.len() as u64, Ordering::Relaxed);
         metrics.applied(&applied);
         metrics.batches_committed.fetch_add(1, Ordering::Relaxed);

@@ -183,6 +183,9 @@ async fn a_projection_table_gets_typed_columns_evolves_additively_and_refuses_a_
     assert!(cols.contains(&("bonus".into(), "double precision".into())) && cols.contains(&("score".into(), "bigint".into())), "{cols:?}");
     let (bonus, score): (Option<f64>, Option<i64>) = sqlx::query_as(&format!("SELECT bonus, score FROM {table}")).fetch_one(&pool).await.unwrap();
     assert_eq!((bonus, score), (Some(2.5), Some(7)));
+    // An older build (score still an int) accepts the wider column: a rollback is not refused.
+    ensure_tables(&pool, &[v1]).await.unwrap();
+    assert!(columns(pool.clone(), table.clone()).await.contains(&("score".into(), "bigint".into())));
     // Idempotent; a field dropped from the descriptor keeps its column.
     ensure_tables(&pool, &[base.declared_as(leak(fields(vec![Field::new("score", Type::Long)])))]).await.unwrap();
     assert!(columns(pool.clone(), table.clone()).await.iter().any(|(c, _)| c == "bonus"));
@@ -196,6 +199,11 @@ async fn a_projection_table_gets_typed_columns_evolves_additively_and_refuses_a_
     sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN handmade text")).execute(&pool).await.unwrap();
     let e = ensure_tables(&pool, &[base.declared_as(leak(fields(vec![Field::new("score", Type::Long), Field::new("handmade", Type::String)])))]).await.unwrap_err();
     assert!(e.to_string().contains(&format!("{table}.handmade: the column is a text column not generated from body")), "{e}");
+    // A new field whose values in existing rows its type cannot take: refused at once, naming
+    // the table, not retried as an outage.
+    sqlx::query(&format!("UPDATE {table} SET body = body || '{{\"oops\": \"text\"}}'")).execute(&pool).await.unwrap();
+    let e = ensure_tables(&pool, &[base.declared_as(leak(fields(vec![Field::new("score", Type::Long), Field::new("oops", Type::Long)])))]).await.unwrap_err();
+    assert!(matches!(e, TableError::Breaking(_)) && e.to_string().contains(&format!("{table}: evolving the table (added oops bigint) failed")), "{e}");
     // Nothing of a refused change was applied.
     let (unit,): (String,) = sqlx::query_as(&format!("SELECT unit FROM {table}")).fetch_one(&pool).await.unwrap();
     assert_eq!(unit, "count");
