@@ -156,7 +156,11 @@ async fn the_dashboard_shows_data_and_updates_live_in_chromium() {
         if count > before && value >= 54321.0 {
             break (count, value);
         }
-        assert!(tokio::time::Instant::now() < deadline, "the page did not update live within 60 s: {count} updates (before: {before}), today's steps {value}");
+        if tokio::time::Instant::now() >= deadline {
+            let feed = b.eval("document.querySelector('#feed').textContent").await;
+            let fresh = b.eval("document.querySelector('#freshness').textContent").await;
+            panic!("the page did not update live within 60 s: {count} updates (before: {before}), today's ({today}) steps {value}; feed: {feed}; freshness: {fresh}");
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(updated.1 >= 54321.0, "today's steps bar carries the new upload: {updated:?}");
