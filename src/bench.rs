@@ -432,6 +432,15 @@ async fn from_the_archive(cfg: &Config, pool: &sqlx::PgPool, codec: &Arc<vitals_
     task.await.context("runtime thread")?.map_err(|e| anyhow::anyhow!("rollup_day: {e}"))?;
     let rate = if took.as_millis() > 0 && n_items > 0.0 { format!("{:>9.0} items/s", n_items / took.as_secs_f64()) } else { "too small to time (one interval)".into() };
     println!("  {:<15} {:<44} {:>8.2} s = {rate}", "rollup_day", "exactly-once, every record from the archive", took.as_secs_f64());
+    let us = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e3;
+    println!(
+        "  {:<15} {:<44} {} intervals committed; waiting for acknowledgements {:.0} ms, local commits {:.0} ms in all",
+        "",
+        "",
+        metrics.commits.load(Ordering::Relaxed),
+        us(&metrics.ack_wait_micros),
+        us(&metrics.commit_micros)
+    );
     let _ = std::fs::remove_dir_all(&data);
     Ok(())
 }
