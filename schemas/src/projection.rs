@@ -263,6 +263,14 @@ impl Descriptor {
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
             return Err(format!("projection name {name:?}: lower-case letters, digits and _ only (it names a topic and a table)"));
         }
+        // PostgreSQL cuts identifiers at 63 bytes: `proj_<name>__<version>` (versions up to 16)
+        // and every column must fit, or two names would meet.
+        if name.len() > 40 {
+            return Err(format!("projection name {name:?}: at most 40 bytes (its versions' tables, proj_<name>__<version>, must fit PostgreSQL's 63)"));
+        }
+        if let Some(f) = self.fields.iter().find(|f| f.name.len() > 57) {
+            return Err(format!("{name}: field name {:?}: at most 57 bytes (it names a table column)", f.name));
+        }
         if self.key.is_empty() {
             return Err(format!("{name}: the key names no field"));
         }
@@ -616,6 +624,8 @@ mod tests {
         assert!(BAD.check().unwrap_err().contains("letters, digits and _ only"));
         const TWICE: Descriptor = Descriptor { fields: &[Field::new("metric", Type::String), Field::new("day", Type::String), Field::new("field_day", Type::String)], key: &["metric"], day: None, order: Order::Key, ..D };
         assert!(TWICE.check().unwrap_err().contains("two fields make the table column field_day"));
+        const LONG: Descriptor = Descriptor { name: "a_projection_name_that_is_far_too_long_for_postgres", ..D };
+        assert!(LONG.check().unwrap_err().contains("at most 40 bytes"));
     }
 
     #[test]
