@@ -368,6 +368,52 @@ impl SimArgs {
 }
 
 
+/// A stop flag, set on Ctrl-C or SIGTERM: how every long-running role is told to stop.
+fn stop_on_signal() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&stop);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    stop
+}
+
+/// Serves a role's `/readyz` (200 `ready`, or 503 `not ready: <why>` while `not_ready` says
+/// why) and `/metrics` (what `render` writes, Prometheus text) on `listen`; nothing when empty.
+async fn serve_probes(
+    listen: &str,
+    not_ready: impl Fn() -> Option<String> + Clone + Send + Sync + 'static,
+    render: impl Fn() -> String + Clone + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    if listen.is_empty() {
+        return Ok(());
+    }
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let router = axum::Router::new()
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let why = not_ready();
+                async move {
+                    match why {
+                        None => (http::StatusCode::OK, "ready\n".to_owned()),
+                        Some(w) => (http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {w}\n")),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let out = render();
+                async move { ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out) }
+            }),
+        );
+    tokio::spawn(app::serve(listener, router, std::future::pending()));
+    Ok(())
+}
+
 fn init_tracing(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
@@ -418,48 +464,27 @@ async fn main() -> anyhow::Result<()> {
             if as_version.is_some() && names.len() != 1 {
                 anyhow::bail!("--as runs one version of one processor: name exactly one");
             }
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let flag = std::sync::Arc::clone(&stop);
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            });
+            let stop = stop_on_signal();
             // One runtime per processor; the first to fail stops the others, and the process
             // exits non-zero so a supervisor restarts it.
             let metrics: Vec<(String, std::sync::Arc<vitals_runtime::metrics::RuntimeMetrics>)> =
                 names.iter().map(|n| (n.clone(), Default::default())).collect();
-            if !cfg.processors.metrics_listen.is_empty() {
-                let listener = TcpListener::bind(&cfg.processors.metrics_listen).await.with_context(|| format!("binding {}", cfg.processors.metrics_listen))?;
-                let all = metrics.clone();
-                let ready = metrics.clone();
-                let router = axum::Router::new().route(
-                    "/readyz",
-                    // Not ready while a task waits for a failed dependency: the reason says which.
-                    axum::routing::get(move || {
-                        let ready = ready.clone();
-                        async move {
-                            let why: Vec<String> = ready.iter().filter_map(|(name, m)| m.not_ready().map(|r| format!("{name}: {r}"))).collect();
-                            if why.is_empty() {
-                                (http::StatusCode::OK, "ready\n".to_owned())
-                            } else {
-                                (http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", why.join("; ")))
-                            }
-                        }
-                    }),
-                ).route(
-                    "/metrics",
-                    axum::routing::get(move || {
-                        let all = all.clone();
-                        async move {
-                            let mut out = String::new();
-                            let refs: Vec<(&str, &vitals_runtime::metrics::RuntimeMetrics)> = all.iter().map(|(n, m)| (n.as_str(), m.as_ref())).collect();
-                            vitals_runtime::metrics::render_all(&refs, &mut out);
-                            ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
-                        }
-                    }),
-                );
-                tokio::spawn(app::serve(listener, router, std::future::pending()));
-            }
+            let (all, ready) = (metrics.clone(), metrics.clone());
+            serve_probes(
+                &cfg.processors.metrics_listen,
+                // Not ready while a task waits for a failed dependency: the reason says which.
+                move || {
+                    let why: Vec<String> = ready.iter().filter_map(|(name, m)| m.not_ready().map(|r| format!("{name}: {r}"))).collect();
+                    (!why.is_empty()).then(|| why.join("; "))
+                },
+                move || {
+                    let mut out = String::new();
+                    let refs: Vec<(&str, &vitals_runtime::metrics::RuntimeMetrics)> = all.iter().map(|(n, m)| (n.as_str(), m.as_ref())).collect();
+                    vitals_runtime::metrics::render_all(&refs, &mut out);
+                    out
+                },
+            )
+            .await?;
             let runs = metrics.iter().map(|(name, m)| {
                 let (cfg, stop, m, as_version) = (&cfg, std::sync::Arc::clone(&stop), std::sync::Arc::clone(m), as_version.clone());
                 async move {
@@ -479,12 +504,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Replay { processor, as_version, from, until_caught_up, progress, every, crash_after_produce } => {
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let flag = std::sync::Arc::clone(&stop);
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            });
+            let stop = stop_on_signal();
             let every = Duration::from_secs_f64(every.clamp(0.1, 3600.0));
             let args = vitals::replay::ReplayArgs { processor, version: as_version, from, until_caught_up, display: progress, every, crash_after_produce };
             vitals::replay::replay(&cfg, args, stop).await?;
@@ -501,40 +521,21 @@ async fn main() -> anyhow::Result<()> {
             demo::run(cfg, demo::DemoArgs { broker, users, days, rate, once }).await?;
         }
         Cmd::Sink => {
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let flag = std::sync::Arc::clone(&stop);
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            });
+            let stop = stop_on_signal();
             let publisher = app::publisher(&cfg)?;
             let metrics: std::sync::Arc<vitals_sinks::runner::SinkMetrics> = Default::default();
-            if !cfg.sink.metrics_listen.is_empty() {
-                let listener = TcpListener::bind(&cfg.sink.metrics_listen).await.with_context(|| format!("binding {}", cfg.sink.metrics_listen))?;
-                let (m, name) = (std::sync::Arc::clone(&metrics), app::sink_name(&cfg));
-                let ready = std::sync::Arc::clone(&metrics);
-                let router = axum::Router::new().route(
-                    "/readyz",
-                    // Not ready while the sink waits for PostgreSQL or the registry: says which.
-                    axum::routing::get(move || {
-                        let why = ready.not_ready();
-                        async move {
-                            match why {
-                                None => (http::StatusCode::OK, "ready\n".to_owned()),
-                                Some(w) => (http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: waiting for {w}\n")),
-                            }
-                        }
-                    }),
-                ).route(
-                    "/metrics",
-                    axum::routing::get(move || {
-                        let mut out = String::new();
-                        m.render(&name, &mut out);
-                        async move { ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out) }
-                    }),
-                );
-                tokio::spawn(app::serve(listener, router, std::future::pending()));
-            }
+            let (m, ready, name) = (std::sync::Arc::clone(&metrics), std::sync::Arc::clone(&metrics), app::sink_name(&cfg));
+            serve_probes(
+                &cfg.sink.metrics_listen,
+                // Not ready while the sink waits for PostgreSQL or the registry: says which.
+                move || ready.not_ready().map(|w| format!("waiting for {w}")),
+                move || {
+                    let mut out = String::new();
+                    m.render(&name, &mut out);
+                    out
+                },
+            )
+            .await?;
             app::sink(&cfg, stop, metrics, Box::new(move |applied| publisher.announce(applied))).await?;
         }
         Cmd::Api | Cmd::Realtime => {
@@ -552,40 +553,20 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Archive { cmd: None } => {
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let flag = std::sync::Arc::clone(&stop);
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            });
+            let stop = stop_on_signal();
             let metrics: std::sync::Arc<vitals::archive::ArchiveMetrics> = Default::default();
-            if !cfg.archive.metrics_listen.is_empty() {
-                let listener = TcpListener::bind(&cfg.archive.metrics_listen).await.with_context(|| format!("binding {}", cfg.archive.metrics_listen))?;
-                let (m, ready) = (std::sync::Arc::clone(&metrics), std::sync::Arc::clone(&metrics));
-                let router = axum::Router::new()
-                    .route(
-                        "/readyz",
-                        // Not ready while the archiver waits for the store or PostgreSQL: says which.
-                        axum::routing::get(move || {
-                            let why = ready.not_ready();
-                            async move {
-                                match why {
-                                    None => (http::StatusCode::OK, "ready\n".to_owned()),
-                                    Some(w) => (http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: waiting for {w}\n")),
-                                }
-                            }
-                        }),
-                    )
-                    .route(
-                        "/metrics",
-                        axum::routing::get(move || {
-                            let mut out = String::new();
-                            m.render(&mut out);
-                            async move { ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out) }
-                        }),
-                    );
-                tokio::spawn(app::serve(listener, router, std::future::pending()));
-            }
+            let (m, ready) = (std::sync::Arc::clone(&metrics), std::sync::Arc::clone(&metrics));
+            serve_probes(
+                &cfg.archive.metrics_listen,
+                // Not ready while the archiver waits for the store or PostgreSQL: says which.
+                move || ready.not_ready().map(|w| format!("waiting for {w}")),
+                move || {
+                    let mut out = String::new();
+                    m.render(&mut out);
+                    out
+                },
+            )
+            .await?;
             vitals::archive::run(&cfg, stop, metrics).await?;
         }
         Cmd::Archive { cmd: Some(ArchiveCmd::Status { json }) } => {
