@@ -223,10 +223,8 @@ async fn create_topic_with(cfg: &Config, name: &str, cleanup: &str) -> anyhow::R
 /// Kafka). Then the restore of `rollup_day`'s state from its S3 snapshots, timed, for the size
 /// it has.
 pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use vitals_processors::driver::Driver;
     use vitals_processors::rollup_day::RollupDayProcessor;
-    use vitals_runtime::{self as runtime, RunArgs, RuntimeConfig};
     use vitals_processors::{Input, Inputs};
 
     let (mut cfg, pool, run, report) = upload_fresh(base, "benchp", sim.clone()).await?;
@@ -271,54 +269,12 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
                     (n, n)
                 }
             };
-            let data = std::env::temp_dir().join(format!("vitals-bench-{}-{}-{checkpointing}", std::process::id(), info.name));
-            let _ = std::fs::remove_dir_all(&data);
-            let stop = Arc::new(AtomicBool::new(false));
-            let metrics = Arc::new(runtime::metrics::RuntimeMetrics::default());
-            let records_in = &metrics.records_in;
-            let args = RunArgs {
-                cfg: RuntimeConfig {
-                    processor: info.name,
-                    inputs: info.inputs,
-                    output_topic: info.output_topic(&t),
-                    topics: t.clone(),
-                    data_dir: data.clone(),
-                    max_batch: cfg.processors.max_batch,
-                    max_wait: std::time::Duration::from_millis(cfg.processors.max_wait_ms),
-                    crash_after_produce: None,
-                    checkpointing,
-                    start: Default::default(),
-                },
-                consumer_config: app::fetch_wait(&cfg, runtime::consumer_config(&cfg.kafka.brokers, &format!("{run}bench-{}-{checkpointing}", info.name))),
-                producer: app::producer(&cfg, "vitals-bench-process")?,
-                codec: Arc::clone(&codec),
-                pool: pool.clone(),
-                stop: Arc::clone(&stop),
-                metrics: Arc::clone(&metrics),
-                snapshots: if checkpointing && info.name == "rollup_day" { snapshots.clone() } else { None },
-                archive: None,
-            };
-            let args_snapshots = args.snapshots.clone();
-            let run_fn = info.run;
-            let task = tokio::task::spawn_blocking(move || run_fn(args));
-            // Timed from the first record processed (group join and assignment excluded).
-            // Progress is only seen when an interval ends, so the clock starts at the end of the
-            // first one and that interval's records are left out of the count.
+            let snapshots = if checkpointing && info.name == "rollup_day" { snapshots.clone() } else { None };
             let deadline = Instant::now() + std::time::Duration::from_secs(900);
-            let mut first: Option<(Instant, u64)> = None;
-            while records_in.load(Ordering::Relaxed) < n_records {
-                anyhow::ensure!(Instant::now() < deadline && !task.is_finished(), "{} did not catch up within 900 s", info.name);
-                let done = records_in.load(Ordering::Relaxed);
-                if first.is_none() && done > 0 {
-                    first = Some((Instant::now(), done));
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            }
-            let (took, skipped) = first.map(|(f, n)| (f.elapsed(), n)).unwrap_or_default();
+            let what = format!("{} did not catch up within 900 s", info.name);
+            let Timed { took, skipped, metrics, state_bytes } =
+                timed_run(&cfg, &pool, &codec, &run, info, &checkpointing.to_string(), checkpointing, snapshots.clone(), None, n_records, deadline, &what).await?;
             let n_items = n_items as f64 * (n_records.saturating_sub(skipped)) as f64 / n_records.max(1) as f64;
-            stop.store(true, Ordering::Relaxed);
-            task.await.context("runtime thread")?.map_err(|e| anyhow::anyhow!("{}: {e}", info.name))?;
-            let state_bytes: u64 = std::fs::read_dir(data.join(info.name)).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
             let rate = if took.as_millis() > 0 && n_items > 0.0 { format!("{:>9.0} items/s", n_items / took.as_secs_f64()) } else { "too small to time (one interval)".into() };
             let label = if checkpointing { "exactly-once (checkpoint after acks)" } else { "at-least-once (no ack wait, no checkpoint)" };
             println!(
@@ -328,19 +284,9 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
                 if checkpointing { format!("; local state {:.1} MB", state_bytes as f64 / 1e6) } else { String::new() }
             );
             if checkpointing {
-                // Where an exactly-once run's time went (the runtime's own counters, whole run).
-                let us = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e3;
-                let commits = metrics.commits.load(Ordering::Relaxed);
-                println!(
-                    "  {:<15} {:<44} {commits} intervals committed; waiting for acknowledgements {:.0} ms, local commits {:.0} ms in all",
-                    "",
-                    "",
-                    us(&metrics.ack_wait_micros),
-                    us(&metrics.commit_micros)
-                );
+                println!("  {:<15} {:<44} {}", "", "", time_went(&metrics));
             }
-            let _ = std::fs::remove_dir_all(&data);
-            if let (true, Some(s)) = (checkpointing, args_snapshots.as_ref()) {
+            if let (true, Some(s)) = (checkpointing, snapshots.as_ref()) {
                 restore_from_snapshots(&cfg, &pool, s, &t).await?;
             }
         }
@@ -355,13 +301,11 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
 /// the broker (what a finite retention does), so the runtime reads them all from S3.
 async fn from_the_archive(cfg: &Config, pool: &sqlx::PgPool, codec: &Arc<vitals_schemas::codec::Codec>, run: &str, lane_records: u64, items: f64) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use vitals_runtime::{self as runtime, RunArgs, RuntimeConfig};
     // Segments closed after half a second idle: the archiving time is then the archiver's, not
     // the default 60 s wait for more records.
     let mut cfg = cfg.clone();
     cfg.archive.max_wait_ms = 500;
     let cfg = &cfg;
-    let t = app::topics(cfg);
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let archiver = {
@@ -388,7 +332,61 @@ async fn from_the_archive(cfg: &Config, pool: &sqlx::PgPool, codec: &Arc<vitals_
     app::admin(cfg)?.delete_records(&cut, &rdkafka::admin::AdminOptions::new()).await.context("deleting the lanes' records")?;
     println!("  {:<15} {:<44} {:>8.2} s (segments of up to {} records, closed after {} ms)", "archive", "every lane record archived, then deleted", archived.as_secs_f64(), cfg.archive.max_records, cfg.archive.max_wait_ms);
     let info = vitals_runtime::find("rollup_day").context("rollup_day")?;
-    let data = std::env::temp_dir().join(format!("vitals-bench-{}-archive", std::process::id()));
+    let archive: Arc<dyn vitals_runtime::Archive> = Arc::new(crate::archive::Source { pool: pool.clone(), s3: app::s3_client(cfg)?, rt: tokio::runtime::Handle::current(), cache: Default::default() });
+    let Timed { took, skipped, metrics, .. } = timed_run(cfg, pool, codec, run, info, "archive", true, None, Some(archive), lane_records, deadline, "rollup_day did not read the archive within 900 s").await?;
+    let n_items = items * (lane_records.saturating_sub(skipped)) as f64 / lane_records.max(1) as f64;
+    let rate = if took.as_millis() > 0 && n_items > 0.0 { format!("{:>9.0} items/s", n_items / took.as_secs_f64()) } else { "too small to time (one interval)".into() };
+    println!("  {:<15} {:<44} {:>8.2} s = {rate}", "rollup_day", "exactly-once, every record from the archive", took.as_secs_f64());
+    println!("  {:<15} {:<44} {}", "", "", time_went(&metrics));
+    Ok(())
+}
+
+/// Where an exactly-once run's time went (the runtime's own counters, whole run).
+fn time_went(m: &vitals_runtime::metrics::RuntimeMetrics) -> String {
+    use std::sync::atomic::Ordering;
+    let us = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e3;
+    format!(
+        "{} intervals committed; waiting for acknowledgements {:.0} ms, local commits {:.0} ms in all",
+        m.commits.load(Ordering::Relaxed),
+        us(&m.ack_wait_micros),
+        us(&m.commit_micros)
+    )
+}
+
+/// One runtime run, as `bench process` times them.
+struct Timed {
+    /// From the end of the first interval to the last record read.
+    took: std::time::Duration,
+    /// The records of that first interval (left out of the count).
+    skipped: u64,
+    metrics: Arc<vitals_runtime::metrics::RuntimeMetrics>,
+    /// The task stores' size at the end.
+    state_bytes: u64,
+}
+
+/// Runs `info` (its group and state tagged `tag`) until it has read `n_records`, timed from the
+/// first record processed (group join and assignment excluded): progress is only seen when an
+/// interval ends, so the clock starts at the end of the first one and that interval's records
+/// are left out of the count. Fails with `what` past `deadline`.
+#[allow(clippy::too_many_arguments)]
+async fn timed_run(
+    cfg: &Config,
+    pool: &sqlx::PgPool,
+    codec: &Arc<vitals_schemas::codec::Codec>,
+    run: &str,
+    info: vitals_runtime::Registered,
+    tag: &str,
+    checkpointing: bool,
+    snapshots: Option<Arc<vitals_runtime::Snapshots>>,
+    archive: Option<Arc<dyn vitals_runtime::Archive>>,
+    n_records: u64,
+    deadline: Instant,
+    what: &str,
+) -> anyhow::Result<Timed> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vitals_runtime::{self as runtime, RunArgs, RuntimeConfig};
+    let t = app::topics(cfg);
+    let data = std::env::temp_dir().join(format!("vitals-bench-{}-{}-{tag}", std::process::id(), info.name));
     let _ = std::fs::remove_dir_all(&data);
     let stop = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(runtime::metrics::RuntimeMetrics::default());
@@ -402,24 +400,23 @@ async fn from_the_archive(cfg: &Config, pool: &sqlx::PgPool, codec: &Arc<vitals_
             max_batch: cfg.processors.max_batch,
             max_wait: std::time::Duration::from_millis(cfg.processors.max_wait_ms),
             crash_after_produce: None,
-            checkpointing: true,
+            checkpointing,
             start: Default::default(),
         },
-        consumer_config: app::fetch_wait(cfg, runtime::consumer_config(&cfg.kafka.brokers, &format!("{run}bench-{}-archive", info.name))),
+        consumer_config: app::fetch_wait(cfg, runtime::consumer_config(&cfg.kafka.brokers, &format!("{run}bench-{}-{tag}", info.name))),
         producer: app::producer(cfg, "vitals-bench-process")?,
         codec: Arc::clone(codec),
         pool: pool.clone(),
         stop: Arc::clone(&stop),
         metrics: Arc::clone(&metrics),
-        snapshots: None,
-        archive: Some(Arc::new(crate::archive::Source { pool: pool.clone(), s3: app::s3_client(cfg)?, rt: tokio::runtime::Handle::current(), cache: Default::default() })),
+        snapshots,
+        archive,
     };
     let run_fn = info.run;
     let task = tokio::task::spawn_blocking(move || run_fn(args));
-    // Timed like the runs above: from the end of the first interval.
     let mut first: Option<(Instant, u64)> = None;
-    while metrics.records_in.load(Ordering::Relaxed) < lane_records {
-        anyhow::ensure!(Instant::now() < deadline && !task.is_finished(), "rollup_day did not read the archive within 900 s");
+    while metrics.records_in.load(Ordering::Relaxed) < n_records {
+        anyhow::ensure!(Instant::now() < deadline && !task.is_finished(), "{what}");
         let done = metrics.records_in.load(Ordering::Relaxed);
         if first.is_none() && done > 0 {
             first = Some((Instant::now(), done));
@@ -427,22 +424,11 @@ async fn from_the_archive(cfg: &Config, pool: &sqlx::PgPool, codec: &Arc<vitals_
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
     let (took, skipped) = first.map(|(f, n)| (f.elapsed(), n)).unwrap_or_default();
-    let n_items = items * (lane_records.saturating_sub(skipped)) as f64 / lane_records.max(1) as f64;
     stop.store(true, Ordering::Relaxed);
-    task.await.context("runtime thread")?.map_err(|e| anyhow::anyhow!("rollup_day: {e}"))?;
-    let rate = if took.as_millis() > 0 && n_items > 0.0 { format!("{:>9.0} items/s", n_items / took.as_secs_f64()) } else { "too small to time (one interval)".into() };
-    println!("  {:<15} {:<44} {:>8.2} s = {rate}", "rollup_day", "exactly-once, every record from the archive", took.as_secs_f64());
-    let us = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e3;
-    println!(
-        "  {:<15} {:<44} {} intervals committed; waiting for acknowledgements {:.0} ms, local commits {:.0} ms in all",
-        "",
-        "",
-        metrics.commits.load(Ordering::Relaxed),
-        us(&metrics.ack_wait_micros),
-        us(&metrics.commit_micros)
-    );
+    task.await.context("runtime thread")?.map_err(|e| anyhow::anyhow!("{}: {e}", info.name))?;
+    let state_bytes: u64 = std::fs::read_dir(data.join(info.name)).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
     let _ = std::fs::remove_dir_all(&data);
-    Ok(())
+    Ok(Timed { took, skipped, metrics, state_bytes })
 }
 
 /// Restore from snapshot: rollup_day's newest snapshot of every partition, fetched from S3 and
