@@ -245,6 +245,52 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
     }
 }
 
+/// The simulator's command-line settings, shared by `vitals simulate` and `vitals-bench`.
+#[derive(clap::Args, Clone)]
+pub struct SimArgs {
+    #[arg(long, default_value_t = 3)]
+    pub users: usize,
+    #[arg(long, default_value_t = 7)]
+    pub days: u32,
+    /// Max requests per second overall (default: as fast as possible).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Ingest base URL (default: http://<ingest.listen>).
+    #[arg(long)]
+    pub url: Option<String>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 500)]
+    pub batch_size: usize,
+    #[arg(long, default_value = "sim-")]
+    pub user_prefix: String,
+    /// Do not send edits and deletions.
+    #[arg(long)]
+    pub no_edits: bool,
+}
+
+impl SimArgs {
+    pub fn to_config(&self, cfg: &Config) -> vitals_simulator::SimConfig {
+        vitals_simulator::SimConfig {
+            base_url: self.url.clone().unwrap_or_else(|| format!("http://{}", cfg.ingest.listen)),
+            users: self.users,
+            days: self.days,
+            user_prefix: self.user_prefix.clone(),
+            seed: self.seed,
+            now_ms: chrono::Utc::now().timestamp_millis(),
+            rate: self.rate,
+            concurrency: self.concurrency,
+            batch_size: self.batch_size,
+            jwt_secret: cfg.auth.hs256_secret.expose().as_bytes().to_vec(),
+            jwt_issuer: cfg.auth.issuer.clone(),
+            jwt_audience: cfg.auth.audience.clone(),
+            edits_and_deletions: !self.no_edits,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 
 /// Every role allocates per record and per request (JSON trees, decoded batches, state
 /// values); glibc's malloc/free were ~30% of the edge's CPU in perf. mimalloc: measured in
-/// `vitals bench edge` and `vitals bench driver` against the system allocator (commit message).
+/// `vitals-bench edge` and `vitals-bench driver` against the system allocator (commit message).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -13,7 +13,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use vitals::config::Config;
-use vitals::{app, bench, demo, dlq, shutdown_signal, simulate};
+use vitals::config::SimArgs;
+use vitals::{app, demo, dlq, init_tracing, shutdown_signal, simulate, stop_on_signal};
 
 #[derive(Parser)]
 #[command(name = "vitals", version, about = "Exactly-once stream processing of mobile health data on Kafka")]
@@ -150,11 +151,6 @@ enum Cmd {
     },
     /// Upload realistic simulated data for N people through the HTTP API.
     Simulate(SimArgs),
-    /// Benchmarks that print figures.
-    Bench {
-        #[command(subcommand)]
-        cmd: BenchCmd,
-    },
 }
 
 #[derive(Subcommand)]
@@ -269,115 +265,10 @@ impl DlqSelect {
     }
 }
 
-#[derive(Subcommand)]
-enum BenchCmd {
-    /// Ingest throughput (samples/s accepted and acknowledged by the broker) beside the broker's
-    /// raw produce rate for the same bytes.
-    Ingest(SimArgs),
-    /// rollup_day throughput: the processor alone, the runtime exactly-once, and plain
-    /// at-least-once, over the same simulated inputs.
-    Process(SimArgs),
-    /// Every processor alone in the in-memory driver (no Kafka, no I/O, needs no service) over
-    /// the simulated inputs: items/s per core and state per retained sample.
-    Driver {
-        #[command(flatten)]
-        sim: SimArgs,
-        /// Only this processor (e.g. `rollup_day`), so a profile covers it alone.
-        #[arg(long)]
-        only: Option<String>,
-    },
-    /// The edge's CPU work per upload alone (no HTTP, PostgreSQL or Kafka; needs no service),
-    /// stage by stage: JSON envelope, payload hash, validation, Avro encoding — and the
-    /// processors' Avro decoding — beside apache-avro's `Value`-tree codec on the same records.
-    Edge(SimArgs),
-    /// The Postgres-only design alone (raw samples + daily rollups recomputed in each upload's
-    /// transaction, one connection) over the simulated uploads; needs only PostgreSQL.
-    Baseline(SimArgs),
-    /// End to end: upload → every projection fresh in PostgreSQL (samples/s), then freshness
-    /// latency (upload ack → WebSocket envelope) at a fixed rate and at half the end-to-end
-    /// rate, beside the broker's raw produce + consume rate for the same bytes and the
-    /// Postgres-only design on the same uploads.
-    E2e {
-        #[command(flatten)]
-        sim: SimArgs,
-        /// Uploads for the latency measurement.
-        #[arg(long, default_value_t = 100)]
-        latency_uploads: usize,
-        /// Their rate, per second.
-        #[arg(long, default_value_t = 10.0)]
-        latency_rate: f64,
-    },
-    /// Scaling: the end-to-end throughput run with 1, 2, 3… `vitals process --all` instances
-    /// (child processes of this binary) over topics of 6 and 12 partitions, beside the
-    /// Postgres-only design on the same uploads, and a users-per-core sizing.
-    Scale {
-        #[command(flatten)]
-        sim: SimArgs,
-        /// Instance counts, comma-separated.
-        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 3])]
-        instances: Vec<usize>,
-        /// Partition counts of the lanes and outputs, comma-separated.
-        #[arg(long, value_delimiter = ',', default_values_t = [6i32, 12])]
-        partitions: Vec<i32>,
-    },
-}
-
-#[derive(clap::Args, Clone)]
-struct SimArgs {
-    #[arg(long, default_value_t = 3)]
-    users: usize,
-    #[arg(long, default_value_t = 7)]
-    days: u32,
-    /// Max requests per second overall (default: as fast as possible).
-    #[arg(long)]
-    rate: Option<f64>,
-    /// Ingest base URL (default: http://<ingest.listen>).
-    #[arg(long)]
-    url: Option<String>,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
-    #[arg(long, default_value_t = 500)]
-    batch_size: usize,
-    #[arg(long, default_value = "sim-")]
-    user_prefix: String,
-    /// Do not send edits and deletions.
-    #[arg(long)]
-    no_edits: bool,
-}
-
-impl SimArgs {
-    fn to_config(&self, cfg: &Config) -> simulate::SimConfig {
-        simulate::SimConfig {
-            base_url: self.url.clone().unwrap_or_else(|| format!("http://{}", cfg.ingest.listen)),
-            users: self.users,
-            days: self.days,
-            user_prefix: self.user_prefix.clone(),
-            seed: self.seed,
-            now_ms: chrono::Utc::now().timestamp_millis(),
-            rate: self.rate,
-            concurrency: self.concurrency,
-            batch_size: self.batch_size,
-            jwt_secret: cfg.auth.hs256_secret.expose().as_bytes().to_vec(),
-            jwt_issuer: cfg.auth.issuer.clone(),
-            jwt_audience: cfg.auth.audience.clone(),
-            edits_and_deletions: !self.no_edits,
-        }
-    }
-}
 
 
-/// A stop flag, set on Ctrl-C or SIGTERM: how every long-running role is told to stop.
-fn stop_on_signal() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = std::sync::Arc::clone(&stop);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        flag.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
-    stop
-}
+
+
 
 /// Serves a role's `/readyz` (200 `ready`, or 503 `not ready: <why>` while `not_ready` says
 /// why) and `/metrics` (what `render` writes, Prometheus text) on `listen`; nothing when empty.
@@ -414,23 +305,12 @@ async fn serve_probes(
     Ok(())
 }
 
-fn init_tracing(default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let json = std::env::var("VITALS_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo talks to a person: warnings only, unless RUST_LOG says otherwise.
-    init_tracing(if matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Bench { .. }) { "warn,sqlx=warn,rdkafka=error" } else { "info,sqlx=warn,rdkafka=warn" });
+    init_tracing(if matches!(cli.cmd, Cmd::Demo { .. }) { "warn,sqlx=warn,rdkafka=error" } else { "info,sqlx=warn,rdkafka=warn" });
     let cfg = Config::load()?;
     match cli.cmd {
         Cmd::Config => print!("{}", toml::to_string(&cfg).context("printing config")?),
@@ -639,27 +519,6 @@ async fn main() -> anyhow::Result<()> {
             let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
             let report = simulate::run(&args.to_config(&cfg), &http).await?;
             println!("{report:#?}");
-        }
-        Cmd::Bench { cmd: BenchCmd::Ingest(args) } => {
-            bench::ingest(&cfg, args.to_config(&cfg)).await?;
-        }
-        Cmd::Bench { cmd: BenchCmd::Process(args) } => {
-            bench::process(&cfg, args.to_config(&cfg)).await?;
-        }
-        Cmd::Bench { cmd: BenchCmd::Driver { sim, only } } => {
-            bench::driver(&sim.to_config(&cfg), cfg.ingest.max_items_per_record, only.as_deref())?;
-        }
-        Cmd::Bench { cmd: BenchCmd::Edge(args) } => {
-            bench::edge(&args.to_config(&cfg), cfg.ingest.max_items_per_record);
-        }
-        Cmd::Bench { cmd: BenchCmd::Baseline(args) } => {
-            bench::baseline(&cfg, args.to_config(&cfg)).await?;
-        }
-        Cmd::Bench { cmd: BenchCmd::E2e { sim, latency_uploads, latency_rate } } => {
-            bench::e2e(&cfg, sim.to_config(&cfg), latency_uploads, latency_rate).await?;
-        }
-        Cmd::Bench { cmd: BenchCmd::Scale { sim, instances, partitions } } => {
-            bench::scale::run(&cfg, sim.to_config(&cfg), &instances, &partitions).await?;
         }
     }
     Ok(())

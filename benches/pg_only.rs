@@ -1,7 +1,7 @@
 //! The "Postgres-only design" of issue 10, the design vitals replaces, run on the very uploads a
 //! benchmark sends vitals: raw samples in PostgreSQL and the daily rollups recomputed from them
 //! in the write path (the seed's outbox worker collapsed into it). It is a *baseline*, measured
-//! beside vitals in `vitals bench e2e` and alone in `vitals bench baseline`.
+//! beside vitals in `vitals-bench e2e` and alone in `vitals-bench baseline`.
 //!
 //! What it does, on one connection, one transaction per upload (an upload is the edge's request,
 //! ≤ `batch_size` items, already validated and normalised by the edge's own functions — see
@@ -340,10 +340,10 @@ mod tests {
 
     #[test]
     fn uploads_regroup_the_records_of_one_request() {
-        let sim = crate::simulate::SimConfig { users: 2, days: 2, ..Default::default() };
-        let plan = crate::simulate::plan(&sim);
+        let sim = vitals::simulate::SimConfig { users: 2, days: 2, ..Default::default() };
+        let plan = vitals::simulate::plan(&sim);
         // One record per ≤ 10 items: uploads of up to 500 samples come back whole.
-        let inputs = crate::bench::offline_inputs(&sim, 10);
+        let inputs = crate::offline_inputs(&sim, 10);
         let groups = uploads(&inputs);
         assert_eq!(groups.len(), plan.iter().filter(|u| !u.items().is_empty()).count());
         for (g, u) in groups.iter().zip(plan.iter().filter(|u| !u.items().is_empty())) {
@@ -389,8 +389,8 @@ mod tests {
     #[tokio::test]
     async fn discrete_rows_equal_rollup_days_oracle() {
         let now = "2026-03-30T18:00:00Z".parse::<chrono::DateTime<chrono::Utc>>().unwrap().timestamp_millis();
-        let sim = crate::simulate::SimConfig { users: 4, days: 3, now_ms: now, user_prefix: "pgonly-test-".into(), ..Default::default() };
-        let inputs = crate::bench::offline_inputs(&sim, 500);
+        let sim = vitals::simulate::SimConfig { users: 4, days: 3, now_ms: now, user_prefix: "pgonly-test-".into(), ..Default::default() };
+        let inputs = crate::offline_inputs(&sim, 500);
         assert!(inputs.iter().any(|i| matches!(i, Input::Changes(b) if !b.deletions.is_empty())) && inputs.iter().any(|i| matches!(i, Input::Changes(b) if !b.edits.is_empty())));
         let pool = pool().await;
         let before: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'pgonly\\_%'").fetch_one(&pool).await.unwrap();
@@ -398,7 +398,7 @@ mod tests {
         let (equal, total) = r.discrete.unwrap();
         assert!(total > 0);
         assert_eq!(equal, total, "discrete rows equal to rollup_day's oracle");
-        assert_eq!(r.items as usize, crate::bench::input_items(&inputs));
+        assert_eq!(r.items as usize, crate::input_items(&inputs));
         let after: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'pgonly\\_%'").fetch_one(&pool).await.unwrap();
         assert!(after <= before, "the baseline's tables are dropped");
     }

@@ -1,4 +1,5 @@
-//! Benchmarks that print figures (never timed assertions). `vitals bench ingest`: the simulator
+//! `vitals-bench`: benchmarks that print figures (never timed assertions), a binary of its own so
+//! the production `vitals` binary carries none of this code. `vitals-bench ingest`: the simulator
 //! uploads through a real edge into the real broker; then the very records the edge wrote are
 //! produced again, raw, with the same producer settings, so the edge's rate stands beside the
 //! broker's own rate for the same bytes, measured in the same run.
@@ -12,12 +13,96 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::Message;
 use tokio::net::TcpListener;
 
-use crate::app;
-use crate::config::Config;
-use crate::simulate::{self, SimConfig};
+use clap::{Parser, Subcommand};
+use vitals::config::{Config, SimArgs};
+use vitals::simulate::{self, SimConfig};
+use vitals::{app, archive};
 
-pub mod pg_only;
-pub mod scale;
+mod pg_only;
+mod scale;
+
+/// Every role allocates per record; the benchmarks measure with the allocator `vitals` ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "vitals-bench", version, about = "Benchmarks of vitals that print figures beside a baseline measured in the same run")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: BenchCmd,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Ingest throughput (samples/s accepted and acknowledged by the broker) beside the broker's
+    /// raw produce rate for the same bytes.
+    Ingest(SimArgs),
+    /// rollup_day throughput: the processor alone, the runtime exactly-once, and plain
+    /// at-least-once, over the same simulated inputs.
+    Process(SimArgs),
+    /// Every processor alone in the in-memory driver (no Kafka, no I/O, needs no service) over
+    /// the simulated inputs: items/s per core and state per retained sample.
+    Driver {
+        #[command(flatten)]
+        sim: SimArgs,
+        /// Only this processor (e.g. `rollup_day`), so a profile covers it alone.
+        #[arg(long)]
+        only: Option<String>,
+    },
+    /// The edge's CPU work per upload alone (no HTTP, PostgreSQL or Kafka; needs no service),
+    /// stage by stage: JSON envelope, payload hash, validation, Avro encoding — and the
+    /// processors' Avro decoding — beside apache-avro's `Value`-tree codec on the same records.
+    Edge(SimArgs),
+    /// The Postgres-only design alone (raw samples + daily rollups recomputed in each upload's
+    /// transaction, one connection) over the simulated uploads; needs only PostgreSQL.
+    Baseline(SimArgs),
+    /// End to end: upload → every projection fresh in PostgreSQL (samples/s), then freshness
+    /// latency (upload ack → WebSocket envelope) at a fixed rate and at half the end-to-end
+    /// rate, beside the broker's raw produce + consume rate for the same bytes and the
+    /// Postgres-only design on the same uploads.
+    E2e {
+        #[command(flatten)]
+        sim: SimArgs,
+        /// Uploads for the latency measurement.
+        #[arg(long, default_value_t = 100)]
+        latency_uploads: usize,
+        /// Their rate, per second.
+        #[arg(long, default_value_t = 10.0)]
+        latency_rate: f64,
+    },
+    /// Scaling: the end-to-end throughput run with 1, 2, 3… `vitals process --all` instances
+    /// (child processes of the `vitals` binary beside this one) over topics of 6 and 12 partitions, beside the
+    /// Postgres-only design on the same uploads, and a users-per-core sizing.
+    Scale {
+        #[command(flatten)]
+        sim: SimArgs,
+        /// Instance counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 3])]
+        instances: Vec<usize>,
+        /// Partition counts of the lanes and outputs, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [6i32, 12])]
+        partitions: Vec<i32>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    vitals::init_tracing("warn,sqlx=warn,rdkafka=error");
+    let cfg = Config::load()?;
+    match cli.cmd {
+        BenchCmd::Ingest(args) => ingest(&cfg, args.to_config(&cfg)).await,
+        BenchCmd::Process(args) => process(&cfg, args.to_config(&cfg)).await,
+        BenchCmd::Driver { sim, only } => driver(&sim.to_config(&cfg), cfg.ingest.max_items_per_record, only.as_deref()),
+        BenchCmd::Edge(args) => {
+            edge(&args.to_config(&cfg), cfg.ingest.max_items_per_record);
+            Ok(())
+        }
+        BenchCmd::Baseline(args) => baseline(&cfg, args.to_config(&cfg)).await,
+        BenchCmd::E2e { sim, latency_uploads, latency_rate } => e2e(&cfg, sim.to_config(&cfg), latency_uploads, latency_rate).await,
+        BenchCmd::Scale { sim, instances, partitions } => scale::run(&cfg, sim.to_config(&cfg), &instances, &partitions).await,
+    }
+}
 
 /// A fresh topic namespace (so figures never mix with earlier data), a real edge on port 0, and
 /// the simulated people uploaded through it. Returns the run's config, its pool, its prefix and
@@ -53,7 +138,7 @@ async fn upload_fresh(base: &Config, tag: &str, mut sim: SimConfig) -> anyhow::R
 /// The first of `users` with a projection that is not fresh, if any.
 pub(crate) async fn first_stale<'u>(pool: &sqlx::PgPool, users: &'u [String]) -> anyhow::Result<Option<&'u String>> {
     for u in users {
-        if vitals_api::freshness::UserProgress::load(pool, u).await?.all(&crate::app::projections()).values().any(|f| f.state != vitals_api::freshness::FreshnessState::Fresh) {
+        if vitals_api::freshness::UserProgress::load(pool, u).await?.all(&app::projections()).values().any(|f| f.state != vitals_api::freshness::FreshnessState::Fresh) {
             return Ok(Some(u));
         }
     }
@@ -102,7 +187,7 @@ pub async fn ingest(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
 
     let secs = report.elapsed.as_secs_f64();
     let mb = bytes as f64 / 1e6;
-    println!("vitals bench ingest — {} users × {} days, batch ≤ {} samples, concurrency {}", sim.users, sim.days, sim.batch_size, sim.concurrency);
+    println!("vitals-bench ingest — {} users × {} days, batch ≤ {} samples, concurrency {}", sim.users, sim.days, sim.batch_size, sim.concurrency);
     println!("  edge (HTTP → validate → Avro via registry → Kafka, 2xx after acks=all):");
     println!("    {:>10} items accepted in {:>7.2} s = {:>10.0} items/s ({} requests, {:.0} req/s)", report.accepted, secs, report.accepted as f64 / secs, report.requests, report.requests as f64 / secs);
     println!("    {:>10} Kafka records, {:.2} MB = {:.2} MB/s into the broker", records.len(), mb, mb / secs);
@@ -216,7 +301,7 @@ async fn create_topic_with(cfg: &Config, name: &str, cleanup: &str) -> anyhow::R
     Ok(())
 }
 
-/// `vitals bench process`: every registered processor over the same simulated inputs, each run
+/// `vitals-bench process`: every registered processor over the same simulated inputs, each run
 /// twice on the real broker — with exactly-once checkpointing and as plain at-least-once
 /// (outputs not awaited, no checkpoint) — starting with no local state (so each time is also the
 /// time to rebuild that state by replay); `rollup_day` also alone in the in-memory driver (no
@@ -248,7 +333,7 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
     }
     let lane_records = inputs.len() as u64;
     let items = input_items(&inputs);
-    println!("vitals bench process — {} users × {} days: {items} input items in {lane_records} Kafka records ({} uploaded)", sim.users, sim.days, report.accepted);
+    println!("vitals-bench process — {} users × {} days: {items} input items in {lane_records} Kafka records ({} uploaded)", sim.users, sim.days, report.accepted);
     println!("  items/s are per core: each runtime is one thread; broker, PostgreSQL, registry and S3 share this machine's cores");
     let t0 = Instant::now();
     let mut driver = Driver::new(RollupDayProcessor::new(Default::default()));
@@ -310,12 +395,12 @@ async fn from_the_archive(cfg: &Config, pool: &sqlx::PgPool, codec: &Arc<vitals_
     let stop = Arc::new(AtomicBool::new(false));
     let archiver = {
         let (cfg, stop) = (cfg.clone(), Arc::clone(&stop));
-        tokio::spawn(async move { crate::archive::run(&cfg, stop, Default::default()).await })
+        tokio::spawn(async move { archive::run(&cfg, stop, Default::default()).await })
     };
     let deadline = Instant::now() + std::time::Duration::from_secs(900);
     loop {
         anyhow::ensure!(Instant::now() < deadline && !archiver.is_finished(), "the archiver did not catch up within 900 s");
-        if crate::archive::status(cfg).await?.iter().all(|r| r.behind == 0) {
+        if archive::status(cfg).await?.iter().all(|r| r.behind == 0) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -324,7 +409,7 @@ async fn from_the_archive(cfg: &Config, pool: &sqlx::PgPool, codec: &Arc<vitals_
     stop.store(true, Ordering::Relaxed);
     archiver.await.context("archiver task")??;
     let mut cut = rdkafka::TopicPartitionList::new();
-    for topic in crate::archive::lanes(cfg) {
+    for topic in archive::lanes(cfg) {
         for p in 0..cfg.kafka.partitions {
             cut.add_partition_offset(&topic, p, rdkafka::Offset::End)?;
         }
@@ -332,7 +417,7 @@ async fn from_the_archive(cfg: &Config, pool: &sqlx::PgPool, codec: &Arc<vitals_
     app::admin(cfg)?.delete_records(&cut, &rdkafka::admin::AdminOptions::new()).await.context("deleting the lanes' records")?;
     println!("  {:<15} {:<44} {:>8.2} s (segments of up to {} records, closed after {} ms)", "archive", "every lane record archived, then deleted", archived.as_secs_f64(), cfg.archive.max_records, cfg.archive.max_wait_ms);
     let info = vitals_runtime::find("rollup_day").context("rollup_day")?;
-    let archive: Arc<dyn vitals_runtime::Archive> = Arc::new(crate::archive::Source { pool: pool.clone(), s3: app::s3_client(cfg)?, rt: tokio::runtime::Handle::current(), cache: Default::default() });
+    let archive: Arc<dyn vitals_runtime::Archive> = Arc::new(archive::Source { pool: pool.clone(), s3: app::s3_client(cfg)?, rt: tokio::runtime::Handle::current(), cache: Default::default() });
     let Timed { took, skipped, metrics, .. } = timed_run(cfg, pool, codec, run, info, "archive", true, None, Some(archive), lane_records, deadline, "rollup_day did not read the archive within 900 s").await?;
     let n_items = items * (lane_records.saturating_sub(skipped)) as f64 / lane_records.max(1) as f64;
     let rate = if took.as_millis() > 0 && n_items > 0.0 { format!("{:>9.0} items/s", n_items / took.as_secs_f64()) } else { "too small to time (one interval)".into() };
@@ -481,7 +566,7 @@ async fn restore_from_snapshots(cfg: &Config, pool: &sqlx::PgPool, s: &vitals_ru
     Ok(())
 }
 
-/// `vitals bench e2e`: the HealthWeek workload (simulated people × days) uploaded through the
+/// `vitals-bench e2e`: the HealthWeek workload (simulated people × days) uploaded through the
 /// edge while every processor and the PostgreSQL sink run (in this process, on the real broker),
 /// timed until every user's every projection is fresh; then freshness latency at a fixed rate,
 /// from an upload's acknowledgement to its envelope on the user's WebSocket, first with nothing
@@ -590,7 +675,7 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
     let base = pg_only::run(&pool, &inputs, true).await?;
 
     let items = report.accepted as f64;
-    println!("vitals bench e2e — HealthWeek: {} users × {} days, batch ≤ {}, concurrency {}", sim.users, sim.days, sim.batch_size, sim.concurrency);
+    println!("vitals-bench e2e — HealthWeek: {} users × {} days, batch ≤ {}, concurrency {}", sim.users, sim.days, sim.batch_size, sim.concurrency);
     println!("  upload → every projection (rollup_day, sleep_night, session_impact, product_impact) committed in PostgreSQL and fresh:");
     println!("    {:>9} samples in {:>7.2} s = {:>9.0} samples/s end to end (upload alone took {:.2} s)", report.accepted, end_to_end.as_secs_f64(), items / end_to_end.as_secs_f64(), uploaded.as_secs_f64());
     println!("  freshness, upload acknowledged → envelope on the user's WebSocket, {} single-sample uploads at {:.1}/s, nothing else uploading:", latencies.len(), latency_rate);
@@ -686,7 +771,7 @@ fn percentiles(sorted: &[std::time::Duration]) -> String {
     format!("p50 {:>7.1} ms   p99 {:>7.1} ms   max {:>7.1} ms", pct(0.50), pct(0.99), pct(1.0))
 }
 
-/// `vitals bench baseline`: only the Postgres-only design ([`pg_only`]) over the simulated
+/// `vitals-bench baseline`: only the Postgres-only design ([`pg_only`]) over the simulated
 /// people's uploads, normalised by the edge's own functions; needs only PostgreSQL.
 pub async fn baseline(cfg: &Config, sim: SimConfig) -> anyhow::Result<()> {
     let t0 = Instant::now();
@@ -694,7 +779,7 @@ pub async fn baseline(cfg: &Config, sim: SimConfig) -> anyhow::Result<()> {
     let built = t0.elapsed();
     let pool = app::pg_pool(cfg).await?;
     let r = pg_only::run(&pool, &inputs, true).await?;
-    println!("vitals bench baseline — the Postgres-only design, HealthWeek: {} users × {} days, batch ≤ {} (uploads normalised in memory in {:.2} s, before the clock)", sim.users, sim.days, sim.batch_size, built.as_secs_f64());
+    println!("vitals-bench baseline — the Postgres-only design, HealthWeek: {} users × {} days, batch ≤ {} (uploads normalised in memory in {:.2} s, before the clock)", sim.users, sim.days, sim.batch_size, built.as_secs_f64());
     println!("  {}", pg_only::WHAT);
     println!(
         "  {:>9} items in {} transactions, {:>7.2} s = {:>9.0} samples/s; {} raw identities, {} rollup rows",
@@ -782,7 +867,7 @@ fn input_items(inputs: &[vitals_processors::Input]) -> usize {
 /// (`processors.max_batch` = 1000 over 6 partitions is ~166; this is fewer, to be conservative).
 const INTERVAL: usize = 100;
 
-/// `vitals bench driver`: every processor alone in the in-memory driver (no Kafka, no I/O, one
+/// `vitals-bench driver`: every processor alone in the in-memory driver (no Kafka, no I/O, one
 /// thread) over the simulated people's inputs, as the edge would have written them. Needs no
 /// service. Prints items/s per core and the driver's state per retained sample, then what the state
 /// holds (identities, indexes, …): how many keys and bytes each. `only`: that processor alone
@@ -801,7 +886,7 @@ pub fn driver(sim: &SimConfig, max_items_per_record: usize, only: Option<&str>) 
     let items = input_items(&inputs);
     let retained = vitals_processors::identity::effective_samples(&inputs).values().map(Vec::len).sum::<usize>();
     println!(
-        "vitals bench driver — {} users × {} days: {items} input items in {} records ({retained} samples retained), built in {:.2} s",
+        "vitals-bench driver — {} users × {} days: {items} input items in {} records ({retained} samples retained), built in {:.2} s",
         sim.users,
         sim.days,
         inputs.len(),
@@ -874,7 +959,7 @@ pub fn driver(sim: &SimConfig, max_items_per_record: usize, only: Option<&str>) 
     Ok(())
 }
 
-/// `vitals bench edge`: the edge's CPU work on the simulated sample uploads, stage by stage,
+/// `vitals-bench edge`: the edge's CPU work on the simulated sample uploads, stage by stage,
 /// without HTTP, PostgreSQL or Kafka (one thread; needs no service); then the lane records'
 /// Avro encoding and decoding by vitals' codec (serde_avro_fast) beside apache-avro's `Value`
 /// tree (what vitals used before) on the same records.
@@ -935,7 +1020,7 @@ pub fn edge(sim: &SimConfig, max_items_per_record: usize) {
     }
     let per = |d: Duration| items as f64 / d.as_secs_f64();
     println!(
-        "vitals bench edge — {} users × {} days: {} sample uploads, {items} samples, {:.1} MB of JSON, {} lane records",
+        "vitals-bench edge — {} users × {} days: {} sample uploads, {items} samples, {:.1} MB of JSON, {} lane records",
         sim.users,
         sim.days,
         uploads.len(),

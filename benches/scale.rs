@@ -1,4 +1,4 @@
-//! `vitals bench scale`: the throughput run of `bench e2e` (upload → every projection of every
+//! `vitals-bench scale`: the throughput run of `bench e2e` (upload → every projection of every
 //! user fresh in PostgreSQL) with 1, 2, 3… `vitals process --all` instances — real child
 //! processes of this binary, members of the same consumer groups — over topics of 6 and 12
 //! partitions, the edge and the sink in this process; then the Postgres-only design on the same
@@ -19,9 +19,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::net::TcpListener;
 
 use super::pg_only;
-use crate::app;
-use crate::config::Config;
-use crate::simulate::{self, SimConfig};
+use vitals::app;
+use vitals::config::Config;
+use vitals::simulate::{self, SimConfig};
 
 /// One measured point.
 struct Point {
@@ -56,7 +56,9 @@ struct Instances {
 
 impl Instances {
     fn start(cfg: &Config, n: usize, data: &Path) -> anyhow::Result<Instances> {
-        let exe = std::env::current_exe().context("locating this binary")?;
+        // `vitals` is built beside `vitals-bench` (same package, same target directory).
+        let exe = std::env::current_exe().context("locating this binary")?.with_file_name("vitals");
+        anyhow::ensure!(exe.exists(), "{} is missing: build both binaries (cargo build --release)", exe.display());
         let mut children = Vec::new();
         let mut logs = Vec::new();
         for i in 0..n {
@@ -274,7 +276,7 @@ pub async fn run(base: &Config, sim: SimConfig, instances: &[usize], partitions:
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let first = points[0].rate();
 
-    println!("vitals bench scale — HealthWeek: {} users × {} days, batch ≤ {}, concurrency {}; `vitals process --all` instances as child processes, edge + sink in this process", sim.users, sim.days, sim.batch_size, sim.concurrency);
+    println!("vitals-bench scale — HealthWeek: {} users × {} days, batch ≤ {}, concurrency {}; `vitals process --all` instances as child processes, edge + sink in this process", sim.users, sim.days, sim.batch_size, sim.concurrency);
     println!("  upload → every projection of every user fresh in PostgreSQL, each point in its own topics (warm-up and stable groups before the clock starts):");
     println!("    {:>10} {:>9} {:>9} {:>10} {:>10} {:>12} {:>12} {:>10}", "partitions", "instances", "samples", "seconds", "upload s", "samples/s", "vs first", "vs PG-only");
     for pt in &points {
