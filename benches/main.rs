@@ -138,7 +138,12 @@ async fn upload_fresh(base: &Config, tag: &str, mut sim: SimConfig) -> anyhow::R
 /// The first of `users` with a projection that is not fresh, if any.
 pub(crate) async fn first_stale<'u>(pool: &sqlx::PgPool, users: &'u [String]) -> anyhow::Result<Option<&'u String>> {
     for u in users {
-        if vitals_api::freshness::UserProgress::load(pool, u).await?.all(&app::projections()).values().any(|f| f.state != vitals_api::freshness::FreshnessState::Fresh) {
+        if vitals_api::freshness::UserProgress::load(pool, u)
+            .await?
+            .all(&app::projections())
+            .values()
+            .any(|f| f.state != vitals_api::freshness::FreshnessState::Fresh)
+        {
             return Ok(Some(u));
         }
     }
@@ -187,12 +192,28 @@ pub async fn ingest(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
 
     let secs = report.elapsed.as_secs_f64();
     let mb = bytes as f64 / 1e6;
-    println!("vitals-bench ingest — {} users × {} days, batch ≤ {} samples, concurrency {}", sim.users, sim.days, sim.batch_size, sim.concurrency);
+    println!(
+        "vitals-bench ingest — {} users × {} days, batch ≤ {} samples, concurrency {}",
+        sim.users, sim.days, sim.batch_size, sim.concurrency
+    );
     println!("  edge (HTTP → validate → Avro via registry → Kafka, 2xx after acks=all):");
-    println!("    {:>10} items accepted in {:>7.2} s = {:>10.0} items/s ({} requests, {:.0} req/s)", report.accepted, secs, report.accepted as f64 / secs, report.requests, report.requests as f64 / secs);
+    println!(
+        "    {:>10} items accepted in {:>7.2} s = {:>10.0} items/s ({} requests, {:.0} req/s)",
+        report.accepted,
+        secs,
+        report.accepted as f64 / secs,
+        report.requests,
+        report.requests as f64 / secs
+    );
     println!("    {:>10} Kafka records, {:.2} MB = {:.2} MB/s into the broker", records.len(), mb, mb / secs);
     println!("  broker raw produce of the same {} records / {:.2} MB (idempotent, acks=all):", records.len(), mb);
-    println!("    {:>7.2} s = {:.0} records/s, {:.2} MB/s, i.e. {:.0} items/s equivalent", raw.as_secs_f64(), records.len() as f64 / raw.as_secs_f64(), mb / raw.as_secs_f64(), report.accepted as f64 / raw.as_secs_f64());
+    println!(
+        "    {:>7.2} s = {:.0} records/s, {:.2} MB/s, i.e. {:.0} items/s equivalent",
+        raw.as_secs_f64(),
+        records.len() as f64 / raw.as_secs_f64(),
+        mb / raw.as_secs_f64(),
+        report.accepted as f64 / raw.as_secs_f64()
+    );
     println!("  edge / raw throughput: {:.2}", raw.as_secs_f64() / secs);
     println!("  one record at a time, each acknowledged before the next (50 records): mean ack {:.1} ms on a delete topic, {:.1} ms on a compacted one (as projection topics are)", one.0, one.1);
     println!(
@@ -229,7 +250,11 @@ fn raw_record<'a>(topic: &'a str, m: &'a rdkafka::message::OwnedMessage) -> Futu
 /// Produces `records` again to a fresh topic as `concurrency` clients would that each send one
 /// record and wait for its acknowledgement before the next (the edge's pattern with that many
 /// uploads in flight, without the edge), and returns how long it took.
-async fn raw_produce_waiting(cfg: &Config, records: &[rdkafka::message::OwnedMessage], concurrency: usize) -> anyhow::Result<std::time::Duration> {
+async fn raw_produce_waiting(
+    cfg: &Config,
+    records: &[rdkafka::message::OwnedMessage],
+    concurrency: usize,
+) -> anyhow::Result<std::time::Duration> {
     let raw_topic = format!("{}rawc", cfg.kafka.topic_prefix);
     create_raw_topic(cfg, &raw_topic).await?;
     let producer = app::producer(cfg, "vitals-bench-raw-waiting")?;
@@ -238,7 +263,11 @@ async fn raw_produce_waiting(cfg: &Config, records: &[rdkafka::message::OwnedMes
     let client = || async {
         loop {
             let Some(m) = records.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) else { return Ok::<_, anyhow::Error>(()) };
-            producer.send(raw_record(&raw_topic, m), std::time::Duration::from_secs(30)).await.map_err(|(e, _)| e).context("raw produce")?;
+            producer
+                .send(raw_record(&raw_topic, m), std::time::Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)
+                .context("raw produce")?;
         }
     };
     for r in join_all((0..concurrency.max(1)).map(|_| client())).await {
@@ -273,12 +302,7 @@ async fn raw_produce(cfg: &Config, records: &[rdkafka::message::OwnedMessage]) -
     let producer = app::producer(cfg, "vitals-bench-raw")?;
     let t0 = Instant::now();
     for chunk in records.chunks(1000) {
-        let acks: Vec<_> = chunk
-            .iter()
-            .map(|m| {
-                producer.send(raw_record(&raw_topic, m), std::time::Duration::from_secs(30))
-            })
-            .collect();
+        let acks: Vec<_> = chunk.iter().map(|m| producer.send(raw_record(&raw_topic, m), std::time::Duration::from_secs(30))).collect();
         for r in join_all(acks).await {
             r.map_err(|(e, _)| e).context("raw produce")?;
         }
@@ -333,7 +357,10 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
     }
     let lane_records = inputs.len() as u64;
     let items = input_items(&inputs);
-    println!("vitals-bench process — {} users × {} days: {items} input items in {lane_records} Kafka records ({} uploaded)", sim.users, sim.days, report.accepted);
+    println!(
+        "vitals-bench process — {} users × {} days: {items} input items in {lane_records} Kafka records ({} uploaded)",
+        sim.users, sim.days, report.accepted
+    );
     println!("  items/s are per core: each runtime is one thread; broker, PostgreSQL, registry and S3 share this machine's cores");
     let t0 = Instant::now();
     let mut driver = Driver::new(RollupDayProcessor::new(Default::default()));
@@ -341,7 +368,12 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
         let _ = driver.feed(i); // a rejected record is the DLQ's business, not the benchmark's
     }
     let alone = t0.elapsed();
-    println!("  {:<15} alone (in-memory driver, no Kafka, no checkpoint):          {:>8.2} s = {:>9.0} items/s", "rollup_day", alone.as_secs_f64(), items as f64 / alone.as_secs_f64());
+    println!(
+        "  {:<15} alone (in-memory driver, no Kafka, no checkpoint):          {:>8.2} s = {:>9.0} items/s",
+        "rollup_day",
+        alone.as_secs_f64(),
+        items as f64 / alone.as_secs_f64()
+    );
 
     let snapshots = app::snapshots(&cfg, &format!("{run}bench")).await?;
     for info in vitals_runtime::registry() {
@@ -357,10 +389,27 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
             let snapshots = if checkpointing && info.name == "rollup_day" { snapshots.clone() } else { None };
             let deadline = Instant::now() + std::time::Duration::from_secs(900);
             let what = format!("{} did not catch up within 900 s", info.name);
-            let Timed { took, skipped, metrics, state_bytes } =
-                timed_run(&cfg, &pool, &codec, &run, info, &checkpointing.to_string(), checkpointing, snapshots.clone(), None, n_records, deadline, &what).await?;
+            let Timed { took, skipped, metrics, state_bytes } = timed_run(
+                &cfg,
+                &pool,
+                &codec,
+                &run,
+                info,
+                &checkpointing.to_string(),
+                checkpointing,
+                snapshots.clone(),
+                None,
+                n_records,
+                deadline,
+                &what,
+            )
+            .await?;
             let n_items = n_items as f64 * (n_records.saturating_sub(skipped)) as f64 / n_records.max(1) as f64;
-            let rate = if took.as_millis() > 0 && n_items > 0.0 { format!("{:>9.0} items/s", n_items / took.as_secs_f64()) } else { "too small to time (one interval)".into() };
+            let rate = if took.as_millis() > 0 && n_items > 0.0 {
+                format!("{:>9.0} items/s", n_items / took.as_secs_f64())
+            } else {
+                "too small to time (one interval)".into()
+            };
             let label = if checkpointing { "exactly-once (checkpoint after acks)" } else { "at-least-once (no ack wait, no checkpoint)" };
             println!(
                 "  {:<15} {label:<44} {:>8.2} s = {rate}{}",
@@ -384,7 +433,14 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
 /// rollup_day exactly-once once more, over the same records read back from the raw archive
 /// instead of the lanes: the lanes are archived (timed), then every lane record is deleted from
 /// the broker (what a finite retention does), so the runtime reads them all from S3.
-async fn from_the_archive(cfg: &Config, pool: &sqlx::PgPool, codec: &Arc<vitals_schemas::codec::Codec>, run: &str, lane_records: u64, items: f64) -> anyhow::Result<()> {
+async fn from_the_archive(
+    cfg: &Config,
+    pool: &sqlx::PgPool,
+    codec: &Arc<vitals_schemas::codec::Codec>,
+    run: &str,
+    lane_records: u64,
+    items: f64,
+) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     // Segments closed after half a second idle: the archiving time is then the archiver's, not
     // the default 60 s wait for more records.
@@ -415,12 +471,42 @@ async fn from_the_archive(cfg: &Config, pool: &sqlx::PgPool, codec: &Arc<vitals_
         }
     }
     app::admin(cfg)?.delete_records(&cut, &rdkafka::admin::AdminOptions::new()).await.context("deleting the lanes' records")?;
-    println!("  {:<15} {:<44} {:>8.2} s (segments of up to {} records, closed after {} ms)", "archive", "every lane record archived, then deleted", archived.as_secs_f64(), cfg.archive.max_records, cfg.archive.max_wait_ms);
+    println!(
+        "  {:<15} {:<44} {:>8.2} s (segments of up to {} records, closed after {} ms)",
+        "archive",
+        "every lane record archived, then deleted",
+        archived.as_secs_f64(),
+        cfg.archive.max_records,
+        cfg.archive.max_wait_ms
+    );
     let info = vitals_runtime::find("rollup_day").context("rollup_day")?;
-    let archive: Arc<dyn vitals_runtime::Archive> = Arc::new(archive::Source { pool: pool.clone(), s3: app::s3_client(cfg)?, rt: tokio::runtime::Handle::current(), cache: Default::default() });
-    let Timed { took, skipped, metrics, .. } = timed_run(cfg, pool, codec, run, info, "archive", true, None, Some(archive), lane_records, deadline, "rollup_day did not read the archive within 900 s").await?;
+    let archive: Arc<dyn vitals_runtime::Archive> = Arc::new(archive::Source {
+        pool: pool.clone(),
+        s3: app::s3_client(cfg)?,
+        rt: tokio::runtime::Handle::current(),
+        cache: Default::default(),
+    });
+    let Timed { took, skipped, metrics, .. } = timed_run(
+        cfg,
+        pool,
+        codec,
+        run,
+        info,
+        "archive",
+        true,
+        None,
+        Some(archive),
+        lane_records,
+        deadline,
+        "rollup_day did not read the archive within 900 s",
+    )
+    .await?;
     let n_items = items * (lane_records.saturating_sub(skipped)) as f64 / lane_records.max(1) as f64;
-    let rate = if took.as_millis() > 0 && n_items > 0.0 { format!("{:>9.0} items/s", n_items / took.as_secs_f64()) } else { "too small to time (one interval)".into() };
+    let rate = if took.as_millis() > 0 && n_items > 0.0 {
+        format!("{:>9.0} items/s", n_items / took.as_secs_f64())
+    } else {
+        "too small to time (one interval)".into()
+    };
     println!("  {:<15} {:<44} {:>8.2} s = {rate}", "rollup_day", "exactly-once, every record from the archive", took.as_secs_f64());
     println!("  {:<15} {:<44} {}", "", "", time_went(&metrics));
     Ok(())
@@ -511,7 +597,8 @@ async fn timed_run(
     let (took, skipped) = first.map(|(f, n)| (f.elapsed(), n)).unwrap_or_default();
     stop.store(true, Ordering::Relaxed);
     task.await.context("runtime thread")?.map_err(|e| anyhow::anyhow!("{}: {e}", info.name))?;
-    let state_bytes: u64 = std::fs::read_dir(data.join(info.name)).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
+    let state_bytes: u64 =
+        std::fs::read_dir(data.join(info.name)).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
     let _ = std::fs::remove_dir_all(&data);
     Ok(Timed { took, skipped, metrics, state_bytes })
 }
@@ -520,7 +607,12 @@ async fn timed_run(
 /// imported as a local store, as a task with no local state does on assignment. Run right
 /// after the exactly-once run that wrote them (an at-least-once run of the same task line
 /// withdraws the pointers, as it must: its state is not what they describe).
-async fn restore_from_snapshots(cfg: &Config, pool: &sqlx::PgPool, s: &vitals_runtime::Snapshots, t: &vitals_schemas::topics::Topics) -> anyhow::Result<()> {
+async fn restore_from_snapshots(
+    cfg: &Config,
+    pool: &sqlx::PgPool,
+    s: &vitals_runtime::Snapshots,
+    t: &vitals_schemas::topics::Topics,
+) -> anyhow::Result<()> {
     use vitals_runtime as runtime;
     // The runtime uploads in the background after its commits, at most one per
     // `snapshot_every_ms`: a partition whose input was done within that time may have none.
@@ -597,7 +689,8 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
     let publisher = app::publisher(&cfg)?;
     {
         let (cfg, stop) = (cfg.clone(), Arc::clone(&stop));
-        workers.push(tokio::spawn(async move { app::sink(&cfg, stop, Default::default(), Box::new(move |a| publisher.announce(a))).await }));
+        workers
+            .push(tokio::spawn(async move { app::sink(&cfg, stop, Default::default(), Box::new(move |a| publisher.announce(a))).await }));
     }
     let ingest = app::ingest(&cfg, pool.clone()).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -652,7 +745,8 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
         tokio::spawn(async move { simulate::run(&half, &reqwest::Client::new()).await })
     };
     let half_probes = (latency_rate * HALF_LOAD_SECS).round().max(1.0) as usize;
-    let (half_latencies, probes_took) = freshness(&cfg, &ingest_url, api_addr, &format!("{run}half-lat-"), half_probes, latency_rate).await?;
+    let (half_latencies, probes_took) =
+        freshness(&cfg, &ingest_url, api_addr, &format!("{run}half-lat-"), half_probes, latency_rate).await?;
     let load = load.await.context("half-rate load task")?.context("half-rate load")?;
 
     stop.store(true, Ordering::Relaxed);
@@ -675,10 +769,23 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
     let base = pg_only::run(&pool, &inputs, true).await?;
 
     let items = report.accepted as f64;
-    println!("vitals-bench e2e — HealthWeek: {} users × {} days, batch ≤ {}, concurrency {}", sim.users, sim.days, sim.batch_size, sim.concurrency);
+    println!(
+        "vitals-bench e2e — HealthWeek: {} users × {} days, batch ≤ {}, concurrency {}",
+        sim.users, sim.days, sim.batch_size, sim.concurrency
+    );
     println!("  upload → every projection (rollup_day, sleep_night, session_impact, product_impact) committed in PostgreSQL and fresh:");
-    println!("    {:>9} samples in {:>7.2} s = {:>9.0} samples/s end to end (upload alone took {:.2} s)", report.accepted, end_to_end.as_secs_f64(), items / end_to_end.as_secs_f64(), uploaded.as_secs_f64());
-    println!("  freshness, upload acknowledged → envelope on the user's WebSocket, {} single-sample uploads at {:.1}/s, nothing else uploading:", latencies.len(), latency_rate);
+    println!(
+        "    {:>9} samples in {:>7.2} s = {:>9.0} samples/s end to end (upload alone took {:.2} s)",
+        report.accepted,
+        end_to_end.as_secs_f64(),
+        items / end_to_end.as_secs_f64(),
+        uploaded.as_secs_f64()
+    );
+    println!(
+        "  freshness, upload acknowledged → envelope on the user's WebSocket, {} single-sample uploads at {:.1}/s, nothing else uploading:",
+        latencies.len(),
+        latency_rate
+    );
     println!("    {}", percentiles(&latencies));
     println!(
         "  freshness at half the sustained end-to-end rate: {} fresh people uploading their HealthWeek at {:.1} uploads/s (half of {:.0} items/s ÷ {:.1} items per upload, the throughput run's mean),",
@@ -695,7 +802,11 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
         if load.elapsed < probes_took { " (the load ended before the last probe was sent)" } else { "" }
     );
     println!("    {}", percentiles(&half_latencies));
-    println!("  broker alone, the same {} lane records / {:.2} MB produced (acks=all) and consumed back ({consumed}):", records.len(), bytes as f64 / 1e6);
+    println!(
+        "  broker alone, the same {} lane records / {:.2} MB produced (acks=all) and consumed back ({consumed}):",
+        records.len(),
+        bytes as f64 / 1e6
+    );
     println!("    {:>7.2} s = {:>9.0} samples/s equivalent", raw.as_secs_f64(), items / raw.as_secs_f64());
     println!("  Postgres-only design (raw samples + the touched daily rollups recomputed in each upload's transaction, 1 connection), same uploads:");
     println!(
@@ -706,7 +817,11 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
         base.items_per_sec(),
         base.raw_rows,
         base.rollup_rows,
-        if base.items == report.accepted { String::new() } else { format!(" (the edge accepted {}: the rates below use each side's own count)", report.accepted) }
+        if base.items == report.accepted {
+            String::new()
+        } else {
+            format!(" (the edge accepted {}: the rates below use each side's own count)", report.accepted)
+        }
     );
     if let Some((equal, total)) = base.discrete {
         println!("    discrete-metric rows equal to rollup_day's (count, min, max, mean, time-weighted mean): {equal} of {total}");
@@ -724,7 +839,14 @@ pub async fn e2e(base: &Config, sim: SimConfig, latency_uploads: usize, latency_
 /// sample — timed from the edge's 2xx to the first envelope on that socket (so the first
 /// envelope is this upload's). Returns the latencies, sorted, and how long sending them took
 /// (from the first probe's start to the last one's).
-async fn freshness(cfg: &Config, ingest_url: &str, api_addr: std::net::SocketAddr, tag: &str, count: usize, rate: f64) -> anyhow::Result<(Vec<std::time::Duration>, std::time::Duration)> {
+async fn freshness(
+    cfg: &Config,
+    ingest_url: &str,
+    api_addr: std::net::SocketAddr,
+    tag: &str,
+    count: usize,
+    rate: f64,
+) -> anyhow::Result<(Vec<std::time::Duration>, std::time::Duration)> {
     use futures::StreamExt;
     let http = reqwest::Client::new();
     let secret = cfg.auth.hs256_secret.expose().as_bytes().to_vec();
@@ -826,23 +948,46 @@ pub fn offline_inputs(sim: &SimConfig, max_items_per_record: usize) -> Vec<vital
                 }
                 for (lane, samples) in [(Lane::Hot, hot), (Lane::Cold, cold)] {
                     for part in samples.chunks(chunk) {
-                        out.push(Input::Samples(SampleBatch { request_id: request_id.clone(), user_id: user_id.clone(), received_at_ms: now + n as i64, lane, samples: part.to_vec() }));
+                        out.push(Input::Samples(SampleBatch {
+                            request_id: request_id.clone(),
+                            user_id: user_id.clone(),
+                            received_at_ms: now + n as i64,
+                            lane,
+                            samples: part.to_vec(),
+                        }));
                     }
                 }
                 for part in edits.chunks(chunk) {
-                    out.push(Input::Changes(ChangeBatch { request_id: request_id.clone(), user_id: user_id.clone(), received_at_ms: now + n as i64, edits: part.to_vec(), deletions: vec![] }));
+                    out.push(Input::Changes(ChangeBatch {
+                        request_id: request_id.clone(),
+                        user_id: user_id.clone(),
+                        received_at_ms: now + n as i64,
+                        edits: part.to_vec(),
+                        deletions: vec![],
+                    }));
                 }
             }
             simulate::DELETIONS_PATH => {
                 let (ok, _) = request::validate_deletions(items, catalog);
                 for part in ok.chunks(chunk) {
-                    out.push(Input::Changes(ChangeBatch { request_id: request_id.clone(), user_id: user_id.clone(), received_at_ms: now + n as i64, edits: vec![], deletions: part.to_vec() }));
+                    out.push(Input::Changes(ChangeBatch {
+                        request_id: request_id.clone(),
+                        user_id: user_id.clone(),
+                        received_at_ms: now + n as i64,
+                        edits: vec![],
+                        deletions: part.to_vec(),
+                    }));
                 }
             }
             _ => {
                 let (ok, _) = request::validate_changes(items, catalog, &rules, now);
                 for part in ok.chunks(chunk) {
-                    out.push(Input::Domain(DomainChangeBatch { request_id: request_id.clone(), user_id: user_id.clone(), received_at_ms: now + n as i64, changes: part.to_vec() }));
+                    out.push(Input::Domain(DomainChangeBatch {
+                        request_id: request_id.clone(),
+                        user_id: user_id.clone(),
+                        received_at_ms: now + n as i64,
+                        changes: part.to_vec(),
+                    }));
                 }
             }
         }
@@ -899,7 +1044,8 @@ pub fn driver(sim: &SimConfig, max_items_per_record: usize, only: Option<&str>) 
     type Layout = &'static [(&'static str, &'static str)];
     const ROLLUP_DAY: Layout = &[("identities", "i"), ("days", "d")];
     const SLEEP_NIGHT: Layout = &[("identities", "id\u{1f}"), ("day index", "ix\u{1f}"), ("rows", "out\u{1f}")];
-    const SESSION_IMPACT: Layout = &[("identities", "id\u{1f}"), ("sample index", "ix\u{1f}"), ("sessions", "ss\u{1f}"), ("session index", "sx\u{1f}")];
+    const SESSION_IMPACT: Layout =
+        &[("identities", "id\u{1f}"), ("sample index", "ix\u{1f}"), ("sessions", "ss\u{1f}"), ("session index", "sx\u{1f}")];
 
     fn run<P: Processor>(name: &str, p: P, inputs: &[Input], items: usize, retained: usize, layout: Layout, print: bool) -> Vec<P::Output>
     where
@@ -951,10 +1097,26 @@ pub fn driver(sim: &SimConfig, max_items_per_record: usize, only: Option<&str>) 
         run("sleep_night", sleep_night::SleepNightProcessor::new(Default::default()), &inputs, items, retained, SLEEP_NIGHT, true);
     }
     if wanted("session_impact") || wanted("product_impact") {
-        let impacts = run("session_impact", session_impact::SessionImpactProcessor::new(Default::default()), &inputs, items, retained, SESSION_IMPACT, wanted("session_impact"));
+        let impacts = run(
+            "session_impact",
+            session_impact::SessionImpactProcessor::new(Default::default()),
+            &inputs,
+            items,
+            retained,
+            SESSION_IMPACT,
+            wanted("session_impact"),
+        );
         let chained: Vec<Input> = impacts.into_iter().map(Input::SessionImpact).collect();
         let n = chained.len();
-        run("product_impact", product_impact::ProductImpactProcessor::new(Default::default()), &chained, n, retained, &[], wanted("product_impact"));
+        run(
+            "product_impact",
+            product_impact::ProductImpactProcessor::new(Default::default()),
+            &chained,
+            n,
+            retained,
+            &[],
+            wanted("product_impact"),
+        );
     }
     Ok(())
 }
@@ -979,7 +1141,8 @@ pub fn edge(sim: &SimConfig, max_items_per_record: usize) {
         .map(|u| (u.user.clone(), serde_json::to_vec(&u.body).expect("a body serialises")))
         .collect();
     let body_bytes: usize = uploads.iter().map(|(_, b)| b.len()).sum();
-    let (mut parse, mut hash, mut validate, mut encode, mut encode_ref) = (Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let (mut parse, mut hash, mut validate, mut encode, mut encode_ref) =
+        (Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let (mut items, mut records) = (0usize, Vec::new());
     let schema = SAMPLE_BATCH.schema();
     for (user, body) in &uploads {
@@ -997,7 +1160,13 @@ pub fn edge(sim: &SimConfig, max_items_per_record: usize) {
         items += ok.len();
         let samples: Vec<_> = ok.into_iter().map(|r| r.sample).collect();
         for part in samples.chunks(max_items_per_record.max(1)) {
-            let batch = SampleBatch { request_id: env.request_id.clone(), user_id: user.clone(), received_at_ms: sim.now_ms, lane: vitals_schemas::Lane::Hot, samples: part.to_vec() };
+            let batch = SampleBatch {
+                request_id: env.request_id.clone(),
+                user_id: user.clone(),
+                received_at_ms: sim.now_ms,
+                lane: vitals_schemas::Lane::Hot,
+                samples: part.to_vec(),
+            };
             let t = Instant::now();
             let bytes = encode_own(SAMPLE_BATCH, 1, &batch).expect("encodes");
             encode += t.elapsed();
@@ -1014,7 +1183,10 @@ pub fn edge(sim: &SimConfig, max_items_per_record: usize) {
         decode += t.elapsed();
         let t = Instant::now();
         let mut body = &r[5..];
-        let datum = apache_avro::reader::datum::GenericDatumReader::builder(&schema).build().and_then(|d| d.read_value(&mut body)).expect("decodes");
+        let datum = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+            .build()
+            .and_then(|d| d.read_value(&mut body))
+            .expect("decodes");
         std::hint::black_box(apache_avro::from_value::<SampleBatch>(&datum).expect("decodes"));
         decode_ref += t.elapsed();
     }
@@ -1029,11 +1201,31 @@ pub fn edge(sim: &SimConfig, max_items_per_record: usize) {
     );
     println!("  one thread, no HTTP / PostgreSQL / Kafka; samples per second of each stage alone:");
     let total = parse + validate + encode;
-    for (name, d) in [("JSON envelope (parse, duplicate keys, fields, hash)", parse), ("  of which the payload hash (canonical JSON, SHA-256)", hash), ("validation + normalisation", validate), ("Avro encode (serde_avro_fast)", encode)] {
-        println!("    {name:<46} {:>8.3} s = {:>10.0} samples/s  ({:>4.1}% of the edge's CPU)", d.as_secs_f64(), per(d), 100.0 * d.as_secs_f64() / total.as_secs_f64());
+    for (name, d) in [
+        ("JSON envelope (parse, duplicate keys, fields, hash)", parse),
+        ("  of which the payload hash (canonical JSON, SHA-256)", hash),
+        ("validation + normalisation", validate),
+        ("Avro encode (serde_avro_fast)", encode),
+    ] {
+        println!(
+            "    {name:<46} {:>8.3} s = {:>10.0} samples/s  ({:>4.1}% of the edge's CPU)",
+            d.as_secs_f64(),
+            per(d),
+            100.0 * d.as_secs_f64() / total.as_secs_f64()
+        );
     }
     println!("    {:<46} {:>8.3} s = {:>10.0} samples/s", "the edge's CPU work in all", total.as_secs_f64(), per(total));
     println!("  Avro, the same {} records:", records.len());
-    println!("    encode: serde_avro_fast {:>10.0} samples/s, apache-avro Value tree {:>10.0} samples/s: {:.1}x", per(encode), per(encode_ref), encode_ref.as_secs_f64() / encode.as_secs_f64());
-    println!("    decode: serde_avro_fast {:>10.0} samples/s, apache-avro Value tree {:>10.0} samples/s: {:.1}x", per(decode), per(decode_ref), decode_ref.as_secs_f64() / decode.as_secs_f64());
+    println!(
+        "    encode: serde_avro_fast {:>10.0} samples/s, apache-avro Value tree {:>10.0} samples/s: {:.1}x",
+        per(encode),
+        per(encode_ref),
+        encode_ref.as_secs_f64() / encode.as_secs_f64()
+    );
+    println!(
+        "    decode: serde_avro_fast {:>10.0} samples/s, apache-avro Value tree {:>10.0} samples/s: {:.1}x",
+        per(decode),
+        per(decode_ref),
+        decode_ref.as_secs_f64() / decode.as_secs_f64()
+    );
 }

@@ -293,7 +293,13 @@ async fn apply(conn: &mut PgConnection, sql: &Sql, inputs: &[Input]) -> anyhow::
         }
         if !touched.is_empty() {
             let (metrics, dates): (Vec<String>, Vec<NaiveDate>) = touched.into_iter().unzip();
-            sqlx::query(&sql.recompute).bind(user).bind(metrics).bind(dates).execute(&mut *tx).await.context("baseline: recomputing daily rollups")?;
+            sqlx::query(&sql.recompute)
+                .bind(user)
+                .bind(metrics)
+                .bind(dates)
+                .execute(&mut *tx)
+                .await
+                .context("baseline: recomputing daily rollups")?;
         }
         tx.commit().await?;
     }
@@ -308,9 +314,22 @@ async fn compare_discrete(conn: &mut PgConnection, sql: &Sql, inputs: &[Input]) 
     let expected: BTreeMap<String, [f64; 5]> = vitals_processors::rollup_day::oracle(inputs)
         .into_iter()
         .filter(|(_, r)| discrete(&r.metric))
-        .map(|(k, r)| (k, [r.count as f64, r.min.unwrap_or(f64::NAN), r.max.unwrap_or(f64::NAN), r.mean.unwrap_or(f64::NAN), r.time_weighted_mean.unwrap_or(f64::NAN)]))
+        .map(|(k, r)| {
+            (
+                k,
+                [
+                    r.count as f64,
+                    r.min.unwrap_or(f64::NAN),
+                    r.max.unwrap_or(f64::NAN),
+                    r.mean.unwrap_or(f64::NAN),
+                    r.time_weighted_mean.unwrap_or(f64::NAN),
+                ],
+            )
+        })
         .collect();
-    let rows = sqlx::query(&format!("SELECT user_id, metric, local_date, count, min, max, mean, time_weighted_mean FROM {}", sql.rollups)).fetch_all(&mut *conn).await?;
+    let rows = sqlx::query(&format!("SELECT user_id, metric, local_date, count, min, max, mean, time_weighted_mean FROM {}", sql.rollups))
+        .fetch_all(&mut *conn)
+        .await?;
     let mut got: BTreeMap<String, [f64; 5]> = BTreeMap::new();
     for r in rows {
         let metric: String = r.get(1);
@@ -335,7 +354,11 @@ mod tests {
     }
 
     async fn pool() -> sqlx::PgPool {
-        sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&admin_url()).await.expect("PostgreSQL must be reachable at VITALS_TEST_POSTGRES_URL or 127.0.0.1:5432")
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url())
+            .await
+            .expect("PostgreSQL must be reachable at VITALS_TEST_POSTGRES_URL or 127.0.0.1:5432")
     }
 
     #[test]
@@ -355,7 +378,19 @@ mod tests {
     /// changes, for named zones, `UTC`, `Z` and fixed offsets either side of Greenwich.
     #[tokio::test]
     async fn sql_local_dates_agree_with_zone_across_dst() {
-        let zones = ["Europe/Berlin", "America/New_York", "Australia/Sydney", "Asia/Kolkata", "America/Sao_Paulo", "UTC", "Z", "+05:30", "-03:00", "+14:00", "-09:30"];
+        let zones = [
+            "Europe/Berlin",
+            "America/New_York",
+            "Australia/Sydney",
+            "Asia/Kolkata",
+            "America/Sao_Paulo",
+            "UTC",
+            "Z",
+            "+05:30",
+            "-03:00",
+            "+14:00",
+            "-09:30",
+        ];
         let mut ms = Vec::new();
         let mut zs = Vec::new();
         // Around the 2026 changes in Europe (Mar 29, Oct 25), the US (Mar 8, Nov 1) and
@@ -374,12 +409,15 @@ mod tests {
             }
         }
         let pool = pool().await;
-        let got: Vec<NaiveDate> = sqlx::query_scalar(&format!("SELECT {} FROM unnest($1::int8[], $2::text[]) WITH ORDINALITY AS x(ms, zone, n) ORDER BY n", local_date_sql("ms", "zone")))
-            .bind(&ms)
-            .bind(&zs)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+        let got: Vec<NaiveDate> = sqlx::query_scalar(&format!(
+            "SELECT {} FROM unnest($1::int8[], $2::text[]) WITH ORDINALITY AS x(ms, zone, n) ORDER BY n",
+            local_date_sql("ms", "zone")
+        ))
+        .bind(&ms)
+        .bind(&zs)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
         let wrong: Vec<_> = ms.iter().zip(&zs).zip(&got).filter(|((m, z), g)| Zone::parse(z).local_date(**m) != **g).take(5).collect();
         assert!(wrong.is_empty(), "SQL and Zone disagree on (ms, zone, sql date): {wrong:?}");
     }
@@ -391,15 +429,20 @@ mod tests {
         let now = "2026-03-30T18:00:00Z".parse::<chrono::DateTime<chrono::Utc>>().unwrap().timestamp_millis();
         let sim = vitals::simulate::SimConfig { users: 4, days: 3, now_ms: now, user_prefix: "pgonly-test-".into(), ..Default::default() };
         let inputs = crate::offline_inputs(&sim, 500);
-        assert!(inputs.iter().any(|i| matches!(i, Input::Changes(b) if !b.deletions.is_empty())) && inputs.iter().any(|i| matches!(i, Input::Changes(b) if !b.edits.is_empty())));
+        assert!(
+            inputs.iter().any(|i| matches!(i, Input::Changes(b) if !b.deletions.is_empty()))
+                && inputs.iter().any(|i| matches!(i, Input::Changes(b) if !b.edits.is_empty()))
+        );
         let pool = pool().await;
-        let before: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'pgonly\\_%'").fetch_one(&pool).await.unwrap();
+        let before: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'pgonly\\_%'").fetch_one(&pool).await.unwrap();
         let r = run(&pool, &inputs, true).await.unwrap();
         let (equal, total) = r.discrete.unwrap();
         assert!(total > 0);
         assert_eq!(equal, total, "discrete rows equal to rollup_day's oracle");
         assert_eq!(r.items as usize, crate::input_items(&inputs));
-        let after: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'pgonly\\_%'").fetch_one(&pool).await.unwrap();
+        let after: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'pgonly\\_%'").fetch_one(&pool).await.unwrap();
         assert!(after <= before, "the baseline's tables are dropped");
     }
 }

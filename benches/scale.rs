@@ -112,7 +112,10 @@ impl Instances {
 
 /// Waits until every processor group has exactly `n` members and is `Stable`.
 async fn groups_stable(cfg: &Config, n: usize, instances: &mut Instances, deadline: Instant) -> anyhow::Result<()> {
-    let client: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &cfg.kafka.brokers).set("group.id", "vitals-bench-scale-observer").create()?;
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("group.id", "vitals-bench-scale-observer")
+        .create()?;
     let client = Arc::new(client);
     let groups: Vec<String> = vitals_runtime::registry().iter().map(|p| app::processor_group(cfg, p.name)).collect();
     loop {
@@ -122,7 +125,11 @@ async fn groups_stable(cfg: &Config, n: usize, instances: &mut Instances, deadli
         let states: Vec<(String, String, usize)> = tokio::task::spawn_blocking(move || {
             gs.iter()
                 .map(|g| match c.fetch_group_list(Some(g), Duration::from_secs(5)) {
-                    Ok(list) => list.groups().first().map(|i| (g.clone(), i.state().to_owned(), i.members().len())).unwrap_or((g.clone(), "absent".into(), 0)),
+                    Ok(list) => list.groups().first().map(|i| (g.clone(), i.state().to_owned(), i.members().len())).unwrap_or((
+                        g.clone(),
+                        "absent".into(),
+                        0,
+                    )),
                     Err(e) => (g.clone(), format!("unknown ({e})"), 0),
                 })
                 .collect()
@@ -238,13 +245,20 @@ async fn point(base: &Config, sim: &SimConfig, partitions: i32, n: usize, tag: &
     } else {
         eprintln!("  kept {}", data.display());
     }
-    Ok((Point { partitions, instances: n, samples: report.accepted, took, ready, uploaded, warnings, first_warning, ack_ms, broker_tx }, week))
+    Ok((
+        Point { partitions, instances: n, samples: report.accepted, took, ready, uploaded, warnings, first_warning, ack_ms, broker_tx },
+        week,
+    ))
 }
 
 /// Committed transactions of the broker's storage database (nisshi with PostgreSQL storage, as
 /// `scripts/services` starts it, in the same server as vitals' own database), if it is there.
 async fn broker_transactions(pool: &sqlx::PgPool) -> Option<i64> {
-    sqlx::query_scalar::<_, i64>("SELECT xact_commit FROM pg_stat_database WHERE datname = 'vitals_nisshi'").fetch_optional(pool).await.ok().flatten()
+    sqlx::query_scalar::<_, i64>("SELECT xact_commit FROM pg_stat_database WHERE datname = 'vitals_nisshi'")
+        .fetch_optional(pool)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Samples per user and day of the HealthWeek workload, for the sizing.
@@ -278,7 +292,10 @@ pub async fn run(base: &Config, sim: SimConfig, instances: &[usize], partitions:
 
     println!("vitals-bench scale — HealthWeek: {} users × {} days, batch ≤ {}, concurrency {}; `vitals process --all` instances as child processes, edge + sink in this process", sim.users, sim.days, sim.batch_size, sim.concurrency);
     println!("  upload → every projection of every user fresh in PostgreSQL, each point in its own topics (warm-up and stable groups before the clock starts):");
-    println!("    {:>10} {:>9} {:>9} {:>10} {:>10} {:>12} {:>12} {:>10}", "partitions", "instances", "samples", "seconds", "upload s", "samples/s", "vs first", "vs PG-only");
+    println!(
+        "    {:>10} {:>9} {:>9} {:>10} {:>10} {:>12} {:>12} {:>10}",
+        "partitions", "instances", "samples", "seconds", "upload s", "samples/s", "vs first", "vs PG-only"
+    );
     for pt in &points {
         println!(
             "    {:>10} {:>9} {:>9} {:>10.2} {:>10.2} {:>12.0} {:>11.2}× {:>9.2}×   (ready after {:.1} s; {} warnings in the instances' logs)",
@@ -296,21 +313,43 @@ pub async fn run(base: &Config, sim: SimConfig, instances: &[usize], partitions:
         println!(
             "      edge: mean broker acknowledgement {:.1} ms per samples request; broker storage: {}",
             pt.ack_ms,
-            pt.broker_tx.map_or("not in this PostgreSQL".to_owned(), |t| format!("{:.0} transactions/s from the upload's start to the end", t as f64 / pt.took.as_secs_f64()))
+            pt.broker_tx.map_or("not in this PostgreSQL".to_owned(), |t| format!(
+                "{:.0} transactions/s from the upload's start to the end",
+                t as f64 / pt.took.as_secs_f64()
+            ))
         );
         if let Some(w) = &pt.first_warning {
             println!("      first: {w}");
         }
     }
-    println!("  Postgres-only design, the same uploads: {:.0} samples/s ({} items in {:.2} s)", pg.items_per_sec(), pg.items, pg.took.as_secs_f64());
+    println!(
+        "  Postgres-only design, the same uploads: {:.0} samples/s ({} items in {:.2} s)",
+        pg.items_per_sec(),
+        pg.items,
+        pg.took.as_secs_f64()
+    );
     let per_day = per_user_day(&sim, points[0].samples);
     println!(
         "  sizing — this workload is {per_day:.0} samples per user per day; this machine has {cores} cores, shared by the broker, PostgreSQL, Redis, the registry and every vitals role:"
     );
-    println!("    {:>10} {:>9} {:>14} {:>16} {:>22}", "partitions", "instances", "samples/s", "users (mean)", format!("users/core at {PEAK_TO_MEAN:.0}× peak"));
+    println!(
+        "    {:>10} {:>9} {:>14} {:>16} {:>22}",
+        "partitions",
+        "instances",
+        "samples/s",
+        "users (mean)",
+        format!("users/core at {PEAK_TO_MEAN:.0}× peak")
+    );
     for pt in &points {
         let users_mean = pt.rate() * 86_400.0 / per_day;
-        println!("    {:>10} {:>9} {:>14.0} {:>16.0} {:>22.0}", pt.partitions, pt.instances, pt.rate(), users_mean, users_mean / PEAK_TO_MEAN / cores as f64);
+        println!(
+            "    {:>10} {:>9} {:>14.0} {:>16.0} {:>22.0}",
+            pt.partitions,
+            pt.instances,
+            pt.rate(),
+            users_mean,
+            users_mean / PEAK_TO_MEAN / cores as f64
+        );
     }
     println!("  (users (mean) = samples/s × 86,400 ÷ samples per user-day: the users whose day of data this rate absorbs in a day;");
     println!("   per core at {PEAK_TO_MEAN:.0}× peak = that ÷ {PEAK_TO_MEAN:.0} (uploads come in bursts) ÷ {cores} cores — the whole stack on these cores, not vitals alone)");

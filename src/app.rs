@@ -61,7 +61,8 @@ pub async fn pg_ready_with_tables(
             let pool = pg_pool(cfg).await?;
             migrate(&pool).await?;
             let retired = crate::replay::retired_bases(&pool).await?;
-            let (gone, applied): (Vec<_>, Vec<_>) = projections.iter().copied().partition(|p| p.version.is_none() && retired.iter().any(|r| r == p.name()));
+            let (gone, applied): (Vec<_>, Vec<_>) =
+                projections.iter().copied().partition(|p| p.version.is_none() && retired.iter().any(|r| r == p.name()));
             if !gone.is_empty() {
                 tracing::info!(retired = ?gone, "retired base versions are not applied");
             }
@@ -71,7 +72,13 @@ pub async fn pg_ready_with_tables(
         match attempt.await {
             Ok(ready) => return Ok(ready),
             // A table its descriptor cannot be applied to stays so: said at once, not retried.
-            Err(e) if e.chain().any(|c| matches!(c.downcast_ref::<vitals_sinks::postgres::TableError>(), Some(vitals_sinks::postgres::TableError::Breaking(_)))) => return Err(e),
+            Err(e)
+                if e.chain().any(|c| {
+                    matches!(c.downcast_ref::<vitals_sinks::postgres::TableError>(), Some(vitals_sinks::postgres::TableError::Breaking(_)))
+                }) =>
+            {
+                return Err(e)
+            }
             Err(e) if std::time::Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "PostgreSQL not ready; retrying");
                 tokio::time::sleep(wait).await;
@@ -110,7 +117,11 @@ pub fn instance() -> String {
     if let Ok(i) = std::env::var("VITALS_INSTANCE") {
         return i;
     }
-    let host = std::env::var("HOSTNAME").ok().or_else(|| std::fs::read_to_string("/etc/hostname").ok()).map(|h| h.trim().to_owned()).filter(|h| !h.is_empty());
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty());
     format!("{}-{}", host.unwrap_or_else(|| "localhost".into()), std::process::id())
 }
 
@@ -388,7 +399,11 @@ pub fn schema_probe(cfg: &Config) -> anyhow::Result<vitals_ingest::Probe> {
                 }
             });
             let problems: Vec<String> = futures::future::join_all(checks).await.into_iter().flatten().collect();
-            if problems.is_empty() { Ok(()) } else { Err(problems) }
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(problems)
+            }
         })
     }))
 }
@@ -565,7 +580,10 @@ pub async fn read_all(cfg: &Config, topic: &str) -> anyhow::Result<Vec<rdkafka::
         let mut open: std::collections::HashSet<i32> = ends.keys().copied().collect();
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while !open.is_empty() {
-            anyhow::ensure!(std::time::Instant::now() < deadline, "reading {topic}: partitions {open:?} did not reach their end within 120 s");
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "reading {topic}: partitions {open:?} did not reach their end within 120 s"
+            );
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
                     let end = ends[&m.partition()];
@@ -697,7 +715,10 @@ pub async fn process_line(
     let pool = pg_ready(cfg, &stop).await?;
     if line.version.is_none() && crate::replay::base_retired(&pool, info.name).await? {
         let served = crate::replay::promoted(&pool, info.name).await?;
-        bail!("{name} {} is retired (reads serve {served}): run `vitals process {name} --as {served}`", vitals_schemas::projection::BASE_VERSION);
+        bail!(
+            "{name} {} is retired (reads serve {served}): run `vitals process {name} --as {served}`",
+            vitals_schemas::projection::BASE_VERSION
+        );
     }
     let t = topics(cfg);
     let line_name = line.name(info.name);
@@ -732,7 +753,12 @@ pub async fn process_line(
         stop,
         metrics,
         snapshots,
-        archive: Some(Arc::new(crate::archive::Source { pool: archive_pool, s3: s3_client(cfg)?, rt: tokio::runtime::Handle::current(), cache: Default::default() })),
+        archive: Some(Arc::new(crate::archive::Source {
+            pool: archive_pool,
+            s3: s3_client(cfg)?,
+            rt: tokio::runtime::Handle::current(),
+            cache: Default::default(),
+        })),
     };
     tokio::task::spawn_blocking(move || (info.run)(args)).await.context("processor thread")?.context("processor runtime")
 }
@@ -802,8 +828,18 @@ pub async fn sink_of(
 
 /// The read API (with the dashboard and the realtime gateway) over `pool`.
 pub async fn api(cfg: &Config, pool: PgPool, realtime: bool) -> anyhow::Result<Arc<vitals_api::Api>> {
-    let hub = if realtime { Some(vitals_api::realtime::Hub::start(&cfg.redis.url, cfg.api.realtime_buffer, cfg.api.max_connections_per_user).context("redis url")?) } else { None };
-    Ok(Arc::new(vitals_api::Api { pool, verifier: Arc::new(verifier(cfg).await?), realtime: hub,
+    let hub = if realtime {
+        Some(
+            vitals_api::realtime::Hub::start(&cfg.redis.url, cfg.api.realtime_buffer, cfg.api.max_connections_per_user)
+                .context("redis url")?,
+        )
+    } else {
+        None
+    };
+    Ok(Arc::new(vitals_api::Api {
+        pool,
+        verifier: Arc::new(verifier(cfg).await?),
+        realtime: hub,
         ingest_url: format!("http://{}", cfg.ingest.listen),
         projections: projections(),
     }))

@@ -78,19 +78,37 @@ pub struct Raw {
 impl Raw {
     pub fn of(m: &OwnedMessage) -> Raw {
         let headers = m.headers().map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect()).unwrap_or_default();
-        Raw { offset: m.offset(), timestamp_ms: m.timestamp().to_millis().unwrap_or(0), key: m.key().map(<[u8]>::to_vec), headers, payload: m.payload().map(<[u8]>::to_vec) }
+        Raw {
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+            key: m.key().map(<[u8]>::to_vec),
+            headers,
+            payload: m.payload().map(<[u8]>::to_vec),
+        }
     }
 
     /// The record as a consumer would have read it from `topic`/`partition`.
     pub fn message(&self, topic: &str, partition: i32) -> OwnedMessage {
         let headers = (!self.headers.is_empty()).then(|| {
-            self.headers.iter().fold(OwnedHeaders::new_with_capacity(self.headers.len()), |h, (k, v)| h.insert(Header { key: k, value: v.as_deref() }))
+            self.headers
+                .iter()
+                .fold(OwnedHeaders::new_with_capacity(self.headers.len()), |h, (k, v)| h.insert(Header { key: k, value: v.as_deref() }))
         });
-        OwnedMessage::new(self.payload.clone(), self.key.clone(), topic.to_owned(), Timestamp::CreateTime(self.timestamp_ms), partition, self.offset, headers)
+        OwnedMessage::new(
+            self.payload.clone(),
+            self.key.clone(),
+            topic.to_owned(),
+            Timestamp::CreateTime(self.timestamp_ms),
+            partition,
+            self.offset,
+            headers,
+        )
     }
 
     fn bytes(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + self.headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum::<usize>()
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.payload.as_ref().map_or(0, Vec::len)
+            + self.headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum::<usize>()
     }
 }
 
@@ -157,24 +175,46 @@ pub fn seal(key: &DataKey, topic: &str, partition: i32, r: &Raw) -> anyhow::Resu
         .iter()
         .map(|(k, v)| Value::Record(vec![("key".into(), Value::String(k.clone())), ("value".into(), opt_bytes(v))]))
         .collect();
-    let plain = Value::Record(vec![("key".into(), opt_bytes(&r.key)), ("headers".into(), Value::Array(headers)), ("payload".into(), opt_bytes(&r.payload))]);
-    let plain = apache_avro::writer::datum::GenericDatumWriter::builder(sealed_schema).build()?.write_value_to_vec(plain).context("encoding a record to seal")?;
+    let plain = Value::Record(vec![
+        ("key".into(), opt_bytes(&r.key)),
+        ("headers".into(), Value::Array(headers)),
+        ("payload".into(), opt_bytes(&r.payload)),
+    ]);
+    let plain = apache_avro::writer::datum::GenericDatumWriter::builder(sealed_schema)
+        .build()?
+        .write_value_to_vec(plain)
+        .context("encoding a record to seal")?;
     let mut nonce = [0u8; 24];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let cipher = XChaCha20Poly1305::new((&key.key).into());
-    let sealed = cipher.encrypt(&XNonce::from(nonce), Payload { msg: &plain, aad: &aad(topic, partition, r.offset) }).map_err(|_| anyhow::anyhow!("sealing failed"))?;
+    let sealed = cipher
+        .encrypt(&XNonce::from(nonce), Payload { msg: &plain, aad: &aad(topic, partition, r.offset) })
+        .map_err(|_| anyhow::anyhow!("sealing failed"))?;
     Ok((nonce.to_vec(), sealed))
 }
 
 /// Opens what [`seal`] sealed; an error when the key, place or bytes are not the sealed ones.
-pub fn open(key: &DataKey, topic: &str, partition: i32, offset: i64, timestamp_ms: i64, nonce: &[u8], sealed: &[u8]) -> anyhow::Result<Raw> {
+pub fn open(
+    key: &DataKey,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    timestamp_ms: i64,
+    nonce: &[u8],
+    sealed: &[u8],
+) -> anyhow::Result<Raw> {
     let nonce: [u8; 24] = nonce.try_into().map_err(|_| anyhow::anyhow!("a nonce of {} bytes", nonce.len()))?;
     let cipher = XChaCha20Poly1305::new((&key.key).into());
     let plain = cipher
         .decrypt(&XNonce::from(nonce), Payload { msg: sealed, aad: &aad(topic, partition, offset) })
         .map_err(|_| anyhow::anyhow!("{topic}/{partition}@{offset}: the seal does not open with key {}", key.id))?;
     let (_, sealed_schema) = schemas();
-    let mut f = fields(apache_avro::reader::datum::GenericDatumReader::builder(sealed_schema).build()?.read_value(&mut &plain[..]).context("decoding a sealed record")?)?;
+    let mut f = fields(
+        apache_avro::reader::datum::GenericDatumReader::builder(sealed_schema)
+            .build()?
+            .read_value(&mut &plain[..])
+            .context("decoding a sealed record")?,
+    )?;
     let headers = match f.remove("headers") {
         Some(Value::Array(items)) => items
             .into_iter()
@@ -228,7 +268,13 @@ pub struct Sealed {
 pub fn encode_segment(meta: &SegmentMeta, records: &[Sealed]) -> anyhow::Result<Vec<u8>> {
     let (schema, _) = schemas();
     let mut w = apache_avro::Writer::new(schema, Vec::new())?;
-    for (k, v) in [("vitals.topic", meta.topic.clone()), ("vitals.partition", meta.partition.to_string()), ("vitals.first_offset", meta.first.to_string()), ("vitals.next_offset", meta.next.to_string()), ("vitals.day", meta.day.to_string())] {
+    for (k, v) in [
+        ("vitals.topic", meta.topic.clone()),
+        ("vitals.partition", meta.partition.to_string()),
+        ("vitals.first_offset", meta.first.to_string()),
+        ("vitals.next_offset", meta.next.to_string()),
+        ("vitals.day", meta.day.to_string()),
+    ] {
         w.add_user_metadata(k.to_owned(), v)?;
     }
     for r in records {
@@ -247,8 +293,16 @@ pub fn encode_segment(meta: &SegmentMeta, records: &[Sealed]) -> anyhow::Result<
 pub fn decode_segment(bytes: &[u8]) -> anyhow::Result<(SegmentMeta, Vec<Sealed>)> {
     let r = apache_avro::Reader::new(bytes)?;
     let md = r.user_metadata().clone();
-    let get = |k: &str| -> anyhow::Result<String> { Ok(String::from_utf8(md.get(k).with_context(|| format!("no {k} in the segment's metadata"))?.clone())?) };
-    let meta = SegmentMeta { topic: get("vitals.topic")?, partition: get("vitals.partition")?.parse()?, first: get("vitals.first_offset")?.parse()?, next: get("vitals.next_offset")?.parse()?, day: get("vitals.day")?.parse()? };
+    let get = |k: &str| -> anyhow::Result<String> {
+        Ok(String::from_utf8(md.get(k).with_context(|| format!("no {k} in the segment's metadata"))?.clone())?)
+    };
+    let meta = SegmentMeta {
+        topic: get("vitals.topic")?,
+        partition: get("vitals.partition")?.parse()?,
+        first: get("vitals.first_offset")?.parse()?,
+        next: get("vitals.next_offset")?.parse()?,
+        day: get("vitals.day")?.parse()?,
+    };
     let mut out = Vec::new();
     for v in r {
         let mut f = fields(v?)?;
@@ -264,7 +318,13 @@ pub fn decode_segment(bytes: &[u8]) -> anyhow::Result<(SegmentMeta, Vec<Sealed>)
             Some(Value::String(s)) => s.parse()?,
             other => bail!("key_id {other:?}"),
         };
-        out.push(Sealed { offset: long(f.remove("offset"))?, timestamp_ms: long(f.remove("timestamp_ms"))?, key_id, nonce: bytes(f.remove("nonce"))?, sealed: bytes(f.remove("sealed"))? });
+        out.push(Sealed {
+            offset: long(f.remove("offset"))?,
+            timestamp_ms: long(f.remove("timestamp_ms"))?,
+            key_id,
+            nonce: bytes(f.remove("nonce"))?,
+            sealed: bytes(f.remove("sealed"))?,
+        });
     }
     Ok((meta, out))
 }
@@ -299,7 +359,8 @@ impl Keys {
             .bind(&fresh.key[..])
             .execute(&self.pool)
             .await?;
-        let (id, bytes): (String, Vec<u8>) = sqlx::query_as("SELECT key_id, key FROM archive_keys WHERE user_id = $1").bind(&name).fetch_one(&self.pool).await?;
+        let (id, bytes): (String, Vec<u8>) =
+            sqlx::query_as("SELECT key_id, key FROM archive_keys WHERE user_id = $1").bind(&name).fetch_one(&self.pool).await?;
         let k = DataKey::from_row(id.parse()?, &bytes)?;
         self.by_user.insert(user.to_vec(), k.clone());
         Ok(k)
@@ -342,7 +403,11 @@ impl ArchiveMetrics {
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
         let c = |out: &mut String, name: &str, help: &str, v: &std::sync::atomic::AtomicU64| {
-            let _ = writeln!(out, "# HELP vitals_archive_{name} {help}\n# TYPE vitals_archive_{name} counter\nvitals_archive_{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP vitals_archive_{name} {help}\n# TYPE vitals_archive_{name} counter\nvitals_archive_{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         };
         c(out, "records_total", "Lane records in recorded segments.", &self.records);
         c(out, "segments_total", "Segments uploaded and recorded.", &self.segments);
@@ -384,8 +449,15 @@ pub struct Position {
 }
 
 async fn positions(pool: &PgPool, topics: &[String]) -> anyhow::Result<BTreeMap<(String, i32), Position>> {
-    let rows: Vec<(String, i32, i64, i64)> = sqlx::query_as("SELECT topic, partition, start_offset, next_offset FROM archive_positions WHERE topic = ANY($1)").bind(topics).fetch_all(pool).await?;
-    Ok(rows.into_iter().map(|(topic, partition, start, next)| ((topic.clone(), partition), Position { topic, partition, start, next })).collect())
+    let rows: Vec<(String, i32, i64, i64)> =
+        sqlx::query_as("SELECT topic, partition, start_offset, next_offset FROM archive_positions WHERE topic = ANY($1)")
+            .bind(topics)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(topic, partition, start, next)| ((topic.clone(), partition), Position { topic, partition, start, next }))
+        .collect())
 }
 
 /// Runs the archiver until `stop`: every partition of the input lanes, from where the archive
@@ -502,7 +574,13 @@ pub async fn run(cfg: &Config, stop: Arc<AtomicBool>, metrics: Arc<ArchiveMetric
                         continue 'assign;
                     }
                 }
-                let o = open.entry(k.clone()).or_insert_with(|| Open { meta: SegmentMeta { topic: k.0.clone(), partition: k.1, first: want, next: want, day }, records: Vec::new(), gaps: Vec::new(), bytes: 0, since: Instant::now() });
+                let o = open.entry(k.clone()).or_insert_with(|| Open {
+                    meta: SegmentMeta { topic: k.0.clone(), partition: k.1, first: want, next: want, day },
+                    records: Vec::new(),
+                    gaps: Vec::new(),
+                    bytes: 0,
+                    since: Instant::now(),
+                });
                 if m.offset() > want {
                     // Offsets the archive will never have (deleted from the lane before they
                     // were read, or never written): a gap, recorded with the segment (only if
@@ -518,7 +596,11 @@ pub async fn run(cfg: &Config, stop: Arc<AtomicBool>, metrics: Arc<ArchiveMetric
                 expected.insert(k, raw.offset + 1);
             }
             // Segments full or old enough.
-            let due: Vec<(String, i32)> = open.iter().filter(|(_, o)| o.records.len() >= max_records || o.bytes >= max_bytes || o.since.elapsed() >= max_wait).map(|(k, _)| k.clone()).collect();
+            let due: Vec<(String, i32)> = open
+                .iter()
+                .filter(|(_, o)| o.records.len() >= max_records || o.bytes >= max_bytes || o.since.elapsed() >= max_wait)
+                .map(|(k, _)| k.clone())
+                .collect();
             for k in due {
                 let o = open.remove(&k).expect("due");
                 if !flush(cfg, &pool, &s3, o, &stop, &metrics).await? {
@@ -531,7 +613,13 @@ pub async fn run(cfg: &Config, stop: Arc<AtomicBool>, metrics: Arc<ArchiveMetric
 
 /// Records offsets `from..to` of a partition as missing from the archive (a gap recorded again
 /// from the same offset keeps the larger).
-async fn record_gap(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, topic: &str, partition: i32, from: i64, to: i64) -> Result<(), sqlx::Error> {
+async fn record_gap(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO archive_gaps (topic, partition, from_offset, to_offset) VALUES ($1, $2, $3, $4)
          ON CONFLICT (topic, partition, from_offset) DO UPDATE SET to_offset = GREATEST(archive_gaps.to_offset, EXCLUDED.to_offset)",
@@ -548,7 +636,14 @@ async fn record_gap(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, topic: &str,
 /// Uploads a segment and records it; `false` when the partition's recorded position is no
 /// longer this segment's start (another archiver got there first: start again from it).
 /// S3 or PostgreSQL failing delays the segment, never drops it: retried with backoff.
-async fn flush(cfg: &Config, pool: &PgPool, s3: &vitals_runtime::s3::S3Client, o: Open, stop: &AtomicBool, metrics: &ArchiveMetrics) -> anyhow::Result<bool> {
+async fn flush(
+    cfg: &Config,
+    pool: &PgPool,
+    s3: &vitals_runtime::s3::S3Client,
+    o: Open,
+    stop: &AtomicBool,
+    metrics: &ArchiveMetrics,
+) -> anyhow::Result<bool> {
     let object = o.meta.object_key(&cfg.archive.prefix);
     let body = encode_segment(&o.meta, &o.records)?;
     let bytes = body.len() as i64;
@@ -607,7 +702,8 @@ async fn flush(cfg: &Config, pool: &PgPool, s3: &vitals_runtime::s3::S3Client, o
                 ArchiveMetrics::add(&metrics.records, o.records.len() as u64);
                 ArchiveMetrics::add(&metrics.bytes, bytes as u64);
                 ArchiveMetrics::add(&metrics.gaps, o.gaps.len() as u64);
-                *metrics.last_segment.lock().unwrap_or_else(|e| e.into_inner()) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+                *metrics.last_segment.lock().unwrap_or_else(|e| e.into_inner()) =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
                 failpoint_after_record();
                 return Ok(true);
             }
@@ -668,7 +764,11 @@ struct Coverage {
 }
 
 async fn coverage(pool: &PgPool, topic: &str, partition: i32, from: i64, to: i64) -> Result<Coverage, sqlx::Error> {
-    let position = sqlx::query_as("SELECT start_offset, next_offset FROM archive_positions WHERE topic = $1 AND partition = $2").bind(topic).bind(partition).fetch_optional(pool).await?;
+    let position = sqlx::query_as("SELECT start_offset, next_offset FROM archive_positions WHERE topic = $1 AND partition = $2")
+        .bind(topic)
+        .bind(partition)
+        .fetch_optional(pool)
+        .await?;
     // (Both: the rows overlapping from..to, $3..$4.)
     let gaps = sqlx::query_as("SELECT from_offset, to_offset FROM archive_gaps WHERE topic = $1 AND partition = $2 AND from_offset < $4 AND to_offset > $3 ORDER BY from_offset")
         .bind(topic)
@@ -691,7 +791,15 @@ async fn coverage(pool: &PgPool, topic: &str, partition: i32, from: i64, to: i64
 /// archive does not hold all of them (it starts later, has not got that far, has a recorded
 /// gap there, or an object is gone or altered); [`ArchiveError::Unavailable`] when PostgreSQL
 /// or the store cannot be reached.
-pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, cache: Option<&SegmentCache>, topic: &str, partition: i32, from: i64, to: i64) -> Result<Read, ArchiveError> {
+pub async fn read(
+    pool: &PgPool,
+    s3: &vitals_runtime::s3::S3Client,
+    cache: Option<&SegmentCache>,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+) -> Result<Read, ArchiveError> {
     let down = |e: &dyn std::fmt::Display| ArchiveError::Unavailable(e.to_string());
     macro_rules! missing {
         ($($t:tt)*) => { return Err(ArchiveError::Missing(format!($($t)*))) };
@@ -707,10 +815,14 @@ pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, cache: Optio
     }
     if to > next {
         // Not archived yet (a segment still open, the archiver behind or down): they will be.
-        return Err(ArchiveError::Unavailable(format!("the archive of {topic}/{partition} holds offsets up to {next} so far, not yet all of {from}..{to}")));
+        return Err(ArchiveError::Unavailable(format!(
+            "the archive of {topic}/{partition} holds offsets up to {next} so far, not yet all of {from}..{to}"
+        )));
     }
     if let Some((a, b)) = gaps.first() {
-        missing!("the archive of {topic}/{partition} has a gap at offsets {a}..{b}: they were deleted from the lane before they were archived");
+        missing!(
+            "the archive of {topic}/{partition} has a gap at offsets {a}..{b}: they were deleted from the lane before they were archived"
+        );
     }
     let mut at = from;
     let mut keys: HashMap<uuid::Uuid, Option<DataKey>> = HashMap::new();
@@ -721,7 +833,9 @@ pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, cache: Optio
         let records = match cache.and_then(|c| c.get(&object)) {
             Some(r) => r,
             None => {
-                let Some(body) = s3.get(&object).await.map_err(|e| down(&format!("reading {object}: {e}")))? else { missing!("{object} is recorded but not in the store") };
+                let Some(body) = s3.get(&object).await.map_err(|e| down(&format!("reading {object}: {e}")))? else {
+                    missing!("{object} is recorded but not in the store")
+                };
                 let (meta, records) = match decode_segment(&body) {
                     Ok(d) => d,
                     Err(e) => missing!("decoding {object}: {e:#}"),
@@ -736,10 +850,20 @@ pub async fn read(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, cache: Optio
                 records
             }
         };
-        let unknown: Vec<uuid::Uuid> = records.iter().map(|r| r.key_id).filter(|id| !keys.contains_key(id)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let unknown: Vec<uuid::Uuid> = records
+            .iter()
+            .map(|r| r.key_id)
+            .filter(|id| !keys.contains_key(id))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         if !unknown.is_empty() {
             let ids: Vec<String> = unknown.iter().map(uuid::Uuid::to_string).collect();
-            let rows: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT key_id, key FROM archive_keys WHERE key_id = ANY($1)").bind(&ids).fetch_all(pool).await.map_err(|e| down(&e))?;
+            let rows: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT key_id, key FROM archive_keys WHERE key_id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(pool)
+                .await
+                .map_err(|e| down(&e))?;
             for id in &unknown {
                 keys.insert(*id, None);
             }
@@ -806,7 +930,14 @@ impl SegmentCache {
 /// The first archived offset of `topic`/`partition` below `before` whose timestamp is at or
 /// after `ms` (what the broker's time index answers for the records it still holds). Segments
 /// hold one UTC day each, so only those of that day and later are read.
-pub async fn offset_for_time(pool: &PgPool, s3: &vitals_runtime::s3::S3Client, topic: &str, partition: i32, ms: i64, before: i64) -> anyhow::Result<Option<i64>> {
+pub async fn offset_for_time(
+    pool: &PgPool,
+    s3: &vitals_runtime::s3::S3Client,
+    topic: &str,
+    partition: i32,
+    ms: i64,
+    before: i64,
+) -> anyhow::Result<Option<i64>> {
     let day = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().date_naive();
     let segments: Vec<String> = sqlx::query_scalar("SELECT object_key FROM archive_segments WHERE topic = $1 AND partition = $2 AND day >= $3 AND first_offset < $4 ORDER BY first_offset")
         .bind(topic)
@@ -843,7 +974,11 @@ pub async fn holds(pool: &PgPool, topic: &str, partition: i32, from: i64, to: i6
 
 /// The archive's first offset of `topic`/`partition` (where archiving began), if it has one.
 pub async fn start(pool: &PgPool, topic: &str, partition: i32) -> anyhow::Result<Option<i64>> {
-    Ok(sqlx::query_scalar("SELECT start_offset FROM archive_positions WHERE topic = $1 AND partition = $2").bind(topic).bind(partition).fetch_optional(pool).await?)
+    Ok(sqlx::query_scalar("SELECT start_offset FROM archive_positions WHERE topic = $1 AND partition = $2")
+        .bind(topic)
+        .bind(partition)
+        .fetch_optional(pool)
+        .await?)
 }
 
 /// The archive as the runtime reads it (blocking, from the runtime's thread).
@@ -879,10 +1014,18 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Vec<StatusRow>> {
     let pool = app::pg_pool(cfg).await?;
     let topics = lanes(cfg);
     let at = positions(&pool, &topics).await?;
-    let gaps: BTreeMap<(String, i32), i64> =
-        sqlx::query_as::<_, (String, i32, i64)>("SELECT topic, partition, count(*) FROM archive_gaps WHERE topic = ANY($1) GROUP BY topic, partition").bind(&topics).fetch_all(&pool).await?.into_iter().map(|(t, p, n)| ((t, p), n)).collect();
+    let gaps: BTreeMap<(String, i32), i64> = sqlx::query_as::<_, (String, i32, i64)>(
+        "SELECT topic, partition, count(*) FROM archive_gaps WHERE topic = ANY($1) GROUP BY topic, partition",
+    )
+    .bind(&topics)
+    .fetch_all(&pool)
+    .await?
+    .into_iter()
+    .map(|(t, p, n)| ((t, p), n))
+    .collect();
     let parts = app::topic_partitions(cfg, &topics).await?;
-    let client: rdkafka::consumer::BaseConsumer = app::kafka_base(cfg, "vitals-archive-status").set("group.id", "vitals-archive-status").create()?;
+    let client: rdkafka::consumer::BaseConsumer =
+        app::kafka_base(cfg, "vitals-archive-status").set("group.id", "vitals-archive-status").create()?;
     let marks = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         for (t, n) in parts {
@@ -898,7 +1041,16 @@ pub async fn status(cfg: &Config) -> anyhow::Result<Vec<StatusRow>> {
         .map(|(topic, partition, (low, high))| {
             let pos = at.get(&(topic.clone(), partition));
             let behind = high - pos.map_or(low, |p| p.next.max(low));
-            StatusRow { gaps: gaps.get(&(topic.clone(), partition)).copied().unwrap_or(0), archived_from: pos.map(|p| p.start), archived_to: pos.map(|p| p.next), low, high, behind: behind.max(0), topic, partition }
+            StatusRow {
+                gaps: gaps.get(&(topic.clone(), partition)).copied().unwrap_or(0),
+                archived_from: pos.map(|p| p.start),
+                archived_to: pos.map(|p| p.next),
+                low,
+                high,
+                behind: behind.max(0),
+                topic,
+                partition,
+            }
         })
         .collect())
 }
@@ -908,13 +1060,18 @@ pub fn render(rows: &[StatusRow]) -> String {
     use std::fmt::Write;
     let w = rows.iter().map(|r| r.topic.len()).max().unwrap_or(5).max(5);
     let mut out = String::new();
-    let _ = writeln!(out, "{:<w$} {:>4} {:>12} {:>10} {:>10} {:>8} {:>5}", "topic", "part", "archived", "lane low", "lane high", "behind", "gaps");
+    let _ = writeln!(
+        out,
+        "{:<w$} {:>4} {:>12} {:>10} {:>10} {:>8} {:>5}",
+        "topic", "part", "archived", "lane low", "lane high", "behind", "gaps"
+    );
     for r in rows {
         let archived = match (r.archived_from, r.archived_to) {
             (Some(a), Some(b)) => format!("{a}..{b}"),
             _ => "-".into(),
         };
-        let _ = writeln!(out, "{:<w$} {:>4} {:>12} {:>10} {:>10} {:>8} {:>5}", r.topic, r.partition, archived, r.low, r.high, r.behind, r.gaps);
+        let _ =
+            writeln!(out, "{:<w$} {:>4} {:>12} {:>10} {:>10} {:>8} {:>5}", r.topic, r.partition, archived, r.low, r.high, r.behind, r.gaps);
     }
     let behind: i64 = rows.iter().map(|r| r.behind).sum();
     let _ = writeln!(out, "not archived yet: {behind} records; a lane may be truncated up to each partition's archived end");

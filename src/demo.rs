@@ -97,43 +97,60 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
         _ => false,
     };
     if !registry_up {
-        let listener = TcpListener::bind(&cfg.registry.listen).await.with_context(|| format!("binding the registry on {}", cfg.registry.listen))?;
+        let listener =
+            TcpListener::bind(&cfg.registry.listen).await.with_context(|| format!("binding the registry on {}", cfg.registry.listen))?;
         let router = vitals_registry::router(pool.clone(), app::registry_access(&cfg)?);
-        tasks.push((false, tokio::spawn(async move {
-            let _ = app::serve(listener, router, std::future::pending()).await;
-        })));
+        tasks.push((
+            false,
+            tokio::spawn(async move {
+                let _ = app::serve(listener, router, std::future::pending()).await;
+            }),
+        ));
     }
     app::register_schemas(&cfg).await.context("registering schemas")?;
 
     let ingest = app::ingest(&cfg, pool.clone()).await?;
-    let listener = TcpListener::bind(&cfg.ingest.listen).await.with_context(|| format!("binding the ingest edge on {}", cfg.ingest.listen))?;
+    let listener =
+        TcpListener::bind(&cfg.ingest.listen).await.with_context(|| format!("binding the ingest edge on {}", cfg.ingest.listen))?;
     let router = vitals_ingest::router(ingest);
-    tasks.push((false, tokio::spawn(async move {
-        let _ = app::serve(listener, router, std::future::pending()).await;
-    })));
+    tasks.push((
+        false,
+        tokio::spawn(async move {
+            let _ = app::serve(listener, router, std::future::pending()).await;
+        }),
+    ));
 
     for info in vitals_runtime::registry() {
         let (cfg, stop) = (cfg.clone(), Arc::clone(&stop));
-        tasks.push((true, tokio::spawn(async move {
-            if let Err(e) = app::process(&cfg, info.name, stop, None, Default::default()).await {
-                eprintln!("processor {} stopped: {e:#}", info.name);
-            }
-        })));
+        tasks.push((
+            true,
+            tokio::spawn(async move {
+                if let Err(e) = app::process(&cfg, info.name, stop, None, Default::default()).await {
+                    eprintln!("processor {} stopped: {e:#}", info.name);
+                }
+            }),
+        ));
     }
     {
         let (cfg, stop) = (cfg.clone(), Arc::clone(&stop));
         let publisher = app::publisher(&cfg)?;
-        tasks.push((true, tokio::spawn(async move {
-            if let Err(e) = app::sink(&cfg, stop, Default::default(), Box::new(move |a| publisher.announce(a))).await {
-                eprintln!("sink stopped: {e:#}");
-            }
-        })));
+        tasks.push((
+            true,
+            tokio::spawn(async move {
+                if let Err(e) = app::sink(&cfg, stop, Default::default(), Box::new(move |a| publisher.announce(a))).await {
+                    eprintln!("sink stopped: {e:#}");
+                }
+            }),
+        ));
     }
     let api = app::api(&cfg, pool.clone(), true).await?;
     let listener = TcpListener::bind(&cfg.api.listen).await.with_context(|| format!("binding the API on {}", cfg.api.listen))?;
-    tasks.push((false, tokio::spawn(async move {
-        let _ = app::serve(listener, vitals_api::router(api), std::future::pending()).await;
-    })));
+    tasks.push((
+        false,
+        tokio::spawn(async move {
+            let _ = app::serve(listener, vitals_api::router(api), std::future::pending()).await;
+        }),
+    ));
 
     let prefix = format!("demo-{run}-");
     let sim = simulate::SimConfig {
@@ -163,7 +180,12 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
     let started = Instant::now();
     let report = simulate::run(&sim, &http).await.context("simulated uploads")?;
-    println!("uploaded {} items in {:.1} s ({} rejected by validation, as the simulator intends some)", report.accepted, started.elapsed().as_secs_f64(), report.rejected);
+    println!(
+        "uploaded {} items in {:.1} s ({} rejected by validation, as the simulator intends some)",
+        report.accepted,
+        started.elapsed().as_secs_f64(),
+        report.rejected
+    );
 
     // Wait for every projection of every user to be fresh.
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -184,7 +206,10 @@ pub async fn run(mut cfg: Config, args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("every projection is fresh after {:.1} s:", started.elapsed().as_secs_f64());
     for table in ["proj_rollup_day", "proj_sleep_night", "proj_session_impact", "proj_product_impact"] {
-        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE NOT deleted AND user_id LIKE $1 || '%'")).bind(&prefix).fetch_one(&pool).await?;
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE NOT deleted AND user_id LIKE $1 || '%'"))
+            .bind(&prefix)
+            .fetch_one(&pool)
+            .await?;
         println!("  {table:<22} {n:>6} rows");
     }
     if !args.once {

@@ -30,7 +30,9 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::json;
 use sqlx::PgPool;
 use vitals_schemas::codec::{Codec, CodecError};
-use vitals_schemas::dead_letter::{replay_of, REASON_HEADER, REPLAY_DLQ_HEADER, REPLAY_OF_HEADER, SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER};
+use vitals_schemas::dead_letter::{
+    replay_of, REASON_HEADER, REPLAY_DLQ_HEADER, REPLAY_OF_HEADER, SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER,
+};
 use vitals_schemas::topics::{partition_for, TopicRole, Topics};
 use vitals_schemas::DeadLetter;
 
@@ -53,7 +55,12 @@ pub struct Selector {
 
 impl Selector {
     pub fn is_empty(&self) -> bool {
-        self.topic.is_none() && self.partition.is_none() && self.from_offset.is_none() && self.to_offset.is_none() && self.code.is_none() && self.stage.is_none()
+        self.topic.is_none()
+            && self.partition.is_none()
+            && self.from_offset.is_none()
+            && self.to_offset.is_none()
+            && self.code.is_none()
+            && self.stage.is_none()
     }
 
     fn source_matches(&self, topic: &str, partition: i32, offset: i64) -> bool {
@@ -66,13 +73,20 @@ impl Selector {
     pub fn matches(&self, d: &DeadLetter) -> bool {
         self.source_matches(&d.source_topic, d.source_partition, d.source_offset)
             && self.code.as_ref().is_none_or(|c| *c == d.code)
-            && self.stage.as_ref().is_none_or(|s| *s == d.stage || d.stage.split_once(':').is_some_and(|(kind, name)| kind == s || name == s))
+            && self
+                .stage
+                .as_ref()
+                .is_none_or(|s| *s == d.stage || d.stage.split_once(':').is_some_and(|(kind, name)| kind == s || name == s))
     }
 
     /// What can be decided from a dead letter's headers alone (before decoding it): `false` only
     /// if they prove it is not selected.
     fn headers_may_match(&self, m: &OwnedMessage) -> bool {
-        let (Some(t), Some(p), Some(o)) = (header(m, SOURCE_TOPIC_HEADER), header(m, SOURCE_PARTITION_HEADER), header(m, SOURCE_OFFSET_HEADER)) else { return true };
+        let (Some(t), Some(p), Some(o)) =
+            (header(m, SOURCE_TOPIC_HEADER), header(m, SOURCE_PARTITION_HEADER), header(m, SOURCE_OFFSET_HEADER))
+        else {
+            return true;
+        };
         let (Ok(p), Ok(o)) = (p.parse(), o.parse()) else { return true };
         self.source_matches(&t, p, o)
     }
@@ -125,7 +139,10 @@ impl Entry {
         self.dead.key.as_deref().map(printable).unwrap_or_else(|| "-".into())
     }
     fn time(&self) -> String {
-        self.timestamp_ms.and_then(chrono::DateTime::from_timestamp_millis).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).unwrap_or_else(|| "-".into())
+        self.timestamp_ms
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_else(|| "-".into())
     }
 }
 
@@ -167,7 +184,12 @@ fn reader(cfg: &Config) -> anyhow::Result<StreamConsumer> {
 }
 
 fn metadata_client(cfg: &Config) -> anyhow::Result<BaseConsumer> {
-    ClientConfig::new().set("bootstrap.servers", &cfg.kafka.brokers).set("client.id", "vitals-dlq").set("log_level", "4").create().context("creating a Kafka metadata client")
+    ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("client.id", "vitals-dlq")
+        .set("log_level", "4")
+        .create()
+        .context("creating a Kafka metadata client")
 }
 
 /// The partitions of `topic`, or an error if the broker does not know it.
@@ -176,7 +198,12 @@ async fn partitions(cfg: &Config, topic: &str) -> anyhow::Result<Vec<i32>> {
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         let md = client.fetch_metadata(Some(&topic), Duration::from_secs(10)).with_context(|| format!("metadata of {topic}"))?;
-        let parts: Vec<i32> = md.topics().iter().filter(|t| t.name() == topic && t.error().is_none()).flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        let parts: Vec<i32> = md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
         anyhow::ensure!(!parts.is_empty(), "topic {topic} does not exist (run `vitals topics create`, or check kafka.topic_prefix)");
         Ok(parts)
     })
@@ -191,7 +218,10 @@ async fn watermarks(cfg: &Config, topic: &str, parts: &[i32]) -> anyhow::Result<
     tokio::task::spawn_blocking(move || {
         let mut out = BTreeMap::new();
         for p in parts {
-            out.insert(p, client.fetch_watermarks(&topic, p, Duration::from_secs(10)).with_context(|| format!("watermarks of {topic} [{p}]"))?);
+            out.insert(
+                p,
+                client.fetch_watermarks(&topic, p, Duration::from_secs(10)).with_context(|| format!("watermarks of {topic} [{p}]"))?,
+            );
         }
         Ok(out)
     })
@@ -201,7 +231,12 @@ async fn watermarks(cfg: &Config, topic: &str, parts: &[i32]) -> anyhow::Result<
 
 /// The records of `topic` in each partition's `[from, to)` (clamped to what the partition holds
 /// now) that `keep` accepts, in offset order per partition.
-async fn read_ranges(cfg: &Config, topic: &str, ranges: &BTreeMap<i32, (i64, i64)>, mut keep: impl FnMut(&OwnedMessage) -> bool) -> anyhow::Result<Vec<OwnedMessage>> {
+async fn read_ranges(
+    cfg: &Config,
+    topic: &str,
+    ranges: &BTreeMap<i32, (i64, i64)>,
+    mut keep: impl FnMut(&OwnedMessage) -> bool,
+) -> anyhow::Result<Vec<OwnedMessage>> {
     let marks = watermarks(cfg, topic, &ranges.keys().copied().collect::<Vec<_>>()).await?;
     let mut tpl = TopicPartitionList::new();
     let mut open: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
@@ -223,7 +258,11 @@ async fn read_ranges(cfg: &Config, topic: &str, ranges: &BTreeMap<i32, (i64, i64
     let mut progress = Instant::now();
     while !open.is_empty() {
         match tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await {
-            Err(_) => anyhow::ensure!(progress.elapsed() < STALL, "reading {topic}: partitions {:?} made no progress for {STALL:?}", open.keys().collect::<Vec<_>>()),
+            Err(_) => anyhow::ensure!(
+                progress.elapsed() < STALL,
+                "reading {topic}: partitions {:?} made no progress for {STALL:?}",
+                open.keys().collect::<Vec<_>>()
+            ),
             Ok(Ok(m)) => {
                 progress = Instant::now();
                 let (p, offset) = (m.partition(), m.offset());
@@ -285,7 +324,14 @@ async fn entry(codec: &Codec, m: &OwnedMessage) -> anyhow::Result<Entry> {
             (d, Some(e.to_string()))
         }
     };
-    Ok(Entry { partition: m.partition(), offset: m.offset(), timestamp_ms: m.timestamp().to_millis(), dead, headers: headers_of(m), broken })
+    Ok(Entry {
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        dead,
+        headers: headers_of(m),
+        broken,
+    })
 }
 
 /// Dead letters per (stage, code).
@@ -333,7 +379,17 @@ pub async fn list(cfg: &Config, sel: &Selector, json: bool) -> anyhow::Result<St
             e.dead.code,
             e.source(),
             e.user(),
-            truncated(&printable(e.broken.as_deref().map(|b| format!("(dead letter undecodable: {b}) {}", e.dead.reason)).as_deref().unwrap_or(&e.dead.reason).as_bytes()), 100),
+            truncated(
+                &printable(
+                    e.broken
+                        .as_deref()
+                        .map(|b| format!("(dead letter undecodable: {b}) {}", e.dead.reason))
+                        .as_deref()
+                        .unwrap_or(&e.dead.reason)
+                        .as_bytes()
+                ),
+                100
+            ),
         );
     }
     let _ = writeln!(out, "{} dead letters in {topic}{}", entries.len(), if sel.is_empty() { "" } else { " selected" });
@@ -434,13 +490,19 @@ pub async fn show(cfg: &Config, at: &str, json: bool) -> anyhow::Result<String> 
             Err(err) => format!("unknown (PostgreSQL: {err:#})"),
             Ok(pool) => match ledger_row(&pool, &d.source_topic, d.source_partition, d.source_offset).await {
                 Ok(None) => "not replayed".to_owned(),
-                Ok(Some(Replayed { target, target_offset: Some(to), at })) => format!("replayed to {target}:{to} at {}", at.map(|a| a.to_rfc3339()).unwrap_or_default()),
-                Ok(Some(Replayed { target, target_offset: None, .. })) => format!("in doubt: a replay to {target} was started and not confirmed (the next `dlq replay` settles it)"),
+                Ok(Some(Replayed { target, target_offset: Some(to), at })) => {
+                    format!("replayed to {target}:{to} at {}", at.map(|a| a.to_rfc3339()).unwrap_or_default())
+                }
+                Ok(Some(Replayed { target, target_offset: None, .. })) => {
+                    format!("in doubt: a replay to {target} was started and not confirmed (the next `dlq replay` settles it)")
+                }
                 Err(err) => format!("unknown (ledger: {err})"),
             },
         },
     };
-    let hdrs = |h: &[(String, Option<Vec<u8>>)]| -> Vec<(String, String)> { h.iter().map(|(k, v)| (k.clone(), v.as_deref().map(printable).unwrap_or_else(|| "(null)".into()))).collect() };
+    let hdrs = |h: &[(String, Option<Vec<u8>>)]| -> Vec<(String, String)> {
+        h.iter().map(|(k, v)| (k.clone(), v.as_deref().map(printable).unwrap_or_else(|| "(null)".into()))).collect()
+    };
     use base64::Engine as _;
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     let mut out = String::new();
@@ -531,7 +593,13 @@ fn key_of(d: &DeadLetter) -> SourceKey {
 /// a copy carrying the intent's `vitals-replay-of` at or after `scan_from` in the target
 /// partition was written (the row is completed), otherwise it was not (the row is removed, so
 /// the record is replayed again). Read-only with `dry_run`; returns the sources found written.
-async fn settle(cfg: &Config, pool: &PgPool, dlq_topic: &str, dry_run: bool, out: &mut impl std::io::Write) -> anyhow::Result<BTreeMap<SourceKey, (String, i32, i64)>> {
+async fn settle(
+    cfg: &Config,
+    pool: &PgPool,
+    dlq_topic: &str,
+    dry_run: bool,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<BTreeMap<SourceKey, (String, i32, i64)>> {
     let open: Vec<(String, i32, i64, String, i32, i64)> = sqlx::query_as(
         "SELECT source_topic, source_partition, source_offset, target_topic, target_partition, scan_from FROM dlq_replays WHERE dlq_topic = $1 AND target_offset IS NULL",
     )
@@ -623,7 +691,8 @@ pub async fn replay(cfg: &Config, sel: &Selector, dry_run: bool, out: &mut impl 
     // connection closes, however this process ends.
     let mut lock = sqlx::PgConnection::connect(cfg.postgres.url.expose()).await.context("connecting to PostgreSQL for the replay lock")?;
     let lock_name = format!("vitals dlq replay {}", t.dead_letter);
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))").bind(&lock_name).fetch_one(&mut lock).await?;
+    let locked: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))").bind(&lock_name).fetch_one(&mut lock).await?;
     anyhow::ensure!(locked, "another `vitals dlq replay` of {} is running; try again when it is done", t.dead_letter);
 
     let mut report = ReplayReport::default();
@@ -641,7 +710,9 @@ pub async fn replay(cfg: &Config, sel: &Selector, dry_run: bool, out: &mut impl 
     .context("reading the replay ledger")?;
     let done: BTreeMap<SourceKey, String> = ledger
         .into_iter()
-        .filter_map(|(st, sp, so, tt, tp, to, at)| Some(((st, sp, so), format!("{tt}:{tp}:{} at {}", to?, at.map(|a| a.to_rfc3339()).unwrap_or_default()))))
+        .filter_map(|(st, sp, so, tt, tp, to, at)| {
+            Some(((st, sp, so), format!("{tt}:{tp}:{} at {}", to?, at.map(|a| a.to_rfc3339()).unwrap_or_default())))
+        })
         .chain(settled.iter().map(|(k, (tt, tp, to))| (k.clone(), format!("{tt}:{tp}:{to} by an interrupted run"))))
         .collect();
 
@@ -690,7 +761,12 @@ pub async fn replay(cfg: &Config, sel: &Selector, dry_run: bool, out: &mut impl 
         let key = e.dead.key.as_deref().unwrap_or_default();
         let partition = partition_for(key, partition_counts[&e.dead.source_topic]);
         let original = found.get(&k).filter(|m| m.key() == e.dead.key.as_deref() && m.payload() == e.dead.payload.as_deref());
-        let headers: Vec<(String, Option<Vec<u8>>)> = original.map(headers_of).unwrap_or_default().into_iter().filter(|(h, _)| h != REPLAY_OF_HEADER && h != REPLAY_DLQ_HEADER).collect();
+        let headers: Vec<(String, Option<Vec<u8>>)> = original
+            .map(headers_of)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(h, _)| h != REPLAY_OF_HEADER && h != REPLAY_DLQ_HEADER)
+            .collect();
         copies.push(Copy { topic: e.dead.source_topic.clone(), partition, headers, headers_recovered: original.is_some(), entry: e });
     }
     let note = |c: &Copy| {
@@ -752,7 +828,9 @@ pub async fn replay(cfg: &Config, sel: &Selector, dry_run: bool, out: &mut impl 
         for (k, v) in &c.headers {
             headers = headers.insert(Header { key: k, value: v.as_deref() });
         }
-        headers = headers.insert(Header { key: REPLAY_OF_HEADER, value: Some(of.as_str()) }).insert(Header { key: REPLAY_DLQ_HEADER, value: Some(at.as_str()) });
+        headers = headers
+            .insert(Header { key: REPLAY_OF_HEADER, value: Some(of.as_str()) })
+            .insert(Header { key: REPLAY_DLQ_HEADER, value: Some(at.as_str()) });
         let key = c.entry.dead.key.as_deref().unwrap_or_default();
         loop {
             let mut record = FutureRecord::<[u8], [u8]>::to(&c.topic).partition(c.partition).key(key).headers(headers.clone());
@@ -782,7 +860,16 @@ pub async fn replay(cfg: &Config, sel: &Selector, dry_run: bool, out: &mut impl 
                     .await
                     .context("completing a replay in the ledger (the next run finds the copy and completes it)")?;
                 report.replayed += 1;
-                writeln!(out, "replayed   dlq {:<9} {} -> {}:{}:{}{}", c.entry.at(), c.entry.source(), c.topic, delivery.partition, delivery.offset, note(c))?;
+                writeln!(
+                    out,
+                    "replayed   dlq {:<9} {} -> {}:{}:{}{}",
+                    c.entry.at(),
+                    c.entry.source(),
+                    c.topic,
+                    delivery.partition,
+                    delivery.offset,
+                    note(c)
+                )?;
             }
             Ok(Err((e, _))) => {
                 report.failed += 1;
@@ -821,7 +908,16 @@ mod tests {
     use super::*;
 
     fn dl(topic: &str, p: i32, o: i64, stage: &str, code: &str) -> DeadLetter {
-        DeadLetter { source_topic: topic.into(), source_partition: p, source_offset: o, stage: stage.into(), code: code.into(), reason: "r".into(), key: Some(b"u".to_vec()), payload: None }
+        DeadLetter {
+            source_topic: topic.into(),
+            source_partition: p,
+            source_offset: o,
+            stage: stage.into(),
+            code: code.into(),
+            reason: "r".into(),
+            key: Some(b"u".to_vec()),
+            payload: None,
+        }
     }
 
     #[test]

@@ -265,11 +265,6 @@ impl DlqSelect {
     }
 }
 
-
-
-
-
-
 /// Serves a role's `/readyz` (200 `ready`, or 503 `not ready: <why>` while `not_ready` says
 /// why) and `/metrics` (what `render` writes, Prometheus text) on `listen`; nothing when empty.
 async fn serve_probes(
@@ -304,7 +299,6 @@ async fn serve_probes(
     tokio::spawn(app::serve(listener, router, std::future::pending()));
     Ok(())
 }
-
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -359,7 +353,8 @@ async fn main() -> anyhow::Result<()> {
                 },
                 move || {
                     let mut out = String::new();
-                    let refs: Vec<(&str, &vitals_runtime::metrics::RuntimeMetrics)> = all.iter().map(|(n, m)| (n.as_str(), m.as_ref())).collect();
+                    let refs: Vec<(&str, &vitals_runtime::metrics::RuntimeMetrics)> =
+                        all.iter().map(|(n, m)| (n.as_str(), m.as_ref())).collect();
                     vitals_runtime::metrics::render_all(&refs, &mut out);
                     out
                 },
@@ -386,7 +381,15 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Replay { processor, as_version, from, until_caught_up, progress, every, crash_after_produce } => {
             let stop = stop_on_signal();
             let every = Duration::from_secs_f64(every.clamp(0.1, 3600.0));
-            let args = vitals::replay::ReplayArgs { processor, version: as_version, from, until_caught_up, display: progress, every, crash_after_produce };
+            let args = vitals::replay::ReplayArgs {
+                processor,
+                version: as_version,
+                from,
+                until_caught_up,
+                display: progress,
+                every,
+                crash_after_produce,
+            };
             vitals::replay::replay(&cfg, args, stop).await?;
         }
         Cmd::Promote { processor, version, force } => {
@@ -495,9 +498,16 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Dlq { cmd: DlqCmd::Replay { select, all, dry_run } } => {
             let sel = select.to_selector(&cfg);
-            anyhow::ensure!(all || !sel.is_empty(), "name what to replay (--topic, --partition, --from-offset, --to-offset, --reason, --stage) or pass --all");
+            anyhow::ensure!(
+                all || !sel.is_empty(),
+                "name what to replay (--topic, --partition, --from-offset, --to-offset, --reason, --stage) or pass --all"
+            );
             let report = dlq::replay(&cfg, &sel, dry_run, &mut std::io::stdout()).await?;
-            anyhow::ensure!(report.failed == 0, "{} replays were not acknowledged; run the same command again (nothing is written twice)", report.failed);
+            anyhow::ensure!(
+                report.failed == 0,
+                "{} replays were not acknowledged; run the same command again (nothing is written twice)",
+                report.failed
+            );
         }
         Cmd::Setup => {
             let pool = app::pg_pool(&cfg).await?;

@@ -45,7 +45,13 @@ pub async fn show(cfg: &Config, only: Option<&str>) -> anyhow::Result<Vec<Partit
     let mut rows = Vec::new();
     for info in infos {
         let task = format!("{}{}", cfg.kafka.topic_prefix, info.name);
-        let epochs: BTreeMap<i32, i64> = sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs WHERE processor = $1").bind(&task).fetch_all(&pool).await?.into_iter().collect();
+        let epochs: BTreeMap<i32, i64> =
+            sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs WHERE processor = $1")
+                .bind(&task)
+                .fetch_all(&pool)
+                .await?
+                .into_iter()
+                .collect();
         let snaps: BTreeMap<i32, (serde_json::Value, i64)> = sqlx::query_as::<_, (i32, serde_json::Value, f64)>(
             "SELECT partition, offsets, EXTRACT(EPOCH FROM now() - created_at)::float8 FROM processor_snapshots WHERE processor = $1",
         )
@@ -81,12 +87,18 @@ pub type Position = (String, i32, Option<i64>, i64, Option<String>);
 /// (topic, partition, committed, high, owner) of every input partition of `group`.
 pub fn group_positions(cfg: &Config, group: &str, inputs: &[String]) -> anyhow::Result<Vec<Position>> {
     // A consumer of the group that never subscribes: it reads the group's commits, joins nothing.
-    let c: BaseConsumer = app::kafka_base(cfg, &app::client_id("offsets", None)).set("group.id", group).set("enable.auto.commit", "false").create().context("creating a Kafka client")?;
+    let c: BaseConsumer = app::kafka_base(cfg, &app::client_id("offsets", None))
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("creating a Kafka client")?;
     let timeout = Duration::from_secs(10);
     let md = c.fetch_metadata(None, timeout).context("fetching metadata")?;
     let mut tpl = TopicPartitionList::new();
     for t in inputs {
-        let Some(mt) = md.topics().iter().find(|m| m.name() == t) else { anyhow::bail!("topic {t} does not exist (run `vitals topics create`)") };
+        let Some(mt) = md.topics().iter().find(|m| m.name() == t) else {
+            anyhow::bail!("topic {t} does not exist (run `vitals topics create`)")
+        };
         for p in mt.partitions() {
             tpl.add_partition(t, p.id());
         }
@@ -134,7 +146,13 @@ pub fn member_name(client_id: &str, member_id: &str) -> String {
         return client_id.to_owned();
     }
     match member_id.len().checked_sub(37) {
-        Some(cut) if member_id.is_char_boundary(cut) && member_id[cut..].starts_with('-') && uuid::Uuid::parse_str(&member_id[cut + 1..]).is_ok() => member_id[..cut].to_owned(),
+        Some(cut)
+            if member_id.is_char_boundary(cut)
+                && member_id[cut..].starts_with('-')
+                && uuid::Uuid::parse_str(&member_id[cut + 1..]).is_ok() =>
+        {
+            member_id[..cut].to_owned()
+        }
         _ => member_id.to_owned(),
     }
 }
@@ -176,14 +194,30 @@ pub fn render(rows: &[PartitionRow]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let w = rows.iter().map(|r| r.topic.len()).max().unwrap_or(5).max(5);
-    let _ = writeln!(out, "{:<16} {:<w$} {:>4} {:>10} {:>10} {:>8} {:>6} {:>18}  owner", "processor", "topic", "part", "committed", "high", "lag", "epoch", "snapshot (off, age)");
+    let _ = writeln!(
+        out,
+        "{:<16} {:<w$} {:>4} {:>10} {:>10} {:>8} {:>6} {:>18}  owner",
+        "processor", "topic", "part", "committed", "high", "lag", "epoch", "snapshot (off, age)"
+    );
     let mut total: BTreeMap<&str, i64> = BTreeMap::new();
     for r in rows {
         *total.entry(&r.processor).or_default() += r.lag;
         let committed = r.committed.map_or("-".into(), |o| o.to_string());
         let epoch = r.epoch.map_or("-".into(), |e| e.to_string());
         let snap = r.snapshot.map_or("-".into(), |(o, age)| format!("{o}, {age}s ago"));
-        let _ = writeln!(out, "{:<16} {:<w$} {:>4} {:>10} {:>10} {:>8} {:>6} {:>18}  {}", r.processor, r.topic, r.partition, committed, r.high, r.lag, epoch, snap, r.owner.as_deref().unwrap_or("-"));
+        let _ = writeln!(
+            out,
+            "{:<16} {:<w$} {:>4} {:>10} {:>10} {:>8} {:>6} {:>18}  {}",
+            r.processor,
+            r.topic,
+            r.partition,
+            committed,
+            r.high,
+            r.lag,
+            epoch,
+            snap,
+            r.owner.as_deref().unwrap_or("-")
+        );
     }
     for (p, lag) in total {
         let _ = writeln!(out, "{p}: total lag {lag}");

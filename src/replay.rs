@@ -108,20 +108,28 @@ pub async fn line(cfg: &Config, processor: &str, v: &str) -> anyhow::Result<Line
     let Some(v) = p.version else { return Ok(Line::default()) };
     let pool = app::pg_pool(cfg).await?;
     let row: Option<sqlx::types::Json<Vec<StartOffset>>> =
-        sqlx::query_scalar("SELECT start_offsets FROM projection_replays WHERE projection = $1 AND version = $2").bind(info.name).bind(v).fetch_optional(&pool).await?;
+        sqlx::query_scalar("SELECT start_offsets FROM projection_replays WHERE projection = $1 AND version = $2")
+            .bind(info.name)
+            .bind(v)
+            .fetch_optional(&pool)
+            .await?;
     let Some(start) = row else { bail!("{} has no version {v}: `vitals replay {} --as {v}` starts it", info.name, info.name) };
     Ok(Line { version: Some(v.to_owned()), start: start.0.into_iter().map(|o| ((o.topic, o.partition), o.offset)).collect() })
 }
 
 /// The version of `projection` reads are served from (`v1` unless one was promoted).
 pub async fn promoted(pool: &PgPool, projection: &str) -> anyhow::Result<String> {
-    let v: Option<String> = sqlx::query_scalar("SELECT promoted FROM projection_versions WHERE projection = $1").bind(projection).fetch_optional(pool).await?;
+    let v: Option<String> =
+        sqlx::query_scalar("SELECT promoted FROM projection_versions WHERE projection = $1").bind(projection).fetch_optional(pool).await?;
     Ok(v.unwrap_or_else(|| BASE_VERSION.to_owned()))
 }
 
 /// Whether the base version of `projection` was retired.
 pub async fn base_retired(pool: &PgPool, projection: &str) -> anyhow::Result<bool> {
-    let r: Option<bool> = sqlx::query_scalar("SELECT base_retired FROM projection_versions WHERE projection = $1").bind(projection).fetch_optional(pool).await?;
+    let r: Option<bool> = sqlx::query_scalar("SELECT base_retired FROM projection_versions WHERE projection = $1")
+        .bind(projection)
+        .fetch_optional(pool)
+        .await?;
     Ok(r.unwrap_or(false))
 }
 
@@ -142,14 +150,18 @@ async fn start_offsets(cfg: &Config, processor: &str, topics: &[String], from: &
         From::Offsets(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let known = partitions(cfg, topics).await?;
-            let offsets = parse_offsets(&text, processor, &cfg.kafka.topic_prefix, &known).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let offsets =
+                parse_offsets(&text, processor, &cfg.kafka.topic_prefix, &known).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             // An offset outside what the partition holds would start somewhere else than asked:
             // before its first record (deleted by retention) is a gap, past its end a wait for
             // records that may never come.
             let client: BaseConsumer = app::kafka_base(cfg, "vitals-replay-offsets").set("group.id", "vitals-replay-offsets").create()?;
             let checked = offsets.clone();
             let bounds = tokio::task::spawn_blocking(move || {
-                checked.iter().map(|o| client.fetch_watermarks(&o.topic, o.partition, Duration::from_secs(10))).collect::<Result<Vec<_>, _>>()
+                checked
+                    .iter()
+                    .map(|o| client.fetch_watermarks(&o.topic, o.partition, Duration::from_secs(10)))
+                    .collect::<Result<Vec<_>, _>>()
             })
             .await?
             .context("reading the partitions' watermarks")?;
@@ -200,7 +212,9 @@ async fn start_offsets(cfg: &Config, processor: &str, topics: &[String], from: &
                     // Records before the lane's start are only in the archive: it must hold every
                     // one of them, or the replay could start later than asked.
                     let archived_from = crate::archive::start(&pool, &o.topic, o.partition).await?;
-                    let earlier = crate::archive::offset_for_time(&pool, &s3, &o.topic, o.partition, ms, low).await.context("looking up the time in the archive")?;
+                    let earlier = crate::archive::offset_for_time(&pool, &s3, &o.topic, o.partition, ms, low)
+                        .await
+                        .context("looking up the time in the archive")?;
                     let from = earlier.unwrap_or(low);
                     // (All of it from the lane's first offset: where the time falls among records
                     // that were lost cannot be known, whether or not an archived one is found.)
@@ -233,7 +247,8 @@ async fn start_offsets(cfg: &Config, processor: &str, topics: &[String], from: &
 /// beginning, and rows of other processors are skipped. Topics may be named without
 /// `kafka.topic_prefix`. A partition the file does not name starts at its beginning.
 pub fn parse_offsets(text: &str, processor: &str, prefix: &str, known: &BTreeMap<String, i32>) -> Result<Vec<StartOffset>, String> {
-    const SHAPE: &str = r#"expected a JSON array of {"topic", "partition", "offset"} (or the rows of `vitals offsets show <processor> --json`)"#;
+    const SHAPE: &str =
+        r#"expected a JSON array of {"topic", "partition", "offset"} (or the rows of `vitals offsets show <processor> --json`)"#;
     let rows: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|e| format!("{SHAPE}: {e}"))?;
     let inputs = || known.keys().cloned().collect::<Vec<_>>().join(", ");
     let (mut out, mut others, mut seen) = (Vec::<StartOffset>::new(), std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
@@ -253,7 +268,9 @@ pub fn parse_offsets(text: &str, processor: &str, prefix: &str, known: &BTreeMap
             (None, None) => return Err(format!("row {i}: no `offset` (or `committed`); {SHAPE}")),
         };
         let full = if known.contains_key(topic) { topic.to_owned() } else { format!("{prefix}{topic}") };
-        let Some(n) = known.get(&full) else { return Err(format!("row {i}: topic `{topic}` is not an input of {processor} (inputs: {})", inputs())) };
+        let Some(n) = known.get(&full) else {
+            return Err(format!("row {i}: topic `{topic}` is not an input of {processor} (inputs: {})", inputs()));
+        };
         if partition < 0 || partition >= i64::from(*n) {
             return Err(format!("row {i}: {full} has no partition {partition} (it has {n})"));
         }
@@ -271,7 +288,10 @@ pub fn parse_offsets(text: &str, processor: &str, prefix: &str, known: &BTreeMap
         out.push(StartOffset { topic: full, partition, offset });
     }
     if seen.is_empty() && !others.is_empty() {
-        return Err(format!("no row is of {processor} (the file has rows of {}): `vitals offsets show {processor} --json` writes its own", others.into_iter().collect::<Vec<_>>().join(", ")));
+        return Err(format!(
+            "no row is of {processor} (the file has rows of {}): `vitals offsets show {processor} --json` writes its own",
+            others.into_iter().collect::<Vec<_>>().join(", ")
+        ));
     }
     Ok(out)
 }
@@ -293,10 +313,21 @@ fn spec_of(from: &From) -> String {
 /// Records the replay (or finds the one to resume) and returns its start offsets. A version
 /// resumes from its checkpoints: a `--from` other than the one it was started from is refused
 /// rather than ignored, and of two first starts at once both use the one recorded first.
-async fn begin(pool: &PgPool, cfg: &Config, name: &str, v: &str, input_topics: &[String], from: Option<&From>) -> anyhow::Result<(Vec<StartOffset>, Option<String>)> {
+async fn begin(
+    pool: &PgPool,
+    cfg: &Config,
+    name: &str,
+    v: &str,
+    input_topics: &[String],
+    from: Option<&From>,
+) -> anyhow::Result<(Vec<StartOffset>, Option<String>)> {
     let recorded = || async {
         let row: Option<(String, sqlx::types::Json<Vec<StartOffset>>, chrono::DateTime<chrono::Utc>)> =
-            sqlx::query_as("SELECT from_spec, start_offsets, started_at FROM projection_replays WHERE projection = $1 AND version = $2").bind(name).bind(v).fetch_optional(pool).await?;
+            sqlx::query_as("SELECT from_spec, start_offsets, started_at FROM projection_replays WHERE projection = $1 AND version = $2")
+                .bind(name)
+                .bind(v)
+                .fetch_optional(pool)
+                .await?;
         anyhow::Ok(row)
     };
     let check = |spec: &str| match from.map(spec_of) {
@@ -307,17 +338,22 @@ async fn begin(pool: &PgPool, cfg: &Config, name: &str, v: &str, input_topics: &
     };
     if let Some((spec, offsets, at)) = recorded().await? {
         check(&spec)?;
-        return Ok((offsets.0, Some(format!("resuming {name} {v} (started {} from {spec}) from its checkpoints", at.format("%Y-%m-%d %H:%M:%S UTC")))));
+        return Ok((
+            offsets.0,
+            Some(format!("resuming {name} {v} (started {} from {spec}) from its checkpoints", at.format("%Y-%m-%d %H:%M:%S UTC"))),
+        ));
     }
     let from = from.unwrap_or(&From::Earliest);
     let offsets = start_offsets(cfg, name, input_topics, from).await?;
-    sqlx::query("INSERT INTO projection_replays (projection, version, from_spec, start_offsets) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
-        .bind(name)
-        .bind(v)
-        .bind(spec_of(from))
-        .bind(sqlx::types::Json(&offsets))
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "INSERT INTO projection_replays (projection, version, from_spec, start_offsets) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(name)
+    .bind(v)
+    .bind(spec_of(from))
+    .bind(sqlx::types::Json(&offsets))
+    .execute(pool)
+    .await?;
     // Another first start may have recorded its own in between: the recorded one holds.
     let (spec, offsets, _) = recorded().await?.context("the replay's record vanished")?;
     check(&spec)?;
@@ -426,7 +462,10 @@ fn describe(from: &From) -> String {
 async fn sink_lag(pool: &PgPool, sink: &str, topic: &str, partitions: i32, client: &Arc<BaseConsumer>) -> anyhow::Result<i64> {
     let stored = vitals_sinks::postgres::stored_offsets(pool, sink, topic).await?;
     let (client, topic2) = (Arc::clone(client), topic.to_owned());
-    let highs: Vec<i64> = tokio::task::spawn_blocking(move || (0..partitions).map(|p| client.fetch_watermarks(&topic2, p, Duration::from_secs(5)).map(|w| w.1)).collect::<Result<Vec<_>, _>>()).await??;
+    let highs: Vec<i64> = tokio::task::spawn_blocking(move || {
+        (0..partitions).map(|p| client.fetch_watermarks(&topic2, p, Duration::from_secs(5)).map(|w| w.1)).collect::<Result<Vec<_>, _>>()
+    })
+    .await??;
     Ok(highs.iter().enumerate().map(|(p, h)| (h - stored.get(&(p as i32)).copied().unwrap_or(0)).max(0)).sum())
 }
 
@@ -458,7 +497,10 @@ struct Progress {
 
 impl Progress {
     fn new(name: &str, v: &str, start: BTreeMap<(String, i32), i64>, expected: usize) -> Progress {
-        let parts = start.into_iter().map(|(k, o)| (k, Partition { start: o, taken_at: None, at: o, end: o, rate: 0.0, seen: Default::default() })).collect();
+        let parts = start
+            .into_iter()
+            .map(|(k, o)| (k, Partition { start: o, taken_at: None, at: o, end: o, rate: 0.0, seen: Default::default() }))
+            .collect();
         Progress { title: format!("{name} {v}"), parts, expected, started: Instant::now(), last: None, caught_up: false, owned: 0 }
     }
 
@@ -471,7 +513,14 @@ impl Progress {
         let now = Instant::now();
         self.last = Some(now);
         for (k, at) in positions {
-            let p = self.parts.entry(k.clone()).or_insert(Partition { start: 0, taken_at: None, at, end: at, rate: 0.0, seen: Default::default() });
+            let p = self.parts.entry(k.clone()).or_insert(Partition {
+                start: 0,
+                taken_at: None,
+                at,
+                end: at,
+                rate: 0.0,
+                seen: Default::default(),
+            });
             if p.taken_at.is_none() {
                 p.taken_at = taken.get(&k).copied().or(Some(at));
             }
@@ -591,8 +640,16 @@ pub async fn promote(cfg: &Config, processor: &str, v: &str, force: bool) -> any
     let pool = app::pg_pool(cfg).await?;
     let name = info.name;
     let mut tx = pool.begin().await?;
-    sqlx::query("INSERT INTO projection_versions (projection, promoted, previous) VALUES ($1, $2, $2) ON CONFLICT DO NOTHING").bind(name).bind(BASE_VERSION).execute(&mut *tx).await?;
-    let (current, retired): (String, bool) = sqlx::query_as("SELECT promoted, base_retired FROM projection_versions WHERE projection = $1 FOR UPDATE").bind(name).fetch_one(&mut *tx).await?;
+    sqlx::query("INSERT INTO projection_versions (projection, promoted, previous) VALUES ($1, $2, $2) ON CONFLICT DO NOTHING")
+        .bind(name)
+        .bind(BASE_VERSION)
+        .execute(&mut *tx)
+        .await?;
+    let (current, retired): (String, bool) =
+        sqlx::query_as("SELECT promoted, base_retired FROM projection_versions WHERE projection = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await?;
     if current == v {
         return Ok(format!("{name}: {v} is already served"));
     }
@@ -600,7 +657,11 @@ pub async fn promote(cfg: &Config, processor: &str, v: &str, force: bool) -> any
         bail!("{name} {BASE_VERSION} is retired: it cannot be served again");
     }
     if projection.version.is_some() {
-        let known: Option<String> = sqlx::query_scalar("SELECT from_spec FROM projection_replays WHERE projection = $1 AND version = $2").bind(name).bind(v).fetch_optional(&mut *tx).await?;
+        let known: Option<String> = sqlx::query_scalar("SELECT from_spec FROM projection_replays WHERE projection = $1 AND version = $2")
+            .bind(name)
+            .bind(v)
+            .fetch_optional(&mut *tx)
+            .await?;
         if known.is_none() {
             bail!("{name} has no version {v}: `vitals replay {name} --as {v}` makes one");
         }
@@ -634,9 +695,17 @@ pub async fn promote(cfg: &Config, processor: &str, v: &str, force: bool) -> any
             users.len()
         );
     }
-    sqlx::query("UPDATE projection_versions SET promoted = $2, previous = $3, promoted_at = now() WHERE projection = $1").bind(name).bind(v).bind(&current).execute(&mut *tx).await?;
+    sqlx::query("UPDATE projection_versions SET promoted = $2, previous = $3, promoted_at = now() WHERE projection = $1")
+        .bind(name)
+        .bind(v)
+        .bind(&current)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
-    Ok(format!("{name}: reads now serve {v} ({}) instead of {current}; `vitals retire {name} {current}` removes {current} once nothing runs it", projection.table()))
+    Ok(format!(
+        "{name}: reads now serve {v} ({}) instead of {current}; `vitals retire {name} {current}` removes {current} once nothing runs it",
+        projection.table()
+    ))
 }
 
 /// What a retirement removes, for the confirmation and the report.
@@ -676,7 +745,11 @@ pub async fn retire(cfg: &Config, processor: &str, v: &str, yes: bool) -> anyhow
             bail!("{} is built from {name} {BASE_VERSION}'s topic: it cannot be retired while {} is registered", d.name(), d.name());
         }
     } else {
-        let known: Option<String> = sqlx::query_scalar("SELECT from_spec FROM projection_replays WHERE projection = $1 AND version = $2").bind(name).bind(v).fetch_optional(&pool).await?;
+        let known: Option<String> = sqlx::query_scalar("SELECT from_spec FROM projection_replays WHERE projection = $1 AND version = $2")
+            .bind(name)
+            .bind(v)
+            .fetch_optional(&pool)
+            .await?;
         if known.is_none() {
             bail!("{name} has no version {v}");
         }
@@ -726,7 +799,10 @@ pub async fn retire(cfg: &Config, processor: &str, v: &str, yes: bool) -> anyhow
             .await?;
     }
     sqlx::query(&format!("DROP TABLE IF EXISTS {}", p.table())).execute(&mut *tx).await?;
-    let snapshot_keys: Vec<String> = sqlx::query_scalar("DELETE FROM processor_snapshots WHERE processor = $1 RETURNING object_key").bind(&line).fetch_all(&mut *tx).await?;
+    let snapshot_keys: Vec<String> = sqlx::query_scalar("DELETE FROM processor_snapshots WHERE processor = $1 RETURNING object_key")
+        .bind(&line)
+        .fetch_all(&mut *tx)
+        .await?;
     sqlx::query("DELETE FROM processor_restores WHERE processor = $1").bind(&line).execute(&mut *tx).await?;
     sqlx::query("DELETE FROM processor_epochs WHERE processor = $1").bind(&line).execute(&mut *tx).await?;
     sqlx::query("DELETE FROM projection_progress WHERE projection = $1").bind(key).execute(&mut *tx).await?;
@@ -736,13 +812,18 @@ pub async fn retire(cfg: &Config, processor: &str, v: &str, yes: bool) -> anyhow
     // the retired topic's.
     let only_topic = if p.version.is_some() { None } else { Some(topic.as_str()) };
     for table in ["sink_offsets", "sink_vouches"] {
-        sqlx::query(&format!("DELETE FROM {table} WHERE sink = $1 AND ($2::text IS NULL OR topic = $2)")).bind(&sink_of_topic).bind(only_topic).execute(&mut *tx).await?;
+        sqlx::query(&format!("DELETE FROM {table} WHERE sink = $1 AND ($2::text IS NULL OR topic = $2)"))
+            .bind(&sink_of_topic)
+            .bind(only_topic)
+            .execute(&mut *tx)
+            .await?;
     }
     if p.version.is_some() {
         sqlx::query("DELETE FROM projection_replays WHERE projection = $1 AND version = $2").bind(name).bind(v).execute(&mut *tx).await?;
     }
     tx.commit().await?;
-    let mut report = vec![format!("dropped table {}; removed the epochs, snapshot pointers, progress and dead-letter rows of {key}", p.table())];
+    let mut report =
+        vec![format!("dropped table {}; removed the epochs, snapshot pointers, progress and dead-letter rows of {key}", p.table())];
     // Then the broker and the stores: each is reported, and a failure names what is left.
     let admin = app::admin(cfg)?;
     let opts = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -775,10 +856,15 @@ pub async fn retire(cfg: &Config, processor: &str, v: &str, yes: bool) -> anyhow
                 Err(e) => report.push(format!("snapshot {k} not deleted: {e}")),
             }
         }
-        report.push(format!("deleted {deleted} published snapshot(s); superseded ones under snapshots/{}/ are left to the bucket's lifecycle rule", app::processor_group(cfg, key)));
+        report.push(format!(
+            "deleted {deleted} published snapshot(s); superseded ones under snapshots/{}/ are left to the bucket's lifecycle rule",
+            app::processor_group(cfg, key)
+        ));
     }
     if p.version.is_none() {
-        report.push(format!("{name} {BASE_VERSION} is retired: `vitals process {name}` now refuses to run it; run `vitals process {name} --as {served}`"));
+        report.push(format!(
+            "{name} {BASE_VERSION} is retired: `vitals process {name}` now refuses to run it; run `vitals process {name} --as {served}`"
+        ));
     }
     Ok(report)
 }
@@ -828,7 +914,10 @@ mod tests {
         ]"#;
         assert_eq!(parse(text).unwrap(), vec![at("t.vitals.health.hot", 0, 7)]);
         let e = parse(r#"[{"processor": "sleep_night", "topic": "t.vitals.health.hot", "partition": 0, "committed": 1}]"#).unwrap_err();
-        assert!(e.contains("no row is of rollup_day") && e.contains("sleep_night") && e.contains("vitals offsets show rollup_day --json"), "{e}");
+        assert!(
+            e.contains("no row is of rollup_day") && e.contains("sleep_night") && e.contains("vitals offsets show rollup_day --json"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -840,12 +929,18 @@ mod tests {
             (r#"[{"partition": 0, "offset": 1}]"#, "row 0: no `topic`"),
             (r#"[{"topic": "t.vitals.health.hot", "offset": 1}]"#, "row 0: no integer `partition`"),
             (r#"[{"topic": "t.vitals.health.hot", "partition": 0}]"#, "row 0: no `offset`"),
-            (r#"[{"topic": "t.vitals.domain.changes", "partition": 0, "offset": 1}]"#, "is not an input of rollup_day (inputs: t.vitals.health.cold, t.vitals.health.hot)"),
+            (
+                r#"[{"topic": "t.vitals.domain.changes", "partition": 0, "offset": 1}]"#,
+                "is not an input of rollup_day (inputs: t.vitals.health.cold, t.vitals.health.hot)",
+            ),
             (r#"[{"topic": "t.vitals.health.hot", "partition": 3, "offset": 1}]"#, "has no partition 3 (it has 3)"),
             (r#"[{"topic": "t.vitals.health.hot", "partition": -1, "offset": 1}]"#, "has no partition -1"),
             (r#"[{"topic": "t.vitals.health.hot", "partition": 0, "offset": -4}]"#, "offset -4 is negative"),
             (r#"[{"topic": "t.vitals.health.hot", "partition": 0, "offset": 1.5}]"#, "is not an integer"),
-            (r#"[{"topic": "t.vitals.health.hot", "partition": 0, "offset": 1}, {"topic": "vitals.health.hot", "partition": 0, "offset": null}]"#, "row 1: t.vitals.health.hot/0 is named twice"),
+            (
+                r#"[{"topic": "t.vitals.health.hot", "partition": 0, "offset": 1}, {"topic": "vitals.health.hot", "partition": 0, "offset": null}]"#,
+                "row 1: t.vitals.health.hot/0 is named twice",
+            ),
         ] {
             let e = parse(text).expect_err(text);
             assert!(e.contains(want), "{text}: {e}");

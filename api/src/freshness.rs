@@ -79,7 +79,8 @@ impl Freshness {
     /// Compares accepted (partition → last offset, accepted at) with applied (partition → next
     /// offset). Pure, so the rule is tested without a database.
     pub fn compare(accepted: &Accepted, applied: &BTreeMap<(String, i32), i64>) -> Freshness {
-        let mut f = Freshness { state: FreshnessState::Fresh, lanes_behind: 0, offsets_behind: 0, waiting_since: None, dead_letters: Vec::new() };
+        let mut f =
+            Freshness { state: FreshnessState::Fresh, lanes_behind: 0, offsets_behind: 0, waiting_since: None, dead_letters: Vec::new() };
         for (lane, (last, at)) in accepted {
             let next = applied.get(lane).copied().unwrap_or(0);
             if next <= *last {
@@ -126,8 +127,15 @@ impl UserProgress {
     async fn read(conn: &mut PgConnection, user: &str) -> Result<UserProgress, sqlx::Error> {
         type Row = (String, i32, i64, chrono::DateTime<chrono::Utc>);
         let accepted = |rows: Vec<Row>| rows.into_iter().map(|(t, p, o, at)| ((t, p), (o, at))).collect();
-        let lanes: Vec<Row> = sqlx::query_as("SELECT topic, partition, last_offset, accepted_at FROM ingest_user_offsets WHERE user_id = $1").bind(user).fetch_all(&mut *conn).await?;
-        let inputs: Vec<Row> = sqlx::query_as("SELECT topic, partition, last_offset, updated_at FROM projection_inputs WHERE user_id = $1").bind(user).fetch_all(&mut *conn).await?;
+        let lanes: Vec<Row> =
+            sqlx::query_as("SELECT topic, partition, last_offset, accepted_at FROM ingest_user_offsets WHERE user_id = $1")
+                .bind(user)
+                .fetch_all(&mut *conn)
+                .await?;
+        let inputs: Vec<Row> = sqlx::query_as("SELECT topic, partition, last_offset, updated_at FROM projection_inputs WHERE user_id = $1")
+            .bind(user)
+            .fetch_all(&mut *conn)
+            .await?;
         // A dead letter counts until its source record has been replayed (and acknowledged).
         let dead_rows: Vec<(String, String, i64, String)> = sqlx::query_as(
             "SELECT d.projection, d.code, count(*), (array_agg(d.reason ORDER BY d.recorded_at DESC))[1]
@@ -141,7 +149,10 @@ impl UserProgress {
         .fetch_all(&mut *conn)
         .await?;
         let progress: Vec<(String, String, i32, i64)> =
-            sqlx::query_as("SELECT projection, topic, partition, next_offset FROM projection_progress WHERE user_id = $1").bind(user).fetch_all(&mut *conn).await?;
+            sqlx::query_as("SELECT projection, topic, partition, next_offset FROM projection_progress WHERE user_id = $1")
+                .bind(user)
+                .fetch_all(&mut *conn)
+                .await?;
         let mut applied: BTreeMap<String, BTreeMap<(String, i32), i64>> = BTreeMap::new();
         for (projection, t, p, o) in progress {
             applied.entry(projection).or_default().insert((t, p), o);
@@ -263,7 +274,6 @@ impl<'a> From<&'a mut Transaction<'_, Postgres>> for Db<'a> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,7 +303,13 @@ mod tests {
         use vitals_schemas::records::descriptors::{PRODUCT_IMPACT, ROLLUP_DAY, SESSION_IMPACT};
         let all: &Projections = &[&ROLLUP_DAY, &SESSION_IMPACT, &PRODUCT_IMPACT];
         let hot = "vitals.health.hot".to_owned();
-        let mut u = UserProgress { lanes: BTreeMap::from([((hot.clone(), 0), (10, at(100)))]), inputs: BTreeMap::new(), applied: BTreeMap::new(), dead: BTreeMap::new(), promoted: BTreeMap::new() };
+        let mut u = UserProgress {
+            lanes: BTreeMap::from([((hot.clone(), 0), (10, at(100)))]),
+            inputs: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            dead: BTreeMap::new(),
+            promoted: BTreeMap::new(),
+        };
         u.applied.insert("rollup_day".into(), BTreeMap::from([((hot.clone(), 0), 11)]));
         u.applied.insert("session_impact".into(), BTreeMap::from([((hot.clone(), 0), 11)]));
         u.applied.insert("rollup_day@v2".into(), BTreeMap::from([((hot.clone(), 0), 4)]));
@@ -320,7 +336,13 @@ mod tests {
         let all: &Projections = &[&ROLLUP_DAY, &SESSION_IMPACT, &PRODUCT_IMPACT];
         let lane = || BTreeMap::from([(("p.vitals.health.hot".to_owned(), 0), (10, at(100)))]);
         let out = "p.vitals.out.session_impact".to_owned();
-        let mut u = UserProgress { lanes: lane(), inputs: BTreeMap::new(), applied: BTreeMap::new(), dead: BTreeMap::new(), promoted: BTreeMap::new() };
+        let mut u = UserProgress {
+            lanes: lane(),
+            inputs: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            dead: BTreeMap::new(),
+            promoted: BTreeMap::new(),
+        };
         u.applied.insert("session_impact".into(), BTreeMap::from([(("p.vitals.health.hot".to_owned(), 0), 5)]));
         assert_eq!(u.of(&PRODUCT_IMPACT, all).state, FreshnessState::Stale, "upstream behind");
         u.applied.insert("session_impact".into(), BTreeMap::from([(("p.vitals.health.hot".to_owned(), 0), 11)]));

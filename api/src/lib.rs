@@ -47,7 +47,8 @@ impl Api {
     fn projection(&self, name: &str) -> Result<&'static Descriptor, ApiError> {
         self.projections.iter().copied().find(|d| d.name == name).ok_or_else(|| {
             let known: Vec<&str> = self.projections.iter().map(|d| d.name).collect();
-            ApiError::new(StatusCode::NOT_FOUND, "unknown_projection", format!("no projection `{name}` (known: {})", known.join(", "))).field("name")
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_projection", format!("no projection `{name}` (known: {})", known.join(", ")))
+                .field("name")
         })
     }
 }
@@ -87,7 +88,8 @@ pub fn router(api: Arc<Api>) -> Router {
 pub fn openapi(projections: &[&'static Descriptor]) -> String {
     let mut doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("api/openapi.json is JSON");
     let names: Vec<&str> = projections.iter().map(|d| d.name).collect();
-    let refs: Vec<serde_json::Value> = names.iter().map(|n| serde_json::json!({"$ref": format!("#/components/schemas/projection.{n}")})).collect();
+    let refs: Vec<serde_json::Value> =
+        names.iter().map(|n| serde_json::json!({"$ref": format!("#/components/schemas/projection.{n}")})).collect();
     if let Some(p) = doc.pointer_mut("/components/parameters/ProjectionName/schema") {
         p["enum"] = serde_json::json!(names);
     }
@@ -141,7 +143,15 @@ fn respond<T: Serialize>(headers: &HeaderMap, body: &T) -> Response {
     if matches {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
     }
-    (StatusCode::OK, [(header::ETAG, tag), (header::CONTENT_TYPE, HeaderValue::from_static("application/json")), (header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache"))], bytes)
+    (
+        StatusCode::OK,
+        [
+            (header::ETAG, tag),
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache")),
+        ],
+        bytes,
+    )
         .into_response()
 }
 
@@ -202,7 +212,10 @@ fn text(field: &'static str, v: &str) -> Result<(), ApiError> {
 
 fn millis(field: &'static str, v: &Option<String>) -> Result<Option<i64>, ApiError> {
     v.as_deref()
-        .map(|s| s.parse::<i64>().map_err(|_| ApiError::bad_request("invalid_parameter", format!("{field} must be epoch milliseconds")).field(field)))
+        .map(|s| {
+            s.parse::<i64>()
+                .map_err(|_| ApiError::bad_request("invalid_parameter", format!("{field} must be epoch milliseconds")).field(field))
+        })
         .transpose()
 }
 
@@ -246,17 +259,29 @@ fn page(mut rows: Rows, limit: i64, freshness: Freshness) -> Page {
     Page { data: rows.into_iter().map(|(_, _, b)| b.0).collect(), next_cursor, freshness }
 }
 
-async fn rollups(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
+async fn rollups(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(bad_query)?;
     list(&api, &headers, user(&api, &headers)?, q, api.projection("rollup_day")?).await
 }
 
-async fn sleep(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
+async fn sleep(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(bad_query)?;
     list(&api, &headers, user(&api, &headers)?, q, api.projection("sleep_night")?).await
 }
 
-async fn sessions(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
+async fn sessions(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(bad_query)?;
     // `/v1/sessions` has always taken no metric (`/v1/projections/session_impact` filters by
     // product with it).
@@ -270,7 +295,11 @@ async fn session(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path
     item(&api, &headers, user(&api, &headers)?, api.projection("session_impact")?, &id, "id").await
 }
 
-async fn products(State(api): State<Arc<Api>>, headers: HeaderMap, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
+async fn products(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(bad_query)?;
     list(&api, &headers, user(&api, &headers)?, q, api.projection("product_impact")?).await
 }
@@ -318,7 +347,11 @@ async fn projection_list(
     list(&api, &headers, user, q, d).await
 }
 
-async fn projection_item(State(api): State<Arc<Api>>, headers: HeaderMap, Path((name, key)): Path<(String, String)>) -> Result<Response, ApiError> {
+async fn projection_item(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     let user = user(&api, &headers)?;
     let d = api.projection(&name)?;
     item(&api, &headers, user, d, &key, "key").await
@@ -335,7 +368,8 @@ async fn list(api: &Api, headers: &HeaderMap, user: String, q: ListQuery, d: &'s
         text("metric", m)?;
     }
     if d.order == Order::Key && (q.from.is_some() || q.to.is_some()) {
-        return Err(ApiError::bad_request("invalid_parameter", format!("{} is ordered by key: it takes no from or to", d.name)).field(if q.from.is_some() { "from" } else { "to" }));
+        return Err(ApiError::bad_request("invalid_parameter", format!("{} is ordered by key: it takes no from or to", d.name))
+            .field(if q.from.is_some() { "from" } else { "to" }));
     }
     // Validated before anything is read, whatever the order.
     let (days, times) = match d.order {
@@ -365,8 +399,18 @@ async fn list(api: &Api, headers: &HeaderMap, user: String, q: ListQuery, d: &'s
          ORDER BY {order_by} LIMIT $9",
         table = progress.table(d)
     );
-    let rows: Result<Rows, sqlx::Error> =
-        sqlx::query_as(&sql).bind(&user).bind(&q.metric).bind(days.0).bind(days.1).bind(times.0).bind(times.1).bind(ck).bind(ce).bind(n + 1).fetch_all(&mut *tx).await;
+    let rows: Result<Rows, sqlx::Error> = sqlx::query_as(&sql)
+        .bind(&user)
+        .bind(&q.metric)
+        .bind(days.0)
+        .bind(days.1)
+        .bind(times.0)
+        .bind(times.1)
+        .bind(ck)
+        .bind(ce)
+        .bind(n + 1)
+        .fetch_all(&mut *tx)
+        .await;
     let (rows, tx) = or_no_table(tx, rows, Vec::new())?;
     let f = progress.of(d, &api.projections);
     if let Some(tx) = tx {
@@ -379,7 +423,11 @@ async fn list(api: &Api, headers: &HeaderMap, user: String, q: ListQuery, d: &'s
 /// projection whose table the sink has not created yet (SQLSTATE 42P01) reads as `empty` —
 /// nothing of it is applied, as the progress read before it in the same snapshot says (the
 /// failed statement ended `tx`, which is then dropped: it read nothing more).
-fn or_no_table<T>(tx: Transaction<'static, Postgres>, read: Result<T, sqlx::Error>, empty: T) -> Result<(T, Option<Transaction<'static, Postgres>>), ApiError> {
+fn or_no_table<T>(
+    tx: Transaction<'static, Postgres>,
+    read: Result<T, sqlx::Error>,
+    empty: T,
+) -> Result<(T, Option<Transaction<'static, Postgres>>), ApiError> {
     match read {
         Ok(v) => Ok((v, Some(tx))),
         Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42P01") => Ok((empty, None)),
@@ -394,12 +442,23 @@ struct One {
 }
 
 /// One row of projection `d` by its key (the descriptor's key fields joined by `|`).
-async fn item(api: &Api, headers: &HeaderMap, user: String, d: &'static Descriptor, key: &str, field: &'static str) -> Result<Response, ApiError> {
+async fn item(
+    api: &Api,
+    headers: &HeaderMap,
+    user: String,
+    d: &'static Descriptor,
+    key: &str,
+    field: &'static str,
+) -> Result<Response, ApiError> {
     text(field, key)?;
     let mut tx = snapshot(api).await?;
     let progress = freshness::UserProgress::load(&mut tx, &user).await.map_err(db_error)?;
     let row: Result<Option<(Json<serde_json::Value>,)>, sqlx::Error> =
-        sqlx::query_as(&format!("SELECT body FROM {} WHERE user_id = $1 AND entity_id = $2 AND NOT deleted", progress.table(d))).bind(&user).bind(key).fetch_optional(&mut *tx).await;
+        sqlx::query_as(&format!("SELECT body FROM {} WHERE user_id = $1 AND entity_id = $2 AND NOT deleted", progress.table(d)))
+            .bind(&user)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await;
     let (row, tx) = or_no_table(tx, row, None)?;
     let f = progress.of(d, &api.projections);
     if let Some(tx) = tx {
@@ -408,7 +467,12 @@ async fn item(api: &Api, headers: &HeaderMap, user: String, d: &'static Descript
     match row {
         Some((body,)) => Ok(respond(headers, &One { data: body.0, freshness: f })),
         // Another user's row is indistinguishable from a missing one.
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no {} `{key}` (yet: freshness is {})", d.name, f.state.as_str())).field(field)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no {} `{key}` (yet: freshness is {})", d.name, f.state.as_str()),
+        )
+        .field(field)),
     }
 }
 

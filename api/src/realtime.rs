@@ -215,7 +215,12 @@ pub struct ConnectQuery {
     token: Option<String>,
 }
 
-pub async fn upgrade(State(api): State<Arc<Api>>, headers: HeaderMap, Query(q): Query<ConnectQuery>, ws: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn upgrade(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Query(q): Query<ConnectQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
     let Some(hub) = api.realtime.clone() else {
         return Err(ApiError::unavailable("realtime_disabled", "this instance does not serve realtime", 30));
     };

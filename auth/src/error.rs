@@ -67,10 +67,8 @@ impl ApiError {
     }
 
     pub fn body(&self) -> serde_json::Value {
-        serde_json::to_value(ErrorBody {
-            error: ErrorInner { code: self.code, message: &self.message, field: self.field.as_deref() },
-        })
-        .unwrap_or_default()
+        serde_json::to_value(ErrorBody { error: ErrorInner { code: self.code, message: &self.message, field: self.field.as_deref() } })
+            .unwrap_or_default()
     }
 }
 

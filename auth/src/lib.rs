@@ -244,7 +244,9 @@ mod tests {
         assert_eq!(code(Some(&format!("Bearer {wrong_aud}"))), "invalid_audience");
         let aud_list = |aud: serde_json::Value| {
             let claims = serde_json::json!({"sub": "u-list", "iss": "vitals-dev", "aud": aud, "exp": 9_999_999_999u64});
-            let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(c.hs256_secret.as_ref().unwrap())).unwrap();
+            let t =
+                jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(c.hs256_secret.as_ref().unwrap()))
+                    .unwrap();
             v.authenticate(Some(&format!("Bearer {t}")))
         };
         assert_eq!(aud_list(serde_json::json!(["other", "vitals"])).unwrap(), "u-list", "an `aud` array holding ours (RFC 7519)");
@@ -254,7 +256,11 @@ mod tests {
             assert_eq!(code(Some(&format!("Bearer {t}"))), "invalid_token", "sub {sub:?}");
         }
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(r#"{"sub":"u","iss":"vitals-dev","aud":"vitals","exp":9999999999}"#));
+        let none = format!(
+            "{}.{}.",
+            b64(r#"{"alg":"none","typ":"JWT"}"#),
+            b64(r#"{"sub":"u","iss":"vitals-dev","aud":"vitals","exp":9999999999}"#)
+        );
         assert_eq!(code(Some(&format!("Bearer {none}"))), "algorithm_not_allowed");
         let rs = format!("{}.{}.sig", b64(r#"{"alg":"RS256"}"#), b64("{}"));
         assert_eq!(code(Some(&format!("Bearer {rs}"))), "algorithm_not_allowed");
@@ -262,18 +268,15 @@ mod tests {
     }
 
     fn rs_cfg() -> AuthConfig {
-        AuthConfig {
-            hs256_secret: None,
-            jwks: Some(serde_json::from_str(include_str!("../testdata/jwks.json")).unwrap()),
-            ..cfg()
-        }
+        AuthConfig { hs256_secret: None, jwks: Some(serde_json::from_str(include_str!("../testdata/jwks.json")).unwrap()), ..cfg() }
     }
 
     fn rs_token(kid: Option<&str>, sub: &str) -> String {
         let mut h = Header::new(Algorithm::RS256);
         h.kid = kid.map(str::to_owned);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-        let claims = Claims { sub: sub.into(), iss: "vitals-dev".into(), aud: "vitals".into(), exp: now + 60, nbf: Some(now - 1), iat: None };
+        let claims =
+            Claims { sub: sub.into(), iss: "vitals-dev".into(), aud: "vitals".into(), exp: now + 60, nbf: Some(now - 1), iat: None };
         let key = EncodingKey::from_rsa_pem(include_bytes!("../testdata/rs256-test-key.pem")).unwrap();
         jsonwebtoken::encode(&h, &claims, &key).unwrap()
     }
@@ -291,6 +294,9 @@ mod tests {
         assert_eq!(v.authenticate(Some(&format!("Bearer {confused}"))).unwrap_err().code, "algorithm_not_allowed");
         // And an HS256-only verifier refuses RS256 tokens.
         let hs = JwtVerifier::new(&cfg()).unwrap();
-        assert_eq!(hs.authenticate(Some(&format!("Bearer {}", rs_token(Some("test-key-1"), "u")))).unwrap_err().code, "algorithm_not_allowed");
+        assert_eq!(
+            hs.authenticate(Some(&format!("Bearer {}", rs_token(Some("test-key-1"), "u")))).unwrap_err().code,
+            "algorithm_not_allowed"
+        );
     }
 }

@@ -178,8 +178,11 @@ mod tests {
         leaf.prop_recursive(4, 40, 6, |inner| {
             prop_oneof![
                 proptest::collection::vec(inner.clone(), 0..5).prop_map(|v| format!("[{}]", v.join(","))),
-                proptest::collection::vec((prop_oneof![Just("a".to_owned()), Just("b".to_owned()), Just("\\u0061".to_owned()), "[a-c]{0,2}"], inner), 0..5)
-                    .prop_map(|kv| format!("{{{}}}", kv.into_iter().map(|(k, v)| format!("\"{k}\": {v}")).collect::<Vec<_>>().join(", "))),
+                proptest::collection::vec(
+                    (prop_oneof![Just("a".to_owned()), Just("b".to_owned()), Just("\\u0061".to_owned()), "[a-c]{0,2}"], inner),
+                    0..5
+                )
+                .prop_map(|kv| format!("{{{}}}", kv.into_iter().map(|(k, v)| format!("\"{k}\": {v}")).collect::<Vec<_>>().join(", "))),
             ]
         })
     }

@@ -157,7 +157,18 @@ impl Drop for Reading<'_> {
 impl Ingest {
     pub fn new(cfg: IngestConfig, verifier: JwtVerifier, writer: LaneWriter, pool: PgPool, topics: Topics, readiness: Readiness) -> Ingest {
         let in_flight_limit = Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight));
-        Ingest { cfg, verifier, writer, pool, topics, catalog: Catalog::embedded(), readiness, in_flight_limit, user_slots: Arc::default(), metrics: Metrics::new() }
+        Ingest {
+            cfg,
+            verifier,
+            writer,
+            pool,
+            topics,
+            catalog: Catalog::embedded(),
+            readiness,
+            in_flight_limit,
+            user_slots: Arc::default(),
+            metrics: Metrics::new(),
+        }
     }
 }
 
@@ -342,7 +353,12 @@ fn check_headers(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
     }
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         if !is_json_media_type(ct.to_str().unwrap_or("")) {
-            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send `Content-Type: application/json`").field("content-type"));
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send `Content-Type: application/json`",
+            )
+            .field("content-type"));
         }
     }
     Ok(())
@@ -400,10 +416,16 @@ async fn process(s: &Ingest, kind: BatchKind, trace: &TraceContext, user: &str, 
             return Ok(r);
         }
         Begin::InFlight => {
-            return Err(ApiError::new(StatusCode::CONFLICT, "request_in_flight", "a request with this request_id is still being processed").field("request_id"));
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "request_in_flight",
+                "a request with this request_id is still being processed",
+            )
+            .field("request_id"));
         }
         Begin::Mismatch => {
-            return Err(ApiError::unprocessable("idempotency_key_reused", "this request_id was already used for a different payload").field("request_id"));
+            return Err(ApiError::unprocessable("idempotency_key_reused", "this request_id was already used for a different payload")
+                .field("request_id"));
         }
     }
 

@@ -19,16 +19,43 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(Opts::new("vitals_ingest_requests_total", "Requests by endpoint and status"), &["endpoint", "status"]).unwrap();
-        let samples = IntCounterVec::new(Opts::new("vitals_ingest_items_total", "Items accepted per lane, or rejected"), &["endpoint", "outcome"]).unwrap();
-        let rejections = IntCounterVec::new(Opts::new("vitals_ingest_rejections_total", "Rejected items and requests by code"), &["code"]).unwrap();
+        let requests =
+            IntCounterVec::new(Opts::new("vitals_ingest_requests_total", "Requests by endpoint and status"), &["endpoint", "status"])
+                .unwrap();
+        let samples =
+            IntCounterVec::new(Opts::new("vitals_ingest_items_total", "Items accepted per lane, or rejected"), &["endpoint", "outcome"])
+                .unwrap();
+        let rejections =
+            IntCounterVec::new(Opts::new("vitals_ingest_rejections_total", "Rejected items and requests by code"), &["code"]).unwrap();
         let buckets = vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-        let request_seconds = HistogramVec::new(HistogramOpts::new("vitals_ingest_request_seconds", "Request latency").buckets(buckets.clone()), &["endpoint"]).unwrap();
-        let produce_seconds = HistogramVec::new(HistogramOpts::new("vitals_ingest_produce_seconds", "Produce + broker ack latency").buckets(buckets.clone()), &["endpoint"]).unwrap();
-        let store_seconds = HistogramVec::new(HistogramOpts::new("vitals_ingest_store_seconds", "Request store round trip latency (PostgreSQL)").buckets(buckets), &["op"]).unwrap();
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new("vitals_ingest_request_seconds", "Request latency").buckets(buckets.clone()),
+            &["endpoint"],
+        )
+        .unwrap();
+        let produce_seconds = HistogramVec::new(
+            HistogramOpts::new("vitals_ingest_produce_seconds", "Produce + broker ack latency").buckets(buckets.clone()),
+            &["endpoint"],
+        )
+        .unwrap();
+        let store_seconds = HistogramVec::new(
+            HistogramOpts::new("vitals_ingest_store_seconds", "Request store round trip latency (PostgreSQL)").buckets(buckets),
+            &["op"],
+        )
+        .unwrap();
         let in_flight = IntGauge::new("vitals_ingest_in_flight_requests", "Requests being processed").unwrap();
-        let body_reads = IntGauge::new("vitals_ingest_body_reads_in_progress", "Request bodies being read (they hold no in-flight permit)").unwrap();
-        for c in [Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>, Box::new(samples.clone()), Box::new(rejections.clone()), Box::new(request_seconds.clone()), Box::new(produce_seconds.clone()), Box::new(store_seconds.clone()), Box::new(in_flight.clone()), Box::new(body_reads.clone())] {
+        let body_reads =
+            IntGauge::new("vitals_ingest_body_reads_in_progress", "Request bodies being read (they hold no in-flight permit)").unwrap();
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(samples.clone()),
+            Box::new(rejections.clone()),
+            Box::new(request_seconds.clone()),
+            Box::new(produce_seconds.clone()),
+            Box::new(store_seconds.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(body_reads.clone()),
+        ] {
             registry.register(c).expect("metric names are unique");
         }
         Metrics { registry, requests, samples, rejections, request_seconds, produce_seconds, store_seconds, in_flight, body_reads }

@@ -10,9 +10,7 @@ use serde_json::Value;
 use vitals_auth::ApiError;
 use vitals_schemas::catalog::Catalog;
 use vitals_schemas::validate;
-use vitals_schemas::{
-    Deletion, DomainChange, DomainChangeKind, Lane, PrivacySettings, Product, Sample, Session, SourceKind,
-};
+use vitals_schemas::{Deletion, DomainChange, DomainChangeKind, Lane, PrivacySettings, Product, Sample, Session, SourceKind};
 
 use crate::error::ItemError;
 
@@ -120,24 +118,24 @@ impl BatchKind {
 /// a usable request id, the batch length limit and the user. Returns the envelope, the
 /// payload's canonical hash and the items (moved out of the parsed body, not copied).
 pub fn parse_envelope(body: &[u8], kind: BatchKind, user: &str, rules: &Rules) -> Result<(Envelope, String, Vec<Value>), ApiError> {
-    let (mut value, duplicate) = crate::json::parse_value(body).map_err(|e| {
-        ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e} (NaN and Infinity are not JSON)"))
-    })?;
+    let (mut value, duplicate) = crate::json::parse_value(body)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e} (NaN and Infinity are not JSON)")))?;
     // `Value` keeps the last of two equal keys without a word; the client meant one of them.
     if duplicate {
         let path = crate::json::first_duplicate_key(body).unwrap_or_default();
         let path = crate::error::printable(&path);
         return Err(ApiError::bad_request("duplicate_key", format!("`{path}` appears more than once in one object")).field(path));
     }
-    let env: Envelope = deserialize_at(&value).map_err(|(field, msg)| {
-        ApiError::bad_request("invalid_request", format!("invalid request body: {msg}")).field(field)
-    })?;
+    let env: Envelope = deserialize_at(&value)
+        .map_err(|(field, msg)| ApiError::bad_request("invalid_request", format!("invalid request body: {msg}")).field(field))?;
     if env.request_id.is_empty() || env.request_id.len() > 128 || env.request_id.chars().any(|c| c.is_control()) {
         return Err(ApiError::bad_request("invalid_request_id", "request_id must be 1..=128 printable characters").field("request_id"));
     }
     if let Some(u) = &env.user_id {
         if u != user {
-            return Err(ApiError::new(http::StatusCode::FORBIDDEN, "forbidden_user", "a user can only write their own data").field("user_id"));
+            return Err(
+                ApiError::new(http::StatusCode::FORBIDDEN, "forbidden_user", "a user can only write their own data").field("user_id")
+            );
         }
     }
     let field = kind.items_field();
@@ -250,9 +248,8 @@ fn item_err(index: usize, field: impl Into<String>, code: &str, message: impl In
 }
 
 fn parse_ts(index: usize, field: &str, s: &str, rules: &Rules, now_ms: i64) -> Result<i64, ItemError> {
-    let t: DateTime<FixedOffset> = DateTime::parse_from_rfc3339(s).map_err(|e| {
-        item_err(index, field, "invalid_timestamp", format!("`{field}` must be RFC 3339 with an offset: {e}"))
-    })?;
+    let t: DateTime<FixedOffset> = DateTime::parse_from_rfc3339(s)
+        .map_err(|e| item_err(index, field, "invalid_timestamp", format!("`{field}` must be RFC 3339 with an offset: {e}")))?;
     let ms = t.timestamp_millis();
     if ms > now_ms + rules.max_future_skew_ms {
         return Err(item_err(index, field, "timestamp_in_future", format!("`{field}` is in the future ({s})")));
@@ -345,18 +342,18 @@ fn validate_sample(
         Lane::Cold
     };
     let sample = Sample {
-            source: s.source,
-            source_kind: s.source_kind.into(),
-            source_record_id: s.source_record_id,
-            metric: s.metric,
-            start_ms: start,
-            end_ms: end,
-            value: n.value,
-            unit: n.unit,
-            category: n.category,
-            time_zone: s.time_zone,
-            version: s.version,
-            metadata: s.metadata.into_iter().collect(),
+        source: s.source,
+        source_kind: s.source_kind.into(),
+        source_record_id: s.source_record_id,
+        metric: s.metric,
+        start_ms: start,
+        end_ms: end,
+        value: n.value,
+        unit: n.unit,
+        category: n.category,
+        time_zone: s.time_zone,
+        version: s.version,
+        metadata: s.metadata.into_iter().collect(),
     };
     // The rules every processor applies too: nothing accepted here is refused downstream.
     validate::sample(&sample, catalog).map_err(|v| item_err(index, v.field, v.code, v.message))?;
@@ -487,7 +484,11 @@ fn validate_change(index: usize, item: Value, catalog: &Catalog, rules: &Rules, 
             index,
             "occurred_at",
             "timestamp_in_future",
-            format!("`occurred_at` is more than {} s ahead of the server's clock ({})", rules.max_change_future_skew_ms / 1000, c.occurred_at),
+            format!(
+                "`occurred_at` is more than {} s ahead of the server's clock ({})",
+                rules.max_change_future_skew_ms / 1000,
+                c.occurred_at
+            ),
         ));
     }
     let need = |present: bool, field: &str| {
@@ -572,7 +573,8 @@ fn validate_change(index: usize, item: Value, catalog: &Catalog, rules: &Rules, 
         PrivacyUpdated => DomainChangeKind::PrivacyUpdated,
         SourcePriorityUpdated => DomainChangeKind::SourcePriorityUpdated,
     };
-    let change = DomainChange { change_id: c.change_id, kind, occurred_at_ms, session, product, privacy, source_priority: c.source_priority };
+    let change =
+        DomainChange { change_id: c.change_id, kind, occurred_at_ms, session, product, privacy, source_priority: c.source_priority };
     // The rules every processor applies too: nothing accepted here is refused downstream.
     validate::change(&change, catalog).map_err(|v| item_err(index, v.field, v.code, v.message))?;
     Ok(change)
@@ -596,7 +598,11 @@ mod tests {
 
     fn one(item: Value) -> Result<Routed, ItemError> {
         let (mut ok, mut bad) = validate_samples(vec![item], false, None, Catalog::embedded(), &Rules::default(), NOW);
-        if bad.is_empty() { Ok(ok.remove(0)) } else { Err(bad.remove(0)) }
+        if bad.is_empty() {
+            Ok(ok.remove(0))
+        } else {
+            Err(bad.remove(0))
+        }
     }
 
     #[test]
@@ -640,7 +646,8 @@ mod tests {
     #[test]
     fn blocked_metrics_are_rejected() {
         let p = PrivacySettings { health_upload_allowed: true, blocked_metrics: vec!["heart_rate".into()] };
-        let (ok, bad) = validate_samples(vec![hr(json!(60), "bpm", NOW - 1, NOW)], false, Some(&p), Catalog::embedded(), &Rules::default(), NOW);
+        let (ok, bad) =
+            validate_samples(vec![hr(json!(60), "bpm", NOW - 1, NOW)], false, Some(&p), Catalog::embedded(), &Rules::default(), NOW);
         assert!(ok.is_empty());
         assert_eq!(bad[0].code, "metric_blocked");
     }
@@ -705,8 +712,15 @@ mod tests {
 
     #[test]
     fn a_change_dated_beyond_the_skew_is_refused() {
-        let c = |at: i64| validate_changes(vec![json!({"change_id": "c", "kind": "privacy_updated", "occurred_at": iso(at),
-                                                       "privacy": {"health_upload_allowed": true}})], Catalog::embedded(), &Rules::default(), NOW);
+        let c = |at: i64| {
+            validate_changes(
+                vec![json!({"change_id": "c", "kind": "privacy_updated", "occurred_at": iso(at),
+                                                       "privacy": {"health_upload_allowed": true}})],
+                Catalog::embedded(),
+                &Rules::default(),
+                NOW,
+            )
+        };
         assert_eq!(c(NOW + 60_000).0.len(), 1, "within the skew");
         let (ok, bad) = c(NOW + 9 * 60_000);
         assert!(ok.is_empty());
@@ -715,9 +729,11 @@ mod tests {
 
     #[test]
     fn duplicate_keys_are_refused_with_their_path() {
-        let e = parse_envelope(br#"{"request_id": "a", "samples": [1], "request_id": "b"}"#, BatchKind::Samples, "u", &Rules::default()).unwrap_err();
+        let e = parse_envelope(br#"{"request_id": "a", "samples": [1], "request_id": "b"}"#, BatchKind::Samples, "u", &Rules::default())
+            .unwrap_err();
         assert_eq!((e.status.as_u16(), e.code, e.field.as_deref()), (400, "duplicate_key", Some("request_id")));
-        let e = parse_envelope(br#"{"request_id": "a", "samples": [{"v": 1, "v": 2}]}"#, BatchKind::Samples, "u", &Rules::default()).unwrap_err();
+        let e = parse_envelope(br#"{"request_id": "a", "samples": [{"v": 1, "v": 2}]}"#, BatchKind::Samples, "u", &Rules::default())
+            .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("samples[0].v"));
     }
 }

@@ -31,7 +31,8 @@ pub struct Claim {
 
 /// inserted; the stored request's endpoint, payload hash, state, status, response, lease
 /// expired; the privacy settings' upload flag and blocked metrics.
-type ClaimRow = (bool, Option<String>, Option<String>, Option<String>, Option<i32>, Option<Value>, Option<bool>, Option<bool>, Option<Vec<String>>);
+type ClaimRow =
+    (bool, Option<String>, Option<String>, Option<String>, Option<i32>, Option<Value>, Option<bool>, Option<bool>, Option<Vec<String>>);
 
 /// Claims `(user, request_id)` for processing, or says why not, and reads the user's privacy
 /// settings — one statement, one round trip. The stored row is read from the statement's
@@ -59,7 +60,8 @@ pub async fn claim(pool: &PgPool, user: &str, request_id: &str, endpoint: &str, 
     .bind(lease_ms)
     .fetch_one(pool)
     .await?;
-    let privacy = allowed.map(|health_upload_allowed| PrivacySettings { health_upload_allowed, blocked_metrics: blocked.unwrap_or_default() });
+    let privacy =
+        allowed.map(|health_upload_allowed| PrivacySettings { health_upload_allowed, blocked_metrics: blocked.unwrap_or_default() });
     // The stored row's columns are NOT NULL: all present (a row) or all absent (none).
     let stored = ep.zip(h).zip(state).map(|((ep, h), state)| (ep, h, state));
     let begin = match (inserted, stored) {
@@ -67,7 +69,9 @@ pub async fn claim(pool: &PgPool, user: &str, request_id: &str, endpoint: &str, 
         // Released between the other attempt's claim and ours: let the client retry.
         (false, None) => Begin::InFlight,
         (false, Some((ep, h, _))) if ep != endpoint || h != hash => Begin::Mismatch,
-        (false, Some((_, _, state))) if state == "done" => Begin::Replay { status: status.unwrap_or(200) as u16, body: body.unwrap_or(Value::Null) },
+        (false, Some((_, _, state))) if state == "done" => {
+            Begin::Replay { status: status.unwrap_or(200) as u16, body: body.unwrap_or(Value::Null) }
+        }
         (false, Some(_)) if expired == Some(true) => {
             let taken = sqlx::query(
                 "UPDATE ingest_requests SET lease_until = now() + $3 * interval '1 millisecond'

@@ -454,19 +454,21 @@ mod tests {
             any::<String>(),
             proptest::collection::hash_map(any::<String>(), any::<String>(), 0..3),
         )
-            .prop_map(move |(source_kind, metric, (start_ms, end_ms, value, version), unit, category, time_zone, metadata)| Sample {
-                source: source.clone(),
-                source_kind,
-                source_record_id: record.clone(),
-                metric,
-                start_ms,
-                end_ms,
-                value,
-                unit,
-                category,
-                time_zone,
-                version,
-                metadata,
+            .prop_map(move |(source_kind, metric, (start_ms, end_ms, value, version), unit, category, time_zone, metadata)| {
+                Sample {
+                    source: source.clone(),
+                    source_kind,
+                    source_record_id: record.clone(),
+                    metric,
+                    start_ms,
+                    end_ms,
+                    value,
+                    unit,
+                    category,
+                    time_zone,
+                    version,
+                    metadata,
+                }
             })
     }
 
@@ -477,7 +479,8 @@ mod tests {
     /// An identity `(source, record)` and what is held for it.
     fn held() -> impl Strategy<Value = (String, String, Held)> {
         (any::<String>(), any::<String>()).prop_flat_map(|(source, record)| {
-            (proptest::option::of(sample(source.clone(), record.clone())), deleted()).prop_map(move |(sample, deleted)| (source.clone(), record.clone(), Held { sample, deleted }))
+            (proptest::option::of(sample(source.clone(), record.clone())), deleted())
+                .prop_map(move |(sample, deleted)| (source.clone(), record.clone(), Held { sample, deleted }))
         })
     }
 

@@ -538,7 +538,12 @@ mod tests {
 
     impl crate::Processor for CodesThenRefuses {
         type Output = u64;
-        fn process(&mut self, input: &crate::Input, state: &mut dyn State, out: &mut dyn crate::Emitter<u64>) -> Result<(), crate::Invalid> {
+        fn process(
+            &mut self,
+            input: &crate::Input,
+            state: &mut dyn State,
+            out: &mut dyn crate::Emitter<u64>,
+        ) -> Result<(), crate::Invalid> {
             let crate::Input::Samples(b) = input else { return Ok(()) };
             let mut src = Sources::load(state, "src");
             for s in &b.samples {
@@ -571,7 +576,13 @@ mod tests {
                 metadata: Default::default(),
             })
             .collect();
-        crate::Input::Samples(vitals_schemas::SampleBatch { request_id: "r".into(), user_id: "u".into(), received_at_ms: 0, lane: vitals_schemas::Lane::Hot, samples })
+        crate::Input::Samples(vitals_schemas::SampleBatch {
+            request_id: "r".into(),
+            user_id: "u".into(),
+            received_at_ms: 0,
+            lane: vitals_schemas::Lane::Hot,
+            samples,
+        })
     }
 
     /// A rejected record's new dictionary entries are undone with its other writes in the

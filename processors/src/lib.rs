@@ -99,7 +99,10 @@ pub fn refuse_invalid_units(input: &Input) -> Option<(Input, Vec<validate::Refus
     };
     let all_valid = match input {
         Input::Samples(b) => b.samples.iter().all(|s| validate::sample_with(s, catalog, &mut zone_ok).is_ok()),
-        Input::Changes(b) => b.edits.iter().all(|s| validate::sample_with(s, catalog, &mut zone_ok).is_ok()) && b.deletions.iter().all(|d| validate::deletion(d, catalog).is_ok()),
+        Input::Changes(b) => {
+            b.edits.iter().all(|s| validate::sample_with(s, catalog, &mut zone_ok).is_ok())
+                && b.deletions.iter().all(|d| validate::deletion(d, catalog).is_ok())
+        }
         Input::Domain(b) => b.changes.iter().all(|c| validate::change(c, catalog).is_ok()),
         Input::SessionImpact(_) => true,
     };

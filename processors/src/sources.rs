@@ -188,7 +188,12 @@ mod tests {
     use super::*;
 
     fn piece() -> impl Strategy<Value = Piece> {
-        (0i64..40, 0i64..12, 0.0f64..500.0, 0usize..3).prop_map(|(a, len, value, r)| Piece { a, b: a + len, value, rank: (r, 0, format!("s{r}")) })
+        (0i64..40, 0i64..12, 0.0f64..500.0, 0usize..3).prop_map(|(a, len, value, r)| Piece {
+            a,
+            b: a + len,
+            value,
+            rank: (r, 0, format!("s{r}")),
+        })
     }
 
     proptest! {

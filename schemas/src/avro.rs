@@ -24,13 +24,7 @@ pub const REALTIME_ENVELOPE: AvroFile = avsc!("realtime_envelope");
 /// Every hand-written schema the project owns (projection records' schemas are derived from their
 /// descriptors, [`crate::projection`]; `rollup_day.avsc` and its three siblings are kept as
 /// their reviewed snapshot).
-pub const ALL: &[AvroFile] = &[
-    SAMPLE_BATCH,
-    CHANGE_BATCH,
-    DOMAIN_CHANGE_BATCH,
-    DEAD_LETTER,
-    REALTIME_ENVELOPE,
-];
+pub const ALL: &[AvroFile] = &[SAMPLE_BATCH, CHANGE_BATCH, DOMAIN_CHANGE_BATCH, DEAD_LETTER, REALTIME_ENVELOPE];
 
 impl AvroFile {
     /// Parses the embedded text. The files are tested to parse, so this only fails if the crate is broken.
@@ -125,59 +119,77 @@ mod agreement {
     #[test]
     fn ingest_records_agree() {
         for lane in [Lane::Hot, Lane::Cold] {
-            round_trip(SAMPLE_BATCH, SampleBatch {
-                request_id: "req-1".into(),
-                user_id: "u1".into(),
-                received_at_ms: 1_700_000_100_000,
-                lane,
-                samples: vec![sample(1, None), sample(2, Some("deep")), Sample { metadata: HashMap::new(), ..sample(3, None) }],
-            });
+            round_trip(
+                SAMPLE_BATCH,
+                SampleBatch {
+                    request_id: "req-1".into(),
+                    user_id: "u1".into(),
+                    received_at_ms: 1_700_000_100_000,
+                    lane,
+                    samples: vec![sample(1, None), sample(2, Some("deep")), Sample { metadata: HashMap::new(), ..sample(3, None) }],
+                },
+            );
         }
-        round_trip(CHANGE_BATCH, ChangeBatch {
-            request_id: "req-2".into(),
-            user_id: "u1".into(),
-            received_at_ms: 1,
-            edits: vec![sample(2, None)],
-            deletions: vec![
-                Deletion { source: "s".into(), source_record_id: "r".into(), metric: "steps".into(), deleted_version: None },
-                Deletion { source: "s".into(), source_record_id: "q".into(), metric: "steps".into(), deleted_version: Some(4) },
-            ],
-        });
-        round_trip(DOMAIN_CHANGE_BATCH, DomainChangeBatch {
-            request_id: "req-3".into(),
-            user_id: "u1".into(),
-            received_at_ms: 1,
-            changes: vec![
-                DomainChange {
-                    change_id: "c1".into(),
-                    kind: DomainChangeKind::SessionStarted,
-                    occurred_at_ms: 5,
-                    session: Some(Session { session_id: "s1".into(), product_id: Some("p1".into()), start_ms: Some(5), end_ms: None, time_zone: Some("UTC".into()) }),
-                    product: None,
-                    privacy: None,
-                    source_priority: None,
-                },
-                DomainChange {
-                    change_id: "c2".into(),
-                    kind: DomainChangeKind::PrivacyUpdated,
-                    occurred_at_ms: 6,
-                    session: None,
-                    product: Some(Product { product_id: "p1".into(), name: None, category: Some("tea".into()) }),
-                    privacy: Some(PrivacySettings { health_upload_allowed: true, blocked_metrics: vec!["blood_glucose".into()] }),
-                    source_priority: Some(vec!["manual".into(), "watch".into()]),
-                },
-            ],
-        });
-        round_trip(DEAD_LETTER, DeadLetter {
-            source_topic: "t".into(),
-            source_partition: 1,
-            source_offset: 2,
-            stage: "processor:rollup_day".into(),
-            code: "undecodable".into(),
-            reason: "bad magic byte".into(),
-            key: Some(b"u1".to_vec()),
-            payload: None,
-        });
+        round_trip(
+            CHANGE_BATCH,
+            ChangeBatch {
+                request_id: "req-2".into(),
+                user_id: "u1".into(),
+                received_at_ms: 1,
+                edits: vec![sample(2, None)],
+                deletions: vec![
+                    Deletion { source: "s".into(), source_record_id: "r".into(), metric: "steps".into(), deleted_version: None },
+                    Deletion { source: "s".into(), source_record_id: "q".into(), metric: "steps".into(), deleted_version: Some(4) },
+                ],
+            },
+        );
+        round_trip(
+            DOMAIN_CHANGE_BATCH,
+            DomainChangeBatch {
+                request_id: "req-3".into(),
+                user_id: "u1".into(),
+                received_at_ms: 1,
+                changes: vec![
+                    DomainChange {
+                        change_id: "c1".into(),
+                        kind: DomainChangeKind::SessionStarted,
+                        occurred_at_ms: 5,
+                        session: Some(Session {
+                            session_id: "s1".into(),
+                            product_id: Some("p1".into()),
+                            start_ms: Some(5),
+                            end_ms: None,
+                            time_zone: Some("UTC".into()),
+                        }),
+                        product: None,
+                        privacy: None,
+                        source_priority: None,
+                    },
+                    DomainChange {
+                        change_id: "c2".into(),
+                        kind: DomainChangeKind::PrivacyUpdated,
+                        occurred_at_ms: 6,
+                        session: None,
+                        product: Some(Product { product_id: "p1".into(), name: None, category: Some("tea".into()) }),
+                        privacy: Some(PrivacySettings { health_upload_allowed: true, blocked_metrics: vec!["blood_glucose".into()] }),
+                        source_priority: Some(vec!["manual".into(), "watch".into()]),
+                    },
+                ],
+            },
+        );
+        round_trip(
+            DEAD_LETTER,
+            DeadLetter {
+                source_topic: "t".into(),
+                source_partition: 1,
+                source_offset: 2,
+                stage: "processor:rollup_day".into(),
+                code: "undecodable".into(),
+                reason: "bad magic byte".into(),
+                key: Some(b"u1".to_vec()),
+                payload: None,
+            },
+        );
     }
 
     #[test]
@@ -192,91 +204,106 @@ mod agreement {
 
     #[test]
     fn projection_records_agree() {
-        round_trip(RollupDay::file(), RollupDay {
-            user_id: "u1".into(),
-            metric: "steps".into(),
-            local_date: "2026-03-29".into(),
-            unit: "count".into(),
-            kind: MetricKindRecord::Cumulative,
-            count: 3,
-            sum: Some(1234.0),
-            min: None,
-            max: Some(900.0),
-            mean: None,
-            time_weighted_mean: None,
-            last: None,
-            category_minutes: HashMap::new(),
-            primary_source: Some("watch".into()),
-            version_epoch: 2,
-            version_seq: 17,
-            deleted: false,
-            source_offsets: offsets(),
-        });
-        round_trip(SleepNight::file(), SleepNight {
-            user_id: "u1".into(),
-            night_date: "2026-03-29".into(),
-            source: "watch".into(),
-            in_bed_start_ms: 1,
-            in_bed_end_ms: 2,
-            sleep_onset_ms: 1,
-            final_wake_ms: 2,
-            stage_minutes: HashMap::from([("deep".into(), 60.0)]),
-            total_sleep_minutes: 420.0,
-            efficiency: 0.93,
-            awakenings: 2,
-            naps: vec![Nap { start_ms: 5, end_ms: 6, minutes: 20.0 }],
-            version_epoch: 1,
-            version_seq: 1,
-            deleted: true,
-            source_offsets: offsets(),
-        });
+        round_trip(
+            RollupDay::file(),
+            RollupDay {
+                user_id: "u1".into(),
+                metric: "steps".into(),
+                local_date: "2026-03-29".into(),
+                unit: "count".into(),
+                kind: MetricKindRecord::Cumulative,
+                count: 3,
+                sum: Some(1234.0),
+                min: None,
+                max: Some(900.0),
+                mean: None,
+                time_weighted_mean: None,
+                last: None,
+                category_minutes: HashMap::new(),
+                primary_source: Some("watch".into()),
+                version_epoch: 2,
+                version_seq: 17,
+                deleted: false,
+                source_offsets: offsets(),
+            },
+        );
+        round_trip(
+            SleepNight::file(),
+            SleepNight {
+                user_id: "u1".into(),
+                night_date: "2026-03-29".into(),
+                source: "watch".into(),
+                in_bed_start_ms: 1,
+                in_bed_end_ms: 2,
+                sleep_onset_ms: 1,
+                final_wake_ms: 2,
+                stage_minutes: HashMap::from([("deep".into(), 60.0)]),
+                total_sleep_minutes: 420.0,
+                efficiency: 0.93,
+                awakenings: 2,
+                naps: vec![Nap { start_ms: 5, end_ms: 6, minutes: 20.0 }],
+                version_epoch: 1,
+                version_seq: 1,
+                deleted: true,
+                source_offsets: offsets(),
+            },
+        );
         let stats = WindowStats { n: 3, mean: 70.0, min: 60.0, max: 80.0, total: 210.0 };
-        round_trip(SessionImpact::file(), SessionImpact {
-            user_id: "u1".into(),
-            session_id: "s1".into(),
-            product_id: None,
-            start_ms: 1,
-            end_ms: Some(2),
-            status: ImpactStatus::Final,
-            metrics: vec![WindowedMetric {
-                metric: "heart_rate".into(),
-                before: Some(stats.clone()),
-                during: None,
-                after: Some(stats),
-                delta_during: None,
-                delta_after: Some(0.0),
-            }],
-            version_epoch: 1,
-            version_seq: 2,
-            deleted: false,
-            source_offsets: offsets(),
-        });
-        round_trip(ProductImpact::file(), ProductImpact {
-            user_id: "u1".into(),
-            product_id: "p1".into(),
-            sessions: 4,
-            metrics: vec![DeltaSummary {
-                metric: "heart_rate".into(),
-                n: 4,
-                mean_delta_during: Some(3.5),
-                sd_delta_during: Some(1.2),
-                mean_delta_after: None,
-                sd_delta_after: None,
-            }],
-            version_epoch: 1,
-            version_seq: 3,
-            deleted: false,
-            source_offsets: vec![],
-        });
-        round_trip(REALTIME_ENVELOPE, RealtimeEnvelope {
-            v: 1,
-            user_id: "u1".into(),
-            event_type: "rollup_day.upserted".into(),
-            entity_id: "steps|2026-03-29".into(),
-            version_epoch: 1,
-            version_seq: 3,
-            payload: "{}".into(),
-        });
+        round_trip(
+            SessionImpact::file(),
+            SessionImpact {
+                user_id: "u1".into(),
+                session_id: "s1".into(),
+                product_id: None,
+                start_ms: 1,
+                end_ms: Some(2),
+                status: ImpactStatus::Final,
+                metrics: vec![WindowedMetric {
+                    metric: "heart_rate".into(),
+                    before: Some(stats.clone()),
+                    during: None,
+                    after: Some(stats),
+                    delta_during: None,
+                    delta_after: Some(0.0),
+                }],
+                version_epoch: 1,
+                version_seq: 2,
+                deleted: false,
+                source_offsets: offsets(),
+            },
+        );
+        round_trip(
+            ProductImpact::file(),
+            ProductImpact {
+                user_id: "u1".into(),
+                product_id: "p1".into(),
+                sessions: 4,
+                metrics: vec![DeltaSummary {
+                    metric: "heart_rate".into(),
+                    n: 4,
+                    mean_delta_during: Some(3.5),
+                    sd_delta_during: Some(1.2),
+                    mean_delta_after: None,
+                    sd_delta_after: None,
+                }],
+                version_epoch: 1,
+                version_seq: 3,
+                deleted: false,
+                source_offsets: vec![],
+            },
+        );
+        round_trip(
+            REALTIME_ENVELOPE,
+            RealtimeEnvelope {
+                v: 1,
+                user_id: "u1".into(),
+                event_type: "rollup_day.upserted".into(),
+                entity_id: "steps|2026-03-29".into(),
+                version_epoch: 1,
+                version_seq: 3,
+                payload: "{}".into(),
+            },
+        );
     }
 
     mod random {
@@ -291,26 +318,38 @@ mod agreement {
         fn sample() -> impl Strategy<Value = Sample> {
             (
                 (text(), 0..4u8, text(), text(), any::<i64>(), any::<i64>()),
-                (any::<f64>().prop_filter("NaN is never equal to itself", |v| !v.is_nan()), text(), proptest::option::of(text()), text(), any::<i64>()),
+                (
+                    any::<f64>().prop_filter("NaN is never equal to itself", |v| !v.is_nan()),
+                    text(),
+                    proptest::option::of(text()),
+                    text(),
+                    any::<i64>(),
+                ),
                 proptest::collection::hash_map(text(), text(), 0..4),
             )
-                .prop_map(|((source, kind, rid, metric, start_ms, end_ms), (value, unit, category, time_zone, version), metadata)| Sample {
-                    source,
-                    source_kind: [SourceKind::Manual, SourceKind::Watch, SourceKind::Phone, SourceKind::ThirdParty][kind as usize],
-                    source_record_id: rid,
-                    metric,
-                    start_ms,
-                    end_ms,
-                    value,
-                    unit,
-                    category,
-                    time_zone,
-                    version,
-                    metadata,
-                })
+                .prop_map(
+                    |((source, kind, rid, metric, start_ms, end_ms), (value, unit, category, time_zone, version), metadata)| Sample {
+                        source,
+                        source_kind: [SourceKind::Manual, SourceKind::Watch, SourceKind::Phone, SourceKind::ThirdParty][kind as usize],
+                        source_record_id: rid,
+                        metric,
+                        start_ms,
+                        end_ms,
+                        value,
+                        unit,
+                        category,
+                        time_zone,
+                        version,
+                        metadata,
+                    },
+                )
         }
 
-        fn cross_check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(file: AvroFile, value: &T, comparable: bool) -> Result<(), TestCaseError> {
+        fn cross_check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
+            file: AvroFile,
+            value: &T,
+            comparable: bool,
+        ) -> Result<(), TestCaseError> {
             let reference = encode_with_id(&file.schema(), 7, value).unwrap();
             let fast = encode_own(file, 7, value).unwrap();
             if comparable {

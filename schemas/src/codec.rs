@@ -187,7 +187,8 @@ impl Codec {
         struct Found {
             id: u32,
         }
-        let found: Found = resp.json().await.map_err(|e| CodecError::Unavailable(format!("looking up {} under {subject}: {e}", file.name)))?;
+        let found: Found =
+            resp.json().await.map_err(|e| CodecError::Unavailable(format!("looking up {} under {subject}: {e}", file.name)))?;
         self.ids.write().unwrap_or_else(|p| p.into_inner()).insert(subject, found.id);
         Ok(found.id)
     }
@@ -198,11 +199,8 @@ impl Codec {
             return Ok(Arc::clone(w));
         }
         let url = format!("{}/schemas/ids/{id}", self.url);
-        let resp = self
-            .request(self.http.get(&url))
-            .send()
-            .await
-            .map_err(|e| CodecError::Unavailable(format!("fetching schema id {id}: {e}")))?;
+        let resp =
+            self.request(self.http.get(&url)).send().await.map_err(|e| CodecError::Unavailable(format!("fetching schema id {id}: {e}")))?;
         let status = resp.status();
         if !status.is_success() {
             let body = resp.text().await.unwrap_or_default();
@@ -218,7 +216,8 @@ impl Codec {
         if by_id.schema_type.as_deref().is_some_and(|t| !t.eq_ignore_ascii_case("AVRO")) {
             return Err(CodecError::Undecodable(format!("schema id {id} is a {} schema, not Avro", by_id.schema_type.unwrap_or_default())));
         }
-        let schema = Schema::parse_str(&by_id.schema).map_err(|e| CodecError::Undecodable(format!("schema id {id} does not parse as Avro: {e}")))?;
+        let schema =
+            Schema::parse_str(&by_id.schema).map_err(|e| CodecError::Undecodable(format!("schema id {id} does not parse as Avro: {e}")))?;
         let w = Arc::new(Writer { canonical: schema.canonical_form(), schema });
         self.writers.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::clone(&w));
         Ok(w)
@@ -259,18 +258,25 @@ impl Codec {
     /// Registers `file` as the next version of `<topic>-value` (idempotent) and returns its id.
     pub async fn register(&self, topic: &str, file: &AvroFile) -> Result<u32, CodecError> {
         let supplied = SuppliedSchema::new(None, SchemaType::Avro, file.text.to_owned());
-        post_schema(&self.settings, value_subject(topic), supplied)
-            .await
-            .map(|r| r.id)
-            .map_err(|e| if e.retriable { CodecError::Unavailable(describe(&e)) } else { CodecError::Rejected(describe(&e)) })
+        post_schema(&self.settings, value_subject(topic), supplied).await.map(|r| r.id).map_err(|e| {
+            if e.retriable {
+                CodecError::Unavailable(describe(&e))
+            } else {
+                CodecError::Rejected(describe(&e))
+            }
+        })
     }
 
     /// Whether `file` is compatible with what `<topic>-value` holds, at the subject's configured level.
     pub async fn is_compatible(&self, topic: &str, file: &AvroFile) -> Result<bool, CodecError> {
         let supplied = SuppliedSchema::new(None, SchemaType::Avro, file.text.to_owned());
-        is_compatible_schema(&self.settings, value_subject(topic), supplied)
-            .await
-            .map_err(|e| if e.retriable { CodecError::Unavailable(describe(&e)) } else { CodecError::Rejected(describe(&e)) })
+        is_compatible_schema(&self.settings, value_subject(topic), supplied).await.map_err(|e| {
+            if e.retriable {
+                CodecError::Unavailable(describe(&e))
+            } else {
+                CodecError::Rejected(describe(&e))
+            }
+        })
     }
 }
 

@@ -82,7 +82,10 @@ impl DeadLetterCounts {
 
     /// The family's `# HELP` and `# TYPE` lines (once per exposition, before any sample).
     pub fn render_header(out: &mut String) {
-        let _ = writeln!(out, "# HELP {DEAD_LETTERS_METRIC} Records sent to the dead-letter topic, by the stage that refused them and the reason code.");
+        let _ = writeln!(
+            out,
+            "# HELP {DEAD_LETTERS_METRIC} Records sent to the dead-letter topic, by the stage that refused them and the reason code."
+        );
         let _ = writeln!(out, "# TYPE {DEAD_LETTERS_METRIC} counter");
     }
 

@@ -130,7 +130,8 @@ pub struct Descriptor {
 
 /// The columns every projection table has (the sink's upsert writes them; the typed
 /// [`Descriptor::columns`] are generated from `body`).
-pub const BASE_COLUMNS: &[&str] = &["user_id", "entity_id", "metric", "day", "at_ms", "version_epoch", "version_seq", "deleted", "body", "source_offsets", "updated_at"];
+pub const BASE_COLUMNS: &[&str] =
+    &["user_id", "entity_id", "metric", "day", "at_ms", "version_epoch", "version_seq", "deleted", "body", "source_offsets", "updated_at"];
 
 /// A typed column of a projection table: field `field` of `body`, as `sql_type`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,7 +234,11 @@ impl Descriptor {
         self.fields
             .iter()
             .filter(|f| !(f.name == "metric" && self.group == Some("metric")))
-            .map(|f| Column { name: if BASE_COLUMNS.contains(&f.name) { format!("field_{}", f.name) } else { f.name.to_owned() }, field: f.name, sql_type: sql_type(&f.ty) })
+            .map(|f| Column {
+                name: if BASE_COLUMNS.contains(&f.name) { format!("field_{}", f.name) } else { f.name.to_owned() },
+                field: f.name,
+                sql_type: sql_type(&f.ty),
+            })
             .collect()
     }
 
@@ -266,7 +271,9 @@ impl Descriptor {
         // PostgreSQL cuts identifiers at 63 bytes: `proj_<name>__<version>` (versions up to 16)
         // and every column must fit, or two names would meet.
         if name.len() > 40 {
-            return Err(format!("projection name {name:?}: at most 40 bytes (its versions' tables, proj_<name>__<version>, must fit PostgreSQL's 63)"));
+            return Err(format!(
+                "projection name {name:?}: at most 40 bytes (its versions' tables, proj_<name>__<version>, must fit PostgreSQL's 63)"
+            ));
         }
         if let Some(f) = self.fields.iter().find(|f| f.name.len() > 57) {
             return Err(format!("{name}: field name {:?}: at most 57 bytes (it names a table column)", f.name));
@@ -282,14 +289,18 @@ impl Descriptor {
             }
         }
         // (Field names name table columns: identifiers only, as Avro requires anyway.)
-        if let Some(f) = self.fields.iter().find(|f| f.name.is_empty() || f.name.starts_with(|c: char| c.is_ascii_digit()) || !f.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')) {
+        if let Some(f) = self.fields.iter().find(|f| {
+            f.name.is_empty()
+                || f.name.starts_with(|c: char| c.is_ascii_digit())
+                || !f.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        }) {
             return Err(format!("{name}: field name {:?}: letters, digits and _ only, not starting with a digit", f.name));
         }
         let mut columns = std::collections::BTreeSet::new();
         if let Some(c) = self.columns().into_iter().find(|c| !columns.insert(c.name.clone())) {
             return Err(format!("{name}: two fields make the table column {}", c.name));
         }
-                let reserved = ["user_id", "version_epoch", "version_seq", "deleted", "source_offsets"];
+        let reserved = ["user_id", "version_epoch", "version_seq", "deleted", "source_offsets"];
         if let Some(f) = self.fields.iter().find(|f| reserved.contains(&f.name)) {
             return Err(format!("{name}: field {} is part of the envelope every projection record has", f.name));
         }
@@ -423,7 +434,10 @@ pub trait Projected: Serialize + DeserializeOwned {
 /// read API returns), through the registry like any other decode.
 pub type JsonDecoder = for<'a> fn(&'a Codec, &'a [u8]) -> Pin<Box<dyn Future<Output = Result<Value, CodecError>> + Send + 'a>>;
 
-fn decode_json<'a, T: Projected + Send + 'static>(codec: &'a Codec, bytes: &'a [u8]) -> Pin<Box<dyn Future<Output = Result<Value, CodecError>> + Send + 'a>> {
+fn decode_json<'a, T: Projected + Send + 'static>(
+    codec: &'a Codec,
+    bytes: &'a [u8],
+) -> Pin<Box<dyn Future<Output = Result<Value, CodecError>> + Send + 'a>> {
     Box::pin(async move {
         let record: T = codec.decode(bytes).await?;
         serde_json::to_value(&record).map_err(|e| CodecError::Undecodable(format!("{} as JSON: {e}", T::DESCRIPTOR.name)))
@@ -571,7 +585,10 @@ mod tests {
         assert_eq!(version::topic(&D, &t, Some("v2")), "p.vitals.out.demo.v2");
         assert_eq!(version::table(&D, Some("v2")), "proj_demo__v2");
         assert_eq!(version::key("demo", Some("v2")), "demo@v2");
-        assert_eq!((version::topic(&D, &t, None), version::table(&D, None), version::key("demo", None)), ("p.vitals.out.demo".into(), "proj_demo".into(), "demo".into()));
+        assert_eq!(
+            (version::topic(&D, &t, None), version::table(&D, None), version::key("demo", None)),
+            ("p.vitals.out.demo".into(), "proj_demo".into(), "demo".into())
+        );
         for ok in ["v2", "backfill_2026", "a"] {
             assert!(version::check(ok).is_ok(), "{ok}");
         }
@@ -620,9 +637,21 @@ mod tests {
         );
         let long = Column { name: "n".into(), field: "n", sql_type: "bigint" };
         assert!(long.widens("integer") && !long.widens("text") && !long.widens("double precision"));
-        const BAD: Descriptor = Descriptor { fields: &[Field::new("metric", Type::String), Field::new("n\"; DROP", Type::Int)], key: &["metric"], day: None, order: Order::Key, ..D };
+        const BAD: Descriptor = Descriptor {
+            fields: &[Field::new("metric", Type::String), Field::new("n\"; DROP", Type::Int)],
+            key: &["metric"],
+            day: None,
+            order: Order::Key,
+            ..D
+        };
         assert!(BAD.check().unwrap_err().contains("letters, digits and _ only"));
-        const TWICE: Descriptor = Descriptor { fields: &[Field::new("metric", Type::String), Field::new("day", Type::String), Field::new("field_day", Type::String)], key: &["metric"], day: None, order: Order::Key, ..D };
+        const TWICE: Descriptor = Descriptor {
+            fields: &[Field::new("metric", Type::String), Field::new("day", Type::String), Field::new("field_day", Type::String)],
+            key: &["metric"],
+            day: None,
+            order: Order::Key,
+            ..D
+        };
         assert!(TWICE.check().unwrap_err().contains("two fields make the table column field_day"));
         const LONG: Descriptor = Descriptor { name: "a_projection_name_that_is_far_too_long_for_postgres", ..D };
         assert!(LONG.check().unwrap_err().contains("at most 40 bytes"));

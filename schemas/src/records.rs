@@ -408,7 +408,10 @@ pub mod descriptors {
         built_from: BuiltFrom::Lanes,
     };
 
-    const NAP: Record = Record { name: "Nap", fields: &[Field::new("start_ms", Type::Long), Field::new("end_ms", Type::Long), Field::new("minutes", Type::Double)] };
+    const NAP: Record = Record {
+        name: "Nap",
+        fields: &[Field::new("start_ms", Type::Long), Field::new("end_ms", Type::Long), Field::new("minutes", Type::Double)],
+    };
 
     pub const SLEEP_NIGHT: Descriptor = Descriptor {
         name: "sleep_night",

@@ -92,7 +92,11 @@ impl Topics {
             s(&self.dead_letter, TopicRole::DeadLetter, avro::DEAD_LETTER),
         ]
         .into_iter()
-        .chain(self.projections.iter().map(|d| TopicSpec { name: self.output(d.name), role: TopicRole::Projection, value_schema: d.avro() }))
+        .chain(self.projections.iter().map(|d| TopicSpec {
+            name: self.output(d.name),
+            role: TopicRole::Projection,
+            value_schema: d.avro(),
+        }))
         .collect()
     }
 }

@@ -96,7 +96,9 @@ pub fn metadata<'a>(entries: impl ExactSizeIterator<Item = (&'a String, &'a Stri
             return Err(violation(
                 "metadata",
                 "invalid_field",
-                format!("metadata keys must be 1..={MAX_METADATA_KEY_BYTES} and values at most {MAX_TEXT_BYTES} bytes of printable characters"),
+                format!(
+                    "metadata keys must be 1..={MAX_METADATA_KEY_BYTES} and values at most {MAX_TEXT_BYTES} bytes of printable characters"
+                ),
             ));
         }
     }
@@ -121,7 +123,11 @@ pub fn sample_with(s: &Sample, catalog: &Catalog, valid_zone: &mut dyn FnMut(&st
         return Err(violation("end", "end_before_start", "`end` is before `start`"));
     }
     if s.end_ms.saturating_sub(s.start_ms) > MAX_SAMPLE_MS {
-        return Err(violation("end", "sample_too_long", format!("one sample may cover at most 24 h; this one covers {} h: split it", s.end_ms.saturating_sub(s.start_ms) / 3_600_000)));
+        return Err(violation(
+            "end",
+            "sample_too_long",
+            format!("one sample may cover at most 24 h; this one covers {} h: split it", s.end_ms.saturating_sub(s.start_ms) / 3_600_000),
+        ));
     }
     if !valid_zone(&s.time_zone) {
         return Err(invalid_time_zone("time_zone", &s.time_zone));
@@ -133,11 +139,19 @@ pub fn sample_with(s: &Sample, catalog: &Catalog, valid_zone: &mut dyn FnMut(&st
         return Err(violation("value", "value_not_finite", "the value is not a finite number"));
     }
     if s.unit != spec.unit {
-        return Err(violation("unit", "unconvertible_unit", format!("`{}` is not the canonical unit `{}` of `{}`", s.unit, spec.unit, s.metric)));
+        return Err(violation(
+            "unit",
+            "unconvertible_unit",
+            format!("`{}` is not the canonical unit `{}` of `{}`", s.unit, spec.unit, s.metric),
+        ));
     }
     match (&s.category, spec.categories.is_empty()) {
         (Some(c), false) if !spec.categories.iter().any(|k| k == c) => {
-            return Err(violation("category", "unknown_category", format!("category `{c}` is not one of {} for `{}`", spec.categories.join(", "), s.metric)));
+            return Err(violation(
+                "category",
+                "unknown_category",
+                format!("category `{c}` is not one of {} for `{}`", spec.categories.join(", "), s.metric),
+            ));
         }
         (None, false) => return Err(violation("category", "missing_category", format!("`{}` needs a category", s.metric))),
         (Some(_), true) => return Err(violation("category", "unexpected_field", format!("`{}` takes no category", s.metric))),
@@ -324,7 +338,13 @@ mod tests {
             change_id: "c".into(),
             kind,
             occurred_at_ms: 0,
-            session: Some(Session { session_id: "s".into(), product_id: product.map(Into::into), start_ms: Some(start), end_ms: Some(end), time_zone: None }),
+            session: Some(Session {
+                session_id: "s".into(),
+                product_id: product.map(Into::into),
+                start_ms: Some(start),
+                end_ms: Some(end),
+                time_zone: None,
+            }),
             product: None,
             privacy: None,
             source_priority: None,

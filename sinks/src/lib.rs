@@ -101,7 +101,13 @@ pub enum ProgressKind {
 impl Progress {
     /// What the row `r` says (its owner and input position).
     pub fn of_row(r: &Row) -> Progress {
-        Progress { projection: r.projection, user_id: r.user_id.clone(), kind: ProgressKind::Row, epoch: r.version.0, source_offsets: r.source_offsets.clone() }
+        Progress {
+            projection: r.projection,
+            user_id: r.user_id.clone(),
+            kind: ProgressKind::Row,
+            epoch: r.version.0,
+            source_offsets: r.source_offsets.clone(),
+        }
     }
 }
 
@@ -172,7 +178,10 @@ mod tests {
             source_offsets: offsets(),
         };
         let got = row(&s);
-        assert_eq!((got.entity_id.as_str(), got.metric, got.day, got.at_ms, got.deleted), ("2026-03-30", None, "2026-03-30".parse().ok(), Some(2), true));
+        assert_eq!(
+            (got.entity_id.as_str(), got.metric, got.day, got.at_ms, got.deleted),
+            ("2026-03-30", None, "2026-03-30".parse().ok(), Some(2), true)
+        );
 
         let i = SessionImpact {
             user_id: "u".into(),
@@ -191,7 +200,16 @@ mod tests {
         assert_eq!((got.entity_id.as_str(), got.metric.as_deref(), got.day, got.at_ms), ("s1", Some("p1"), None, Some(5)));
         assert_eq!(row(&SessionImpact { product_id: None, ..i }).metric, None);
 
-        let p = ProductImpact { user_id: "u".into(), product_id: "p1".into(), sessions: 2, metrics: vec![], version_epoch: 1, version_seq: 3, deleted: false, source_offsets: offsets() };
+        let p = ProductImpact {
+            user_id: "u".into(),
+            product_id: "p1".into(),
+            sessions: 2,
+            metrics: vec![],
+            version_epoch: 1,
+            version_seq: 3,
+            deleted: false,
+            source_offsets: offsets(),
+        };
         let got = row(&p);
         assert_eq!((got.entity_id.as_str(), got.metric, got.day, got.at_ms), ("p1", None, None, None));
     }

@@ -80,7 +80,12 @@ impl SinkMetrics {
         c(out, "batches_committed_total", "Batches committed (rows + offsets in one transaction).", &self.batches_committed);
         c(out, "commit_retries_total", "Batch commits that failed and were retried (PostgreSQL unavailable).", &self.commit_retries);
         c(out, "dead_lettered_total", "Records sent to the dead-letter topic.", &self.dead_lettered);
-        c(out, "markers_refused_total", "Progress markers not believed: a row they vouch for was not read before them (an interval that failed part-way).", &self.markers_refused);
+        c(
+            out,
+            "markers_refused_total",
+            "Progress markers not believed: a row they vouch for was not read before them (an interval that failed part-way).",
+            &self.markers_refused,
+        );
         let waiting = u8::from(self.not_ready().is_some());
         let _ = writeln!(out, "# HELP vitals_sink_waiting 1 while the sink waits for a failed dependency (see /readyz for why).\n# TYPE vitals_sink_waiting gauge");
         let _ = writeln!(out, "vitals_sink_waiting{{sink=\"{sink}\"}} {waiting}");
@@ -88,12 +93,22 @@ impl SinkMetrics {
         let _ = writeln!(out, "# HELP vitals_sink_projection_rows_total Rows of a projection the sink changed, by change (upsert, retraction).\n# TYPE vitals_sink_projection_rows_total counter");
         for (p, c) in &projections {
             let p = label(p);
-            let _ = writeln!(out, "vitals_sink_projection_rows_total{{sink=\"{sink}\",projection=\"{p}\",change=\"upsert\"}} {}", c.upserts);
-            let _ = writeln!(out, "vitals_sink_projection_rows_total{{sink=\"{sink}\",projection=\"{p}\",change=\"retraction\"}} {}", c.retractions);
+            let _ =
+                writeln!(out, "vitals_sink_projection_rows_total{{sink=\"{sink}\",projection=\"{p}\",change=\"upsert\"}} {}", c.upserts);
+            let _ = writeln!(
+                out,
+                "vitals_sink_projection_rows_total{{sink=\"{sink}\",projection=\"{p}\",change=\"retraction\"}} {}",
+                c.retractions
+            );
         }
         let _ = writeln!(out, "# HELP vitals_sink_projection_last_change_timestamp_seconds When the sink last changed a row of the projection (Unix time).\n# TYPE vitals_sink_projection_last_change_timestamp_seconds gauge");
         for (p, c) in &projections {
-            let _ = writeln!(out, "vitals_sink_projection_last_change_timestamp_seconds{{sink=\"{sink}\",projection=\"{}\"}} {:.3}", label(p), c.last_change);
+            let _ = writeln!(
+                out,
+                "vitals_sink_projection_last_change_timestamp_seconds{{sink=\"{sink}\",projection=\"{}\"}} {:.3}",
+                label(p),
+                c.last_change
+            );
         }
         DeadLetterCounts::render_header(out);
         self.dead_letters.render_samples(out);
@@ -118,7 +133,14 @@ mod tests {
     fn counts_changed_rows_per_projection_and_version() {
         use vitals_schemas::projection::Projection;
         let m = SinkMetrics::default();
-        let row = |p: Projection, deleted: bool| crate::postgres::Applied { projection: p, user_id: "u".into(), entity_id: "e".into(), version: (1, 1), deleted, body: serde_json::json!({}) };
+        let row = |p: Projection, deleted: bool| crate::postgres::Applied {
+            projection: p,
+            user_id: "u".into(),
+            entity_id: "e".into(),
+            version: (1, 1),
+            deleted,
+            body: serde_json::json!({}),
+        };
         let (v1, v2) = (Projection::of::<vitals_schemas::RollupDay>(), Projection::of::<vitals_schemas::RollupDay>().at("v2"));
         m.applied(&[row(v1, false), row(v1, false), row(v1, true), row(v2, false)]);
         let mut out = String::new();
@@ -131,6 +153,9 @@ mod tests {
             assert!(out.contains(want), "{want}{out}");
         }
         assert_eq!(out.matches("# TYPE vitals_sink_projection_rows_total").count(), 1, "{out}");
-        assert!(out.contains("vitals_sink_projection_last_change_timestamp_seconds{sink=\"postgres\",projection=\"rollup_day@v2\"} "), "{out}");
+        assert!(
+            out.contains("vitals_sink_projection_last_change_timestamp_seconds{sink=\"postgres\",projection=\"rollup_day@v2\"} "),
+            "{out}"
+        );
     }
 }

@@ -92,19 +92,19 @@ pub async fn apply(pool: &PgPool, sink: &str, batch: &Batch) -> Result<Vec<Appli
                  source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset"
         };
         sqlx::query(sql)
-        .bind(&d.dlq_topic)
-        .bind(d.dlq_partition)
-        .bind(d.dlq_offset)
-        .bind(&d.user_id)
-        .bind(&d.projection)
-        .bind(&d.stage)
-        .bind(&d.code)
-        .bind(&d.reason)
-        .bind(&d.source_topic)
-        .bind(d.source_partition)
-        .bind(d.source_offset)
-        .execute(&mut *tx)
-        .await?;
+            .bind(&d.dlq_topic)
+            .bind(d.dlq_partition)
+            .bind(d.dlq_offset)
+            .bind(&d.user_id)
+            .bind(&d.projection)
+            .bind(&d.stage)
+            .bind(&d.code)
+            .bind(&d.reason)
+            .bind(&d.source_topic)
+            .bind(d.source_partition)
+            .bind(d.source_offset)
+            .execute(&mut *tx)
+            .await?;
     }
     if !batch.vouches.cleared.is_empty() {
         let (topics, parts, users) = unzip3(batch.vouches.cleared.iter().map(|(t, p, u)| (t.as_str(), *p, u.as_str())));
@@ -276,9 +276,15 @@ async fn evolve(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, p: &Projection, 
             }
             // Wider than the descriptor says (a newer build widened it; this one is older): it
             // holds every value this build writes.
-            Some((ty, generated)) if generated == "ALWAYS" && vitals_schemas::projection::Column { sql_type: ty_static(ty), ..c.clone() }.widens(c.sql_type) => {}
+            Some((ty, generated))
+                if generated == "ALWAYS"
+                    && vitals_schemas::projection::Column { sql_type: ty_static(ty), ..c.clone() }.widens(c.sql_type) => {}
             Some((ty, generated)) => {
-                let what = if generated == "ALWAYS" { format!("is {ty}, the field `{}` is now {}", c.field, c.sql_type) } else { format!("is a {ty} column not generated from body (added by hand?)") };
+                let what = if generated == "ALWAYS" {
+                    format!("is {ty}, the field `{}` is now {}", c.field, c.sql_type)
+                } else {
+                    format!("is a {ty} column not generated from body (added by hand?)")
+                };
                 return Err(TableError::Breaking(format!(
                     "{t}.{}: the column {what}: a breaking change the sink does not apply to a live table. Replay the processor as a new version (`vitals replay {} --as <v>`, a new table with the new shape) and promote it, or fix the column",
                     c.name,
@@ -300,7 +306,11 @@ async fn evolve(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, p: &Projection, 
             _ => None,
         };
         if code.as_deref().is_some_and(|c| c.starts_with("22") || c == "42701" || c == "2BP01") {
-            return Err(TableError::Breaking(format!("{t}: evolving the table ({}) failed: {e}; replay the processor as a new version (`vitals replay {} --as <v>`) instead", notes.join(", "), p.name())));
+            return Err(TableError::Breaking(format!(
+                "{t}: evolving the table ({}) failed: {e}; replay the processor as a new version (`vitals replay {} --as <v>`) instead",
+                notes.join(", "),
+                p.name()
+            )));
         }
         return Err(e.into());
     }
@@ -374,7 +384,14 @@ async fn upsert_rows(tx: &mut Transaction<'_, Postgres>, p: Projection, rows: &[
         .await?;
     Ok(returned
         .into_iter()
-        .map(|(user_id, entity_id, e, s, deleted, body)| Applied { projection: p, user_id, entity_id, version: (e, s), deleted, body: body.0 })
+        .map(|(user_id, entity_id, e, s, deleted, body)| Applied {
+            projection: p,
+            user_id,
+            entity_id,
+            version: (e, s),
+            deleted,
+            body: body.0,
+        })
         .collect())
 }
 
@@ -387,7 +404,10 @@ fn offsets_json(o: &[vitals_schemas::SourceOffset]) -> serde_json::Value {
 /// rebalance yet) moves them in between; the write moves a position only forward in `(epoch,
 /// next_offset)` order, as the fold does, which also covers a key that writer stored first.
 async fn upsert_progress(tx: &mut Transaction<'_, Postgres>, progress: &[Progress]) -> Result<(), sqlx::Error> {
-    let keys: BTreeSet<progress::Key> = progress.iter().flat_map(|p| p.source_offsets.iter().map(move |o| (p.user_id.as_str(), p.projection.key(), o.topic.as_str(), o.partition))).collect();
+    let keys: BTreeSet<progress::Key> = progress
+        .iter()
+        .flat_map(|p| p.source_offsets.iter().map(move |o| (p.user_id.as_str(), p.projection.key(), o.topic.as_str(), o.partition)))
+        .collect();
     if keys.is_empty() {
         return Ok(());
     }
@@ -403,8 +423,12 @@ async fn upsert_progress(tx: &mut Transaction<'_, Postgres>, progress: &[Progres
     .bind(&parts)
     .fetch_all(&mut **tx)
     .await?;
-    let held: BTreeMap<progress::Key, progress::Position> =
-        stored.iter().map(|(u, p, t, part, epoch, next_offset)| ((u.as_str(), p.as_str(), t.as_str(), *part), progress::Position { epoch: *epoch, next_offset: *next_offset })).collect();
+    let held: BTreeMap<progress::Key, progress::Position> = stored
+        .iter()
+        .map(|(u, p, t, part, epoch, next_offset)| {
+            ((u.as_str(), p.as_str(), t.as_str(), *part), progress::Position { epoch: *epoch, next_offset: *next_offset })
+        })
+        .collect();
     let moved = progress::fold(&held, progress);
     if moved.is_empty() {
         return Ok(());
@@ -444,11 +468,12 @@ fn columns<'a>(keys: impl Iterator<Item = progress::Key<'a>>) -> KeyColumns<'a> 
 
 /// The counts of sink `sink` persisted for `topic` ([`Batch::vouches`]).
 pub async fn stored_vouches(pool: &PgPool, sink: &str, topic: &str) -> Result<Vec<(vouch::Key, String, u64)>, sqlx::Error> {
-    let rows: Vec<(i32, String, String, i64)> = sqlx::query_as("SELECT partition, user_id, interval, rows FROM sink_vouches WHERE sink = $1 AND topic = $2")
-        .bind(sink)
-        .bind(topic)
-        .fetch_all(pool)
-        .await?;
+    let rows: Vec<(i32, String, String, i64)> =
+        sqlx::query_as("SELECT partition, user_id, interval, rows FROM sink_vouches WHERE sink = $1 AND topic = $2")
+            .bind(sink)
+            .bind(topic)
+            .fetch_all(pool)
+            .await?;
     Ok(rows.into_iter().map(|(p, u, i, n)| ((topic.to_owned(), p, u), i, n.max(0) as u64)).collect())
 }
 

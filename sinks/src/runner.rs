@@ -20,14 +20,14 @@ use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tracing::{info, warn};
 use vitals_schemas::codec::{Codec, CodecError};
+use vitals_schemas::projection::BuiltFrom;
 use vitals_schemas::topics::Topics;
 use vitals_schemas::vouch::{Belief, Vouches};
-use vitals_schemas::projection::BuiltFrom;
 use vitals_schemas::DeadLetter;
 
 use crate::postgres::{self, Applied, Batch};
-use vitals_consumer::{dead_letter_of, poll_batch, Backoff, InformationalCommits};
 use crate::{Progress, ProgressKind, Projection, Row, PROGRESS_HEADER};
+use vitals_consumer::{dead_letter_of, poll_batch, Backoff, InformationalCommits};
 
 pub use vitals_schemas::topics::{DEAD_LETTERS_HEADER, INTERVAL_HEADER, USER_HEADER, VOUCH_HEADER};
 
@@ -60,7 +60,10 @@ impl SinkConfig {
     /// rows are then recorded per user as that projection's inputs, for freshness). Computed
     /// once per run.
     fn by_topic(&self) -> ByTopic {
-        let chained = |p: &Projection| p.version.is_none() && self.projections.iter().any(|q| q.version.is_none() && q.descriptor.built_from == BuiltFrom::Projection(p.name()));
+        let chained = |p: &Projection| {
+            p.version.is_none()
+                && self.projections.iter().any(|q| q.version.is_none() && q.descriptor.built_from == BuiltFrom::Projection(p.name()))
+        };
         self.projections.iter().map(|p| (p.topic(&self.topics), (*p, chained(p)))).collect()
     }
 }
@@ -121,7 +124,8 @@ impl SeekContext {
     /// The counts of open attempts ([`Vouches`]) of those partitions are loaded with them.
     fn stored(&self, tpl: &TopicPartitionList) -> Option<BTreeMap<(String, i32), i64>> {
         let mut wait = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        let assigned: std::collections::BTreeSet<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+        let assigned: std::collections::BTreeSet<(String, i32)> =
+            tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
         loop {
             let result: Result<_, sqlx::Error> = self.rt.block_on(async {
                 let mut out = BTreeMap::new();
@@ -131,7 +135,12 @@ impl SeekContext {
                     for (p, o) in postgres::stored_offsets(&self.pool, &self.sink, t).await? {
                         out.insert((t.clone(), p), o);
                     }
-                    open.extend(postgres::stored_vouches(&self.pool, &self.sink, t).await?.into_iter().filter(|(k, _, _)| assigned.contains(&(k.0.clone(), k.1))));
+                    open.extend(
+                        postgres::stored_vouches(&self.pool, &self.sink, t)
+                            .await?
+                            .into_iter()
+                            .filter(|(k, _, _)| assigned.contains(&(k.0.clone(), k.1))),
+                    );
                 }
                 Ok((out, open))
             });
@@ -216,7 +225,13 @@ async fn decode(codec: &Codec, p: Projection, m: &OwnedMessage) -> Result<Decode
     let row = Row::of(p, body).map_err(CodecError::Undecodable)?;
     let is_progress = m.headers().is_some_and(|h| h.iter().any(|h| h.key == PROGRESS_HEADER));
     Ok(if is_progress {
-        Decoded::Progress(Progress { projection: p, user_id: row.user_id, kind: ProgressKind::Marker, epoch: row.version.0, source_offsets: row.source_offsets })
+        Decoded::Progress(Progress {
+            projection: p,
+            user_id: row.user_id,
+            kind: ProgressKind::Marker,
+            epoch: row.version.0,
+            source_offsets: row.source_offsets,
+        })
     } else {
         Decoded::Row(row)
     })
@@ -230,7 +245,16 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
     let fatal = Arc::new(Mutex::new(None));
     let vouches = Arc::new(Mutex::new(Vouches::default()));
     let generation = Arc::new(AtomicU64::new(0));
-    let ctx = SeekContext { pool: pool.clone(), sink: cfg.name.clone(), rt: rt.clone(), stop: Arc::clone(&stop), fatal: Arc::clone(&fatal), metrics: Arc::clone(&metrics), vouches: Arc::clone(&vouches), generation: Arc::clone(&generation) };
+    let ctx = SeekContext {
+        pool: pool.clone(),
+        sink: cfg.name.clone(),
+        rt: rt.clone(),
+        stop: Arc::clone(&stop),
+        fatal: Arc::clone(&fatal),
+        metrics: Arc::clone(&metrics),
+        vouches: Arc::clone(&vouches),
+        generation: Arc::clone(&generation),
+    };
     let consumer: BaseConsumer<SeekContext> = consumer_config.create_with_context(ctx)?;
     // The projections, and the dead letters (freshness says `degraded` over them).
     let by_topic = cfg.by_topic();
@@ -250,7 +274,13 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         // reloads the vouches: what was polled before it comes again, and is dropped here (kept,
         // its rows would count twice against their marker, which would then be refused).
         let mut seen = generation.load(Ordering::Relaxed);
-        let msgs: Vec<OwnedMessage> = poll_batch(|left| consumer.poll(left).map(|r| r.map(|m| m.detach())), || generation.load(Ordering::Relaxed), &mut seen, cfg.max_batch, cfg.max_wait);
+        let msgs: Vec<OwnedMessage> = poll_batch(
+            |left| consumer.poll(left).map(|r| r.map(|m| m.detach())),
+            || generation.load(Ordering::Relaxed),
+            &mut seen,
+            cfg.max_batch,
+            cfg.max_wait,
+        );
         if let Some(f) = fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Err(SinkError::Assign(f));
         }
@@ -366,7 +396,9 @@ fn decode_batch(
                     return Ok(None);
                 }
                 // A dead letter is never dead-lettered again.
-                Err(e) => warn!(partition = m.partition(), offset = m.offset(), error = %e, "a dead letter that does not decode: not counted"),
+                Err(e) => {
+                    warn!(partition = m.partition(), offset = m.offset(), error = %e, "a dead letter that does not decode: not counted")
+                }
             }
             continue;
         }
@@ -455,8 +487,11 @@ fn dead_letter_all(
             .into_iter()
             .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: Some(v.as_str()) }));
         let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
-        rt.block_on(producer.send(FutureRecord::to(&cfg.topics.dead_letter).partition(m.partition()).key(&key).payload(&bytes).headers(headers), Duration::from_secs(30)))
-            .map_err(|(e, _)| SinkError::DeadLetter(e.to_string()))?;
+        rt.block_on(producer.send(
+            FutureRecord::to(&cfg.topics.dead_letter).partition(m.partition()).key(&key).payload(&bytes).headers(headers),
+            Duration::from_secs(30),
+        ))
+        .map_err(|(e, _)| SinkError::DeadLetter(e.to_string()))?;
         metrics.dead_letter(&format!("sink:{}", cfg.name), code);
     }
     Ok(true)
@@ -493,7 +528,9 @@ async fn dead_row(codec: &Codec, by_topic: &ByTopic, m: &OwnedMessage) -> Result
 /// `partition:offset:code,…`), recorded with the progress so that the read is `degraded`, never
 /// `fresh`, from the moment the progress counts; the dead letters themselves fill them in.
 fn announced_dead_letters(t: &Topics, m: &OwnedMessage, pr: &Progress) -> Vec<postgres::DeadRow> {
-    let Some(h) = m.headers().and_then(|h| h.iter().find(|h| h.key == DEAD_LETTERS_HEADER)).and_then(|h| h.value) else { return Vec::new() };
+    let Some(h) = m.headers().and_then(|h| h.iter().find(|h| h.key == DEAD_LETTERS_HEADER)).and_then(|h| h.value) else {
+        return Vec::new();
+    };
     vitals_schemas::dead_letter::announced(&String::from_utf8_lossy(h))
         .into_iter()
         .map(|(p, o, code)| {
@@ -533,7 +570,14 @@ fn wait_or_stop(stop: &AtomicBool, d: Duration) -> bool {
     !stop.load(Ordering::Relaxed)
 }
 
-fn encode_dead_letter(rt: &tokio::runtime::Handle, codec: &Codec, cfg: &SinkConfig, m: &OwnedMessage, code: &str, reason: &str) -> Result<Vec<u8>, CodecError> {
+fn encode_dead_letter(
+    rt: &tokio::runtime::Handle,
+    codec: &Codec,
+    cfg: &SinkConfig,
+    m: &OwnedMessage,
+    code: &str,
+    reason: &str,
+) -> Result<Vec<u8>, CodecError> {
     let dl = dead_letter_of(m, format!("sink:{}", cfg.name), code, reason);
     rt.block_on(codec.encode(&cfg.topics.dead_letter, &dl))
 }

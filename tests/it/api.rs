@@ -83,7 +83,9 @@ async fn receive_until(ws: &mut Ws, what: &str, until: impl Fn(&[Value]) -> bool
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !until(&got) {
-        let next = tokio::time::timeout_at(deadline, ws.next()).await.unwrap_or_else(|_| panic!("{what}: not within 60 s; got {} envelopes", got.len()));
+        let next = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not within 60 s; got {} envelopes", got.len()));
         match next {
             Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => got.push(serde_json::from_str(&t).unwrap()),
             Some(Ok(_)) => {}
@@ -110,9 +112,15 @@ async fn reads_are_scoped_fresh_and_pushed_live() {
     let mut gateway = VitalsProc::new(&["realtime"], gw_env);
     gateway.start();
     let gw_base = format!("http://127.0.0.1:{gw_port}");
-    wait_for("the second gateway to listen", Duration::from_secs(30), || async { reqwest::get(format!("{gw_base}/healthz")).await.ok().map(|_| ()) }).await;
+    wait_for("the second gateway to listen", Duration::from_secs(30), || async {
+        reqwest::get(format!("{gw_base}/healthz")).await.ok().map(|_| ())
+    })
+    .await;
     let api = ApiClient { base: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
-    wait_for("the API to listen", Duration::from_secs(30), || async { api.http.get(format!("{}/healthz", api.base)).send().await.ok().map(|_| ()) }).await;
+    wait_for("the API to listen", Duration::from_secs(30), || async {
+        api.http.get(format!("{}/healthz", api.base)).send().await.ok().map(|_| ())
+    })
+    .await;
 
     // A uploads while nothing processes: pending.
     let sim_a = env.sim("a", 1, 1, 2);
@@ -138,7 +146,8 @@ async fn reads_are_scoped_fresh_and_pushed_live() {
     .await;
 
     // The rows are the oracle's, page by page.
-    let expected: BTreeMap<String, RollupDay> = rollup_day::oracle(&inputs(&env, &codec).await).into_iter().filter(|(_, r)| r.user_id == a).collect();
+    let expected: BTreeMap<String, RollupDay> =
+        rollup_day::oracle(&inputs(&env, &codec).await).into_iter().filter(|(_, r)| r.user_id == a).collect();
     assert!(expected.len() >= 5, "a realistic day or two: {} rows", expected.len());
     let rows = api.all("/v1/rollups?limit=7", &ta).await;
     let got: BTreeMap<String, RollupDay> = rows
@@ -205,7 +214,10 @@ async fn reads_are_scoped_fresh_and_pushed_live() {
     })
     .await;
     // Whatever A's socket received meanwhile is A's alone.
-    let more = receive_until(&mut ws_a, "A's envelope for the late sample", |got| got.iter().any(|e| e["payload"].as_str().is_some_and(|p| p.contains("heart_rate")))).await;
+    let more = receive_until(&mut ws_a, "A's envelope for the late sample", |got| {
+        got.iter().any(|e| e["payload"].as_str().is_some_and(|p| p.contains("heart_rate")))
+    })
+    .await;
     assert!(more.iter().all(|e| e["user_id"] == a.as_str()), "A never sees B's envelopes: {more:?}");
 
     processor.kill9();
@@ -239,7 +251,10 @@ async fn redis_down_degrades_realtime_only() {
     ];
     procs.iter_mut().for_each(VitalsProc::start);
     let api = ApiClient { base: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
-    wait_for("the API to listen", Duration::from_secs(30), || async { api.http.get(format!("{}/healthz", api.base)).send().await.ok().map(|_| ()) }).await;
+    wait_for("the API to listen", Duration::from_secs(30), || async {
+        api.http.get(format!("{}/healthz", api.base)).send().await.ok().map(|_| ())
+    })
+    .await;
 
     let sim = env.sim("r", 3, 1, 2);
     let user = simulate::user_id(&sim, 0);
@@ -254,23 +269,28 @@ async fn redis_down_degrades_realtime_only() {
     let other = simulate::user_id(&more, 0);
     let other_token = env.token(&other);
     assert_eq!(simulate::run(&more, &env.http).await.unwrap().rejected, 0);
-    let expected: BTreeMap<String, RollupDay> = rollup_day::oracle(&inputs(&env, &codec).await).into_iter().filter(|(_, r)| r.user_id == other).map(|(k, r)| (k, strip(r))).collect();
-    let got = wait_for_every("the projection to equal the oracle with Redis down", Duration::from_secs(90), Duration::from_millis(300), || {
-        let (api, token, expected) = (&api, &other_token, &expected);
-        async move {
-            let got: BTreeMap<String, RollupDay> = api
-                .all("/v1/rollups", token)
-                .await
-                .into_iter()
-                .map(|v| {
-                    let r: RollupDay = serde_json::from_value(v).unwrap();
-                    (rollup_day::output_key(&r.user_id, &r.metric, r.local_date.parse().unwrap()), strip(r))
-                })
-                .collect();
-            (&got == expected).then_some(got)
-        }
-    })
-    .await;
+    let expected: BTreeMap<String, RollupDay> = rollup_day::oracle(&inputs(&env, &codec).await)
+        .into_iter()
+        .filter(|(_, r)| r.user_id == other)
+        .map(|(k, r)| (k, strip(r)))
+        .collect();
+    let got =
+        wait_for_every("the projection to equal the oracle with Redis down", Duration::from_secs(90), Duration::from_millis(300), || {
+            let (api, token, expected) = (&api, &other_token, &expected);
+            async move {
+                let got: BTreeMap<String, RollupDay> = api
+                    .all("/v1/rollups", token)
+                    .await
+                    .into_iter()
+                    .map(|v| {
+                        let r: RollupDay = serde_json::from_value(v).unwrap();
+                        (rollup_day::output_key(&r.user_id, &r.metric, r.local_date.parse().unwrap()), strip(r))
+                    })
+                    .collect();
+                (&got == expected).then_some(got)
+            }
+        })
+        .await;
     assert!(!got.is_empty());
     for p in procs.iter_mut() {
         let exited = p.exited();

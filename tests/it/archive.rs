@@ -36,26 +36,44 @@ async fn the_archive_holds_every_lane_record_once_across_crashes_and_two_archive
     let pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
     let segments: i64 = sqlx::query_scalar("SELECT count(*) FROM archive_segments").fetch_one(&pool).await.unwrap();
     assert_eq!(segments, 6, "each aborted archiver recorded three segments");
-    let crashed_records: i64 = sqlx::query_scalar("SELECT coalesce(sum(records), 0)::int8 FROM archive_segments").fetch_one(&pool).await.unwrap();
+    let crashed_records: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(records), 0)::int8 FROM archive_segments").fetch_one(&pool).await.unwrap();
 
     // With its store unreachable it waits and says so on /readyz.
     let port = crate::harness::free_port();
-    let mut down = VitalsProc::new(&["archive"], [vars.clone(), vec![("VITALS_S3__ENDPOINT".into(), "http://127.0.0.1:9".into()), ("VITALS_ARCHIVE__METRICS_LISTEN".into(), format!("127.0.0.1:{port}"))]].concat());
+    let mut down = VitalsProc::new(
+        &["archive"],
+        [
+            vars.clone(),
+            vec![
+                ("VITALS_S3__ENDPOINT".into(), "http://127.0.0.1:9".into()),
+                ("VITALS_ARCHIVE__METRICS_LISTEN".into(), format!("127.0.0.1:{port}")),
+            ],
+        ]
+        .concat(),
+    );
     down.start();
-    let body = wait_for_every("/readyz to say the archiver waits for its store", Duration::from_secs(60), Duration::from_millis(200), || async {
-        let r = env.http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.ok()?;
-        (r.status() == 503).then_some(())?;
-        r.text().await.ok()
-    })
-    .await;
+    let body =
+        wait_for_every("/readyz to say the archiver waits for its store", Duration::from_secs(60), Duration::from_millis(200), || async {
+            let r = env.http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.ok()?;
+            (r.status() == 503).then_some(())?;
+            r.text().await.ok()
+        })
+        .await;
     assert!(body.contains("waiting for the archive store"), "{body}");
     down.kill9();
 
     // Two archivers of the same partitions at once, while more people upload.
     let port = crate::harness::free_port();
-    let mut one = VitalsProc::new(&["archive"], [vars.clone(), vec![("VITALS_ARCHIVE__METRICS_LISTEN".into(), format!("127.0.0.1:{port}"))]].concat());
+    let mut one = VitalsProc::new(
+        &["archive"],
+        [vars.clone(), vec![("VITALS_ARCHIVE__METRICS_LISTEN".into(), format!("127.0.0.1:{port}"))]].concat(),
+    );
     let port_two = crate::harness::free_port();
-    let mut two = VitalsProc::new(&["archive"], [vars.clone(), vec![("VITALS_ARCHIVE__METRICS_LISTEN".into(), format!("127.0.0.1:{port_two}"))]].concat());
+    let mut two = VitalsProc::new(
+        &["archive"],
+        [vars.clone(), vec![("VITALS_ARCHIVE__METRICS_LISTEN".into(), format!("127.0.0.1:{port_two}"))]].concat(),
+    );
     one.start();
     two.start();
     let second = env.sim("arcb", 42, 2, 2);
@@ -72,12 +90,19 @@ async fn the_archive_holds_every_lane_record_once_across_crashes_and_two_archive
     let mut recorded = 0.0;
     for port in [port, port_two] {
         let metrics = env.http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
-        let value = |name: &str| metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("{name} in {metrics}"));
+        let value = |name: &str| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{name} in {metrics}"))
+        };
         assert_eq!(value("vitals_archive_waiting"), 0.0, "{metrics}");
         assert_eq!(value("vitals_archive_segments_total") > 0.0, value("vitals_archive_last_segment_timestamp_seconds") > 0.0, "{metrics}");
         recorded += value("vitals_archive_records_total");
     }
-    let all_records: i64 = sqlx::query_scalar("SELECT coalesce(sum(records), 0)::int8 FROM archive_segments").fetch_one(&pool).await.unwrap();
+    let all_records: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(records), 0)::int8 FROM archive_segments").fetch_one(&pool).await.unwrap();
     assert_eq!(recorded as i64, all_records - crashed_records, "the archivers' vitals_archive_records_total");
     one.kill9();
     two.kill9();
@@ -108,8 +133,12 @@ async fn the_archive_holds_every_lane_record_once_across_crashes_and_two_archive
     assert!(total > 20, "the lanes held records: {total}");
 
     // Segments: contiguous per partition, none overlapping, each object naming no user.
-    let segs: Vec<(String, i32, i64, i64, String)> =
-        sqlx::query_as("SELECT topic, partition, first_offset, next_offset, object_key FROM archive_segments ORDER BY topic, partition, first_offset").fetch_all(&pool).await.unwrap();
+    let segs: Vec<(String, i32, i64, i64, String)> = sqlx::query_as(
+        "SELECT topic, partition, first_offset, next_offset, object_key FROM archive_segments ORDER BY topic, partition, first_offset",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for (topic, p, first, seg_next, object) in &segs {
         let at = next.entry((topic.clone(), *p)).or_insert(0);
@@ -133,7 +162,13 @@ async fn the_archive_holds_every_lane_record_once_across_crashes_and_two_archive
         }
         // Erased records keep their offsets (a reader sees no gap), and carry nothing.
         assert_eq!(r.records.len() as i64, *to, "{topic}/{p}: every offset, erased or not");
-        let placeholders = r.records.iter().filter(|m| rdkafka::Message::headers(*m).is_some_and(|h| rdkafka::message::Headers::iter(h).any(|h| h.key == archive::ERASED_HEADER))).count();
+        let placeholders = r
+            .records
+            .iter()
+            .filter(|m| {
+                rdkafka::Message::headers(*m).is_some_and(|h| rdkafka::message::Headers::iter(h).any(|h| h.key == archive::ERASED_HEADER))
+            })
+            .count();
         assert!(r.records.iter().filter(|m| rdkafka::Message::payload(*m).is_none()).count() == placeholders);
         assert_eq!(placeholders as u64, r.erased);
         readable += r.records.len() - placeholders;
@@ -180,7 +215,8 @@ async fn a_replay_from_before_the_lanes_retention_reads_the_archive_then_the_lan
     // "Retention": every lane partition loses its first half (at least one record).
     let admin = vitals::app::admin(&env.cfg).unwrap();
     let mut cut = rdkafka::TopicPartitionList::new();
-    let watermarks: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &env.cfg.kafka.brokers).create().unwrap();
+    let watermarks: rdkafka::consumer::BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &env.cfg.kafka.brokers).create().unwrap();
     for topic in archive::lanes(&env.cfg) {
         for p in 0..env.cfg.kafka.partitions {
             let (low, high) = watermarks.fetch_watermarks(&topic, p, Duration::from_secs(10)).unwrap();
@@ -195,7 +231,13 @@ async fn a_replay_from_before_the_lanes_retention_reads_the_archive_then_the_lan
     }
     for el in cut.elements() {
         let (low, _) = watermarks.fetch_watermarks(el.topic(), el.partition(), Duration::from_secs(10)).unwrap();
-        assert_eq!(rdkafka::Offset::Offset(low), el.offset(), "{}/{}: the early records are gone from the broker", el.topic(), el.partition());
+        assert_eq!(
+            rdkafka::Offset::Offset(low),
+            el.offset(),
+            "{}/{}: the early records are gone from the broker",
+            el.topic(),
+            el.partition()
+        );
     }
 
     // More people upload after the cut; the lanes hold all of theirs.
@@ -219,13 +261,21 @@ async fn a_replay_from_before_the_lanes_retention_reads_the_archive_then_the_lan
     assert!(!crashing.wait_exit("the replay to abort while it reads the archive", Duration::from_secs(120)).await.success());
     let pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
     let start: sqlx::types::Json<Vec<vitals::replay::StartOffset>> =
-        sqlx::query_scalar("SELECT start_offsets FROM projection_replays WHERE projection = 'rollup_day' AND version = 'v2'").fetch_one(&pool).await.unwrap();
-    assert!(start.0.iter().all(|o| o.offset == 0), "a time before everything starts every partition at 0, below the lanes' start: {:?}", start.0);
+        sqlx::query_scalar("SELECT start_offsets FROM projection_replays WHERE projection = 'rollup_day' AND version = 'v2'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        start.0.iter().all(|o| o.offset == 0),
+        "a time before everything starts every partition at 0, below the lanes' start: {:?}",
+        start.0
+    );
     let out = data.with_extension("rehydrate.out");
     let mut again = VitalsProc::new(&args[..], replay_vars.clone());
     again.stdout = Some(out.clone());
     // And from the beginning, at the same time.
-    let mut earliest = VitalsProc::new(&["replay", "rollup_day", "--as", "v3", "--until-caught-up", "--progress", "plain"], env.child_env(&data));
+    let mut earliest =
+        VitalsProc::new(&["replay", "rollup_day", "--as", "v3", "--until-caught-up", "--progress", "plain"], env.child_env(&data));
     again.start();
     earliest.start();
     assert!(again.wait_exit("the replay from a time to catch up", Duration::from_secs(180)).await.success());
@@ -233,7 +283,13 @@ async fn a_replay_from_before_the_lanes_retention_reads_the_archive_then_the_lan
     archiver.kill9();
     for table in ["proj_rollup_day__v2", "proj_rollup_day__v3"] {
         let got = table_rows(&pool, table).await;
-        assert!(got == want, "{table} differs from the oracle: {} users vs {}\n{}", got.len(), want.len(), std::fs::read_to_string(&out).unwrap_or_default());
+        assert!(
+            got == want,
+            "{table} differs from the oracle: {} users vs {}\n{}",
+            got.len(),
+            want.len(),
+            std::fs::read_to_string(&out).unwrap_or_default()
+        );
     }
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
@@ -293,7 +349,8 @@ async fn records_deleted_before_they_were_archived_are_a_recorded_gap_and_a_repl
     assert!(format!("{e:#}").contains("a replay from this time would miss records"), "{e:#}");
 
     let err = data.with_extension("replay.err");
-    let mut replay = VitalsProc::new(&["replay", "rollup_day", "--as", "v2", "--until-caught-up", "--progress", "plain"], env.child_env(&data));
+    let mut replay =
+        VitalsProc::new(&["replay", "rollup_day", "--as", "v2", "--until-caught-up", "--progress", "plain"], env.child_env(&data));
     replay.stderr = Some(err.clone());
     replay.start();
     let status = replay.wait_exit("the replay to stop at the gap", Duration::from_secs(120)).await;

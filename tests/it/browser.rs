@@ -27,7 +27,15 @@ impl Browser {
         assert!(out.status.success(), "installing Chromium: {}", String::from_utf8_lossy(&out.stderr));
         let profile = std::env::temp_dir().join(format!("vitals-chromium-{}", uuid::Uuid::new_v4().simple()));
         let child = Command::new("chromium")
-            .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--remote-debugging-port=0", "--window-size=1280,1600"])
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--remote-debugging-port=0",
+                "--window-size=1280,1600",
+            ])
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(url)
             .stdin(Stdio::null())
@@ -60,7 +68,8 @@ impl Browser {
         self.next_id += 1;
         self.ws.send(Message::Text(json!({"id": id, "method": method, "params": params}).to_string().into())).await.unwrap();
         loop {
-            let msg = tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await.expect("DevTools reply within 30 s").unwrap().unwrap();
+            let msg =
+                tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await.expect("DevTools reply within 30 s").unwrap().unwrap();
             if let Message::Text(t) = msg {
                 let v: Value = serde_json::from_str(&t).unwrap();
                 if v["id"] == id {
@@ -114,7 +123,8 @@ async fn the_dashboard_shows_data_and_updates_live_in_chromium() {
     wait_for_every("the user's rollups and nights to be fresh", Duration::from_secs(120), Duration::from_millis(300), || {
         let (http, token) = (&http, &token);
         async move {
-            let v: Value = http.get(format!("http://127.0.0.1:{port}/v1/freshness")).bearer_auth(token).send().await.ok()?.json().await.ok()?;
+            let v: Value =
+                http.get(format!("http://127.0.0.1:{port}/v1/freshness")).bearer_auth(token).send().await.ok()?.json().await.ok()?;
             (v["freshness"]["rollup_day"]["state"] == "fresh" && v["freshness"]["sleep_night"]["state"] == "fresh").then_some(())
         }
     })
@@ -131,7 +141,8 @@ async fn the_dashboard_shows_data_and_updates_live_in_chromium() {
             .await;
         // Null until the page has loaded its script.
         let v: Value = v.as_str().map(|s| serde_json::from_str(s).unwrap()).unwrap_or(Value::Null);
-        if v["steps"].as_u64() >= Some(3) && v["hr"].as_u64() >= Some(3) && v["sleep"].as_u64() >= Some(1) && v["live"] == "realtime: live" {
+        if v["steps"].as_u64() >= Some(3) && v["hr"].as_u64() >= Some(3) && v["sleep"].as_u64() >= Some(1) && v["live"] == "realtime: live"
+        {
             break v;
         }
         assert!(tokio::time::Instant::now() < deadline, "the dashboard did not show the user's data within 60 s: {v}");
@@ -152,7 +163,11 @@ async fn the_dashboard_shows_data_and_updates_live_in_chromium() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let updated = loop {
         let count = b.eval("Number(document.querySelector('#live-count').textContent)").await.as_u64().unwrap_or(0);
-        let value = b.eval(&format!(r#"Number(document.querySelector('[data-metric="steps"] rect.bar[data-date="{today}"]')?.dataset.value ?? 0)"#)).await.as_f64().unwrap_or(0.0);
+        let value = b
+            .eval(&format!(r#"Number(document.querySelector('[data-metric="steps"] rect.bar[data-date="{today}"]')?.dataset.value ?? 0)"#))
+            .await
+            .as_f64()
+            .unwrap_or(0.0);
         if count > before && value >= 54321.0 {
             break (count, value);
         }

@@ -18,8 +18,15 @@ use crate::harness::{free_port, header, wait_for_every, TestEnv, VitalsProc};
 /// Runs `vitals <args>` in this test's world to completion: (success, stdout, stderr).
 async fn vitals(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
     let data = std::env::temp_dir().join("vitals-dlq-cli-unused");
-    let cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_vitals")).args(args).envs(env.child_env(&data)).stdin(std::process::Stdio::null()).output();
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd).await.unwrap_or_else(|_| panic!("`vitals {}` did not finish within 120 s", args.join(" "))).expect("running vitals");
+    let cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_vitals"))
+        .args(args)
+        .envs(env.child_env(&data))
+        .stdin(std::process::Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd)
+        .await
+        .unwrap_or_else(|_| panic!("`vitals {}` did not finish within 120 s", args.join(" ")))
+        .expect("running vitals");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -66,12 +73,22 @@ async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
             let headers = OwnedHeaders::new()
                 .insert(Header { key: "traceparent", value: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01") })
                 .insert(Header { key: "vitals-request-id", value: Some(user) });
-            let d = producer.send(FutureRecord::to(&topic).key(user).payload(&payload).headers(headers), Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+            let d = producer
+                .send(FutureRecord::to(&topic).key(user).payload(&payload).headers(headers), Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
             assert_eq!(d.partition, partition_for(user.as_bytes(), n));
             d.offset
         }
     };
-    let batch = |user: &str, samples| SampleBatch { request_id: "r".into(), user_id: user.into(), received_at_ms: 0, lane: vitals_schemas::Lane::Hot, samples };
+    let batch = |user: &str, samples| SampleBatch {
+        request_id: "r".into(),
+        user_id: user.into(),
+        received_at_ms: 0,
+        lane: vitals_schemas::Lane::Hot,
+        samples,
+    };
     let garbage = b"\x00\x00\x00\x00\x09not avro at all".to_vec();
     let (a, b) = ("dlq-user-a", "dlq-user-b");
     let (pa, pb) = (partition_for(a.as_bytes(), n), partition_for(b.as_bytes(), n));
@@ -88,12 +105,22 @@ async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
     let mut proc = VitalsProc::new(&["process", "rollup_day", "sleep_night"], vars);
     proc.start();
     // The per-reason counters, both processors' in one family.
-    let wanted = [("rollup_day", "undecodable"), ("sleep_night", "undecodable"), ("rollup_day", "unknown_metric"), ("sleep_night", "unknown_metric")]
-        .map(|(s, c)| format!("vitals_dead_letters_total{{stage=\"processor:{s}\",code=\"{c}\"}} 1\n"));
-    let text = wait_for_every("/metrics to count the four dead letters by stage and code", Duration::from_secs(120), Duration::from_millis(300), || {
-        let wanted = &wanted;
-        async move { metrics(port).await.filter(|m| wanted.iter().all(|w| m.contains(w.as_str()))) }
-    })
+    let wanted = [
+        ("rollup_day", "undecodable"),
+        ("sleep_night", "undecodable"),
+        ("rollup_day", "unknown_metric"),
+        ("sleep_night", "unknown_metric"),
+    ]
+    .map(|(s, c)| format!("vitals_dead_letters_total{{stage=\"processor:{s}\",code=\"{c}\"}} 1\n"));
+    let text = wait_for_every(
+        "/metrics to count the four dead letters by stage and code",
+        Duration::from_secs(120),
+        Duration::from_millis(300),
+        || {
+            let wanted = &wanted;
+            async move { metrics(port).await.filter(|m| wanted.iter().all(|w| m.contains(w.as_str()))) }
+        },
+    )
     .await;
     assert_eq!(text.matches("# TYPE vitals_dead_letters_total counter").count(), 1, "one family for every processor:\n{text}");
     assert_eq!(text.matches("# TYPE vitals_processor_records_in_total counter").count(), 1, "one family for every processor:\n{text}");
@@ -115,12 +142,25 @@ async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
     let lines: Vec<&str> = list.lines().filter(|l| l.contains(&garbage_src)).collect();
     assert_eq!(lines.len(), 2, "the undecodable record, dead-lettered by both processors:\n{list}");
     for stage in ["processor:rollup_day", "processor:sleep_night"] {
-        assert!(lines.iter().any(|l| l.contains(stage) && l.contains(" undecodable ") && l.contains(&format!("user={a}"))), "{stage}:\n{list}");
+        assert!(
+            lines.iter().any(|l| l.contains(stage) && l.contains(" undecodable ") && l.contains(&format!("user={a}"))),
+            "{stage}:\n{list}"
+        );
     }
     assert!(list.lines().any(|l| l.contains(&unknown_src) && l.contains("unknown_metric") && l.contains("heart_rhythm")), "{list}");
     assert!(list.contains("4 dead letters in "), "{list}");
-    let summary: Vec<Vec<&str>> = list.lines().skip_while(|l| !l.starts_with("4 dead letters")).skip(1).map(|l| l.split_whitespace().collect()).collect();
-    assert_eq!(summary, [["1", "processor:rollup_day", "undecodable"], ["1", "processor:rollup_day", "unknown_metric"], ["1", "processor:sleep_night", "undecodable"], ["1", "processor:sleep_night", "unknown_metric"]], "{list}");
+    let summary: Vec<Vec<&str>> =
+        list.lines().skip_while(|l| !l.starts_with("4 dead letters")).skip(1).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(
+        summary,
+        [
+            ["1", "processor:rollup_day", "undecodable"],
+            ["1", "processor:rollup_day", "unknown_metric"],
+            ["1", "processor:sleep_night", "undecodable"],
+            ["1", "processor:sleep_night", "unknown_metric"]
+        ],
+        "{list}"
+    );
     let json: serde_json::Value = serde_json::from_str(&ok(&env, &["dlq", "list", "--reason", "unknown_metric", "--json"]).await).unwrap();
     assert_eq!(json["total"], 2, "{json}");
     let entry = &json["dead_letters"][0];
@@ -128,13 +168,35 @@ async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
     assert!(entry["stage"].as_str().is_some_and(|s| s.starts_with("processor:")), "{json}");
     let json: serde_json::Value = serde_json::from_str(&ok(&env, &["dlq", "list", "--stage", "sleep_night", "--json"]).await).unwrap();
     assert_eq!(json["total"], 2, "{json}");
-    let json: serde_json::Value = serde_json::from_str(&ok(&env, &["dlq", "list", "--topic", "hot", "--partition", &pa.to_string(), "--from-offset", &garbage_at.to_string(), "--to-offset", &garbage_at.to_string(), "--json"]).await).unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &ok(
+            &env,
+            &[
+                "dlq",
+                "list",
+                "--topic",
+                "hot",
+                "--partition",
+                &pa.to_string(),
+                "--from-offset",
+                &garbage_at.to_string(),
+                "--to-offset",
+                &garbage_at.to_string(),
+                "--json",
+            ],
+        )
+        .await,
+    )
+    .unwrap();
     assert_eq!(json["total"], 2, "{json}");
     let garbage_dlq = format!("{}:{}", json["dead_letters"][0]["partition"], json["dead_letters"][0]["offset"]);
 
     // show: the full record; the payload in hex, decoded when it decodes.
     let shown = ok(&env, &["dlq", "show", &format!("{}:{}", entry["partition"], entry["offset"])]).await;
-    assert!(shown.contains("code         unknown_metric") && shown.contains("\"heart_rhythm\"") && shown.contains(&hex::encode(&unknown_bytes)), "{shown}");
+    assert!(
+        shown.contains("code         unknown_metric") && shown.contains("\"heart_rhythm\"") && shown.contains(&hex::encode(&unknown_bytes)),
+        "{shown}"
+    );
     assert!(shown.contains("replay       not replayed"), "{shown}");
     let shown = ok(&env, &["dlq", "show", &garbage_dlq]).await;
     assert!(shown.contains(&hex::encode(&garbage)) && shown.contains("does not decode") && shown.contains("traceparent"), "{shown}");
@@ -152,7 +214,10 @@ async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
     assert!(out.contains("2 dead letters selected, 1 source records: 1 replayed"), "{out}");
     let hot = env.read(&t.hot).await;
     assert_eq!(hot.len(), hot_before + 1, "{out}");
-    let copy = hot.iter().find(|m| header(m, REPLAY_OF_HEADER).as_deref() == Some(garbage_src.as_str())).expect("the copy carries vitals-replay-of");
+    let copy = hot
+        .iter()
+        .find(|m| header(m, REPLAY_OF_HEADER).as_deref() == Some(garbage_src.as_str()))
+        .expect("the copy carries vitals-replay-of");
     assert_eq!((copy.key(), copy.payload(), copy.partition()), (Some(a.as_bytes()), Some(garbage.as_slice()), pa));
     assert_eq!(header(copy, "traceparent").as_deref(), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
     assert_eq!(header(copy, "vitals-request-id").as_deref(), Some(a));
@@ -176,11 +241,25 @@ async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
 
     // A run interrupted after the broker acknowledged a copy and before the ledger said so: the
     // next run finds the copy by its header and writes nothing.
-    sqlx::query("UPDATE dlq_replays SET target_offset = NULL, replayed_at = NULL WHERE source_offset = $1 AND source_partition = $2").bind(garbage_at).bind(pa).execute(&env.pool).await.unwrap();
+    sqlx::query("UPDATE dlq_replays SET target_offset = NULL, replayed_at = NULL WHERE source_offset = $1 AND source_partition = $2")
+        .bind(garbage_at)
+        .bind(pa)
+        .execute(&env.pool)
+        .await
+        .unwrap();
     let out = ok(&env, &["dlq", "replay", "--all"]).await;
-    assert!(out.contains("recovered") && out.contains("0 replayed, 2 already replayed") && out.contains("1 completed from an interrupted run"), "{out}");
+    assert!(
+        out.contains("recovered") && out.contains("0 replayed, 2 already replayed") && out.contains("1 completed from an interrupted run"),
+        "{out}"
+    );
     assert_eq!(env.read(&t.hot).await.len(), hot_before + 2);
-    let (offset,): (Option<i64>,) = sqlx::query_as("SELECT target_offset FROM dlq_replays WHERE source_offset = $1 AND source_partition = $2").bind(garbage_at).bind(pa).fetch_one(&env.pool).await.unwrap();
+    let (offset,): (Option<i64>,) =
+        sqlx::query_as("SELECT target_offset FROM dlq_replays WHERE source_offset = $1 AND source_partition = $2")
+            .bind(garbage_at)
+            .bind(pa)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(offset, Some(copy_at));
 
     // A run interrupted after its intent and before the produce: the copy is not on the target,
@@ -196,7 +275,11 @@ async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
         payload: hot.iter().find(|m| m.partition() == pa && m.offset() == good_at).and_then(|m| m.payload()).map(<[u8]>::to_vec),
     };
     let dl_bytes = codec.encode(&t.dead_letter, &good).await.unwrap();
-    let dl = producer.send(FutureRecord::to(&t.dead_letter).partition(pa).key(a).payload(&dl_bytes), Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    let dl = producer
+        .send(FutureRecord::to(&t.dead_letter).partition(pa).key(a).payload(&dl_bytes), Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
     let hot_end = env.read(&t.hot).await.iter().filter(|m| m.partition() == pa).map(|m| m.offset() + 1).max().unwrap();
     sqlx::query(
         "INSERT INTO dlq_replays (source_topic, source_partition, source_offset, dlq_topic, dlq_partition, dlq_offset, target_topic, target_partition, scan_from)
@@ -218,7 +301,11 @@ async fn dlq_lists_shows_and_replays_each_dead_lettered_record_exactly_once() {
     let out = ok(&env, &["dlq", "replay", "--all"]).await;
     assert!(out.contains("0 replayed, 3 already replayed"), "{out}");
     assert_eq!(env.read(&t.hot).await.len(), hot_before + 3);
-    assert_eq!(env.read(&t.dead_letter).await.len(), 5, "replay never writes to the dead-letter topic (four from the processors, one from this test)");
+    assert_eq!(
+        env.read(&t.dead_letter).await.len(),
+        5,
+        "replay never writes to the dead-letter topic (four from the processors, one from this test)"
+    );
 
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
@@ -232,7 +319,11 @@ async fn the_sink_counts_dead_letters_by_reason_and_dlq_does_not_replay_projecti
     let t = env.topics();
     let producer = vitals::app::producer(&env.cfg, "test-dlq-sink").unwrap();
     let garbage = b"\x00\x00\x00\x00\x09not a rollup".to_vec();
-    producer.send(FutureRecord::to(&t.rollup_day).partition(1).key("u|steps|2026-01-01").payload(&garbage), Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    producer
+        .send(FutureRecord::to(&t.rollup_day).partition(1).key("u|steps|2026-01-01").payload(&garbage), Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
 
     let data = std::env::temp_dir().join(format!("vitals-dlq-{}", uuid::Uuid::new_v4().simple()));
     let port = free_port();
@@ -253,7 +344,10 @@ async fn the_sink_counts_dead_letters_by_reason_and_dlq_does_not_replay_projecti
     let list = ok(&env, &["dlq", "list", "--stage", "sink"]).await;
     assert!(list.lines().any(|l| l.contains(&format!("{}:1:0", t.rollup_day)) && l.contains("undecodable")), "{list}");
     let out = ok(&env, &["dlq", "replay", "--all"]).await;
-    assert!(out.contains("not replayable: a projection topic") && out.contains("0 replayed, 0 already replayed, 1 not replayable"), "{out}");
+    assert!(
+        out.contains("not replayable: a projection topic") && out.contains("0 replayed, 0 already replayed, 1 not replayable"),
+        "{out}"
+    );
     assert_eq!(env.read(&t.rollup_day).await.len(), 1, "nothing written back to the projection topic");
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;

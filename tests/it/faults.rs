@@ -34,7 +34,12 @@ async fn forward(State(r): State<FaultyRegistry>, method: Method, uri: Uri, head
     let fault = r.fault.load(Ordering::SeqCst);
     if fault != 0 {
         let status = StatusCode::from_u16(fault).unwrap();
-        return (status, [("content-type", "application/vnd.schemaregistry.v1+json")], format!("{{\"error_code\":{fault}01,\"message\":\"injected\"}}")).into_response();
+        return (
+            status,
+            [("content-type", "application/vnd.schemaregistry.v1+json")],
+            format!("{{\"error_code\":{fault}01,\"message\":\"injected\"}}"),
+        )
+            .into_response();
     }
     let url = format!("{}{}", r.upstream, uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
     let mut req = r.http.request(method, url).body(body);
@@ -98,15 +103,20 @@ async fn a_failing_registry_pauses_the_processor_and_nothing_is_dead_lettered() 
     let readyz = format!("http://127.0.0.1:{port}/readyz");
     for status in [500u16, 429, 404] {
         faulty.answer(status);
-        let body = wait_for_every(&format!("/readyz to say why while the registry answers {status}"), Duration::from_secs(60), Duration::from_millis(200), || {
-            let (http, url) = (&env.http, &readyz);
-            async move {
-                let r = http.get(url).send().await.ok()?;
-                let code = r.status().as_u16();
-                let body = r.text().await.ok()?;
-                (code == 503 && body.contains(&status.to_string())).then_some(body)
-            }
-        })
+        let body = wait_for_every(
+            &format!("/readyz to say why while the registry answers {status}"),
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+            || {
+                let (http, url) = (&env.http, &readyz);
+                async move {
+                    let r = http.get(url).send().await.ok()?;
+                    let code = r.status().as_u16();
+                    let body = r.text().await.ok()?;
+                    (code == 503 && body.contains(&status.to_string())).then_some(body)
+                }
+            },
+        )
         .await;
         assert!(body.contains("partition"), "{body}");
         assert!(p.exited().is_none(), "the processor waits, it does not exit: {:?}", p.exited());
@@ -118,10 +128,15 @@ async fn a_failing_registry_pauses_the_processor_and_nothing_is_dead_lettered() 
     faulty.answer(0);
     let want = expected(&env, &codec).await.rollup;
     assert!(want.len() > 10, "a realistic workload");
-    wait_for_every("the rollups to equal the oracle once the registry is back", Duration::from_secs(120), Duration::from_millis(500), || {
-        let (env, codec, want, t) = (&env, &codec, &want, &t);
-        async move { (fold::<RollupDay>(env, codec, &t.rollup_day).await.0 == *want).then_some(()) }
-    })
+    wait_for_every(
+        "the rollups to equal the oracle once the registry is back",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || {
+            let (env, codec, want, t) = (&env, &codec, &want, &t);
+            async move { (fold::<RollupDay>(env, codec, &t.rollup_day).await.0 == *want).then_some(()) }
+        },
+    )
     .await;
     wait_for_every("/readyz to say ready again", Duration::from_secs(30), Duration::from_millis(200), || {
         let (http, url) = (&env.http, &readyz);
@@ -150,13 +165,19 @@ async fn a_partition_paused_on_a_failing_registry_is_read_again_after_a_rebalanc
     faulty.answer(500);
     assert_eq!(simulate::run(&env.sim("rb", 5, 3, 2), &env.http).await.unwrap().rejected, 0);
     let vars = with(env.child_env(&data), "VITALS_REGISTRY__URL", &faulty_url);
-    let mut a = VitalsProc::new(&["process", "rollup_day"], with(vars.clone(), "VITALS_PROCESSORS__METRICS_LISTEN", &format!("127.0.0.1:{port}")));
+    let mut a =
+        VitalsProc::new(&["process", "rollup_day"], with(vars.clone(), "VITALS_PROCESSORS__METRICS_LISTEN", &format!("127.0.0.1:{port}")));
     a.start();
     let readyz = format!("http://127.0.0.1:{port}/readyz");
-    wait_for_every("the first instance to pause its partitions on the failing registry", Duration::from_secs(60), Duration::from_millis(200), || {
-        let (http, url) = (&env.http, &readyz);
-        async move { http.get(url).send().await.ok().filter(|r| r.status() == 503).map(|_| ()) }
-    })
+    wait_for_every(
+        "the first instance to pause its partitions on the failing registry",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            let (http, url) = (&env.http, &readyz);
+            async move { http.get(url).send().await.ok().filter(|r| r.status() == 503).map(|_| ()) }
+        },
+    )
     .await;
     // A second instance joins (every partition is revoked and assigned again) and leaves (they
     // come back), all while the registry still fails.
@@ -169,7 +190,8 @@ async fn a_partition_paused_on_a_failing_registry_is_read_again_after_a_rebalanc
     };
     wait_for_every("the second instance to join the group", Duration::from_secs(60), Duration::from_millis(300), || admin_members(2)).await;
     b.terminate(Duration::from_secs(30));
-    wait_for_every("the second instance to leave the group", Duration::from_secs(60), Duration::from_millis(300), || admin_members(1)).await;
+    wait_for_every("the second instance to leave the group", Duration::from_secs(60), Duration::from_millis(300), || admin_members(1))
+        .await;
     // The registry answers again: every record is processed by the remaining instance.
     faulty.answer(0);
     let want = expected(&env, &codec).await.rollup;
@@ -220,7 +242,11 @@ async fn a_row_postgres_refuses_is_dead_lettered_alone_and_the_others_are_applie
         async move {
             let bytes = codec.encode(&topic, &r).await.unwrap();
             let h = OwnedHeaders::new().insert(Header { key: "vitals-user", value: Some(r.user_id.as_str()) });
-            producer.send(FutureRecord::to(&topic).partition(0).key(&key).payload(&bytes).headers(h), Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+            producer
+                .send(FutureRecord::to(&topic).partition(0).key(&key).payload(&bytes).headers(h), Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
         }
     };
     // Written as a third-party (or pre-validation) producer could: straight to the output topic.
@@ -228,25 +254,29 @@ async fn a_row_postgres_refuses_is_dead_lettered_alone_and_the_others_are_applie
     send("good|steps|2024-03-01".into(), rollup("good", "steps", 5, &t.hot)).await;
     // Incompressible, so its index entry really is over PostgreSQL's limit.
     let mut x = 0x2545f491u64;
-    let huge: String = (0..20_000).map(|_| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        char::from(b'a' + (x % 26) as u8)
-    }).collect();
+    let huge: String = (0..20_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
     send("huge|x|2024-03-01".into(), rollup("huge", &huge, 2, &t.hot)).await;
     send("other|steps|2024-03-01".into(), rollup("other", "steps", 7, &t.hot)).await;
     let data = std::env::temp_dir().join(format!("vitals-faults-{}", uuid::Uuid::new_v4().simple()));
     let mut sink = VitalsProc::new(&["sink"], env.child_env(&data));
     sink.start();
-    let rows: Vec<(String, i64)> = wait_for_every("the valid rows to be applied", Duration::from_secs(60), Duration::from_millis(200), || {
-        let pool = &env.pool;
-        async move {
-            let rows: Vec<(String, i64)> = sqlx::query_as("SELECT user_id, (body->>'count')::int8 FROM proj_rollup_day ORDER BY 1").fetch_all(pool).await.ok()?;
-            (rows.len() >= 2).then_some(rows)
-        }
-    })
-    .await;
+    let rows: Vec<(String, i64)> =
+        wait_for_every("the valid rows to be applied", Duration::from_secs(60), Duration::from_millis(200), || {
+            let pool = &env.pool;
+            async move {
+                let rows: Vec<(String, i64)> =
+                    sqlx::query_as("SELECT user_id, (body->>'count')::int8 FROM proj_rollup_day ORDER BY 1").fetch_all(pool).await.ok()?;
+                (rows.len() >= 2).then_some(rows)
+            }
+        })
+        .await;
     assert_eq!(rows, vec![("good".to_owned(), 5), ("other".to_owned(), 7)]);
     let dead = wait_for_every("both refused rows to be dead-lettered", Duration::from_secs(30), Duration::from_millis(200), || {
         let env = &env;
@@ -293,7 +323,11 @@ async fn a_dead_lettered_record_makes_the_read_degraded_with_the_count_and_reaso
     garbage.extend_from_slice(&id.to_be_bytes());
     garbage.push(0x7f); // a string length with no string after it
     let producer: FutureProducer = vitals::app::producer(&env.cfg, "test").unwrap();
-    producer.send(FutureRecord::to(&t.hot).partition(p).key(user).payload(&garbage), Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+    producer
+        .send(FutureRecord::to(&t.hot).partition(p).key(user).payload(&garbage), Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
 
     let data = std::env::temp_dir().join(format!("vitals-faults-{}", uuid::Uuid::new_v4().simple()));
     let mut proc = VitalsProc::new(&["process", "rollup_day"], env.child_env(&data));
@@ -302,16 +336,17 @@ async fn a_dead_lettered_record_makes_the_read_degraded_with_the_count_and_reaso
     sink.start();
     let base = env.serve_api().await;
     let token = env.token(user);
-    let read = wait_for_every("the read to say degraded, naming the dead letter", Duration::from_secs(60), Duration::from_millis(300), || {
-        let (http, url, token) = (&env.http, format!("{base}/v1/rollups?metric=heart_rate"), &token);
-        async move {
-            let r: serde_json::Value = http.get(url).bearer_auth(token).send().await.ok()?.json().await.ok()?;
-            let state = r["freshness"]["state"].as_str()?.to_owned();
-            assert_ne!(state, "fresh", "fresh over a record that was not applied: {r}");
-            (state == "degraded").then_some(r)
-        }
-    })
-    .await;
+    let read =
+        wait_for_every("the read to say degraded, naming the dead letter", Duration::from_secs(60), Duration::from_millis(300), || {
+            let (http, url, token) = (&env.http, format!("{base}/v1/rollups?metric=heart_rate"), &token);
+            async move {
+                let r: serde_json::Value = http.get(url).bearer_auth(token).send().await.ok()?.json().await.ok()?;
+                let state = r["freshness"]["state"].as_str()?.to_owned();
+                assert_ne!(state, "fresh", "fresh over a record that was not applied: {r}");
+                (state == "degraded").then_some(r)
+            }
+        })
+        .await;
     assert_eq!(read["data"].as_array().map(Vec::len), Some(1), "the valid upload is applied: {read}");
     let dead = &read["freshness"]["dead_letters"];
     assert_eq!((dead[0]["code"].as_str(), dead[0]["count"].as_i64()), (Some("undecodable"), Some(1)), "{read}");
@@ -320,13 +355,23 @@ async fn a_dead_lettered_record_makes_the_read_degraded_with_the_count_and_reaso
     // progress, never after it), and the dead letter itself filled in the row.
     let markers = env.read(&t.rollup_day).await;
     assert!(
-        markers.iter().any(|m| header(m, vitals_schemas::topics::PROGRESS_HEADER).is_some() && header(m, "vitals-dead-letters").is_some_and(|d| d.ends_with(":undecodable"))),
+        markers.iter().any(|m| header(m, vitals_schemas::topics::PROGRESS_HEADER).is_some()
+            && header(m, "vitals-dead-letters").is_some_and(|d| d.ends_with(":undecodable"))),
         "a marker names the dead letter"
     );
-    wait_for_every("the announced dead letter to be filled in from the dead-letter topic", Duration::from_secs(30), Duration::from_millis(200), || async {
-        let rows: Vec<(i64, String)> = sqlx::query_as("SELECT source_offset, stage FROM projection_dead_letters WHERE user_id = $1").bind(user).fetch_all(&env.pool).await.ok()?;
-        (rows.len() == 1 && rows[0].0 >= 0).then_some(())
-    })
+    wait_for_every(
+        "the announced dead letter to be filled in from the dead-letter topic",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let rows: Vec<(i64, String)> = sqlx::query_as("SELECT source_offset, stage FROM projection_dead_letters WHERE user_id = $1")
+                .bind(user)
+                .fetch_all(&env.pool)
+                .await
+                .ok()?;
+            (rows.len() == 1 && rows[0].0 >= 0).then_some(())
+        },
+    )
     .await;
     proc.kill9();
     sink.kill9();
@@ -361,9 +406,23 @@ async fn hostile_sessions_harm_nothing_and_another_user_becomes_fresh() {
     ]});
     let (status, _, answer) = env.post("/v1/domain-changes:batch", evil, &hostile).await;
     assert_eq!(status, 422, "{answer}");
-    let fields: Vec<(&str, &str)> = answer["error"]["items"].as_array().or(answer["rejected"].as_array()).expect("per-item rejections").iter()
-        .map(|i| (i["field"].as_str().unwrap_or_default(), i["code"].as_str().unwrap_or_default())).collect();
-    assert_eq!(fields, [("session.product_id", "invalid_field"), ("session.product_id", "invalid_field"), ("session.product_id", "invalid_field"), ("session.end", "session_too_long")], "{answer}");
+    let fields: Vec<(&str, &str)> = answer["error"]["items"]
+        .as_array()
+        .or(answer["rejected"].as_array())
+        .expect("per-item rejections")
+        .iter()
+        .map(|i| (i["field"].as_str().unwrap_or_default(), i["code"].as_str().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("session.product_id", "invalid_field"),
+            ("session.product_id", "invalid_field"),
+            ("session.product_id", "invalid_field"),
+            ("session.end", "session_too_long")
+        ],
+        "{answer}"
+    );
     assert!(env.read(&t.domain).await.is_empty(), "nothing of a refused request reaches Kafka");
 
     // Bypassing the edge: one record, a valid session between the bad ones.
@@ -373,7 +432,13 @@ async fn hostile_sessions_harm_nothing_and_another_user_becomes_fresh() {
             change_id: id.into(),
             kind: DomainChangeKind::SessionEnded,
             occurred_at_ms: now,
-            session: Some(Session { session_id: id.into(), product_id: product.map(Into::into), start_ms: Some(now - start_min * 60_000), end_ms: Some(now - end_min * 60_000), time_zone: None }),
+            session: Some(Session {
+                session_id: id.into(),
+                product_id: product.map(Into::into),
+                start_ms: Some(now - start_min * 60_000),
+                end_ms: Some(now - end_min * 60_000),
+                time_zone: None,
+            }),
             product: None,
             privacy: None,
             source_priority: None,
@@ -418,11 +483,12 @@ async fn hostile_sessions_harm_nothing_and_another_user_becomes_fresh() {
     })
     .await;
     assert_eq!(session["data"]["product_id"], "coffee", "{session}");
-    let list = wait_for_every("the hostile user's sessions read to say degraded", Duration::from_secs(30), Duration::from_millis(300), || async {
-        let r = get(evil, "/v1/sessions").await?;
-        (r["freshness"]["state"] == "degraded").then_some(r)
-    })
-    .await;
+    let list =
+        wait_for_every("the hostile user's sessions read to say degraded", Duration::from_secs(30), Duration::from_millis(300), || async {
+            let r = get(evil, "/v1/sessions").await?;
+            (r["freshness"]["state"] == "degraded").then_some(r)
+        })
+        .await;
     let ids: Vec<&str> = list["data"].as_array().unwrap().iter().filter_map(|s| s["session_id"].as_str()).collect();
     assert_eq!(ids, ["s-ok"], "{list}");
     let codes: Vec<&str> = list["freshness"]["dead_letters"].as_array().unwrap().iter().filter_map(|d| d["code"].as_str()).collect();

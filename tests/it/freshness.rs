@@ -55,7 +55,10 @@ impl Owner<'_> {
     /// The task's input position after an interval: HOT and COLD at `hot`/`cold`, the rest at 0.
     fn at(&self, hot: i64, cold: i64) -> Vec<SourceOffset> {
         let t = self.env.topics();
-        [(t.hot, hot), (t.cold, cold), (t.change, 0), (t.domain, 0)].into_iter().map(|(topic, next_offset)| SourceOffset { topic, partition: 0, next_offset }).collect()
+        [(t.hot, hot), (t.cold, cold), (t.change, 0), (t.domain, 0)]
+            .into_iter()
+            .map(|(topic, next_offset)| SourceOffset { topic, partition: 0, next_offset })
+            .collect()
     }
 
     fn rollup(&self, metric: &str, count: i64, version: (i64, i64), source_offsets: Vec<SourceOffset>) -> RollupDay {
@@ -85,7 +88,10 @@ impl Owner<'_> {
     async fn send(&self, key: &str, r: &RollupDay, headers: OwnedHeaders) -> i64 {
         let topic = self.env.topics().rollup_day;
         let bytes = self.codec.encode(&topic, r).await.unwrap();
-        let sent = self.producer.send(FutureRecord::to(&topic).partition(0).key(key).payload(&bytes).headers(headers), Duration::from_secs(30)).await;
+        let sent = self
+            .producer
+            .send(FutureRecord::to(&topic).partition(0).key(key).payload(&bytes).headers(headers), Duration::from_secs(30))
+            .await;
         sent.map_err(|(e, _)| e).unwrap().offset
     }
 
@@ -124,7 +130,12 @@ async fn consumed(env: &TestEnv, what: &str, last: i64) {
     wait_for(&format!("the sink to commit {what} (output offset {last})"), Duration::from_secs(60), || {
         let (pool, topic) = (&env.pool, &topic);
         async move {
-            let next: Option<i64> = sqlx::query_scalar("SELECT next_offset FROM sink_offsets WHERE topic = $1 AND partition = 0").bind(topic).fetch_optional(pool).await.ok().flatten();
+            let next: Option<i64> = sqlx::query_scalar("SELECT next_offset FROM sink_offsets WHERE topic = $1 AND partition = 0")
+                .bind(topic)
+                .fetch_optional(pool)
+                .await
+                .ok()
+                .flatten();
             next.is_some_and(|n| n > last).then_some(())
         }
     })
@@ -187,7 +198,10 @@ async fn a_replay_from_an_older_checkpoint_is_not_fresh_until_it_has_caught_up()
     consumed(&env, "epoch 2's replayed row", last).await;
     let (count, state, body) = read_steps(&env, &api, &token).await;
     assert_eq!(count, Some(4), "the replayed row is what the API serves: {body}");
-    assert_ne!(state, "fresh", "a row computed from input up to HOT 40 is served as fresh, though the user's accepted HOT offset is 99: {body}");
+    assert_ne!(
+        state, "fresh",
+        "a row computed from input up to HOT 40 is served as fresh, though the user's accepted HOT offset is 99: {body}"
+    );
     let last = owner.marker((2, 2), owner.at(40, 20)).await;
     consumed(&env, "epoch 2's first marker", last).await;
     let (_, state, body) = read_steps(&env, &api, &token).await;
@@ -251,7 +265,11 @@ async fn a_marker_is_believed_only_after_every_row_it_vouches_for() {
     sink.start();
     consumed(&env, "attempt 2's marker, after a restart", last).await;
     let (count, state, body) = read_steps(&env, &api, &token).await;
-    assert_eq!((count, state.as_str()), (Some(10), "fresh"), "every row of attempt 2 was read before its marker (across the restart): {body}");
+    assert_eq!(
+        (count, state.as_str()),
+        (Some(10), "fresh"),
+        "every row of attempt 2 was read before its marker (across the restart): {body}"
+    );
 
     sink.kill9();
     let _ = std::fs::remove_dir_all(&data);
@@ -270,19 +288,24 @@ async fn a_row_that_does_not_decode_still_counts_for_its_marker() {
     let topic = t.rollup_day.clone();
     owner
         .producer
-        .send(FutureRecord::to(&topic).partition(0).key(&format!("{user}|steps|2024-03-01")).payload(&b"not avro"[..]).headers(headers), Duration::from_secs(30))
+        .send(
+            FutureRecord::to(&topic).partition(0).key(&format!("{user}|steps|2024-03-01")).payload(&b"not avro"[..]).headers(headers),
+            Duration::from_secs(30),
+        )
         .await
         .map_err(|(e, _)| e)
         .unwrap();
     owner.row_of("o.1", &owner.rollup("heart_rate", 5, (1, 2), owner.at(100, 60))).await;
     let last = owner.vouching("o.1", 2, (1, 3), owner.at(100, 60)).await;
     consumed(&env, "the attempt's two rows (one undecodable) and its marker", last).await;
-    let hot: Option<(i64, i64)> = sqlx::query_as("SELECT epoch, next_offset FROM projection_progress WHERE user_id = $1 AND projection = 'rollup_day' AND topic = $2")
-        .bind(&user)
-        .bind(&t.hot)
-        .fetch_optional(&env.pool)
-        .await
-        .unwrap();
+    let hot: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT epoch, next_offset FROM projection_progress WHERE user_id = $1 AND projection = 'rollup_day' AND topic = $2",
+    )
+    .bind(&user)
+    .bind(&t.hot)
+    .fetch_optional(&env.pool)
+    .await
+    .unwrap();
     assert_eq!(hot, Some((1, 100)), "the marker is believed: both rows of its attempt were read, one of them dead-lettered");
     sink.kill9();
     let _ = std::fs::remove_dir_all(&data);
@@ -339,19 +362,41 @@ async fn a_read_pairs_rows_and_progress_of_one_moment() {
             tokio::spawn(async move { http.get(url).bearer_auth(token).send().await.unwrap().json::<Value>().await.unwrap() })
         };
         wait_for(&format!("GET {path} to wait for projection_progress"), Duration::from_secs(30), || async {
-            let waiting: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = 'projection_progress'::regclass AND NOT granted)").fetch_one(&env.pool).await.unwrap();
+            let waiting: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = 'projection_progress'::regclass AND NOT granted)",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
             waiting.then_some(())
         })
         .await;
         // The replay catches up while the read waits: row and progress in one transaction.
-        sqlx::query(&format!("UPDATE {table} SET body = $3, version_seq = 2 WHERE user_id = $1 AND entity_id = $2")).bind(&user).bind(entity).bind(json!({"count": 10})).execute(&mut *writer).await.unwrap();
-        sqlx::query("UPDATE projection_progress SET next_offset = 100 WHERE user_id = $1 AND projection = $2").bind(&user).bind(projection).execute(&mut *writer).await.unwrap();
+        sqlx::query(&format!("UPDATE {table} SET body = $3, version_seq = 2 WHERE user_id = $1 AND entity_id = $2"))
+            .bind(&user)
+            .bind(entity)
+            .bind(json!({"count": 10}))
+            .execute(&mut *writer)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE projection_progress SET next_offset = 100 WHERE user_id = $1 AND projection = $2")
+            .bind(&user)
+            .bind(projection)
+            .execute(&mut *writer)
+            .await
+            .unwrap();
         writer.commit().await.unwrap();
 
-        let body = tokio::time::timeout(Duration::from_secs(30), read).await.unwrap_or_else(|_| panic!("GET {path} did not answer within 30 s")).unwrap();
+        let body = tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .unwrap_or_else(|_| panic!("GET {path} did not answer within 30 s"))
+            .unwrap();
         let row = if body["data"].is_array() { body["data"][0].clone() } else { body["data"].clone() };
         let seen = (row["count"].as_i64(), body["freshness"]["state"].as_str().unwrap_or_default());
-        assert!(seen == (Some(4), "stale") || seen == (Some(10), "fresh"), "GET {path} paired rows and progress of different moments: {body}");
+        assert!(
+            seen == (Some(4), "stale") || seen == (Some(10), "fresh"),
+            "GET {path} paired rows and progress of different moments: {body}"
+        );
     }
     env.cleanup().await;
 }
@@ -502,7 +547,11 @@ async fn during_a_real_replay_no_read_says_fresh_over_rows_from_less_input() {
             if state == "fresh" {
                 if rows != expected[u] {
                     let wrong: Vec<_> = expected[u].iter().filter(|(k, v)| rows.get(*k) != Some(*v)).map(|(k, _)| k).take(3).collect();
-                    panic!("read {reads}: {u} is served as fresh with rows that are not the oracle's (e.g. {wrong:?}; {} rows vs {})", rows.len(), expected[u].len());
+                    panic!(
+                        "read {reads}: {u} is served as fresh with rows that are not the oracle's (e.g. {wrong:?}; {} rows vs {})",
+                        rows.len(),
+                        expected[u].len()
+                    );
                 }
                 if of_current_epoch(u).await {
                     caught_up.insert(u.clone());

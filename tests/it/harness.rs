@@ -32,7 +32,12 @@ pub fn services_up() {
             .stdin(Stdio::null())
             .output()
             .expect("running scripts/services");
-        assert!(out.status.success(), "scripts/services up failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "scripts/services up failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     });
 }
 
@@ -70,7 +75,8 @@ fn unique(tag: &str) -> String {
 pub async fn fresh_db() -> (String, PgPool) {
     let admin = PgPool::connect(&format!("{PG_ADMIN}/postgres")).await.expect("connecting to PostgreSQL");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let old: Vec<(String,)> = sqlx::query_as("SELECT datname FROM pg_database WHERE datname LIKE 'vitals_it_%'").fetch_all(&admin).await.unwrap();
+    let old: Vec<(String,)> =
+        sqlx::query_as("SELECT datname FROM pg_database WHERE datname LIKE 'vitals_it_%'").fetch_all(&admin).await.unwrap();
     for (name,) in old {
         let created = name.split('_').nth(2).and_then(|s| s.parse::<u64>().ok()).unwrap_or(now);
         if now.saturating_sub(created) > 3600 {
@@ -296,7 +302,9 @@ impl OwnBroker {
     }
 
     fn binary() -> PathBuf {
-        let cache = std::env::var("VITALS_CACHE").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/vitals"));
+        let cache = std::env::var("VITALS_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/vitals"));
         cache.join("nisshi-0.8.1/bin/nisshi")
     }
 
@@ -305,7 +313,16 @@ impl OwnBroker {
         assert!(self.child.is_none(), "broker already running");
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let child = Command::new(Self::binary())
-            .args(["broker", "--silent", "--listener-url", &url, "--advertised-listener-url", &url, "--group-initial-rebalance-delay", "0s"])
+            .args([
+                "broker",
+                "--silent",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--group-initial-rebalance-delay",
+                "0s",
+            ])
             .arg("--storage-engine")
             .arg(format!("{}?sslmode=disable", self.storage_db))
             .stdout(Stdio::null())
@@ -473,7 +490,19 @@ impl OwnPostgres {
         let data = self.dir.join("data");
         let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.display());
         let log = self.dir.join("log");
-        let out = as_postgres(&[&format!("{PG_BIN}/pg_ctl"), "-D", data.to_str().unwrap(), "-o", &opts, "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"]);
+        let out = as_postgres(&[
+            &format!("{PG_BIN}/pg_ctl"),
+            "-D",
+            data.to_str().unwrap(),
+            "-o",
+            &opts,
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ]);
         assert!(out.status.success(), "pg_ctl start: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         let url = self.url("postgres");
         wait_for("own PostgreSQL to accept connections", Duration::from_secs(30), || {
@@ -579,7 +608,13 @@ impl ApiEnv {
     }
 
     pub fn token(&self, user: &str, ttl_secs: u64) -> String {
-        vitals_auth::mint_hs256(self.cfg.auth.hs256_secret.expose().as_bytes(), &self.cfg.auth.issuer, &self.cfg.auth.audience, user, ttl_secs)
+        vitals_auth::mint_hs256(
+            self.cfg.auth.hs256_secret.expose().as_bytes(),
+            &self.cfg.auth.issuer,
+            &self.cfg.auth.audience,
+            user,
+            ttl_secs,
+        )
     }
 
     pub async fn cleanup(self) {

@@ -35,12 +35,15 @@ async fn accepted_upload_lands_in_its_lane_keyed_by_user_and_decodes_via_the_reg
     let old_end = (Utc::now() - chrono::Duration::days(30) + chrono::Duration::minutes(10)).to_rfc3339();
     let mut edit = hr("edited", json!(72), "bpm", 30);
     edit["version"] = json!(2);
-    let body = samples_body("req-lanes", vec![
-        hr("recent", json!(1.0), "count/s", 10), // HOT, normalised to 60 count/min
-        json!({"source": "com.apple.health.iphone", "source_kind": "phone", "source_record_id": "steps-old", "metric": "steps",
+    let body = samples_body(
+        "req-lanes",
+        vec![
+            hr("recent", json!(1.0), "count/s", 10), // HOT, normalised to 60 count/min
+            json!({"source": "com.apple.health.iphone", "source_kind": "phone", "source_record_id": "steps-old", "metric": "steps",
                "start": old_start, "end": old_end, "value": 1200, "unit": "count", "time_zone": "+02:00"}), // COLD
-        edit, // CHANGE (an edit)
-    ]);
+            edit,                                    // CHANGE (an edit)
+        ],
+    );
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let resp = env
         .http
@@ -56,8 +59,14 @@ async fn accepted_upload_lands_in_its_lane_keyed_by_user_and_decodes_via_the_reg
     assert_eq!(out["accepted"], 3, "{out}");
     assert_eq!(out["lanes"], json!({"hot": 1, "cold": 1, "change": 1}));
 
-    let (s, _, out) = env.post(DELETIONS, user, &json!({"request_id": "req-del", "deletions": [
-        {"source": "com.apple.health.watch", "source_record_id": "recent", "metric": "heart_rate"}]})).await;
+    let (s, _, out) = env
+        .post(
+            DELETIONS,
+            user,
+            &json!({"request_id": "req-del", "deletions": [
+        {"source": "com.apple.health.watch", "source_record_id": "recent", "metric": "heart_rate"}]}),
+        )
+        .await;
     assert_eq!(s, 200, "{out}");
 
     let topics = env.topics();
@@ -100,11 +109,12 @@ async fn accepted_upload_lands_in_its_lane_keyed_by_user_and_decodes_via_the_reg
     assert!(d.changes[0].privacy.as_ref().unwrap().health_upload_allowed);
 
     // The edge remembers how far it has accepted the user's data (for freshness).
-    let offsets: Vec<(String, i32, i64)> = sqlx::query_as("SELECT topic, partition, last_offset FROM ingest_user_offsets WHERE user_id = $1 ORDER BY topic")
-        .bind(user)
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
+    let offsets: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT topic, partition, last_offset FROM ingest_user_offsets WHERE user_id = $1 ORDER BY topic")
+            .bind(user)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(offsets.len(), 4, "{offsets:?}");
     assert!(offsets.iter().all(|(_, p, _)| *p == expected_partition));
     env.cleanup().await;
@@ -150,7 +160,10 @@ async fn duplicate_requests_are_idempotent() {
     let (s5, _, r5) = env.post(SAMPLES, user, &inflight).await;
     assert_eq!((s5, r5["error"]["code"].as_str()), (409, Some("request_in_flight")));
     // Once the claim's lease has expired (a crashed edge), a retry takes the request over.
-    sqlx::query("UPDATE ingest_requests SET lease_until = now() - interval '1 second' WHERE request_id = 'req-inflight'").execute(&env.pool).await.unwrap();
+    sqlx::query("UPDATE ingest_requests SET lease_until = now() - interval '1 second' WHERE request_id = 'req-inflight'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
     let (s6, _, _) = env.post(SAMPLES, user, &inflight).await;
     assert_eq!(s6, 200);
 
@@ -190,10 +203,18 @@ async fn concurrent_attempts_of_one_request_id_proceed_exactly_once() {
         let claims = race(&id, &hash).await;
         let proceeded = claims.iter().filter(|b| **b == vitals_ingest::store::Begin::Proceed).count();
         assert_eq!(proceeded, 1, "round {round}: exactly one of 16 concurrent claims proceeds: {claims:?}");
-        assert!(claims.iter().all(|b| matches!(b, vitals_ingest::store::Begin::Proceed | vitals_ingest::store::Begin::InFlight)), "round {round}: {claims:?}");
+        assert!(
+            claims.iter().all(|b| matches!(b, vitals_ingest::store::Begin::Proceed | vitals_ingest::store::Begin::InFlight)),
+            "round {round}: {claims:?}"
+        );
         // The attempt that proceeded crashed: once its lease has expired, 16 retries race to
         // take the request over, and again exactly one does.
-        sqlx::query("UPDATE ingest_requests SET lease_until = now() - interval '1 second' WHERE user_id = $1 AND request_id = $2").bind(user).bind(&id).execute(&env.pool).await.unwrap();
+        sqlx::query("UPDATE ingest_requests SET lease_until = now() - interval '1 second' WHERE user_id = $1 AND request_id = $2")
+            .bind(user)
+            .bind(&id)
+            .execute(&env.pool)
+            .await
+            .unwrap();
         let takeovers = race(&id, &hash).await;
         let took = takeovers.iter().filter(|b| **b == vitals_ingest::store::Begin::Proceed).count();
         assert_eq!(took, 1, "round {round}: exactly one of 16 concurrent retries takes an expired claim over: {takeovers:?}");
@@ -215,7 +236,8 @@ async fn concurrent_attempts_of_one_request_id_proceed_exactly_once() {
         assert_eq!((s, &again), (200, ok[0]), "round {round}");
         assert_eq!(h.get("idempotent-replay").map(|v| v.to_str().unwrap()), Some("true"), "round {round}");
     }
-    let mut ids: Vec<String> = env.read(&env.topics().hot).await.iter().filter(|m| key(m) == user).filter_map(|m| header(m, "vitals-request-id")).collect();
+    let mut ids: Vec<String> =
+        env.read(&env.topics().hot).await.iter().filter(|m| key(m) == user).filter_map(|m| header(m, "vitals-request-id")).collect();
     ids.sort_unstable();
     let mut want: Vec<String> = (0..uploads).map(|r| format!("race-upload-{r}")).collect();
     want.sort_unstable();
@@ -262,9 +284,16 @@ async fn every_bad_input_gets_its_4xx_and_writes_nothing() {
     far_future["end"] = json!(future.to_rfc3339());
     let glucose = json!({"source": "meter", "source_record_id": "g1", "metric": "blood_glucose", "start": iso_ago(5),
                          "value": 5.5, "unit": "mmol/L", "time_zone": "UTC"});
-    let too_many = serde_json::to_vec(&samples_body("many", (0..2001).map(|i| hr(&format!("m{i}"), json!(60), "bpm", 5)).collect())).unwrap();
-    let oversize = serde_json::to_vec(&json!({"request_id": "big", "samples": [hr("x", json!(60), "bpm", 5)], "pad": "x".repeat(3 * 1024 * 1024)})).unwrap();
-    let alg_none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&format!(r#"{{"sub":"{user}","iss":"vitals-dev","aud":"vitals","exp":{}}}"#, now + 3600)));
+    let too_many =
+        serde_json::to_vec(&samples_body("many", (0..2001).map(|i| hr(&format!("m{i}"), json!(60), "bpm", 5)).collect())).unwrap();
+    let oversize =
+        serde_json::to_vec(&json!({"request_id": "big", "samples": [hr("x", json!(60), "bpm", 5)], "pad": "x".repeat(3 * 1024 * 1024)}))
+            .unwrap();
+    let alg_none = format!(
+        "{}.{}.",
+        b64(r#"{"alg":"none","typ":"JWT"}"#),
+        b64(&format!(r#"{{"sub":"{user}","iss":"vitals-dev","aud":"vitals","exp":{}}}"#, now + 3600))
+    );
 
     /// (case, token, body, status, code, field)
     type Case<'a> = (&'a str, Option<String>, Vec<u8>, u16, &'a str, Option<&'a str>);
@@ -281,7 +310,14 @@ async fn every_bad_input_gets_its_4xx_and_writes_nothing() {
         ("blocked metric", Some(valid.clone()), one(glucose), 422, "all_items_rejected", Some("metric")),
         ("oversize body", Some(valid.clone()), oversize, 413, "body_too_large", None),
         ("too many samples", Some(valid.clone()), too_many, 422, "too_many_items", Some("samples")),
-        ("another user's id", Some(valid.clone()), serde_json::to_vec(&json!({"request_id": "r", "user_id": "someone-else", "samples": [hr("x", json!(60), "bpm", 5)]})).unwrap(), 403, "forbidden_user", Some("user_id")),
+        (
+            "another user's id",
+            Some(valid.clone()),
+            serde_json::to_vec(&json!({"request_id": "r", "user_id": "someone-else", "samples": [hr("x", json!(60), "bpm", 5)]})).unwrap(),
+            403,
+            "forbidden_user",
+            Some("user_id"),
+        ),
         ("missing token", None, good.clone(), 401, "missing_token", None),
         ("expired token", Some(token_with(now - 3600, &secret)), good.clone(), 401, "token_expired", None),
         ("forged token", Some(token_with(now + 3600, b"not-the-secret-not-the-secret-123")), good.clone(), 401, "invalid_signature", None),
@@ -310,7 +346,8 @@ async fn every_bad_input_gets_its_4xx_and_writes_nothing() {
     }
     assert_eq!(env.read(&t.domain).await.len(), 1);
     // And none of these requests left an idempotency record that would block a corrected retry.
-    let stored: (i64,) = sqlx::query_as("SELECT count(*) FROM ingest_requests WHERE state = 'in_flight'").fetch_one(&env.pool).await.unwrap();
+    let stored: (i64,) =
+        sqlx::query_as("SELECT count(*) FROM ingest_requests WHERE state = 'in_flight'").fetch_one(&env.pool).await.unwrap();
     assert_eq!(stored.0, 0);
     env.cleanup().await;
 }
@@ -325,8 +362,11 @@ async fn partial_batches_accept_the_valid_items_and_name_the_rest() {
     let (s, _, r) = env.post(SAMPLES, user, &samples_body("p1", vec![hr("good", json!(60), "bpm", 5), bad])).await;
     assert_eq!(s, 207, "{r}");
     assert_eq!(r["accepted"], 1);
-    assert_eq!(r["rejected"], json!([{"index": 1, "field": "unit", "code": "unconvertible_unit",
-        "message": "unit `furlongs` is not accepted for metric `heart_rate` (accepted: bpm, count/min, count/s)"}]));
+    assert_eq!(
+        r["rejected"],
+        json!([{"index": 1, "field": "unit", "code": "unconvertible_unit",
+        "message": "unit `furlongs` is not accepted for metric `heart_rate` (accepted: bpm, count/min, count/s)"}])
+    );
     let hot = env.read(&env.topics().hot).await;
     let batch: SampleBatch = vitals::app::codec(&env.cfg).decode(hot[0].payload().unwrap()).await.unwrap();
     assert_eq!(batch.samples.iter().map(|s| s.source_record_id.as_str()).collect::<Vec<_>>(), ["good"]);

@@ -27,14 +27,15 @@ async fn offsets_show_follows_the_checkpoints_with_owners_and_epochs() {
     p.set("VITALS_INSTANCE", "it-instance");
     p.start(None);
     // The runtime commits its checkpoints' offsets every few seconds: lag reaches 0 everywhere.
-    let rows: Vec<PartitionRow> = wait_for("the rollup_day group's committed offsets to reach every lane's high watermark", Duration::from_secs(60), || {
-        let env = &env;
-        async move {
-            let rows = offsets::show(&env.cfg, Some("rollup_day")).await.ok()?;
-            rows.iter().all(|r| r.lag == 0 && (r.high == 0 || r.committed == Some(r.high))).then_some(rows)
-        }
-    })
-    .await;
+    let rows: Vec<PartitionRow> =
+        wait_for("the rollup_day group's committed offsets to reach every lane's high watermark", Duration::from_secs(60), || {
+            let env = &env;
+            async move {
+                let rows = offsets::show(&env.cfg, Some("rollup_day")).await.ok()?;
+                rows.iter().all(|r| r.lag == 0 && (r.high == 0 || r.committed == Some(r.high))).then_some(rows)
+            }
+        })
+        .await;
     let text = offsets::render(&rows);
     for r in rows.iter().filter(|r| r.high > 0) {
         assert!(r.epoch.is_some_and(|e| e >= 1), "the owner's epoch of every partition with data: {text}");
@@ -51,7 +52,8 @@ async fn offsets_show_follows_the_checkpoints_with_owners_and_epochs() {
                 use rdkafka::consumer::{BaseConsumer, Consumer};
                 let c: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &cfg.kafka.brokers).create().ok()?;
                 let list = c.fetch_group_list(Some(&group), Duration::from_secs(5)).ok()?;
-                let ids: Vec<String> = list.groups().iter().flat_map(|g| g.members().iter().map(|m| offsets::member_name(m.client_id(), m.id()))).collect();
+                let ids: Vec<String> =
+                    list.groups().iter().flat_map(|g| g.members().iter().map(|m| offsets::member_name(m.client_id(), m.id()))).collect();
                 (!ids.is_empty()).then_some(ids)
             })
             .await

@@ -14,8 +14,8 @@ use rdkafka::Message;
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vitals::simulate;
-use vitals_schemas::topics::PROGRESS_HEADER;
 use vitals_processors::rollup_day;
+use vitals_schemas::topics::PROGRESS_HEADER;
 use vitals_schemas::{ProductImpact, RollupDay, SessionImpact, SleepNight};
 
 use crate::harness::{free_port, header, key, wait_for_every, OwnPostgres, OwnRedis, TestEnv, VitalsProc};
@@ -42,7 +42,11 @@ async fn outputs_equal_the_oracle(env: &TestEnv, what: &str) {
     let codec = vitals::app::codec(&env.cfg);
     let t = env.topics();
     let want = expected(env, &codec).await;
-    assert!(want.rollup.len() > 20 && !want.sleep.is_empty() && !want.session.is_empty(), "a realistic workload: {} rollups", want.rollup.len());
+    assert!(
+        want.rollup.len() > 20 && !want.sleep.is_empty() && !want.session.is_empty(),
+        "a realistic workload: {} rollups",
+        want.rollup.len()
+    );
     wait_for_every(what, Duration::from_secs(120), Duration::from_millis(500), || {
         let (env, codec, want, t) = (env, &codec, &want, &t);
         async move {
@@ -50,7 +54,11 @@ async fn outputs_equal_the_oracle(env: &TestEnv, what: &str) {
             let (sleep, _) = fold::<SleepNight>(env, codec, &t.sleep_night).await;
             let (session, _) = fold::<SessionImpact>(env, codec, &t.session_impact).await;
             let (product, _) = fold::<ProductImpact>(env, codec, &t.product_impact).await;
-            let ok = rollup == want.rollup && sleep == want.sleep && session == want.session && !product.is_empty() && product == expected_products(env, codec).await;
+            let ok = rollup == want.rollup
+                && sleep == want.sleep
+                && session == want.session
+                && !product.is_empty()
+                && product == expected_products(env, codec).await;
             ok.then_some(())
         }
     })
@@ -62,22 +70,27 @@ async fn outputs_equal_the_oracle(env: &TestEnv, what: &str) {
 async fn replayed_under_new_epochs<V>(env: &TestEnv, want: &BTreeMap<String, V>, before: &BTreeMap<i32, i64>) {
     let codec = vitals::app::codec(&env.cfg);
     let t = env.topics();
-    wait_for_every("the replay to re-emit every rollup key under its new epoch", Duration::from_secs(120), Duration::from_millis(500), || {
-        let (codec, t) = (&codec, &t);
-        async move {
-            let mut newest: BTreeMap<String, i64> = BTreeMap::new();
-            for m in env.read(&t.rollup_day).await {
-                if header(&m, PROGRESS_HEADER).is_some() {
-                    continue;
+    wait_for_every(
+        "the replay to re-emit every rollup key under its new epoch",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || {
+            let (codec, t) = (&codec, &t);
+            async move {
+                let mut newest: BTreeMap<String, i64> = BTreeMap::new();
+                for m in env.read(&t.rollup_day).await {
+                    if header(&m, PROGRESS_HEADER).is_some() {
+                        continue;
+                    }
+                    let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
+                    if r.version_epoch > before.get(&m.partition()).copied().unwrap_or(0) {
+                        newest.insert(key(&m), r.version_epoch);
+                    }
                 }
-                let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
-                if r.version_epoch > before.get(&m.partition()).copied().unwrap_or(0) {
-                    newest.insert(key(&m), r.version_epoch);
-                }
+                want.keys().all(|k| newest.contains_key(k)).then_some(())
             }
-            want.keys().all(|k| newest.contains_key(k)).then_some(())
-        }
-    })
+        },
+    )
     .await;
 }
 
@@ -111,7 +124,8 @@ async fn final_rows(env: &TestEnv, users: &[String]) -> Vec<(String, String, BTr
 
 /// One read of a user's rollups (one page) and its freshness state.
 async fn read_rollups(http: &reqwest::Client, base: &str, token: &str) -> Option<(String, BTreeMap<String, RollupDay>)> {
-    let body: serde_json::Value = http.get(format!("{base}/v1/rollups?limit=1000")).bearer_auth(token).send().await.ok()?.json().await.ok()?;
+    let body: serde_json::Value =
+        http.get(format!("{base}/v1/rollups?limit=1000")).bearer_auth(token).send().await.ok()?.json().await.ok()?;
     assert!(body["next_cursor"].is_null(), "one page holds every row: {body}");
     let rows = body["data"]
         .as_array()?
@@ -128,7 +142,12 @@ async fn read_rollups(http: &reqwest::Client, base: &str, token: &str) -> Option
 /// Reads `users`' rollups over and over until `stop` (and until each was read fresh with the
 /// oracle's rows): a read that says `fresh` with other rows is an error. Returns (reads, reads
 /// that were not fresh).
-fn watch_reads(env: &TestEnv, base: &str, users: Vec<(String, String, BTreeMap<String, RollupDay>)>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Result<(usize, usize), String>> {
+fn watch_reads(
+    env: &TestEnv,
+    base: &str,
+    users: Vec<(String, String, BTreeMap<String, RollupDay>)>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Result<(usize, usize), String>> {
     let (http, base) = (env.http.clone(), base.to_owned());
     tokio::spawn(async move {
         let (mut reads, mut not_fresh) = (0usize, 0usize);
@@ -141,7 +160,11 @@ fn watch_reads(env: &TestEnv, base: &str, users: Vec<(String, String, BTreeMap<S
                 if state == "fresh" {
                     if rows != *want {
                         let wrong = want.keys().find(|k| rows.get(*k) != want.get(*k)).cloned();
-                        return Err(format!("read {reads}: {user} served as fresh with rows that are not the oracle's ({} rows vs {}, e.g. {wrong:?})", rows.len(), want.len()));
+                        return Err(format!(
+                            "read {reads}: {user} served as fresh with rows that are not the oracle's ({} rows vs {}, e.g. {wrong:?})",
+                            rows.len(),
+                            want.len()
+                        ));
                     }
                     seen_right[i] = true;
                 } else {
@@ -209,10 +232,15 @@ async fn postgres_restarted_under_the_processors_loses_and_doubles_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let users: Vec<String> = (0..wave_b.users).map(|i| simulate::user_id(&wave_b, i)).collect();
     let watcher = watch_reads(&env, &base, final_rows(&env, &users).await, Arc::clone(&stop));
-    wait_for_every("the processors to go on emitting with their PostgreSQL down", Duration::from_secs(60), Duration::from_millis(300), || {
-        let env = &env;
-        async move { (out_records(env).await > before).then_some(()) }
-    })
+    wait_for_every(
+        "the processors to go on emitting with their PostgreSQL down",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || {
+            let env = &env;
+            async move { (out_records(env).await > before).then_some(()) }
+        },
+    )
     .await;
     wait_for_every("failed snapshot publishes to be counted", Duration::from_secs(30), Duration::from_millis(200), || {
         let (http, url) = (&env.http, &metrics);
@@ -227,11 +255,16 @@ async fn postgres_restarted_under_the_processors_loses_and_doubles_nothing() {
     let group = format!("{}vitals-proc-rollup_day", env.cfg.kafka.topic_prefix);
     let joiner: BaseConsumer = vitals_runtime::consumer_config(&env.cfg.kafka.brokers, &group).create().unwrap();
     joiner.subscribe(&[t.hot.as_str(), t.cold.as_str(), t.change.as_str(), t.domain.as_str()]).unwrap();
-    let status = wait_for_every("the processors to give up the takeover without PostgreSQL", Duration::from_secs(60), Duration::from_millis(100), || {
-        let _ = joiner.poll(Duration::from_millis(50));
-        let s = p.exited();
-        async move { s }
-    })
+    let status = wait_for_every(
+        "the processors to give up the takeover without PostgreSQL",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            let _ = joiner.poll(Duration::from_millis(50));
+            let s = p.exited();
+            async move { s }
+        },
+    )
     .await;
     assert!(!status.success(), "a failed takeover exits non-zero for the supervisor: {status:?}");
     eprintln!("{:?} into the outage: the processors exited ({status}) on a takeover without PostgreSQL", t0.elapsed());
@@ -309,14 +342,23 @@ async fn s3_down_under_snapshots_costs_only_the_snapshots() {
     p.kill9();
     std::fs::remove_dir_all(&data).unwrap();
     let epochs_before: BTreeMap<i32, i64> =
-        sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs WHERE processor LIKE '%rollup_day'").fetch_all(&env.pool).await.unwrap().into_iter().collect();
+        sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs WHERE processor LIKE '%rollup_day'")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
     p.start();
     let want = expected(&env, &codec).await.rollup;
     replayed_under_new_epochs(&env, &want, &epochs_before).await;
     outputs_equal_the_oracle(&env, "every output to equal its oracle after the replay").await;
     let restores: i64 = sqlx::query_scalar("SELECT count(*) FROM processor_restores").fetch_one(&env.pool).await.unwrap();
     assert_eq!(restores, 0, "nothing to restore from");
-    assert_eq!(metric(&env.http, &metrics, "vitals_processor_snapshot_restore_failures_total", "rollup_day").await, Some(0), "no pointer: no restore attempted");
+    assert_eq!(
+        metric(&env.http, &metrics, "vitals_processor_snapshot_restore_failures_total", "rollup_day").await,
+        Some(0),
+        "no pointer: no restore attempted"
+    );
     stop.store(true, Ordering::Relaxed);
     let (reads, not_fresh) = watcher.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{reads} reads through the replay, {not_fresh} not fresh, none fresh with other rows");
@@ -399,18 +441,31 @@ async fn redis_down_under_the_sink_costs_only_realtime() {
     let users: Vec<String> = (0..second.users).map(|i| simulate::user_id(&second, i)).collect();
     let watcher = watch_reads(&env, &base, final_rows(&env, &users).await, Arc::clone(&stop));
     let want = expected(&env, &codec).await;
-    assert!(want.rollup.len() > 20 && !want.sleep.is_empty() && !want.session.is_empty(), "a realistic workload: {} rollups", want.rollup.len());
-    wait_for_every("every projection table to equal its oracle with Redis down", Duration::from_secs(120), Duration::from_millis(500), || {
-        let (pool, want, env, codec): (&PgPool, _, _, _) = (&env.pool, &want, &env, &codec);
-        async move {
-            let rollup: BTreeMap<String, RollupDay> = crate::sink::rows(pool, "proj_rollup_day").await;
-            let sleep: BTreeMap<String, SleepNight> = crate::sink::rows(pool, "proj_sleep_night").await;
-            let session: BTreeMap<String, SessionImpact> = crate::sink::rows(pool, "proj_session_impact").await;
-            let product: BTreeMap<String, ProductImpact> = crate::sink::rows(pool, "proj_product_impact").await;
-            let ok = rollup == want.rollup && sleep == want.sleep && session == want.session && !product.is_empty() && product == expected_products(env, codec).await;
-            ok.then_some(())
-        }
-    })
+    assert!(
+        want.rollup.len() > 20 && !want.sleep.is_empty() && !want.session.is_empty(),
+        "a realistic workload: {} rollups",
+        want.rollup.len()
+    );
+    wait_for_every(
+        "every projection table to equal its oracle with Redis down",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || {
+            let (pool, want, env, codec): (&PgPool, _, _, _) = (&env.pool, &want, &env, &codec);
+            async move {
+                let rollup: BTreeMap<String, RollupDay> = crate::sink::rows(pool, "proj_rollup_day").await;
+                let sleep: BTreeMap<String, SleepNight> = crate::sink::rows(pool, "proj_sleep_night").await;
+                let session: BTreeMap<String, SessionImpact> = crate::sink::rows(pool, "proj_session_impact").await;
+                let product: BTreeMap<String, ProductImpact> = crate::sink::rows(pool, "proj_product_impact").await;
+                let ok = rollup == want.rollup
+                    && sleep == want.sleep
+                    && session == want.session
+                    && !product.is_empty()
+                    && product == expected_products(env, codec).await;
+                ok.then_some(())
+            }
+        },
+    )
     .await;
     assert!(env.read(&t.dead_letter).await.is_empty(), "nothing dead-lettered for a Redis outage");
     assert!(sink.exited().is_none(), "the sink keeps running without Redis: {:?}", sink.exited());
@@ -497,10 +552,14 @@ async fn s3_down_at_restore_falls_back_to_a_full_replay() {
     vars = with(vars, "VITALS_PROCESSORS__METRICS_LISTEN", &format!("127.0.0.1:{port}"));
     let metrics = format!("http://127.0.0.1:{port}/metrics");
     let mut p = VitalsProc::new(&["process", "rollup_day"], vars);
-    let pointers = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processor_snapshots").fetch_one(&env.pool).await.unwrap() };
+    let pointers =
+        || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processor_snapshots").fetch_one(&env.pool).await.unwrap() };
     assert_eq!(simulate::run(&env.sim("a", 61, 3, 2), &env.http).await.unwrap().rejected, 0);
     p.start();
-    wait_for_every("a published snapshot", Duration::from_secs(60), Duration::from_millis(200), || async { (pointers().await > 0).then_some(()) }).await;
+    wait_for_every("a published snapshot", Duration::from_secs(60), Duration::from_millis(200), || async {
+        (pointers().await > 0).then_some(())
+    })
+    .await;
 
     s3.down();
     let failed_before = metric(&env.http, &metrics, "vitals_processor_snapshot_failures_total", "rollup_day").await.unwrap();
@@ -520,8 +579,12 @@ async fn s3_down_at_restore_falls_back_to_a_full_replay() {
 
     p.kill9();
     std::fs::remove_dir_all(&data).unwrap();
-    let epochs_before: BTreeMap<i32, i64> =
-        sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs").fetch_all(&env.pool).await.unwrap().into_iter().collect();
+    let epochs_before: BTreeMap<i32, i64> = sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     p.start();
     replayed_under_new_epochs(&env, &want, &epochs_before).await;
     wait_for_every("the output to equal the oracle after the full replay", Duration::from_secs(90), Duration::from_millis(300), || {

@@ -62,7 +62,12 @@ pub(crate) async fn fold<T: Out>(env: &TestEnv, codec: &Codec, topic: &str) -> (
         let k = key(m);
         let r: T = codec.decode(m.payload().unwrap()).await.unwrap();
         if let Some(prev) = latest.get(&k) {
-            assert!(r.version() > prev.version(), "{topic}: versions of {k} must grow along the log: {:?} after {:?}", r.version(), prev.version());
+            assert!(
+                r.version() > prev.version(),
+                "{topic}: versions of {k} must grow along the log: {:?} after {:?}",
+                r.version(),
+                prev.version()
+            );
         }
         latest.insert(k.clone(), r.clone());
         last.insert(k, r);
@@ -152,7 +157,12 @@ pub(crate) async fn expected_products(env: &TestEnv, codec: &Codec) -> BTreeMap<
 fn diff<T: std::fmt::Debug + PartialEq>(what: &str, got: &BTreeMap<String, T>, want: &BTreeMap<String, T>) -> String {
     let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).take(3).collect();
     let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).take(3).collect();
-    let wrong: Vec<_> = want.iter().filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v)).take(2).map(|(k, v)| format!("{k}: want {v:?}\n   got {:?}", got[k])).collect();
+    let wrong: Vec<_> = want
+        .iter()
+        .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+        .take(2)
+        .map(|(k, v)| format!("{k}: want {v:?}\n   got {:?}", got[k]))
+        .collect();
     format!("{what}: {} rows vs {} expected; missing {missing:?} extra {extra:?}\n{}", got.len(), want.len(), wrong.join("\n"))
 }
 
@@ -167,7 +177,8 @@ async fn every_processor_killed_at_any_point_equals_its_oracle() {
     vars.push(("VITALS_PROCESSORS__MAX_BATCH".into(), "7".into()));
     let sim = |prefix: &str, seed: u64, users: usize, days: u32| SimConfig { ..env.sim(prefix, seed, users, days) };
     assert_eq!(simulate::run(&sim("a", 1, 3, 3), &env.http).await.unwrap().rejected, 0);
-    let out_records = || async { env.read(&t.rollup_day).await.len() + env.read(&t.sleep_night).await.len() + env.read(&t.session_impact).await.len() };
+    let out_records =
+        || async { env.read(&t.rollup_day).await.len() + env.read(&t.sleep_night).await.len() + env.read(&t.session_impact).await.len() };
 
     // Crash exactly between acknowledged outputs and their checkpoint, three times.
     // Every run reads with other batch boundaries, so no replay retraces its predecessor's intervals.
@@ -195,7 +206,10 @@ async fn every_processor_killed_at_any_point_equals_its_oracle() {
             let http = env.http.clone();
             tokio::spawn(async move { simulate::run(&cfg, &http).await })
         };
-        wait_for_every("the processors to emit more", Duration::from_secs(120), Duration::from_millis(300), || async { (out_records().await > before).then_some(()) }).await;
+        wait_for_every("the processors to emit more", Duration::from_secs(120), Duration::from_millis(300), || async {
+            (out_records().await > before).then_some(())
+        })
+        .await;
         p.kill9();
         assert_eq!(wave.await.unwrap().unwrap().rejected, 0);
     }
@@ -204,7 +218,13 @@ async fn every_processor_killed_at_any_point_equals_its_oracle() {
     p.env = with_batch(&vars);
     p.start();
     let want = expected(&env, &codec).await;
-    assert!(want.rollup.len() > 50 && !want.sleep.is_empty() && !want.session.is_empty(), "a realistic workload: {} rollups, {} nights, {} sessions", want.rollup.len(), want.sleep.len(), want.session.len());
+    assert!(
+        want.rollup.len() > 50 && !want.sleep.is_empty() && !want.session.is_empty(),
+        "a realistic workload: {} rollups, {} nights, {} sessions",
+        want.rollup.len(),
+        want.sleep.len(),
+        want.session.len()
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let (rollup, _) = fold::<RollupDay>(&env, &codec, &t.rollup_day).await;
@@ -214,7 +234,13 @@ async fn every_processor_killed_at_any_point_equals_its_oracle() {
         let want_products = expected_products(&env, &codec).await;
         let readiness_topic = vitals_schemas::projection::Projection::of::<ReadinessBaseline>().topic(&t);
         let (readiness, _) = fold::<ReadinessBaseline>(&env, &codec, &readiness_topic).await;
-        let ok = [rollup == want.rollup, sleep == want.sleep, session == want.session, product == want_products && !product.is_empty(), readiness == want.readiness && !readiness.is_empty()];
+        let ok = [
+            rollup == want.rollup,
+            sleep == want.sleep,
+            session == want.session,
+            product == want_products && !product.is_empty(),
+            readiness == want.readiness && !readiness.is_empty(),
+        ];
         if ok.iter().all(|x| *x) {
             break;
         }

@@ -39,7 +39,11 @@ impl Proc {
     }
     pub(crate) fn start(&mut self, crash_after_produce: Option<u64>) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitals"));
-        cmd.args(["process", "rollup_day"]).envs(self.env.iter().cloned()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        cmd.args(["process", "rollup_day"])
+            .envs(self.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
         if let Some(n) = crash_after_produce {
             cmd.arg("--crash-after-produce").arg(n.to_string());
         }
@@ -230,8 +234,18 @@ async fn rollup_day_killed_at_any_point_still_equals_the_oracle() {
         if std::time::Instant::now() > deadline {
             let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
             let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).take(5).collect();
-            let wrong: Vec<_> = expected.iter().filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v)).take(3).map(|(k, v)| format!("{k}: want {v:?}\n  got {:?}", got[k])).collect();
-            panic!("projection != oracle after 120 s: {} rows vs {} expected\nmissing {missing:?}\nextra {extra:?}\nwrong:\n{}", got.len(), expected.len(), wrong.join("\n"));
+            let wrong: Vec<_> = expected
+                .iter()
+                .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+                .take(3)
+                .map(|(k, v)| format!("{k}: want {v:?}\n  got {:?}", got[k]))
+                .collect();
+            panic!(
+                "projection != oracle after 120 s: {} rows vs {} expected\nmissing {missing:?}\nextra {extra:?}\nwrong:\n{}",
+                got.len(),
+                expected.len(),
+                wrong.join("\n")
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
@@ -290,7 +304,9 @@ async fn rebalance_between_instances_and_a_frozen_zombie_change_nothing() {
     wait_for_every("output after B joined", Duration::from_secs(60), Duration::from_millis(300), grown(n1)).await;
     // Freeze A mid-stream. Its session expires and the group gives its partitions to B, which
     // bumps their epochs.
-    let epochs = || async { sqlx::query_scalar::<_, i64>("SELECT coalesce(sum(epoch), 0)::bigint FROM processor_epochs").fetch_one(&env.pool).await.unwrap() };
+    let epochs = || async {
+        sqlx::query_scalar::<_, i64>("SELECT coalesce(sum(epoch), 0)::bigint FROM processor_epochs").fetch_one(&env.pool).await.unwrap()
+    };
     a.signal("STOP");
     let frozen_at = epochs().await;
     assert_eq!(wave.await.unwrap().unwrap().rejected, 0);
@@ -323,7 +339,13 @@ async fn rebalance_between_instances_and_a_frozen_zombie_change_nothing() {
         (epochs().await > before).then_some(())
     })
     .await;
-    wait_for_every("the projection to equal the oracle after the zombie woke", Duration::from_secs(120), Duration::from_millis(500), equal()).await;
+    wait_for_every(
+        "the projection to equal the oracle after the zombie woke",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        equal(),
+    )
+    .await;
     a.kill9();
     b.kill9();
     let _ = std::fs::remove_dir_all(&base);
@@ -395,7 +417,8 @@ async fn hot_is_not_starved_by_a_cold_backfill() {
     let latency = t0.elapsed();
     // How far the processor had got into COLD, on the HOT row's partition, when it emitted it.
     let partition = vitals_schemas::topics::partition_for(user.as_bytes(), env.cfg.kafka.partitions);
-    let cold_in_partition = env.read(&t.cold).await.iter().filter(|m| m.partition() == partition).map(|m| m.offset() + 1).max().unwrap_or(0);
+    let cold_in_partition =
+        env.read(&t.cold).await.iter().filter(|m| m.partition() == partition).map(|m| m.offset() + 1).max().unwrap_or(0);
     let cold_done = row.source_offsets.iter().find(|o| o.topic == t.cold).map(|o| o.next_offset).unwrap_or(0);
     assert!(
         cold_done < cold_in_partition,
@@ -422,7 +445,11 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_pipeline_goes_on() {
         let producer = producer.clone();
         let topic = t.hot.clone();
         async move {
-            producer.send(FutureRecord::to(&topic).partition(p).key(user).payload(&payload), Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+            producer
+                .send(FutureRecord::to(&topic).partition(p).key(user).payload(&payload), Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
         }
     };
     let sample = |id: &str, metric: &str| vitals_schemas::Sample {
@@ -439,7 +466,8 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_pipeline_goes_on() {
         version: 1,
         metadata: Default::default(),
     };
-    let batch = |samples| SampleBatch { request_id: "r".into(), user_id: user.into(), received_at_ms: 0, lane: vitals_schemas::Lane::Hot, samples };
+    let batch =
+        |samples| SampleBatch { request_id: "r".into(), user_id: user.into(), received_at_ms: 0, lane: vitals_schemas::Lane::Hot, samples };
     send(b"\x00\x00\x00\x00\x09not avro at all".to_vec()).await;
     send(codec.encode(&t.hot, &batch(vec![sample("bad", "heart_rhythm")])).await.unwrap()).await;
     send(codec.encode(&t.hot, &batch(vec![sample("good", "heart_rate")])).await.unwrap()).await;
@@ -482,17 +510,19 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_pipeline_goes_on() {
     // What an operator sees on /metrics: the dead letters, the records, the checkpoints, and the
     // lag of the owned partitions (measured every 10 s) back at zero.
     let hot_lag = format!("vitals_processor_lag_records{{processor=\"rollup_day\",topic=\"{}\",partition=\"{p}\"}} 0", t.hot);
-    let metrics = wait_for_every("the metrics to show the DLQ and a caught-up lag", Duration::from_secs(60), Duration::from_millis(500), || {
-        let hot_lag = &hot_lag;
-        async move {
-            let body = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.ok()?.text().await.ok()?;
-            body.contains(hot_lag.as_str()).then_some(body)
-        }
-    })
-    .await;
+    let metrics =
+        wait_for_every("the metrics to show the DLQ and a caught-up lag", Duration::from_secs(60), Duration::from_millis(500), || {
+            let hot_lag = &hot_lag;
+            async move {
+                let body = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.ok()?.text().await.ok()?;
+                body.contains(hot_lag.as_str()).then_some(body)
+            }
+        })
+        .await;
     assert!(metrics.contains("vitals_processor_dead_lettered_total{processor=\"rollup_day\"} 2"), "{metrics}");
     let value = |name: &str| -> u64 {
-        let line = metrics.lines().find(|l| l.starts_with(&format!("vitals_processor_{name}{{"))).unwrap_or_else(|| panic!("{name} in {metrics}"));
+        let line =
+            metrics.lines().find(|l| l.starts_with(&format!("vitals_processor_{name}{{"))).unwrap_or_else(|| panic!("{name} in {metrics}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()
     };
     assert!(value("records_in_total") >= 3 && value("checkpoints_total") >= 1 && value("outputs_total") >= 1, "{metrics}");
@@ -519,13 +549,22 @@ async fn a_local_store_is_not_trusted_after_another_owner_ran() {
     let equal = || async { fold(&env, &codec).await.0 == expected };
     let mut a = Proc { env: vars, child: None };
     a.start(None);
-    wait_for_every("the first run to reach the oracle", Duration::from_secs(120), Duration::from_millis(300), || async { equal().await.then_some(()) }).await;
+    wait_for_every("the first run to reach the oracle", Duration::from_secs(120), Duration::from_millis(300), || async {
+        equal().await.then_some(())
+    })
+    .await;
     a.kill9();
 
     // The other owner: every partition's epoch bumped, one key rewritten from "less input".
     let topic = env.topics().rollup_day;
     let task = format!("{}rollup_day", env.cfg.kafka.topic_prefix);
-    let victim = env.read(&topic).await.into_iter().rev().find(|m| crate::harness::header(m, vitals_schemas::topics::PROGRESS_HEADER).is_none()).unwrap();
+    let victim = env
+        .read(&topic)
+        .await
+        .into_iter()
+        .rev()
+        .find(|m| crate::harness::header(m, vitals_schemas::topics::PROGRESS_HEADER).is_none())
+        .unwrap();
     let mut stale: RollupDay = codec.decode(victim.payload().unwrap()).await.unwrap();
     for p in 0..env.cfg.kafka.partitions {
         vitals_runtime::bump_epoch(&env.pool, &task, p, 0).await.unwrap();
@@ -549,7 +588,10 @@ async fn a_local_store_is_not_trusted_after_another_owner_ran() {
         .insert(Header { key: USER_HEADER, value: Some(stale.user_id.as_str()) })
         .insert(Header { key: SOURCE_HEADER, value: Some(source.as_str()) });
     producer
-        .send(FutureRecord::to(&topic).partition(victim.partition()).key(victim.key().unwrap()).payload(&bytes).headers(headers), Duration::from_secs(30))
+        .send(
+            FutureRecord::to(&topic).partition(victim.partition()).key(victim.key().unwrap()).payload(&bytes).headers(headers),
+            Duration::from_secs(30),
+        )
         .await
         .map_err(|(e, _)| e)
         .unwrap();
@@ -557,7 +599,10 @@ async fn a_local_store_is_not_trusted_after_another_owner_ran() {
 
     // The instance returns with its (ahead, but no longer trusted) local store.
     a.start(None);
-    wait_for_every("the returning owner to re-emit past the stale value", Duration::from_secs(120), Duration::from_millis(300), || async { equal().await.then_some(()) }).await;
+    wait_for_every("the returning owner to re-emit past the stale value", Duration::from_secs(120), Duration::from_millis(300), || async {
+        equal().await.then_some(())
+    })
+    .await;
     a.kill9();
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
@@ -578,7 +623,10 @@ async fn losing_processor_epochs_never_freezes_the_projection() {
         let (env, codec) = (&env, &codec);
         async move {
             let expected = rollup_day::oracle(&inputs(env, codec).await);
-            wait_for_every(what, Duration::from_secs(120), Duration::from_millis(300), || async { (fold(env, codec).await.0 == expected).then_some(()) }).await;
+            wait_for_every(what, Duration::from_secs(120), Duration::from_millis(300), || async {
+                (fold(env, codec).await.0 == expected).then_some(())
+            })
+            .await;
         }
     };
     assert_eq!(simulate::run(&env.sim("a", 31, 2, 2), &env.http).await.unwrap().rejected, 0);
@@ -611,9 +659,18 @@ async fn losing_processor_epochs_never_freezes_the_projection() {
     proc.start(None);
     assert_eq!(simulate::run(&env.sim("c", 33, 2, 1), &env.http).await.unwrap().rejected, 0);
     reaches_oracle("uploads after a takeover with lost epochs to reach the projection").await;
-    let now: BTreeMap<i32, i64> = sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs").fetch_all(&env.pool).await.unwrap().into_iter().collect();
+    let now: BTreeMap<i32, i64> = sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     for (p, e) in &before {
-        assert!(now.get(p).is_some_and(|n| n > e), "partition {p}: the epoch after the loss ({:?}) is above the greatest written before ({e})", now.get(p));
+        assert!(
+            now.get(p).is_some_and(|n| n > e),
+            "partition {p}: the epoch after the loss ({:?}) is above the greatest written before ({e})",
+            now.get(p)
+        );
     }
     proc.kill9();
     let _ = std::fs::remove_dir_all(&data);
@@ -642,7 +699,12 @@ async fn markers_never_overtake_their_rows_with_a_saturated_producer_queue() {
         let mut rows: Vec<(Interval, i64, String)> = Vec::new();
         for m in env.read(&env.topics().rollup_day).await {
             let r: RollupDay = codec.decode(m.payload().unwrap()).await.unwrap();
-            let at: Interval = (m.partition(), r.version_epoch, r.user_id.clone(), r.source_offsets.iter().map(|o| (o.topic.clone(), o.next_offset)).collect());
+            let at: Interval = (
+                m.partition(),
+                r.version_epoch,
+                r.user_id.clone(),
+                r.source_offsets.iter().map(|o| (o.topic.clone(), o.next_offset)).collect(),
+            );
             if crate::harness::header(&m, vitals_schemas::topics::PROGRESS_HEADER).is_some() {
                 markers.insert(at, m.offset());
             } else {
@@ -654,13 +716,18 @@ async fn markers_never_overtake_their_rows_with_a_saturated_producer_queue() {
     // The last interval's markers follow its rows by one acknowledgement: wait for them too
     // before stopping the process (killed in between, an interval's rows have no marker yet —
     // and a marker that never comes fails this wait).
-    wait_for_every("the projection to reach the oracle and every row's marker to be written", Duration::from_secs(120), Duration::from_millis(300), || async {
-        if fold(&env, &codec).await.0 != expected {
-            return None;
-        }
-        let (markers, rows): Written = written().await;
-        rows.iter().all(|(at, _, _)| markers.contains_key(at)).then_some(())
-    })
+    wait_for_every(
+        "the projection to reach the oracle and every row's marker to be written",
+        Duration::from_secs(120),
+        Duration::from_millis(300),
+        || async {
+            if fold(&env, &codec).await.0 != expected {
+                return None;
+            }
+            let (markers, rows): Written = written().await;
+            rows.iter().all(|(at, _, _)| markers.contains_key(at)).then_some(())
+        },
+    )
     .await;
     proc.kill9();
     let (markers, rows): Written = written().await;

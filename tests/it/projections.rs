@@ -40,7 +40,8 @@ async fn a_fifth_processor_reaches_the_read_api_through_its_descriptor() {
     api.start();
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    wait_for("the API to listen", Duration::from_secs(30), || async { http.get(format!("{base}/healthz")).send().await.ok().map(|_| ()) }).await;
+    wait_for("the API to listen", Duration::from_secs(30), || async { http.get(format!("{base}/healthz")).send().await.ok().map(|_| ()) })
+        .await;
 
     // Nine days of one user: resting heart rate daily, HRV nightly — baselines of several days.
     let sim = env.sim("proj", 5, 1, 9);
@@ -74,7 +75,8 @@ async fn a_fifth_processor_reaches_the_read_api_through_its_descriptor() {
     for m in env.read(&t.change).await {
         inputs.push(Input::Changes(codec.decode::<ChangeBatch>(rdkafka::Message::payload(&m).unwrap()).await.unwrap()));
     }
-    let expected: BTreeMap<String, ReadinessBaseline> = readiness_baseline::oracle(&inputs).into_iter().filter(|(_, r)| r.user_id == user).map(|(k, r)| (k, strip(r))).collect();
+    let expected: BTreeMap<String, ReadinessBaseline> =
+        readiness_baseline::oracle(&inputs).into_iter().filter(|(_, r)| r.user_id == user).map(|(k, r)| (k, strip(r))).collect();
     assert!(expected.len() >= 12, "nine days of two metrics: {} rows", expected.len());
     assert!(expected.values().any(|r| r.z.is_some()), "some day has a full baseline: the test exercises it");
     let mut got = BTreeMap::new();
@@ -111,12 +113,17 @@ async fn a_fifth_processor_reaches_the_read_api_through_its_descriptor() {
     let body: Value = one.json().await.unwrap();
     assert_eq!(strip(serde_json::from_value(body["data"].clone()).unwrap()), first.clone());
     assert_eq!(body["freshness"]["state"], "fresh");
-    let again = http.get(format!("{list}/{}", key.replace('|', "%7C"))).bearer_auth(&token).header("If-None-Match", &tag).send().await.unwrap();
+    let again =
+        http.get(format!("{list}/{}", key.replace('|', "%7C"))).bearer_auth(&token).header("If-None-Match", &tag).send().await.unwrap();
     assert_eq!(again.status().as_u16(), 304);
     let (s, body) = get(&http, &list, &env.token("someone-else")).await;
     assert_eq!((s, body["data"].as_array().map(Vec::len)), (200, Some(0)), "another user sees none of it: {body}");
     let (s, body) = get(&http, &format!("{base}/v1/projections/nope"), &token).await;
-    assert_eq!((s, body["error"]["code"].as_str(), body["error"]["field"].as_str()), (404, Some("unknown_projection"), Some("name")), "{body}");
+    assert_eq!(
+        (s, body["error"]["code"].as_str(), body["error"]["field"].as_str()),
+        (404, Some("unknown_projection"), Some("name")),
+        "{body}"
+    );
     let (s, body) = get(&http, &format!("{list}?from=yesterday"), &token).await;
     assert_eq!((s, body["error"]["field"].as_str()), (400, Some("from")), "{body}");
     let (s, body) = get(&http, &format!("{base}/v1/projections/product_impact?from=2026-01-01"), &token).await;
@@ -125,11 +132,20 @@ async fn a_fifth_processor_reaches_the_read_api_through_its_descriptor() {
     // Discoverable: listed with its derived schema, in the OpenAPI document, in /v1/freshness.
     let (s, body) = get(&http, &format!("{base}/v1/projections"), &token).await;
     assert_eq!(s, 200);
-    let listed = body["data"].as_array().unwrap().iter().find(|p| p["name"] == "readiness_baseline").cloned().unwrap_or_else(|| panic!("{body}"));
+    let listed =
+        body["data"].as_array().unwrap().iter().find(|p| p["name"] == "readiness_baseline").cloned().unwrap_or_else(|| panic!("{body}"));
     assert_eq!(listed["schema"]["name"], "ReadinessBaseline");
     let doc: Value = http.get(format!("{base}/openapi.json")).send().await.unwrap().json().await.unwrap();
-    assert!(doc["components"]["schemas"]["projection.readiness_baseline"]["properties"]["z"].is_object(), "{}", doc["components"]["schemas"]);
-    assert!(doc["components"]["parameters"]["ProjectionName"]["schema"]["enum"].as_array().unwrap().iter().any(|n| n == "readiness_baseline"));
+    assert!(
+        doc["components"]["schemas"]["projection.readiness_baseline"]["properties"]["z"].is_object(),
+        "{}",
+        doc["components"]["schemas"]
+    );
+    assert!(doc["components"]["parameters"]["ProjectionName"]["schema"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n == "readiness_baseline"));
     let (_, body) = get(&http, &format!("{base}/v1/freshness"), &token).await;
     assert_eq!(body["freshness"]["readiness_baseline"]["state"], "fresh", "{body}");
     drop((processor, sink, api));

@@ -95,9 +95,11 @@ async fn a_foreign_latest_version_makes_the_edge_unready_and_schemas_check_and_r
     let (_, ours) = registry(&env, Who::Reader, Method::GET, &format!("/subjects/{hot}/versions/latest"), None).await;
     let (status, r) = registry(&env, Who::Admin, Method::PUT, &format!("/config/{hot}"), Some(json!({ "compatibility": "NONE" }))).await;
     assert_eq!(status, 200, "{r}");
-    let (status, foreign) = registry(&env, Who::Admin, Method::POST, &format!("/subjects/{hot}/versions"), Some(json!({ "schema": "\"string\"" }))).await;
+    let (status, foreign) =
+        registry(&env, Who::Admin, Method::POST, &format!("/subjects/{hot}/versions"), Some(json!({ "schema": "\"string\"" }))).await;
     assert_eq!(status, 200, "{foreign}");
-    let (ours_version, ours_id, foreign_id) = (ours["version"].as_i64().unwrap(), ours["id"].as_i64().unwrap(), foreign["id"].as_i64().unwrap());
+    let (ours_version, ours_id, foreign_id) =
+        (ours["version"].as_i64().unwrap(), ours["id"].as_i64().unwrap(), foreign["id"].as_i64().unwrap());
     let expected = format!(
         "{hot}: the latest version {} (id {foreign_id}) is not vitals' schema `sample_batch`, which is version {ours_version} (id {ours_id})",
         ours_version + 1
@@ -170,7 +172,8 @@ async fn register_adds_vitals_schema_over_a_foreign_one_and_says_so() {
     }
     let (status, r) = registry(&env, Who::Admin, Method::PUT, &format!("/config/{change}"), Some(json!({ "compatibility": "NONE" }))).await;
     assert_eq!(status, 200, "{r}");
-    let (status, foreign) = registry(&env, Who::Admin, Method::POST, &format!("/subjects/{change}/versions"), Some(json!({ "schema": "\"string\"" }))).await;
+    let (status, foreign) =
+        registry(&env, Who::Admin, Method::POST, &format!("/subjects/{change}/versions"), Some(json!({ "schema": "\"string\"" }))).await;
     assert_eq!(status, 200, "{foreign}");
     let (_, latest) = registry(&env, Who::Admin, Method::GET, &format!("/subjects/{change}/versions/latest"), None).await;
     let expected = format!(

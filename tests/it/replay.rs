@@ -22,7 +22,8 @@ pub(crate) type Rows = BTreeMap<String, Vec<RollupDay>>;
 
 /// One user's rollups as the API serves them (every page), and the freshness state.
 async fn read(http: &reqwest::Client, base: &str, token: &str) -> (String, Vec<RollupDay>) {
-    let body: Value = http.get(format!("{base}/v1/projections/rollup_day?limit=1000")).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+    let body: Value =
+        http.get(format!("{base}/v1/projections/rollup_day?limit=1000")).bearer_auth(token).send().await.unwrap().json().await.unwrap();
     let state = body["freshness"]["state"].as_str().unwrap_or_else(|| panic!("{body}")).to_owned();
     assert!(body["next_cursor"].is_null(), "one page holds the test's rows: {body}");
     let mut rows: Vec<RollupDay> = body["data"].as_array().unwrap().iter().map(|v| serde_json::from_value(v.clone()).unwrap()).collect();
@@ -103,7 +104,8 @@ async fn a_replay_resumes_after_a_crash_catches_up_and_is_promoted_without_a_sta
     let done = Arc::new(AtomicBool::new(false));
     let (reads, fresh_reads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let reader = {
-        let (http, base, done, reads, fresh_reads, expected) = (http.clone(), base.clone(), Arc::clone(&done), Arc::clone(&reads), Arc::clone(&fresh_reads), expected.clone());
+        let (http, base, done, reads, fresh_reads, expected) =
+            (http.clone(), base.clone(), Arc::clone(&done), Arc::clone(&reads), Arc::clone(&fresh_reads), expected.clone());
         let tokens: Vec<(String, String)> = users.iter().map(|u| (u.clone(), env.token(u))).collect();
         tokio::spawn(async move {
             while !done.load(Ordering::Relaxed) {
@@ -154,7 +156,8 @@ async fn a_replay_resumes_after_a_crash_catches_up_and_is_promoted_without_a_sta
 
     // The promoted table itself equals the oracle (not v1's table read through another name).
     let pool = sqlx::PgPool::connect(&env.db_url).await.unwrap();
-    let bodies: Vec<(sqlx::types::Json<RollupDay>,)> = sqlx::query_as("SELECT body FROM proj_rollup_day__v2 WHERE NOT deleted").fetch_all(&pool).await.unwrap();
+    let bodies: Vec<(sqlx::types::Json<RollupDay>,)> =
+        sqlx::query_as("SELECT body FROM proj_rollup_day__v2 WHERE NOT deleted").fetch_all(&pool).await.unwrap();
     let mut table = Rows::new();
     for (mut r,) in bodies.into_iter().map(|(b,)| (b.0,)) {
         r.strip();
@@ -206,7 +209,8 @@ async fn a_replay_resumes_after_a_crash_catches_up_and_is_promoted_without_a_sta
 
 /// The rows of `table` (a version's shadow table), per user, as the oracle lists them.
 pub(crate) async fn table_rows(pool: &sqlx::PgPool, table: &str) -> Rows {
-    let bodies: Vec<(sqlx::types::Json<RollupDay>,)> = sqlx::query_as(&format!("SELECT body FROM {table} WHERE NOT deleted")).fetch_all(pool).await.unwrap();
+    let bodies: Vec<(sqlx::types::Json<RollupDay>,)> =
+        sqlx::query_as(&format!("SELECT body FROM {table} WHERE NOT deleted")).fetch_all(pool).await.unwrap();
     let mut out = Rows::new();
     for (b,) in bodies {
         let mut r = b.0;
@@ -234,13 +238,18 @@ async fn a_replay_from_a_time_or_an_offsets_file_holds_exactly_what_came_after()
     // v1 reads the first users; its group's committed offsets then stand at the lanes' ends.
     let mut v1 = VitalsProc::new(&["process", "rollup_day"], env.child_env(&data));
     v1.start();
-    let rows = wait_for_every("v1's committed offsets to reach every partition's end", Duration::from_secs(120), Duration::from_millis(500), || {
-        let cfg = env.cfg.clone();
-        async move {
-            let rows = vitals::offsets::show(&cfg, Some("rollup_day")).await.ok()?;
-            rows.iter().all(|r| r.committed.unwrap_or(0) == r.high && r.lag == 0).then_some(rows)
-        }
-    })
+    let rows = wait_for_every(
+        "v1's committed offsets to reach every partition's end",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || {
+            let cfg = env.cfg.clone();
+            async move {
+                let rows = vitals::offsets::show(&cfg, Some("rollup_day")).await.ok()?;
+                rows.iter().all(|r| r.committed.unwrap_or(0) == r.high && r.lag == 0).then_some(rows)
+            }
+        },
+    )
     .await;
     assert!(rows.iter().any(|r| r.committed.is_some_and(|c| c > 0)), "v1 committed something: {rows:?}");
     let file = data.with_extension("offsets.json");
@@ -259,7 +268,8 @@ async fn a_replay_from_a_time_or_an_offsets_file_holds_exactly_what_came_after()
     // A moment strictly after every record of the first users (broker timestamps are the
     // edge's produce time, in milliseconds), then the second users.
     let at = chrono::Utc::now() + chrono::Duration::milliseconds(5);
-    wait_for("the clock to pass the replay's start time", Duration::from_secs(5), || async { (chrono::Utc::now() > at).then_some(()) }).await;
+    wait_for("the clock to pass the replay's start time", Duration::from_secs(5), || async { (chrono::Utc::now() > at).then_some(()) })
+        .await;
     let after = env.sim("rfb", 32, 2, 2);
     assert_eq!(simulate::run(&after, &env.http).await.unwrap().rejected, 0);
 
@@ -288,7 +298,10 @@ async fn a_replay_from_a_time_or_an_offsets_file_holds_exactly_what_came_after()
     let common = ["--until-caught-up", "--progress", "plain", "--every", "0.3"];
     let out = data.with_extension("replays.out");
     let mut by_time = VitalsProc::new(&[&["replay", "rollup_day", "--as", "v2", "--from", &t][..], &common].concat(), env.child_env(&data));
-    let mut by_file = VitalsProc::new(&[&["replay", "rollup_day", "--as", "v3", "--from", file.to_str().unwrap()][..], &common].concat(), env.child_env(&data));
+    let mut by_file = VitalsProc::new(
+        &[&["replay", "rollup_day", "--as", "v3", "--from", file.to_str().unwrap()][..], &common].concat(),
+        env.child_env(&data),
+    );
     by_time.stdout = Some(out.clone());
     by_file.stdout = Some(out.clone());
     by_time.start();
@@ -314,7 +327,11 @@ async fn a_replay_from_a_time_or_an_offsets_file_holds_exactly_what_came_after()
     assert!(format!("{e:#}").contains("v2 is behind v1"), "{e:#}");
     // v2 resumes from its checkpoints, not from somewhere else.
     let e = vitals::replay::replay(&env.cfg, run("v2", "earliest"), stop).await.unwrap_err();
-    assert!(format!("{e:#}").contains(&format!("rollup_day v2 was started from {} and resumes from its checkpoints, not from earliest", at.to_rfc3339())), "{e:#}");
+    assert!(
+        format!("{e:#}")
+            .contains(&format!("rollup_day v2 was started from {} and resumes from its checkpoints, not from earliest", at.to_rfc3339())),
+        "{e:#}"
+    );
     sink.kill9();
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;

@@ -25,11 +25,8 @@ async fn topics_and_schemas_setup_is_idempotent_and_check_catches_incompatible_c
     // A new required field without a default breaks BACKWARD compatibility: check says so.
     let codec = app::codec(&env.cfg);
     let topic = env.topics().hot;
-    let broken = vitals_schemas::avro::SAMPLE_BATCH.text.replacen(
-        r#""fields": ["#,
-        r#""fields": [{"name": "device_serial", "type": "string"},"#,
-        1,
-    );
+    let broken =
+        vitals_schemas::avro::SAMPLE_BATCH.text.replacen(r#""fields": ["#, r#""fields": [{"name": "device_serial", "type": "string"},"#, 1);
     let broken = AvroFile { name: "sample_batch", text: Box::leak(broken.into_boxed_str()) };
     assert!(!codec.is_compatible(&topic, &broken).await.unwrap());
     // With a default it is compatible.
@@ -59,8 +56,12 @@ async fn a_compatible_schema_change_decodes_and_vitals_encodes_with_its_own_sche
     let admin = Codec::new(&r.url).with_basic_auth(&r.admin_user, r.admin_password.expose());
     let own_id = app::codec(&env.cfg).own_id(&topic, vitals_schemas::avro::SAMPLE_BATCH).await.unwrap();
     // A third party registers a version without `metadata` (compatible: it had a default).
-    let v2_text = vitals_schemas::avro::SAMPLE_BATCH.text.replacen(r#",
-        {"name": "metadata", "type": {"type": "map", "values": "string"}, "default": {}}"#, "", 1);
+    let v2_text = vitals_schemas::avro::SAMPLE_BATCH.text.replacen(
+        r#",
+        {"name": "metadata", "type": {"type": "map", "values": "string"}, "default": {}}"#,
+        "",
+        1,
+    );
     assert_ne!(v2_text, vitals_schemas::avro::SAMPLE_BATCH.text, "the field was removed");
     let v2 = AvroFile { name: "sample_batch", text: Box::leak(v2_text.into_boxed_str()) };
     let v2_id = admin.register(&topic, &v2).await.expect("a compatible version registers");
@@ -93,7 +94,11 @@ async fn a_compatible_schema_change_decodes_and_vitals_encodes_with_its_own_sche
         }
     }
     let v2_schema = apache_avro::Schema::parse_str(v2.text).unwrap();
-    let body = apache_avro::writer::datum::GenericDatumWriter::builder(&v2_schema).build().unwrap().write_value_to_vec(Value::Record(fields)).unwrap();
+    let body = apache_avro::writer::datum::GenericDatumWriter::builder(&v2_schema)
+        .build()
+        .unwrap()
+        .write_value_to_vec(Value::Record(fields))
+        .unwrap();
     let mut bytes = vec![0];
     bytes.extend_from_slice(&v2_id.to_be_bytes());
     bytes.extend_from_slice(&body);

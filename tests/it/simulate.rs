@@ -17,7 +17,10 @@ async fn simulated_people_upload_through_the_edge_and_everything_accepted_is_in_
     let plan = simulate::plan(&cfg);
     let planned = |path: &str| plan.iter().filter(|u| u.endpoint == path).map(|u| u.items().len() as u64).sum::<u64>();
     let (samples, deletions, changes) = (planned(SAMPLES_PATH), planned(DELETIONS_PATH), planned(CHANGES_PATH));
-    assert!(samples > 1000 && deletions > 0 && changes > 0, "a realistic plan: {samples} samples, {deletions} deletions, {changes} changes");
+    assert!(
+        samples > 1000 && deletions > 0 && changes > 0,
+        "a realistic plan: {samples} samples, {deletions} deletions, {changes} changes"
+    );
 
     let report = simulate::run(&cfg, &env.http).await.expect("simulated upload");
     assert_eq!(report.rejected, 0, "the simulator's data is valid: {report:?}");
@@ -45,10 +48,15 @@ async fn simulated_people_upload_through_the_edge_and_everything_accepted_is_in_
             *in_kafka.entry(name).or_default() += n as u64;
         }
     }
-    let samples_in_kafka = in_kafka.get("hot").copied().unwrap_or(0) + in_kafka.get("cold").copied().unwrap_or(0) + in_kafka.get("change").copied().unwrap_or(0);
+    let samples_in_kafka = in_kafka.get("hot").copied().unwrap_or(0)
+        + in_kafka.get("cold").copied().unwrap_or(0)
+        + in_kafka.get("change").copied().unwrap_or(0);
     assert_eq!(samples_in_kafka, samples, "every accepted sample once: {in_kafka:?}");
     assert_eq!(in_kafka.get("deletions").copied().unwrap_or(0), deletions);
     assert_eq!(in_kafka.get("domain").copied().unwrap_or(0), changes);
-    assert!(in_kafka.get("hot").copied().unwrap_or(0) > 0 && in_kafka.get("cold").copied().unwrap_or(0) > 0, "recent days HOT, backfill COLD: {in_kafka:?}");
+    assert!(
+        in_kafka.get("hot").copied().unwrap_or(0) > 0 && in_kafka.get("cold").copied().unwrap_or(0) > 0,
+        "recent days HOT, backfill COLD: {in_kafka:?}"
+    );
     env.cleanup().await;
 }

@@ -89,7 +89,10 @@ async fn sink_killed_and_its_postgres_crashed_still_equals_the_oracle() {
     assert_eq!(simulate::run(&sim("c", 20, 2, 2), &env.http).await.unwrap().rejected, 0);
     assert!(sink.exited().is_none(), "the sink must survive its database being down: {:?}", sink.exited());
     // Its /readyz says what it waits for.
-    wait_for_every("the sink's /readyz to say it waits for PostgreSQL", Duration::from_secs(60), Duration::from_millis(200), || ready(503, "PostgreSQL")).await;
+    wait_for_every("the sink's /readyz to say it waits for PostgreSQL", Duration::from_secs(60), Duration::from_millis(200), || {
+        ready(503, "PostgreSQL")
+    })
+    .await;
     pg.up().await;
     let sink_pool = PgPool::connect(&sink_db).await.unwrap();
 
@@ -102,14 +105,19 @@ async fn sink_killed_and_its_postgres_crashed_still_equals_the_oracle() {
             let sleep: BTreeMap<String, SleepNight> = rows(pool, "proj_sleep_night").await;
             let session: BTreeMap<String, SessionImpact> = rows(pool, "proj_session_impact").await;
             let product: BTreeMap<String, ProductImpact> = rows(pool, "proj_product_impact").await;
-            let ok = rollup == want.rollup && sleep == want.sleep && session == want.session && !product.is_empty() && product == expected_products(env, codec).await;
+            let ok = rollup == want.rollup
+                && sleep == want.sleep
+                && session == want.session
+                && !product.is_empty()
+                && product == expected_products(env, codec).await;
             ok.then_some(rollup)
         }
     })
     .await;
     assert_eq!(got.len(), want.rollup.len());
     assert!(committed(&sink_pool).await > before, "the sink committed after PostgreSQL came back");
-    wait_for_every("the sink's /readyz to say ready again", Duration::from_secs(30), Duration::from_millis(200), || ready(200, "ready")).await;
+    wait_for_every("the sink's /readyz to say ready again", Duration::from_secs(30), Duration::from_millis(200), || ready(200, "ready"))
+        .await;
     assert!(sink.exited().is_none(), "the sink is still running");
 
     // Every stored version is the newest the topic holds for that key: nothing older won.
@@ -148,7 +156,9 @@ async fn a_projection_table_gets_typed_columns_evolves_additively_and_refuses_a_
     let pool = PgPool::connect(&env.db_url).await.unwrap();
     let base = Projection::of::<RollupDay>().at("evo1");
     let table = base.table();
-    let leak = |fields: Vec<Field>| -> &'static Descriptor { Box::leak(Box::new(Descriptor { fields: Box::leak(fields.into_boxed_slice()), ..*RollupDay::DESCRIPTOR })) };
+    let leak = |fields: Vec<Field>| -> &'static Descriptor {
+        Box::leak(Box::new(Descriptor { fields: Box::leak(fields.into_boxed_slice()), ..*RollupDay::DESCRIPTOR }))
+    };
     let fields = |extra: Vec<Field>| -> Vec<Field> { RollupDay::DESCRIPTOR.fields.iter().copied().chain(extra).collect() };
     let columns = |pool: PgPool, table: String| async move {
         sqlx::query_as::<_, (String, String)>("SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_name = $1 AND is_generated = 'ALWAYS' ORDER BY ordinal_position")
@@ -163,7 +173,12 @@ async fn a_projection_table_gets_typed_columns_evolves_additively_and_refuses_a_
     ensure_tables(&pool, &[v1]).await.unwrap();
     let cols = columns(pool.clone(), table.clone()).await;
     assert_eq!(cols.len(), RollupDay::DESCRIPTOR.fields.len(), "{cols:?}");
-    assert!(cols.contains(&("sum".into(), "double precision".into())) && cols.contains(&("count".into(), "bigint".into())) && cols.contains(&("score".into(), "integer".into())), "{cols:?}");
+    assert!(
+        cols.contains(&("sum".into(), "double precision".into()))
+            && cols.contains(&("count".into(), "bigint".into()))
+            && cols.contains(&("score".into(), "integer".into())),
+        "{cols:?}"
+    );
     assert!(cols.contains(&("category_minutes".into(), "jsonb".into())) && cols.contains(&("kind".into(), "text".into())), "{cols:?}");
     let body = serde_json::json!({"user_id": "u1", "metric": "steps", "local_date": "2026-11-30", "unit": "count", "kind": "CUMULATIVE", "count": 3, "sum": 1234.5,
         "min": null, "max": null, "mean": null, "time_weighted_mean": null, "last": null, "category_minutes": {"rem": 5.0}, "primary_source": null, "score": 7, "bonus": 2.5});
@@ -181,7 +196,8 @@ async fn a_projection_table_gets_typed_columns_evolves_additively_and_refuses_a_
     ensure_tables(&pool, &[v2]).await.unwrap();
     let cols = columns(pool.clone(), table.clone()).await;
     assert!(cols.contains(&("bonus".into(), "double precision".into())) && cols.contains(&("score".into(), "bigint".into())), "{cols:?}");
-    let (bonus, score): (Option<f64>, Option<i64>) = sqlx::query_as(&format!("SELECT bonus, score FROM {table}")).fetch_one(&pool).await.unwrap();
+    let (bonus, score): (Option<f64>, Option<i64>) =
+        sqlx::query_as(&format!("SELECT bonus, score FROM {table}")).fetch_one(&pool).await.unwrap();
     assert_eq!((bonus, score), (Some(2.5), Some(7)));
     // An older build (score still an int) accepts the wider column: a rollback is not refused.
     ensure_tables(&pool, &[v1]).await.unwrap();
@@ -195,15 +211,29 @@ async fn a_projection_table_gets_typed_columns_evolves_additively_and_refuses_a_
     broken.iter_mut().find(|f| f.name == "unit").unwrap().ty = Type::Long;
     let e = ensure_tables(&pool, &[base.declared_as(leak(broken.clone()))]).await.unwrap_err();
     assert!(matches!(e, TableError::Breaking(_)), "{e}");
-    assert!(e.to_string().contains(&format!("{table}.unit: the column is text, the field `unit` is now bigint")) && e.to_string().contains("vitals replay rollup_day --as"), "{e}");
+    assert!(
+        e.to_string().contains(&format!("{table}.unit: the column is text, the field `unit` is now bigint"))
+            && e.to_string().contains("vitals replay rollup_day --as"),
+        "{e}"
+    );
     sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN handmade text")).execute(&pool).await.unwrap();
-    let e = ensure_tables(&pool, &[base.declared_as(leak(fields(vec![Field::new("score", Type::Long), Field::new("handmade", Type::String)])))]).await.unwrap_err();
+    let e = ensure_tables(
+        &pool,
+        &[base.declared_as(leak(fields(vec![Field::new("score", Type::Long), Field::new("handmade", Type::String)])))],
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains(&format!("{table}.handmade: the column is a text column not generated from body")), "{e}");
     // A new field whose values in existing rows its type cannot take: refused at once, naming
     // the table, not retried as an outage.
     sqlx::query(&format!("UPDATE {table} SET body = body || '{{\"oops\": \"text\"}}'")).execute(&pool).await.unwrap();
-    let e = ensure_tables(&pool, &[base.declared_as(leak(fields(vec![Field::new("score", Type::Long), Field::new("oops", Type::Long)])))]).await.unwrap_err();
-    assert!(matches!(e, TableError::Breaking(_)) && e.to_string().contains(&format!("{table}: evolving the table (added oops bigint) failed")), "{e}");
+    let e = ensure_tables(&pool, &[base.declared_as(leak(fields(vec![Field::new("score", Type::Long), Field::new("oops", Type::Long)])))])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, TableError::Breaking(_)) && e.to_string().contains(&format!("{table}: evolving the table (added oops bigint) failed")),
+        "{e}"
+    );
     // Nothing of a refused change was applied.
     let (unit,): (String,) = sqlx::query_as(&format!("SELECT unit FROM {table}")).fetch_one(&pool).await.unwrap();
     assert_eq!(unit, "count");

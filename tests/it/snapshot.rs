@@ -40,7 +40,9 @@ async fn the_s3_client_round_trips_objects_against_the_real_server() {
 
     let small = b"hello snapshots".to_vec();
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    for (key, body) in [("snapshots/a/p0/000000000001-000000000002.snap", &small), ("odd keys/ü$+=&.snap", &small), ("big/object.snap", &big)] {
+    for (key, body) in
+        [("snapshots/a/p0/000000000001-000000000002.snap", &small), ("odd keys/ü$+=&.snap", &small), ("big/object.snap", &big)]
+    {
         s3.put(key, body.clone()).await.unwrap_or_else(|e| panic!("PUT {key}: {e}"));
         let got = s3.get(key).await.unwrap_or_else(|e| panic!("GET {key}: {e}")).unwrap_or_else(|| panic!("{key} missing after PUT"));
         assert!(got == *body, "{key}: {} bytes back for {}", got.len(), body.len());
@@ -66,10 +68,12 @@ async fn a_task_without_local_state_restores_from_its_snapshot_and_replays() {
     vars.push(("VITALS_PROCESSORS__SNAPSHOT_EVERY_MS".into(), "200".into()));
     let mut proc = Proc { env: vars, child: None };
     let pointers = || async {
-        sqlx::query_as::<_, (i32, i64, i64, i64)>("SELECT partition, epoch, seq, position FROM processor_snapshots WHERE processor LIKE '%rollup_day' ORDER BY partition")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap()
+        sqlx::query_as::<_, (i32, i64, i64, i64)>(
+            "SELECT partition, epoch, seq, position FROM processor_snapshots WHERE processor LIKE '%rollup_day' ORDER BY partition",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
     };
 
     assert_eq!(simulate::run(&env.sim("a", 1, 3, 3), &env.http).await.unwrap().rejected, 0);
@@ -95,10 +99,12 @@ async fn a_task_without_local_state_restores_from_its_snapshot_and_replays() {
     assert_eq!(wave.await.unwrap().unwrap().rejected, 0);
     // A pointer statement sent just before the kill still completes in PostgreSQL: let it land.
     wait_for("the killed process's statements to finish", Duration::from_secs(10), || async {
-        let active: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
+        let active: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
         (active == 0).then_some(())
     })
     .await;
@@ -148,7 +154,13 @@ async fn a_task_without_local_state_restores_from_its_snapshot_and_replays() {
         }
         for o in &row.source_offsets {
             let from = offsets.0.get(&o.topic).copied().unwrap_or(0);
-            assert!(o.next_offset >= from, "partition {}: an output of epoch {epoch} has {} at {} < the snapshot's {from}", m.partition(), o.topic, o.next_offset);
+            assert!(
+                o.next_offset >= from,
+                "partition {}: an output of epoch {epoch} has {} at {} < the snapshot's {from}",
+                m.partition(),
+                o.topic,
+                o.next_offset
+            );
         }
         checked += 1;
     }
@@ -203,16 +215,22 @@ async fn an_old_owner_cannot_replace_a_newer_snapshot_pointer() {
     // The race: a new owner's bump is in flight (row locked, not committed) while the current
     // owner publishes. The publish waits for the bump and is then refused.
     let mut bump = pool.begin().await.unwrap();
-    sqlx::query("UPDATE processor_epochs SET epoch = epoch + 1 WHERE processor = $1 AND partition = $2").bind(proc_).bind(p).execute(&mut *bump).await.unwrap();
+    sqlx::query("UPDATE processor_epochs SET epoch = epoch + 1 WHERE processor = $1 AND partition = $2")
+        .bind(proc_)
+        .bind(p)
+        .execute(&mut *bump)
+        .await
+        .unwrap();
     let racing = {
         let pool = pool.clone();
         tokio::spawn(async move { publish(&pool, "rollup_day", 0, &ptr(2, 40, 400)).await.unwrap() })
     };
     wait_for("the racing publish to wait on the epoch row's lock", Duration::from_secs(10), || async {
-        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let waiting: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
         (waiting > 0).then_some(())
     })
     .await;
@@ -254,10 +272,20 @@ async fn a_restore_behind_the_outputs_overwrites_them_and_a_thawed_zombie_change
         v
     };
     let pointers = || async {
-        sqlx::query_as::<_, (i32, i64, i64)>("SELECT partition, epoch, seq FROM processor_snapshots WHERE processor LIKE '%rollup_day' ORDER BY partition").fetch_all(&env.pool).await.unwrap()
+        sqlx::query_as::<_, (i32, i64, i64)>(
+            "SELECT partition, epoch, seq FROM processor_snapshots WHERE processor LIKE '%rollup_day' ORDER BY partition",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
     };
     let epochs = || async {
-        sqlx::query_as::<_, (i32, i64)>("SELECT partition, epoch FROM processor_epochs WHERE processor LIKE '%rollup_day' ORDER BY partition").fetch_all(&env.pool).await.unwrap()
+        sqlx::query_as::<_, (i32, i64)>(
+            "SELECT partition, epoch FROM processor_epochs WHERE processor LIKE '%rollup_day' ORDER BY partition",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
     };
     // How far the output log has been written (it only grows; a record count drops under compaction).
     let written = || async { fold_with(&env, &codec, false).await.end };
@@ -271,26 +299,41 @@ async fn a_restore_behind_the_outputs_overwrites_them_and_a_thawed_zombie_change
     // first occasion after A has processed it.
     let t = env.topics();
     let first = rollup_day::oracle(&inputs(&env, &codec).await);
-    wait_for_every("A to process the first wave", Duration::from_secs(90), Duration::from_millis(200), || async { (fold(&env, &codec).await.0 == first).then_some(()) }).await;
+    wait_for_every("A to process the first wave", Duration::from_secs(90), Duration::from_millis(200), || async {
+        (fold(&env, &codec).await.0 == first).then_some(())
+    })
+    .await;
     let mut with_input = BTreeSet::new();
     for topic in [&t.hot, &t.cold, &t.change, &t.domain] {
         with_input.extend(env.read(topic).await.iter().map(|m| m.partition()));
     }
     let n = with_input.len();
-    wait_for_every("a snapshot of every partition with input", Duration::from_secs(90), Duration::from_millis(200), || async { (pointers().await.len() >= n).then_some(()) }).await;
+    wait_for_every("a snapshot of every partition with input", Duration::from_secs(90), Duration::from_millis(200), || async {
+        (pointers().await.len() >= n).then_some(())
+    })
+    .await;
     let snapshots = pointers().await;
     // More uploads: A emits past its snapshots.
     let before = written().await;
     assert_eq!(simulate::run(&env.sim("b", 22, 3, 2), &env.http).await.unwrap().rejected, 0);
-    wait_for_every("A to emit past its snapshots", Duration::from_secs(90), Duration::from_millis(200), || async { (written().await > before + 20).then_some(()) }).await;
+    wait_for_every("A to emit past its snapshots", Duration::from_secs(90), Duration::from_millis(200), || async {
+        (written().await > before + 20).then_some(())
+    })
+    .await;
     // Freeze A right before it produces its next interval: it has read the next upload and
     // computed its outputs, and will write them whenever it wakes.
     std::fs::write(&pause, b"").unwrap();
     assert_eq!(simulate::run(&env.sim("c", 23, 2, 1), &env.http).await.unwrap().rejected, 0);
-    wait_for_every("A to stop itself before producing", Duration::from_secs(60), Duration::from_millis(100), || async { a.stopped().then_some(()) }).await;
+    wait_for_every("A to stop itself before producing", Duration::from_secs(60), Duration::from_millis(100), || async {
+        a.stopped().then_some(())
+    })
+    .await;
     let a_epochs: BTreeMap<i32, i64> = epochs().await.into_iter().collect();
     let later = pointers().await;
-    assert!(snapshots.iter().all(|s| later.contains(s)), "no snapshot newer than the first ones ({snapshots:?} → {later:?}): the restore will be behind the outputs");
+    assert!(
+        snapshots.iter().all(|s| later.contains(s)),
+        "no snapshot newer than the first ones ({snapshots:?} → {later:?}): the restore will be behind the outputs"
+    );
 
     // B starts with nothing local: once A's session expires, it owns every partition and
     // restores each from its (old) snapshot.
@@ -305,11 +348,18 @@ async fn a_restore_behind_the_outputs_overwrites_them_and_a_thawed_zombie_change
             (f.by_version == *expected && f.compacted == *expected).then_some(())
         }
     };
-    wait_for_every("B alone to bring the output to the oracle, both folds", Duration::from_secs(150), Duration::from_millis(500), both()).await;
-    let restores: i64 = sqlx::query_scalar("SELECT count(*) FROM processor_restores WHERE processor LIKE '%rollup_day'").fetch_one(&env.pool).await.unwrap();
+    wait_for_every("B alone to bring the output to the oracle, both folds", Duration::from_secs(150), Duration::from_millis(500), both())
+        .await;
+    let restores: i64 = sqlx::query_scalar("SELECT count(*) FROM processor_restores WHERE processor LIKE '%rollup_day'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
     assert!(restores >= n as i64, "every snapshotted partition restored from its snapshot ({restores})");
     let b_epochs: BTreeMap<i32, i64> = epochs().await.into_iter().collect();
-    assert!(a_epochs.iter().all(|(p, e)| b_epochs.get(p).is_some_and(|b| b > e)), "B owns every partition under a newer epoch: {a_epochs:?} → {b_epochs:?}");
+    assert!(
+        a_epochs.iter().all(|(p, e)| b_epochs.get(p).is_some_and(|b| b > e)),
+        "B owns every partition under a newer epoch: {a_epochs:?} → {b_epochs:?}"
+    );
 
     // Thaw the zombie. It writes the interval it had planned, under its old epoch.
     a.signal("CONT");
@@ -332,9 +382,18 @@ async fn a_restore_behind_the_outputs_overwrites_them_and_a_thawed_zombie_change
     })
     .await;
     eprintln!("the zombie wrote {zombie_writes} records after the new owner's");
-    wait_for_every("the output to equal the oracle again, both folds, after the zombie wrote", Duration::from_secs(120), Duration::from_millis(500), both()).await;
+    wait_for_every(
+        "the output to equal the oracle again, both folds, after the zombie wrote",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        both(),
+    )
+    .await;
     // The sink's tables hold the same.
-    wait_for_every("proj_rollup_day to equal the oracle", Duration::from_secs(120), Duration::from_millis(500), || async { (crate::sink::rows::<RollupDay>(&env.pool, "proj_rollup_day").await == expected).then_some(()) }).await;
+    wait_for_every("proj_rollup_day to equal the oracle", Duration::from_secs(120), Duration::from_millis(500), || async {
+        (crate::sink::rows::<RollupDay>(&env.pool, "proj_rollup_day").await == expected).then_some(())
+    })
+    .await;
     a.kill9();
     b.kill9();
     sink.kill9();
@@ -349,12 +408,20 @@ async fn a_restore_behind_the_outputs_overwrites_them_and_a_thawed_zombie_change
 async fn an_owner_without_snapshots_still_withdraws_the_pointer_it_does_not_start_from() {
     let env = TestEnv::start().await;
     let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
-    let pointers = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processor_snapshots WHERE processor LIKE '%rollup_day'").fetch_one(&env.pool).await.unwrap() };
+    let pointers = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processor_snapshots WHERE processor LIKE '%rollup_day'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+    };
     assert_eq!(simulate::run(&env.sim("a", 71, 3, 2), &env.http).await.unwrap().rejected, 0);
     let mut proc = Proc { env: proc_env(&env, &data), child: None };
     proc.set("VITALS_PROCESSORS__SNAPSHOT_EVERY_MS", 200);
     proc.start(None);
-    wait_for_every("a snapshot pointer", Duration::from_secs(90), Duration::from_millis(200), || async { (pointers().await > 0).then_some(()) }).await;
+    wait_for_every("a snapshot pointer", Duration::from_secs(90), Duration::from_millis(200), || async {
+        (pointers().await > 0).then_some(())
+    })
+    .await;
     proc.kill9();
     // The same instance comes back with its local store (trusted: it was the last owner) and with
     // snapshots off.

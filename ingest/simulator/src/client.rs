@@ -101,7 +101,14 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Duration {
         .min(MAX_RETRY_AFTER)
 }
 
-async fn send(http: &reqwest::Client, base: &str, token: &str, up: &Upload, stats: &Stats, limiter: Option<&RateLimiter>) -> anyhow::Result<()> {
+async fn send(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    up: &Upload,
+    stats: &Stats,
+    limiter: Option<&RateLimiter>,
+) -> anyhow::Result<()> {
     let body = serde_json::to_vec(&up.body)?;
     stats.items.fetch_add(up.items().len() as u64, Relaxed);
     let url = format!("{base}{}", up.endpoint);
@@ -113,13 +120,8 @@ async fn send(http: &reqwest::Client, base: &str, token: &str, up: &Upload, stat
         }
         stats.requests.fetch_add(1, Relaxed);
         stats.bytes.fetch_add(body.len() as u64, Relaxed);
-        let sent = http
-            .post(&url)
-            .bearer_auth(token)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.clone())
-            .send()
-            .await;
+        let sent =
+            http.post(&url).bearer_auth(token).header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone()).send().await;
         let resp = match sent {
             Ok(r) => r,
             Err(e) => {

@@ -327,7 +327,8 @@ impl<'a> DayGen<'a> {
         let z = s.zone;
         let now = self.now;
         let weekend = matches!(s.date.weekday(), Weekday::Sat | Weekday::Sun);
-        let mut sink = Sink { ids: Ids { seed: self.seed, user: &p.user, day: day_number(s.date) as u64, records: 0 }, zone: z, out: Vec::new() };
+        let mut sink =
+            Sink { ids: Ids { seed: self.seed, user: &p.user, day: day_number(s.date) as u64, records: 0 }, zone: z, out: Vec::new() };
 
         // The night ending this morning (after a westward flight the night would be very long:
         // the person stays up and sleeps ~8 h before waking).
@@ -402,7 +403,13 @@ impl<'a> DayGen<'a> {
         let phone_pieces: Vec<Piece> = bouts
             .iter()
             .filter(|b| b.phone)
-            .map(|b| Piece { s: b.s, e: b.e, spm: b.spm * rp.range(0.94, 1.04), stride: p.stride_m * b.kind.stride_factor(), kcal_per_min: 0.0 })
+            .map(|b| Piece {
+                s: b.s,
+                e: b.e,
+                spm: b.spm * rp.range(0.94, 1.04),
+                stride: p.stride_m * b.kind.stride_factor(),
+                kcal_per_min: 0.0,
+            })
             .collect();
         for (ws, we) in windows(&mut rp, s.wake, s.bed, 10.0, 30.0) {
             let flights = rp.chance(0.1).then(|| rp.int(1, 4) as f64);
@@ -559,30 +566,42 @@ impl<'a> DayGen<'a> {
             if x.s > now {
                 continue;
             }
-            changes.push((x.s, json!({
-                "change_id": sink.ids.change(slot, 1), "kind": "session_started", "occurred_at": rfc3339(z, x.s),
-                "session": {"session_id": x.id, "product_id": x.product.product_id, "start": rfc3339(z, x.s), "time_zone": z.name()}
-            })));
+            changes.push((
+                x.s,
+                json!({
+                    "change_id": sink.ids.change(slot, 1), "kind": "session_started", "occurred_at": rfc3339(z, x.s),
+                    "session": {"session_id": x.id, "product_id": x.product.product_id, "start": rfc3339(z, x.s), "time_zone": z.name()}
+                }),
+            ));
             if x.e > now {
                 continue;
             }
-            changes.push((x.e, json!({
-                "change_id": sink.ids.change(slot, 2), "kind": "session_ended", "occurred_at": rfc3339(z, x.e),
-                "session": {"session_id": x.id, "end": rfc3339(z, x.e)}
-            })));
+            changes.push((
+                x.e,
+                json!({
+                    "change_id": sink.ids.change(slot, 2), "kind": "session_ended", "occurred_at": rfc3339(z, x.e),
+                    "session": {"session_id": x.id, "end": rfc3339(z, x.e)}
+                }),
+            ));
             if follow < 0.05 && upd_at <= now {
                 // The user corrects the product and the start time afterwards.
                 let start = x.s + shift;
-                changes.push((upd_at, json!({
-                    "change_id": sink.ids.change(slot, 3), "kind": "session_updated", "occurred_at": rfc3339(z, upd_at),
-                    "session": {"session_id": x.id, "product_id": other.product_id, "start": rfc3339(z, start),
-                                "end": rfc3339(z, x.e), "time_zone": z.name()}
-                })));
+                changes.push((
+                    upd_at,
+                    json!({
+                        "change_id": sink.ids.change(slot, 3), "kind": "session_updated", "occurred_at": rfc3339(z, upd_at),
+                        "session": {"session_id": x.id, "product_id": other.product_id, "start": rfc3339(z, start),
+                                    "end": rfc3339(z, x.e), "time_zone": z.name()}
+                    }),
+                ));
             } else if (0.05..0.08).contains(&follow) && del_at <= now {
-                changes.push((del_at, json!({
-                    "change_id": sink.ids.change(slot, 4), "kind": "session_deleted", "occurred_at": rfc3339(z, del_at),
-                    "session": {"session_id": x.id}
-                })));
+                changes.push((
+                    del_at,
+                    json!({
+                        "change_id": sink.ids.change(slot, 4), "kind": "session_deleted", "occurred_at": rfc3339(z, del_at),
+                        "session": {"session_id": x.id}
+                    }),
+                ));
             }
         }
         if priority_update {
@@ -594,10 +613,13 @@ impl<'a> DayGen<'a> {
             if p.workout_app {
                 list.push(WORKOUT_APP.name);
             }
-            changes.push((t, json!({
-                "change_id": sink.ids.change(255, 5), "kind": "source_priority_updated", "occurred_at": rfc3339(z, t),
-                "source_priority": list
-            })));
+            changes.push((
+                t,
+                json!({
+                    "change_id": sink.ids.change(255, 5), "kind": "source_priority_updated", "occurred_at": rfc3339(z, t),
+                    "source_priority": list
+                }),
+            ));
         }
         changes.sort_by_key(|c| c.0);
 
@@ -616,12 +638,14 @@ impl<'a> DayGen<'a> {
         let mut cands: Vec<(i64, f64, BoutKind, bool, f64)> = Vec::new(); // start, minutes, kind, workout, phone p
         let workout = r.chance(p.workout_prob);
         let morning = r.chance(0.4);
-        let (wk, wmin, wphone) = if p.runner { (BoutKind::Run, r.range(25.0, 60.0), 0.35) } else { (BoutKind::Brisk, r.range(30.0, 75.0), 0.7) };
+        let (wk, wmin, wphone) =
+            if p.runner { (BoutKind::Run, r.range(25.0, 60.0), 0.35) } else { (BoutKind::Brisk, r.range(30.0, 75.0), 0.7) };
         let wstart = if morning { s.wake + mins(r.range(15.0, 40.0)) } else { local_ms(z, s.date, r.range(1065.0, 1170.0)) };
         if workout {
             cands.push((wstart, wmin, wk, true, wphone));
         }
-        let commute = (s.wake + mins(r.range(60.0, 100.0)), r.range(12.0, 25.0), local_ms(z, s.date, r.range(1020.0, 1125.0)), r.range(12.0, 25.0));
+        let commute =
+            (s.wake + mins(r.range(60.0, 100.0)), r.range(12.0, 25.0), local_ms(z, s.date, r.range(1020.0, 1125.0)), r.range(12.0, 25.0));
         if !weekend && p.commuter {
             cands.push((commute.0, commute.1, BoutKind::Walk, false, 0.97));
             cands.push((commute.2, commute.3, BoutKind::Walk, false, 0.97));

@@ -223,7 +223,8 @@ pub fn plan_user(cfg: &SimConfig, index: usize) -> Vec<Upload> {
     let now = cfg.now_ms.div_euclid(1000) * 1000;
     let gen = DayGen::new(cfg.seed, &person, now);
     let today = day::local_date(person.home, now);
-    let dates: Vec<NaiveDate> = (0..i64::from(cfg.days)).rev().filter_map(|k| today.checked_sub_days(chrono::Days::new(k as u64))).collect();
+    let dates: Vec<NaiveDate> =
+        (0..i64::from(cfg.days)).rev().filter_map(|k| today.checked_sub_days(chrono::Days::new(k as u64))).collect();
     let mut b = Builder { cfg, user: &user, uploads: Vec::new() };
 
     // Consent and products, before the history starts.
@@ -295,7 +296,14 @@ const EDITABLE: [&str; 5] = ["steps", "distance", "active_energy", "heart_rate",
 /// Picks ~1.2% of the editable samples for an edit and ~0.8% of all samples for deletion (by a
 /// hash of the record id, so the choice does not depend on `now`); remembers a fallback pair so
 /// that a short history still has one of each.
-fn select_changes(seed: u64, user: &str, samples: &[Gen], edits: &mut Vec<Gen>, deletions: &mut Vec<(Gen, bool)>, fallback: &mut Option<(Gen, Gen)>) {
+fn select_changes(
+    seed: u64,
+    user: &str,
+    samples: &[Gen],
+    edits: &mut Vec<Gen>,
+    deletions: &mut Vec<(Gen, bool)>,
+    fallback: &mut Option<(Gen, Gen)>,
+) {
     for g in samples {
         let h = hash(seed, &[user.as_bytes(), g.rid.as_bytes(), b"edit"]);
         let k = h % 1000;

@@ -52,12 +52,47 @@ pub struct ProductDef {
 }
 
 pub const PRODUCTS: [ProductDef; 6] = [
-    ProductDef { product_id: "prod-espresso", name: "Double espresso", category: "coffee", hr_delta: 7.0, hrv_delta: -9.0, minutes: (3.0, 15.0) },
-    ProductDef { product_id: "prod-filter-coffee", name: "Filter coffee", category: "coffee", hr_delta: 5.0, hrv_delta: -6.0, minutes: (10.0, 40.0) },
+    ProductDef {
+        product_id: "prod-espresso",
+        name: "Double espresso",
+        category: "coffee",
+        hr_delta: 7.0,
+        hrv_delta: -9.0,
+        minutes: (3.0, 15.0),
+    },
+    ProductDef {
+        product_id: "prod-filter-coffee",
+        name: "Filter coffee",
+        category: "coffee",
+        hr_delta: 5.0,
+        hrv_delta: -6.0,
+        minutes: (10.0, 40.0),
+    },
     ProductDef { product_id: "prod-green-tea", name: "Green tea", category: "tea", hr_delta: 2.0, hrv_delta: -2.0, minutes: (10.0, 35.0) },
-    ProductDef { product_id: "prod-energy-drink", name: "Energy drink 250 ml", category: "energy_drink", hr_delta: 11.0, hrv_delta: -13.0, minutes: (5.0, 30.0) },
-    ProductDef { product_id: "prod-nicotine-pouch", name: "Nicotine pouch 6 mg", category: "nicotine", hr_delta: 9.0, hrv_delta: -11.0, minutes: (20.0, 45.0) },
-    ProductDef { product_id: "prod-chamomile", name: "Chamomile tea", category: "herbal_tea", hr_delta: -2.0, hrv_delta: 4.0, minutes: (10.0, 30.0) },
+    ProductDef {
+        product_id: "prod-energy-drink",
+        name: "Energy drink 250 ml",
+        category: "energy_drink",
+        hr_delta: 11.0,
+        hrv_delta: -13.0,
+        minutes: (5.0, 30.0),
+    },
+    ProductDef {
+        product_id: "prod-nicotine-pouch",
+        name: "Nicotine pouch 6 mg",
+        category: "nicotine",
+        hr_delta: 9.0,
+        hrv_delta: -11.0,
+        minutes: (20.0, 45.0),
+    },
+    ProductDef {
+        product_id: "prod-chamomile",
+        name: "Chamomile tea",
+        category: "herbal_tea",
+        hr_delta: -2.0,
+        hrv_delta: 4.0,
+        minutes: (10.0, 30.0),
+    },
 ];
 
 /// The product with this id.

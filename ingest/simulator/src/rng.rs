@@ -78,14 +78,7 @@ impl Rng {
 /// A UUID-shaped identifier (HealthKit style, upper case). `lo` is kept whole, so identifiers that
 /// share `hi` are distinct exactly when their `lo` are.
 pub(crate) fn uuid_like(hi: u64, lo: u64) -> String {
-    format!(
-        "{:08X}-{:04X}-4{:03X}-{:04X}-{:012X}",
-        hi >> 32,
-        (hi >> 16) & 0xffff,
-        hi & 0xfff,
-        lo >> 48,
-        lo & 0xffff_ffff_ffff
-    )
+    format!("{:08X}-{:04X}-4{:03X}-{:04X}-{:012X}", hi >> 32, (hi >> 16) & 0xffff, hi & 0xfff, lo >> 48, lo & 0xffff_ffff_ffff)
 }
 
 /// A unique identifier of `counter` within the namespace `(seed, user, namespace)`: distinct

@@ -110,8 +110,12 @@ fn simulate_plan_is_deterministic() {
     // A day looks the same whatever the history length: the last 5 days of a 9-day plan hold the
     // same samples as a 5-day plan.
     let long = plan(&SimConfig { days: 9, ..c.clone() });
-    let short_ids: BTreeSet<String> = samples(&a).filter(|(u, s)| u.user == "t-0" && s.get("version").is_none()).map(|(_, s)| s["source_record_id"].to_string()).collect();
-    let long_ids: BTreeSet<String> = samples(&long).filter(|(u, _)| u.user == "t-0").map(|(_, s)| s["source_record_id"].to_string()).collect();
+    let short_ids: BTreeSet<String> = samples(&a)
+        .filter(|(u, s)| u.user == "t-0" && s.get("version").is_none())
+        .map(|(_, s)| s["source_record_id"].to_string())
+        .collect();
+    let long_ids: BTreeSet<String> =
+        samples(&long).filter(|(u, _)| u.user == "t-0").map(|(_, s)| s["source_record_id"].to_string()).collect();
     assert!(short_ids.is_subset(&long_ids));
 }
 
@@ -235,8 +239,11 @@ fn simulate_two_sessions_a_day() {
         let full: Vec<usize> = per_date.values().take(6).copied().collect();
         assert_eq!(full, vec![2; 6], "{user}: {per_date:?}");
         // Products used were upserted first.
-        let products: HashSet<String> = changes(&p, "product_upserted").filter(|(u, _)| u.user == user).map(|(_, c)| c["product"]["product_id"].to_string()).collect();
-        assert!(changes(&p, "session_started").filter(|(u, _)| u.user == user).all(|(_, c)| products.contains(&c["session"]["product_id"].to_string())));
+        let products: HashSet<String> =
+            changes(&p, "product_upserted").filter(|(u, _)| u.user == user).map(|(_, c)| c["product"]["product_id"].to_string()).collect();
+        assert!(changes(&p, "session_started")
+            .filter(|(u, _)| u.user == user)
+            .all(|(_, c)| products.contains(&c["session"]["product_id"].to_string())));
     }
     // Over many users and days, corrections and deletions of sessions and priority changes happen.
     let c = cfg(12, 21, NOW);
@@ -313,9 +320,19 @@ fn simulate_zones_travel_and_dst_show_up() {
         .count();
     assert!(travellers >= 2, "{travellers} travellers");
     // Third-party samples carry fixed offsets and kJ.
-    assert!(samples(&p).any(|(_, s)| s["source"] == WORKOUT_APP.name && s["unit"] == "kJ" && s["time_zone"].as_str().unwrap().starts_with(['+', '-'])));
+    assert!(samples(&p)
+        .any(|(_, s)| s["source"] == WORKOUT_APP.name && s["unit"] == "kJ" && s["time_zone"].as_str().unwrap().starts_with(['+', '-'])));
     // Units vary between people.
-    for (metric, unit) in [("heart_rate", "bpm"), ("heart_rate", "count/min"), ("spo2", "fraction"), ("spo2", "%"), ("body_mass", "lb"), ("body_mass", "kg"), ("distance", "km"), ("distance", "m")] {
+    for (metric, unit) in [
+        ("heart_rate", "bpm"),
+        ("heart_rate", "count/min"),
+        ("spo2", "fraction"),
+        ("spo2", "%"),
+        ("body_mass", "lb"),
+        ("body_mass", "kg"),
+        ("distance", "km"),
+        ("distance", "m"),
+    ] {
         assert!(samples(&p).any(|(_, s)| s["metric"] == metric && s["unit"] == unit), "{metric} in {unit}");
     }
 }
@@ -371,8 +388,10 @@ mod fake_edge {
                 if let Some(r) = script(n, &v) {
                     return r;
                 }
-                let items = ["samples", "deletions", "changes"].iter().find_map(|f| v.get(*f)).and_then(Value::as_array).map_or(0, Vec::len);
-                (StatusCode::OK, Json(json!({"request_id": v["request_id"], "accepted": items, "lanes": {}, "rejected": []}))).into_response()
+                let items =
+                    ["samples", "deletions", "changes"].iter().find_map(|f| v.get(*f)).and_then(Value::as_array).map_or(0, Vec::len);
+                (StatusCode::OK, Json(json!({"request_id": v["request_id"], "accepted": items, "lanes": {}, "rejected": []})))
+                    .into_response()
             })
             .with_state(calls.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
@@ -388,11 +407,17 @@ async fn simulate_run_sends_the_plan_and_retries_with_the_same_request() {
     use axum::response::IntoResponse;
     use serde_json::json;
     let (base, calls) = fake_edge::start(|n, v| match n {
-        2 => Some((StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "0")], axum::Json(json!({"error": {"code": "broker_unavailable"}}))).into_response()),
+        2 => Some(
+            (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "0")], axum::Json(json!({"error": {"code": "broker_unavailable"}})))
+                .into_response(),
+        ),
         5 => Some((StatusCode::CONFLICT, axum::Json(json!({"error": {"code": "request_in_flight"}}))).into_response()),
         7 => Some(
-            (StatusCode::MULTI_STATUS, axum::Json(json!({"request_id": v["request_id"], "accepted": 0, "lanes": {},
-                "rejected": [{"index": 0, "field": "value", "code": "value_out_of_range", "message": "test"}]})))
+            (
+                StatusCode::MULTI_STATUS,
+                axum::Json(json!({"request_id": v["request_id"], "accepted": 0, "lanes": {},
+                "rejected": [{"index": 0, "field": "value", "code": "value_out_of_range", "message": "test"}]})),
+            )
                 .into_response(),
         ),
         _ => None,
@@ -433,7 +458,8 @@ async fn simulate_run_sends_the_plan_and_retries_with_the_same_request() {
 
     // Any other failure stops the run with the edge's answer in the error.
     let (base, _) = fake_edge::start(|n, _| {
-        (n == 3).then(|| (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(json!({"error": {"code": "idempotency_key_reused"}}))).into_response())
+        (n == 3)
+            .then(|| (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(json!({"error": {"code": "idempotency_key_reused"}}))).into_response())
     })
     .await;
     let err = run(&SimConfig { base_url: base, ..cfg(1, 2, NOW) }, &http).await.unwrap_err();

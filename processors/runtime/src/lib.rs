@@ -21,10 +21,10 @@ pub mod registry;
 pub mod s3;
 #[cfg(test)]
 pub mod sim;
-#[cfg(test)]
-mod takeovers;
 pub mod snapshot;
 pub mod store;
+#[cfg(test)]
+mod takeovers;
 pub mod task;
 
 use std::collections::BTreeMap;
@@ -122,7 +122,16 @@ struct Running {
 
 impl Running {
     fn new(task: Task) -> Running {
-        Running { task, snapshot_at: None, snapshot_of: None, snapshot_busy: Arc::default(), fenced: false, paused_until: None, backoff: Backoff::new(PAUSE_FIRST, PAUSE_MAX), from_archive: BTreeMap::new() }
+        Running {
+            task,
+            snapshot_at: None,
+            snapshot_of: None,
+            snapshot_busy: Arc::default(),
+            fenced: false,
+            paused_until: None,
+            backoff: Backoff::new(PAUSE_FIRST, PAUSE_MAX),
+            from_archive: BTreeMap::new(),
+        }
     }
 
     /// Where the consumer reads `topic` of this task from: its checkpoint, or, while the task
@@ -275,7 +284,10 @@ impl RebalanceContext {
     /// instance does this, snapshots enabled or not: the snapshot argument needs every owner
     /// newer than the published snapshot to have started from it.
     fn withdraw(&self, p: i32, epoch: i64) -> Result<(), String> {
-        let withdrawn = self.rt.block_on(snapshot::withdraw(&self.pool, &self.processor, p, epoch)).map_err(|e| format!("withdrawing the snapshot of partition {p}: {e}"))?;
+        let withdrawn = self
+            .rt
+            .block_on(snapshot::withdraw(&self.pool, &self.processor, p, epoch))
+            .map_err(|e| format!("withdrawing the snapshot of partition {p}: {e}"))?;
         if withdrawn {
             info!(partition = p, "snapshot withdrawn: this owner does not start from it");
         }
@@ -292,7 +304,10 @@ impl RebalanceContext {
     /// Otherwise another owner ran in between; the store is discarded and the task restores
     /// (snapshot, or replay from the beginning).
     fn take(&self, p: i32, path: &std::path::Path) -> Result<Running, String> {
-        let mut epoch = self.rt.block_on(bump_epoch(&self.pool, &self.processor, p, 0)).map_err(|e| format!("bumping the epoch of partition {p}: {e}"))?;
+        let mut epoch = self
+            .rt
+            .block_on(bump_epoch(&self.pool, &self.processor, p, 0))
+            .map_err(|e| format!("bumping the epoch of partition {p}: {e}"))?;
         let mut store = None;
         let mut restored = false;
         if path.exists() {
@@ -316,7 +331,8 @@ impl RebalanceContext {
             }
         };
         // A store (or snapshot) of another state layout is refused, never read as "nothing held".
-        adopt_state_format(&store, self.state_format).map_err(|e| format!("partition {p} of {} ({}): {e}", self.processor, path.display()))?;
+        adopt_state_format(&store, self.state_format)
+            .map_err(|e| format!("partition {p} of {} ({}): {e}", self.processor, path.display()))?;
         let mut task = Task::new(store, p, epoch, Task::new_owner_id()).map_err(|e| format!("reading {}: {e}", path.display()))?;
         // A task that has read nothing starts where it was told to (committed with its first
         // checkpoint; until then every restart starts there again).
@@ -329,8 +345,16 @@ impl RebalanceContext {
         let t0 = Instant::now();
         let (tail, read) = self.catch_up(p, task.tail.clone())?;
         if tail.max_epoch >= epoch {
-            warn!(partition = p, epoch, greatest_in_output = tail.max_epoch, "the output partition holds newer epochs than processor_epochs: raising the epoch above them");
-            epoch = self.rt.block_on(bump_epoch(&self.pool, &self.processor, p, tail.max_epoch + 1)).map_err(|e| format!("raising the epoch of partition {p}: {e}"))?;
+            warn!(
+                partition = p,
+                epoch,
+                greatest_in_output = tail.max_epoch,
+                "the output partition holds newer epochs than processor_epochs: raising the epoch above them"
+            );
+            epoch = self
+                .rt
+                .block_on(bump_epoch(&self.pool, &self.processor, p, tail.max_epoch + 1))
+                .map_err(|e| format!("raising the epoch of partition {p}: {e}"))?;
             self.withdraw(p, epoch)?;
         }
         task.epoch = epoch;
@@ -359,7 +383,12 @@ impl RebalanceContext {
         let err = |e: KafkaError| TailError::Read(format!("reading the output partition {} [{p}]: {e}", self.output_topic));
         let (low, high) = self.watermarks.fetch_watermarks(&self.output_topic, p, Duration::from_secs(10)).map_err(err)?;
         if tail.next < low {
-            warn!(partition = p, from = tail.next, low, "the output partition starts later than the checkpoint's tail (deleted records): reading from its start");
+            warn!(
+                partition = p,
+                from = tail.next,
+                low,
+                "the output partition starts later than the checkpoint's tail (deleted records): reading from its start"
+            );
             tail.next = low;
         }
         if tail.next >= high {
@@ -375,7 +404,10 @@ impl RebalanceContext {
         while tail.next < high {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(TailError::Read(format!("reading the output partition {} [{p}] up to {high} took over {CATCH_UP_LIMIT:?} (at {})", self.output_topic, tail.next)));
+                return Err(TailError::Read(format!(
+                    "reading the output partition {} [{p}] up to {high} took over {CATCH_UP_LIMIT:?} (at {})",
+                    self.output_topic, tail.next
+                )));
             }
             match consumer.poll(left.min(Duration::from_millis(500))) {
                 Some(Ok(m)) => {
@@ -608,54 +640,57 @@ where
     let ended = Ends(Arc::new(AtomicBool::new(false)));
     let input_sweeps = Arc::new(std::sync::atomic::AtomicU64::new(0));
     {
-        let (highs, lows, shared, stop, client) = (Arc::clone(&highs), Arc::clone(&lows), Arc::clone(&shared), Arc::clone(&stop), tail_cfg.create::<BaseConsumer>()?);
+        let (highs, lows, shared, stop, client) =
+            (Arc::clone(&highs), Arc::clone(&lows), Arc::clone(&shared), Arc::clone(&stop), tail_cfg.create::<BaseConsumer>()?);
         let ended = Arc::clone(&ended.0);
         let stop_all = move || stop.load(Ordering::Relaxed) || ended.load(Ordering::Relaxed);
         let sweeps = Arc::clone(&input_sweeps);
         let inputs = input_topics.clone();
         let output = cfg.output_topic.clone();
-        std::thread::Builder::new().name("watermarks".into()).spawn(move || {
-            // The output partitions' highs every sweep (the tail check reads them every
-            // `TAIL_EVERY`); the inputs' only every `LAG_EVERY`, for the lag, which is measured
-            // right after each such sweep: each request here is a storage read on the broker,
-            // whose polling is what loads it most (docs/benchmarks.md), and the inputs' highs
-            // every 0.5 s were 24 of the 30 requests of every sweep.
-            let mut inputs_at: Option<Instant> = None;
-            while !stop_all() {
-                let owned: Vec<i32> = shared.lock().unwrap_or_else(|p| p.into_inner()).tasks.keys().copied().collect();
-                // (A sweep with nothing owned yet does not count: the first partitions get
-                // their lag at once.)
-                let with_inputs = !owned.is_empty() && inputs_at.is_none_or(|at| at.elapsed() >= LAG_EVERY);
-                if with_inputs {
-                    inputs_at = Some(Instant::now());
-                }
-                let mut topics = vec![output.clone()];
-                if with_inputs {
-                    topics.extend(inputs.iter().cloned());
-                }
-                for p in owned {
-                    for topic in &topics {
-                        if let Ok((low, high)) = client.fetch_watermarks(topic, p, Duration::from_secs(5)) {
-                            highs.lock().unwrap_or_else(|e| e.into_inner()).insert((topic.clone(), p), high);
-                            if topic != &output {
-                                lows.lock().unwrap_or_else(|e| e.into_inner()).insert((topic.clone(), p), low);
+        std::thread::Builder::new()
+            .name("watermarks".into())
+            .spawn(move || {
+                // The output partitions' highs every sweep (the tail check reads them every
+                // `TAIL_EVERY`); the inputs' only every `LAG_EVERY`, for the lag, which is measured
+                // right after each such sweep: each request here is a storage read on the broker,
+                // whose polling is what loads it most (docs/benchmarks.md), and the inputs' highs
+                // every 0.5 s were 24 of the 30 requests of every sweep.
+                let mut inputs_at: Option<Instant> = None;
+                while !stop_all() {
+                    let owned: Vec<i32> = shared.lock().unwrap_or_else(|p| p.into_inner()).tasks.keys().copied().collect();
+                    // (A sweep with nothing owned yet does not count: the first partitions get
+                    // their lag at once.)
+                    let with_inputs = !owned.is_empty() && inputs_at.is_none_or(|at| at.elapsed() >= LAG_EVERY);
+                    if with_inputs {
+                        inputs_at = Some(Instant::now());
+                    }
+                    let mut topics = vec![output.clone()];
+                    if with_inputs {
+                        topics.extend(inputs.iter().cloned());
+                    }
+                    for p in owned {
+                        for topic in &topics {
+                            if let Ok((low, high)) = client.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+                                highs.lock().unwrap_or_else(|e| e.into_inner()).insert((topic.clone(), p), high);
+                                if topic != &output {
+                                    lows.lock().unwrap_or_else(|e| e.into_inner()).insert((topic.clone(), p), low);
+                                }
                             }
                         }
                     }
-                }
-                if with_inputs {
-                    sweeps.fetch_add(1, Ordering::Relaxed);
-                }
-                // A bounded pause between sweeps, cut short by stop.
-                for _ in 0..10 {
-                    if stop_all() {
-                        break;
+                    if with_inputs {
+                        sweeps.fetch_add(1, Ordering::Relaxed);
                     }
-                    std::thread::sleep(Duration::from_millis(50));
+                    // A bounded pause between sweeps, cut short by stop.
+                    for _ in 0..10 {
+                        if stop_all() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                 }
-            }
-        })
-        .map_err(|e| RuntimeError::Store(store::StoreError::from_message(format!("starting the watermarks thread: {e}"))))?;
+            })
+            .map_err(|e| RuntimeError::Store(store::StoreError::from_message(format!("starting the watermarks thread: {e}"))))?;
     }
     let high = |topic: &str, p: i32| highs.lock().unwrap_or_else(|e| e.into_inner()).get(&(topic.to_owned(), p)).copied();
     let mut produced = 0u64;
@@ -669,7 +704,8 @@ where
     while !stop.load(Ordering::Relaxed) {
         // While a task reads the archive, the poll only serves the consumer's events and what
         // the other tasks have: waiting for records would cap the archive's pace.
-        let rehydrating = shared.lock().unwrap_or_else(|p| p.into_inner()).tasks.values().any(|r| !r.from_archive.is_empty() && r.paused_until.is_none());
+        let rehydrating =
+            shared.lock().unwrap_or_else(|p| p.into_inner()).tasks.values().any(|r| !r.from_archive.is_empty() && r.paused_until.is_none());
         let mut batch = poll_batch(
             |left| consumer.poll(left).map(|r| r.map(|m| m.detach())),
             || shared.lock().unwrap_or_else(|p| p.into_inner()).generation,
@@ -737,7 +773,9 @@ where
             if r.paused_until.is_some() {
                 continue; // read again from the checkpoint when the pause ends
             }
-            let result = decode_all(&rt, &codec, t, msgs, false).and_then(|decoded| interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, consumer.context(), r, decoded, &mut produced, &metrics));
+            let result = decode_all(&rt, &codec, t, msgs, false).and_then(|decoded| {
+                interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, consumer.context(), r, decoded, &mut produced, &metrics)
+            });
             settle(result, &consumer, &input_topics, &metrics, cfg.checkpointing, archive.as_ref().map(|_| lane_topics.as_slice()), p, r)?;
         }
         // Tasks whose lanes start later than they read: the next records of every such lane
@@ -749,7 +787,8 @@ where
                 if r.paused_until.is_some() || r.fenced || r.from_archive.is_empty() {
                     continue;
                 }
-                let done: Vec<String> = r.from_archive.iter().filter(|(t, low)| r.task.next_offset(t) >= **low).map(|(t, _)| t.clone()).collect();
+                let done: Vec<String> =
+                    r.from_archive.iter().filter(|(t, low)| r.task.next_offset(t) >= **low).map(|(t, _)| t.clone()).collect();
                 for topic in done {
                     info!(partition = p, %topic, at = r.from_archive[&topic], "read from the archive up to the lane's start");
                     r.from_archive.remove(&topic);
@@ -772,13 +811,34 @@ where
                         }
                         Err(ArchiveError::Missing(e)) => {
                             tracing::error!(partition = p, %topic, from, to = low, "the lane starts later and the archive does not hold the records before: {e}");
-                            return Err(RuntimeError::Task { partition: p, source: task::TaskError::Gap { topic: format!("{topic} (deleted from the lane and not in the archive: {e})"), expected: from, got: low } });
+                            return Err(RuntimeError::Task {
+                                partition: p,
+                                source: task::TaskError::Gap {
+                                    topic: format!("{topic} (deleted from the lane and not in the archive: {e})"),
+                                    expected: from,
+                                    got: low,
+                                },
+                            });
                         }
                     }
                 }
                 let result = match failed {
                     Some(e) => Err(e),
-                    None => decode_all(&rt, &codec, t, msgs, true).and_then(|decoded| interval(&mut processor, &cfg, &lanes, &rt, &codec, &producer, consumer.context(), r, decoded, &mut produced, &metrics)),
+                    None => decode_all(&rt, &codec, t, msgs, true).and_then(|decoded| {
+                        interval(
+                            &mut processor,
+                            &cfg,
+                            &lanes,
+                            &rt,
+                            &codec,
+                            &producer,
+                            consumer.context(),
+                            r,
+                            decoded,
+                            &mut produced,
+                            &metrics,
+                        )
+                    }),
                 };
                 // (A gap within archived records is fatal: no other source holds them.)
                 settle(result, &consumer, &input_topics, &metrics, cfg.checkpointing, None, p, r)?;
@@ -823,7 +883,8 @@ where
         }
         if positions_at.is_none_or(|at| at.elapsed() >= POSITIONS_EVERY) {
             positions_at = Some(Instant::now());
-            let positions = sh.tasks.iter().flat_map(|(p, r)| input_topics.iter().map(move |t| ((t.clone(), *p), r.task.next_offset(t)))).collect();
+            let positions =
+                sh.tasks.iter().flat_map(|(p, r)| input_topics.iter().map(move |t| ((t.clone(), *p), r.task.next_offset(t)))).collect();
             *metrics.positions.lock().unwrap_or_else(|e| e.into_inner()) = positions;
         }
         if let Some(s) = &snapshots {
@@ -835,7 +896,9 @@ where
         // standard lag tools (`kafka-consumer-groups --describe`) and `vitals offsets show` see
         // the processor groups. Never read back: a task starts from its own checkpoint.
         if cfg.checkpointing {
-            commits.offer(&consumer, || sh.tasks.iter().flat_map(|(p, r)| r.task.cp.offsets.iter().map(move |(t, o)| ((t.clone(), *p), *o))).collect());
+            commits.offer(&consumer, || {
+                sh.tasks.iter().flat_map(|(p, r)| r.task.cp.offsets.iter().map(move |(t, o)| ((t.clone(), *p), *o))).collect()
+            });
         }
     }
     Ok(())
@@ -895,7 +958,15 @@ fn settle<C: ConsumerContext>(
 /// Task `p` reads `topic` from the archive up to `low` (the lane's first record) before the
 /// lane, and so every other of its `lanes` that starts past it too (asked now: this is rare);
 /// the consumer's partitions of the task wait, paused, until the archive has handed over.
-fn read_from_archive<C: ConsumerContext>(consumer: &BaseConsumer<C>, input_topics: &[String], lanes: &[String], p: i32, r: &mut Running, topic: &str, low: i64) {
+fn read_from_archive<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    input_topics: &[String],
+    lanes: &[String],
+    p: i32,
+    r: &mut Running,
+    topic: &str,
+    low: i64,
+) {
     info!(partition = p, %topic, from = r.task.next_offset(topic), to = low, "the lane starts later: reading those records from the archive first");
     r.from_archive.insert(topic.to_owned(), low);
     let others: Vec<&String> = lanes.iter().filter(|l| *l != topic && !r.from_archive.contains_key(*l)).collect();
@@ -986,7 +1057,13 @@ async fn decode(codec: &Codec, t: &Topics, m: &OwnedMessage) -> Result<Input, Co
 /// runtime (it restarts and reads them again); a record that does not decode is proven bad.
 /// `archived`: the records were read back from the archive, whose erased records (and only
 /// those: a lane record with that header is an ordinary record) are placeholders.
-fn decode_all(rt: &tokio::runtime::Handle, codec: &Codec, t: &Topics, msgs: Vec<OwnedMessage>, archived: bool) -> Result<Vec<InRecord>, RuntimeError> {
+fn decode_all(
+    rt: &tokio::runtime::Handle,
+    codec: &Codec,
+    t: &Topics,
+    msgs: Vec<OwnedMessage>,
+    archived: bool,
+) -> Result<Vec<InRecord>, RuntimeError> {
     let mut out = Vec::with_capacity(msgs.len());
     for m in msgs {
         // An erased record read back from the archive keeps its offset and nothing else.
@@ -1006,7 +1083,10 @@ fn decode_all(rt: &tokio::runtime::Handle, codec: &Codec, t: &Topics, msgs: Vec<
             ts_ms: m.timestamp().to_millis(),
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(<[u8]>::to_vec),
-            traceparent: m.headers().and_then(|h| h.iter().find(|h| h.key == "traceparent").and_then(|h| h.value)).map(|v| String::from_utf8_lossy(v).into_owned()),
+            traceparent: m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "traceparent").and_then(|h| h.value))
+                .map(|v| String::from_utf8_lossy(v).into_owned()),
             body,
         });
     }
@@ -1043,7 +1123,12 @@ where
     })?;
     metrics.add(&metrics.timers_fired, planned.timers_fired);
     metrics.add(&metrics.records_in, planned.read);
-    fn encode_as<T: Serialize + vitals_schemas::codec::AvroRecord>(rt: &tokio::runtime::Handle, codec: &Codec, topic: &str, v: &T) -> Result<Vec<u8>, RuntimeError> {
+    fn encode_as<T: Serialize + vitals_schemas::codec::AvroRecord>(
+        rt: &tokio::runtime::Handle,
+        codec: &Codec,
+        topic: &str,
+        v: &T,
+    ) -> Result<Vec<u8>, RuntimeError> {
         rt.block_on(codec.encode(topic, v)).map_err(|e| match e {
             CodecError::Unavailable(m) => RuntimeError::Registry(m),
             other => RuntimeError::Encode(other.to_string()),
@@ -1081,7 +1166,9 @@ where
             Out::Marker { key, user, value, rows: n, .. } => {
                 marker_users.push(user.clone());
                 let vouch = vitals_schemas::vouch::vouch(interval_id, *n);
-                let headers = stamp(user).insert(Header { key: PROGRESS_HEADER, value: Some("1") }).insert(Header { key: VOUCH_HEADER, value: Some(vouch.as_str()) });
+                let headers = stamp(user)
+                    .insert(Header { key: PROGRESS_HEADER, value: Some("1") })
+                    .insert(Header { key: VOUCH_HEADER, value: Some(vouch.as_str()) });
                 markers.push((cfg.output_topic.clone(), key.clone(), encode(&cfg.output_topic, value)?, headers));
                 metrics.add(&metrics.progress_markers, 1);
             }
@@ -1156,7 +1243,12 @@ where
             .into_iter()
             .zip(&marker_users)
             .map(|((topic, key, bytes, headers), user)| match dead_of.get(user.as_str()) {
-                Some(d) => (topic, key, bytes, headers.insert(Header { key: DEAD_LETTERS_HEADER, value: Some(vitals_schemas::dead_letter::announce(d).as_str()) })),
+                Some(d) => (
+                    topic,
+                    key,
+                    bytes,
+                    headers.insert(Header { key: DEAD_LETTERS_HEADER, value: Some(vitals_schemas::dead_letter::announce(d).as_str()) }),
+                ),
                 None => (topic, key, bytes, headers),
             })
             .collect();
@@ -1207,7 +1299,11 @@ fn pause_before_produce() {
 
 /// Enqueues one record on partition `p`, waiting out a full queue (the producer's own thread
 /// drains it); returns its delivery future.
-fn enqueue(producer: &FutureProducer, p: i32, (topic, key, bytes, headers): &Produce) -> Result<rdkafka::producer::DeliveryFuture, RuntimeError> {
+fn enqueue(
+    producer: &FutureProducer,
+    p: i32,
+    (topic, key, bytes, headers): &Produce,
+) -> Result<rdkafka::producer::DeliveryFuture, RuntimeError> {
     let mut rec = FutureRecord::to(topic).partition(p).key(key.as_str()).payload(bytes.as_slice()).headers(headers.clone());
     loop {
         match producer.send_result(rec) {
@@ -1298,5 +1394,4 @@ mod tests {
         adopt_state_format(&old, 1).expect("the same format is read");
         let _ = std::fs::remove_dir_all(dir);
     }
-
 }

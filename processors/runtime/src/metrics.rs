@@ -101,7 +101,9 @@ pub fn render_all(all: &[(&str, &RuntimeMetrics)], out: &mut String) {
     c(out, "checkpoints_total", "Checkpoints committed (state + offsets + output position).", |m| &m.commits);
     c(out, "checkpoint_commit_microseconds_total", "Time spent committing checkpoints.", |m| &m.commit_micros);
     c(out, "ack_wait_microseconds_total", "Time spent waiting for output acknowledgements.", |m| &m.ack_wait_micros);
-    c(out, "dependency_retries_total", "Intervals put back and retried because a dependency (the schema registry) failed.", |m| &m.dependency_retries);
+    c(out, "dependency_retries_total", "Intervals put back and retried because a dependency (the schema registry) failed.", |m| {
+        &m.dependency_retries
+    });
     let s = |out: &mut String, name: &str, help: &str, v: fn(&SnapshotMetrics) -> &AtomicU64| {
         let _ = writeln!(out, "# HELP vitals_processor_{name} {help}\n# TYPE vitals_processor_{name} counter");
         for (processor, m) in all {
@@ -110,10 +112,14 @@ pub fn render_all(all: &[(&str, &RuntimeMetrics)], out: &mut String) {
         }
     };
     s(out, "snapshots_total", "Task snapshots uploaded to S3 and published.", |m| &m.taken);
-    s(out, "snapshot_failures_total", "Task snapshots that failed (export, S3 upload or pointer publish); processing went on.", |m| &m.failed);
+    s(out, "snapshot_failures_total", "Task snapshots that failed (export, S3 upload or pointer publish); processing went on.", |m| {
+        &m.failed
+    });
     s(out, "snapshots_fenced_total", "Task snapshots uploaded whose pointer was refused (a newer owner or snapshot).", |m| &m.fenced);
     s(out, "snapshot_restores_total", "Tasks restored from a snapshot.", |m| &m.restores);
-    s(out, "snapshot_restore_failures_total", "Restores that failed and fell back to replaying from the beginning.", |m| &m.restore_failures);
+    s(out, "snapshot_restore_failures_total", "Restores that failed and fell back to replaying from the beginning.", |m| {
+        &m.restore_failures
+    });
     let _ = writeln!(out, "# HELP vitals_processor_paused_partitions Partitions waiting for a failed dependency (see /readyz for why).\n# TYPE vitals_processor_paused_partitions gauge");
     for (processor, m) in all {
         let paused = m.paused.lock().unwrap_or_else(|e| e.into_inner()).len();
@@ -122,7 +128,11 @@ pub fn render_all(all: &[(&str, &RuntimeMetrics)], out: &mut String) {
     let _ = writeln!(out, "# HELP vitals_processor_lag_records Records behind the end of each input partition owned here.\n# TYPE vitals_processor_lag_records gauge");
     for (processor, m) in all {
         for ((topic, p), lag) in m.lag.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "vitals_processor_lag_records{{processor=\"{}\",topic=\"{topic}\",partition=\"{p}\"}} {lag}", label(processor));
+            let _ = writeln!(
+                out,
+                "vitals_processor_lag_records{{processor=\"{}\",topic=\"{topic}\",partition=\"{p}\"}} {lag}",
+                label(processor)
+            );
         }
     }
     // The stage label names the processor (`processor:<name>`): one family for all of them.

@@ -94,7 +94,12 @@ pub struct Signer {
 
 impl Signer {
     pub fn new(access_key_id: &str, secret_access_key: &str, region: &str, service: &str) -> Signer {
-        Signer { access_key_id: access_key_id.into(), secret_access_key: secret_access_key.into(), region: region.into(), service: service.into() }
+        Signer {
+            access_key_id: access_key_id.into(),
+            secret_access_key: secret_access_key.into(),
+            region: region.into(),
+            service: service.into(),
+        }
     }
 
     /// The canonical request and the signed-headers list.
@@ -148,7 +153,11 @@ pub struct S3Client {
 
 impl std::fmt::Debug for S3Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Client").field("endpoint", &self.endpoint).field("bucket", &self.bucket).field("region", &self.signer.region).finish()
+        f.debug_struct("S3Client")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.signer.region)
+            .finish()
     }
 }
 
@@ -167,7 +176,12 @@ impl S3Client {
             .timeout(Duration::from_secs(300))
             .build()
             .map_err(err("building the HTTP client"))?;
-        Ok(S3Client { http, endpoint: s.endpoint.trim_end_matches('/').to_owned(), bucket: s.bucket.clone(), signer: Signer::new(&s.access_key_id, &s.secret_access_key, &s.region, "s3") })
+        Ok(S3Client {
+            http,
+            endpoint: s.endpoint.trim_end_matches('/').to_owned(),
+            bucket: s.bucket.clone(),
+            signer: Signer::new(&s.access_key_id, &s.secret_access_key, &s.region, "s3"),
+        })
     }
 
     pub fn bucket(&self) -> &str {
@@ -186,7 +200,10 @@ impl S3Client {
         let payload_hash = sha256_hex(&body);
         let amz_date = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
         let headers = [("host", host.as_str()), ("x-amz-content-sha256", payload_hash.as_str()), ("x-amz-date", amz_date.as_str())];
-        let auth = self.signer.authorization(&amz_date, &SignRequest { method: method.as_str(), encoded_path: url.path(), query: &[], headers: &headers, payload_hash: &payload_hash });
+        let auth = self.signer.authorization(
+            &amz_date,
+            &SignRequest { method: method.as_str(), encoded_path: url.path(), query: &[], headers: &headers, payload_hash: &payload_hash },
+        );
         let what = format!("{method} {path}");
         let mut req = self.http.request(method, url).header("authorization", auth);
         for (k, v) in headers {
@@ -280,7 +297,10 @@ mod tests {
     fn hmac_sha256_matches_rfc_4231() {
         // Test cases 1, 2 and 6 (a key longer than the block).
         assert_eq!(hex::encode(hmac_sha256(&[0x0b; 20], b"Hi There")), "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7");
-        assert_eq!(hex::encode(hmac_sha256(b"Jefe", b"what do ya want for nothing?")), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        assert_eq!(
+            hex::encode(hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
         assert_eq!(
             hex::encode(hmac_sha256(&[0xaa; 131], b"Test Using Larger Than Block-Size Key - Hash Key First")),
             "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
@@ -290,7 +310,8 @@ mod tests {
     /// AWS's "GET Object" example: `GET /test.txt` with `Range: bytes=0-9`.
     #[test]
     fn the_aws_get_object_example() {
-        let headers = [("Host", "examplebucket.s3.amazonaws.com"), ("Range", "bytes=0-9"), ("x-amz-content-sha256", EMPTY), ("x-amz-date", DATE)];
+        let headers =
+            [("Host", "examplebucket.s3.amazonaws.com"), ("Range", "bytes=0-9"), ("x-amz-content-sha256", EMPTY), ("x-amz-date", DATE)];
         let req = SignRequest { method: "GET", encoded_path: "/test.txt", query: &[], headers: &headers, payload_hash: EMPTY };
         let (canonical, signed) = Signer::canonical_request(&req);
         assert_eq!(
@@ -328,22 +349,41 @@ mod tests {
     #[test]
     fn the_aws_bucket_examples_with_query_strings() {
         let headers = [("Host", "examplebucket.s3.amazonaws.com"), ("x-amz-content-sha256", EMPTY), ("x-amz-date", DATE)];
-        let lifecycle = SignRequest { method: "GET", encoded_path: "/", query: &[("lifecycle", "")], headers: &headers, payload_hash: EMPTY };
-        assert_eq!(signature_of(&example().authorization(DATE, &lifecycle)), "fea454ca298b7da1c68078a5d1bdbfbbe0d65c699e0f91ac7a200a0136783543");
-        let list = SignRequest { method: "GET", encoded_path: "/", query: &[("prefix", "J"), ("max-keys", "2")], headers: &headers, payload_hash: EMPTY };
+        let lifecycle =
+            SignRequest { method: "GET", encoded_path: "/", query: &[("lifecycle", "")], headers: &headers, payload_hash: EMPTY };
+        assert_eq!(
+            signature_of(&example().authorization(DATE, &lifecycle)),
+            "fea454ca298b7da1c68078a5d1bdbfbbe0d65c699e0f91ac7a200a0136783543"
+        );
+        let list = SignRequest {
+            method: "GET",
+            encoded_path: "/",
+            query: &[("prefix", "J"), ("max-keys", "2")],
+            headers: &headers,
+            payload_hash: EMPTY,
+        };
         assert_eq!(signature_of(&example().authorization(DATE, &list)), "34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7");
     }
 
     #[test]
     fn keys_are_encoded_but_slashes_kept_in_paths() {
-        assert_eq!(uri_encode("/b/snapshots/it_1.x/rollup_day/p0/000000000001-000000000002.snap", true), "/b/snapshots/it_1.x/rollup_day/p0/000000000001-000000000002.snap");
+        assert_eq!(
+            uri_encode("/b/snapshots/it_1.x/rollup_day/p0/000000000001-000000000002.snap", true),
+            "/b/snapshots/it_1.x/rollup_day/p0/000000000001-000000000002.snap"
+        );
         assert_eq!(uri_encode("a b/ü+=", true), "a%20b/%C3%BC%2B%3D");
         assert_eq!(uri_encode("a/b", false), "a%2Fb");
     }
 
     #[test]
     fn the_secret_never_prints() {
-        let s = S3Settings { endpoint: "http://x".into(), bucket: "b".into(), region: "r".into(), access_key_id: "id".into(), secret_access_key: "hush".into() };
+        let s = S3Settings {
+            endpoint: "http://x".into(),
+            bucket: "b".into(),
+            region: "r".into(),
+            access_key_id: "id".into(),
+            secret_access_key: "hush".into(),
+        };
         assert!(!format!("{s:?}").contains("hush"));
         assert!(!format!("{:?}", S3Client::new(&s).unwrap()).contains("hush"));
     }

@@ -113,9 +113,22 @@ where
             by_topic.entry(t).or_default().push((ts, i));
         }
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!("vitals-sim-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "vitals-sim-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
-        Sim { lanes: Lanes { topics: topics(), inputs, partitions: None }, inputs: by_topic, out: Vec::new(), dir, made: 0, next_epoch: 1, stream_time_ms: 0, lost: Default::default() }
+        Sim {
+            lanes: Lanes { topics: topics(), inputs, partitions: None },
+            inputs: by_topic,
+            out: Vec::new(),
+            dir,
+            made: 0,
+            next_epoch: 1,
+            stream_time_ms: 0,
+            lost: Default::default(),
+        }
     }
 
     fn path(&mut self) -> PathBuf {
@@ -153,7 +166,15 @@ where
             .iter()
             .enumerate()
             .skip(from.max(0) as usize)
-            .map(|(o, r)| Seen { offset: o as i64, key: r.key.clone(), user: r.user.clone(), epoch: r.epoch, owner: r.owner, source: r.source.clone(), marker: r.marker })
+            .map(|(o, r)| Seen {
+                offset: o as i64,
+                key: r.key.clone(),
+                user: r.user.clone(),
+                epoch: r.epoch,
+                owner: r.owner,
+                source: r.source.clone(),
+                marker: r.marker,
+            })
             .collect()
     }
 
@@ -191,7 +212,15 @@ where
             let t = open[rng.below(open.len())].clone();
             let c = cursor[&t];
             let (ts, input) = &self.inputs[&t][c as usize];
-            msgs.push(InRecord { topic: t.clone(), offset: c, ts_ms: Some(*ts), key: None, payload: None, traceparent: None, body: InBody::Input(input.clone()) });
+            msgs.push(InRecord {
+                topic: t.clone(),
+                offset: c,
+                ts_ms: Some(*ts),
+                key: None,
+                payload: None,
+                traceparent: None,
+                body: InBody::Input(input.clone()),
+            });
             *cursor.get_mut(&t).unwrap() += 1;
         }
         let planned = o.task.plan(&mut o.processor, &self.lanes, "sim", msgs).expect("plan");
@@ -209,7 +238,19 @@ where
                 continue;
             }
             let interval = planned.interval.clone();
-            self.out.push(OutRec { key: key.clone(), user: user.clone(), epoch: planned.epoch, owner: o.task.owner, seq, source: source.clone(), marker, retraction, interval, vouches, value: value.clone() });
+            self.out.push(OutRec {
+                key: key.clone(),
+                user: user.clone(),
+                epoch: planned.epoch,
+                owner: o.task.owner,
+                seq,
+                source: source.clone(),
+                marker,
+                retraction,
+                interval,
+                vouches,
+                value: value.clone(),
+            });
         }
         if dying {
             return Ok(());
@@ -302,7 +343,14 @@ where
             }
             let belief = reader.marker("out", 0, &r.user, Some(&vitals_schemas::vouch::vouch(&r.interval, r.vouches)));
             let complete = !self.lost.contains(&(r.interval.clone(), r.user.clone()));
-            assert_eq!(belief.believed(), complete, "marker of {} at offset {offset} (attempt {}, {} rows): believed {belief:?}, rows complete {complete}", r.user, r.interval, r.vouches);
+            assert_eq!(
+                belief.believed(),
+                complete,
+                "marker of {} at offset {offset} (attempt {}, {} rows): believed {belief:?}, rows complete {complete}",
+                r.user,
+                r.interval,
+                r.vouches
+            );
         }
     }
 

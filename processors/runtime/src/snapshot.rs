@@ -138,7 +138,15 @@ pub async fn pointer(pool: &PgPool, processor: &str, partition: i32) -> Result<O
     .bind(partition)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|(epoch, seq, position, object_key, offsets, stream_time_ms, bytes)| Pointer { epoch, seq, position, object_key, offsets: offsets.0, stream_time_ms, bytes }))
+    Ok(row.map(|(epoch, seq, position, object_key, offsets, stream_time_ms, bytes)| Pointer {
+        epoch,
+        seq,
+        position,
+        object_key,
+        offsets: offsets.0,
+        stream_time_ms,
+        bytes,
+    }))
 }
 
 /// A task store rebuilt from a snapshot.
@@ -166,8 +174,17 @@ impl Snapshots {
         let key = self.object_key(processor, partition, epoch, cp.seq, pos);
         let n = bytes.len() as i64;
         self.s3.put(&key, bytes).await.map_err(|e| e.to_string())?;
-        let ptr = Pointer { epoch, seq: cp.seq, position: pos, object_key: key, offsets: cp.offsets.clone(), stream_time_ms: cp.stream_time_ms, bytes: n };
-        let published = publish(&self.pool, processor, partition, &ptr).await.map_err(|e| format!("publishing the snapshot pointer: {e}"))?;
+        let ptr = Pointer {
+            epoch,
+            seq: cp.seq,
+            position: pos,
+            object_key: key,
+            offsets: cp.offsets.clone(),
+            stream_time_ms: cp.stream_time_ms,
+            bytes: n,
+        };
+        let published =
+            publish(&self.pool, processor, partition, &ptr).await.map_err(|e| format!("publishing the snapshot pointer: {e}"))?;
         if published {
             self.metrics.taken.fetch_add(1, Ordering::Relaxed);
             info!(processor, partition, epoch, seq = cp.seq, bytes = n, ms = t0.elapsed().as_millis() as u64, key = %ptr.object_key, "snapshot taken");
@@ -189,7 +206,12 @@ impl Snapshots {
         // The takeover waits for this download (bounded by the S3 client's timeout): say so, so a
         // slow store is visible while it happens, not only once it fails.
         info!(processor, partition, epoch, object = %ptr.object_key, "fetching the published snapshot");
-        let bytes = self.s3.get(&ptr.object_key).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("snapshot object {} is missing", ptr.object_key))?;
+        let bytes = self
+            .s3
+            .get(&ptr.object_key)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("snapshot object {} is missing", ptr.object_key))?;
         let store = Store::import(path, &bytes).map_err(|e| format!("{}: {e}", ptr.object_key))?;
         let cp = match store.checkpoint() {
             Ok(cp) if cp.seq == ptr.seq && cp.offsets == ptr.offsets => cp,

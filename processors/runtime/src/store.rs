@@ -395,7 +395,15 @@ impl<'a> UserState<'a> {
 
     /// A view at stream time `stream_time_ms`.
     pub fn at(store: &'a Store, overlay: &'a mut Overlay, user: &str, stream_time_ms: i64) -> UserState<'a> {
-        UserState { store, overlay, prefix: format!("{user}{SEP}"), user: user.to_owned(), stream_time_ms, undo: Vec::new(), failed: Default::default() }
+        UserState {
+            store,
+            overlay,
+            prefix: format!("{user}{SEP}"),
+            user: user.to_owned(),
+            stream_time_ms,
+            undo: Vec::new(),
+            failed: Default::default(),
+        }
     }
 
     /// An error if any read through this view failed: what the processor did with it must not
@@ -574,7 +582,13 @@ mod tests {
             s.put("empty", Vec::new());
             s.set_timer("close", 1_000 + u);
         }
-        let cp = Checkpoint { offsets: BTreeMap::from([("hot".to_owned(), 70), ("cold".to_owned(), 5)]), seq: 1234, stream_time_ms: 42, out_next: 77, max_epoch: 3 };
+        let cp = Checkpoint {
+            offsets: BTreeMap::from([("hot".to_owned(), 70), ("cold".to_owned(), 5)]),
+            seq: 1234,
+            stream_time_ms: 42,
+            out_next: 77,
+            max_epoch: 3,
+        };
         store.commit(ov, &cp).unwrap();
         let bytes = store.export().unwrap();
         let restored = Store::import(&dir.join("b.redb"), &bytes).unwrap();

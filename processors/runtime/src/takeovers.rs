@@ -21,7 +21,11 @@ mod rollup_day {
     fn a_takeover_that_sees_a_deletion_before_its_sample_still_retracts_the_day() {
         use crate::sim::{self, Scenario, Sim};
         let s = sample("watch", SourceKind::Watch, "hr-1", "heart_rate", ms(2026, 10, 23, 12, 0), ms(2026, 10, 23, 12, 0), 61.0, "UTC");
-        let del = changes("u", vec![], vec![Deletion { source: "watch".into(), source_record_id: "hr-1".into(), metric: "heart_rate".into(), deleted_version: None }]);
+        let del = changes(
+            "u",
+            vec![],
+            vec![Deletion { source: "watch".into(), source_record_id: "hr-1".into(), metric: "heart_rate".into(), deleted_version: None }],
+        );
         let t = sim::topics();
         let records = vec![(t.cold.clone(), 1, batch("u", vec![s])), (t.change.clone(), 2, del)];
         let inputs: Vec<Input> = records.iter().map(|(_, _, i)| i.clone()).collect();
@@ -30,7 +34,10 @@ mod rollup_day {
         let mut saw_a_stale_write = false;
         for seed in 0..200u64 {
             let mut sim: Sim<RollupDayProcessor> = Sim::new(Inputs::Lanes, records.clone());
-            sim.run(|| RollupDayProcessor::new(Config::default()), &Scenario { seed, takeovers: 1, max_zombie_steps: 1, epochs_lost: false });
+            sim.run(
+                || RollupDayProcessor::new(Config::default()),
+                &Scenario { seed, takeovers: 1, max_zombie_steps: 1, epochs_lost: false },
+            );
             saw_a_stale_write |= sim.out.iter().any(|r| !r.marker && !r.retraction);
             assert_eq!(sim.fold_by_version(), BTreeMap::new(), "seed {seed}: by version");
             assert_eq!(sim.fold_as_compaction(), BTreeMap::new(), "seed {seed}: as compaction keeps it");

@@ -58,7 +58,9 @@ impl Lanes {
         let n = self.partitions?;
         match key {
             None => Some(format!("a lane record without a key: it must be keyed by its user id ({user:?})")),
-            Some(k) if k != user.as_bytes() => Some(format!("key {:?} is not the record's user {user:?}: lane records are keyed by user id", String::from_utf8_lossy(k))),
+            Some(k) if k != user.as_bytes() => {
+                Some(format!("key {:?} is not the record's user {user:?}: lane records are keyed by user id", String::from_utf8_lossy(k)))
+            }
             Some(k) => {
                 let want = vitals_schemas::topics::partition_for(k, n);
                 (want != partition).then(|| {
@@ -175,7 +177,8 @@ impl Tail {
         if s.marker || s.epoch == epoch {
             return Ok(());
         }
-        let p = self.pending.entry(s.key.clone()).or_insert_with(|| Pending { user: s.user.clone(), need: BTreeMap::new(), first: s.offset });
+        let p =
+            self.pending.entry(s.key.clone()).or_insert_with(|| Pending { user: s.user.clone(), need: BTreeMap::new(), first: s.offset });
         p.first = p.first.min(s.offset);
         for (t, o) in &s.source {
             let n = p.need.entry(t.clone()).or_insert(*o);
@@ -203,11 +206,26 @@ impl Tail {
 #[derive(Debug, Clone)]
 pub enum Out<T> {
     /// A projection record (an upsert, or a retraction: `deleted = true`), stamped `seq`.
-    Row { key: String, user: String, seq: i64, retraction: bool, value: T },
+    Row {
+        key: String,
+        user: String,
+        seq: i64,
+        retraction: bool,
+        value: T,
+    },
     /// A user's progress marker, after every row of that user in this interval; `rows` of them
     /// (what it vouches for: [`vitals_schemas::vouch`]).
-    Marker { key: String, user: String, seq: i64, rows: u64, value: T },
-    Dead { dead: DeadLetter, reason: String },
+    Marker {
+        key: String,
+        user: String,
+        seq: i64,
+        rows: u64,
+        value: T,
+    },
+    Dead {
+        dead: DeadLetter,
+        reason: String,
+    },
 }
 
 /// The outcome of planning an interval: what to produce, then what to commit.
@@ -305,7 +323,13 @@ impl Task {
     /// by lane and offset) against an overlay of the store, and plans the interval's records:
     /// rows, answers to pending keys, one progress marker per user touched, dead letters.
     /// Nothing is written: [`Task::commit`] does that once every record was acknowledged.
-    pub fn plan<P>(&mut self, processor: &mut P, lanes: &Lanes, processor_name: &str, mut msgs: Vec<InRecord>) -> Result<Planned<P::Output>, TaskError>
+    pub fn plan<P>(
+        &mut self,
+        processor: &mut P,
+        lanes: &Lanes,
+        processor_name: &str,
+        mut msgs: Vec<InRecord>,
+    ) -> Result<Planned<P::Output>, TaskError>
     where
         P: Processor,
         P::Output: Versioned + Serialize + DeserializeOwned + Clone,
@@ -337,7 +361,14 @@ impl Task {
                 cp.stream_time_ms = cp.stream_time_ms.max(ts);
             }
             // The record's processing joins its upload's trace in the logs.
-            let _span = tracing::debug_span!("record", topic = m.topic.as_str(), partition = p, offset = m.offset, traceparent = m.traceparent.as_deref()).entered();
+            let _span = tracing::debug_span!(
+                "record",
+                topic = m.topic.as_str(),
+                partition = p,
+                offset = m.offset,
+                traceparent = m.traceparent.as_deref()
+            )
+            .entered();
             let mut reject = |code: &str, reason: String| {
                 let dl = DeadLetter {
                     source_topic: m.topic.clone(),
@@ -430,7 +461,10 @@ impl Task {
             }
             let held = overlay.get(&self.store, &emitted_key(&pend.user, key))?;
             let value = match held {
-                Some(bytes) => Some(serde_json::from_slice::<P::Output>(&bytes).map_err(|e| StoreError::from_message(format!("emitted value of {key:?} does not deserialise: {e}")))?),
+                Some(bytes) => Some(
+                    serde_json::from_slice::<P::Output>(&bytes)
+                        .map_err(|e| StoreError::from_message(format!("emitted value of {key:?} does not deserialise: {e}")))?,
+                ),
                 None => None,
             };
             users.insert(pend.user.clone());
@@ -451,7 +485,9 @@ impl Task {
             // The emitted table: what this key is now, for answers after a takeover.
             let ek = emitted_key(&user, &key);
             match &value {
-                Some(v) => overlay.put(ek, serde_json::to_vec(v).map_err(|e| StoreError::from_message(format!("serialising an output: {e}")))?),
+                Some(v) => {
+                    overlay.put(ek, serde_json::to_vec(v).map_err(|e| StoreError::from_message(format!("serialising an output: {e}")))?)
+                }
                 None => overlay.remove(ek),
             }
             cp.seq += 1;
@@ -538,11 +574,25 @@ mod tests {
             version: 1,
             metadata: Default::default(),
         };
-        Input::Samples(SampleBatch { request_id: "r".into(), user_id: "u".into(), received_at_ms: at_ms, lane: Lane::Hot, samples: vec![s] })
+        Input::Samples(SampleBatch {
+            request_id: "r".into(),
+            user_id: "u".into(),
+            received_at_ms: at_ms,
+            lane: Lane::Hot,
+            samples: vec![s],
+        })
     }
 
     fn rec(topic: &str, offset: i64, input: Input) -> InRecord {
-        InRecord { topic: topic.into(), offset, ts_ms: Some(offset), key: None, payload: None, traceparent: None, body: InBody::Input(input) }
+        InRecord {
+            topic: topic.into(),
+            offset,
+            ts_ms: Some(offset),
+            key: None,
+            payload: None,
+            traceparent: None,
+            body: InBody::Input(input),
+        }
     }
 
     fn task(name: &str) -> (Task, PathBuf) {
@@ -564,7 +614,14 @@ mod tests {
         task.commit(planned).unwrap();
         // Every state entry of sample `a` becomes garbage (a torn write, a bad migration): its
         // identity and the day that holds it.
-        let keys: Vec<String> = task.store.scan("u").unwrap().into_iter().map(|(k, _)| k).filter(|k| k.ends_with("\u{1f}a") || k.contains("dheart_rate\u{1f}")).collect();
+        let keys: Vec<String> = task
+            .store
+            .scan("u")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.ends_with("\u{1f}a") || k.contains("dheart_rate\u{1f}"))
+            .collect();
         assert!(!keys.is_empty(), "found sample a's state");
         for k in &keys {
             task.store.put_raw_for_test(k, b"{not json").unwrap();
@@ -609,25 +666,61 @@ mod tests {
             let _ = std::fs::remove_dir_all(&dir);
             (Task::new(Store::open(&dir.join("t.redb")).unwrap(), home, 1, 7).unwrap(), dir)
         };
-        let keyed = |offset: i64, key: Option<&str>, at: i64| InRecord { key: key.map(|k| k.as_bytes().to_vec()), ..rec(&hot, offset, hr(&format!("s{offset}"), at, 60.0)) };
-        let planned = task.plan(&mut p, &lanes, "t", vec![keyed(0, Some("u"), NOON), keyed(1, Some("v"), NOON), keyed(2, None, NOON)]).unwrap();
-        let dead: Vec<&str> = planned.records.iter().filter_map(|r| match r { Out::Dead { dead, .. } => Some(dead.code.as_str()), _ => None }).collect();
+        let keyed = |offset: i64, key: Option<&str>, at: i64| InRecord {
+            key: key.map(|k| k.as_bytes().to_vec()),
+            ..rec(&hot, offset, hr(&format!("s{offset}"), at, 60.0))
+        };
+        let planned =
+            task.plan(&mut p, &lanes, "t", vec![keyed(0, Some("u"), NOON), keyed(1, Some("v"), NOON), keyed(2, None, NOON)]).unwrap();
+        let dead: Vec<&str> = planned
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Out::Dead { dead, .. } => Some(dead.code.as_str()),
+                _ => None,
+            })
+            .collect();
         assert_eq!(dead, ["misrouted", "misrouted"]);
         task.commit(planned).unwrap();
         // The same user's record on another partition.
         let other = (home + 1) % 6;
         let (mut wrong, dir2) = {
             let d = dir.join("other");
-            (Task::new(Store::open(&{ std::fs::create_dir_all(&d).unwrap(); d.join("t.redb") }).unwrap(), other, 1, 7).unwrap(), d)
+            (
+                Task::new(
+                    Store::open(&{
+                        std::fs::create_dir_all(&d).unwrap();
+                        d.join("t.redb")
+                    })
+                    .unwrap(),
+                    other,
+                    1,
+                    7,
+                )
+                .unwrap(),
+                d,
+            )
         };
         let planned = wrong.plan(&mut p, &lanes, "t", vec![keyed(0, Some("u"), NOON)]).unwrap();
-        assert!(matches!(&planned.records[..], [Out::Dead { dead, reason }] if dead.code == "misrouted" && reason.contains(&format!("partition {home}"))), "{:?}", planned.records.len());
+        assert!(
+            matches!(&planned.records[..], [Out::Dead { dead, reason }] if dead.code == "misrouted" && reason.contains(&format!("partition {home}"))),
+            "{:?}",
+            planned.records.len()
+        );
         let _ = std::fs::remove_dir_all(dir2);
         let _ = std::fs::remove_dir_all(dir);
     }
 
     fn seen(offset: i64, key: &str, epoch: i64, hot: i64) -> Seen {
-        Seen { offset, key: key.into(), user: "u".into(), epoch, owner: 1, source: BTreeMap::from([(lanes().topics.hot, hot)]), marker: false }
+        Seen {
+            offset,
+            key: key.into(),
+            user: "u".into(),
+            epoch,
+            owner: 1,
+            source: BTreeMap::from([(lanes().topics.hot, hot)]),
+            marker: false,
+        }
     }
 
     #[test]
@@ -640,7 +733,11 @@ mod tests {
         let k = "u|heart_rate|2026-10-24";
         task.observe(&seen(7, k, 2, 2)).unwrap();
         assert_eq!(task.observe(&seen(8, k, 4, 2)), Err(Fenced { offset: 8, theirs: 4, ours: 3 }), "a newer epoch fences");
-        assert_eq!(task.observe(&seen(8, k, 3, 2)), Err(Fenced { offset: 8, theirs: 3, ours: 3 }), "so does another owner of the same epoch");
+        assert_eq!(
+            task.observe(&seen(8, k, 3, 2)),
+            Err(Fenced { offset: 8, theirs: 3, ours: 3 }),
+            "so does another owner of the same epoch"
+        );
         task.observe(&Seen { owner: 7, ..seen(8, k, 3, 2) }).unwrap();
         assert!(!task.has_due_answers());
         let planned = task.plan(&mut p, &lanes(), "t", vec![rec(&hot, 0, hr("a", NOON, 60.0))]).unwrap();

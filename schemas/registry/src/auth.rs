@@ -116,9 +116,9 @@ pub async fn check(State(access): State<Arc<Access>>, request: Request, next: Ne
     let refused = match authenticate(&access, request.headers().get(AUTHORIZATION)) {
         Ok(Principal::Admin) => None,
         Ok(Principal::Reader(_)) if read => None,
-        Ok(Principal::Reader(user)) => Some(ApiError::Forbidden(format!(
-            "User '{user}' is denied operation Write: the read-only credential cannot {method} {path}"
-        ))),
+        Ok(Principal::Reader(user)) => {
+            Some(ApiError::Forbidden(format!("User '{user}' is denied operation Write: the read-only credential cannot {method} {path}")))
+        }
         Ok(Principal::Anonymous) if read && access.anonymous_reads => None,
         Ok(Principal::Anonymous) => Some(ApiError::Unauthorized("Unauthorized: credentials are required".to_owned())),
         Err(why) => Some(ApiError::Unauthorized(format!("Unauthorized: {why}"))),

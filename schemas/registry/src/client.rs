@@ -74,7 +74,10 @@ impl RegistryClient {
 
     fn url(&self, segments: &[&str]) -> anyhow::Result<Url> {
         let mut url = self.base.clone();
-        url.path_segments_mut().map_err(|()| anyhow::anyhow!("registry.url {} cannot have a path", self.base))?.pop_if_empty().extend(segments);
+        url.path_segments_mut()
+            .map_err(|()| anyhow::anyhow!("registry.url {} cannot have a path", self.base))?
+            .pop_if_empty()
+            .extend(segments);
         Ok(url)
     }
 

@@ -93,12 +93,7 @@ impl CompatibilityLevel {
     }
 
     fn is_transitive(self) -> bool {
-        matches!(
-            self,
-            CompatibilityLevel::BackwardTransitive
-                | CompatibilityLevel::ForwardTransitive
-                | CompatibilityLevel::FullTransitive
-        )
+        matches!(self, CompatibilityLevel::BackwardTransitive | CompatibilityLevel::ForwardTransitive | CompatibilityLevel::FullTransitive)
     }
 }
 
@@ -122,10 +117,7 @@ impl FromStr for CompatibilityLevel {
     /// Case-insensitive, as Confluent accepts `"backward"` as well as `"BACKWARD"`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let upper = s.trim().to_ascii_uppercase();
-        CompatibilityLevel::ALL
-            .into_iter()
-            .find(|level| level.as_str() == upper)
-            .ok_or_else(|| InvalidLevel(s.to_owned()))
+        CompatibilityLevel::ALL.into_iter().find(|level| level.as_str() == upper).ok_or_else(|| InvalidLevel(s.to_owned()))
     }
 }
 
@@ -158,11 +150,8 @@ pub struct ParsedSchema {
 pub fn parse(text: &str, references: &[String]) -> Result<ParsedSchema, InvalidSchema> {
     // The Avro parser is third-party code fed with request data: a panic in it must become a
     // rejected schema, not a dropped connection.
-    catch_unwind(AssertUnwindSafe(|| parse_unguarded(text, references))).unwrap_or_else(|_| {
-        Err(InvalidSchema(
-            "the Avro parser could not process this schema".to_owned(),
-        ))
-    })
+    catch_unwind(AssertUnwindSafe(|| parse_unguarded(text, references)))
+        .unwrap_or_else(|_| Err(InvalidSchema("the Avro parser could not process this schema".to_owned())))
 }
 
 fn parse_unguarded(text: &str, references: &[String]) -> Result<ParsedSchema, InvalidSchema> {
@@ -172,18 +161,13 @@ fn parse_unguarded(text: &str, references: &[String]) -> Result<ParsedSchema, In
         let normalized = to_json(&schema)?;
         (schema, normalized)
     } else {
-        let (mut schema, schemata) =
-            Schema::parse_str_with_list(text, references).map_err(invalid)?;
+        let (mut schema, schemata) = Schema::parse_str_with_list(text, references).map_err(invalid)?;
         let normalized = to_json(&schema)?;
         schema.denormalize(&schemata).map_err(invalid)?;
         (schema, normalized)
     };
     let canonical_form = schema.canonical_form();
-    Ok(ParsedSchema {
-        schema,
-        normalized,
-        canonical_form,
-    })
+    Ok(ParsedSchema { schema, normalized, canonical_form })
 }
 
 fn to_json(schema: &Schema) -> Result<String, InvalidSchema> {
@@ -228,55 +212,31 @@ pub struct Incompatibility {
 impl fmt::Display for Incompatibility {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.direction {
-            Direction::Backward => write!(
-                f,
-                "the new schema cannot read data written with the previous schema: {}",
-                self.reason
-            ),
-            Direction::Forward => write!(
-                f,
-                "the previous schema cannot read data written with the new schema: {}",
-                self.reason
-            ),
+            Direction::Backward => write!(f, "the new schema cannot read data written with the previous schema: {}", self.reason),
+            Direction::Forward => write!(f, "the previous schema cannot read data written with the new schema: {}", self.reason),
         }
     }
 }
 
 /// Checks `candidate` against `previous` (oldest first, so the last one is the latest) at
 /// `level`. Returns every failed check, newest previous schema first; empty means compatible.
-pub fn check(
-    level: CompatibilityLevel,
-    candidate: &Schema,
-    previous: &[&Schema],
-) -> Vec<Incompatibility> {
+pub fn check(level: CompatibilityLevel, candidate: &Schema, previous: &[&Schema]) -> Vec<Incompatibility> {
     let mut found = Vec::new();
     if level == CompatibilityLevel::None || previous.is_empty() {
         return found;
     }
-    let first = if level.is_transitive() {
-        0
-    } else {
-        previous.len() - 1
-    };
+    let first = if level.is_transitive() { 0 } else { previous.len() - 1 };
     let candidate = inline_named_types(candidate);
     for index in (first..previous.len()).rev() {
         let old = inline_named_types(previous[index]);
         if level.checks_backward() {
             if let Err(reason) = can_read_inlined(&old, &candidate) {
-                found.push(Incompatibility {
-                    previous_index: index,
-                    direction: Direction::Backward,
-                    reason,
-                });
+                found.push(Incompatibility { previous_index: index, direction: Direction::Backward, reason });
             }
         }
         if level.checks_forward() {
             if let Err(reason) = can_read_inlined(&candidate, &old) {
-                found.push(Incompatibility {
-                    previous_index: index,
-                    direction: Direction::Forward,
-                    reason,
-                });
+                found.push(Incompatibility { previous_index: index, direction: Direction::Forward, reason });
             }
         }
     }
@@ -289,16 +249,12 @@ pub fn can_read(writer: &Schema, reader: &Schema) -> Result<(), String> {
 }
 
 fn can_read_inlined(writer: &Schema, reader: &Schema) -> Result<(), String> {
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        SchemaCompatibility::can_read(writer, reader)
-    }));
+    let outcome = catch_unwind(AssertUnwindSafe(|| SchemaCompatibility::can_read(writer, reader)));
     match outcome {
         Ok(Ok(Compatibility::Full)) => Ok(()),
-        Ok(Ok(Compatibility::Partial)) => Err(
-            "the reader lacks an enum symbol or union branch the writer may use, so only part \
+        Ok(Ok(Compatibility::Partial)) => Err("the reader lacks an enum symbol or union branch the writer may use, so only part \
              of the written data can be read"
-                .to_owned(),
-        ),
+            .to_owned()),
         Ok(Err(e)) => Err(describe(&e)),
         Err(_) => Err("the compatibility checker failed on these schemas".to_owned()),
     }
@@ -311,10 +267,7 @@ fn describe(error: &CompatibilityError) -> String {
     let mut current: Option<&CompatibilityError> = Some(error);
     while let Some(e) = current {
         match e {
-            CompatibilityError::WrongType {
-                writer_schema_type,
-                reader_schema_type,
-            } => parts.push(format!(
+            CompatibilityError::WrongType { writer_schema_type, reader_schema_type } => parts.push(format!(
                 "Incompatible schema types! Writer schema is '{}', but reader schema is '{}'",
                 kind_of(writer_schema_type),
                 kind_of(reader_schema_type)
@@ -330,10 +283,7 @@ fn describe(error: &CompatibilityError) -> String {
 }
 
 fn kind_of(debug_dump: &str) -> &str {
-    debug_dump
-        .split(|c: char| c == '(' || c == '{' || c.is_whitespace())
-        .find(|s| !s.is_empty())
-        .unwrap_or(debug_dump)
+    debug_dump.split(|c: char| c == '(' || c == '{' || c.is_whitespace()).find(|s| !s.is_empty()).unwrap_or(debug_dump)
 }
 
 /// Upper bound on nodes produced while inlining, so a schema that reuses a big type many times
@@ -373,18 +323,11 @@ fn collect_definitions<'a>(schema: &'a Schema, definitions: &mut HashMap<&'a Nam
 
 /// `stack` holds the records being expanded: a reference to one of them is recursion and stays
 /// a reference (the checker handles it by name).
-fn inline(
-    schema: &Schema,
-    definitions: &HashMap<&Name, &Schema>,
-    stack: &mut Vec<Name>,
-    budget: &mut usize,
-) -> Option<Schema> {
+fn inline(schema: &Schema, definitions: &HashMap<&Name, &Schema>, stack: &mut Vec<Name>, budget: &mut usize) -> Option<Schema> {
     *budget = budget.checked_sub(1)?;
     Some(match schema {
         Schema::Ref { name } => match definitions.get(name) {
-            Some(definition) if !stack.contains(name) => {
-                inline(definition, definitions, stack, budget)?
-            }
+            Some(definition) if !stack.contains(name) => inline(definition, definitions, stack, budget)?,
             _ => schema.clone(),
         },
         Schema::Record(record) => {
@@ -400,16 +343,11 @@ fn inline(
             items: Box::new(inline(&array.items, definitions, stack, budget)?),
             attributes: array.attributes.clone(),
         }),
-        Schema::Map(map) => Schema::Map(MapSchema {
-            types: Box::new(inline(&map.types, definitions, stack, budget)?),
-            attributes: map.attributes.clone(),
-        }),
+        Schema::Map(map) => {
+            Schema::Map(MapSchema { types: Box::new(inline(&map.types, definitions, stack, budget)?), attributes: map.attributes.clone() })
+        }
         Schema::Union(union) => {
-            let variants = union
-                .variants()
-                .iter()
-                .map(|v| inline(v, definitions, stack, budget))
-                .collect::<Option<Vec<_>>>()?;
+            let variants = union.variants().iter().map(|v| inline(v, definitions, stack, budget)).collect::<Option<Vec<_>>>()?;
             Schema::Union(UnionSchema::new(variants).ok()?)
         }
         other => other.clone(),
@@ -435,42 +373,21 @@ mod tests {
     fn levels_parse_case_insensitively_and_reject_unknown_names() {
         for level in CompatibilityLevel::ALL {
             assert_eq!(level.as_str().parse::<CompatibilityLevel>(), Ok(level));
-            assert_eq!(
-                level.as_str().to_lowercase().parse::<CompatibilityLevel>(),
-                Ok(level)
-            );
+            assert_eq!(level.as_str().to_lowercase().parse::<CompatibilityLevel>(), Ok(level));
         }
-        assert_eq!(
-            "SIDEWAYS".parse::<CompatibilityLevel>(),
-            Err(InvalidLevel("SIDEWAYS".to_owned()))
-        );
+        assert_eq!("SIDEWAYS".parse::<CompatibilityLevel>(), Err(InvalidLevel("SIDEWAYS".to_owned())));
         assert_eq!(CompatibilityLevel::default(), CompatibilityLevel::Backward);
     }
 
     #[test]
     fn normalized_form_ignores_layout_and_name_spelling_but_not_defaults() {
-        let a = parse(
-            r#"{"type":"record","name":"vitals.R","fields":[{"name":"x","type":"int"}]}"#,
-            &[],
-        )
-        .unwrap();
-        let b = parse(
-            r#"{ "fields" : [ {"type":"int", "name":"x"} ], "namespace":"vitals", "name":"R", "type":"record" }"#,
-            &[],
-        )
-        .unwrap();
+        let a = parse(r#"{"type":"record","name":"vitals.R","fields":[{"name":"x","type":"int"}]}"#, &[]).unwrap();
+        let b = parse(r#"{ "fields" : [ {"type":"int", "name":"x"} ], "namespace":"vitals", "name":"R", "type":"record" }"#, &[]).unwrap();
         assert_eq!(a.normalized, b.normalized);
-        let with_default = parse(
-            r#"{"type":"record","name":"vitals.R","fields":[{"name":"x","type":"int","default":1}]}"#,
-            &[],
-        )
-        .unwrap();
+        let with_default = parse(r#"{"type":"record","name":"vitals.R","fields":[{"name":"x","type":"int","default":1}]}"#, &[]).unwrap();
         assert_ne!(a.normalized, with_default.normalized);
         assert_eq!(a.canonical_form, with_default.canonical_form);
-        assert_ne!(
-            fingerprint("AVRO", &a.normalized, &[]),
-            fingerprint("AVRO", &with_default.normalized, &[])
-        );
+        assert_ne!(fingerprint("AVRO", &a.normalized, &[]), fingerprint("AVRO", &with_default.normalized, &[]));
     }
 
     #[test]
@@ -490,24 +407,11 @@ mod tests {
     #[test]
     fn backward_accepts_added_field_with_default_and_rejects_one_without() {
         let v1 = schema(V1);
-        assert!(check(
-            CompatibilityLevel::Backward,
-            &schema(ADDED_WITH_DEFAULT),
-            &[&v1]
-        )
-        .is_empty());
-        let problems = check(
-            CompatibilityLevel::Backward,
-            &schema(ADDED_WITHOUT_DEFAULT),
-            &[&v1],
-        );
+        assert!(check(CompatibilityLevel::Backward, &schema(ADDED_WITH_DEFAULT), &[&v1]).is_empty());
+        let problems = check(CompatibilityLevel::Backward, &schema(ADDED_WITHOUT_DEFAULT), &[&v1]);
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].direction, Direction::Backward);
-        assert!(
-            problems[0].reason.contains("spo2"),
-            "{}",
-            problems[0].reason
-        );
+        assert!(problems[0].reason.contains("spo2"), "{}", problems[0].reason);
     }
 
     #[test]
@@ -526,29 +430,12 @@ mod tests {
     #[test]
     fn full_needs_both_directions_and_none_needs_nothing() {
         let v1 = schema(V1);
-        assert!(check(
-            CompatibilityLevel::Full,
-            &schema(ADDED_WITH_DEFAULT),
-            &[&v1]
-        )
-        .is_empty());
-        assert_eq!(
-            check(
-                CompatibilityLevel::Full,
-                &schema(ADDED_WITHOUT_DEFAULT),
-                &[&v1]
-            )
-            .len(),
-            1
-        );
+        assert!(check(CompatibilityLevel::Full, &schema(ADDED_WITH_DEFAULT), &[&v1]).is_empty());
+        assert_eq!(check(CompatibilityLevel::Full, &schema(ADDED_WITHOUT_DEFAULT), &[&v1]).len(), 1);
         assert!(check(CompatibilityLevel::None, &schema(r#""string""#), &[&v1]).is_empty());
         let problems = check(CompatibilityLevel::Full, &schema(r#""string""#), &[&v1]);
         assert_eq!(problems.len(), 2);
-        assert!(
-            problems[0].reason.contains("'Record'"),
-            "{}",
-            problems[0].reason
-        );
+        assert!(problems[0].reason.contains("'Record'"), "{}", problems[0].reason);
     }
 
     #[test]
@@ -567,10 +454,7 @@ mod tests {
         let problems = check(CompatibilityLevel::ForwardTransitive, &v1, &[&v3, &v2]);
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].previous_index, 0);
-        assert_eq!(
-            check(CompatibilityLevel::FullTransitive, &v1, &[&v3, &v2]).len(),
-            1
-        );
+        assert_eq!(check(CompatibilityLevel::FullTransitive, &v1, &[&v3, &v2]).len(), 1);
     }
 
     #[test]
@@ -579,8 +463,7 @@ mod tests {
         let enum_ab = schema(r#"{"type":"enum","name":"Unit","symbols":["A","B"]}"#);
         assert!(can_read(&enum_ab, &enum_abc).is_ok());
         assert!(can_read(&enum_abc, &enum_ab).is_err());
-        let with_default =
-            schema(r#"{"type":"enum","name":"Unit","symbols":["A","B"],"default":"A"}"#);
+        let with_default = schema(r#"{"type":"enum","name":"Unit","symbols":["A","B"],"default":"A"}"#);
         assert!(can_read(&enum_abc, &with_default).is_ok());
 
         let wide = schema(r#"["null","int","string"]"#);
@@ -622,25 +505,14 @@ mod tests {
 
     #[test]
     fn references_are_resolved_and_kept_out_of_the_identity() {
-        let unit =
-            r#"{"type":"enum","name":"Unit","namespace":"vitals","symbols":["BPM"]}"#.to_owned();
+        let unit = r#"{"type":"enum","name":"Unit","namespace":"vitals","symbols":["BPM"]}"#.to_owned();
         let text = r#"{"type":"record","name":"M","namespace":"vitals","fields":[{"name":"u","type":"vitals.Unit"}]}"#;
         let parsed = parse(text, &[unit]).unwrap();
         assert!(parsed.normalized.contains("\"vitals.Unit\""));
         assert!(parsed.canonical_form.contains("\"symbols\""));
         assert!(parse(text, &[]).is_err());
-        let reference = SchemaReference {
-            name: "vitals.Unit".into(),
-            subject: "unit".into(),
-            version: 1,
-        };
-        let other = SchemaReference {
-            version: 2,
-            ..reference.clone()
-        };
-        assert_ne!(
-            fingerprint("AVRO", &parsed.normalized, &[reference]),
-            fingerprint("AVRO", &parsed.normalized, &[other])
-        );
+        let reference = SchemaReference { name: "vitals.Unit".into(), subject: "unit".into(), version: 1 };
+        let other = SchemaReference { version: 2, ..reference.clone() };
+        assert_ne!(fingerprint("AVRO", &parsed.normalized, &[reference]), fingerprint("AVRO", &parsed.normalized, &[other]));
     }
 }

@@ -23,9 +23,7 @@ pub enum ApiError {
     SubjectSoftDeleted(String),
     #[error("Subject '{0}' was not deleted first before being permanently deleted")]
     SubjectNotSoftDeleted(String),
-    #[error(
-        "Subject '{0}' Version {1} was soft deleted. Set permanent=true to delete permanently"
-    )]
+    #[error("Subject '{0}' Version {1} was soft deleted. Set permanent=true to delete permanently")]
     VersionSoftDeleted(String, i32),
     #[error("Subject '{0}' Version {1} was not deleted first before being permanently deleted")]
     VersionNotSoftDeleted(String, i32),
@@ -106,10 +104,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         let code = self.error_code();
         let http = if code >= 1000 { code / 100 } else { code };
-        u16::try_from(http)
-            .ok()
-            .and_then(|c| StatusCode::from_u16(c).ok())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        u16::try_from(http).ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 }
 
@@ -120,10 +115,7 @@ impl IntoResponse for ApiError {
             ApiError::Internal(message) => tracing::error!(%message, "registry internal error"),
             _ => {}
         }
-        let mut response = sr_json(
-            self.status(),
-            &json!({ "error_code": self.error_code(), "message": self.to_string() }),
-        );
+        let mut response = sr_json(self.status(), &json!({ "error_code": self.error_code(), "message": self.to_string() }));
         if matches!(self, ApiError::Unauthorized(_)) {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

@@ -41,42 +41,14 @@ pub fn routes(pool: PgPool) -> Router {
         .route("/schemas/ids/{id}/versions", get(versions_of_id))
         .route("/subjects", get(list_subjects))
         .route("/subjects/{subject}", post(lookup).delete(delete_subject))
-        .route(
-            "/subjects/{subject}/versions",
-            get(list_versions).post(register),
-        )
-        .route(
-            "/subjects/{subject}/versions/{version}",
-            get(get_version).delete(delete_version),
-        )
-        .route(
-            "/subjects/{subject}/versions/{version}/schema",
-            get(get_version_schema),
-        )
-        .route(
-            "/subjects/{subject}/versions/{version}/referencedby",
-            get(referenced_by),
-        )
-        .route(
-            "/compatibility/subjects/{subject}/versions",
-            post(check_against_all),
-        )
-        .route(
-            "/compatibility/subjects/{subject}/versions/{version}",
-            post(check_against_version),
-        )
-        .route(
-            "/config",
-            get(get_global_config)
-                .put(put_global_config)
-                .delete(delete_global_config),
-        )
-        .route(
-            "/config/{subject}",
-            get(get_subject_config)
-                .put(put_subject_config)
-                .delete(delete_subject_config),
-        )
+        .route("/subjects/{subject}/versions", get(list_versions).post(register))
+        .route("/subjects/{subject}/versions/{version}", get(get_version).delete(delete_version))
+        .route("/subjects/{subject}/versions/{version}/schema", get(get_version_schema))
+        .route("/subjects/{subject}/versions/{version}/referencedby", get(referenced_by))
+        .route("/compatibility/subjects/{subject}/versions", post(check_against_all))
+        .route("/compatibility/subjects/{subject}/versions/{version}", post(check_against_version))
+        .route("/config", get(get_global_config).put(put_global_config).delete(delete_global_config))
+        .route("/config/{subject}", get(get_subject_config).put(put_subject_config).delete(delete_subject_config))
         .route("/mode", get(mode))
         .route("/mode/{subject}", get(mode))
         .route("/contexts", get(contexts))
@@ -109,10 +81,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|Path(value)| P(value))
-            .map_err(|e| ApiError::BadRequest(e.body_text()))
+        Path::<T>::from_request_parts(parts, state).await.map(|Path(value)| P(value)).map_err(|e| ApiError::BadRequest(e.body_text()))
     }
 }
 
@@ -123,16 +92,11 @@ struct Params(Vec<(String, String)>);
 
 impl Params {
     fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .rev()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.as_str())
+        self.0.iter().rev().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
     }
 
     fn flag(&self, name: &str) -> bool {
-        self.get(name)
-            .is_some_and(|value| value.trim().eq_ignore_ascii_case("true"))
+        self.get(name).is_some_and(|value| value.trim().eq_ignore_ascii_case("true"))
     }
 
     fn filter(&self) -> Filter {
@@ -150,22 +114,14 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
-            .map(|Query(pairs)| Params(pairs))
-            .unwrap_or_default())
+        Ok(Query::<Vec<(String, String)>>::try_from_uri(&parts.uri).map(|Query(pairs)| Params(pairs)).unwrap_or_default())
     }
 }
 
 fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, ApiError> {
     if let Some(value) = headers.get(CONTENT_TYPE) {
-        let essence = value
-            .to_str()
-            .map_err(|_| ApiError::UnsupportedMediaType)?
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
+        let essence =
+            value.to_str().map_err(|_| ApiError::UnsupportedMediaType)?.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
         let accepted = matches!(
             essence.as_str(),
             "" | "application/vnd.schemaregistry.v1+json"
@@ -178,9 +134,7 @@ fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T,
         }
     }
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::Unprocessable(
-            "The request body must not be empty".to_owned(),
-        ));
+        return Err(ApiError::Unprocessable("The request body must not be empty".to_owned()));
     }
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
@@ -205,19 +159,11 @@ impl TryFrom<SchemaRequest> for Candidate {
     fn try_from(request: SchemaRequest) -> Result<Self, ApiError> {
         if let Some(kind) = request.schema_type.as_deref() {
             if !kind.eq_ignore_ascii_case("AVRO") {
-                return Err(ApiError::InvalidSchema(format!(
-                    "Invalid schema type {kind}: this registry supports AVRO only"
-                )));
+                return Err(ApiError::InvalidSchema(format!("Invalid schema type {kind}: this registry supports AVRO only")));
             }
         }
-        let text = request
-            .schema
-            .filter(|s| !s.trim().is_empty())
-            .ok_or_else(|| ApiError::InvalidSchema("Empty schema".to_owned()))?;
-        Ok(Candidate {
-            text,
-            references: request.references.unwrap_or_default(),
-        })
+        let text = request.schema.filter(|s| !s.trim().is_empty()).ok_or_else(|| ApiError::InvalidSchema("Empty schema".to_owned()))?;
+        Ok(Candidate { text, references: request.references.unwrap_or_default() })
     }
 }
 
@@ -226,13 +172,9 @@ fn candidate(headers: &HeaderMap, body: &[u8]) -> Result<Candidate, ApiError> {
 }
 
 /// Parses a candidate with its references resolved; returns it with its identity fingerprint.
-async fn prepare(
-    conn: &mut PgConnection,
-    candidate: &Candidate,
-) -> Result<(ParsedSchema, String), ApiError> {
+async fn prepare(conn: &mut PgConnection, candidate: &Candidate) -> Result<(ParsedSchema, String), ApiError> {
     let texts = store::resolve_reference_texts(conn, &candidate.references).await?;
-    let parsed = compat::parse(&candidate.text, &texts)
-        .map_err(|e| ApiError::InvalidSchema(e.to_string()))?;
+    let parsed = compat::parse(&candidate.text, &texts).map_err(|e| ApiError::InvalidSchema(e.to_string()))?;
     let fingerprint = compat::fingerprint("AVRO", &parsed.normalized, &candidate.references);
     Ok((parsed, fingerprint))
 }
@@ -244,17 +186,13 @@ fn parse_version(raw: &str) -> Result<VersionSpec, ApiError> {
     }
     match trimmed.parse::<i64>() {
         Ok(-1) => Ok(VersionSpec::Latest),
-        Ok(n) if n >= 1 => i32::try_from(n)
-            .map(VersionSpec::Number)
-            .map_err(|_| ApiError::InvalidVersion(raw.to_owned())),
+        Ok(n) if n >= 1 => i32::try_from(n).map(VersionSpec::Number).map_err(|_| ApiError::InvalidVersion(raw.to_owned())),
         _ => Err(ApiError::InvalidVersion(raw.to_owned())),
     }
 }
 
 fn parse_id(raw: &str) -> Result<i32, ApiError> {
-    raw.trim()
-        .parse::<i32>()
-        .map_err(|_| ApiError::SchemaNotFound(raw.to_owned()))
+    raw.trim().parse::<i32>().map_err(|_| ApiError::SchemaNotFound(raw.to_owned()))
 }
 
 /// Confluent rejects subjects with control characters (42208).
@@ -339,9 +277,7 @@ async fn contexts() -> ApiResult {
 async fn schema_by_id(State(st): State<AppState>, P(id): P<String>) -> ApiResult {
     let mut conn = st.pool.acquire().await?;
     let id = parse_id(&id)?;
-    let schema = store::schema_by_id(&mut conn, id)
-        .await?
-        .ok_or_else(|| ApiError::SchemaNotFound(id.to_string()))?;
+    let schema = store::schema_by_id(&mut conn, id).await?.ok_or_else(|| ApiError::SchemaNotFound(id.to_string()))?;
     let references = store::references_of(&mut conn, id).await?;
     let mut body = json!({ "schema": schema.text });
     if let Some(kind) = schema_type_field(&schema.schema_type) {
@@ -356,9 +292,7 @@ async fn schema_by_id(State(st): State<AppState>, P(id): P<String>) -> ApiResult
 async fn raw_schema_by_id(State(st): State<AppState>, P(id): P<String>) -> ApiResult {
     let mut conn = st.pool.acquire().await?;
     let id = parse_id(&id)?;
-    let schema = store::schema_by_id(&mut conn, id)
-        .await?
-        .ok_or_else(|| ApiError::SchemaNotFound(id.to_string()))?;
+    let schema = store::schema_by_id(&mut conn, id).await?.ok_or_else(|| ApiError::SchemaNotFound(id.to_string()))?;
     Ok(raw_schema(schema.text))
 }
 
@@ -366,11 +300,7 @@ fn raw_schema(text: String) -> Response {
     (StatusCode::OK, [(CONTENT_TYPE, SR_CONTENT_TYPE)], text).into_response()
 }
 
-async fn usages_of_id(
-    st: &AppState,
-    id: &str,
-    params: &Params,
-) -> Result<Vec<(String, i32)>, ApiError> {
+async fn usages_of_id(st: &AppState, id: &str, params: &Params) -> Result<Vec<(String, i32)>, ApiError> {
     let mut conn = st.pool.acquire().await?;
     let id = parse_id(id)?;
     if store::schema_by_id(&mut conn, id).await?.is_none() {
@@ -380,11 +310,7 @@ async fn usages_of_id(
 }
 
 async fn subjects_of_id(State(st): State<AppState>, P(id): P<String>, params: Params) -> ApiResult {
-    let mut subjects: Vec<String> = usages_of_id(&st, &id, &params)
-        .await?
-        .into_iter()
-        .map(|(subject, _)| subject)
-        .collect();
+    let mut subjects: Vec<String> = usages_of_id(&st, &id, &params).await?.into_iter().map(|(subject, _)| subject).collect();
     subjects.dedup();
     ok(&subjects)
 }
@@ -407,48 +333,31 @@ async fn list_subjects(State(st): State<AppState>, params: Params) -> ApiResult 
     ok(&subjects)
 }
 
-async fn list_versions(
-    State(st): State<AppState>,
-    P(subject): P<String>,
-    params: Params,
-) -> ApiResult {
+async fn list_versions(State(st): State<AppState>, P(subject): P<String>, params: Params) -> ApiResult {
     let mut conn = st.pool.acquire().await?;
     let filter = params.filter();
     let versions = store::list_versions(&mut conn, &subject, filter).await?;
-    if versions.is_empty()
-        && !store::subject_exists(&mut conn, &subject, filter != Filter::Live).await?
-    {
+    if versions.is_empty() && !store::subject_exists(&mut conn, &subject, filter != Filter::Live).await? {
         return Err(ApiError::SubjectNotFound(subject));
     }
     ok(&versions)
 }
 
-async fn get_version(
-    State(st): State<AppState>,
-    P((subject, version)): P<(String, String)>,
-    params: Params,
-) -> ApiResult {
+async fn get_version(State(st): State<AppState>, P((subject, version)): P<(String, String)>, params: Params) -> ApiResult {
     let spec = parse_version(&version)?;
     let mut conn = st.pool.acquire().await?;
     let found = find_version(&mut conn, &subject, spec, params.flag("deleted")).await?;
     version_body(&mut conn, &found).await
 }
 
-async fn get_version_schema(
-    State(st): State<AppState>,
-    P((subject, version)): P<(String, String)>,
-    params: Params,
-) -> ApiResult {
+async fn get_version_schema(State(st): State<AppState>, P((subject, version)): P<(String, String)>, params: Params) -> ApiResult {
     let spec = parse_version(&version)?;
     let mut conn = st.pool.acquire().await?;
     let found = find_version(&mut conn, &subject, spec, params.flag("deleted")).await?;
     Ok(raw_schema(found.schema.text))
 }
 
-async fn referenced_by(
-    State(st): State<AppState>,
-    P((subject, version)): P<(String, String)>,
-) -> ApiResult {
+async fn referenced_by(State(st): State<AppState>, P((subject, version)): P<(String, String)>) -> ApiResult {
     let spec = parse_version(&version)?;
     let mut conn = st.pool.acquire().await?;
     let found = find_version(&mut conn, &subject, spec, true).await?;
@@ -457,12 +366,7 @@ async fn referenced_by(
 
 /// Registers a schema under a subject: the existing id if the subject already has it live,
 /// else a new version after the compatibility check, all under the subject's lock.
-async fn register(
-    State(st): State<AppState>,
-    P(subject): P<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
+async fn register(State(st): State<AppState>, P(subject): P<String>, headers: HeaderMap, body: Bytes) -> ApiResult {
     validate_subject(&subject)?;
     let candidate = candidate(&headers, &body)?;
     let mut tx = st.pool.begin().await?;
@@ -484,14 +388,7 @@ async fn register(
             )));
         }
     }
-    let id = store::upsert_schema(
-        &mut tx,
-        &fingerprint,
-        &parsed,
-        &candidate.text,
-        &candidate.references,
-    )
-    .await?;
+    let id = store::upsert_schema(&mut tx, &fingerprint, &parsed, &candidate.text, &candidate.references).await?;
     let version = store::insert_version(&mut tx, &subject, id).await?;
     tx.commit().await?;
     tracing::info!(%subject, version, id, "registered schema");
@@ -514,9 +411,7 @@ async fn incompatibilities(
     Ok(compat::check(level, &parsed.schema, &history_refs)
         .into_iter()
         .map(|problem| {
-            let version = previous
-                .get(problem.previous_index)
-                .map_or(0, |v| v.version);
+            let version = previous.get(problem.previous_index).map_or(0, |v| v.version);
             let direction = match problem.direction {
                 Direction::Backward => "the new schema cannot read data written with",
                 Direction::Forward => "data written with the new schema cannot be read by",
@@ -530,33 +425,20 @@ async fn incompatibilities(
         .collect())
 }
 
-async fn lookup(
-    State(st): State<AppState>,
-    P(subject): P<String>,
-    params: Params,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
+async fn lookup(State(st): State<AppState>, P(subject): P<String>, params: Params, headers: HeaderMap, body: Bytes) -> ApiResult {
     let candidate = candidate(&headers, &body)?;
     let include_deleted = params.flag("deleted");
     let mut conn = st.pool.acquire().await?;
     let (_, fingerprint) = prepare(&mut conn, &candidate).await?;
     match store::find_in_subject(&mut conn, &subject, &fingerprint, include_deleted).await? {
         Some(found) => version_body(&mut conn, &found).await,
-        None if store::subject_exists(&mut conn, &subject, include_deleted).await? => {
-            Err(ApiError::SchemaNotInSubject)
-        }
+        None if store::subject_exists(&mut conn, &subject, include_deleted).await? => Err(ApiError::SchemaNotInSubject),
         None => Err(ApiError::SubjectNotFound(subject)),
     }
 }
 
 /// Refuses to delete versions that live schemas (or, for a hard delete, any schema) reference.
-async fn ensure_unreferenced(
-    conn: &mut PgConnection,
-    subject: &str,
-    versions: &[i32],
-    permanent: bool,
-) -> Result<(), ApiError> {
+async fn ensure_unreferenced(conn: &mut PgConnection, subject: &str, versions: &[i32], permanent: bool) -> Result<(), ApiError> {
     let referrers = store::referrers(conn, subject, versions, permanent).await?;
     if referrers.is_empty() {
         return Ok(());
@@ -568,11 +450,7 @@ async fn ensure_unreferenced(
 }
 
 /// Soft delete (hides the versions, drops the subject's config) or, after that, a permanent one.
-async fn delete_subject(
-    State(st): State<AppState>,
-    P(subject): P<String>,
-    params: Params,
-) -> ApiResult {
+async fn delete_subject(State(st): State<AppState>, P(subject): P<String>, params: Params) -> ApiResult {
     let permanent = params.flag("permanent");
     let mut tx = st.pool.begin().await?;
     store::lock_subject(&mut tx, &subject).await?;
@@ -580,11 +458,7 @@ async fn delete_subject(
     if all.is_empty() {
         return Err(ApiError::SubjectNotFound(subject));
     }
-    let live: Vec<i32> = all
-        .iter()
-        .filter(|v| !v.deleted)
-        .map(|v| v.version)
-        .collect();
+    let live: Vec<i32> = all.iter().filter(|v| !v.deleted).map(|v| v.version).collect();
     let deleted_versions = if permanent {
         if !live.is_empty() {
             return Err(ApiError::SubjectNotSoftDeleted(subject));
@@ -607,11 +481,7 @@ async fn delete_subject(
     ok(&deleted_versions)
 }
 
-async fn delete_version(
-    State(st): State<AppState>,
-    P((subject, version)): P<(String, String)>,
-    params: Params,
-) -> ApiResult {
+async fn delete_version(State(st): State<AppState>, P((subject, version)): P<(String, String)>, params: Params) -> ApiResult {
     let spec = parse_version(&version)?;
     let permanent = params.flag("permanent");
     let mut tx = st.pool.begin().await?;
@@ -672,14 +542,7 @@ async fn check_against_all(
     let candidate = candidate(&headers, &body);
     let mut conn = st.pool.acquire().await?;
     let previous = store::versions(&mut conn, &subject, false).await?;
-    compatibility_answer(
-        &mut conn,
-        &subject,
-        candidate,
-        &previous,
-        params.flag("verbose"),
-    )
-    .await
+    compatibility_answer(&mut conn, &subject, candidate, &previous, params.flag("verbose")).await
 }
 
 /// Against one version, at the subject's level; `latest` of an unknown subject is compatible.
@@ -694,20 +557,10 @@ async fn check_against_version(
     let candidate = candidate(&headers, &body);
     let mut conn = st.pool.acquire().await?;
     let previous = match spec {
-        VersionSpec::Latest => store::version(&mut conn, &subject, spec, false)
-            .await?
-            .into_iter()
-            .collect(),
+        VersionSpec::Latest => store::version(&mut conn, &subject, spec, false).await?.into_iter().collect(),
         VersionSpec::Number(_) => vec![find_version(&mut conn, &subject, spec, false).await?],
     };
-    compatibility_answer(
-        &mut conn,
-        &subject,
-        candidate,
-        &previous,
-        params.flag("verbose"),
-    )
-    .await
+    compatibility_answer(&mut conn, &subject, candidate, &previous, params.flag("verbose")).await
 }
 
 #[derive(Deserialize)]
@@ -727,11 +580,7 @@ async fn get_global_config(State(st): State<AppState>) -> ApiResult {
     ok(&json!({ "compatibilityLevel": level.as_str() }))
 }
 
-async fn put_global_config(
-    State(st): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
+async fn put_global_config(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult {
     let level = requested_level(&headers, &body)?;
     let mut conn = st.pool.acquire().await?;
     store::set_level(&mut conn, None, level).await?;
@@ -746,11 +595,7 @@ async fn delete_global_config(State(st): State<AppState>) -> ApiResult {
     ok(&json!({ "compatibilityLevel": previous.as_str() }))
 }
 
-async fn get_subject_config(
-    State(st): State<AppState>,
-    P(subject): P<String>,
-    params: Params,
-) -> ApiResult {
+async fn get_subject_config(State(st): State<AppState>, P(subject): P<String>, params: Params) -> ApiResult {
     let mut conn = st.pool.acquire().await?;
     let level = match store::subject_level(&mut conn, &subject).await? {
         Some(level) => level,
@@ -760,12 +605,7 @@ async fn get_subject_config(
     ok(&json!({ "compatibilityLevel": level.as_str() }))
 }
 
-async fn put_subject_config(
-    State(st): State<AppState>,
-    P(subject): P<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
+async fn put_subject_config(State(st): State<AppState>, P(subject): P<String>, headers: HeaderMap, body: Bytes) -> ApiResult {
     validate_subject(&subject)?;
     let level = requested_level(&headers, &body)?;
     let mut tx = st.pool.begin().await?;

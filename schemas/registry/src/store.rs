@@ -64,49 +64,24 @@ type VersionRow = (String, i32, bool, i32, String, String);
 
 fn subject_version(row: VersionRow) -> SubjectVersion {
     let (subject, version, deleted, id, schema_type, text) = row;
-    SubjectVersion {
-        subject,
-        version,
-        deleted,
-        schema: StoredSchema {
-            id,
-            schema_type,
-            text,
-        },
-    }
+    SubjectVersion { subject, version, deleted, schema: StoredSchema { id, schema_type, text } }
 }
 
-const VERSION_COLUMNS: &str =
-    "v.subject, v.version, v.deleted, s.id, s.schema_type, s.schema_text \
+const VERSION_COLUMNS: &str = "v.subject, v.version, v.deleted, s.id, s.schema_type, s.schema_text \
      FROM registry_subject_versions v JOIN registry_schemas s ON s.id = v.schema_id";
 
 pub async fn lock_subject(conn: &mut PgConnection, subject: &str) -> Result<(), ApiError> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-        .bind(SUBJECT_LOCK_CLASS)
-        .bind(subject)
-        .execute(conn)
-        .await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))").bind(SUBJECT_LOCK_CLASS).bind(subject).execute(conn).await?;
     Ok(())
 }
 
 async fn lock_schema_rows(conn: &mut PgConnection, exclusive: bool) -> Result<(), ApiError> {
-    let sql = if exclusive {
-        "SELECT pg_advisory_xact_lock($1, 0)"
-    } else {
-        "SELECT pg_advisory_xact_lock_shared($1, 0)"
-    };
-    sqlx::query(sql)
-        .bind(SCHEMA_ROWS_LOCK_CLASS)
-        .execute(conn)
-        .await?;
+    let sql = if exclusive { "SELECT pg_advisory_xact_lock($1, 0)" } else { "SELECT pg_advisory_xact_lock_shared($1, 0)" };
+    sqlx::query(sql).bind(SCHEMA_ROWS_LOCK_CLASS).execute(conn).await?;
     Ok(())
 }
 
-pub async fn subject_exists(
-    conn: &mut PgConnection,
-    subject: &str,
-    include_deleted: bool,
-) -> Result<bool, ApiError> {
+pub async fn subject_exists(conn: &mut PgConnection, subject: &str, include_deleted: bool) -> Result<bool, ApiError> {
     let exists: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM registry_subject_versions \
          WHERE subject = $1 AND ($2 OR NOT deleted))",
@@ -118,10 +93,7 @@ pub async fn subject_exists(
     Ok(exists)
 }
 
-pub async fn list_subjects(
-    conn: &mut PgConnection,
-    filter: Filter,
-) -> Result<Vec<String>, ApiError> {
+pub async fn list_subjects(conn: &mut PgConnection, filter: Filter) -> Result<Vec<String>, ApiError> {
     let having = match filter {
         Filter::Live => "bool_or(NOT deleted)",
         Filter::IncludeDeleted => "true",
@@ -134,11 +106,7 @@ pub async fn list_subjects(
     Ok(sqlx::query_scalar(&sql).fetch_all(conn).await?)
 }
 
-pub async fn list_versions(
-    conn: &mut PgConnection,
-    subject: &str,
-    filter: Filter,
-) -> Result<Vec<i32>, ApiError> {
+pub async fn list_versions(conn: &mut PgConnection, subject: &str, filter: Filter) -> Result<Vec<i32>, ApiError> {
     let condition = match filter {
         Filter::Live => "NOT deleted",
         Filter::IncludeDeleted => "true",
@@ -148,10 +116,7 @@ pub async fn list_versions(
         "SELECT version FROM registry_subject_versions WHERE subject = $1 AND {condition} \
          ORDER BY version"
     );
-    Ok(sqlx::query_scalar(&sql)
-        .bind(subject)
-        .fetch_all(conn)
-        .await?)
+    Ok(sqlx::query_scalar(&sql).bind(subject).fetch_all(conn).await?)
 }
 
 /// One version of a subject; `Latest` is the highest version matching `include_deleted`.
@@ -169,30 +134,17 @@ pub async fn version(
         VersionSpec::Latest => None,
         VersionSpec::Number(n) => Some(n),
     };
-    let row: Option<VersionRow> = sqlx::query_as(&sql)
-        .bind(subject)
-        .bind(include_deleted)
-        .bind(number)
-        .fetch_optional(conn)
-        .await?;
+    let row: Option<VersionRow> = sqlx::query_as(&sql).bind(subject).bind(include_deleted).bind(number).fetch_optional(conn).await?;
     Ok(row.map(subject_version))
 }
 
 /// All versions of a subject in version order.
-pub async fn versions(
-    conn: &mut PgConnection,
-    subject: &str,
-    include_deleted: bool,
-) -> Result<Vec<SubjectVersion>, ApiError> {
+pub async fn versions(conn: &mut PgConnection, subject: &str, include_deleted: bool) -> Result<Vec<SubjectVersion>, ApiError> {
     let sql = format!(
         "SELECT {VERSION_COLUMNS} WHERE v.subject = $1 AND ($2 OR NOT v.deleted) \
          ORDER BY v.version"
     );
-    let rows: Vec<VersionRow> = sqlx::query_as(&sql)
-        .bind(subject)
-        .bind(include_deleted)
-        .fetch_all(conn)
-        .await?;
+    let rows: Vec<VersionRow> = sqlx::query_as(&sql).bind(subject).bind(include_deleted).fetch_all(conn).await?;
     Ok(rows.into_iter().map(subject_version).collect())
 }
 
@@ -207,37 +159,18 @@ pub async fn find_in_subject(
         "SELECT {VERSION_COLUMNS} WHERE v.subject = $1 AND s.fingerprint = $2 \
          AND ($3 OR NOT v.deleted) ORDER BY v.deleted, v.version DESC LIMIT 1"
     );
-    let row: Option<VersionRow> = sqlx::query_as(&sql)
-        .bind(subject)
-        .bind(fingerprint)
-        .bind(include_deleted)
-        .fetch_optional(conn)
-        .await?;
+    let row: Option<VersionRow> = sqlx::query_as(&sql).bind(subject).bind(fingerprint).bind(include_deleted).fetch_optional(conn).await?;
     Ok(row.map(subject_version))
 }
 
-pub async fn schema_by_id(
-    conn: &mut PgConnection,
-    id: i32,
-) -> Result<Option<StoredSchema>, ApiError> {
+pub async fn schema_by_id(conn: &mut PgConnection, id: i32) -> Result<Option<StoredSchema>, ApiError> {
     let row: Option<(i32, String, String)> =
-        sqlx::query_as("SELECT id, schema_type, schema_text FROM registry_schemas WHERE id = $1")
-            .bind(id)
-            .fetch_optional(conn)
-            .await?;
-    Ok(row.map(|(id, schema_type, text)| StoredSchema {
-        id,
-        schema_type,
-        text,
-    }))
+        sqlx::query_as("SELECT id, schema_type, schema_text FROM registry_schemas WHERE id = $1").bind(id).fetch_optional(conn).await?;
+    Ok(row.map(|(id, schema_type, text)| StoredSchema { id, schema_type, text }))
 }
 
 /// The (subject, version) pairs that use a schema id.
-pub async fn usages(
-    conn: &mut PgConnection,
-    schema_id: i32,
-    include_deleted: bool,
-) -> Result<Vec<(String, i32)>, ApiError> {
+pub async fn usages(conn: &mut PgConnection, schema_id: i32, include_deleted: bool) -> Result<Vec<(String, i32)>, ApiError> {
     Ok(sqlx::query_as(
         "SELECT subject, version FROM registry_subject_versions \
          WHERE schema_id = $1 AND ($2 OR NOT deleted) ORDER BY subject, version",
@@ -248,10 +181,7 @@ pub async fn usages(
     .await?)
 }
 
-pub async fn references_of(
-    conn: &mut PgConnection,
-    schema_id: i32,
-) -> Result<Vec<SchemaReference>, ApiError> {
+pub async fn references_of(conn: &mut PgConnection, schema_id: i32) -> Result<Vec<SchemaReference>, ApiError> {
     let rows: Vec<(String, String, i32)> = sqlx::query_as(
         "SELECT name, subject, version FROM registry_schema_references \
          WHERE schema_id = $1 ORDER BY position",
@@ -259,22 +189,12 @@ pub async fn references_of(
     .bind(schema_id)
     .fetch_all(conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(name, subject, version)| SchemaReference {
-            name,
-            subject,
-            version,
-        })
-        .collect())
+    Ok(rows.into_iter().map(|(name, subject, version)| SchemaReference { name, subject, version }).collect())
 }
 
 /// The schema texts that `references` stand for, transitively. A reference to a version that
 /// does not exist is an invalid schema (42201), as in Confluent.
-pub async fn resolve_reference_texts(
-    conn: &mut PgConnection,
-    references: &[SchemaReference],
-) -> Result<Vec<String>, ApiError> {
+pub async fn resolve_reference_texts(conn: &mut PgConnection, references: &[SchemaReference]) -> Result<Vec<String>, ApiError> {
     let mut texts = Vec::new();
     let mut seen = HashSet::new();
     let mut pending: Vec<SchemaReference> = references.iter().rev().cloned().collect();
@@ -283,17 +203,9 @@ pub async fn resolve_reference_texts(
             continue;
         }
         if seen.len() > MAX_REFERENCES {
-            return Err(ApiError::InvalidSchema(format!(
-                "Invalid schema: more than {MAX_REFERENCES} transitive references"
-            )));
+            return Err(ApiError::InvalidSchema(format!("Invalid schema: more than {MAX_REFERENCES} transitive references")));
         }
-        let target = version(
-            conn,
-            &reference.subject,
-            VersionSpec::Number(reference.version),
-            true,
-        )
-        .await?;
+        let target = version(conn, &reference.subject, VersionSpec::Number(reference.version), true).await?;
         let Some(target) = target else {
             return Err(ApiError::InvalidSchema(format!(
                 "Invalid schema: reference '{}' to subject '{}' version {} not found",
@@ -308,23 +220,13 @@ pub async fn resolve_reference_texts(
 }
 
 /// Parses a schema that is already stored (with its references).
-pub async fn parse_stored(
-    conn: &mut PgConnection,
-    schema: &StoredSchema,
-) -> Result<ParsedSchema, ApiError> {
+pub async fn parse_stored(conn: &mut PgConnection, schema: &StoredSchema) -> Result<ParsedSchema, ApiError> {
     let references = references_of(conn, schema.id).await?;
-    let texts = resolve_reference_texts(conn, &references)
-        .await
-        .map_err(|e| match e {
-            ApiError::InvalidSchema(message) => ApiError::Internal(format!(
-                "stored schema {} has a broken reference: {message}",
-                schema.id
-            )),
-            other => other,
-        })?;
-    compat::parse(&schema.text, &texts).map_err(|e| {
-        ApiError::Internal(format!("stored schema {} no longer parses: {e}", schema.id))
-    })
+    let texts = resolve_reference_texts(conn, &references).await.map_err(|e| match e {
+        ApiError::InvalidSchema(message) => ApiError::Internal(format!("stored schema {} has a broken reference: {message}", schema.id)),
+        other => other,
+    })?;
+    compat::parse(&schema.text, &texts).map_err(|e| ApiError::Internal(format!("stored schema {} no longer parses: {e}", schema.id)))
 }
 
 /// The id of the schema with this fingerprint, inserting it (and its references) if new.
@@ -347,10 +249,7 @@ pub async fn upsert_schema(
     .await?;
     let Some(id) = inserted else {
         let existing: i32 =
-            sqlx::query_scalar("SELECT id FROM registry_schemas WHERE fingerprint = $1")
-                .bind(fingerprint)
-                .fetch_one(&mut *conn)
-                .await?;
+            sqlx::query_scalar("SELECT id FROM registry_schemas WHERE fingerprint = $1").bind(fingerprint).fetch_one(&mut *conn).await?;
         return Ok(existing);
     };
     for (position, reference) in references.iter().enumerate() {
@@ -371,11 +270,7 @@ pub async fn upsert_schema(
 
 /// Adds the next version of `subject` (after every existing one, deleted or not). The caller
 /// holds the subject lock.
-pub async fn insert_version(
-    conn: &mut PgConnection,
-    subject: &str,
-    schema_id: i32,
-) -> Result<i32, ApiError> {
+pub async fn insert_version(conn: &mut PgConnection, subject: &str, schema_id: i32) -> Result<i32, ApiError> {
     Ok(sqlx::query_scalar(
         "INSERT INTO registry_subject_versions (subject, version, schema_id) \
          SELECT $1, COALESCE(MAX(version), 0) + 1, $2 FROM registry_subject_versions \
@@ -389,12 +284,7 @@ pub async fn insert_version(
 
 /// Ids of schemas that reference `subject` at one of `versions` and are still in use (by a live
 /// version, or by any version when `include_deleted`).
-pub async fn referrers(
-    conn: &mut PgConnection,
-    subject: &str,
-    versions: &[i32],
-    include_deleted: bool,
-) -> Result<Vec<i32>, ApiError> {
+pub async fn referrers(conn: &mut PgConnection, subject: &str, versions: &[i32], include_deleted: bool) -> Result<Vec<i32>, ApiError> {
     Ok(sqlx::query_scalar(
         "SELECT DISTINCT r.schema_id FROM registry_schema_references r \
          WHERE r.subject = $1 AND r.version = ANY($2) AND EXISTS ( \
@@ -409,11 +299,7 @@ pub async fn referrers(
     .await?)
 }
 
-pub async fn soft_delete(
-    conn: &mut PgConnection,
-    subject: &str,
-    versions: &[i32],
-) -> Result<(), ApiError> {
+pub async fn soft_delete(conn: &mut PgConnection, subject: &str, versions: &[i32]) -> Result<(), ApiError> {
     sqlx::query(
         "UPDATE registry_subject_versions SET deleted = true \
          WHERE subject = $1 AND version = ANY($2)",
@@ -427,11 +313,7 @@ pub async fn soft_delete(
 
 /// Removes versions for good, then the schemas no version uses any more (their ids stop
 /// resolving, as after a Confluent hard delete).
-pub async fn hard_delete(
-    conn: &mut PgConnection,
-    subject: &str,
-    versions: &[i32],
-) -> Result<(), ApiError> {
+pub async fn hard_delete(conn: &mut PgConnection, subject: &str, versions: &[i32]) -> Result<(), ApiError> {
     lock_schema_rows(conn, true).await?;
     let schema_ids: Vec<i32> = sqlx::query_scalar(
         "DELETE FROM registry_subject_versions WHERE subject = $1 AND version = ANY($2) \
@@ -451,21 +333,10 @@ pub async fn hard_delete(
     Ok(())
 }
 
-async fn config_row(
-    conn: &mut PgConnection,
-    key: &str,
-) -> Result<Option<CompatibilityLevel>, ApiError> {
+async fn config_row(conn: &mut PgConnection, key: &str) -> Result<Option<CompatibilityLevel>, ApiError> {
     let stored: Option<String> =
-        sqlx::query_scalar("SELECT compatibility FROM registry_config WHERE subject = $1")
-            .bind(key)
-            .fetch_optional(conn)
-            .await?;
-    stored
-        .map(|s| {
-            s.parse::<CompatibilityLevel>()
-                .map_err(|e| ApiError::Internal(format!("stored config: {e}")))
-        })
-        .transpose()
+        sqlx::query_scalar("SELECT compatibility FROM registry_config WHERE subject = $1").bind(key).fetch_optional(conn).await?;
+    stored.map(|s| s.parse::<CompatibilityLevel>().map_err(|e| ApiError::Internal(format!("stored config: {e}")))).transpose()
 }
 
 /// The global level (BACKWARD unless set).
@@ -474,18 +345,12 @@ pub async fn global_level(conn: &mut PgConnection) -> Result<CompatibilityLevel,
 }
 
 /// The subject's own level, if it has one.
-pub async fn subject_level(
-    conn: &mut PgConnection,
-    subject: &str,
-) -> Result<Option<CompatibilityLevel>, ApiError> {
+pub async fn subject_level(conn: &mut PgConnection, subject: &str) -> Result<Option<CompatibilityLevel>, ApiError> {
     config_row(conn, subject).await
 }
 
 /// The level that applies to `subject`: its own, else the global one.
-pub async fn effective_level(
-    conn: &mut PgConnection,
-    subject: &str,
-) -> Result<CompatibilityLevel, ApiError> {
+pub async fn effective_level(conn: &mut PgConnection, subject: &str) -> Result<CompatibilityLevel, ApiError> {
     match subject_level(conn, subject).await? {
         Some(level) => Ok(level),
         None => global_level(conn).await,
@@ -493,11 +358,7 @@ pub async fn effective_level(
 }
 
 /// Sets the subject's level, or the global one when `subject` is `None`.
-pub async fn set_level(
-    conn: &mut PgConnection,
-    subject: Option<&str>,
-    level: CompatibilityLevel,
-) -> Result<(), ApiError> {
+pub async fn set_level(conn: &mut PgConnection, subject: Option<&str>, level: CompatibilityLevel) -> Result<(), ApiError> {
     sqlx::query(
         "INSERT INTO registry_config (subject, compatibility) VALUES ($1, $2) \
          ON CONFLICT (subject) DO UPDATE SET compatibility = EXCLUDED.compatibility, \
@@ -512,9 +373,6 @@ pub async fn set_level(
 
 /// Removes the subject's level (or the global one); returns whether there was one.
 pub async fn clear_level(conn: &mut PgConnection, subject: Option<&str>) -> Result<bool, ApiError> {
-    let result = sqlx::query("DELETE FROM registry_config WHERE subject = $1")
-        .bind(subject.unwrap_or(GLOBAL))
-        .execute(conn)
-        .await?;
+    let result = sqlx::query("DELETE FROM registry_config WHERE subject = $1").bind(subject.unwrap_or(GLOBAL)).execute(conn).await?;
     Ok(result.rows_affected() > 0)
 }

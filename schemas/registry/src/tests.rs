@@ -16,9 +16,7 @@ const READING_V1: &str = r#"{"type":"record","name":"Reading","namespace":"vital
 
 /// `Reading` with `extra` fields appended after `bpm` (`extra` starts with a comma).
 fn reading(extra: &str) -> String {
-    format!(
-        r#"{{"type":"record","name":"Reading","namespace":"vitals","fields":[{{"name":"bpm","type":"int"}}{extra}]}}"#
-    )
+    format!(r#"{{"type":"record","name":"Reading","namespace":"vitals","fields":[{{"name":"bpm","type":"int"}}{extra}]}}"#)
 }
 
 fn with_spo2_default() -> String {
@@ -30,15 +28,12 @@ fn with_spo2_required() -> String {
 }
 
 fn admin_url() -> String {
-    std::env::var("VITALS_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
+    std::env::var("VITALS_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 fn database_url(name: &str) -> String {
     let admin = admin_url();
-    let base = admin
-        .rsplit_once('/')
-        .map_or(admin.as_str(), |(base, _)| base);
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
     format!("{base}/{name}")
 }
 
@@ -50,20 +45,12 @@ struct TestDatabase {
 impl TestDatabase {
     async fn create() -> (TestDatabase, PgPool) {
         let name = format!("vitals_registry_test_{:016x}", rand::random::<u64>());
-        let mut admin = PgConnection::connect(&admin_url())
-            .await
-            .expect("PostgreSQL must be reachable at VITALS_TEST_POSTGRES_URL or 127.0.0.1:5432");
-        sqlx::query(&format!(r#"CREATE DATABASE "{name}""#))
-            .execute(&mut admin)
-            .await
-            .expect("create test database");
+        let mut admin =
+            PgConnection::connect(&admin_url()).await.expect("PostgreSQL must be reachable at VITALS_TEST_POSTGRES_URL or 127.0.0.1:5432");
+        sqlx::query(&format!(r#"CREATE DATABASE "{name}""#)).execute(&mut admin).await.expect("create test database");
         admin.close().await.expect("close admin connection");
         let database = TestDatabase { name };
-        let pool = PgPoolOptions::new()
-            .max_connections(10)
-            .connect(&database_url(&database.name))
-            .await
-            .expect("connect to test database");
+        let pool = PgPoolOptions::new().max_connections(10).connect(&database_url(&database.name)).await.expect("connect to test database");
         sqlx::raw_sql(include_str!("../../../migrations/0002_registry.sql"))
             .execute(&pool)
             .await
@@ -77,14 +64,10 @@ impl Drop for TestDatabase {
         let name = self.name.clone();
         // Drop runs inside the test's runtime, which cannot be blocked on: use a fresh one.
         let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {
                 let mut admin = PgConnection::connect(&admin_url()).await?;
-                sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
-                    .execute(&mut admin)
-                    .await?;
+                sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#)).execute(&mut admin).await?;
                 anyhow::Ok(())
             })
         })
@@ -116,9 +99,7 @@ impl Registry {
     /// With [`ADMIN`] and [`READER`] configured; `anonymous_reads` as given.
     async fn start_with(anonymous_reads: bool) -> Registry {
         let (database, pool) = TestDatabase::create().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("local address");
         let access = super::Access {
             admin: super::Credential::new(ADMIN.0, ADMIN.1),
@@ -129,10 +110,7 @@ impl Registry {
         tokio::spawn(async move { axum::serve(listener, router).await });
         Registry {
             base: format!("http://{address}"),
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .expect("http client"),
+            http: reqwest::Client::builder().no_proxy().build().expect("http client"),
             pool,
             _database: database,
         }
@@ -140,17 +118,9 @@ impl Registry {
 
     /// Sends a JSON body as `who` (`None`: no `Authorization` header; `Some(raw)`: that header
     /// value verbatim); returns status, `WWW-Authenticate` and the body.
-    async fn send_as(
-        &self,
-        who: Option<&str>,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, Option<String>, Value) {
-        let mut request = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .header("content-type", "application/vnd.schemaregistry.v1+json");
+    async fn send_as(&self, who: Option<&str>, method: Method, path: &str, body: Option<Value>) -> (u16, Option<String>, Value) {
+        let mut request =
+            self.http.request(method, format!("{}{path}", self.base)).header("content-type", "application/vnd.schemaregistry.v1+json");
         if let Some(header) = who {
             request = request.header("authorization", header);
         }
@@ -159,30 +129,16 @@ impl Registry {
         }
         let response = request.send().await.expect("request");
         let status = response.status().as_u16();
-        let challenge = response
-            .headers()
-            .get("www-authenticate")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let challenge = response.headers().get("www-authenticate").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let bytes = response.bytes().await.expect("body");
-        let body = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         (status, challenge, body)
     }
 
     /// Sends a raw body with an optional content type; returns status, content type and body
     /// (as JSON, or as a JSON string when the body is not JSON).
-    async fn send_raw(
-        &self,
-        method: Method,
-        path: &str,
-        content_type: Option<&str>,
-        body: Option<String>,
-    ) -> (u16, String, Value) {
-        let mut request = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .basic_auth(ADMIN.0, Some(ADMIN.1));
+    async fn send_raw(&self, method: Method, path: &str, content_type: Option<&str>, body: Option<String>) -> (u16, String, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base)).basic_auth(ADMIN.0, Some(ADMIN.1));
         if let Some(content_type) = content_type {
             request = request.header("content-type", content_type);
         }
@@ -191,27 +147,15 @@ impl Registry {
         }
         let response = request.send().await.expect("request");
         let status = response.status().as_u16();
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
         let bytes = response.bytes().await.expect("body");
-        let body = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         (status, content_type, body)
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let (status, _, body) = self
-            .send_raw(
-                method,
-                path,
-                Some("application/vnd.schemaregistry.v1+json"),
-                body.map(|b| b.to_string()),
-            )
-            .await;
+        let (status, _, body) =
+            self.send_raw(method, path, Some("application/vnd.schemaregistry.v1+json"), body.map(|b| b.to_string())).await;
         (status, body)
     }
 
@@ -232,11 +176,7 @@ impl Registry {
     }
 
     async fn register(&self, subject: &str, schema: &str) -> (u16, Value) {
-        self.post(
-            &format!("/subjects/{subject}/versions"),
-            json!({ "schema": schema }),
-        )
-        .await
+        self.post(&format!("/subjects/{subject}/versions"), json!({ "schema": schema })).await
     }
 
     /// Registers a schema that must be accepted; returns its id.
@@ -258,10 +198,7 @@ fn assert_error(response: (u16, Value), status: u16, error_code: i64) {
     let (actual_status, body) = response;
     assert_eq!(actual_status, status, "{body}");
     assert_eq!(body["error_code"], json!(error_code), "{body}");
-    assert!(
-        body["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
 }
 
 #[tokio::test]
@@ -273,39 +210,22 @@ async fn ids_are_global_and_versions_sequential() {
     // Same schema with another layout and name spelling: same id, no new version.
     let relaid = r#"{ "fields": [ {"type": "int", "name": "bpm"} ], "name": "vitals.Reading", "type": "record" }"#;
     assert_eq!(r.registered_id("heart-value", relaid).await, id1);
-    assert_eq!(
-        r.get("/subjects/heart-value/versions").await,
-        (200, json!([1]))
-    );
+    assert_eq!(r.get("/subjects/heart-value/versions").await, (200, json!([1])));
 
     // Same schema under another subject: same global id, that subject's version 1.
     assert_eq!(r.registered_id("pulse-value", READING_V1).await, id1);
     let (status, body) = r.get("/subjects/pulse-value/versions/1").await;
     assert_eq!(status, 200);
-    assert_eq!(
-        (body["version"].clone(), body["id"].clone()),
-        (json!(1), json!(id1))
-    );
+    assert_eq!((body["version"].clone(), body["id"].clone()), (json!(1), json!(id1)));
 
     // A new schema gets a new id and the next version.
     let id2 = r.registered_id("heart-value", &with_spo2_default()).await;
     assert_ne!(id2, id1);
     // Changing only a default is a different schema (identity keeps defaults).
-    let id3 = r
-        .registered_id(
-            "heart-value",
-            &reading(r#",{"name":"spo2","type":"int","default":97}"#),
-        )
-        .await;
+    let id3 = r.registered_id("heart-value", &reading(r#",{"name":"spo2","type":"int","default":97}"#)).await;
     assert_ne!(id3, id2);
-    assert_eq!(
-        r.get("/subjects/heart-value/versions").await,
-        (200, json!([1, 2, 3]))
-    );
-    assert_eq!(
-        r.get("/subjects").await,
-        (200, json!(["heart-value", "pulse-value"]))
-    );
+    assert_eq!(r.get("/subjects/heart-value/versions").await, (200, json!([1, 2, 3])));
+    assert_eq!(r.get("/subjects").await, (200, json!(["heart-value", "pulse-value"])));
 }
 
 #[tokio::test]
@@ -317,66 +237,29 @@ async fn lookup_and_read_endpoints_return_confluent_shapes() {
     let id2 = r.registered_id("heart-value", &with_spo2_default()).await;
     r.registered_id("pulse-value", READING_V1).await;
 
-    let expected_v1 =
-        json!({ "subject": "heart-value", "version": 1, "id": id1, "schema": READING_V1 });
-    assert_eq!(
-        r.post(
-            "/subjects/heart-value?deleted=false",
-            json!({ "schema": READING_V1 })
-        )
-        .await,
-        (200, expected_v1.clone())
-    );
-    assert_eq!(
-        r.get("/subjects/heart-value/versions/1").await,
-        (200, expected_v1)
-    );
+    let expected_v1 = json!({ "subject": "heart-value", "version": 1, "id": id1, "schema": READING_V1 });
+    assert_eq!(r.post("/subjects/heart-value?deleted=false", json!({ "schema": READING_V1 })).await, (200, expected_v1.clone()));
+    assert_eq!(r.get("/subjects/heart-value/versions/1").await, (200, expected_v1));
     for latest in ["latest", "-1"] {
-        let (status, body) = r
-            .get(&format!("/subjects/heart-value/versions/{latest}"))
-            .await;
+        let (status, body) = r.get(&format!("/subjects/heart-value/versions/{latest}")).await;
         assert_eq!(status, 200);
-        assert_eq!(
-            (body["version"].clone(), body["id"].clone()),
-            (json!(2), json!(id2))
-        );
+        assert_eq!((body["version"].clone(), body["id"].clone()), (json!(2), json!(id2)));
     }
     let parsed_v1: Value = serde_json::from_str(READING_V1).unwrap();
-    assert_eq!(
-        r.get("/subjects/heart-value/versions/1/schema").await,
-        (200, parsed_v1.clone())
-    );
-    assert_eq!(
-        r.get(&format!("/schemas/ids/{id1}?deleted=true")).await,
-        (200, json!({ "schema": READING_V1 }))
-    );
-    assert_eq!(
-        r.get(&format!("/schemas/ids/{id1}/schema")).await,
-        (200, parsed_v1)
-    );
+    assert_eq!(r.get("/subjects/heart-value/versions/1/schema").await, (200, parsed_v1.clone()));
+    assert_eq!(r.get(&format!("/schemas/ids/{id1}?deleted=true")).await, (200, json!({ "schema": READING_V1 })));
+    assert_eq!(r.get(&format!("/schemas/ids/{id1}/schema")).await, (200, parsed_v1));
     assert_eq!(
         r.get(&format!("/schemas/ids/{id1}/versions")).await,
-        (
-            200,
-            json!([{ "subject": "heart-value", "version": 1 }, { "subject": "pulse-value", "version": 1 }])
-        )
+        (200, json!([{ "subject": "heart-value", "version": 1 }, { "subject": "pulse-value", "version": 1 }]))
     );
-    assert_eq!(
-        r.get(&format!("/schemas/ids/{id1}/subjects")).await,
-        (200, json!(["heart-value", "pulse-value"]))
-    );
+    assert_eq!(r.get(&format!("/schemas/ids/{id1}/subjects")).await, (200, json!(["heart-value", "pulse-value"])));
 
     // A subject containing '/', percent-encoded in the path as the converter does.
     r.registered_id("vitals%2Fecg-value", READING_V1).await;
     let (status, body) = r.get("/subjects/vitals%2Fecg-value/versions/latest").await;
-    assert_eq!(
-        (status, body["subject"].clone()),
-        (200, json!("vitals/ecg-value"))
-    );
-    assert_eq!(
-        r.get("/subjects?subjectPrefix=vitals").await,
-        (200, json!(["vitals/ecg-value"]))
-    );
+    assert_eq!((status, body["subject"].clone()), (200, json!("vitals/ecg-value")));
+    assert_eq!(r.get("/subjects?subjectPrefix=vitals").await, (200, json!(["vitals/ecg-value"])));
 }
 
 #[tokio::test]
@@ -384,34 +267,16 @@ async fn errors_carry_confluent_codes() {
     let r = Registry::start().await;
     assert_error(r.get("/subjects/nope/versions").await, 404, 40401);
     assert_error(r.get("/subjects/nope/versions/1").await, 404, 40401);
-    assert_error(
-        r.post("/subjects/nope", json!({ "schema": READING_V1 }))
-            .await,
-        404,
-        40401,
-    );
+    assert_error(r.post("/subjects/nope", json!({ "schema": READING_V1 })).await, 404, 40401);
     r.registered_id("heart-value", READING_V1).await;
     assert_error(r.get("/subjects/heart-value/versions/7").await, 404, 40402);
     for bad in ["abc", "0", "-2", "99999999999"] {
-        assert_error(
-            r.get(&format!("/subjects/heart-value/versions/{bad}"))
-                .await,
-            422,
-            42202,
-        );
+        assert_error(r.get(&format!("/subjects/heart-value/versions/{bad}")).await, 422, 42202);
     }
     assert_error(r.get("/schemas/ids/999").await, 404, 40403);
     assert_error(r.get("/schemas/ids/not-a-number").await, 404, 40403);
     assert_error(r.get("/schemas/ids/999/versions").await, 404, 40403);
-    assert_error(
-        r.post(
-            "/subjects/heart-value",
-            json!({ "schema": with_spo2_default() }),
-        )
-        .await,
-        404,
-        40403,
-    );
+    assert_error(r.post("/subjects/heart-value", json!({ "schema": with_spo2_default() })).await, 404, 40403);
 
     for invalid in [
         json!({ "schema": r#"{"type":"record"}"# }),
@@ -421,37 +286,16 @@ async fn errors_carry_confluent_codes() {
         json!({ "schema": "" }),
         json!({}),
     ] {
-        assert_error(
-            r.post("/subjects/heart-value/versions", invalid).await,
-            422,
-            42201,
-        );
+        assert_error(r.post("/subjects/heart-value/versions", invalid).await, 422, 42201);
     }
-    let (status, _, body) = r
-        .send_raw(
-            Method::POST,
-            "/subjects/heart-value/versions",
-            Some("application/json"),
-            Some("{not json".to_owned()),
-        )
-        .await;
+    let (status, _, body) =
+        r.send_raw(Method::POST, "/subjects/heart-value/versions", Some("application/json"), Some("{not json".to_owned())).await;
     assert_error((status, body), 400, 400);
-    let (status, _, body) = r
-        .send_raw(
-            Method::POST,
-            "/subjects/heart-value/versions",
-            Some("application/json"),
-            Some(r#"{"schema": 42}"#.to_owned()),
-        )
-        .await;
+    let (status, _, body) =
+        r.send_raw(Method::POST, "/subjects/heart-value/versions", Some("application/json"), Some(r#"{"schema": 42}"#.to_owned())).await;
     assert_error((status, body), 400, 400);
 
-    assert_error(
-        r.put("/config", json!({ "compatibility": "SIDEWAYS" }))
-            .await,
-        422,
-        42203,
-    );
+    assert_error(r.put("/config", json!({ "compatibility": "SIDEWAYS" })).await, 422, 42203);
     assert_error(r.get("/config/heart-value").await, 404, 40408);
     assert_error(r.get("/no/such/route").await, 404, 404);
     assert_error(r.call(Method::PATCH, "/subjects", None).await, 405, 405);
@@ -466,64 +310,26 @@ async fn backward_is_the_default_level() {
     let (status, body) = r.register("heart-value", &with_spo2_required()).await;
     assert_error((status, body.clone()), 409, 409);
     let message = body["message"].as_str().unwrap_or_default();
-    assert!(
-        message.contains("incompatible") && message.contains("spo2"),
-        "{message}"
-    );
+    assert!(message.contains("incompatible") && message.contains("spo2"), "{message}");
 
-    let (status, body) = r
-        .post(
-            "/compatibility/subjects/heart-value/versions/latest?verbose=true",
-            json!({ "schema": with_spo2_required() }),
-        )
-        .await;
+    let (status, body) =
+        r.post("/compatibility/subjects/heart-value/versions/latest?verbose=true", json!({ "schema": with_spo2_required() })).await;
     assert_eq!(status, 200);
     assert_eq!(body["is_compatible"], json!(false));
-    assert!(
-        body["messages"].as_array().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
+    assert!(body["messages"].as_array().is_some_and(|m| !m.is_empty()), "{body}");
 
     assert_eq!(
-        r.post(
-            "/compatibility/subjects/heart-value/versions/latest",
-            json!({ "schema": with_spo2_default() }),
-        )
-        .await,
+        r.post("/compatibility/subjects/heart-value/versions/latest", json!({ "schema": with_spo2_default() }),).await,
         (200, json!({ "is_compatible": true }))
     );
     r.registered_id("heart-value", &with_spo2_default()).await;
-    assert_eq!(
-        r.get("/subjects/heart-value/versions").await,
-        (200, json!([1, 2]))
-    );
+    assert_eq!(r.get("/subjects/heart-value/versions").await, (200, json!([1, 2])));
 
     // Invalid candidates: an error, or with verbose an incompatible answer saying why.
-    assert_error(
-        r.post(
-            "/compatibility/subjects/heart-value/versions",
-            json!({ "schema": "{" }),
-        )
-        .await,
-        422,
-        42201,
-    );
-    let (status, body) = r
-        .post(
-            "/compatibility/subjects/heart-value/versions?verbose=true",
-            json!({ "schema": "{" }),
-        )
-        .await;
+    assert_error(r.post("/compatibility/subjects/heart-value/versions", json!({ "schema": "{" })).await, 422, 42201);
+    let (status, body) = r.post("/compatibility/subjects/heart-value/versions?verbose=true", json!({ "schema": "{" })).await;
     assert_eq!((status, body["is_compatible"].clone()), (200, json!(false)));
-    assert_error(
-        r.post(
-            "/compatibility/subjects/heart-value/versions/9",
-            json!({ "schema": READING_V1 }),
-        )
-        .await,
-        404,
-        40402,
-    );
+    assert_error(r.post("/compatibility/subjects/heart-value/versions/9", json!({ "schema": READING_V1 })).await, 404, 40402);
 }
 
 #[tokio::test]
@@ -549,10 +355,7 @@ async fn none_level_accepts_anything() {
     r.registered_id("heart-value", READING_V1).await;
     r.registered_id("heart-value", &with_spo2_required()).await;
     r.registered_id("heart-value", r#""string""#).await;
-    assert_eq!(
-        r.get("/subjects/heart-value/versions").await,
-        (200, json!([1, 2, 3]))
-    );
+    assert_eq!(r.get("/subjects/heart-value/versions").await, (200, json!([1, 2, 3])));
 }
 
 #[tokio::test]
@@ -562,71 +365,36 @@ async fn transitive_levels_check_older_versions() {
         r.registered_id(subject, READING_V1).await;
         r.registered_id(subject, &with_spo2_default()).await;
     }
-    r.set_level(Some("transitive-value"), "BACKWARD_TRANSITIVE")
-        .await;
+    r.set_level(Some("transitive-value"), "BACKWARD_TRANSITIVE").await;
     // Readable with v2 (which writes spo2) but not with v1 (which does not).
     let candidate = json!({ "schema": with_spo2_required() });
     assert_eq!(
-        r.post(
-            "/compatibility/subjects/transitive-value/versions/2",
-            candidate.clone()
-        )
-        .await,
+        r.post("/compatibility/subjects/transitive-value/versions/2", candidate.clone()).await,
         (200, json!({ "is_compatible": true }))
     );
     assert_eq!(
-        r.post(
-            "/compatibility/subjects/transitive-value/versions/1",
-            candidate.clone()
-        )
-        .await,
+        r.post("/compatibility/subjects/transitive-value/versions/1", candidate.clone()).await,
         (200, json!({ "is_compatible": false }))
     );
-    let (status, body) = r
-        .post(
-            "/compatibility/subjects/transitive-value/versions?verbose=true",
-            candidate.clone(),
-        )
-        .await;
+    let (status, body) = r.post("/compatibility/subjects/transitive-value/versions?verbose=true", candidate.clone()).await;
     assert_eq!((status, body["is_compatible"].clone()), (200, json!(false)));
     let messages = body["messages"].as_array().cloned().unwrap_or_default();
     assert_eq!(messages.len(), 1, "{body}");
-    assert!(messages[0]
-        .as_str()
-        .is_some_and(|m| m.contains("oldSchemaVersion: 1")));
-    assert_error(
-        r.register("transitive-value", &with_spo2_required()).await,
-        409,
-        409,
-    );
+    assert!(messages[0].as_str().is_some_and(|m| m.contains("oldSchemaVersion: 1")));
+    assert_error(r.register("transitive-value", &with_spo2_required()).await, 409, 409);
 
     // Plain BACKWARD only looks at the latest version.
-    r.registered_id("latest-only-value", &with_spo2_required())
-        .await;
+    r.registered_id("latest-only-value", &with_spo2_required()).await;
 
     // FORWARD_TRANSITIVE: the readers of every version, not only the latest, must cope.
     r.set_level(Some("forward-value"), "NONE").await;
-    r.registered_id("forward-value", &with_spo2_required())
-        .await;
+    r.registered_id("forward-value", &with_spo2_required()).await;
     r.registered_id("forward-value", READING_V1).await;
-    let candidate =
-        json!({ "schema": reading(r#",{"name":"note","type":"string","default":""}"#) });
+    let candidate = json!({ "schema": reading(r#",{"name":"note","type":"string","default":""}"#) });
     r.set_level(Some("forward-value"), "FORWARD").await;
-    assert_eq!(
-        r.post(
-            "/compatibility/subjects/forward-value/versions",
-            candidate.clone()
-        )
-        .await,
-        (200, json!({ "is_compatible": true }))
-    );
-    r.set_level(Some("forward-value"), "FORWARD_TRANSITIVE")
-        .await;
-    assert_eq!(
-        r.post("/compatibility/subjects/forward-value/versions", candidate)
-            .await,
-        (200, json!({ "is_compatible": false }))
-    );
+    assert_eq!(r.post("/compatibility/subjects/forward-value/versions", candidate.clone()).await, (200, json!({ "is_compatible": true })));
+    r.set_level(Some("forward-value"), "FORWARD_TRANSITIVE").await;
+    assert_eq!(r.post("/compatibility/subjects/forward-value/versions", candidate).await, (200, json!({ "is_compatible": false })));
 }
 
 #[tokio::test]
@@ -635,18 +403,9 @@ async fn soft_delete_hides_versions_and_permanent_delete_needs_it_first() {
     let id1 = r.registered_id("heart-value", READING_V1).await;
     let id2 = r.registered_id("heart-value", &with_spo2_default()).await;
 
-    assert_eq!(
-        r.delete("/subjects/heart-value/versions/2").await,
-        (200, json!(2))
-    );
-    assert_eq!(
-        r.get("/subjects/heart-value/versions").await,
-        (200, json!([1]))
-    );
-    assert_eq!(
-        r.get("/subjects/heart-value/versions?deleted=true").await,
-        (200, json!([1, 2]))
-    );
+    assert_eq!(r.delete("/subjects/heart-value/versions/2").await, (200, json!(2)));
+    assert_eq!(r.get("/subjects/heart-value/versions").await, (200, json!([1])));
+    assert_eq!(r.get("/subjects/heart-value/versions?deleted=true").await, (200, json!([1, 2])));
     assert_error(r.get("/subjects/heart-value/versions/2").await, 404, 40402);
     let (status, body) = r.get("/subjects/heart-value/versions/2?deleted=true").await;
     assert_eq!((status, body["id"].clone()), (200, json!(id2)));
@@ -654,36 +413,16 @@ async fn soft_delete_hides_versions_and_permanent_delete_needs_it_first() {
     assert_eq!(latest["version"], json!(1));
     // Ids stay readable so already written data can still be decoded.
     assert_eq!(r.get(&format!("/schemas/ids/{id2}")).await.0, 200);
+    assert_eq!(r.get(&format!("/schemas/ids/{id2}/versions")).await, (200, json!([])));
     assert_eq!(
-        r.get(&format!("/schemas/ids/{id2}/versions")).await,
-        (200, json!([]))
-    );
-    assert_eq!(
-        r.get(&format!("/schemas/ids/{id2}/versions?deleted=true"))
-            .await,
+        r.get(&format!("/schemas/ids/{id2}/versions?deleted=true")).await,
         (200, json!([{ "subject": "heart-value", "version": 2 }]))
     );
 
-    assert_error(
-        r.delete("/subjects/heart-value/versions/2").await,
-        404,
-        40406,
-    );
-    assert_error(
-        r.delete("/subjects/heart-value/versions/1?permanent=true")
-            .await,
-        404,
-        40407,
-    );
-    assert_eq!(
-        r.delete("/subjects/heart-value/versions/2?permanent=true")
-            .await,
-        (200, json!(2))
-    );
-    assert_eq!(
-        r.get("/subjects/heart-value/versions?deleted=true").await,
-        (200, json!([1]))
-    );
+    assert_error(r.delete("/subjects/heart-value/versions/2").await, 404, 40406);
+    assert_error(r.delete("/subjects/heart-value/versions/1?permanent=true").await, 404, 40407);
+    assert_eq!(r.delete("/subjects/heart-value/versions/2?permanent=true").await, (200, json!(2)));
+    assert_eq!(r.get("/subjects/heart-value/versions?deleted=true").await, (200, json!([1])));
     assert_error(r.get(&format!("/schemas/ids/{id2}")).await, 404, 40403);
 
     // Soft-deleting the subject hides it and drops its compatibility config.
@@ -691,27 +430,11 @@ async fn soft_delete_hides_versions_and_permanent_delete_needs_it_first() {
     assert_eq!(r.delete("/subjects/heart-value").await, (200, json!([1])));
     assert_error(r.get("/config/heart-value").await, 404, 40408);
     assert_eq!(r.get("/subjects").await, (200, json!([])));
-    assert_eq!(
-        r.get("/subjects?deleted=true").await,
-        (200, json!(["heart-value"]))
-    );
-    assert_eq!(
-        r.get("/subjects?deletedOnly=true").await,
-        (200, json!(["heart-value"]))
-    );
+    assert_eq!(r.get("/subjects?deleted=true").await, (200, json!(["heart-value"])));
+    assert_eq!(r.get("/subjects?deletedOnly=true").await, (200, json!(["heart-value"])));
     assert_error(r.get("/subjects/heart-value/versions").await, 404, 40401);
-    assert_error(
-        r.post("/subjects/heart-value", json!({ "schema": READING_V1 }))
-            .await,
-        404,
-        40401,
-    );
-    let (status, body) = r
-        .post(
-            "/subjects/heart-value?deleted=true",
-            json!({ "schema": READING_V1 }),
-        )
-        .await;
+    assert_error(r.post("/subjects/heart-value", json!({ "schema": READING_V1 })).await, 404, 40401);
+    let (status, body) = r.post("/subjects/heart-value?deleted=true", json!({ "schema": READING_V1 })).await;
     assert_eq!((status, body["version"].clone()), (200, json!(1)));
     assert_error(r.delete("/subjects/heart-value").await, 404, 40404);
 
@@ -719,16 +442,9 @@ async fn soft_delete_hides_versions_and_permanent_delete_needs_it_first() {
     assert_eq!(r.registered_id("heart-value", READING_V1).await, id1);
     let (_, latest) = r.get("/subjects/heart-value/versions/latest").await;
     assert_eq!(latest["version"], json!(2));
-    assert_error(
-        r.delete("/subjects/heart-value?permanent=true").await,
-        404,
-        40405,
-    );
+    assert_error(r.delete("/subjects/heart-value?permanent=true").await, 404, 40405);
     assert_eq!(r.delete("/subjects/heart-value").await, (200, json!([2])));
-    assert_eq!(
-        r.delete("/subjects/heart-value?permanent=true").await,
-        (200, json!([1, 2]))
-    );
+    assert_eq!(r.delete("/subjects/heart-value?permanent=true").await, (200, json!([1, 2])));
     assert_eq!(r.get("/subjects?deleted=true").await, (200, json!([])));
     assert_error(r.delete("/subjects/heart-value").await, 404, 40401);
     assert_error(r.get(&format!("/schemas/ids/{id1}")).await, 404, 40403);
@@ -737,46 +453,21 @@ async fn soft_delete_hides_versions_and_permanent_delete_needs_it_first() {
 #[tokio::test]
 async fn config_endpoints() {
     let r = Registry::start().await;
-    assert_eq!(
-        r.get("/config").await,
-        (200, json!({ "compatibilityLevel": "BACKWARD" }))
-    );
+    assert_eq!(r.get("/config").await, (200, json!({ "compatibilityLevel": "BACKWARD" })));
     r.set_level(None, "FULL").await;
-    assert_eq!(
-        r.get("/config").await,
-        (200, json!({ "compatibilityLevel": "FULL" }))
-    );
+    assert_eq!(r.get("/config").await, (200, json!({ "compatibilityLevel": "FULL" })));
     assert_error(r.get("/config/heart-value").await, 404, 40408);
+    assert_eq!(r.get("/config/heart-value?defaultToGlobal=true").await, (200, json!({ "compatibilityLevel": "FULL" })));
     assert_eq!(
-        r.get("/config/heart-value?defaultToGlobal=true").await,
-        (200, json!({ "compatibilityLevel": "FULL" }))
-    );
-    assert_eq!(
-        r.put(
-            "/config/heart-value",
-            json!({ "compatibility": "forward_transitive" })
-        )
-        .await,
+        r.put("/config/heart-value", json!({ "compatibility": "forward_transitive" })).await,
         (200, json!({ "compatibility": "FORWARD_TRANSITIVE" }))
     );
-    assert_eq!(
-        r.get("/config/heart-value").await,
-        (200, json!({ "compatibilityLevel": "FORWARD_TRANSITIVE" }))
-    );
+    assert_eq!(r.get("/config/heart-value").await, (200, json!({ "compatibilityLevel": "FORWARD_TRANSITIVE" })));
     assert_error(r.put("/config/heart-value", json!({})).await, 422, 42203);
-    assert_eq!(
-        r.delete("/config/heart-value").await,
-        (200, json!({ "compatibilityLevel": "FORWARD_TRANSITIVE" }))
-    );
+    assert_eq!(r.delete("/config/heart-value").await, (200, json!({ "compatibilityLevel": "FORWARD_TRANSITIVE" })));
     assert_error(r.delete("/config/heart-value").await, 404, 40401);
-    assert_eq!(
-        r.delete("/config").await,
-        (200, json!({ "compatibilityLevel": "FULL" }))
-    );
-    assert_eq!(
-        r.get("/config").await,
-        (200, json!({ "compatibilityLevel": "BACKWARD" }))
-    );
+    assert_eq!(r.delete("/config").await, (200, json!({ "compatibilityLevel": "FULL" })));
+    assert_eq!(r.get("/config").await, (200, json!({ "compatibilityLevel": "BACKWARD" })));
     assert_eq!(r.get("/mode").await, (200, json!({ "mode": "READWRITE" })));
 }
 
@@ -793,73 +484,40 @@ async fn references_resolve_and_protect_their_targets() {
     let references = json!([{ "name": "vitals.Unit", "subject": "unit", "version": 1 }]);
     let request = |schema: String, references: Value| json!({ "schema": schema, "schemaType": "AVRO", "references": references });
 
+    assert_error(r.post("/subjects/measurement-value/versions", json!({ "schema": measurement("") })).await, 422, 42201);
     assert_error(
         r.post(
             "/subjects/measurement-value/versions",
-            json!({ "schema": measurement("") }),
+            request(measurement(""), json!([{ "name": "vitals.Unit", "subject": "unit", "version": 9 }])),
         )
         .await,
         422,
         42201,
     );
-    assert_error(
-        r.post(
-            "/subjects/measurement-value/versions",
-            request(
-                measurement(""),
-                json!([{ "name": "vitals.Unit", "subject": "unit", "version": 9 }]),
-            ),
-        )
-        .await,
-        422,
-        42201,
-    );
-    let (status, body) = r
-        .post(
-            "/subjects/measurement-value/versions",
-            request(measurement(""), references.clone()),
-        )
-        .await;
+    let (status, body) = r.post("/subjects/measurement-value/versions", request(measurement(""), references.clone())).await;
     assert_eq!(status, 200, "{body}");
     let id = body["id"].clone();
 
     let (status, body) = r.get("/subjects/measurement-value/versions/1").await;
-    assert_eq!(
-        (status, body["references"].clone()),
-        (200, references.clone())
-    );
+    assert_eq!((status, body["references"].clone()), (200, references.clone()));
     let (_, body) = r.get(&format!("/schemas/ids/{id}")).await;
     assert_eq!(body["references"], references);
-    let (status, body) = r
-        .post(
-            "/subjects/measurement-value",
-            request(measurement(""), references.clone()),
-        )
-        .await;
+    let (status, body) = r.post("/subjects/measurement-value", request(measurement(""), references.clone())).await;
     assert_eq!((status, body["id"].clone()), (200, id.clone()));
-    assert_eq!(
-        r.get("/subjects/unit/versions/1/referencedby").await,
-        (200, json!([id]))
-    );
+    assert_eq!(r.get("/subjects/unit/versions/1/referencedby").await, (200, json!([id])));
 
     // Evolution is checked with the referenced types resolved on both sides.
     let (status, body) = r
         .post(
             "/subjects/measurement-value/versions",
-            request(
-                measurement(r#",{"name":"at","type":"long","default":0}"#),
-                references.clone(),
-            ),
+            request(measurement(r#",{"name":"at","type":"long","default":0}"#), references.clone()),
         )
         .await;
     assert_eq!(status, 200, "{body}");
     assert_error(
         r.post(
             "/subjects/measurement-value/versions",
-            request(
-                measurement(r#",{"name":"target","type":"vitals.Unit"}"#),
-                references.clone(),
-            ),
+            request(measurement(r#",{"name":"target","type":"vitals.Unit"}"#), references.clone()),
         )
         .await,
         409,
@@ -873,26 +531,18 @@ async fn references_resolve_and_protect_their_targets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_registrations_get_consistent_versions() {
     let r = Registry::start().await;
-    let schemas: Vec<String> = (0..8)
-        .map(|i| reading(&format!(r#",{{"name":"f{i}","type":"int","default":{i}}}"#)))
-        .collect();
-    let responses =
-        futures::future::join_all(schemas.iter().map(|s| r.register("burst-value", s))).await;
+    let schemas: Vec<String> = (0..8).map(|i| reading(&format!(r#",{{"name":"f{i}","type":"int","default":{i}}}"#))).collect();
+    let responses = futures::future::join_all(schemas.iter().map(|s| r.register("burst-value", s))).await;
     let mut ids = HashSet::new();
     for (status, body) in responses {
         assert_eq!(status, 200, "{body}");
         ids.insert(body["id"].as_i64().expect("id"));
     }
     assert_eq!(ids.len(), 8);
-    assert_eq!(
-        r.get("/subjects/burst-value/versions").await,
-        (200, json!([1, 2, 3, 4, 5, 6, 7, 8]))
-    );
+    assert_eq!(r.get("/subjects/burst-value/versions").await, (200, json!([1, 2, 3, 4, 5, 6, 7, 8])));
     let mut stored = HashSet::new();
     for version in 1..=8 {
-        let (_, body) = r
-            .get(&format!("/subjects/burst-value/versions/{version}"))
-            .await;
+        let (_, body) = r.get(&format!("/subjects/burst-value/versions/{version}")).await;
         stored.insert(body["id"].as_i64().expect("id"));
     }
     assert_eq!(stored, ids);
@@ -900,9 +550,7 @@ async fn concurrent_registrations_get_consistent_versions() {
     // One new schema registered under many subjects at once still gets a single id.
     let subjects: Vec<String> = (0..6).map(|i| format!("fan-{i}-value")).collect();
     let shared = with_spo2_required();
-    let responses =
-        futures::future::join_all(subjects.iter().map(|subject| r.register(subject, &shared)))
-            .await;
+    let responses = futures::future::join_all(subjects.iter().map(|subject| r.register(subject, &shared))).await;
     let ids: HashSet<i64> = responses
         .into_iter()
         .map(|(status, body)| {
@@ -925,27 +573,14 @@ async fn accepts_the_content_types_confluent_accepts() {
         Some("application/octet-stream"),
         None,
     ] {
-        let (status, response_type, response) = r
-            .send_raw(
-                Method::POST,
-                "/subjects/heart-value/versions",
-                content_type,
-                Some(body.clone()),
-            )
-            .await;
+        let (status, response_type, response) =
+            r.send_raw(Method::POST, "/subjects/heart-value/versions", content_type, Some(body.clone())).await;
         assert_eq!(status, 200, "{content_type:?}: {response}");
         assert_eq!(response_type, "application/vnd.schemaregistry.v1+json");
         ids.insert(response["id"].clone());
     }
     assert_eq!(ids.len(), 1);
-    let (status, _, response) = r
-        .send_raw(
-            Method::POST,
-            "/subjects/heart-value/versions",
-            Some("text/html"),
-            Some(body),
-        )
-        .await;
+    let (status, _, response) = r.send_raw(Method::POST, "/subjects/heart-value/versions", Some("text/html"), Some(body)).await;
     assert_error((status, response), 415, 415);
 }
 
@@ -953,12 +588,8 @@ async fn accepts_the_content_types_confluent_accepts() {
 async fn schema_registry_converter_round_trips_through_the_registry() {
     use apache_avro::types::Value as AvroValue;
     use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
-    use schema_registry_converter::async_impl::schema_registry::{
-        get_all_subjects, get_all_versions, post_schema, SrSettings,
-    };
-    use schema_registry_converter::schema_registry_common::{
-        RawError, SchemaType, SubjectNameStrategy, SuppliedSchema,
-    };
+    use schema_registry_converter::async_impl::schema_registry::{get_all_subjects, get_all_versions, post_schema, SrSettings};
+    use schema_registry_converter::schema_registry_common::{RawError, SchemaType, SubjectNameStrategy, SuppliedSchema};
 
     #[derive(serde::Serialize)]
     struct Heartbeat {
@@ -974,56 +605,30 @@ async fn schema_registry_converter_round_trips_through_the_registry() {
             .expect("converter settings")
     };
     let schema = r#"{"type":"record","name":"Heartbeat","namespace":"vitals","fields":[{"name":"beat","type":"long"}]}"#;
-    let registered = post_schema(
-        &settings(),
-        "heartbeat-value".to_owned(),
-        SuppliedSchema::new(None, SchemaType::Avro, schema.to_owned()),
-    )
-    .await
-    .expect("post_schema");
+    let registered = post_schema(&settings(), "heartbeat-value".to_owned(), SuppliedSchema::new(None, SchemaType::Avro, schema.to_owned()))
+        .await
+        .expect("post_schema");
 
     let encoder = AvroEncoder::new(settings());
     let strategy = SubjectNameStrategy::TopicNameStrategy("heartbeat".to_owned(), false);
-    let bytes = encoder
-        .encode_struct(Heartbeat { beat: 72 }, &strategy)
-        .await
-        .expect("encode_struct");
+    let bytes = encoder.encode_struct(Heartbeat { beat: 72 }, &strategy).await.expect("encode_struct");
     assert_eq!(bytes[0], 0, "magic byte");
     assert_eq!(bytes[1..5], registered.id.to_be_bytes(), "schema id");
 
-    let decoded = AvroDecoder::new(settings())
-        .decode(Some(&bytes))
-        .await
-        .expect("decode");
-    assert_eq!(
-        decoded.value,
-        AvroValue::Record(vec![("beat".to_owned(), AvroValue::Long(72))])
-    );
+    let decoded = AvroDecoder::new(settings()).decode(Some(&bytes)).await.expect("decode");
+    assert_eq!(decoded.value, AvroValue::Record(vec![("beat".to_owned(), AvroValue::Long(72))]));
 
-    assert_eq!(
-        get_all_subjects(&settings()).await.expect("subjects"),
-        vec!["heartbeat-value".to_owned()]
-    );
-    assert_eq!(
-        get_all_versions(&settings(), "heartbeat-value".to_owned())
-            .await
-            .expect("versions"),
-        vec![1]
-    );
+    assert_eq!(get_all_subjects(&settings()).await.expect("subjects"), vec!["heartbeat-value".to_owned()]);
+    assert_eq!(get_all_versions(&settings(), "heartbeat-value".to_owned()).await.expect("versions"), vec![1]);
 
     // The client sees Confluent's error code for an incompatible schema.
-    let incompatible = r#"{"type":"record","name":"Heartbeat","namespace":"vitals","fields":[{"name":"beat","type":"long"},{"name":"rr","type":"long"}]}"#;
-    let error = post_schema(
-        &settings(),
-        "heartbeat-value".to_owned(),
-        SuppliedSchema::new(None, SchemaType::Avro, incompatible.to_owned()),
-    )
-    .await
-    .expect_err("incompatible schema must be refused");
-    let raw = error
-        .source()
-        .and_then(|e| e.downcast_ref::<RawError>())
-        .expect("the registry's error body");
+    let incompatible =
+        r#"{"type":"record","name":"Heartbeat","namespace":"vitals","fields":[{"name":"beat","type":"long"},{"name":"rr","type":"long"}]}"#;
+    let error =
+        post_schema(&settings(), "heartbeat-value".to_owned(), SuppliedSchema::new(None, SchemaType::Avro, incompatible.to_owned()))
+            .await
+            .expect_err("incompatible schema must be refused");
+    let raw = error.source().and_then(|e| e.downcast_ref::<RawError>()).expect("the registry's error body");
     assert_eq!(raw.error_code, 409);
 }
 
@@ -1043,12 +648,10 @@ async fn stored_state(pool: &PgPool) -> (Vec<(String, i32, bool, String)>, Vec<(
     .fetch_all(pool)
     .await
     .expect("reading versions");
-    let levels = sqlx::query_as(
-        "SELECT subject, compatibility FROM registry_config ORDER BY subject",
-    )
-    .fetch_all(pool)
-    .await
-    .expect("reading config");
+    let levels = sqlx::query_as("SELECT subject, compatibility FROM registry_config ORDER BY subject")
+        .fetch_all(pool)
+        .await
+        .expect("reading config");
     (versions, levels)
 }
 
@@ -1089,16 +692,14 @@ async fn hostile_writes_without_the_admin_credential_are_refused_and_change_noth
     ];
     for (method, path, body) in &writes {
         for who in unauthenticated {
-            let (status, challenge, response) =
-                r.send_as(who, method.clone(), path, body.clone()).await;
+            let (status, challenge, response) = r.send_as(who, method.clone(), path, body.clone()).await;
             assert_eq!(status, 401, "{method} {path} as {who:?}: {response}");
             assert_eq!(response["error_code"], json!(40101), "{method} {path}: {response}");
             assert!(response["message"].as_str().is_some_and(|m| !m.is_empty()), "{response}");
             let challenge = challenge.unwrap_or_default();
             assert!(challenge.starts_with("Basic realm="), "{method} {path}: WWW-Authenticate {challenge:?}");
         }
-        let (status, _, response) =
-            r.send_as(Some(&reader), method.clone(), path, body.clone()).await;
+        let (status, _, response) = r.send_as(Some(&reader), method.clone(), path, body.clone()).await;
         assert_eq!(status, 403, "{method} {path} with the read-only credential: {response}");
         assert_eq!(response["error_code"], json!(40301), "{response}");
         assert!(response["message"].as_str().is_some_and(|m| m.contains(READER.0)), "{response}");
@@ -1127,9 +728,8 @@ async fn hostile_writes_without_the_admin_credential_are_refused_and_change_noth
     assert_eq!(stored_state(&r.pool).await, before);
 
     // The admin credential still writes.
-    let (status, _, response) = r
-        .send_as(Some(&admin), Method::PUT, "/config/reading-value", Some(json!({ "compatibility": "NONE" })))
-        .await;
+    let (status, _, response) =
+        r.send_as(Some(&admin), Method::PUT, "/config/reading-value", Some(json!({ "compatibility": "NONE" }))).await;
     assert_eq!((status, response), (200, json!({ "compatibility": "NONE" })));
 }
 

@@ -67,7 +67,8 @@ async fn hostile_edge_never_turns_control_characters_into_503() {
     let (status, _, resp) = env.post(SAMPLES, user, &json!({"request_id": "nul\u{0}id", "samples": [hr("x")]})).await;
     assert_eq!((status, code_field(&resp)), (400, ("invalid_request_id".into(), Some("request_id".into()))), "{resp}");
     let nul = env.token("edge\u{0}user");
-    let (status, _, resp) = env.post_raw(SAMPLES, Some(&nul), serde_json::to_vec(&json!({"request_id": "t", "samples": [hr("x")]})).unwrap()).await;
+    let (status, _, resp) =
+        env.post_raw(SAMPLES, Some(&nul), serde_json::to_vec(&json!({"request_id": "t", "samples": [hr("x")]})).unwrap()).await;
     assert_eq!((status, code_field(&resp).0.as_str()), (401, "invalid_token"), "{resp}");
     // Nothing reached Kafka but the consent.
     assert_eq!(records_of(&env, user).await, 1);

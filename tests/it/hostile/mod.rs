@@ -46,7 +46,8 @@ async fn rows_of(pool: &sqlx::PgPool, user: &str) -> (i64, i64, i64) {
         let pool = pool.clone();
         let user = user.to_owned();
         async move {
-            let (n,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {table} WHERE user_id = $1")).bind(user).fetch_one(&pool).await.unwrap();
+            let (n,): (i64,) =
+                sqlx::query_as(&format!("SELECT count(*) FROM {table} WHERE user_id = $1")).bind(user).fetch_one(&pool).await.unwrap();
             n
         }
     };
@@ -80,7 +81,8 @@ async fn read_status(stream: &mut TcpStream) -> Option<(u16, String)> {
         buf.extend_from_slice(&chunk[..n]);
         if let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-            let len = head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))).unwrap_or(0);
+            let len =
+                head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))).unwrap_or(0);
             if buf.len() >= head_end + 4 + len {
                 return parse_response(&buf);
             }

@@ -7,11 +7,14 @@ use super::*;
 /// trickling user gets its extra connection refused with 429; nothing of theirs is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_slow_bodies_do_not_deny_service_to_other_users() {
-    let env = TestEnv::start_with(KAFKA, &[
-        ("VITALS_INGEST__MAX_IN_FLIGHT", "4"),
-        ("VITALS_INGEST__MAX_IN_FLIGHT_PER_USER", "2"),
-        ("VITALS_INGEST__BODY_TIMEOUT_MS", "30000"),
-    ])
+    let env = TestEnv::start_with(
+        KAFKA,
+        &[
+            ("VITALS_INGEST__MAX_IN_FLIGHT", "4"),
+            ("VITALS_INGEST__MAX_IN_FLIGHT_PER_USER", "2"),
+            ("VITALS_INGEST__BODY_TIMEOUT_MS", "30000"),
+        ],
+    )
     .await;
     let victim = "victim";
     env.consent(victim, &[]).await;
@@ -92,11 +95,13 @@ async fn hostile_slow_bodies_do_not_deny_service_to_other_users() {
 /// `request_timeout`; nothing is written and the user's slot is free again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_a_body_slower_than_the_body_timeout_gets_408() {
-    let env = TestEnv::start_with(KAFKA, &[("VITALS_INGEST__BODY_TIMEOUT_MS", "1000"), ("VITALS_INGEST__MAX_IN_FLIGHT_PER_USER", "1")]).await;
+    let env =
+        TestEnv::start_with(KAFKA, &[("VITALS_INGEST__BODY_TIMEOUT_MS", "1000"), ("VITALS_INGEST__MAX_IN_FLIGHT_PER_USER", "1")]).await;
     let user = "slow-body";
     env.consent(user, &[]).await;
     let mut s = slow_upload(&env.ingest_url, &env.token(user)).await;
-    let answer = tokio::time::timeout(Duration::from_secs(10), read_status(&mut s)).await.expect("no answer to a trickling body within 10 s");
+    let answer =
+        tokio::time::timeout(Duration::from_secs(10), read_status(&mut s)).await.expect("no answer to a trickling body within 10 s");
     let (status, body) = answer.expect("the edge closed the connection without an answer");
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!((status, code_field(&body).0.as_str()), (408, "request_timeout"), "{body}");

@@ -10,7 +10,9 @@ async fn hostile_duplicate_json_keys_are_refused() {
     let user = "dup-user";
     let token = env.token(user);
     let now = Utc::now().to_rfc3339();
-    let change = format!(r#"{{"change_id": "c1", "kind": "privacy_updated", "occurred_at": "{now}", "privacy": {{"health_upload_allowed": true, "blocked_metrics": []}}}}"#);
+    let change = format!(
+        r#"{{"change_id": "c1", "kind": "privacy_updated", "occurred_at": "{now}", "privacy": {{"health_upload_allowed": true, "blocked_metrics": []}}}}"#
+    );
     let twice_request_id = format!(r#"{{"request_id": "a", "changes": [{change}], "request_id": "b"}}"#);
     let twice_in_item = format!(
         r#"{{"request_id": "c", "changes": [{change}, {{"change_id": "c2", "kind": "privacy_updated", "occurred_at": "{now}", "privacy": {{"health_upload_allowed": true, "health_upload_allowed": false}}}}]}}"#
@@ -32,14 +34,30 @@ async fn hostile_content_type_must_be_application_json() {
     let user = "ct-user";
     let body = |id: &str| serde_json::to_vec(&json!({"request_id": id, "changes": [privacy_change("p", true, Utc::now())]})).unwrap();
     for ct in ["application/jsonfoo", "application/json-patch+json", "text/plain"] {
-        let resp = env.http.post(format!("{}{CHANGES}", env.ingest_url)).bearer_auth(env.token(user)).header("content-type", ct).body(body("ct-1")).send().await.unwrap();
+        let resp = env
+            .http
+            .post(format!("{}{CHANGES}", env.ingest_url))
+            .bearer_auth(env.token(user))
+            .header("content-type", ct)
+            .body(body("ct-1"))
+            .send()
+            .await
+            .unwrap();
         let status = resp.status().as_u16();
         let resp: Value = resp.json().await.unwrap();
         assert_eq!((status, code_field(&resp).0.as_str()), (415, "unsupported_media_type"), "{ct}: {resp}");
     }
     assert_eq!(rows_of(&env.pool, user).await, (0, 0, 0), "nothing stored");
     assert_eq!(records_of(&env, user).await, 0, "nothing in Kafka");
-    let resp = env.http.post(format!("{}{CHANGES}", env.ingest_url)).bearer_auth(env.token(user)).header("content-type", "Application/JSON; charset=utf-8").body(body("ct-2")).send().await.unwrap();
+    let resp = env
+        .http
+        .post(format!("{}{CHANGES}", env.ingest_url))
+        .bearer_auth(env.token(user))
+        .header("content-type", "Application/JSON; charset=utf-8")
+        .body(body("ct-2"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 200, "parameters and case are fine");
     env.cleanup().await;
 }
@@ -51,10 +69,16 @@ async fn hostile_a_future_dated_privacy_change_cannot_win() {
     let env = TestEnv::start().await;
     let user = "future-user";
     let ahead = Utc::now() + chrono::Duration::minutes(9);
-    let (status, _, resp) = env.post(CHANGES, user, &json!({"request_id": "p-future", "changes": [privacy_change("p1", false, ahead)]})).await;
+    let (status, _, resp) =
+        env.post(CHANGES, user, &json!({"request_id": "p-future", "changes": [privacy_change("p1", false, ahead)]})).await;
     assert_eq!(status, 422, "a privacy change dated 9 minutes ahead: {resp}");
-    assert_eq!((resp["rejected"][0]["code"].as_str(), resp["rejected"][0]["field"].as_str()), (Some("timestamp_in_future"), Some("occurred_at")), "{resp}");
-    let (status, _, resp) = env.post(CHANGES, user, &json!({"request_id": "p-now", "changes": [privacy_change("p2", true, Utc::now())]})).await;
+    assert_eq!(
+        (resp["rejected"][0]["code"].as_str(), resp["rejected"][0]["field"].as_str()),
+        (Some("timestamp_in_future"), Some("occurred_at")),
+        "{resp}"
+    );
+    let (status, _, resp) =
+        env.post(CHANGES, user, &json!({"request_id": "p-now", "changes": [privacy_change("p2", true, Utc::now())]})).await;
     assert_eq!(status, 200, "{resp}");
     let (status, _, resp) = env.post(SAMPLES, user, &json!({"request_id": "s-1", "samples": [hr("f1")]})).await;
     assert_eq!(status, 200, "the consent sent last (dated now) holds: {resp}");
@@ -73,7 +97,12 @@ async fn hostile_aud_as_an_array_is_accepted_when_it_holds_the_audience() {
     let exp = Utc::now().timestamp() + 3600;
     let token = |aud: Value| {
         let claims = json!({"sub": "aud-user", "iss": a.issuer, "aud": aud, "exp": exp});
-        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(a.hs256_secret.expose().as_bytes())).unwrap()
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(a.hs256_secret.expose().as_bytes()),
+        )
+        .unwrap()
     };
     let http = reqwest::Client::new();
     let get = |t: String| {
@@ -143,12 +172,20 @@ async fn hostile_roles_refuse_the_committed_dev_secret_without_opt_in() {
         assert!(!status.success(), "{role_name} exited 0");
         assert!(stderr.contains("allow_insecure_dev_secret"), "{role_name}: the error names the opt-in: {stderr}");
 
-        for extra in [("VITALS_AUTH__ALLOW_INSECURE_DEV_SECRET", "true".to_owned()), ("VITALS_AUTH__HS256_SECRET", "a-secret-of-this-deployment-0123456789".to_owned())] {
+        for extra in [
+            ("VITALS_AUTH__ALLOW_INSECURE_DEV_SECRET", "true".to_owned()),
+            ("VITALS_AUTH__HS256_SECRET", "a-secret-of-this-deployment-0123456789".to_owned()),
+        ] {
             let p = port();
             let mut env = vec![(listen_key, format!("127.0.0.1:{p}")), ("VITALS_POSTGRES__URL", db_url.clone())];
             env.push(extra.clone());
             let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vitals"));
-            cmd.arg(role_name).envs(env.iter().map(|(k, v)| (k.to_string(), v.clone()))).env("RUST_LOG", "warn").stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+            cmd.arg(role_name)
+                .envs(env.iter().map(|(k, v)| (k.to_string(), v.clone())))
+                .env("RUST_LOG", "warn")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
             let mut running = Role(cmd.spawn().unwrap());
             let url = format!("http://127.0.0.1:{p}/healthz");
             wait_for(&format!("`vitals {role_name}` with {} to serve /healthz", extra.0), Duration::from_secs(30), || {
