@@ -288,7 +288,7 @@ async fn apply(conn: &mut PgConnection, sql: &Sql, inputs: &[Input]) -> anyhow::
             touched.extend(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<NaiveDate, _>(1))));
         }
         if !changes.is_empty() {
-            let bodies = changes.iter().map(|c| serde_json::to_value(c)).collect::<Result<Vec<_>, _>>()?;
+            let bodies = changes.iter().map(serde_json::to_value).collect::<Result<Vec<_>, _>>()?;
             sqlx::query(&sql.domain_insert).bind(user).bind(bodies).execute(&mut *tx).await.context("baseline: storing domain changes")?;
         }
         if !touched.is_empty() {

@@ -240,12 +240,12 @@ mod tests {
     #[test]
     fn an_assignment_parses_and_garbage_yields_nothing() {
         let mut b = vec![0, 0, 0, 0, 0, 2];
-        for (t, ps) in [("hot", vec![0, 3]), ("cold", vec![1])] {
+        for (t, ps) in [("hot", vec![0i32, 3]), ("cold", vec![1])] {
             b.extend((t.len() as i16).to_be_bytes());
             b.extend(t.as_bytes());
             b.extend((ps.len() as i32).to_be_bytes());
             for p in ps {
-                b.extend((p as i32).to_be_bytes());
+                b.extend(p.to_be_bytes());
             }
         }
         b.extend(0i32.to_be_bytes());

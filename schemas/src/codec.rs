@@ -93,7 +93,7 @@ fn own(file: AvroFile) -> &'static Own {
     let canonical = schema.canonical_form();
     let fast = file.text.parse().unwrap_or_else(|e| panic!("{}.avsc does not parse for serde_avro_fast: {e}", file.name));
     let leaked: &'static Own = Box::leak(Box::new(Own { schema, canonical, fast }));
-    *map.write().unwrap_or_else(|p| p.into_inner()).entry(file.name).or_insert(leaked)
+    map.write().unwrap_or_else(|p| p.into_inner()).entry(file.name).or_insert(leaked)
 }
 
 fn describe(e: &SRCError) -> String {

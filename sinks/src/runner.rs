@@ -157,7 +157,7 @@ impl SeekContext {
                 Err(e) if !self.stop.load(Ordering::Relaxed) => {
                     warn!(error = %e, "reading stored offsets failed; retrying");
                     self.metrics.wait(format!("PostgreSQL (reading the stored offsets): {e}"));
-                    std::thread::sleep(wait.next());
+                    std::thread::sleep(wait.next_wait());
                 }
                 Err(_) => return None,
             }
@@ -297,7 +297,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
             let mut work = vouches.lock().unwrap_or_else(|p| p.into_inner()).clone();
             match decode_batch(&rt, &producer, &codec, &cfg, &by_topic, &metrics, &msgs, &mut work, &stop)? {
                 Some(b) => break (b, work),
-                None if wait_or_stop(&stop, wait.next()) => {}
+                None if wait_or_stop(&stop, wait.next_wait()) => {}
                 None => return Ok(()),
             }
         };
@@ -315,7 +315,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
                         Ok(r) => r,
                         Err(e) => {
                             warn!(error = %e, "finding the rows PostgreSQL refuses failed; retrying");
-                            if !wait_or_stop(&stop, wait.next()) {
+                            if !wait_or_stop(&stop, wait.next_wait()) {
                                 return Ok(());
                             }
                             continue;
@@ -323,7 +323,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
                     };
                     if refused.is_empty() {
                         warn!(error = %e, "PostgreSQL refused the batch but no row on its own; retrying");
-                        if !wait_or_stop(&stop, wait.next()) {
+                        if !wait_or_stop(&stop, wait.next_wait()) {
                             return Ok(());
                         }
                         continue;
@@ -344,7 +344,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
                 Err(e) => {
                     metrics.commit_retries.fetch_add(1, Ordering::Relaxed);
                     metrics.wait(format!("PostgreSQL: {e}"));
-                    let d = wait.next();
+                    let d = wait.next_wait();
                     warn!(error = %e, retry_in_ms = d.as_millis() as u64, "committing the batch failed; retrying");
                     if !wait_or_stop(&stop, d) {
                         return Ok(()); // stopping: nothing of this batch was committed
@@ -474,7 +474,7 @@ fn dead_letter_all(
             Err(CodecError::Unavailable(e)) => {
                 warn!(error = %e, "schema registry unavailable while dead-lettering; retrying");
                 metrics.wait(format!("schema registry: {e}"));
-                if !wait_or_stop(stop, wait.next()) {
+                if !wait_or_stop(stop, wait.next_wait()) {
                     return Ok(false);
                 }
             }

@@ -121,7 +121,7 @@ impl Backoff {
         Backoff { first, max, next: first }
     }
     /// The wait now; the next one doubles.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_wait(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(self.max);
         d
@@ -185,10 +185,10 @@ mod tests {
     #[test]
     fn a_backoff_doubles_up_to_its_cap_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
-        let waits: Vec<u128> = (0..5).map(|_| b.next().as_millis()).collect();
+        let waits: Vec<u128> = (0..5).map(|_| b.next_wait().as_millis()).collect();
         assert_eq!(waits, vec![200, 400, 800, 1000, 1000]);
         assert!(b.is_backing_off());
         b.reset();
-        assert_eq!(b.next(), Duration::from_millis(200));
+        assert_eq!(b.next_wait(), Duration::from_millis(200));
     }
 }
