@@ -112,10 +112,8 @@ impl Instances {
 
 /// Waits until every processor group has exactly `n` members and is `Stable`.
 async fn groups_stable(cfg: &Config, n: usize, instances: &mut Instances, deadline: Instant) -> anyhow::Result<()> {
-    let client: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("group.id", "vitals-bench-scale-observer")
-        .create()?;
+    let client: BaseConsumer =
+        app::kafka_base(cfg, "vitals-bench-scale-observer").set("group.id", "vitals-bench-scale-observer").create()?;
     let client = Arc::new(client);
     let groups: Vec<String> = vitals_runtime::registry().iter().map(|p| app::processor_group(cfg, p.name)).collect();
     loop {

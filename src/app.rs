@@ -134,10 +134,126 @@ pub fn client_id(role: &str, what: Option<&str>) -> String {
     }
 }
 
-pub(crate) fn kafka_base(cfg: &Config, client_id: &str) -> ClientConfig {
+/// A client configuration with the brokers, the client id and how to connect
+/// ([`kafka_security`]): what every Kafka client of vitals starts from.
+pub fn kafka_base(cfg: &Config, client_id: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka.brokers).set("client.id", client_id).set("log_level", "4");
+    kafka_security(cfg, &mut c);
     c
+}
+
+/// Sets `security.protocol`, TLS and SASL from `[kafka]` (checked at load:
+/// [`crate::config::KafkaConfig::check_security`]). Hostname verification stays on
+/// (`ssl.endpoint.identification.algorithm=https`).
+pub fn kafka_security(cfg: &Config, c: &mut ClientConfig) {
+    let k = &cfg.kafka;
+    c.set("security.protocol", &k.security_protocol);
+    if k.security_protocol.ends_with("ssl") {
+        c.set("ssl.endpoint.identification.algorithm", "https");
+        if !k.ssl_ca_location.is_empty() {
+            c.set("ssl.ca.location", &k.ssl_ca_location);
+        }
+        if !k.ssl_certificate_location.is_empty() {
+            c.set("ssl.certificate.location", &k.ssl_certificate_location).set("ssl.key.location", &k.ssl_key_location);
+            if !k.ssl_key_password.expose().is_empty() {
+                c.set("ssl.key.password", k.ssl_key_password.expose());
+            }
+        }
+    }
+    if k.security_protocol.starts_with("sasl") {
+        c.set("sasl.mechanism", &k.sasl_mechanism);
+        if k.sasl_mechanism == "OAUTHBEARER" {
+            if !k.sasl_oauthbearer_config.is_empty() {
+                c.set("sasl.oauthbearer.config", &k.sasl_oauthbearer_config);
+            }
+        } else {
+            c.set("sasl.username", &k.sasl_username).set("sasl.password", k.sasl_password.expose());
+        }
+    }
+}
+
+/// What a client saw of its connection that no retry will cure: a TLS handshake refused
+/// (unknown CA, wrong name, bad client certificate) or a SASL authentication refused.
+#[derive(Default)]
+struct Preflight {
+    fatal: std::sync::Mutex<Option<String>>,
+}
+
+impl Preflight {
+    fn saw(&self, reason: &str) {
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| reason.to_owned());
+    }
+}
+
+/// librdkafka's words for a connection no retry will cure (its logs and error events both).
+fn hopeless(reason: &str) -> bool {
+    [
+        "SSL handshake failed",
+        "certificate verify failed",
+        "incorrect security.protocol",
+        "SASL authentication error",
+        "Authentication failed",
+    ]
+    .iter()
+    .any(|w| reason.contains(w))
+}
+
+impl rdkafka::ClientContext for Preflight {
+    fn log(&self, _level: rdkafka::config::RDKafkaLogLevel, _fac: &str, message: &str) {
+        if hopeless(message) {
+            self.saw(message);
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if hopeless(reason) || matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::SSL | RDKafkaErrorCode::Authentication)) {
+            self.saw(reason);
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for Preflight {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
+/// Connects to the brokers once at start-up, so a role whose TLS or SASL settings cannot work
+/// stops at once with the reason instead of retrying forever. Brokers that merely do not answer
+/// (yet) are not an error: that is an outage, which every role waits out.
+pub async fn kafka_preflight(cfg: &Config) -> anyhow::Result<()> {
+    use rdkafka::producer::{BaseProducer, Producer};
+    let client: BaseProducer<Preflight> =
+        kafka_base(cfg, &client_id("preflight", None)).create_with_context(Preflight::default()).context("creating a Kafka client")?;
+    let brokers = cfg.kafka.brokers.clone();
+    let protocol = cfg.kafka.security_protocol.clone();
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let answered = client.client().fetch_metadata(None, Duration::from_millis(500)).is_ok();
+            client.poll(Duration::ZERO); // serves the error events into the context
+            if let Some(reason) = client.context().fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                bail!(
+                    "Kafka at {brokers} refused the connection (kafka.security_protocol = {protocol:?}): {reason}. \
+                     Check kafka.ssl_ca_location (the CA that signed the brokers' certificates), that each broker's \
+                     certificate names the address it is reached at, and the SASL credentials"
+                );
+            }
+            if answered {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    %brokers,
+                    "Kafka does not answer yet; going on (every role waits out an outage). If these brokers listen for TLS or \
+                     SASL, kafka.security_protocol ({protocol}) must say so"
+                );
+                return Ok(());
+            }
+        }
+    })
+    .await
+    .context("Kafka preflight thread")?
 }
 
 /// The idempotent producer every writer uses: `acks=all`, bounded queue, bounded delivery time,
@@ -745,6 +861,7 @@ pub async fn process_line(
         consumer_config: {
             let mut c = fetch_wait(cfg, runtime::consumer_config(&cfg.kafka.brokers, &group));
             c.set("client.id", client_id("process", Some(&line_name)));
+            kafka_security(cfg, &mut c);
             c
         },
         producer: producer(cfg, &client_id("process", Some(&line_name)))?,
@@ -814,6 +931,7 @@ pub async fn sink_of(
         consumer_config: {
             let mut c = fetch_wait(cfg, runner::consumer_config(&cfg.kafka.brokers, &group));
             c.set("client.id", client_id("sink", Some(name.trim_start_matches(&cfg.kafka.topic_prefix))));
+            kafka_security(cfg, &mut c);
             c
         },
         producer: producer(cfg, &client_id("sink", Some(name.trim_start_matches(&cfg.kafka.topic_prefix))))?,

@@ -112,6 +112,74 @@ pub struct KafkaConfig {
     /// storage in rounds, as nisshi does, notices it at the next round: up to half this late)
     /// against how often idle consumers cost the broker a read of every partition.
     pub fetch_wait_max_ms: u64,
+    /// How every Kafka client connects ([`KafkaConfig::check_security`]): `plaintext`, `ssl`,
+    /// `sasl_plaintext` or `sasl_ssl` (librdkafka's `security.protocol`).
+    pub security_protocol: String,
+    /// PEM file of the CA(s) that signed the brokers' certificates; empty: the system's trust
+    /// store. The brokers' names are verified against their certificates (hostname checking on).
+    pub ssl_ca_location: String,
+    /// Client certificate and key (PEM) for mutual TLS (e.g. MSK with TLS client
+    /// authentication); both or neither. `ssl_key_password` if the key is encrypted.
+    pub ssl_certificate_location: String,
+    pub ssl_key_location: String,
+    pub ssl_key_password: Secret,
+    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` or `OAUTHBEARER` with a `sasl_*` protocol.
+    pub sasl_mechanism: String,
+    pub sasl_username: String,
+    pub sasl_password: Secret,
+    /// OAUTHBEARER only: librdkafka's `sasl.oauthbearer.config` (its unsecured-JWT token
+    /// settings, e.g. `principal=vitals scope=write`); OIDC token endpoints are not built in.
+    pub sasl_oauthbearer_config: String,
+}
+
+impl KafkaConfig {
+    /// Refuses a security setting that cannot work, naming the key: a typo here would
+    /// otherwise show up only as connection failures in every role's log.
+    pub fn check_security(&self) -> anyhow::Result<()> {
+        let protocol = self.security_protocol.as_str();
+        let (tls, sasl) = match protocol {
+            "plaintext" => (false, false),
+            "ssl" => (true, false),
+            "sasl_plaintext" => (false, true),
+            "sasl_ssl" => (true, true),
+            other => bail!("kafka.security_protocol = {other:?}: expected plaintext, ssl, sasl_plaintext or sasl_ssl"),
+        };
+        if !tls {
+            for (key, v) in [
+                ("ssl_ca_location", &self.ssl_ca_location),
+                ("ssl_certificate_location", &self.ssl_certificate_location),
+                ("ssl_key_location", &self.ssl_key_location),
+            ] {
+                if !v.is_empty() {
+                    bail!("kafka.{key} is set but kafka.security_protocol = {protocol:?} uses no TLS: use ssl or sasl_ssl");
+                }
+            }
+        }
+        if self.ssl_certificate_location.is_empty() != self.ssl_key_location.is_empty() {
+            bail!("kafka.ssl_certificate_location and kafka.ssl_key_location go together (mutual TLS): set both or neither");
+        }
+        for (key, path) in [
+            ("ssl_ca_location", &self.ssl_ca_location),
+            ("ssl_certificate_location", &self.ssl_certificate_location),
+            ("ssl_key_location", &self.ssl_key_location),
+        ] {
+            if !path.is_empty() {
+                std::fs::metadata(path).with_context(|| format!("kafka.{key} = {path:?} cannot be read"))?;
+            }
+        }
+        match (sasl, self.sasl_mechanism.as_str()) {
+            (false, "") => {}
+            (false, m) => bail!("kafka.sasl_mechanism = {m:?} needs kafka.security_protocol sasl_ssl (or sasl_plaintext)"),
+            (true, "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") => {
+                if self.sasl_username.is_empty() || self.sasl_password.expose().is_empty() {
+                    bail!("kafka.sasl_mechanism = {:?} needs kafka.sasl_username and kafka.sasl_password", self.sasl_mechanism);
+                }
+            }
+            (true, "OAUTHBEARER") => {}
+            (true, m) => bail!("kafka.sasl_mechanism = {m:?}: expected PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER"),
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -230,7 +298,9 @@ impl Config {
             };
             t.insert(key, new);
         }
-        toml::Value::Table(root).try_into().context("invalid configuration")
+        let c: Config = toml::Value::Table(root).try_into().context("invalid configuration")?;
+        c.kafka.check_security()?;
+        Ok(c)
     }
 }
 

@@ -26,7 +26,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::json;
 use sqlx::PgPool;
 use vitals_schemas::codec::{Codec, CodecError};
@@ -170,9 +170,7 @@ fn headers_of(m: &OwnedMessage) -> Vec<(String, Option<Vec<u8>>)> {
 
 /// A consumer outside any group, for reading offset ranges.
 fn reader(cfg: &Config) -> anyhow::Result<StreamConsumer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("client.id", "vitals-dlq")
+    app::kafka_base(cfg, "vitals-dlq")
         .set("group.id", "vitals-dlq-unused")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -184,12 +182,7 @@ fn reader(cfg: &Config) -> anyhow::Result<StreamConsumer> {
 }
 
 fn metadata_client(cfg: &Config) -> anyhow::Result<BaseConsumer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("client.id", "vitals-dlq")
-        .set("log_level", "4")
-        .create()
-        .context("creating a Kafka metadata client")
+    app::kafka_base(cfg, "vitals-dlq").create().context("creating a Kafka metadata client")
 }
 
 /// The partitions of `topic`, or an error if the broker does not know it.

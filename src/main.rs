@@ -306,6 +306,15 @@ async fn main() -> anyhow::Result<()> {
     // The demo talks to a person: warnings only, unless RUST_LOG says otherwise.
     init_tracing(if matches!(cli.cmd, Cmd::Demo { .. }) { "warn,sqlx=warn,rdkafka=error" } else { "info,sqlx=warn,rdkafka=warn" });
     let cfg = Config::load()?;
+    // Roles and tools that talk to Kafka first check that they can (TLS, SASL), so a setting that
+    // cannot work stops them at once with the reason. The demo uses its embedded broker.
+    let uses_kafka = !matches!(
+        cli.cmd,
+        Cmd::Config | Cmd::Migrate | Cmd::Registry | Cmd::Demo { .. } | Cmd::Token { .. } | Cmd::Simulate(_) | Cmd::Api | Cmd::Realtime
+    );
+    if uses_kafka {
+        app::kafka_preflight(&cfg).await?;
+    }
     match cli.cmd {
         Cmd::Config => print!("{}", toml::to_string(&cfg).context("printing config")?),
         Cmd::Migrate => {

@@ -301,7 +301,7 @@ impl OwnBroker {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn binary() -> PathBuf {
+    pub fn binary() -> PathBuf {
         let cache = std::env::var("VITALS_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/vitals"));

@@ -24,3 +24,4 @@ mod schemas;
 mod simulate;
 mod sink;
 mod snapshot;
+mod tls;

@@ -1,0 +1,241 @@
+//! TLS (and SASL) to the dependencies, against real servers with certificates signed by a CA the
+//! test makes itself (`openssl`), verification on: a wrong CA or a name the certificate does not
+//! carry must stop a role at start-up with a clear error, never connect.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::harness::{services_up, wait_for, OwnBroker, TestEnv, VitalsProc};
+
+/// A certificate authority of the test's own, in its own directory.
+pub struct TestCa {
+    pub dir: PathBuf,
+    pub cert: PathBuf,
+    key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").current_dir(dir).args(args).stdin(Stdio::null()).output().expect("running openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{name}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={name} test CA"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        TestCa { cert: dir.join("ca.pem"), key: dir.join("ca.key"), dir }
+    }
+
+    /// A certificate for `sans` (e.g. `DNS:localhost`), signed by this CA: (certificate, key).
+    pub fn issue(&self, name: &str, sans: &str) -> (PathBuf, PathBuf) {
+        let ext = self.dir.join(format!("{name}.ext"));
+        std::fs::write(
+            &ext,
+            format!("subjectAltName={sans}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"),
+        )
+        .unwrap();
+        let (key, csr, cert) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        );
+        let ca_key = self.key.to_str().unwrap();
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                ca_key,
+                "-CAcreateserial",
+                "-out",
+                &cert,
+                "-days",
+                "2",
+                "-extfile",
+                ext.to_str().unwrap(),
+            ],
+        );
+        (self.dir.join(cert), self.dir.join(key))
+    }
+}
+
+/// A nisshi broker that serves only TLS (storage: a fresh PostgreSQL database), advertising
+/// `localhost:<port>`.
+pub struct TlsBroker {
+    pub port: u16,
+    child: Child,
+}
+
+impl TlsBroker {
+    pub async fn start(cert: &Path, key: &Path) -> TlsBroker {
+        services_up();
+        let (storage, pool) = crate::harness::fresh_db().await;
+        pool.close().await;
+        let port = crate::harness::free_port();
+        let child = Command::new(OwnBroker::binary())
+            .args(["broker", "--silent", "--group-initial-rebalance-delay", "0s", "--storage-engine"])
+            .arg(format!("{storage}?sslmode=disable"))
+            .arg("--listener-url")
+            .arg(format!("tcp://127.0.0.1:{port}"))
+            .arg("--advertised-listener-url")
+            .arg(format!("tcp://localhost:{port}"))
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting nisshi (built by scripts/services up)");
+        let addr = format!("127.0.0.1:{port}");
+        wait_for("the TLS broker to listen", Duration::from_secs(30), || {
+            let addr = addr.clone();
+            async move { tokio::net::TcpStream::connect(addr).await.ok().map(drop) }
+        })
+        .await;
+        TlsBroker { port, child }
+    }
+}
+
+impl Drop for TlsBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `vitals topics stats` (a preflight, then admin and metadata requests) with `env`;
+/// (success, stderr, how long it took).
+fn topics_stats(env: &[(String, String)]) -> (bool, String, Duration) {
+    let t = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_vitals"))
+        .args(["topics", "stats"])
+        .envs(env.iter().cloned())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running vitals");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned(), t.elapsed())
+}
+
+fn with(env: &[(String, String)], key: &str, value: &str) -> Vec<(String, String)> {
+    let mut e: Vec<(String, String)> = env.iter().filter(|(k, _)| k != key).cloned().collect();
+    e.push((key.into(), value.into()));
+    e
+}
+
+#[tokio::test]
+async fn kafka_over_tls_carries_uploads_through_a_processor_and_refuses_a_wrong_ca_or_name() {
+    let ca = TestCa::new("kafka");
+    let (cert, key) = ca.issue("broker", "DNS:localhost");
+    let broker = TlsBroker::start(&cert, &key).await;
+    let brokers = format!("localhost:{}", broker.port);
+    let ca_path = ca.cert.display().to_string();
+    let tls = [("VITALS_KAFKA__SECURITY_PROTOCOL", "ssl"), ("VITALS_KAFKA__SSL_CA_LOCATION", ca_path.as_str())];
+
+    // The whole edge over TLS: topic creation, schema registration, the producer behind a 2xx.
+    let env = TestEnv::start_with(&brokers, &tls).await;
+    let user = "user-tls";
+    env.consent(user, &[]).await;
+    let now = chrono::Utc::now();
+    let body = json!({"request_id": "req-tls", "samples": [{"source": "com.apple.health.watch", "source_kind": "watch",
+        "source_record_id": "tls-1", "metric": "heart_rate", "start": (now - chrono::Duration::minutes(5)).to_rfc3339(),
+        "end": (now - chrono::Duration::minutes(4)).to_rfc3339(), "value": 61, "unit": "count/min", "time_zone": "UTC"}]});
+    let (status, _, out) = env.post("/v1/health/samples:batch", user, &body).await;
+    assert_eq!(status, 200, "upload over a TLS broker: {out}");
+
+    // A processor (consumer group, producer, checkpoints) over TLS emits the user's rollup.
+    let data = tempdir("tls-process");
+    let mut child_env = env.child_env(&data);
+    child_env.extend(tls.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut process = VitalsProc::new(&["process", "rollup_day"], child_env.clone());
+    process.start();
+    wait_for("rollup_day to emit the TLS user's day over the TLS broker", Duration::from_secs(120), || async {
+        (!env.read(&env.topics().rollup_day).await.is_empty()).then_some(())
+    })
+    .await;
+    process.terminate(Duration::from_secs(20));
+
+    let (ok, stderr, _) = topics_stats(&child_env);
+    assert!(ok, "vitals topics stats over TLS failed:\n{stderr}");
+
+    // Another CA: the broker's certificate cannot be verified. The role stops, saying why.
+    let other = TestCa::new("other");
+    let (ok, stderr, took) = topics_stats(&with(&child_env, "VITALS_KAFKA__SSL_CA_LOCATION", other.cert.to_str().unwrap()));
+    assert!(!ok, "a broker certificate from an unknown CA was accepted:\n{stderr}");
+    assert!(
+        stderr.contains("refused the connection") && stderr.contains("certificate verify failed"),
+        "unclear error for a wrong CA:\n{stderr}"
+    );
+    assert!(took < Duration::from_secs(30), "a wrong CA took {took:?} to be reported");
+
+    // The right CA but an address the certificate does not name (it names only `localhost`).
+    let (ok, stderr, _) = topics_stats(&with(&child_env, "VITALS_KAFKA__BROKERS", &format!("127.0.0.1:{}", broker.port)));
+    assert!(!ok, "a broker certificate for another name was accepted:\n{stderr}");
+    assert!(stderr.contains("refused the connection"), "unclear error for a wrong name:\n{stderr}");
+
+    // Plaintext against a TLS listener: librdkafka sees only silence (no handshake to fail), so
+    // the role warns with the likely cause and goes on like in an outage; `topics stats` fails.
+    let (ok, stderr, _) =
+        topics_stats(&with(&with(&child_env, "VITALS_KAFKA__SECURITY_PROTOCOL", "plaintext"), "VITALS_KAFKA__SSL_CA_LOCATION", ""));
+    assert!(!ok, "plaintext to a TLS listener went on:\n{stderr}");
+    assert!(stderr.contains("kafka.security_protocol (plaintext) must say so"), "no hint for plaintext to a TLS listener:\n{stderr}");
+
+    // A setting that cannot work is refused before any connection, naming the key.
+    let (ok, stderr, _) = topics_stats(&with(&child_env, "VITALS_KAFKA__SECURITY_PROTOCOL", "tls"));
+    assert!(!ok && stderr.contains("kafka.security_protocol"), "{stderr}");
+    let (ok, stderr, _) = topics_stats(&with(&child_env, "VITALS_KAFKA__SSL_CA_LOCATION", "/nonexistent/ca.pem"));
+    assert!(!ok && stderr.contains("kafka.ssl_ca_location"), "{stderr}");
+    env.cleanup().await;
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{tag}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
