@@ -105,39 +105,69 @@ impl TestCa {
 }
 
 /// A nisshi broker that serves only TLS (storage: a fresh PostgreSQL database), advertising
-/// `localhost:<port>`.
+/// `localhost:<port>`; with `scram_user`, it first creates that SCRAM-SHA-512 user (on a
+/// plaintext run of the same storage, as nisshi's `user create` speaks plaintext) and then
+/// requires SASL authentication.
 pub struct TlsBroker {
     pub port: u16,
     child: Child,
 }
 
+async fn listening(what: &str, port: u16) {
+    let addr = format!("127.0.0.1:{port}");
+    wait_for(what, Duration::from_secs(30), || {
+        let addr = addr.clone();
+        async move { tokio::net::TcpStream::connect(addr).await.ok().map(drop) }
+    })
+    .await;
+}
+
 impl TlsBroker {
     pub async fn start(cert: &Path, key: &Path) -> TlsBroker {
+        TlsBroker::start_with(cert, key, None).await
+    }
+
+    pub async fn start_with(cert: &Path, key: &Path, scram_user: Option<(&str, &str)>) -> TlsBroker {
         services_up();
         let (storage, pool) = crate::harness::fresh_db().await;
         pool.close().await;
+        let storage = format!("{storage}?sslmode=disable");
         let port = crate::harness::free_port();
-        let child = Command::new(OwnBroker::binary())
-            .args(["broker", "--silent", "--group-initial-rebalance-delay", "0s", "--storage-engine"])
-            .arg(format!("{storage}?sslmode=disable"))
-            .arg("--listener-url")
-            .arg(format!("tcp://127.0.0.1:{port}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://localhost:{port}"))
-            .arg("--cert")
-            .arg(cert)
-            .arg("--key")
-            .arg(key)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting nisshi (built by scripts/services up)");
-        let addr = format!("127.0.0.1:{port}");
-        wait_for("the TLS broker to listen", Duration::from_secs(30), || {
-            let addr = addr.clone();
-            async move { tokio::net::TcpStream::connect(addr).await.ok().map(drop) }
-        })
-        .await;
+        let broker = |extra: &[&str]| {
+            let mut c = Command::new(OwnBroker::binary());
+            c.args(["broker", "--silent", "--group-initial-rebalance-delay", "0s", "--storage-engine", &storage])
+                .arg("--listener-url")
+                .arg(format!("tcp://127.0.0.1:{port}"))
+                .arg("--advertised-listener-url")
+                .arg(format!("tcp://localhost:{port}"))
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            c.spawn().expect("starting nisshi (built by scripts/services up)")
+        };
+        if let Some((user, password)) = scram_user {
+            let mut plain = broker(&[]);
+            listening("the broker (plaintext, to create its user) to listen", port).await;
+            let out = Command::new(OwnBroker::binary())
+                .args(["user", "create", "--broker", &format!("tcp://127.0.0.1:{port}"), "--mechanism", "scram512", user, password])
+                .output()
+                .expect("running nisshi user create");
+            assert!(
+                out.status.success(),
+                "nisshi user create: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let _ = plain.kill();
+            let _ = plain.wait();
+        }
+        let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        let child = if scram_user.is_some() {
+            broker(&["--cert", cert, "--key", key, "--authentication"])
+        } else {
+            broker(&["--cert", cert, "--key", key])
+        };
+        listening("the TLS broker to listen", port).await;
         TlsBroker { port, child }
     }
 }
@@ -231,6 +261,43 @@ async fn kafka_over_tls_carries_uploads_through_a_processor_and_refuses_a_wrong_
     assert!(!ok && stderr.contains("kafka.security_protocol"), "{stderr}");
     let (ok, stderr, _) = topics_stats(&with(&child_env, "VITALS_KAFKA__SSL_CA_LOCATION", "/nonexistent/ca.pem"));
     assert!(!ok && stderr.contains("kafka.ssl_ca_location"), "{stderr}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn kafka_sasl_scram_over_tls_authenticates_and_a_wrong_password_stops_the_role() {
+    let ca = TestCa::new("sasl");
+    let (cert, key) = ca.issue("broker", "DNS:localhost");
+    let broker = TlsBroker::start_with(&cert, &key, Some(("vitals", "s3cret-pass"))).await;
+    let ca_path = ca.cert.display().to_string();
+    let sasl = [
+        ("VITALS_KAFKA__SECURITY_PROTOCOL", "sasl_ssl"),
+        ("VITALS_KAFKA__SSL_CA_LOCATION", ca_path.as_str()),
+        ("VITALS_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512"),
+        ("VITALS_KAFKA__SASL_USERNAME", "vitals"),
+        ("VITALS_KAFKA__SASL_PASSWORD", "s3cret-pass"),
+    ];
+    let env = TestEnv::start_with(&format!("localhost:{}", broker.port), &sasl).await;
+    let user = "user-sasl";
+    env.consent(user, &[]).await;
+    let now = chrono::Utc::now();
+    let body = json!({"request_id": "req-sasl", "samples": [{"source": "com.apple.health.watch", "source_kind": "watch",
+        "source_record_id": "sasl-1", "metric": "heart_rate", "start": (now - chrono::Duration::minutes(5)).to_rfc3339(),
+        "end": (now - chrono::Duration::minutes(4)).to_rfc3339(), "value": 61, "unit": "count/min", "time_zone": "UTC"}]});
+    let (status, _, out) = env.post("/v1/health/samples:batch", user, &body).await;
+    assert_eq!(status, 200, "upload over SASL_SSL: {out}");
+    assert!(!env.read(&env.topics().hot).await.is_empty(), "the upload is not in its lane");
+
+    let mut child_env = env.child_env(&tempdir("sasl-unused"));
+    child_env.extend(sasl.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let (ok, stderr, _) = topics_stats(&child_env);
+    assert!(ok, "vitals topics stats over SASL_SSL failed:\n{stderr}");
+    let (ok, stderr, took) = topics_stats(&with(&child_env, "VITALS_KAFKA__SASL_PASSWORD", "wrong"));
+    assert!(!ok, "a wrong SASL password was accepted:\n{stderr}");
+    assert!(stderr.contains("refused the connection"), "unclear error for a wrong SASL password:\n{stderr}");
+    assert!(took < Duration::from_secs(30), "a wrong password took {took:?} to be reported");
+    let (ok, stderr, _) = topics_stats(&with(&child_env, "VITALS_KAFKA__SASL_PASSWORD", ""));
+    assert!(!ok && stderr.contains("kafka.sasl_password"), "{stderr}");
     env.cleanup().await;
 }
 
