@@ -32,7 +32,27 @@ pub async fn pg_pool(cfg: &Config) -> anyhow::Result<PgPool> {
         .acquire_timeout(Duration::from_secs(5))
         .connect(cfg.postgres.url.expose())
         .await
-        .context("connecting to PostgreSQL (postgres.url)")
+        .map_err(|e| {
+            let e = anyhow::Error::from(e);
+            if tls_refused(&e) {
+                e.context(
+                    "PostgreSQL TLS refused (postgres.url: sslmode, sslrootcert = the CA that signed the server's certificate; \
+                     the host must be a name the certificate carries)",
+                )
+            } else {
+                e.context("connecting to PostgreSQL (postgres.url)")
+            }
+        })
+}
+
+/// A TLS handshake refused (unknown CA, wrong name) or a TLS setting that cannot work: no
+/// retry cures it, so roles stop at once instead of waiting it out like an outage.
+pub fn tls_refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<sqlx::Error>(), Some(sqlx::Error::Tls(_) | sqlx::Error::Configuration(_)))
+            || c.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).is_some_and(|inner| inner.is::<rustls::Error>())
+            || c.is::<rustls::Error>()
+    })
 }
 
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
@@ -79,6 +99,9 @@ pub async fn pg_ready_with_tables(
             {
                 return Err(e)
             }
+            // A TLS handshake refused (unknown CA, wrong name) or a TLS setting that cannot work
+            // is configuration: no retry cures it.
+            Err(e) if tls_refused(&e) => return Err(e),
             Err(e) if std::time::Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "PostgreSQL not ready; retrying");
                 tokio::time::sleep(wait).await;
@@ -948,8 +971,8 @@ pub async fn sink_of(
 pub async fn api(cfg: &Config, pool: PgPool, realtime: bool) -> anyhow::Result<Arc<vitals_api::Api>> {
     let hub = if realtime {
         Some(
-            vitals_api::realtime::Hub::start(&cfg.redis.url, cfg.api.realtime_buffer, cfg.api.max_connections_per_user)
-                .context("redis url")?,
+            vitals_api::realtime::Hub::start(redis_client(cfg)?, cfg.api.realtime_buffer, cfg.api.max_connections_per_user)
+                .context("starting the realtime hub")?,
         )
     } else {
         None
@@ -965,5 +988,19 @@ pub async fn api(cfg: &Config, pool: PgPool, realtime: bool) -> anyhow::Result<A
 
 /// The sink's realtime publisher (Redis), as the sink's `on_applied` hook.
 pub fn publisher(cfg: &Config) -> anyhow::Result<vitals_sinks::realtime::Publisher> {
-    vitals_sinks::realtime::Publisher::spawn(&cfg.redis.url, cfg.api.publish_queue).context("redis url")
+    vitals_sinks::realtime::Publisher::spawn(redis_client(cfg)?, cfg.api.publish_queue).context("starting the realtime publisher")
+}
+
+/// The Redis client of `redis.url`: `rediss://` is TLS (hostname verified), trusting the system
+/// store or, with `redis.ca_file`, that CA bundle (PEM).
+pub fn redis_client(cfg: &Config) -> anyhow::Result<redis::Client> {
+    if cfg.redis.ca_file.is_empty() {
+        return redis::Client::open(cfg.redis.url.expose()).context("redis.url");
+    }
+    if !cfg.redis.url.expose().starts_with("rediss://") {
+        bail!("redis.ca_file is set but redis.url is not a rediss:// (TLS) URL");
+    }
+    let root_cert = std::fs::read(&cfg.redis.ca_file).with_context(|| format!("redis.ca_file = {:?} cannot be read", cfg.redis.ca_file))?;
+    redis::Client::build_with_tls(cfg.redis.url.expose(), redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) })
+        .context("redis.url with redis.ca_file")
 }

@@ -248,7 +248,11 @@ pub struct AuthSection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    pub url: String,
+    /// `redis://` or, for TLS, `rediss://` (may carry a password: secret).
+    pub url: Secret,
+    /// PEM bundle of the CA that signed the Redis server's certificate (`rediss://` only); empty:
+    /// the system trust store.
+    pub ca_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -91,8 +91,7 @@ fn channel(user: &str) -> String {
 impl Hub {
     /// Starts the hub: a task keeps one Redis pub/sub connection (reconnecting with backoff) and
     /// routes each user's messages to that user's connections.
-    pub fn start(redis_url: &str, buffer: usize, max_connections_per_user: usize) -> Result<Arc<Hub>, redis::RedisError> {
-        let client = redis::Client::open(redis_url)?;
+    pub fn start(client: redis::Client, buffer: usize, max_connections_per_user: usize) -> Result<Arc<Hub>, redis::RedisError> {
         let hub = Hub::with_limit(buffer, max_connections_per_user);
         let h = Arc::clone(&hub);
         tokio::spawn(async move {

@@ -50,8 +50,7 @@ pub struct Publisher {
 
 impl Publisher {
     /// Starts the publisher task on the current tokio runtime.
-    pub fn spawn(redis_url: &str, queue: usize) -> Result<Publisher, redis::RedisError> {
-        let client = redis::Client::open(redis_url)?;
+    pub fn spawn(client: redis::Client, queue: usize) -> Result<Publisher, redis::RedisError> {
         let (tx, mut rx) = mpsc::channel::<(String, String)>(queue);
         let metrics = Arc::new(PublisherMetrics::default());
         let m = Arc::clone(&metrics);

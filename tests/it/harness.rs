@@ -443,7 +443,9 @@ impl TestEnv {
 /// and restart it without disturbing the shared one other tests use.
 pub struct OwnPostgres {
     pub port: u16,
-    dir: PathBuf,
+    pub dir: PathBuf,
+    /// Extra server options (`-c name=value ...`).
+    options: String,
 }
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -468,6 +470,12 @@ fn is_root() -> bool {
 
 impl OwnPostgres {
     pub async fn start() -> OwnPostgres {
+        OwnPostgres::start_with(|_| String::new()).await
+    }
+
+    /// With extra server options, made from the server's directory (owned by `postgres`, so
+    /// files the options name, such as a TLS key, can be put there).
+    pub async fn start_with(options: impl FnOnce(&std::path::Path) -> String) -> OwnPostgres {
         services_up();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = std::env::temp_dir().join(format!("vitals-pg-{}", uuid::Uuid::new_v4().simple()));
@@ -476,7 +484,9 @@ impl OwnPostgres {
         let data = dir.join("data");
         let out = as_postgres(&[&format!("{PG_BIN}/initdb"), "-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"]);
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-        let pg = OwnPostgres { port, dir };
+        let options = options(&dir);
+        let _ = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status();
+        let pg = OwnPostgres { port, dir, options };
         pg.up().await;
         pg
     }
@@ -488,7 +498,7 @@ impl OwnPostgres {
     /// Starts the server and waits until it accepts connections.
     pub async fn up(&self) {
         let data = self.dir.join("data");
-        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.display());
+        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off {}", self.port, self.dir.display(), self.options);
         let log = self.dir.join("log");
         let out = as_postgres(&[
             &format!("{PG_BIN}/pg_ctl"),
@@ -504,7 +514,7 @@ impl OwnPostgres {
             "start",
         ]);
         assert!(out.status.success(), "pg_ctl start: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        let url = self.url("postgres");
+        let url = format!("{}?sslmode=disable", self.url("postgres"));
         wait_for("own PostgreSQL to accept connections", Duration::from_secs(30), || {
             let url = url.clone();
             async move { PgPool::connect(&url).await.ok().map(drop) }
@@ -542,6 +552,8 @@ impl Drop for OwnPostgres {
 /// A Redis server of the test's own (own port, nothing on disk), for tests that stop it.
 pub struct OwnRedis {
     pub port: u16,
+    /// Extra server arguments (e.g. TLS: then `port` is the TLS port and plain TCP is off).
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -549,7 +561,22 @@ impl OwnRedis {
     pub async fn start() -> OwnRedis {
         services_up();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut r = OwnRedis { port, child: None };
+        let mut r = OwnRedis { port, args: Vec::new(), child: None };
+        r.restart().await;
+        r
+    }
+    /// A Redis serving only TLS on its port, with `cert` and `key`, not asking clients for
+    /// certificates.
+    pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> OwnRedis {
+        services_up();
+        let port = free_port();
+        let args = ["--port", "0", "--tls-port", &port.to_string(), "--tls-auth-clients", "no"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--tls-cert-file".into(), cert.display().to_string(), "--tls-key-file".into(), key.display().to_string()])
+            .chain(["--tls-ca-cert-file".into(), ca.display().to_string()])
+            .collect();
+        let mut r = OwnRedis { port, args, child: None };
         r.restart().await;
         r
     }
@@ -559,8 +586,13 @@ impl OwnRedis {
     /// Starts (again) on the same port and waits until it accepts connections.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "redis already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        let mut cmd = Command::new("redis-server");
+        if self.args.is_empty() {
+            cmd.args(["--port", &self.port.to_string()]);
+        }
+        let child = cmd
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

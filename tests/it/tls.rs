@@ -301,6 +301,120 @@ async fn kafka_sasl_scram_over_tls_authenticates_and_a_wrong_password_stops_the_
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn postgres_over_tls_verifies_the_server_and_a_wrong_ca_or_name_stops_the_role() {
+    let ca = TestCa::new("pg");
+    let (cert, key) = ca.issue("postgres", "DNS:localhost");
+    let pg = crate::harness::OwnPostgres::start_with(|dir| {
+        std::fs::copy(&cert, dir.join("server.pem")).unwrap();
+        std::fs::copy(&key, dir.join("server.key")).unwrap();
+        let mut perms = std::fs::metadata(dir.join("server.key")).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+        std::fs::set_permissions(dir.join("server.key"), perms).unwrap();
+        format!("-c ssl=on -c ssl_cert_file={0}/server.pem -c ssl_key_file={0}/server.key", dir.display())
+    })
+    .await;
+    let url =
+        |host: &str, ca: &Path| format!("postgres://postgres@{host}:{}/postgres?sslmode=verify-full&sslrootcert={}", pg.port, ca.display());
+
+    // A role's pool over TLS: the server reports the connection as encrypted; migrations run.
+    let cfg = crate::harness::config(&url("localhost", &ca.cert), "tls-pg.", crate::harness::KAFKA, &[]);
+    let pool = vitals::app::pg_pool(&cfg).await.expect("a TLS pool");
+    let (ssl,): (bool,) = sqlx::query_as("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetch_one(&pool).await.unwrap();
+    assert!(ssl, "the connection is not encrypted");
+    vitals::app::migrate(&pool).await.expect("migrations over TLS");
+    pool.close().await;
+
+    let migrate = |db_url: String| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vitals"))
+            .arg("migrate")
+            .env("VITALS_POSTGRES__URL", db_url)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running vitals");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, stderr) = migrate(url("localhost", &ca.cert));
+    assert!(ok, "vitals migrate over TLS failed:\n{stderr}");
+    let other = TestCa::new("pg-other");
+    let (ok, stderr) = migrate(url("localhost", &other.cert));
+    assert!(!ok, "a server certificate from an unknown CA was accepted:\n{stderr}");
+    assert!(stderr.contains("PostgreSQL TLS refused") && stderr.contains("UnknownIssuer"), "unclear error for a wrong CA:\n{stderr}");
+    let (ok, stderr) = migrate(url("127.0.0.1", &ca.cert));
+    assert!(!ok, "a server certificate for another name was accepted:\n{stderr}");
+    assert!(stderr.contains("PostgreSQL TLS refused"), "unclear error for a wrong name:\n{stderr}");
+
+    // A long-running role waits out a PostgreSQL outage, but not a refused certificate: the sink
+    // stops at once, non-zero, so its supervisor shows a crash loop with the reason.
+    let err_file = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-sink-{}.err", uuid::Uuid::new_v4().simple()));
+    let mut sink = VitalsProc::new(
+        &["sink"],
+        vec![
+            ("VITALS_POSTGRES__URL".into(), url("localhost", &other.cert)),
+            ("VITALS_KAFKA__TOPIC_PREFIX".into(), format!("tls-sink-{}.", uuid::Uuid::new_v4().simple())),
+            ("VITALS_SINK__METRICS_LISTEN".into(), String::new()),
+            ("RUST_LOG".into(), "warn".into()),
+        ],
+    );
+    sink.stderr = Some(err_file.clone());
+    sink.start();
+    let status = sink.wait_exit("the sink to stop on a refused PostgreSQL certificate", Duration::from_secs(60)).await;
+    let stderr = std::fs::read_to_string(&err_file).unwrap_or_default();
+    assert!(!status.success() && stderr.contains("PostgreSQL TLS refused"), "{status:?}:\n{stderr}");
+}
+
+#[tokio::test]
+async fn redis_over_tls_carries_realtime_envelopes_and_refuses_a_wrong_ca() {
+    let ca = TestCa::new("redis");
+    let (cert, key) = ca.issue("redis", "DNS:localhost");
+    let redis = crate::harness::OwnRedis::start_tls(&cert, &key, &ca.cert).await;
+    let tls_url = format!("rediss://localhost:{}", redis.port);
+    let ca_path = ca.cert.display().to_string();
+    let cfg = crate::harness::config(
+        "postgres://unused",
+        "tls-redis.",
+        crate::harness::KAFKA,
+        &[("VITALS_REDIS__URL", tls_url.as_str()), ("VITALS_REDIS__CA_FILE", ca_path.as_str())],
+    );
+    // The client the sink's publisher and the gateway's hub are built with: a message published
+    // over one TLS connection reaches a subscriber on another.
+    let client = vitals::app::redis_client(&cfg).expect("a TLS client");
+    let mut sub = client.get_async_pubsub().await.expect("a TLS pub/sub connection");
+    sub.subscribe("vitals:user:u-tls").await.unwrap();
+    let mut publisher = client.get_multiplexed_async_connection().await.expect("a TLS connection");
+    vitals::app::publisher(&cfg).expect("the sink's publisher over TLS");
+    let mut messages = sub.on_message();
+    let got = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let _: () = redis::AsyncCommands::publish(&mut publisher, "vitals:user:u-tls", "{\"hello\":\"tls\"}").await.unwrap();
+            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut messages)).await {
+                return m.get_payload::<String>().unwrap();
+            }
+        }
+    })
+    .await
+    .expect("no envelope arrived over TLS within 30 s");
+    assert_eq!(got, "{\"hello\":\"tls\"}");
+
+    let other = TestCa::new("redis-other");
+    let bad = crate::harness::config(
+        "postgres://unused",
+        "tls-redis.",
+        crate::harness::KAFKA,
+        &[("VITALS_REDIS__URL", tls_url.as_str()), ("VITALS_REDIS__CA_FILE", other.cert.to_str().unwrap())],
+    );
+    let err = vitals::app::redis_client(&bad).unwrap().get_multiplexed_async_connection().await.err().expect("an unknown CA was accepted");
+    assert!(format!("{err}").to_lowercase().contains("certificate"), "unclear error for a wrong CA: {err}");
+    let plain = crate::harness::config(
+        "postgres://unused",
+        "tls-redis.",
+        crate::harness::KAFKA,
+        &[("VITALS_REDIS__URL", "redis://localhost:1"), ("VITALS_REDIS__CA_FILE", ca_path.as_str())],
+    );
+    assert!(vitals::app::redis_client(&plain).is_err(), "redis.ca_file with a plaintext URL was accepted");
+}
+
 fn tempdir(tag: &str) -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{tag}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&d).unwrap();
