@@ -404,7 +404,9 @@ async fn redis_over_tls_carries_realtime_envelopes_and_refuses_a_wrong_ca() {
         crate::harness::KAFKA,
         &[("VITALS_REDIS__URL", tls_url.as_str()), ("VITALS_REDIS__CA_FILE", other.cert.to_str().unwrap())],
     );
-    let err = vitals::app::redis_client(&bad).unwrap().get_multiplexed_async_connection().await.err().expect("an unknown CA was accepted");
+    let Err(err) = vitals::app::redis_client(&bad).unwrap().get_multiplexed_async_connection().await else {
+        panic!("a Redis certificate from an unknown CA was accepted")
+    };
     assert!(format!("{err}").to_lowercase().contains("certificate"), "unclear error for a wrong CA: {err}");
     let plain = crate::harness::config(
         "postgres://unused",
