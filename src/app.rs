@@ -399,19 +399,35 @@ pub fn registry_access(cfg: &Config) -> anyhow::Result<vitals_registry::Access> 
 /// The codec every pipeline role uses: the read-only registry credential.
 pub fn codec(cfg: &Config) -> Codec {
     let r = &cfg.registry;
-    Codec::new(&r.url).with_basic_auth(&r.reader_user, r.reader_password.expose())
+    // The CA file was read once already at load (Config::from_sources checks every ca_file).
+    let roots = ca_roots("registry.ca_file", &r.ca_file).unwrap_or_default();
+    Codec::new(&r.url).with_roots(roots).with_basic_auth(&r.reader_user, r.reader_password.expose())
 }
 
 /// A registry client with the read-only credential (readiness, `schemas check`).
 pub fn registry_reader(cfg: &Config) -> anyhow::Result<RegistryClient> {
     let r = &cfg.registry;
-    RegistryClient::new(&r.url, &r.reader_user, r.reader_password.expose())
+    RegistryClient::with_roots(&r.url, &r.reader_user, r.reader_password.expose(), &ca_roots("registry.ca_file", &r.ca_file)?)
 }
 
 /// A registry client with the admin credential (`schemas register`).
 pub fn registry_admin(cfg: &Config) -> anyhow::Result<RegistryClient> {
     let r = &cfg.registry;
-    RegistryClient::new(&r.url, &r.admin_user, r.admin_password.expose())
+    RegistryClient::with_roots(&r.url, &r.admin_user, r.admin_password.expose(), &ca_roots("registry.ca_file", &r.ca_file)?)
+}
+
+/// The CA certificates of a PEM bundle named by config `key`; none when `path` is empty (the
+/// system trust store alone then).
+pub fn ca_roots(key: &str, path: &str) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    if path.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pem = std::fs::read(path).with_context(|| format!("{key} = {path:?} cannot be read"))?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("{key} = {path:?} is not a PEM certificate bundle"))?;
+    if roots.is_empty() {
+        bail!("{key} = {path:?} holds no certificate");
+    }
+    Ok(roots)
 }
 
 /// Hint printed after a problem: what an operator does about it.
@@ -554,7 +570,12 @@ pub async fn verifier(cfg: &Config) -> anyhow::Result<JwtVerifier> {
         let text = std::fs::read_to_string(&a.jwks_path).with_context(|| format!("reading auth.jwks_path {}", a.jwks_path))?;
         Some(serde_json::from_str(&text).context("parsing the JWKS file")?)
     } else if !a.jwks_url.is_empty() {
-        let r = reqwest::get(&a.jwks_url).await.context("fetching auth.jwks_url")?;
+        let http = ca_roots("auth.jwks_ca_file", &a.jwks_ca_file)?
+            .into_iter()
+            .fold(reqwest::Client::builder().timeout(Duration::from_secs(10)), |b, r| b.add_root_certificate(r))
+            .build()
+            .context("building the JWKS HTTP client")?;
+        let r = http.get(&a.jwks_url).send().await.with_context(|| format!("fetching auth.jwks_url {}", a.jwks_url))?;
         Some(r.error_for_status()?.json().await.context("parsing the JWKS")?)
     } else {
         None
@@ -780,6 +801,7 @@ pub fn s3_client(cfg: &Config) -> anyhow::Result<vitals_runtime::s3::S3Client> {
         region: cfg.s3.region.clone(),
         access_key_id: cfg.s3.access_key_id.clone(),
         secret_access_key: cfg.s3.secret_access_key.expose().to_owned(),
+        ca_roots: ca_roots("s3.ca_file", &cfg.s3.ca_file)?,
     })
     .context("the snapshot store ([s3])")
 }

@@ -200,6 +200,8 @@ pub struct PostgresConfig {
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     pub url: String,
+    /// PEM bundle of the CA behind an https `url`; empty: the system trust store.
+    pub ca_file: String,
     pub listen: String,
     /// The credential that may write (register, configure, delete): `vitals registry` accepts
     /// it, `vitals schemas register` / `setup` send it. Empty user: no admin credential.
@@ -240,6 +242,8 @@ pub struct AuthSection {
     pub hs256_secret: Secret,
     pub jwks_path: String,
     pub jwks_url: String,
+    /// PEM bundle of the CA behind an https `jwks_url`; empty: the system trust store.
+    pub jwks_ca_file: String,
     pub leeway_secs: u64,
     /// Lets `ingest`, `api` and `realtime` start with the secret committed in config/default.toml.
     pub allow_insecure_dev_secret: bool,
@@ -259,6 +263,8 @@ pub struct RedisConfig {
 #[serde(deny_unknown_fields)]
 pub struct S3Config {
     pub endpoint: String,
+    /// PEM bundle of the CA behind an https `endpoint`; empty: the system trust store.
+    pub ca_file: String,
     pub bucket: String,
     pub region: String,
     pub access_key_id: String,
@@ -304,6 +310,15 @@ impl Config {
         }
         let c: Config = toml::Value::Table(root).try_into().context("invalid configuration")?;
         c.kafka.check_security()?;
+        // Every CA file is read (and parsed) at load, so a wrong path stops a role at start-up.
+        for (key, path) in
+            [("auth.jwks_ca_file", &c.auth.jwks_ca_file), ("registry.ca_file", &c.registry.ca_file), ("s3.ca_file", &c.s3.ca_file)]
+        {
+            crate::app::ca_roots(key, path)?;
+        }
+        if !c.redis.ca_file.is_empty() {
+            std::fs::metadata(&c.redis.ca_file).with_context(|| format!("redis.ca_file = {:?} cannot be read", c.redis.ca_file))?;
+        }
         Ok(c)
     }
 }

@@ -118,6 +118,7 @@ pub struct Codec {
     writers: RwLock<HashMap<u32, Arc<Writer>>>,
     /// Subject → the id of vitals' own schema under it.
     ids: RwLock<HashMap<String, u32>>,
+    roots: Vec<reqwest::Certificate>,
 }
 
 /// How long one registry request may take.
@@ -127,7 +128,37 @@ impl Codec {
     pub fn new(registry_url: &str) -> Codec {
         let url = registry_url.trim_end_matches('/').to_owned();
         let http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build().expect("a reqwest client builds");
-        Codec { settings: SrSettings::new(url.clone()), url, http, auth: None, writers: Default::default(), ids: Default::default() }
+        Codec {
+            settings: SrSettings::new(url.clone()),
+            url,
+            http,
+            auth: None,
+            roots: Vec::new(),
+            writers: Default::default(),
+            ids: Default::default(),
+        }
+    }
+
+    /// The same codec, trusting `roots` (beside the system's CAs) for an https registry.
+    pub fn with_roots(mut self, roots: Vec<reqwest::Certificate>) -> Codec {
+        self.roots = roots;
+        self.rebuild();
+        self
+    }
+
+    fn client_builder(&self) -> reqwest::ClientBuilder {
+        self.roots.iter().fold(reqwest::Client::builder().timeout(REQUEST_TIMEOUT), |b, r| b.add_root_certificate(r.clone()))
+    }
+
+    /// Rebuilds both HTTP clients (ours and the registry converter's) from the roots and the
+    /// credentials.
+    fn rebuild(&mut self) {
+        self.http = self.client_builder().build().expect("a reqwest client builds");
+        let mut settings = SrSettings::new_builder(self.url.clone());
+        if let Some((user, password)) = &self.auth {
+            settings.set_basic_authorization(user, Some(password));
+        }
+        self.settings = settings.set_timeout(REQUEST_TIMEOUT).build_with(self.client_builder()).expect("registry settings build");
     }
 
     /// The same codec, sending HTTP basic credentials with every registry request (an empty
@@ -136,12 +167,8 @@ impl Codec {
         if user.is_empty() {
             return self;
         }
-        self.settings = SrSettings::new_builder(self.url.clone())
-            .set_basic_authorization(user, Some(password))
-            .set_timeout(REQUEST_TIMEOUT)
-            .build()
-            .expect("registry settings build");
         self.auth = Some((user.to_owned(), password.to_owned()));
+        self.rebuild();
         self
     }
 

@@ -25,6 +25,7 @@ fn s3_settings(bucket: &str) -> S3Settings {
         region: cfg.s3.region.clone(),
         access_key_id: cfg.s3.access_key_id.clone(),
         secret_access_key: cfg.s3.secret_access_key.expose().to_owned(),
+        ca_roots: Vec::new(),
     }
 }
 

@@ -417,6 +417,128 @@ async fn redis_over_tls_carries_realtime_envelopes_and_refuses_a_wrong_ca() {
     assert!(vitals::app::redis_client(&plain).is_err(), "redis.ca_file with a plaintext URL was accepted");
 }
 
+/// A TLS-terminating proxy of the test's own (rustls) in front of a plain TCP server: what a
+/// load balancer or ingress with a certificate does for the registry, S3 or an IdP's JWKS.
+pub struct TlsProxy {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsProxy {
+    pub async fn start(cert: &Path, key: &Path, backend: String) -> TlsProxy {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert).unwrap().collect::<Result<_, _>>().unwrap();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let (acceptor, backend) = (acceptor.clone(), backend.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(socket).await else { return };
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(&backend).await else { return };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+                });
+            }
+        });
+        TlsProxy { port, task }
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// Multi-threaded: the proxies and the registry run in this process while a worker blocks on a
+// `vitals` child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn https_to_the_jwks_the_registry_and_s3_verifies_the_server_with_the_configured_ca() {
+    let ca = TestCa::new("https");
+    let other = TestCa::new("https-other");
+    let (cert, key) = ca.issue("https", "DNS:localhost");
+    let env = TestEnv::start().await;
+
+    // The registry behind TLS: `vitals schemas check` (reader credential, schema reads).
+    let registry = env.cfg.registry.url.trim_start_matches("http://").to_owned();
+    let proxy = TlsProxy::start(&cert, &key, registry).await;
+    let mut child_env = env.child_env(&tempdir("https-unused"));
+    child_env.push(("VITALS_REGISTRY__URL".into(), format!("https://localhost:{}", proxy.port)));
+    let run = |env: &[(String, String)], args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vitals")).args(args).envs(env.iter().cloned()).stdin(Stdio::null()).output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let (ok, out) = run(&with(&child_env, "VITALS_REGISTRY__CA_FILE", ca.cert.to_str().unwrap()), &["schemas", "check"]);
+    assert!(ok, "vitals schemas check over https failed:\n{out}");
+    let (ok, out) = run(&with(&child_env, "VITALS_REGISTRY__CA_FILE", other.cert.to_str().unwrap()), &["schemas", "check"]);
+    assert!(!ok && out.contains("certificate"), "an https registry with an unknown CA was accepted or unclear:\n{out}");
+    let (ok, out) = run(&with(&child_env, "VITALS_REGISTRY__CA_FILE", "/nonexistent.pem"), &["schemas", "check"]);
+    assert!(!ok && out.contains("registry.ca_file"), "{out}");
+
+    // The JWKS of an IdP behind TLS: `vitals api` fetches it at start-up.
+    let jwks = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_addr = jwks.local_addr().unwrap().to_string();
+    let body = std::fs::read_to_string(crate::harness::root().join("auth/testdata/jwks.json")).unwrap();
+    let server = tokio::spawn(async move {
+        let router = axum::Router::new().route("/jwks.json", axum::routing::get(move || async move { body }));
+        let _ = axum::serve(jwks, router).await;
+    });
+    let idp = TlsProxy::start(&cert, &key, jwks_addr).await;
+    let api_port = crate::harness::free_port();
+    let api_env = {
+        let mut e = with(&child_env, "VITALS_AUTH__JWKS_URL", &format!("https://localhost:{}/jwks.json", idp.port));
+        e.push(("VITALS_API__LISTEN".into(), format!("127.0.0.1:{api_port}")));
+        e
+    };
+    let mut api = VitalsProc::new(&["api"], with(&api_env, "VITALS_AUTH__JWKS_CA_FILE", ca.cert.to_str().unwrap()));
+    api.start();
+    let http = reqwest::Client::new();
+    wait_for("vitals api with an https JWKS to serve /healthz", Duration::from_secs(60), || {
+        let (http, url) = (http.clone(), format!("http://127.0.0.1:{api_port}/healthz"));
+        async move { http.get(url).send().await.ok().filter(|r| r.status().is_success()).map(drop) }
+    })
+    .await;
+    api.terminate(Duration::from_secs(20));
+    let (ok, out) = run(&with(&api_env, "VITALS_AUTH__JWKS_CA_FILE", other.cert.to_str().unwrap()), &["api"]);
+    assert!(!ok && out.contains("auth.jwks_url"), "an https JWKS with an unknown CA was accepted or unclear:\n{out}");
+    server.abort();
+
+    // S3 behind TLS: the snapshot store's client writes and reads an object.
+    let s3 = TlsProxy::start(&cert, &key, env.cfg.s3.endpoint.trim_start_matches("http://").to_owned()).await;
+    let endpoint = format!("https://localhost:{}", s3.port);
+    let ca_path = ca.cert.display().to_string();
+    let cfg = crate::harness::config(
+        &env.db_url,
+        "tls-s3.",
+        crate::harness::KAFKA,
+        &[("VITALS_S3__ENDPOINT", endpoint.as_str()), ("VITALS_S3__CA_FILE", ca_path.as_str())],
+    );
+    let client = vitals::app::s3_client(&cfg).unwrap();
+    client.ensure_bucket().await.expect("the bucket over https");
+    let key_name = format!("tls-test/{}", uuid::Uuid::new_v4().simple());
+    client.put(&key_name, b"over tls".to_vec()).await.expect("a put over https");
+    assert_eq!(client.get(&key_name).await.expect("a get over https").as_deref(), Some(&b"over tls"[..]));
+    let bad = crate::harness::config(
+        &env.db_url,
+        "tls-s3.",
+        crate::harness::KAFKA,
+        &[("VITALS_S3__ENDPOINT", endpoint.as_str()), ("VITALS_S3__CA_FILE", other.cert.to_str().unwrap())],
+    );
+    let err = vitals::app::s3_client(&bad).unwrap().get(&key_name).await.expect_err("an https S3 with an unknown CA was accepted");
+    assert!(format!("{err}").contains("certificate"), "unclear S3 error for a wrong CA: {err}");
+    env.cleanup().await;
+}
+
 fn tempdir(tag: &str) -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{tag}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&d).unwrap();

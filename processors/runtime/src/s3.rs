@@ -20,6 +20,8 @@ pub struct S3Settings {
     pub region: String,
     pub access_key_id: String,
     pub secret_access_key: String,
+    /// Extra trusted CAs for an https endpoint (beside the system's).
+    pub ca_roots: Vec<reqwest::Certificate>,
 }
 
 impl std::fmt::Debug for S3Settings {
@@ -171,7 +173,11 @@ impl S3Client {
         if s.bucket.is_empty() || s.bucket.contains('/') {
             return Err(S3Error(format!("s3.bucket `{}` is not a bucket name", s.bucket)));
         }
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        for root in &s.ca_roots {
+            http = http.add_root_certificate(root.clone());
+        }
+        let http = http
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(300))
             .build()
@@ -209,7 +215,17 @@ impl S3Client {
         for (k, v) in headers {
             req = req.header(k, v);
         }
-        req.body(body).send().await.map_err(|e| S3Error(format!("{what}: {e}")))
+        // With the causes: "error sending request" alone hides a refused certificate or a
+        // refused connection.
+        req.body(body).send().await.map_err(|e| {
+            let mut text = format!("{what}: {e}");
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            S3Error(text)
+        })
     }
 
     async fn failure(what: &str, resp: reqwest::Response) -> S3Error {
@@ -383,6 +399,7 @@ mod tests {
             region: "r".into(),
             access_key_id: "id".into(),
             secret_access_key: "hush".into(),
+            ca_roots: Vec::new(),
         };
         assert!(!format!("{s:?}").contains("hush"));
         assert!(!format!("{:?}", S3Client::new(&s).unwrap()).contains("hush"));

@@ -66,8 +66,15 @@ struct ErrorBody {
 impl RegistryClient {
     /// `user` empty: no `Authorization` header (a registry without authentication).
     pub fn new(url: &str, user: &str, password: &str) -> anyhow::Result<RegistryClient> {
+        RegistryClient::with_roots(url, user, password, &[])
+    }
+
+    /// The same, trusting `roots` (beside the system's CAs) for an https registry.
+    pub fn with_roots(url: &str, user: &str, password: &str, roots: &[reqwest::Certificate]) -> anyhow::Result<RegistryClient> {
         let base = Url::parse(url.trim_end_matches('/')).with_context(|| format!("registry.url {url:?} is not a URL"))?;
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().context("building the registry HTTP client")?;
+        let builder =
+            roots.iter().fold(reqwest::Client::builder().timeout(Duration::from_secs(5)), |b, r| b.add_root_certificate(r.clone()));
+        let http = builder.build().context("building the registry HTTP client")?;
         let auth = (!user.is_empty()).then(|| (user.to_owned(), password.to_owned()));
         Ok(RegistryClient { base, http, auth })
     }
