@@ -375,7 +375,7 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
         items as f64 / alone.as_secs_f64()
     );
 
-    let snapshots = app::snapshots(&cfg, &format!("{run}bench")).await?;
+    let snapshots = app::snapshots(&cfg, &format!("{run}bench"), pool.clone()).await?;
     for info in vitals_runtime::registry() {
         for checkpointing in [true, false] {
             // A chained processor's input is its upstream's output as it stands now.

@@ -307,17 +307,16 @@ pub async fn create_topics(cfg: &Config) -> anyhow::Result<Vec<String>> {
 /// Creates the topics of `specs` ([`create_topics`]).
 pub async fn create_specs(cfg: &Config, specs: &[vitals_schemas::topics::TopicSpec]) -> anyhow::Result<Vec<String>> {
     let admin = admin(cfg)?;
-    let input_retention = cfg.topics.input_retention_ms.to_string();
-    let dlq_retention = cfg.topics.dead_letter_retention_ms.to_string();
+    let configs: Vec<Vec<(&str, String)>> = specs.iter().map(|s| topic_configs(cfg, s.role)).collect();
     let new: Vec<NewTopic> = specs
         .iter()
-        .map(|s| {
-            let t = NewTopic::new(&s.name, cfg.kafka.partitions, TopicReplication::Fixed(cfg.kafka.replication_factor));
-            match s.role {
-                TopicRole::Input => t.set("cleanup.policy", "delete").set("retention.ms", &input_retention),
-                TopicRole::Projection => t.set("cleanup.policy", "compact"),
-                TopicRole::DeadLetter => t.set("cleanup.policy", "delete").set("retention.ms", &dlq_retention),
-            }
+        .zip(&configs)
+        .map(|(s, configs)| {
+            configs
+                .iter()
+                .fold(NewTopic::new(&s.name, cfg.kafka.partitions, TopicReplication::Fixed(cfg.kafka.replication_factor)), |t, (k, v)| {
+                    t.set(k, v)
+                })
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -341,6 +340,21 @@ pub async fn create_specs(cfg: &Config, specs: &[vitals_schemas::topics::TopicSp
         }
     }
     Ok(report)
+}
+
+/// The configuration a topic of `role` is created with: its cleanup policy and retention, and
+/// `min.insync.replicas` from `kafka.min_insync_replicas`, so that a producer's `acks=all` (what a
+/// 2xx from the edge rests on) means that many replicas, whatever the broker's default.
+pub fn topic_configs(cfg: &Config, role: TopicRole) -> Vec<(&'static str, String)> {
+    let mut c = vec![("min.insync.replicas", cfg.kafka.min_insync_replicas.to_string())];
+    match role {
+        TopicRole::Input => c.extend([("cleanup.policy", "delete".into()), ("retention.ms", cfg.topics.input_retention_ms.to_string())]),
+        TopicRole::Projection => c.push(("cleanup.policy", "compact".into())),
+        TopicRole::DeadLetter => {
+            c.extend([("cleanup.policy", "delete".into()), ("retention.ms", cfg.topics.dead_letter_retention_ms.to_string())])
+        }
+    }
+    c
 }
 
 /// Every topic the broker lists.
@@ -563,20 +577,22 @@ pub fn schema_probe(cfg: &Config) -> anyhow::Result<vitals_ingest::Probe> {
     }))
 }
 
-/// The JWT verifier from `[auth]`: HS256 secret and/or a JWKS from a file or URL.
-pub async fn verifier(cfg: &Config) -> anyhow::Result<JwtVerifier> {
+/// The JWT verifier from `[auth]`: HS256 secret and/or a JWKS from a file or URL. A JWKS from a
+/// URL is fetched again every `auth.jwks_refresh_secs`, and sooner (at most every
+/// `auth.jwks_min_refresh_secs`) once a token names a `kid` it lacks: the identity provider
+/// rotated its keys. A failed refresh keeps the keys it has.
+pub async fn verifier(cfg: &Config) -> anyhow::Result<Arc<JwtVerifier>> {
     let a = &cfg.auth;
+    let http = ca_roots("auth.jwks_ca_file", &a.jwks_ca_file)?
+        .into_iter()
+        .fold(reqwest::Client::builder().timeout(Duration::from_secs(10)), |b, r| b.add_root_certificate(r))
+        .build()
+        .context("building the JWKS HTTP client")?;
     let jwks = if !a.jwks_path.is_empty() {
         let text = std::fs::read_to_string(&a.jwks_path).with_context(|| format!("reading auth.jwks_path {}", a.jwks_path))?;
         Some(serde_json::from_str(&text).context("parsing the JWKS file")?)
     } else if !a.jwks_url.is_empty() {
-        let http = ca_roots("auth.jwks_ca_file", &a.jwks_ca_file)?
-            .into_iter()
-            .fold(reqwest::Client::builder().timeout(Duration::from_secs(10)), |b, r| b.add_root_certificate(r))
-            .build()
-            .context("building the JWKS HTTP client")?;
-        let r = http.get(&a.jwks_url).send().await.with_context(|| format!("fetching auth.jwks_url {}", a.jwks_url))?;
-        Some(r.error_for_status()?.json().await.context("parsing the JWKS")?)
+        Some(fetch_jwks(&http, &a.jwks_url).await?)
     } else {
         None
     };
@@ -591,7 +607,37 @@ pub async fn verifier(cfg: &Config) -> anyhow::Result<JwtVerifier> {
     if auth.hs256_secret.is_none() && auth.jwks.is_none() {
         bail!("no way to verify tokens: set auth.hs256_secret or auth.jwks_path / auth.jwks_url");
     }
-    JwtVerifier::new(&auth).map_err(anyhow::Error::msg)
+    let verifier = Arc::new(JwtVerifier::new(&auth).map_err(anyhow::Error::msg)?);
+    if a.jwks_path.is_empty() && !a.jwks_url.is_empty() {
+        let every = Duration::from_secs(a.jwks_refresh_secs.max(1));
+        let min = Duration::from_secs(a.jwks_min_refresh_secs);
+        tokio::spawn(refresh_jwks(Arc::downgrade(&verifier), http, a.jwks_url.clone(), every, min));
+    }
+    Ok(verifier)
+}
+
+async fn fetch_jwks(http: &reqwest::Client, url: &str) -> anyhow::Result<vitals_auth::JwkSet> {
+    let r = http.get(url).send().await.with_context(|| format!("fetching auth.jwks_url {url}"))?;
+    r.error_for_status().with_context(|| format!("fetching auth.jwks_url {url}"))?.json().await.context("parsing the JWKS")
+}
+
+/// Keeps a verifier's JWKS current for as long as the verifier lives.
+async fn refresh_jwks(verifier: std::sync::Weak<JwtVerifier>, http: reqwest::Client, url: String, every: Duration, min: Duration) {
+    let mut last = std::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let Some(v) = verifier.upgrade() else { return };
+        let due = last.elapsed() >= every || (v.saw_unknown_kid() && last.elapsed() >= min);
+        if !due {
+            continue;
+        }
+        last = std::time::Instant::now();
+        match fetch_jwks(&http, &url).await.and_then(|set| v.replace_jwks(&set).map_err(anyhow::Error::msg)) {
+            Ok(keys) => tracing::info!(keys, "JWKS refreshed"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "JWKS refresh failed; keeping the keys we have"),
+        }
+    }
 }
 
 pub fn ingest_config(cfg: &Config) -> IngestConfig {
@@ -808,7 +854,9 @@ pub fn s3_client(cfg: &Config) -> anyhow::Result<vitals_runtime::s3::S3Client> {
 
 /// The processors' snapshot store (S3), when snapshots are on (`processors.snapshot_every_ms`);
 /// objects go under `snapshots/<group>/`.
-pub async fn snapshots(cfg: &Config, group: &str) -> anyhow::Result<Option<Arc<vitals_runtime::Snapshots>>> {
+/// Its pointers go to `pool` (the role's pool, already waited for: a pool of its own, opened
+/// here, would fail the role when PostgreSQL is down at that moment).
+pub async fn snapshots(cfg: &Config, group: &str, pool: PgPool) -> anyhow::Result<Option<Arc<vitals_runtime::Snapshots>>> {
     use vitals_runtime as runtime;
     if cfg.processors.snapshot_every_ms == 0 {
         return Ok(None);
@@ -819,7 +867,6 @@ pub async fn snapshots(cfg: &Config, group: &str) -> anyhow::Result<Option<Arc<v
     if let Err(e) = s3.ensure_bucket().await {
         tracing::warn!(error = %e, bucket = %cfg.s3.bucket, "snapshot bucket not available");
     }
-    let pool = pg_pool(cfg).await?;
     Ok(Some(Arc::new(runtime::Snapshots::new(s3, pool, group, Duration::from_millis(cfg.processors.snapshot_every_ms)))))
 }
 
@@ -873,8 +920,20 @@ pub async fn process_line(
         let known: Vec<&str> = vitals_runtime::registry().iter().map(|p| p.name).collect();
         bail!("unknown processor `{name}` (known: {})", known.join(", "));
     };
-    let pool = pg_ready(cfg, &stop).await?;
-    if line.version.is_none() && crate::replay::base_retired(&pool, info.name).await? {
+    // PostgreSQL may go away right after being ready: the retired-base check waits it out too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let (pool, retired) = loop {
+        let pool = pg_ready(cfg, &stop).await?;
+        match crate::replay::base_retired(&pool, info.name).await {
+            Ok(retired) => break (pool, retired),
+            Err(e) if std::time::Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) => {
+                tracing::warn!(error = %format!("{e:#}"), "PostgreSQL went away at start-up; waiting for it");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    if line.version.is_none() && retired {
         let served = crate::replay::promoted(&pool, info.name).await?;
         bail!(
             "{name} {} is retired (reads serve {served}): run `vitals process {name} --as {served}`",
@@ -896,7 +955,7 @@ pub async fn process_line(
         start: line.start.clone(),
     };
     let group = processor_group(cfg, &line_name);
-    let snapshots = snapshots(cfg, &group).await?;
+    let snapshots = snapshots(cfg, &group, pool.clone()).await?;
     let archive_pool = pool.clone();
     if let Some(s) = &snapshots {
         let _ = metrics.snapshots.set(Arc::clone(&s.metrics));
@@ -1001,7 +1060,7 @@ pub async fn api(cfg: &Config, pool: PgPool, realtime: bool) -> anyhow::Result<A
     };
     Ok(Arc::new(vitals_api::Api {
         pool,
-        verifier: Arc::new(verifier(cfg).await?),
+        verifier: verifier(cfg).await?,
         realtime: hub,
         ingest_url: format!("http://{}", cfg.ingest.listen),
         projections: projections(),

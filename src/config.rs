@@ -103,6 +103,9 @@ pub struct KafkaConfig {
     pub topic_prefix: String,
     pub partitions: i32,
     pub replication_factor: i32,
+    /// `min.insync.replicas` of every topic vitals creates: how many replicas `acks=all` waits
+    /// for. At most `replication_factor` (checked at load); production: RF 3, 2.
+    pub min_insync_replicas: i32,
     pub produce_timeout_ms: u64,
     pub queue_max_messages: u64,
     pub queue_max_kbytes: u64,
@@ -244,6 +247,10 @@ pub struct AuthSection {
     pub jwks_url: String,
     /// PEM bundle of the CA behind an https `jwks_url`; empty: the system trust store.
     pub jwks_ca_file: String,
+    /// An https/http `jwks_url` is fetched again this often (key rotation)…
+    pub jwks_refresh_secs: u64,
+    /// …and sooner when a token names an unknown `kid`, but at most this often.
+    pub jwks_min_refresh_secs: u64,
     pub leeway_secs: u64,
     /// Lets `ingest`, `api` and `realtime` start with the secret committed in config/default.toml.
     pub allow_insecure_dev_secret: bool,
@@ -310,6 +317,13 @@ impl Config {
         }
         let c: Config = toml::Value::Table(root).try_into().context("invalid configuration")?;
         c.kafka.check_security()?;
+        if c.kafka.min_insync_replicas < 1 || c.kafka.min_insync_replicas > c.kafka.replication_factor {
+            bail!(
+                "kafka.min_insync_replicas = {} must be between 1 and kafka.replication_factor ({}): more would refuse every write",
+                c.kafka.min_insync_replicas,
+                c.kafka.replication_factor
+            );
+        }
         // Every CA file is read (and parsed) at load, so a wrong path stops a role at start-up.
         for (key, path) in
             [("auth.jwks_ca_file", &c.auth.jwks_ca_file), ("registry.ca_file", &c.registry.ca_file), ("s3.ca_file", &c.s3.ca_file)]
@@ -383,6 +397,26 @@ impl SimArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn min_insync_replicas_is_set_on_every_topic_and_bounded_by_the_replication_factor() {
+        let env = BTreeMap::from([
+            ("VITALS_KAFKA__REPLICATION_FACTOR".to_owned(), "3".to_owned()),
+            ("VITALS_KAFKA__MIN_INSYNC_REPLICAS".to_owned(), "2".to_owned()),
+        ]);
+        let c = Config::from_sources(None, &env).unwrap();
+        for role in [
+            vitals_schemas::topics::TopicRole::Input,
+            vitals_schemas::topics::TopicRole::Projection,
+            vitals_schemas::topics::TopicRole::DeadLetter,
+        ] {
+            let configs = crate::app::topic_configs(&c, role);
+            assert!(configs.contains(&("min.insync.replicas", "2".to_owned())), "{role:?}: {configs:?}");
+        }
+        let too_many = BTreeMap::from([("VITALS_KAFKA__MIN_INSYNC_REPLICAS".to_owned(), "2".to_owned())]);
+        let e = Config::from_sources(None, &too_many).unwrap_err();
+        assert!(format!("{e:#}").contains("kafka.min_insync_replicas"), "{e:#}");
+    }
 
     #[test]
     fn env_overrides_are_typed_and_checked() {

@@ -7,15 +7,18 @@
 //! refused), then signature, `exp`, `nbf`, `iss` and `aud`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
 
 use base64::Engine;
-use jsonwebtoken::jwk::JwkSet;
+
 use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 mod error;
 
 pub use error::ApiError;
+pub use jsonwebtoken::jwk::JwkSet;
 
 /// What the verifier trusts. Built by the composition root.
 #[derive(Clone)]
@@ -71,11 +74,38 @@ pub struct Claims {
 
 pub struct JwtVerifier {
     hs: Option<(DecodingKey, Validation)>,
-    /// kid → key; a JWKS with one key also accepts tokens without `kid`.
-    rs: HashMap<String, DecodingKey>,
-    rs_single: Option<DecodingKey>,
+    /// The JWKS's keys, replaced whole when the JWKS is fetched again ([`JwtVerifier::replace_jwks`]).
+    rs: RwLock<RsKeys>,
+    /// Whether RS256 is accepted at all (a JWKS was configured).
+    rs_configured: bool,
     rs_validation: Validation,
     leeway_secs: u64,
+    /// Set when a token names a `kid` the JWKS lacks: the identity provider may have rotated its
+    /// keys, so whoever refreshes the JWKS should do it now (rate-limited by them).
+    unknown_kid: AtomicBool,
+}
+
+/// kid → key; a JWKS with one key also accepts tokens without `kid`.
+#[derive(Default)]
+struct RsKeys {
+    by_kid: HashMap<String, DecodingKey>,
+    single: Option<DecodingKey>,
+}
+
+impl RsKeys {
+    fn of(set: &JwkSet) -> Result<RsKeys, String> {
+        let mut by_kid = HashMap::new();
+        let mut all = Vec::new();
+        for jwk in &set.keys {
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable JWK: {e}"))?;
+            if let Some(kid) = &jwk.common.key_id {
+                by_kid.insert(kid.clone(), key.clone());
+            }
+            all.push(key);
+        }
+        let single = if all.len() == 1 { all.pop() } else { None };
+        Ok(RsKeys { by_kid, single })
+    }
 }
 
 /// A verified token: whose it is and until when it is accepted.
@@ -102,19 +132,32 @@ fn validation(alg: Algorithm, cfg: &AuthConfig) -> Validation {
 impl JwtVerifier {
     pub fn new(cfg: &AuthConfig) -> Result<JwtVerifier, String> {
         let hs = cfg.hs256_secret.as_ref().map(|s| (DecodingKey::from_secret(s), validation(Algorithm::HS256, cfg)));
-        let mut rs = HashMap::new();
-        let mut all = Vec::new();
-        if let Some(set) = &cfg.jwks {
-            for jwk in &set.keys {
-                let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable JWK: {e}"))?;
-                if let Some(kid) = &jwk.common.key_id {
-                    rs.insert(kid.clone(), key.clone());
-                }
-                all.push(key);
-            }
-        }
-        let rs_single = if all.len() == 1 { all.pop() } else { None };
-        Ok(JwtVerifier { hs, rs, rs_single, rs_validation: validation(Algorithm::RS256, cfg), leeway_secs: cfg.leeway_secs })
+        let rs = match &cfg.jwks {
+            Some(set) => RsKeys::of(set)?,
+            None => RsKeys::default(),
+        };
+        Ok(JwtVerifier {
+            hs,
+            rs: RwLock::new(rs),
+            rs_configured: cfg.jwks.is_some(),
+            rs_validation: validation(Algorithm::RS256, cfg),
+            leeway_secs: cfg.leeway_secs,
+            unknown_kid: AtomicBool::new(false),
+        })
+    }
+
+    /// Replaces the RS256 keys with those of a JWKS fetched again (key rotation); an unusable
+    /// JWKS leaves the keys as they were. Returns how many keys it holds now.
+    pub fn replace_jwks(&self, set: &JwkSet) -> Result<usize, String> {
+        let keys = RsKeys::of(set)?;
+        *self.rs.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        self.unknown_kid.store(false, Ordering::Relaxed);
+        Ok(set.keys.len())
+    }
+
+    /// Whether a token named a `kid` the JWKS lacks since the last [`JwtVerifier::replace_jwks`].
+    pub fn saw_unknown_kid(&self) -> bool {
+        self.unknown_kid.load(Ordering::Relaxed)
     }
 
     /// Verifies an `Authorization` header value and returns the user id (`sub`).
@@ -139,19 +182,29 @@ impl JwtVerifier {
                 Some((k, v)) => (k, v),
                 None => return Err(alg_refused(&alg)),
             },
-            "RS256" => {
+            "RS256" if self.rs_configured => {
+                let keys = self.rs.read().unwrap_or_else(|p| p.into_inner());
                 let key = match kid.as_deref() {
-                    Some(kid) => self.rs.get(kid),
-                    None => self.rs_single.as_ref(),
+                    Some(kid) => keys.by_kid.get(kid),
+                    None => keys.single.as_ref(),
                 };
                 match key {
-                    Some(k) => (k, &self.rs_validation),
-                    None if self.rs.is_empty() && self.rs_single.is_none() => return Err(alg_refused(&alg)),
-                    None => return Err(ApiError::unauthorized("unknown_key", "the token's `kid` is not in the JWKS")),
+                    // The read lock is shared; only a JWKS refresh waits for it.
+                    Some(k) => return self.decode(token, k, &self.rs_validation),
+                    None => {
+                        if kid.is_some() {
+                            self.unknown_kid.store(true, Ordering::Relaxed);
+                        }
+                        return Err(ApiError::unauthorized("unknown_key", "the token's `kid` is not in the JWKS"));
+                    }
                 }
             }
             _ => return Err(alg_refused(&alg)),
         };
+        self.decode(token, key, validation)
+    }
+
+    fn decode(&self, token: &str, key: &DecodingKey, validation: &Validation) -> Result<Verified, ApiError> {
         let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => ApiError::unauthorized("token_expired", "the token has expired"),
             ErrorKind::ImmatureSignature => ApiError::unauthorized("token_not_yet_valid", "the token is not valid yet (nbf)"),

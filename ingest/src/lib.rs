@@ -100,7 +100,7 @@ pub struct Readiness {
 /// The edge: everything a request needs.
 pub struct Ingest {
     cfg: IngestConfig,
-    verifier: JwtVerifier,
+    verifier: std::sync::Arc<JwtVerifier>,
     writer: LaneWriter,
     pool: PgPool,
     topics: Topics,
@@ -155,7 +155,14 @@ impl Drop for Reading<'_> {
 }
 
 impl Ingest {
-    pub fn new(cfg: IngestConfig, verifier: JwtVerifier, writer: LaneWriter, pool: PgPool, topics: Topics, readiness: Readiness) -> Ingest {
+    pub fn new(
+        cfg: IngestConfig,
+        verifier: std::sync::Arc<JwtVerifier>,
+        writer: LaneWriter,
+        pool: PgPool,
+        topics: Topics,
+        readiness: Readiness,
+    ) -> Ingest {
         let in_flight_limit = Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight));
         Ingest {
             cfg,

@@ -13,6 +13,7 @@ mod freshness;
 mod harness;
 mod hostile;
 mod ingest;
+mod jwks;
 mod offsets;
 mod outages;
 mod pipeline;

@@ -219,6 +219,15 @@ async fn postgres_restarted_under_the_processors_loses_and_doubles_nothing() {
         async move { (sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processor_snapshots").fetch_one(pool).await.ok()? > 0).then_some(()) }
     })
     .await;
+    // Every processor has taken every task (its epochs bumped): the outage below is meant to hit
+    // running tasks. A processor still starting would meet its first takeover without PostgreSQL,
+    // which is the rebalance case further down (the process exits), not this one.
+    let tasks = (vitals_runtime::registry().len() * env.cfg.kafka.partitions as usize) as i64;
+    wait_for_every("every processor to take all its tasks", Duration::from_secs(60), Duration::from_millis(200), || {
+        let pool = &proc_pool;
+        async move { (sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processor_epochs").fetch_one(pool).await.ok()? >= tasks).then_some(()) }
+    })
+    .await;
 
     // PostgreSQL crashes; uploads go on and the running tasks go on processing them.
     let t0 = std::time::Instant::now();
