@@ -277,6 +277,8 @@ async fn serve_probes(
     }
     let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let router = axum::Router::new()
+        // Liveness: the process serves (a stuck dependency is readiness, not liveness).
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .route(
             "/readyz",
             axum::routing::get(move || {

@@ -61,6 +61,9 @@ async fn the_archive_holds_every_lane_record_once_across_crashes_and_two_archive
         })
         .await;
     assert!(body.contains("waiting for the archive store"), "{body}");
+    // Not ready is not dead: the liveness probe (k8s livenessProbe) still answers.
+    let live = env.http.get(format!("http://127.0.0.1:{port}/healthz")).send().await.unwrap();
+    assert_eq!(live.status().as_u16(), 200, "/healthz of a waiting archiver");
     down.kill9();
 
     // Two archivers of the same partitions at once, while more people upload.
