@@ -1064,6 +1064,7 @@ pub async fn api(cfg: &Config, pool: PgPool, realtime: bool) -> anyhow::Result<A
         realtime: hub,
         ingest_url: format!("http://{}", cfg.ingest.listen),
         projections: projections(),
+        metrics: Default::default(),
     }))
 }
 

@@ -41,6 +41,56 @@ pub struct Api {
     /// The projections it serves (the registered processors' descriptors), each at
     /// `/v1/projections/{name}`.
     pub projections: Vec<&'static Descriptor>,
+    /// Responses by status class, for `/metrics`.
+    pub metrics: ApiMetrics,
+}
+
+/// What `/metrics` of `vitals api` and `vitals realtime` counts.
+#[derive(Debug, Default)]
+pub struct ApiMetrics {
+    /// Responses by status class: 1xx (WebSocket upgrades) … 5xx.
+    responses: [std::sync::atomic::AtomicU64; 5],
+}
+
+async fn count_responses(State(api): State<Arc<Api>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let resp = next.run(req).await;
+    let class = (resp.status().as_u16() / 100).clamp(1, 5) as usize - 1;
+    api.metrics.responses[class].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    resp
+}
+
+/// The Prometheus text exposition of this instance: responses by status class and, with the
+/// realtime gateway, its connections and deliveries.
+fn render_metrics(api: &Api) -> String {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out =
+        String::from("# HELP vitals_api_responses_total HTTP responses by status class.\n# TYPE vitals_api_responses_total counter\n");
+    for (i, n) in api.metrics.responses.iter().enumerate() {
+        let _ = writeln!(out, "vitals_api_responses_total{{class=\"{}xx\"}} {}", i + 1, n.load(Relaxed));
+    }
+    if let Some(hub) = &api.realtime {
+        let m = &hub.metrics;
+        for (name, help, v) in [
+            ("connections_total", "WebSocket connections accepted.", m.connections.load(Relaxed)),
+            ("delivered_total", "Envelopes delivered to WebSocket clients.", m.delivered.load(Relaxed)),
+            ("slow_disconnects_total", "Connections closed because the client read too slowly.", m.slow_disconnects.load(Relaxed)),
+            ("redis_reconnects_total", "Reconnections to Redis pub/sub.", m.redis_reconnects.load(Relaxed)),
+        ] {
+            let _ =
+                writeln!(out, "# HELP vitals_realtime_{name} {help}\n# TYPE vitals_realtime_{name} counter\nvitals_realtime_{name} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP vitals_realtime_open_connections WebSocket connections open now.\n# TYPE vitals_realtime_open_connections gauge\nvitals_realtime_open_connections {}",
+            hub.open_connections()
+        );
+    }
+    out
+}
+
+async fn metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render_metrics(&api))
 }
 
 impl Api {
@@ -60,7 +110,12 @@ const APP_JS: &str = include_str!("../static/app.js");
 /// Only the realtime WebSocket gateway (and `/healthz`): `vitals realtime`, for deployments that
 /// scale connections apart from reads.
 pub fn realtime_router(api: Arc<Api>) -> Router {
-    Router::new().route("/healthz", get(|| async { "ok" })).route("/v1/realtime", get(realtime::upgrade)).with_state(api)
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/realtime", get(realtime::upgrade))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&api), count_responses))
+        .with_state(api)
 }
 
 pub fn router(api: Arc<Api>) -> Router {
@@ -80,6 +135,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/projections/{name}/{key}", get(projection_item))
         .route("/v1/freshness", get(freshness_summary))
         .route("/v1/realtime", get(realtime::upgrade))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&api), count_responses))
         .with_state(api)
 }
 

@@ -128,6 +128,11 @@ impl Hub {
         Ok(hub)
     }
 
+    /// WebSocket connections open (or upgrading) on this instance now.
+    pub fn open_connections(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).values().sum()
+    }
+
     /// A hub with no Redis connection yet (what [`Hub::start`] builds on).
     pub fn new(buffer: usize) -> Arc<Hub> {
         Hub::with_limit(buffer, usize::MAX)

@@ -14,6 +14,7 @@ mod harness;
 mod hostile;
 mod ingest;
 mod jwks;
+mod metrics;
 mod offsets;
 mod outages;
 mod pipeline;

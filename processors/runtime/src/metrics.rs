@@ -99,8 +99,16 @@ pub fn render_all(all: &[(&str, &RuntimeMetrics)], out: &mut String) {
     c(out, "timers_fired_total", "Stream-time timers fired.", |m| &m.timers_fired);
     c(out, "tasks_fenced_total", "Tasks stopped because a newer owner wrote to their output partition.", |m| &m.fenced);
     c(out, "checkpoints_total", "Checkpoints committed (state + offsets + output position).", |m| &m.commits);
-    c(out, "checkpoint_commit_microseconds_total", "Time spent committing checkpoints.", |m| &m.commit_micros);
-    c(out, "ack_wait_microseconds_total", "Time spent waiting for output acknowledgements.", |m| &m.ack_wait_micros);
+    // Durations in Prometheus' base unit, seconds (kept as microseconds inside).
+    let secs = |out: &mut String, name: &str, help: &str, v: fn(&RuntimeMetrics) -> &AtomicU64| {
+        let _ = writeln!(out, "# HELP vitals_processor_{name} {help}\n# TYPE vitals_processor_{name} counter");
+        for (processor, m) in all {
+            let seconds = v(m).load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(out, "vitals_processor_{name}{{processor=\"{}\"}} {seconds}", label(processor));
+        }
+    };
+    secs(out, "checkpoint_commit_seconds_total", "Time spent committing checkpoints.", |m| &m.commit_micros);
+    secs(out, "ack_wait_seconds_total", "Time spent waiting for output acknowledgements.", |m| &m.ack_wait_micros);
     c(out, "dependency_retries_total", "Intervals put back and retried because a dependency (the schema registry) failed.", |m| {
         &m.dependency_retries
     });
