@@ -574,7 +574,11 @@ async fn timed_run(
             checkpointing,
             start: Default::default(),
         },
-        consumer_config: app::fetch_wait(cfg, runtime::consumer_config(&cfg.kafka.brokers, &format!("{run}bench-{}-{tag}", info.name))),
+        consumer_config: {
+            let mut c = app::fetch_wait(cfg, runtime::consumer_config(&cfg.kafka.brokers, &format!("{run}bench-{}-{tag}", info.name)));
+            app::kafka_security(cfg, &mut c);
+            c
+        },
         producer: app::producer(cfg, "vitals-bench-process")?,
         codec: Arc::clone(codec),
         pool: pool.clone(),

@@ -35,14 +35,26 @@ pub async fn pg_pool(cfg: &Config) -> anyhow::Result<PgPool> {
         .map_err(|e| {
             let e = anyhow::Error::from(e);
             if tls_refused(&e) {
-                e.context(
-                    "PostgreSQL TLS refused (postgres.url: sslmode, sslrootcert = the CA that signed the server's certificate; \
-                     the host must be a name the certificate carries)",
-                )
+                e.context(PgTlsRefused)
             } else {
                 e.context("connecting to PostgreSQL (postgres.url)")
             }
         })
+}
+
+/// The context of a connection attempt whose TLS was refused ([`pg_pool`]): what
+/// [`pg_ready_with_tables`] stops on, and only then (TLS errors later in a session, a failover
+/// tearing a connection, are outages like any other).
+#[derive(Debug)]
+pub struct PgTlsRefused;
+
+impl std::fmt::Display for PgTlsRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "PostgreSQL TLS refused (postgres.url: sslmode, sslrootcert = the CA that signed the server's certificate; \
+             the host must be a name the certificate carries)",
+        )
+    }
 }
 
 /// A TLS handshake refused (unknown CA, wrong name) or a TLS setting that cannot work: no
@@ -101,7 +113,7 @@ pub async fn pg_ready_with_tables(
             }
             // A TLS handshake refused (unknown CA, wrong name) or a TLS setting that cannot work
             // is configuration: no retry cures it.
-            Err(e) if tls_refused(&e) => return Err(e),
+            Err(e) if e.downcast_ref::<PgTlsRefused>().is_some() => return Err(e),
             Err(e) if std::time::Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "PostgreSQL not ready; retrying");
                 tokio::time::sleep(wait).await;
@@ -187,8 +199,8 @@ pub fn kafka_security(cfg: &Config, c: &mut ClientConfig) {
     if k.security_protocol.starts_with("sasl") {
         c.set("sasl.mechanism", &k.sasl_mechanism);
         if k.sasl_mechanism == "OAUTHBEARER" {
-            if !k.sasl_oauthbearer_config.is_empty() {
-                c.set("sasl.oauthbearer.config", &k.sasl_oauthbearer_config);
+            if !k.sasl_oauthbearer_config.expose().is_empty() {
+                c.set("sasl.oauthbearer.config", k.sasl_oauthbearer_config.expose());
             }
         } else {
             c.set("sasl.username", &k.sasl_username).set("sasl.password", k.sasl_password.expose());
@@ -209,8 +221,13 @@ impl Preflight {
     }
 }
 
-/// librdkafka's words for a connection no retry will cure (its logs and error events both).
+/// librdkafka's words for a connection no retry will cure (its logs and error events both). A
+/// handshake cut short ("SSL handshake failed: Disconnected", a broker restarting or a load
+/// balancer without backends) is an outage, not this.
 fn hopeless(reason: &str) -> bool {
+    if reason.contains("SSL handshake failed: Disconnected") {
+        return false;
+    }
     [
         "SSL handshake failed",
         "certificate verify failed",
@@ -253,8 +270,15 @@ pub async fn kafka_preflight(cfg: &Config) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let answered = client.client().fetch_metadata(None, Duration::from_millis(500)).is_ok();
+            // Any broker answering means the settings work (others may be restarting).
+            if client.client().fetch_metadata(None, Duration::from_millis(500)).is_ok() {
+                return Ok(());
+            }
             client.poll(Duration::ZERO); // serves the error events into the context
+                                         // A refusal stops the role only when no broker answered at all for the whole window.
+            if std::time::Instant::now() < deadline {
+                continue;
+            }
             if let Some(reason) = client.context().fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 bail!(
                     "Kafka at {brokers} refused the connection (kafka.security_protocol = {protocol:?}): {reason}. \
@@ -262,17 +286,12 @@ pub async fn kafka_preflight(cfg: &Config) -> anyhow::Result<()> {
                      certificate names the address it is reached at, and the SASL credentials"
                 );
             }
-            if answered {
-                return Ok(());
-            }
-            if std::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    %brokers,
-                    "Kafka does not answer yet; going on (every role waits out an outage). If these brokers listen for TLS or \
-                     SASL, kafka.security_protocol ({protocol}) must say so"
-                );
-                return Ok(());
-            }
+            tracing::warn!(
+                %brokers,
+                "Kafka does not answer yet; going on (every role waits out an outage). If these brokers listen for TLS or \
+                 SASL, kafka.security_protocol ({protocol}) must say so"
+            );
+            return Ok(());
         }
     })
     .await
@@ -414,7 +433,10 @@ pub fn registry_access(cfg: &Config) -> anyhow::Result<vitals_registry::Access> 
 pub fn codec(cfg: &Config) -> Codec {
     let r = &cfg.registry;
     // The CA file was read once already at load (Config::from_sources checks every ca_file).
-    let roots = ca_roots("registry.ca_file", &r.ca_file).unwrap_or_default();
+    let roots = ca_roots("registry.ca_file", &r.ca_file).unwrap_or_else(|e| {
+        tracing::error!(error = %format!("{e:#}"), "registry.ca_file unreadable now: the registry's certificate is checked against the system's CAs only");
+        Vec::new()
+    });
     Codec::new(&r.url).with_roots(roots).with_basic_auth(&r.reader_user, r.reader_password.expose())
 }
 

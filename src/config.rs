@@ -132,7 +132,7 @@ pub struct KafkaConfig {
     pub sasl_password: Secret,
     /// OAUTHBEARER only: librdkafka's `sasl.oauthbearer.config` (its unsecured-JWT token
     /// settings, e.g. `principal=vitals scope=write`); OIDC token endpoints are not built in.
-    pub sasl_oauthbearer_config: String,
+    pub sasl_oauthbearer_config: Secret,
 }
 
 impl KafkaConfig {
@@ -317,6 +317,9 @@ impl Config {
         }
         let c: Config = toml::Value::Table(root).try_into().context("invalid configuration")?;
         c.kafka.check_security()?;
+        if c.auth.jwks_min_refresh_secs < 1 {
+            bail!("auth.jwks_min_refresh_secs must be at least 1: tokens with unknown kids, which anyone can send, trigger these fetches");
+        }
         if c.kafka.min_insync_replicas < 1 || c.kafka.min_insync_replicas > c.kafka.replication_factor {
             bail!(
                 "kafka.min_insync_replicas = {} must be between 1 and kafka.replication_factor ({}): more would refuse every write",

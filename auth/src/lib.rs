@@ -85,6 +85,22 @@ pub struct JwtVerifier {
     unknown_kid: AtomicBool,
 }
 
+/// What jsonwebtoken does not check of an RS256 key: an RSA modulus of at least 2048 bits and
+/// an exponent (a provider glitch serving empty or truncated keys must not replace good ones).
+fn usable(jwk: &jsonwebtoken::jwk::Jwk) -> Result<(), String> {
+    let jsonwebtoken::jwk::AlgorithmParameters::RSA(rsa) = &jwk.algorithm else {
+        return Err("not an RSA key (RS256 is the algorithm accepted)".into());
+    };
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let n = b64.decode(rsa.n.trim_end_matches('=')).map_err(|e| format!("modulus: {e}"))?;
+    let e = b64.decode(rsa.e.trim_end_matches('=')).map_err(|e| format!("exponent: {e}"))?;
+    let bits = n.iter().position(|b| *b != 0).map_or(0, |first| (n.len() - first) * 8);
+    if bits < 2048 || e.is_empty() {
+        return Err(format!("an RSA key of {bits} bits (at least 2048 are required)"));
+    }
+    Ok(())
+}
+
 /// kid → key; a JWKS with one key also accepts tokens without `kid`.
 #[derive(Default)]
 struct RsKeys {
@@ -93,15 +109,30 @@ struct RsKeys {
 }
 
 impl RsKeys {
-    fn of(set: &JwkSet) -> Result<RsKeys, String> {
+    /// The usable keys of `set`. At start-up every key must be usable (a configuration error
+    /// shows at once); on a refresh unusable ones are skipped (`strict` false) so one odd key
+    /// of the provider's cannot stop rotation. No usable key at all is refused either way: an
+    /// empty JWKS never replaces good keys.
+    fn of(set: &JwkSet, strict: bool) -> Result<RsKeys, String> {
         let mut by_kid = HashMap::new();
         let mut all = Vec::new();
         for jwk in &set.keys {
-            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable JWK: {e}"))?;
+            // Keys of other types (an EC key for ES256 beside the RSA ones) are not for RS256.
+            if !matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::RSA(_)) {
+                continue;
+            }
+            let key = match usable(jwk).and_then(|()| DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())) {
+                Ok(k) => k,
+                Err(e) if strict => return Err(format!("unusable JWK: {e}")),
+                Err(_) => continue,
+            };
             if let Some(kid) = &jwk.common.key_id {
                 by_kid.insert(kid.clone(), key.clone());
             }
             all.push(key);
+        }
+        if all.is_empty() && !strict {
+            return Err("the JWKS holds no usable key".into());
         }
         let single = if all.len() == 1 { all.pop() } else { None };
         Ok(RsKeys { by_kid, single })
@@ -133,7 +164,7 @@ impl JwtVerifier {
     pub fn new(cfg: &AuthConfig) -> Result<JwtVerifier, String> {
         let hs = cfg.hs256_secret.as_ref().map(|s| (DecodingKey::from_secret(s), validation(Algorithm::HS256, cfg)));
         let rs = match &cfg.jwks {
-            Some(set) => RsKeys::of(set)?,
+            Some(set) => RsKeys::of(set, true)?,
             None => RsKeys::default(),
         };
         Ok(JwtVerifier {
@@ -146,13 +177,14 @@ impl JwtVerifier {
         })
     }
 
-    /// Replaces the RS256 keys with those of a JWKS fetched again (key rotation); an unusable
-    /// JWKS leaves the keys as they were. Returns how many keys it holds now.
+    /// Replaces the RS256 keys with the usable ones of a JWKS fetched again (key rotation); a
+    /// JWKS with no usable key leaves the keys as they were. Returns how many keys it holds now.
     pub fn replace_jwks(&self, set: &JwkSet) -> Result<usize, String> {
-        let keys = RsKeys::of(set)?;
+        let keys = RsKeys::of(set, false)?;
+        let usable = keys.by_kid.len().max(usize::from(keys.single.is_some()));
         *self.rs.write().unwrap_or_else(|p| p.into_inner()) = keys;
         self.unknown_kid.store(false, Ordering::Relaxed);
-        Ok(set.keys.len())
+        Ok(usable)
     }
 
     /// Whether a token named a `kid` the JWKS lacks since the last [`JwtVerifier::replace_jwks`].

@@ -81,6 +81,24 @@ async fn a_rotated_jwks_is_fetched_again_on_an_unknown_kid_at_most_once_a_second
     let (status, body) = read_with(&http, &env, &rs256_token(&old_key, "test-key-1", "u-jwks", &env)).await;
     assert_eq!(status, 200, "a token of the first key: {body}");
 
+    // A provider glitch serving an empty JWKS (or only keys vitals cannot use) replaces nothing.
+    *jwks.lock().unwrap() = json!({"keys": [{"kty": "RSA", "kid": "broken", "n": "", "e": ""}]});
+    // Two refreshes against it (the refresher is sequential: the second fetch means the first
+    // one's answer was handled), each triggered by a token with an unknown kid.
+    let before = fetches.load(Ordering::SeqCst);
+    let glitch = rs256_token(&old_key, "glitch-kid", "u-jwks", &env);
+    wait_for("two refreshes against the glitching provider", Duration::from_secs(30), || {
+        let (http, env, glitch, fetches) = (&http, &env, &glitch, &fetches);
+        async move {
+            assert_eq!(read_with(http, env, glitch).await.0, 401);
+            (fetches.load(Ordering::SeqCst) >= before + 2).then_some(())
+        }
+    })
+    .await;
+    let (status, body) = read_with(&http, &env, &rs256_token(&old_key, "test-key-1", "u-jwks", &env)).await;
+    assert_eq!(status, 200, "a JWKS without usable keys replaced the good ones: {body}");
+    *jwks.lock().unwrap() = first.clone();
+
     // The provider starts signing with a key its JWKS does not hold yet: 401 unknown_key, and a
     // burst of such tokens fetches the JWKS at most once a second.
     let (new_key, new_jwk) = rsa_key("rotated-key-2");
