@@ -79,6 +79,48 @@ async fn every_roles_metrics_pass_promtool() {
         let (ok, said) = check(&promtool, &text);
         assert!(ok, "{role}: promtool check metrics failed:\n{said}\n--- exposition ---\n{text}");
     }
+
+    // The alert rules (k8s/monitoring) are valid and every metric they name is served by a role,
+    // so a renamed metric fails here instead of silencing an alert.
+    let rules = root().join("k8s/monitoring/alerts.rules.yml");
+    let out = Command::new(&promtool).args(["check", "rules"]).arg(&rules).output().unwrap();
+    assert!(out.status.success(), "promtool check rules: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&rules).unwrap();
+    let mut named: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.contains("summary:") && !l.contains("description:"))
+        .flat_map(|l| {
+            l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("vitals_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    named.sort();
+    named.dedup();
+    assert!(named.len() >= 8, "the rules name too few metrics: {named:?}");
+    let urls: Vec<String> = roles.iter().map(|(_, url, _)| url.clone()).collect();
+    wait_for_every("every metric the alert rules name to be served", Duration::from_secs(120), Duration::from_millis(500), || {
+        let (http, urls, named) = (&env.http, &urls, &named);
+        async move {
+            let mut all = String::new();
+            for u in urls {
+                all.push_str(&http.get(u).send().await.ok()?.text().await.ok()?);
+            }
+            // A sample, or the family declared (a labelled counter has no series before its first
+            // event, e.g. the first dead letter).
+            let served = |m: &str| {
+                all.lines()
+                    .any(|l| l.starts_with(&format!("{m}{{")) || l.starts_with(&format!("{m} ")) || l == format!("# TYPE {m} counter"))
+            };
+            let missing: Vec<&String> = named.iter().filter(|m| !served(m)).collect();
+            if !missing.is_empty() {
+                eprintln!("not served yet: {missing:?}");
+            }
+            missing.is_empty().then_some(())
+        }
+    })
+    .await;
     process.terminate(Duration::from_secs(20));
     sink.terminate(Duration::from_secs(20));
     archive.terminate(Duration::from_secs(20));
