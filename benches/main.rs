@@ -574,11 +574,10 @@ async fn timed_run(
             checkpointing,
             start: Default::default(),
         },
-        consumer_config: {
-            let mut c = app::fetch_wait(cfg, runtime::consumer_config(&cfg.kafka.brokers, &format!("{run}bench-{}-{tag}", info.name)));
-            app::kafka_security(cfg, &mut c);
-            c
-        },
+        consumer_config: app::fetch_wait(
+            cfg,
+            runtime::consumer_config(app::kafka_base(cfg, "vitals-bench-process"), &format!("{run}bench-{}-{tag}", info.name)),
+        ),
         producer: app::producer(cfg, "vitals-bench-process")?,
         codec: Arc::clone(codec),
         pool: pool.clone(),

@@ -74,24 +74,20 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// A migrated pool for a long-running worker: while PostgreSQL is unreachable (a restart, a
 /// failover) it retries with backoff instead of exiting, for up to five minutes or until `stop`.
 pub async fn pg_ready(cfg: &Config, stop: &std::sync::atomic::AtomicBool) -> anyhow::Result<PgPool> {
-    Ok(pg_ready_with_tables(cfg, stop, Vec::new()).await?.0)
+    Ok(pg_ready_then(cfg, stop, |_| async { anyhow::Ok(()) }).await?.0)
 }
 
 /// [`pg_ready`] for a sink of `projections`: those it applies (a retired base version is
 /// applied no more: its table is gone and nothing reads it), their tables created when missing
-/// as part of being ready: PostgreSQL going away between the migrations and the tables is
-/// waited out like any outage.
+/// as part of being ready.
 pub async fn pg_ready_with_tables(
     cfg: &Config,
     stop: &std::sync::atomic::AtomicBool,
     projections: Vec<vitals_sinks::Projection>,
 ) -> anyhow::Result<(PgPool, Vec<vitals_sinks::Projection>)> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    let mut wait = Duration::from_millis(200);
-    loop {
-        let attempt = async {
-            let pool = pg_pool(cfg).await?;
-            migrate(&pool).await?;
+    pg_ready_then(cfg, stop, |pool| {
+        let projections = projections.clone();
+        async move {
             let retired = crate::replay::retired_bases(&pool).await?;
             let (gone, applied): (Vec<_>, Vec<_>) =
                 projections.iter().copied().partition(|p| p.version.is_none() && retired.iter().any(|r| r == p.name()));
@@ -99,7 +95,29 @@ pub async fn pg_ready_with_tables(
                 tracing::info!(retired = ?gone, "retired base versions are not applied");
             }
             vitals_sinks::postgres::ensure_tables(&pool, &applied).await.context("creating the projection tables")?;
-            anyhow::Ok((pool, applied))
+            anyhow::Ok(applied)
+        }
+    })
+    .await
+}
+
+/// [`pg_ready`] with `step` (start-up work against PostgreSQL) as part of being ready: the
+/// database going away between the migrations and the step is waited out like any outage.
+/// Stops at once, without retrying, on what no retry cures: a refused TLS handshake and a
+/// table its descriptor cannot be applied to.
+pub async fn pg_ready_then<T, F, Fut>(cfg: &Config, stop: &std::sync::atomic::AtomicBool, step: F) -> anyhow::Result<(PgPool, T)>
+where
+    F: Fn(PgPool) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            let pool = pg_pool(cfg).await?;
+            migrate(&pool).await?;
+            let done = step(pool.clone()).await?;
+            anyhow::Ok((pool, done))
         };
         match attempt.await {
             Ok(ready) => return Ok(ready),
@@ -170,7 +188,7 @@ pub fn client_id(role: &str, what: Option<&str>) -> String {
 }
 
 /// A client configuration with the brokers, the client id and how to connect
-/// ([`kafka_security`]): what every Kafka client of vitals starts from.
+/// (`security.protocol`, TLS, SASL): what every Kafka client of vitals starts from.
 pub fn kafka_base(cfg: &Config, client_id: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka.brokers).set("client.id", client_id).set("log_level", "4");
@@ -181,7 +199,7 @@ pub fn kafka_base(cfg: &Config, client_id: &str) -> ClientConfig {
 /// Sets `security.protocol`, TLS and SASL from `[kafka]` (checked at load:
 /// [`crate::config::KafkaConfig::check_security`]). Hostname verification stays on
 /// (`ssl.endpoint.identification.algorithm=https`).
-pub fn kafka_security(cfg: &Config, c: &mut ClientConfig) {
+fn kafka_security(cfg: &Config, c: &mut ClientConfig) {
     let k = &cfg.kafka;
     c.set("security.protocol", &k.security_protocol);
     if k.security_protocol.ends_with("ssl") {
@@ -274,8 +292,9 @@ pub async fn kafka_preflight(cfg: &Config) -> anyhow::Result<()> {
             if client.client().fetch_metadata(None, Duration::from_millis(500)).is_ok() {
                 return Ok(());
             }
-            client.poll(Duration::ZERO); // serves the error events into the context
-                                         // A refusal stops the role only when no broker answered at all for the whole window.
+            // Serves the error events into the context.
+            client.poll(Duration::ZERO);
+            // A refusal stops the role only when no broker answered at all for the whole window.
             if std::time::Instant::now() < deadline {
                 continue;
             }
@@ -942,19 +961,9 @@ pub async fn process_line(
         let known: Vec<&str> = vitals_runtime::registry().iter().map(|p| p.name).collect();
         bail!("unknown processor `{name}` (known: {})", known.join(", "));
     };
-    // PostgreSQL may go away right after being ready: the retired-base check waits it out too.
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    let (pool, retired) = loop {
-        let pool = pg_ready(cfg, &stop).await?;
-        match crate::replay::base_retired(&pool, info.name).await {
-            Ok(retired) => break (pool, retired),
-            Err(e) if std::time::Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) => {
-                tracing::warn!(error = %format!("{e:#}"), "PostgreSQL went away at start-up; waiting for it");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    // The retired-base check is part of being ready: PostgreSQL going away right after the
+    // migrations is waited out like any outage.
+    let (pool, retired) = pg_ready_then(cfg, &stop, |pool| async move { crate::replay::base_retired(&pool, info.name).await }).await?;
     if line.version.is_none() && retired {
         let served = crate::replay::promoted(&pool, info.name).await?;
         bail!(
@@ -984,12 +993,7 @@ pub async fn process_line(
     }
     let args = RunArgs {
         cfg: rc,
-        consumer_config: {
-            let mut c = fetch_wait(cfg, runtime::consumer_config(&cfg.kafka.brokers, &group));
-            c.set("client.id", client_id("process", Some(&line_name)));
-            kafka_security(cfg, &mut c);
-            c
-        },
+        consumer_config: fetch_wait(cfg, runtime::consumer_config(kafka_base(cfg, &client_id("process", Some(&line_name))), &group)),
         producer: producer(cfg, &client_id("process", Some(&line_name)))?,
         codec: Arc::new(codec(cfg)),
         pool,
@@ -1054,12 +1058,10 @@ pub async fn sink_of(
             max_batch: cfg.processors.max_batch,
             max_wait: Duration::from_millis(cfg.processors.max_wait_ms),
         },
-        consumer_config: {
-            let mut c = fetch_wait(cfg, runner::consumer_config(&cfg.kafka.brokers, &group));
-            c.set("client.id", client_id("sink", Some(name.trim_start_matches(&cfg.kafka.topic_prefix))));
-            kafka_security(cfg, &mut c);
-            c
-        },
+        consumer_config: fetch_wait(
+            cfg,
+            runner::consumer_config(kafka_base(cfg, &client_id("sink", Some(name.trim_start_matches(&cfg.kafka.topic_prefix)))), &group),
+        ),
         producer: producer(cfg, &client_id("sink", Some(name.trim_start_matches(&cfg.kafka.topic_prefix))))?,
         codec: Arc::new(codec(cfg)),
         pool,

@@ -194,20 +194,18 @@ impl ConsumerContext for SeekContext {
     }
 }
 
-/// A consumer configuration for a sink group.
-pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("group.id", group_id)
+/// A consumer configuration for a sink group, on `base`: the brokers, the client id and how to
+/// connect (TLS, SASL), as the composition root sets them for every client.
+pub fn consumer_config(mut base: ClientConfig, group_id: &str) -> ClientConfig {
+    base.set("group.id", group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
         // The rebalance timeout too: a killed member stalls a rebalance at most this long.
-        .set("max.poll.interval.ms", "20000")
-        .set("log_level", "4");
-    c
+        .set("max.poll.interval.ms", "20000");
+    base
 }
 
 enum Decoded {

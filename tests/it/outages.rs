@@ -18,14 +18,8 @@ use vitals_processors::rollup_day;
 use vitals_schemas::topics::PROGRESS_HEADER;
 use vitals_schemas::{ProductImpact, RollupDay, SessionImpact, SleepNight};
 
-use crate::harness::{free_port, header, key, wait_for_every, OwnPostgres, OwnRedis, TestEnv, VitalsProc};
+use crate::harness::{free_port, header, key, wait_for_every, with, OwnPostgres, OwnRedis, TestEnv, VitalsProc};
 use crate::pipeline::{expected, expected_products, fold};
-
-fn with(mut vars: Vec<(String, String)>, key: &str, value: &str) -> Vec<(String, String)> {
-    vars.retain(|(k, _)| k != key);
-    vars.push((key.to_owned(), value.to_owned()));
-    vars
-}
 
 /// Records in the four output topics (rows and progress markers).
 async fn out_records(env: &TestEnv) -> usize {
@@ -262,7 +256,8 @@ async fn postgres_restarted_under_the_processors_loses_and_doubles_nothing() {
     // the epoch; the process exits (non-zero) and a supervisor restarts it.
     eprintln!("{:?} into the outage: the processors went on without PostgreSQL", t0.elapsed());
     let group = format!("{}vitals-proc-rollup_day", env.cfg.kafka.topic_prefix);
-    let joiner: BaseConsumer = vitals_runtime::consumer_config(&env.cfg.kafka.brokers, &group).create().unwrap();
+    let joiner: BaseConsumer =
+        vitals_runtime::consumer_config(vitals::app::kafka_base(&env.cfg, "vitals-test-joiner"), &group).create().unwrap();
     joiner.subscribe(&[t.hot.as_str(), t.cold.as_str(), t.change.as_str(), t.domain.as_str()]).unwrap();
     let status = wait_for_every(
         "the processors to give up the takeover without PostgreSQL",

@@ -1352,11 +1352,10 @@ fn maybe_snapshot(s: &Arc<Snapshots>, processor: &str, rt: &tokio::runtime::Hand
     });
 }
 
-/// A consumer configuration for a processor group.
-pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("group.id", group_id)
+/// A consumer configuration for a processor group, on `base`: the brokers, the client id and how
+/// to connect (TLS, SASL), as the composition root sets them for every client.
+pub fn consumer_config(mut base: ClientConfig, group_id: &str) -> ClientConfig {
+    base.set("group.id", group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -1371,9 +1370,8 @@ pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
         // Also the rebalance timeout a join announces: how long the coordinator may wait for a
         // member that does not rejoin (a killed process). librdkafka's 300 s default would stall a
         // restarted instance that long; no interval or restore here comes near 20 s.
-        .set("max.poll.interval.ms", "20000")
-        .set("log_level", "4");
-    c
+        .set("max.poll.interval.ms", "20000");
+    base
 }
 
 #[cfg(test)]
