@@ -17,7 +17,7 @@ use rdkafka::Message;
 use vitals::simulate;
 use vitals_schemas::{DeadLetter, MetricKindRecord, RollupDay, SourceOffset};
 
-use crate::harness::{free_port, header, wait_for_every, TestEnv, VitalsProc};
+use crate::harness::{free_port, header, wait_for_every, with, TestEnv, VitalsProc};
 use crate::pipeline::{expected, fold};
 
 /// A schema registry in front of the real one that answers `fault` (an HTTP status) instead of
@@ -75,12 +75,6 @@ impl FaultyRegistry {
     fn answer(&self, status: u16) {
         self.fault.store(status, Ordering::SeqCst);
     }
-}
-
-fn with(mut vars: Vec<(String, String)>, key: &str, value: &str) -> Vec<(String, String)> {
-    vars.retain(|(k, _)| k != key);
-    vars.push((key.to_owned(), value.to_owned()));
-    vars
 }
 
 /// Before: schema_registry_converter treated a 500, 429 or 404 as "undecodable" and cached it;

@@ -124,6 +124,14 @@ pub struct TestEnv {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// `vars` with `key` set to `value` (replacing it if present): a child's environment with one
+/// setting changed.
+pub fn with(mut vars: Vec<(String, String)>, key: &str, value: &str) -> Vec<(String, String)> {
+    vars.retain(|(k, _)| k != key);
+    vars.push((key.to_owned(), value.to_owned()));
+    vars
+}
+
 /// A TCP port nobody listens on right now (for a child's metrics or API listener).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -275,7 +283,7 @@ fn kill_and_reap(child: &mut Option<Child>) {
 }
 
 /// Waits (30 s at most) until something accepts TCP connections on `addr`.
-async fn wait_listening(what: &str, addr: &str) {
+pub async fn wait_listening(what: &str, addr: &str) {
     wait_for(what, Duration::from_secs(30), || async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }).await;
 }
 

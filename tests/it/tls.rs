@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::harness::{services_up, wait_for, OwnBroker, TestEnv, VitalsProc};
+use crate::harness::{services_up, wait_for, wait_listening, with, OwnBroker, TestEnv, VitalsProc};
 
 /// A certificate authority of the test's own, in its own directory.
 pub struct TestCa {
@@ -113,15 +113,6 @@ pub struct TlsBroker {
     child: Child,
 }
 
-async fn listening(what: &str, port: u16) {
-    let addr = format!("127.0.0.1:{port}");
-    wait_for(what, Duration::from_secs(30), || {
-        let addr = addr.clone();
-        async move { tokio::net::TcpStream::connect(addr).await.ok().map(drop) }
-    })
-    .await;
-}
-
 impl TlsBroker {
     pub async fn start(cert: &Path, key: &Path) -> TlsBroker {
         TlsBroker::start_with(cert, key, None).await
@@ -147,7 +138,7 @@ impl TlsBroker {
         };
         if let Some((user, password)) = scram_user {
             let mut plain = broker(&[]);
-            listening("the broker (plaintext, to create its user) to listen", port).await;
+            wait_listening("the broker (plaintext, to create its user) to listen", &format!("127.0.0.1:{port}")).await;
             let out = Command::new(OwnBroker::binary())
                 .args(["user", "create", "--broker", &format!("tcp://127.0.0.1:{port}"), "--mechanism", "scram512", user, password])
                 .output()
@@ -167,7 +158,7 @@ impl TlsBroker {
         } else {
             broker(&["--cert", cert, "--key", key])
         };
-        listening("the TLS broker to listen", port).await;
+        wait_listening("the TLS broker to listen", &format!("127.0.0.1:{port}")).await;
         TlsBroker { port, child }
     }
 }
@@ -179,24 +170,34 @@ impl Drop for TlsBroker {
     }
 }
 
-/// Runs `vitals topics stats` (a preflight, then admin and metadata requests) with `env`;
-/// (success, stderr, how long it took).
-fn topics_stats(env: &[(String, String)]) -> (bool, String, Duration) {
+/// Runs `vitals <args>` to completion with `env` added to this process's: (success, stdout,
+/// stderr, how long it took).
+fn run_vitals(env: &[(String, String)], args: &[&str]) -> (bool, String, String, Duration) {
     let t = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_vitals"))
-        .args(["topics", "stats"])
+        .args(args)
         .envs(env.iter().cloned())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .output()
         .expect("running vitals");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned(), t.elapsed())
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr), t.elapsed())
 }
 
-fn with(env: &[(String, String)], key: &str, value: &str) -> Vec<(String, String)> {
-    let mut e: Vec<(String, String)> = env.iter().filter(|(k, _)| k != key).cloned().collect();
-    e.push((key.into(), value.into()));
-    e
+/// `vitals topics stats` (a preflight, then admin and metadata requests): (success, stderr,
+/// how long it took).
+fn topics_stats(env: &[(String, String)]) -> (bool, String, Duration) {
+    let (ok, _, stderr, took) = run_vitals(env, &["topics", "stats"]);
+    (ok, stderr, took)
+}
+
+/// An upload of one heart-rate sample from five minutes ago.
+fn one_sample(request_id: &str, record_id: &str) -> serde_json::Value {
+    let now = chrono::Utc::now();
+    json!({"request_id": request_id, "samples": [{"source": "com.apple.health.watch", "source_kind": "watch",
+        "source_record_id": record_id, "metric": "heart_rate", "start": (now - chrono::Duration::minutes(5)).to_rfc3339(),
+        "end": (now - chrono::Duration::minutes(4)).to_rfc3339(), "value": 61, "unit": "count/min", "time_zone": "UTC"}]})
 }
 
 #[tokio::test]
@@ -212,10 +213,7 @@ async fn kafka_over_tls_carries_uploads_through_a_processor_and_refuses_a_wrong_
     let env = TestEnv::start_with(&brokers, &tls).await;
     let user = "user-tls";
     env.consent(user, &[]).await;
-    let now = chrono::Utc::now();
-    let body = json!({"request_id": "req-tls", "samples": [{"source": "com.apple.health.watch", "source_kind": "watch",
-        "source_record_id": "tls-1", "metric": "heart_rate", "start": (now - chrono::Duration::minutes(5)).to_rfc3339(),
-        "end": (now - chrono::Duration::minutes(4)).to_rfc3339(), "value": 61, "unit": "count/min", "time_zone": "UTC"}]});
+    let body = one_sample("req-tls", "tls-1");
     let (status, _, out) = env.post("/v1/health/samples:batch", user, &body).await;
     assert_eq!(status, 200, "upload over a TLS broker: {out}");
 
@@ -236,7 +234,7 @@ async fn kafka_over_tls_carries_uploads_through_a_processor_and_refuses_a_wrong_
 
     // Another CA: the broker's certificate cannot be verified. The role stops, saying why.
     let other = TestCa::new("other");
-    let (ok, stderr, took) = topics_stats(&with(&child_env, "VITALS_KAFKA__SSL_CA_LOCATION", other.cert.to_str().unwrap()));
+    let (ok, stderr, took) = topics_stats(&with(child_env.clone(), "VITALS_KAFKA__SSL_CA_LOCATION", other.cert.to_str().unwrap()));
     assert!(!ok, "a broker certificate from an unknown CA was accepted:\n{stderr}");
     assert!(
         stderr.contains("refused the connection") && stderr.contains("certificate verify failed"),
@@ -245,21 +243,21 @@ async fn kafka_over_tls_carries_uploads_through_a_processor_and_refuses_a_wrong_
     assert!(took < Duration::from_secs(30), "a wrong CA took {took:?} to be reported");
 
     // The right CA but an address the certificate does not name (it names only `localhost`).
-    let (ok, stderr, _) = topics_stats(&with(&child_env, "VITALS_KAFKA__BROKERS", &format!("127.0.0.1:{}", broker.port)));
+    let (ok, stderr, _) = topics_stats(&with(child_env.clone(), "VITALS_KAFKA__BROKERS", &format!("127.0.0.1:{}", broker.port)));
     assert!(!ok, "a broker certificate for another name was accepted:\n{stderr}");
     assert!(stderr.contains("refused the connection"), "unclear error for a wrong name:\n{stderr}");
 
     // Plaintext against a TLS listener: librdkafka sees only silence (no handshake to fail), so
     // the role warns with the likely cause and goes on like in an outage; `topics stats` fails.
     let (ok, stderr, _) =
-        topics_stats(&with(&with(&child_env, "VITALS_KAFKA__SECURITY_PROTOCOL", "plaintext"), "VITALS_KAFKA__SSL_CA_LOCATION", ""));
+        topics_stats(&with(with(child_env.clone(), "VITALS_KAFKA__SECURITY_PROTOCOL", "plaintext"), "VITALS_KAFKA__SSL_CA_LOCATION", ""));
     assert!(!ok, "plaintext to a TLS listener went on:\n{stderr}");
     assert!(stderr.contains("kafka.security_protocol (plaintext) must say so"), "no hint for plaintext to a TLS listener:\n{stderr}");
 
     // A setting that cannot work is refused before any connection, naming the key.
-    let (ok, stderr, _) = topics_stats(&with(&child_env, "VITALS_KAFKA__SECURITY_PROTOCOL", "tls"));
+    let (ok, stderr, _) = topics_stats(&with(child_env.clone(), "VITALS_KAFKA__SECURITY_PROTOCOL", "tls"));
     assert!(!ok && stderr.contains("kafka.security_protocol"), "{stderr}");
-    let (ok, stderr, _) = topics_stats(&with(&child_env, "VITALS_KAFKA__SSL_CA_LOCATION", "/nonexistent/ca.pem"));
+    let (ok, stderr, _) = topics_stats(&with(child_env.clone(), "VITALS_KAFKA__SSL_CA_LOCATION", "/nonexistent/ca.pem"));
     assert!(!ok && stderr.contains("kafka.ssl_ca_location"), "{stderr}");
     env.cleanup().await;
 }
@@ -280,10 +278,7 @@ async fn kafka_sasl_scram_over_tls_authenticates_and_a_wrong_password_stops_the_
     let env = TestEnv::start_with(&format!("localhost:{}", broker.port), &sasl).await;
     let user = "user-sasl";
     env.consent(user, &[]).await;
-    let now = chrono::Utc::now();
-    let body = json!({"request_id": "req-sasl", "samples": [{"source": "com.apple.health.watch", "source_kind": "watch",
-        "source_record_id": "sasl-1", "metric": "heart_rate", "start": (now - chrono::Duration::minutes(5)).to_rfc3339(),
-        "end": (now - chrono::Duration::minutes(4)).to_rfc3339(), "value": 61, "unit": "count/min", "time_zone": "UTC"}]});
+    let body = one_sample("req-sasl", "sasl-1");
     let (status, _, out) = env.post("/v1/health/samples:batch", user, &body).await;
     assert_eq!(status, 200, "upload over SASL_SSL: {out}");
     assert!(!env.read(&env.topics().hot).await.is_empty(), "the upload is not in its lane");
@@ -292,11 +287,11 @@ async fn kafka_sasl_scram_over_tls_authenticates_and_a_wrong_password_stops_the_
     child_env.extend(sasl.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let (ok, stderr, _) = topics_stats(&child_env);
     assert!(ok, "vitals topics stats over SASL_SSL failed:\n{stderr}");
-    let (ok, stderr, took) = topics_stats(&with(&child_env, "VITALS_KAFKA__SASL_PASSWORD", "wrong"));
+    let (ok, stderr, took) = topics_stats(&with(child_env.clone(), "VITALS_KAFKA__SASL_PASSWORD", "wrong"));
     assert!(!ok, "a wrong SASL password was accepted:\n{stderr}");
     assert!(stderr.contains("refused the connection"), "unclear error for a wrong SASL password:\n{stderr}");
     assert!(took < Duration::from_secs(30), "a wrong password took {took:?} to be reported");
-    let (ok, stderr, _) = topics_stats(&with(&child_env, "VITALS_KAFKA__SASL_PASSWORD", ""));
+    let (ok, stderr, _) = topics_stats(&with(child_env.clone(), "VITALS_KAFKA__SASL_PASSWORD", ""));
     assert!(!ok && stderr.contains("kafka.sasl_password"), "{stderr}");
     env.cleanup().await;
 }
@@ -326,14 +321,8 @@ async fn postgres_over_tls_verifies_the_server_and_a_wrong_ca_or_name_stops_the_
     pool.close().await;
 
     let migrate = |db_url: String| {
-        let out = Command::new(env!("CARGO_BIN_EXE_vitals"))
-            .arg("migrate")
-            .env("VITALS_POSTGRES__URL", db_url)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .expect("running vitals");
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let (ok, _, stderr, _) = run_vitals(&[("VITALS_POSTGRES__URL".into(), db_url)], &["migrate"]);
+        (ok, stderr)
     };
     let (ok, stderr) = migrate(url("localhost", &ca.cert));
     assert!(ok, "vitals migrate over TLS failed:\n{stderr}");
@@ -475,14 +464,14 @@ async fn https_to_the_jwks_the_registry_and_s3_verifies_the_server_with_the_conf
     let mut child_env = env.child_env(&tempdir("https-unused"));
     child_env.push(("VITALS_REGISTRY__URL".into(), format!("https://localhost:{}", proxy.port)));
     let run = |env: &[(String, String)], args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_vitals")).args(args).envs(env.iter().cloned()).stdin(Stdio::null()).output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        let (ok, stdout, stderr, _) = run_vitals(env, args);
+        (ok, format!("{stdout}{stderr}"))
     };
-    let (ok, out) = run(&with(&child_env, "VITALS_REGISTRY__CA_FILE", ca.cert.to_str().unwrap()), &["schemas", "check"]);
+    let (ok, out) = run(&with(child_env.clone(), "VITALS_REGISTRY__CA_FILE", ca.cert.to_str().unwrap()), &["schemas", "check"]);
     assert!(ok, "vitals schemas check over https failed:\n{out}");
-    let (ok, out) = run(&with(&child_env, "VITALS_REGISTRY__CA_FILE", other.cert.to_str().unwrap()), &["schemas", "check"]);
+    let (ok, out) = run(&with(child_env.clone(), "VITALS_REGISTRY__CA_FILE", other.cert.to_str().unwrap()), &["schemas", "check"]);
     assert!(!ok && out.contains("certificate"), "an https registry with an unknown CA was accepted or unclear:\n{out}");
-    let (ok, out) = run(&with(&child_env, "VITALS_REGISTRY__CA_FILE", "/nonexistent.pem"), &["schemas", "check"]);
+    let (ok, out) = run(&with(child_env.clone(), "VITALS_REGISTRY__CA_FILE", "/nonexistent.pem"), &["schemas", "check"]);
     assert!(!ok && out.contains("registry.ca_file"), "{out}");
 
     // The JWKS of an IdP behind TLS: `vitals api` fetches it at start-up.
@@ -496,11 +485,11 @@ async fn https_to_the_jwks_the_registry_and_s3_verifies_the_server_with_the_conf
     let idp = TlsProxy::start(&cert, &key, jwks_addr).await;
     let api_port = crate::harness::free_port();
     let api_env = {
-        let mut e = with(&child_env, "VITALS_AUTH__JWKS_URL", &format!("https://localhost:{}/jwks.json", idp.port));
+        let mut e = with(child_env.clone(), "VITALS_AUTH__JWKS_URL", &format!("https://localhost:{}/jwks.json", idp.port));
         e.push(("VITALS_API__LISTEN".into(), format!("127.0.0.1:{api_port}")));
         e
     };
-    let mut api = VitalsProc::new(&["api"], with(&api_env, "VITALS_AUTH__JWKS_CA_FILE", ca.cert.to_str().unwrap()));
+    let mut api = VitalsProc::new(&["api"], with(api_env.clone(), "VITALS_AUTH__JWKS_CA_FILE", ca.cert.to_str().unwrap()));
     api.start();
     let http = reqwest::Client::new();
     wait_for("vitals api with an https JWKS to serve /healthz", Duration::from_secs(60), || {
@@ -509,7 +498,7 @@ async fn https_to_the_jwks_the_registry_and_s3_verifies_the_server_with_the_conf
     })
     .await;
     api.terminate(Duration::from_secs(20));
-    let (ok, out) = run(&with(&api_env, "VITALS_AUTH__JWKS_CA_FILE", other.cert.to_str().unwrap()), &["api"]);
+    let (ok, out) = run(&with(api_env.clone(), "VITALS_AUTH__JWKS_CA_FILE", other.cert.to_str().unwrap()), &["api"]);
     assert!(!ok && out.contains("auth.jwks_url"), "an https JWKS with an unknown CA was accepted or unclear:\n{out}");
     server.abort();
 
