@@ -154,6 +154,14 @@ async fn the_dashboard_shows_data_and_updates_live_in_chromium() {
 
     // A new upload lands: the page updates by itself (no reload), over the WebSocket.
     let now = chrono::Utc::now();
+    // The simulated user set a source priority (phone, then watch…) that does not list the
+    // manual entry below, so wherever the simulation has steps in the same ten minutes they would
+    // win those sub-intervals and today's total could stay under 54321 (seen: 28780.9, pro rata).
+    // The user now puts manual entries first, as an app's settings screen would.
+    let priority = json!({"request_id": "browser-priority", "changes": [{"change_id": "browser-priority", "kind": "source_priority_updated",
+        "occurred_at": now.to_rfc3339(), "source_priority": ["manual-entry"]}]});
+    let (s, _, out) = env.post("/v1/domain-changes:batch", &user, &priority).await;
+    assert_eq!(s, 200, "{out}");
     let today = (now - chrono::Duration::minutes(20)).format("%Y-%m-%d").to_string(); // the local (UTC) date of the sample
     let steps = json!({"source": "manual-entry", "source_kind": "manual", "source_record_id": "browser-steps", "metric": "steps",
                        "start": (now - chrono::Duration::minutes(20)).to_rfc3339(), "end": (now - chrono::Duration::minutes(10)).to_rfc3339(),
