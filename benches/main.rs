@@ -88,7 +88,7 @@ enum BenchCmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    vitals::init_tracing("warn,sqlx=warn,rdkafka=error");
+    let _telemetry = vitals::init_tracing("warn,sqlx=warn,rdkafka=error", None)?;
     let cfg = Config::load()?;
     match cli.cmd {
         BenchCmd::Ingest(args) => ingest(&cfg, args.to_config(&cfg)).await,
@@ -515,12 +515,11 @@ async fn from_the_archive(
 /// Where an exactly-once run's time went (the runtime's own counters, whole run).
 fn time_went(m: &vitals_runtime::metrics::RuntimeMetrics) -> String {
     use std::sync::atomic::Ordering;
-    let us = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e3;
     format!(
         "{} intervals committed; waiting for acknowledgements {:.0} ms, local commits {:.0} ms in all",
         m.commits.load(Ordering::Relaxed),
-        us(&m.ack_wait_micros),
-        us(&m.commit_micros)
+        m.ack_wait_seconds.sum_secs() * 1e3,
+        m.commit_seconds.sum_secs() * 1e3
     )
 }
 

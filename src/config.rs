@@ -47,6 +47,18 @@ pub struct Config {
     pub s3: S3Config,
     pub api: ApiConfig,
     pub archive: ArchiveConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Trace export ([`crate::init_tracing`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The OTLP/HTTP base URL of a collector; empty: no export.
+    pub otlp_endpoint: String,
+    pub ca_file: String,
+    pub sample_ratio: f64,
+    pub export_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -333,6 +345,14 @@ impl Config {
         {
             crate::app::ca_roots(key, path)?;
         }
+        if !(0.0..=1.0).contains(&c.telemetry.sample_ratio) {
+            bail!("telemetry.sample_ratio = {} must be between 0.0 and 1.0", c.telemetry.sample_ratio);
+        }
+        let e = &c.telemetry.otlp_endpoint;
+        if !(e.is_empty() || e.starts_with("http://") || e.starts_with("https://")) {
+            bail!("telemetry.otlp_endpoint = {e:?} must be an http:// or https:// URL (OTLP over HTTP, port 4318 by convention)");
+        }
+        crate::app::ca_roots("telemetry.ca_file", &c.telemetry.ca_file)?;
         if !c.redis.ca_file.is_empty() {
             std::fs::metadata(&c.redis.ca_file).with_context(|| format!("redis.ca_file = {:?} cannot be read", c.redis.ca_file))?;
         }

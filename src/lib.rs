@@ -46,16 +46,67 @@ pub fn stop_on_signal() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     stop
 }
 
+/// What [`init_tracing`] installed: dropped when a role ends, it exports the spans still waiting
+/// for their batch.
+pub struct Telemetry(Option<opentelemetry_sdk::trace::SdkTracerProvider>);
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            // (The batch processor's own thread does the export; this waits for it.)
+            let _ = p.shutdown();
+        }
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (else `default`); JSON lines when
-/// `VITALS_LOG_FORMAT=json`.
-pub fn init_tracing(default: &str) {
-    use tracing_subscriber::EnvFilter;
+/// `VITALS_LOG_FORMAT=json`. With `telemetry` (the config and this role's service name), the
+/// hops of every upload's trace (spans of target [`vitals_schemas::trace::TARGET`], whatever the
+/// log filter) become OpenTelemetry spans, sampled parent-based at `sample_ratio`, and are
+/// exported over OTLP/HTTP when `otlp_endpoint` is set.
+pub fn init_tracing(default: &str, telemetry: Option<(&config::TelemetryConfig, &str)>) -> anyhow::Result<Telemetry> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let json = std::env::var("VITALS_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json { fmt.json().boxed() } else { fmt.boxed() }.with_filter(filter);
+    let Some((cfg, service)) = telemetry else {
+        tracing_subscriber::registry().with(fmt).init();
+        return Ok(Telemetry(None));
+    };
+    let mut provider = SdkTracerProvider::builder()
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(cfg.sample_ratio))))
+        .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service.to_owned()).build());
+    if !cfg.otlp_endpoint.is_empty() {
+        let roots = app::ca_roots("telemetry.ca_file", &cfg.ca_file)?;
+        // reqwest's blocking client may not be built on a Tokio thread: on one of its own.
+        let client = std::thread::spawn(move || {
+            let mut b = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(10));
+            for r in roots {
+                b = b.add_root_certificate(r);
+            }
+            b.build()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("building the OTLP client panicked"))??;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(client)
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(format!("{}/v1/traces", cfg.otlp_endpoint.trim_end_matches('/')))
+            .build()?;
+        let batches = BatchConfigBuilder::default().with_scheduled_delay(std::time::Duration::from_millis(cfg.export_delay_ms)).build();
+        provider = provider.with_span_processor(BatchSpanProcessor::builder(exporter).with_batch_config(batches).build());
     }
+    let provider = provider.build();
+    let hops = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("vitals"))
+        .with_filter(tracing_subscriber::filter::Targets::new().with_target(vitals_schemas::trace::TARGET, tracing::Level::TRACE));
+    tracing_subscriber::registry().with(fmt).with(hops).init();
+    Ok(Telemetry(Some(provider)))
 }

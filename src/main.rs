@@ -305,9 +305,14 @@ async fn serve_probes(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // The demo talks to a person: warnings only, unless RUST_LOG says otherwise.
-    init_tracing(if matches!(cli.cmd, Cmd::Demo { .. }) { "warn,sqlx=warn,rdkafka=error" } else { "info,sqlx=warn,rdkafka=warn" });
     let cfg = Config::load()?;
+    // The demo talks to a person: warnings only, unless RUST_LOG says otherwise. Traces name the
+    // role they come from (`vitals-process`, `vitals-sink`, …).
+    let service = format!("vitals-{}", std::env::args().nth(1).unwrap_or_default());
+    let _telemetry = init_tracing(
+        if matches!(cli.cmd, Cmd::Demo { .. }) { "warn,sqlx=warn,rdkafka=error" } else { "info,sqlx=warn,rdkafka=warn" },
+        Some((&cfg.telemetry, &service)),
+    )?;
     // Roles and tools that talk to Kafka first check that they can (TLS, SASL), so a setting that
     // cannot work stops them at once with the reason. The demo uses its embedded broker.
     let uses_kafka = !matches!(

@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 use vitals_auth::{ApiError, JwtVerifier};
+use vitals_schemas::exposition::HttpMetrics;
 use vitals_schemas::projection::{Descriptor, Order};
 
 use crate::freshness::Freshness;
@@ -41,34 +42,26 @@ pub struct Api {
     /// The projections it serves (the registered processors' descriptors), each at
     /// `/v1/projections/{name}`.
     pub projections: Vec<&'static Descriptor>,
-    /// Responses by status class, for `/metrics`.
-    pub metrics: ApiMetrics,
-}
-
-/// What `/metrics` of `vitals api` and `vitals realtime` counts.
-#[derive(Debug, Default)]
-pub struct ApiMetrics {
-    /// Responses by status class: 1xx (WebSocket upgrades) … 5xx.
-    responses: [std::sync::atomic::AtomicU64; 5],
+    /// Responses by route and status class, and their durations, for `/metrics`.
+    pub metrics: HttpMetrics,
 }
 
 async fn count_responses(State(api): State<Arc<Api>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    // The route's pattern (`/v1/projections/{name}`), never the path: no user id in a label.
+    let route = req.extensions().get::<axum::extract::MatchedPath>().map_or("unmatched".to_owned(), |m| m.as_str().to_owned());
     let resp = next.run(req).await;
-    let class = (resp.status().as_u16() / 100).clamp(1, 5) as usize - 1;
-    api.metrics.responses[class].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    api.metrics.record(&route, resp.status().as_u16(), started.elapsed());
     resp
 }
 
-/// The Prometheus text exposition of this instance: responses by status class and, with the
-/// realtime gateway, its connections and deliveries.
+/// The Prometheus text exposition of this instance: responses by route and status class, their
+/// durations and, with the realtime gateway, its connections and deliveries.
 fn render_metrics(api: &Api) -> String {
     use std::fmt::Write as _;
     use std::sync::atomic::Ordering::Relaxed;
-    let mut out =
-        String::from("# HELP vitals_api_responses_total HTTP responses by status class.\n# TYPE vitals_api_responses_total counter\n");
-    for (i, n) in api.metrics.responses.iter().enumerate() {
-        let _ = writeln!(out, "vitals_api_responses_total{{class=\"{}xx\"}} {}", i + 1, n.load(Relaxed));
-    }
+    let mut out = String::new();
+    api.metrics.render(&mut out, "vitals_api");
     if let Some(hub) = &api.realtime {
         let m = &hub.metrics;
         for (name, help, v) in [

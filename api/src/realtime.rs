@@ -27,7 +27,7 @@ use axum::response::Response;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::{mpsc, Notify};
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 use vitals_auth::ApiError;
 
 use crate::Api;
@@ -251,6 +251,8 @@ struct Versioned {
     entity_id: String,
     version_epoch: i64,
     version_seq: i64,
+    #[serde(default)]
+    traceparent: Option<String>,
 }
 
 /// Per connection: the newest version sent of each entity. An envelope is sent only when its
@@ -259,18 +261,29 @@ struct Versioned {
 #[derive(Default)]
 struct Seen(HashMap<(String, String), (i64, i64)>);
 
+/// Whether an envelope is sent, and the trace it continues.
+enum Admit {
+    Send(Option<String>),
+    Drop,
+}
+
 impl Seen {
+    #[cfg(test)]
     fn admit(&mut self, payload: &str) -> bool {
-        let Ok(v) = serde_json::from_str::<Versioned>(payload) else { return true };
+        matches!(self.admit_traced(payload), Admit::Send(_))
+    }
+
+    fn admit_traced(&mut self, payload: &str) -> Admit {
+        let Ok(v) = serde_json::from_str::<Versioned>(payload) else { return Admit::Send(None) };
         // Deletions and upserts of an entity share its version line.
         let projection = v.event_type.rsplit_once('.').map(|(p, _)| p.to_owned()).unwrap_or(v.event_type);
         let key = (projection, v.entity_id);
         let version = (v.version_epoch, v.version_seq);
         if self.0.get(&key).is_some_and(|held| *held >= version) {
-            return false;
+            return Admit::Drop;
         }
         self.0.insert(key, version);
-        true
+        Admit::Send(v.traceparent)
     }
 }
 
@@ -299,10 +312,22 @@ async fn serve(hub: Arc<Hub>, user: String, accepted_until: u64, _slot: Connecti
             }
             msg = rx.recv() => {
                 let Some(payload) = msg else { break };
-                if !seen.admit(&payload) {
-                    continue;
-                }
-                if socket.send(Message::Text(payload.to_string().into())).await.is_err() {
+                let Admit::Send(trace) = seen.admit_traced(&payload) else { continue };
+                // The upload's last hop: a child of the sink span that applied the row.
+                let span = match trace.as_deref() {
+                    Some(tp) => {
+                        let span = tracing::info_span!(
+                            target: vitals_schemas::trace::TARGET,
+                            "realtime.deliver",
+                            user = vitals_schemas::trace::user(&user).as_str()
+                        );
+                        vitals_schemas::trace::continue_from(&span, Some(tp));
+                        span
+                    }
+                    None => tracing::Span::none(),
+                };
+                let sent = socket.send(Message::Text(payload.to_string().into())).instrument(span).await;
+                if sent.is_err() {
                     break;
                 }
                 hub.metrics.delivered.fetch_add(1, Ordering::Relaxed);

@@ -249,8 +249,23 @@ struct BatchResponse<'a> {
 async fn handle(s: Arc<Ingest>, kind: BatchKind, req: Request) -> Response {
     let started = Instant::now();
     let endpoint = kind.endpoint();
-    let trace = TraceContext::from_header(req.headers().get("traceparent").and_then(|v| v.to_str().ok()));
-    let span = info_span!("ingest.batch", endpoint, trace_id = %trace.trace_id, status = tracing::field::Empty);
+    let incoming = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    // The upload's first hop (vitals_schemas::trace): a child of the phone's span when it sent a
+    // valid `traceparent`. Its context is what every record written carries to the processors.
+    let span = info_span!(
+        target: vitals_schemas::trace::TARGET,
+        "ingest.batch",
+        otel.kind = "server",
+        endpoint,
+        user = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        status = tracing::field::Empty
+    );
+    vitals_schemas::trace::continue_from(&span, incoming.as_deref());
+    let trace = vitals_schemas::trace::of(&span)
+        .and_then(|tp| TraceContext::of_span(&tp))
+        .unwrap_or_else(|| TraceContext::from_header(incoming.as_deref()));
+    span.record("trace_id", trace.trace_id.as_str());
     let resp = async {
         let admitted = match admit(&s, req).await {
             Ok(a) => a,
@@ -259,6 +274,8 @@ async fn handle(s: Arc<Ingest>, kind: BatchKind, req: Request) -> Response {
                 return e.into_response();
             }
         };
+        // A span names its user only hashed.
+        tracing::Span::current().record("user", vitals_schemas::trace::user(&admitted.user).as_str());
         // Processed in its own task: a client that disconnects mid-request does not abort the work,
         // so the request id never stays claimed by an abandoned attempt, and the client's retry
         // gets the stored answer.

@@ -27,7 +27,8 @@ impl Metrics {
                 .unwrap();
         let rejections =
             IntCounterVec::new(Opts::new("vitals_ingest_rejections_total", "Rejected items and requests by code"), &["code"]).unwrap();
-        let buckets = vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        // The buckets every vitals latency histogram uses (one set, so panels compare).
+        let buckets = vitals_schemas::exposition::SECONDS_BUCKETS.to_vec();
         let request_seconds = HistogramVec::new(
             HistogramOpts::new("vitals_ingest_request_seconds", "Request latency").buckets(buckets.clone()),
             &["endpoint"],

@@ -11,26 +11,29 @@ pub struct TraceContext {
     pub sampled: bool,
 }
 
-fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) && s.bytes().any(|b| b != b'0')
-}
-
 fn random_hex(bytes: usize) -> String {
     let mut rng = rand::thread_rng();
     (0..bytes).map(|_| format!("{:02x}", rng.gen::<u8>())).collect()
 }
 
 impl TraceContext {
-    /// Continues the caller's trace when its `traceparent` is valid, else starts one.
+    /// Continues the caller's trace when its `traceparent` is valid, else starts one (for the
+    /// logs, where no OpenTelemetry layer makes the edge's span).
     pub fn from_header(traceparent: Option<&str>) -> TraceContext {
-        if let Some(tp) = traceparent {
-            let parts: Vec<&str> = tp.trim().split('-').collect();
-            if parts.len() == 4 && parts[0] == "00" && is_hex(parts[1], 32) && is_hex(parts[2], 16) && parts[3].len() == 2 {
-                let flags = u8::from_str_radix(parts[3], 16).unwrap_or(0);
-                return TraceContext { trace_id: parts[1].to_owned(), span_id: random_hex(8), sampled: flags & 1 == 1 };
-            }
+        if let Some(sc) = traceparent.and_then(vitals_schemas::trace::parse) {
+            return TraceContext { trace_id: format!("{:032x}", sc.trace_id()), span_id: random_hex(8), sampled: sc.is_sampled() };
         }
         TraceContext { trace_id: random_hex(16), span_id: random_hex(8), sampled: true }
+    }
+
+    /// The context of the edge's own span (`traceparent` as [`vitals_schemas::trace::of`] gives it).
+    pub fn of_span(traceparent: &str) -> Option<TraceContext> {
+        let sc = vitals_schemas::trace::parse(traceparent)?;
+        Some(TraceContext {
+            trace_id: format!("{:032x}", sc.trace_id()),
+            span_id: format!("{:016x}", sc.span_id()),
+            sampled: sc.is_sampled(),
+        })
     }
 
     /// The `traceparent` value naming this edge's span as parent.

@@ -302,6 +302,7 @@ mod agreement {
                 version_epoch: 1,
                 version_seq: 3,
                 payload: "{}".into(),
+                traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             },
         );
     }

@@ -306,6 +306,9 @@ pub struct RealtimeEnvelope {
     pub version_epoch: i64,
     pub version_seq: i64,
     pub payload: String,
+    /// The upload's trace: the sink's span that applied the row (`None`: not traced).
+    #[serde(default)]
+    pub traceparent: Option<String>,
 }
 
 /// Avro `bytes` through serde: apache-avro wants `serialize_bytes`, not a sequence of u8.

@@ -42,6 +42,8 @@ pub struct Row {
     /// The record as JSON: what reads return.
     pub body: Value,
     pub source_offsets: Vec<SourceOffset>,
+    /// The `traceparent` of the sink's span applying it (set by the runner), if traced.
+    pub trace: Option<String>,
 }
 
 impl Row {
@@ -70,6 +72,7 @@ impl Row {
                 .transpose()
                 .map_err(|e| format!("{}: source_offsets: {e}", d.name))?
                 .ok_or_else(|| missing("source_offsets"))?,
+            trace: None,
             body,
         })
     }

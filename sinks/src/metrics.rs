@@ -3,10 +3,12 @@
 //!
 //! [`runner`]: crate::runner
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use vitals_schemas::dead_letter::{label, DeadLetterCounts};
+use vitals_schemas::exposition::{unix_now, Histogram};
 
 use crate::runner::SinkMetrics;
 
@@ -110,6 +112,26 @@ impl SinkMetrics {
                 c.last_change
             );
         }
+        Histogram::render_header(out, "vitals_sink_commit_seconds", "How long a batch commit (rows + offsets in one transaction) took.");
+        self.commit_seconds.render_samples(out, "vitals_sink_commit_seconds", &format!("sink=\"{sink}\""));
+        let _ = writeln!(out, "# HELP vitals_sink_lag_records Records behind the end of each partition assigned here (read but not committed counts as behind).\n# TYPE vitals_sink_lag_records gauge");
+        for ((topic, p), lag) in self.lag.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "vitals_sink_lag_records{{sink=\"{sink}\",topic=\"{}\",partition=\"{p}\"}} {lag}", label(topic));
+        }
+        // Per projection: the oldest over its partitions assigned here, 0 when none is behind.
+        let now = unix_now();
+        let mut age: BTreeMap<&str, f64> = projections.keys().map(|k| (k.as_str(), 0.0)).collect();
+        let behind = self.behind_since.lock().unwrap_or_else(|e| e.into_inner());
+        for ((projection, _), since) in behind.iter() {
+            let a = age.entry(projection.as_str()).or_insert(0.0);
+            if let Some(t) = since {
+                *a = a.max((now - t).max(0.0));
+            }
+        }
+        let _ = writeln!(out, "# HELP vitals_sink_freshness_age_seconds How old the oldest record still to apply to the projection may be, over its partitions assigned here (0: read to the end).\n# TYPE vitals_sink_freshness_age_seconds gauge");
+        for (projection, a) in &age {
+            let _ = writeln!(out, "vitals_sink_freshness_age_seconds{{sink=\"{sink}\",projection=\"{}\"}} {a:.3}", label(projection));
+        }
         DeadLetterCounts::render_header(out);
         self.dead_letters.render_samples(out);
     }
@@ -140,6 +162,7 @@ mod tests {
             version: (1, 1),
             deleted,
             body: serde_json::json!({}),
+            trace: None,
         };
         let (v1, v2) = (Projection::of::<vitals_schemas::RollupDay>(), Projection::of::<vitals_schemas::RollupDay>().at("v2"));
         m.applied(&[row(v1, false), row(v1, false), row(v1, true), row(v2, false)]);

@@ -21,6 +21,8 @@ pub struct Applied {
     pub version: (i64, i64),
     pub deleted: bool,
     pub body: serde_json::Value,
+    /// The `traceparent` of the sink's span that applied it (the upload's trace), if traced.
+    pub trace: Option<String>,
 }
 
 /// What one consumed batch writes.
@@ -382,9 +384,12 @@ async fn upsert_rows(tx: &mut Transaction<'_, Postgres>, p: Projection, rows: &[
         .bind(rows.iter().map(|r| Json(offsets_json(&r.source_offsets))).collect::<Vec<_>>())
         .fetch_all(&mut **tx)
         .await?;
+    let traces: std::collections::HashMap<(&str, &str), &str> =
+        rows.iter().filter_map(|r| Some(((r.user_id.as_str(), r.entity_id.as_str()), r.trace.as_deref()?))).collect();
     Ok(returned
         .into_iter()
         .map(|(user_id, entity_id, e, s, deleted, body)| Applied {
+            trace: traces.get(&(user_id.as_str(), entity_id.as_str())).map(|t| (*t).to_owned()),
             projection: p,
             user_id,
             entity_id,

@@ -31,6 +31,7 @@ pub fn envelope(a: &Applied) -> RealtimeEnvelope {
         version_epoch: a.version.0,
         version_seq: a.version.1,
         payload: if a.deleted { "null".into() } else { a.body.to_string() },
+        traceparent: a.trace.clone(),
     }
 }
 

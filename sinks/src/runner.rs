@@ -20,6 +20,7 @@ use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tracing::{info, warn};
 use vitals_schemas::codec::{Codec, CodecError};
+use vitals_schemas::exposition::{unix_now, Histogram};
 use vitals_schemas::projection::BuiltFrom;
 use vitals_schemas::topics::Topics;
 use vitals_schemas::vouch::{Belief, Vouches};
@@ -84,7 +85,19 @@ pub struct SinkMetrics {
     /// Per projection (its key, `name` or `name@version`): rows changed (upserts, retractions)
     /// and the time of the newest change ([`SinkMetrics::applied`]).
     pub projections: Mutex<BTreeMap<String, crate::metrics::ProjectionCounts>>,
+    /// How long each successful batch commit (rows + offsets in one transaction) took.
+    pub commit_seconds: Histogram,
+    /// Per assigned (topic, partition): records behind its end, as last measured (every
+    /// [`LAG_EVERY`]): what is read but not committed counts as behind.
+    pub lag: Mutex<BTreeMap<(String, i32), i64>>,
+    /// Per (projection key, partition) assigned: `None` when read to its end; otherwise the Unix
+    /// time no record still to apply can be older than. Freshness age = now − this.
+    pub behind_since: Mutex<BTreeMap<(String, i32), Option<f64>>>,
 }
+
+/// How often the sink measures its lag (each measurement asks the broker for every assigned
+/// partition's end, off the poll thread).
+pub const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// What runs after each commit with the rows it changed.
 pub type OnApplied = Box<dyn Fn(&[Applied]) + Send>;
@@ -265,6 +278,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
     // The offsets PostgreSQL holds, committed to the group now and then (idle or not) so that
     // standard lag tools see the sink; never read back (the sink seeks to `sink_offsets`).
     let (mut commits, mut positions) = (InformationalCommits::default(), BTreeMap::<(String, i32), i64>::new());
+    let mut lag = LagWatch::start(&consumer_config, &stop)?;
     // (Only what moved since the last commit: a partition that went to another instance is
     // not committed again with its old offset.)
     while !stop.load(Ordering::Relaxed) {
@@ -285,6 +299,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         if msgs.is_empty() {
             metrics.wait_over(); // nothing to apply: waiting for nothing
             commits.offer(&consumer, || std::mem::take(&mut positions));
+            lag.measure(&consumer, generation.load(Ordering::Relaxed), &by_topic, &metrics);
             continue;
         }
         // The registry being down is not the records' fault: wait and decode again.
@@ -301,10 +316,37 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         };
         metrics.records_in.fetch_add(msgs.len() as u64, Ordering::Relaxed);
         let (mut batch, mut row_msgs) = batch;
+        // A row of an upload's trace is a hop of it (vitals_schemas::trace): a span from here to
+        // its commit, the parent of its realtime envelope.
+        let spans: Vec<tracing::Span> = batch
+            .rows
+            .iter_mut()
+            .zip(&row_msgs)
+            .filter_map(|(row, i)| {
+                let m = &msgs[*i];
+                let tp = header(m, vitals_schemas::trace::HEADER)?;
+                let span = tracing::info_span!(
+                    target: vitals_schemas::trace::TARGET,
+                    "sink.apply",
+                    sink = cfg.name.as_str(),
+                    projection = %row.projection.key(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    user = vitals_schemas::trace::user(&row.user_id).as_str()
+                );
+                vitals_schemas::trace::continue_from(&span, Some(tp));
+                row.trace = vitals_schemas::trace::of(&span);
+                Some(span)
+            })
+            .collect();
         let mut wait = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let applied = loop {
+            let committing = Instant::now();
             match rt.block_on(postgres::apply(&pool, &cfg.name, &batch)) {
-                Ok(a) => break a,
+                Ok(a) => {
+                    metrics.commit_seconds.observe(committing.elapsed());
+                    break a;
+                }
                 // PostgreSQL refuses a row itself (a NUL, an index row too large): the same on
                 // every retry, so the rows at fault are found, dead-lettered, and the rest of the
                 // batch is applied. One bad record never halts the other users.
@@ -354,14 +396,146 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         *vouches.lock().unwrap_or_else(|p| p.into_inner()) = work;
         positions.extend(batch.offsets.iter().map(|(k, o)| (k.clone(), *o)));
         commits.offer(&consumer, || std::mem::take(&mut positions));
+        lag.applied(&batch.offsets, &msgs);
+        lag.measure(&consumer, generation.load(Ordering::Relaxed), &by_topic, &metrics);
         metrics.rows_applied.fetch_add(applied.len() as u64, Ordering::Relaxed);
         metrics.applied(&applied);
         metrics.batches_committed.fetch_add(1, Ordering::Relaxed);
+        drop(spans); // committed: the rows' spans end
         if !applied.is_empty() {
             on_applied(&applied);
         }
     }
     Ok(())
+}
+
+/// The sink's lag and freshness age: the ends of the assigned partitions fetched by a thread of
+/// its own every [`LAG_EVERY`] (each is a broker round trip), compared on the poll thread with
+/// what the sink committed.
+struct LagWatch {
+    /// The partitions assigned here, as the poll thread last saw them (the thread's work list).
+    assigned: Arc<Mutex<Vec<(String, i32)>>>,
+    highs: Arc<Mutex<BTreeMap<(String, i32), i64>>>,
+    /// Per partition: the next offset committed by this sink, and the Kafka timestamp (ms) of
+    /// the newest record committed.
+    next: BTreeMap<(String, i32), i64>,
+    newest_ms: BTreeMap<(String, i32), i64>,
+    /// Per partition: when it was last seen at its end (Unix seconds).
+    at_end: BTreeMap<(String, i32), f64>,
+    started: f64,
+    measured: Option<Instant>,
+    /// The rebalance generation `next` is of: a partition lost and taken again may have been
+    /// committed further by another instance meanwhile.
+    generation: u64,
+    /// Ends the thread when the sink stops, however it returns.
+    ended: Arc<AtomicBool>,
+}
+
+impl Drop for LagWatch {
+    fn drop(&mut self) {
+        self.ended.store(true, Ordering::Relaxed);
+    }
+}
+
+impl LagWatch {
+    fn start(config: &ClientConfig, stop: &Arc<AtomicBool>) -> Result<LagWatch, SinkError> {
+        // A client of its own that never joins the group (it only asks for watermarks).
+        let client: BaseConsumer = config.create()?;
+        let w = LagWatch {
+            assigned: Arc::default(),
+            highs: Arc::default(),
+            next: BTreeMap::new(),
+            newest_ms: BTreeMap::new(),
+            at_end: BTreeMap::new(),
+            started: unix_now(),
+            measured: None,
+            generation: 0,
+            ended: Arc::new(AtomicBool::new(false)),
+        };
+        let (assigned, highs, stop, ended) = (Arc::clone(&w.assigned), Arc::clone(&w.highs), Arc::clone(stop), Arc::clone(&w.ended));
+        let done = move || stop.load(Ordering::Relaxed) || ended.load(Ordering::Relaxed);
+        std::thread::Builder::new()
+            .name("sink-watermarks".into())
+            .spawn(move || {
+                while !done() {
+                    let parts = assigned.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let mut got = BTreeMap::new();
+                    for (topic, p) in parts {
+                        if let Ok((_, high)) = client.fetch_watermarks(&topic, p, Duration::from_secs(5)) {
+                            got.insert((topic, p), high);
+                        }
+                    }
+                    *highs.lock().unwrap_or_else(|e| e.into_inner()) = got;
+                    let until = Instant::now() + LAG_EVERY;
+                    while !done() && Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            })
+            .map_err(|e| SinkError::Assign(format!("starting the watermarks thread: {e}")))?;
+        Ok(w)
+    }
+
+    /// A batch committed: its next offsets, and the newest timestamp of its records.
+    fn applied(&mut self, offsets: &BTreeMap<(String, i32), i64>, msgs: &[OwnedMessage]) {
+        self.next.extend(offsets.iter().map(|(k, o)| (k.clone(), *o)));
+        for m in msgs {
+            if let Some(ms) = m.timestamp().to_millis().filter(|ms| *ms > 0) {
+                let at = self.newest_ms.entry((m.topic().to_owned(), m.partition())).or_insert(ms);
+                *at = (*at).max(ms);
+            }
+        }
+    }
+
+    /// Lag and freshness age of the assigned partitions, at most once a second.
+    fn measure(&mut self, consumer: &BaseConsumer<SeekContext>, generation: u64, by_topic: &ByTopic, metrics: &SinkMetrics) {
+        if self.measured.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        self.measured = Some(Instant::now());
+        if generation != self.generation {
+            self.generation = generation;
+            self.next.clear();
+        }
+        let Ok(assignment) = consumer.assignment() else { return };
+        let owned: Vec<(String, i32)> = assignment.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+        *self.assigned.lock().unwrap_or_else(|e| e.into_inner()) = owned.clone();
+        self.next.retain(|k, _| owned.contains(k));
+        self.newest_ms.retain(|k, _| owned.contains(k));
+        self.at_end.retain(|k, _| owned.contains(k));
+        let highs = self.highs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let position = consumer.position().ok();
+        let now = unix_now();
+        let (mut lag, mut behind) = (BTreeMap::new(), BTreeMap::new());
+        for k in owned {
+            let Some(high) = highs.get(&k).copied().filter(|h| *h >= 0) else { continue };
+            // Nothing committed here yet: where the consumer stands (the stored offset it sought).
+            let next = self.next.get(&k).copied().or_else(|| {
+                let tpl = position.as_ref()?;
+                match tpl.find_partition(&k.0, k.1)?.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                }
+            });
+            let Some(next) = next else { continue };
+            let behind_by = (high - next).max(0);
+            lag.insert(k.clone(), behind_by);
+            // (The dead-letter topic has a lag, not a projection's freshness.)
+            let Some((projection, _)) = by_topic.get(&k.0) else { continue };
+            let key = (projection.key().to_owned(), k.1);
+            if behind_by == 0 {
+                self.at_end.insert(k, now);
+                behind.insert(key, None);
+                continue;
+            }
+            // No record still to apply is older than the newest one applied, nor than the last
+            // time the partition was seen at its end; neither known: since the sink started.
+            let since = self.newest_ms.get(&k).map(|ms| *ms as f64 / 1e3).into_iter().chain(self.at_end.get(&k).copied()).reduce(f64::max);
+            behind.insert(key, Some(since.unwrap_or(self.started)));
+        }
+        *metrics.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
+        *metrics.behind_since.lock().unwrap_or_else(|e| e.into_inner()) = behind;
+    }
 }
 
 /// The batch's rows (with the index of each row's record in `msgs`), progress markers and next

@@ -117,6 +117,26 @@ async fn a_failing_registry_pauses_the_processor_and_nothing_is_dead_lettered() 
     }
     assert!(env.read(&t.dead_letter).await.is_empty(), "nothing is dead-lettered while the registry fails");
     assert!(env.read(&t.rollup_day).await.is_empty(), "nothing is emitted (no progress marker either) while nothing was applied");
+    // The waiting records age, and the processor says so (what the freshness alert reads).
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    let freshness_age = || {
+        let (http, url) = (&env.http, &metrics_url);
+        async move {
+            let text = http.get(url).send().await.ok()?.text().await.ok()?;
+            let line = text.lines().find_map(|l| l.strip_prefix("vitals_processor_freshness_age_seconds{processor=\"rollup_day\"} "))?;
+            line.trim().parse::<f64>().ok()
+        }
+    };
+    wait_for_every(
+        "the freshness age to grow past 3 s while the records wait",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            let age = freshness_age();
+            async move { age.await.filter(|a| *a >= 3.0) }
+        },
+    )
+    .await;
     // More uploads while it fails, then it answers again: every record is processed.
     assert_eq!(simulate::run(&env.sim("b", 4, 1, 2), &env.http).await.unwrap().rejected, 0);
     faulty.answer(0);
@@ -138,6 +158,16 @@ async fn a_failing_registry_pauses_the_processor_and_nothing_is_dead_lettered() 
     })
     .await;
     assert!(env.read(&t.dead_letter).await.is_empty(), "no dead letter after the outage either");
+    wait_for_every(
+        "the freshness age to fall to 0 once every record is handled",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            let age = freshness_age();
+            async move { age.await.filter(|a| *a == 0.0).map(|_| ()) }
+        },
+    )
+    .await;
     let metrics = env.http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.lines().any(|l| l.starts_with("vitals_processor_dependency_retries_total") && !l.ends_with(" 0")), "{metrics}");
     p.kill9();

@@ -27,3 +27,4 @@ mod simulate;
 mod sink;
 mod snapshot;
 mod tls;
+mod traces;

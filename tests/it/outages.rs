@@ -89,6 +89,10 @@ async fn replayed_under_new_epochs<V>(env: &TestEnv, want: &BTreeMap<String, V>,
 }
 
 async fn metric(http: &reqwest::Client, url: &str, name: &str, processor: &str) -> Option<u64> {
+    gauge(http, url, name, processor).await.map(|v| v as u64)
+}
+
+async fn gauge(http: &reqwest::Client, url: &str, name: &str, processor: &str) -> Option<f64> {
     let text = http.get(url).send().await.ok()?.text().await.ok()?;
     let prefix = format!("{name}{{processor=\"{processor}\"}} ");
     text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
@@ -325,6 +329,13 @@ async fn s3_down_under_snapshots_costs_only_the_snapshots() {
     let failures = wait_for_every("snapshot failures on /metrics", Duration::from_secs(60), Duration::from_millis(200), || {
         let (http, url) = (&env.http, &metrics);
         async move { metric(http, url, "vitals_processor_snapshot_failures_total", "rollup_day").await.filter(|n| *n > 0) }
+    })
+    .await;
+    // Every snapshot fails while the checkpoints move: the snapshot age (what a takeover would
+    // redo) grows from the tasks' start, where an alert can see it.
+    wait_for_every("the snapshot age to grow past 3 s", Duration::from_secs(60), Duration::from_millis(200), || {
+        let (http, url) = (&env.http, &metrics);
+        async move { gauge(http, url, "vitals_processor_snapshot_age_seconds", "rollup_day").await.filter(|a| *a >= 3.0) }
     })
     .await;
     assert_eq!(wave.await.unwrap().unwrap().rejected, 0);

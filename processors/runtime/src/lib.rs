@@ -45,6 +45,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tracing::{info, warn};
 use vitals_schemas::codec::{Codec, CodecError};
+use vitals_schemas::exposition::unix_now;
 use vitals_schemas::topics::Topics;
 use vitals_schemas::{ChangeBatch, DomainChangeBatch, SampleBatch, SessionImpact, SourceOffset};
 
@@ -107,6 +108,11 @@ struct Running {
     snapshot_of: Option<Checkpoint>,
     /// A snapshot of this task is being uploaded.
     snapshot_busy: Arc<AtomicBool>,
+    /// The newest snapshot of this task known published (restored from, or uploaded by it): of
+    /// which checkpoint, and when it was taken (Unix seconds); what the snapshot age is of.
+    snapshot_published: Arc<Mutex<Option<(Checkpoint, f64)>>>,
+    /// When this process took the task (Unix seconds).
+    taken_at: f64,
     /// Another owner wrote to its output partition: the task must stop.
     fenced: bool,
     /// A dependency failed: the task's input is paused until then, and read again from the
@@ -127,6 +133,8 @@ impl Running {
             snapshot_at: None,
             snapshot_of: None,
             snapshot_busy: Arc::default(),
+            snapshot_published: Arc::default(),
+            taken_at: unix_now(),
             fenced: false,
             paused_until: None,
             backoff: Backoff::new(PAUSE_FIRST, PAUSE_MAX),
@@ -366,6 +374,7 @@ impl RebalanceContext {
         if restored {
             r.snapshot_at = Some(Instant::now());
             r.snapshot_of = Some(r.task.cp.clone());
+            *r.snapshot_published.lock().unwrap_or_else(|e| e.into_inner()) = Some((r.task.cp.clone(), unix_now()));
         }
         Ok(r)
     }
@@ -695,6 +704,8 @@ where
     let high = |topic: &str, p: i32| highs.lock().unwrap_or_else(|e| e.into_inner()).get(&(topic.to_owned(), p)).copied();
     let mut produced = 0u64;
     let mut lag_sweep = 0u64;
+    // Per input partition: when it was last seen read to its end (Unix seconds).
+    let mut at_end: BTreeMap<(String, i32), f64> = BTreeMap::new();
     let mut positions_at: Option<Instant> = None;
     // Partitions whose task was fenced, and since when.
     let mut fenced: BTreeMap<i32, Instant> = BTreeMap::new();
@@ -865,6 +876,44 @@ where
                         ends.insert((topic.clone(), *p), h);
                     }
                 }
+            }
+            let now = unix_now();
+            let behind = {
+                let mut handled = metrics.handled_ms.lock().unwrap_or_else(|e| e.into_inner());
+                handled.retain(|k, _| lag.contains_key(k));
+                at_end.retain(|k, _| lag.contains_key(k));
+                lag.iter()
+                    .map(|(k, l)| {
+                        if *l == 0 {
+                            at_end.insert(k.clone(), now);
+                            return (k.clone(), None);
+                        }
+                        // No record still to handle is older than the newest one handled, nor
+                        // than the last time the partition was seen at its end. Neither known (a
+                        // partition taken with a backlog, nothing handled yet): since it was taken.
+                        let handled = handled.get(k).map(|ms| *ms as f64 / 1e3);
+                        let since = handled.into_iter().chain(at_end.get(k).copied()).reduce(f64::max);
+                        (k.clone(), Some(since.unwrap_or_else(|| sh.tasks.get(&k.1).map_or(now, |r| r.taken_at))))
+                    })
+                    .collect()
+            };
+            *metrics.behind_since.lock().unwrap_or_else(|e| e.into_inner()) = behind;
+            if snapshots.is_some() {
+                let since = sh
+                    .tasks
+                    .iter()
+                    .map(|(p, r)| {
+                        let published = r.snapshot_published.lock().unwrap_or_else(|e| e.into_inner());
+                        let since = match &*published {
+                            _ if r.task.cp == Checkpoint::default() => None,
+                            Some((cp, _)) if *cp == r.task.cp => None,
+                            Some((_, at)) => Some(*at),
+                            None => Some(r.taken_at),
+                        };
+                        (*p, since)
+                    })
+                    .collect();
+                *metrics.snapshot_behind_since.lock().unwrap_or_else(|e| e.into_inner()) = since;
             }
             *metrics.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
             *metrics.ends.lock().unwrap_or_else(|e| e.into_inner()) = ends;
@@ -1088,7 +1137,7 @@ fn decode_all(
             payload: m.payload().map(<[u8]>::to_vec),
             traceparent: m
                 .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "traceparent").and_then(|h| h.value))
+                .and_then(|h| h.iter().find(|h| h.key == vitals_schemas::trace::HEADER).and_then(|h| h.value))
                 .map(|v| String::from_utf8_lossy(v).into_owned()),
             body,
         });
@@ -1120,6 +1169,15 @@ where
     let task = &mut running.task;
     let p = task.partition;
     let t = &cfg.topics;
+    // The newest record of each input topic in the interval: once it commits, the freshness age
+    // is measured from them.
+    let mut newest: BTreeMap<String, i64> = BTreeMap::new();
+    for m in &msgs {
+        if let Some(ms) = m.ts_ms.filter(|ms| *ms > 0) {
+            let at = newest.entry(m.topic.clone()).or_insert(ms);
+            *at = (*at).max(ms);
+        }
+    }
     let planned = task.plan(processor, lanes, cfg.processor, msgs).map_err(|source| match source {
         task::TaskError::Store(e) => RuntimeError::Store(e),
         source => RuntimeError::Task { partition: p, source },
@@ -1139,12 +1197,18 @@ where
     }
     let encode = |topic: &str, v: &P::Output| encode_as(rt, codec, topic, v);
     let (epoch, source, owner) = (planned.epoch.to_string(), source_header(&planned.source), task.owner.to_string());
+    let traces = &planned.traces;
     let stamp = |user: &str| {
-        OwnedHeaders::new()
+        let h = OwnedHeaders::new()
             .insert(Header { key: EPOCH_HEADER, value: Some(epoch.as_str()) })
             .insert(Header { key: OWNER_HEADER, value: Some(owner.as_str()) })
             .insert(Header { key: USER_HEADER, value: Some(user) })
-            .insert(Header { key: SOURCE_HEADER, value: Some(source.as_str()) })
+            .insert(Header { key: SOURCE_HEADER, value: Some(source.as_str()) });
+        // The user's upload trace goes on through its rows and marker (to the sink).
+        match traces.get(user) {
+            Some(tp) => h.insert(Header { key: vitals_schemas::trace::HEADER, value: Some(tp.as_str()) }),
+            None => h,
+        }
     };
     // Rows (and dead letters) first, then the markers. Each row names the interval attempt and
     // each marker how many rows of its user the attempt produced, so a reader believes a marker
@@ -1195,6 +1259,7 @@ where
             drop(enqueue(producer, p, rec)?);
         }
         task.commit(planned)?;
+        metrics.handled(p, newest);
         return Ok(());
     }
     if !rows.is_empty() {
@@ -1258,7 +1323,7 @@ where
         for at in send_all(&markers)? {
             own.push(at.1);
         }
-        metrics.add(&metrics.ack_wait_micros, waiting.elapsed().as_micros() as u64);
+        metrics.ack_wait_seconds.observe(waiting.elapsed());
         *produced += 1;
         if cfg.crash_after_produce.is_some_and(|n| *produced >= n) {
             warn!("crash_after_produce: aborting between produce and checkpoint");
@@ -1283,8 +1348,9 @@ where
     // Only now, with every output acknowledged, does the interval become the checkpoint.
     let committing = Instant::now();
     task.commit(planned)?;
-    metrics.add(&metrics.commit_micros, committing.elapsed().as_micros() as u64);
+    metrics.commit_seconds.observe(committing.elapsed());
     metrics.add(&metrics.commits, 1);
+    metrics.handled(p, newest);
     Ok(())
 }
 
@@ -1332,6 +1398,7 @@ fn maybe_snapshot(s: &Arc<Snapshots>, processor: &str, rt: &tokio::runtime::Hand
     }
     let epoch = r.task.epoch;
     r.snapshot_at = Some(Instant::now());
+    let taken_at = unix_now();
     let bytes = match r.task.store.export() {
         Ok(b) => b,
         Err(e) => {
@@ -1343,10 +1410,15 @@ fn maybe_snapshot(s: &Arc<Snapshots>, processor: &str, rt: &tokio::runtime::Hand
     r.snapshot_of = Some(r.task.cp.clone());
     r.snapshot_busy.store(true, Ordering::Release);
     let (s, cp, busy, processor) = (Arc::clone(s), r.task.cp.clone(), Arc::clone(&r.snapshot_busy), processor.to_owned());
+    let published = Arc::clone(&r.snapshot_published);
     rt.spawn(async move {
-        if let Err(e) = s.save(&processor, p, epoch, &cp, bytes).await {
-            s.metrics.failed.fetch_add(1, Ordering::Relaxed);
-            warn!(partition = p, error = %e, "snapshot failed; processing goes on");
+        match s.save(&processor, p, epoch, &cp, bytes).await {
+            Ok(true) => *published.lock().unwrap_or_else(|e| e.into_inner()) = Some((cp, taken_at)),
+            Ok(false) => {} // fenced off: not this task's newest snapshot
+            Err(e) => {
+                s.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                warn!(partition = p, error = %e, "snapshot failed; processing goes on");
+            }
         }
         busy.store(false, Ordering::Release);
     });

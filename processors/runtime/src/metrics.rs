@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use vitals_schemas::dead_letter::{label, DeadLetterCounts};
+use vitals_schemas::exposition::{unix_now, Histogram};
 
 use super::snapshot::SnapshotMetrics;
 
@@ -23,17 +24,30 @@ pub struct RuntimeMetrics {
     pub timers_fired: AtomicU64,
     /// Tasks that found a newer epoch in their output partition and stopped.
     pub fenced: AtomicU64,
-    /// Checkpoints committed, and the time spent committing them.
+    /// Checkpoints committed, and how long each commit took.
     pub commits: AtomicU64,
-    pub commit_micros: AtomicU64,
-    /// Time spent waiting for the broker to acknowledge outputs.
-    pub ack_wait_micros: AtomicU64,
+    pub commit_seconds: Histogram,
+    /// How long each interval waited for the broker to acknowledge its outputs.
+    pub ack_wait_seconds: Histogram,
     /// Per (input topic, partition): records behind the partition's end, as last measured.
     pub lag: Mutex<BTreeMap<(String, i32), i64>>,
     /// Per owned (input topic, partition): the checkpointed next offset (every second), and
     /// the partition's end when `lag` was measured: what a replay's progress display reads.
     pub positions: Mutex<BTreeMap<(String, i32), i64>>,
     pub ends: Mutex<BTreeMap<(String, i32), i64>>,
+    /// Per (input topic, partition) owned here: the Kafka timestamp (ms) of the newest record
+    /// handled, kept by the intervals; what the freshness age is measured from.
+    pub handled_ms: Mutex<BTreeMap<(String, i32), i64>>,
+    /// Per (input topic, partition) owned here, as of the last lag measurement: `None` when the
+    /// partition is read to its end; otherwise the Unix time no record still to handle can be
+    /// older than (the newer of the newest handled record and the last time the partition was
+    /// seen at its end). Freshness age = now − this.
+    pub behind_since: Mutex<BTreeMap<(String, i32), Option<f64>>>,
+    /// Per task owned here, with snapshots on: `None` while its newest published snapshot is of
+    /// its checkpoint (or there is nothing to snapshot yet); otherwise the Unix time of that
+    /// snapshot (or of the task's start, when it has none). Snapshot age = now − this: the
+    /// processing a takeover would redo.
+    pub snapshot_behind_since: Mutex<BTreeMap<i32, Option<f64>>>,
     /// Per (input topic, partition) taken here: the checkpoint's next offset it started from
     /// (what a restarted replay shows it resumed at).
     pub taken: Mutex<BTreeMap<(String, i32), i64>>,
@@ -70,6 +84,18 @@ impl RuntimeMetrics {
         Some(paused.iter().map(|(p, r)| format!("partition {p} paused: {r}")).collect::<Vec<_>>().join("; "))
     }
 
+    /// An interval of partition `p` committed: the newest record's timestamp (ms) per input topic.
+    pub fn handled(&self, p: i32, newest: BTreeMap<String, i64>) {
+        if newest.is_empty() {
+            return;
+        }
+        let mut handled = self.handled_ms.lock().unwrap_or_else(|e| e.into_inner());
+        for (topic, ms) in newest {
+            let at = handled.entry((topic, p)).or_insert(ms);
+            *at = (*at).max(ms);
+        }
+    }
+
     /// One record sent to the dead-letter topic by `stage` with reason `code`.
     pub fn dead_letter(&self, stage: &str, code: &str) {
         self.add(&self.dead_lettered, 1);
@@ -99,16 +125,28 @@ pub fn render_all(all: &[(&str, &RuntimeMetrics)], out: &mut String) {
     c(out, "timers_fired_total", "Stream-time timers fired.", |m| &m.timers_fired);
     c(out, "tasks_fenced_total", "Tasks stopped because a newer owner wrote to their output partition.", |m| &m.fenced);
     c(out, "checkpoints_total", "Checkpoints committed (state + offsets + output position).", |m| &m.commits);
-    // Durations in Prometheus' base unit, seconds (kept as microseconds inside).
-    let secs = |out: &mut String, name: &str, help: &str, v: fn(&RuntimeMetrics) -> &AtomicU64| {
-        let _ = writeln!(out, "# HELP vitals_processor_{name} {help}\n# TYPE vitals_processor_{name} counter");
+    let h = |out: &mut String, name: &str, help: &str, v: fn(&RuntimeMetrics) -> &Histogram| {
+        let name = format!("vitals_processor_{name}");
+        Histogram::render_header(out, &name, help);
         for (processor, m) in all {
-            let seconds = v(m).load(Ordering::Relaxed) as f64 / 1e6;
-            let _ = writeln!(out, "vitals_processor_{name}{{processor=\"{}\"}} {seconds}", label(processor));
+            v(m).render_samples(out, &name, &format!("processor=\"{}\"", label(processor)));
         }
     };
-    secs(out, "checkpoint_commit_seconds_total", "Time spent committing checkpoints.", |m| &m.commit_micros);
-    secs(out, "ack_wait_seconds_total", "Time spent waiting for output acknowledgements.", |m| &m.ack_wait_micros);
+    h(out, "checkpoint_commit_seconds", "How long committing a checkpoint (state + offsets + output position) took.", |m| {
+        &m.commit_seconds
+    });
+    h(out, "ack_wait_seconds", "How long an interval waited for the broker to acknowledge its outputs.", |m| &m.ack_wait_seconds);
+    let now = unix_now();
+    let _ = writeln!(out, "# HELP vitals_processor_freshness_age_seconds How old the oldest input record still to handle may be, over the partitions owned here (0: every one read to its end).\n# TYPE vitals_processor_freshness_age_seconds gauge");
+    for (processor, m) in all {
+        let age = oldest(m.behind_since.lock().unwrap_or_else(|e| e.into_inner()).values().copied(), now);
+        let _ = writeln!(out, "vitals_processor_freshness_age_seconds{{processor=\"{}\"}} {age:.3}", label(processor));
+    }
+    let _ = writeln!(out, "# HELP vitals_processor_snapshot_age_seconds How old the newest snapshot of a task owned here is while its checkpoint has moved past it (what a takeover would redo; 0: up to date).\n# TYPE vitals_processor_snapshot_age_seconds gauge");
+    for (processor, m) in all.iter().filter(|(_, m)| m.snapshots.get().is_some()) {
+        let age = oldest(m.snapshot_behind_since.lock().unwrap_or_else(|e| e.into_inner()).values().copied(), now);
+        let _ = writeln!(out, "vitals_processor_snapshot_age_seconds{{processor=\"{}\"}} {age:.3}", label(processor));
+    }
     c(out, "dependency_retries_total", "Intervals put back and retried because a dependency (the schema registry) failed.", |m| {
         &m.dependency_retries
     });
@@ -148,6 +186,11 @@ pub fn render_all(all: &[(&str, &RuntimeMetrics)], out: &mut String) {
     for (_, m) in all {
         m.dead_letters.render_samples(out);
     }
+}
+
+/// The age (seconds before `now`) of the oldest of `since` (`None`: not behind), 0 if none is.
+fn oldest(since: impl Iterator<Item = Option<f64>>, now: f64) -> f64 {
+    since.flatten().map(|t| (now - t).max(0.0)).fold(0.0, f64::max)
 }
 
 #[cfg(test)]

@@ -240,6 +240,9 @@ pub struct Planned<T> {
     /// Records read (processed or skipped).
     pub read: u64,
     pub timers_fired: u64,
+    /// Per user: the `traceparent` of the span of its newest input record in the interval, what
+    /// its rows and marker carry (an upload's trace goes on through them).
+    pub traces: BTreeMap<String, String>,
     overlay: Overlay,
     cp: Checkpoint,
     answered: Vec<String>,
@@ -344,6 +347,7 @@ impl Task {
         let mut dead: Vec<(DeadLetter, String)> = Vec::new();
         let mut read = 0u64;
         let mut timers_fired = 0u64;
+        let mut traces: BTreeMap<String, String> = BTreeMap::new();
         // Lanes are never compacted nor truncated: every record is the next one of its lane, or
         // one already read. (A chained input is a compacted output topic: gaps are compaction.)
         let contiguous = lanes.inputs == Inputs::Lanes;
@@ -360,15 +364,26 @@ impl Task {
             if let Some(ts) = m.ts_ms {
                 cp.stream_time_ms = cp.stream_time_ms.max(ts);
             }
-            // The record's processing joins its upload's trace in the logs.
-            let _span = tracing::debug_span!(
-                "record",
-                topic = m.topic.as_str(),
-                partition = p,
-                offset = m.offset,
-                traceparent = m.traceparent.as_deref()
-            )
-            .entered();
+            // A record of an upload's trace is a hop of it (vitals_schemas::trace): its span is a
+            // child of the span that wrote it, and the parent of what this interval writes for
+            // its user. (Other records, e.g. another processor's markers, get a log span.)
+            let span = match m.traceparent.as_deref() {
+                Some(tp) => {
+                    let span = tracing::info_span!(
+                        target: vitals_schemas::trace::TARGET,
+                        "process.record",
+                        processor = processor_name,
+                        topic = m.topic.as_str(),
+                        partition = p,
+                        offset = m.offset,
+                        user = tracing::field::Empty
+                    );
+                    vitals_schemas::trace::continue_from(&span, Some(tp));
+                    span
+                }
+                None => tracing::debug_span!("record", topic = m.topic.as_str(), partition = p, offset = m.offset),
+            };
+            let _entered = span.enter();
             let mut reject = |code: &str, reason: String| {
                 let dl = DeadLetter {
                     source_topic: m.topic.clone(),
@@ -397,6 +412,10 @@ impl Task {
                 }
                 InBody::Input(input) => {
                     users.insert(input.user_id().to_owned());
+                    if let Some(tp) = vitals_schemas::trace::of(&span) {
+                        span.record("user", vitals_schemas::trace::user(input.user_id()).as_str());
+                        traces.insert(input.user_id().to_owned(), tp);
+                    }
                     // Units the shared rules refuse are dead-lettered one by one; the rest of the
                     // record goes on.
                     let filtered = vitals_processors::refuse_invalid_units(input);
@@ -512,7 +531,7 @@ impl Task {
         }
         self.attempts += 1;
         let interval = format!("{:x}.{}", self.owner, self.attempts);
-        Ok(Planned { records, interval, source, epoch: self.epoch, read, timers_fired, overlay, cp, answered })
+        Ok(Planned { records, interval, source, epoch: self.epoch, read, timers_fired, traces, overlay, cp, answered })
     }
 
     /// Makes a planned interval the checkpoint (call it only once every record it planned was
