@@ -70,6 +70,16 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10.0)]
         latency_rate: f64,
     },
+    /// What one hop's span costs a record (a processor's `process.record`: parent from the
+    /// record's header, its own context taken for the outputs, the user hashed), on this thread:
+    /// with tracing off for it (no OpenTelemetry layer), with the layer and no exporter (a role
+    /// with `telemetry.otlp_endpoint` empty) and with the layer exporting over OTLP to a local
+    /// receiver. Needs no service.
+    Traces {
+        /// Spans per setting.
+        #[arg(long, default_value_t = 200_000)]
+        spans: usize,
+    },
     /// Scaling: the end-to-end throughput run with 1, 2, 3… `vitals process --all` instances
     /// (child processes of the `vitals` binary beside this one) over topics of 6 and 12 partitions, beside the
     /// Postgres-only design on the same uploads, and a users-per-core sizing.
@@ -93,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.cmd {
         BenchCmd::Ingest(args) => ingest(&cfg, args.to_config(&cfg)).await,
         BenchCmd::Process(args) => process(&cfg, args.to_config(&cfg)).await,
+        BenchCmd::Traces { spans } => traces(spans).await,
         BenchCmd::Driver { sim, only } => driver(&sim.to_config(&cfg), cfg.ingest.max_items_per_record, only.as_deref()),
         BenchCmd::Edge(args) => {
             edge(&args.to_config(&cfg), cfg.ingest.max_items_per_record);
@@ -1230,4 +1241,88 @@ pub fn edge(sim: &SimConfig, max_items_per_record: usize) {
         per(decode_ref),
         decode_ref.as_secs_f64() / decode.as_secs_f64()
     );
+}
+
+/// `vitals-bench traces`: the hop span's cost per record in three settings, side by side.
+async fn traces(n: usize) -> anyhow::Result<()> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    use tracing_subscriber::layer::SubscriberExt;
+    use vitals_schemas::trace;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let hop = || {
+        let span = tracing::info_span!(
+            target: trace::TARGET,
+            "process.record",
+            processor = "rollup_day",
+            topic = "vitals.hot",
+            partition = 3,
+            offset = 42i64,
+            user = tracing::field::Empty
+        );
+        trace::continue_from(&span, Some(parent));
+        let _entered = span.enter();
+        if let Some(tp) = trace::of(&span) {
+            span.record("user", trace::user("user-0001").as_str());
+            std::hint::black_box(tp);
+        }
+    };
+    let time = move |n: usize| {
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            hop();
+        }
+        t.elapsed()
+    };
+    let layer = |provider: &opentelemetry_sdk::trace::SdkTracerProvider| {
+        tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("bench")))
+    };
+    // A local OTLP receiver that only counts what it is sent.
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = std::sync::Arc::clone(&received);
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            counter.fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            async { "" }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}/v1/traces", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let exporting = tokio::task::spawn_blocking(move || -> anyhow::Result<opentelemetry_sdk::trace::SdkTracerProvider> {
+        let client = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(10)).build()?;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(client)
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(endpoint)
+            .build()?;
+        Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder().with_batch_exporter(exporter).build())
+    })
+    .await??;
+    let silent = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    tokio::task::spawn_blocking(move || {
+        println!("one hop span (process.record), {n} per setting, ns per record:");
+        for round in 1..=3 {
+            let off = time(n);
+            let made = tracing::subscriber::with_default(layer(&silent), || time(n));
+            let exported = tracing::subscriber::with_default(layer(&exporting), || time(n));
+            let ns = |d: std::time::Duration| d.as_nanos() as f64 / n as f64;
+            println!(
+                "  round {round}: no OpenTelemetry layer {:>7.0} | layer, no exporter {:>7.0} ({:.1}x) | layer, OTLP export {:>7.0} ({:.1}x)",
+                ns(off),
+                ns(made),
+                ns(made) / ns(off),
+                ns(exported),
+                ns(exported) / ns(off)
+            );
+        }
+        // The batch processor drops spans beyond its queue (2048) rather than slow the caller.
+        let _ = exporting.force_flush();
+        let _ = exporting.shutdown();
+    })
+    .await?;
+    println!("  the receiver was sent {:.1} MB of OTLP", received.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6);
+    Ok(())
 }
