@@ -349,8 +349,14 @@ impl Config {
             bail!("telemetry.sample_ratio = {} must be between 0.0 and 1.0", c.telemetry.sample_ratio);
         }
         let e = &c.telemetry.otlp_endpoint;
-        if !(e.is_empty() || e.starts_with("http://") || e.starts_with("https://")) {
-            bail!("telemetry.otlp_endpoint = {e:?} must be an http:// or https:// URL (OTLP over HTTP, port 4318 by convention)");
+        let host = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://")).unwrap_or_default();
+        if !e.is_empty() && host.trim_matches('/').is_empty() {
+            bail!(
+                "telemetry.otlp_endpoint = {e:?} must be an http:// or https:// URL with a host (OTLP over HTTP, port 4318 by convention)"
+            );
+        }
+        if !(10..=60_000).contains(&c.telemetry.export_delay_ms) {
+            bail!("telemetry.export_delay_ms = {} must be between 10 and 60000", c.telemetry.export_delay_ms);
         }
         crate::app::ca_roots("telemetry.ca_file", &c.telemetry.ca_file)?;
         if !c.redis.ca_file.is_empty() {

@@ -79,8 +79,14 @@ pub fn init_tracing(default: &str, telemetry: Option<(&config::TelemetryConfig, 
         tracing_subscriber::registry().with(fmt).init();
         return Ok(Telemetry(None));
     };
+    // Nowhere to export: nothing is recorded (the spans' ids still travel, unsampled).
+    let sampler = if cfg.otlp_endpoint.is_empty() {
+        Sampler::AlwaysOff
+    } else {
+        Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(cfg.sample_ratio)))
+    };
     let mut provider = SdkTracerProvider::builder()
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(cfg.sample_ratio))))
+        .with_sampler(sampler)
         .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service.to_owned()).build());
     if !cfg.otlp_endpoint.is_empty() {
         let roots = app::ca_roots("telemetry.ca_file", &cfg.ca_file)?;
@@ -98,7 +104,7 @@ pub fn init_tracing(default: &str, telemetry: Option<(&config::TelemetryConfig, 
             .with_http()
             .with_http_client(client)
             .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(format!("{}/v1/traces", cfg.otlp_endpoint.trim_end_matches('/')))
+            .with_endpoint(format!("{}/v1/traces", cfg.otlp_endpoint.trim_end_matches('/').trim_end_matches("/v1/traces")))
             .build()?;
         let batches = BatchConfigBuilder::default().with_scheduled_delay(std::time::Duration::from_millis(cfg.export_delay_ms)).build();
         provider = provider.with_span_processor(BatchSpanProcessor::builder(exporter).with_batch_config(batches).build());

@@ -316,7 +316,7 @@ async fn serve(hub: Arc<Hub>, user: String, accepted_until: u64, _slot: Connecti
                 // The upload's last hop: a child of the sink span that applied the row.
                 let span = match trace.as_deref() {
                     Some(tp) => {
-                        let span = tracing::info_span!(
+                        let span = tracing::trace_span!(
                             target: vitals_schemas::trace::TARGET,
                             "realtime.deliver",
                             user = vitals_schemas::trace::user(&user).as_str()

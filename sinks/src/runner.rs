@@ -278,7 +278,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
     // The offsets PostgreSQL holds, committed to the group now and then (idle or not) so that
     // standard lag tools see the sink; never read back (the sink seeks to `sink_offsets`).
     let (mut commits, mut positions) = (InformationalCommits::default(), BTreeMap::<(String, i32), i64>::new());
-    let mut lag = LagWatch::start(&consumer_config, &stop)?;
+    let mut lag = LagWatch::start(&consumer_config, &stop, &by_topic, &metrics)?;
     // (Only what moved since the last commit: a partition that went to another instance is
     // not committed again with its old offset.)
     while !stop.load(Ordering::Relaxed) {
@@ -299,9 +299,10 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         if msgs.is_empty() {
             metrics.wait_over(); // nothing to apply: waiting for nothing
             commits.offer(&consumer, || std::mem::take(&mut positions));
-            lag.measure(&consumer, generation.load(Ordering::Relaxed), &by_topic, &metrics);
+            lag.measure(&consumer, generation.load(Ordering::Relaxed));
             continue;
         }
+        lag.polled(seen, &msgs);
         // The registry being down is not the records' fault: wait and decode again.
         let mut wait = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         // Each decoding reads the open counts on a copy, which becomes the sink's once the batch
@@ -310,8 +311,13 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
             let mut work = vouches.lock().unwrap_or_else(|p| p.into_inner()).clone();
             match decode_batch(&rt, &producer, &codec, &cfg, &by_topic, &metrics, &msgs, &mut work, &stop)? {
                 Some(b) => break (b, work),
-                None if wait_or_stop(&stop, wait.next_wait()) => {}
-                None => return Ok(()),
+                None => {
+                    // Waiting ages what waits: the freshness age goes on being measured.
+                    lag.measure(&consumer, generation.load(Ordering::Relaxed));
+                    if !wait_or_stop(&stop, wait.next_wait()) {
+                        return Ok(());
+                    }
+                }
             }
         };
         metrics.records_in.fetch_add(msgs.len() as u64, Ordering::Relaxed);
@@ -325,7 +331,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
             .filter_map(|(row, i)| {
                 let m = &msgs[*i];
                 let tp = header(m, vitals_schemas::trace::HEADER)?;
-                let span = tracing::info_span!(
+                let span = tracing::trace_span!(
                     target: vitals_schemas::trace::TARGET,
                     "sink.apply",
                     sink = cfg.name.as_str(),
@@ -384,6 +390,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
                 Err(e) => {
                     metrics.commit_retries.fetch_add(1, Ordering::Relaxed);
                     metrics.wait(format!("PostgreSQL: {e}"));
+                    lag.measure(&consumer, generation.load(Ordering::Relaxed));
                     let d = wait.next_wait();
                     warn!(error = %e, retry_in_ms = d.as_millis() as u64, "committing the batch failed; retrying");
                     if !wait_or_stop(&stop, d) {
@@ -397,7 +404,7 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
         positions.extend(batch.offsets.iter().map(|(k, o)| (k.clone(), *o)));
         commits.offer(&consumer, || std::mem::take(&mut positions));
         lag.applied(&batch.offsets, &msgs);
-        lag.measure(&consumer, generation.load(Ordering::Relaxed), &by_topic, &metrics);
+        lag.measure(&consumer, generation.load(Ordering::Relaxed));
         metrics.rows_applied.fetch_add(applied.len() as u64, Ordering::Relaxed);
         metrics.applied(&applied);
         metrics.batches_committed.fetch_add(1, Ordering::Relaxed);
@@ -409,26 +416,30 @@ pub fn run(args: SinkArgs) -> Result<(), SinkError> {
     Ok(())
 }
 
-/// The sink's lag and freshness age: the ends of the assigned partitions fetched by a thread of
-/// its own every [`LAG_EVERY`] (each is a broker round trip), compared on the poll thread with
-/// what the sink committed.
+/// The sink's lag and freshness age, measured by a thread of its own every second (the ends of
+/// the assigned partitions fetched every [`LAG_EVERY`], each a broker round trip) from what the
+/// poll thread last said of where it stands: so they go on growing while the poll thread waits
+/// (PostgreSQL or the registry down, a rebalance blocked on reading the stored offsets).
 struct LagWatch {
-    /// The partitions assigned here, as the poll thread last saw them (the thread's work list).
-    assigned: Arc<Mutex<Vec<(String, i32)>>>,
-    highs: Arc<Mutex<BTreeMap<(String, i32), i64>>>,
-    /// Per partition: the next offset committed by this sink, and the Kafka timestamp (ms) of
-    /// the newest record committed.
-    next: BTreeMap<(String, i32), i64>,
-    newest_ms: BTreeMap<(String, i32), i64>,
-    /// Per partition: when it was last seen at its end (Unix seconds).
-    at_end: BTreeMap<(String, i32), f64>,
-    started: f64,
+    seen: Arc<Mutex<Standing>>,
     measured: Option<Instant>,
-    /// The rebalance generation `next` is of: a partition lost and taken again may have been
-    /// committed further by another instance meanwhile.
-    generation: u64,
     /// Ends the thread when the sink stops, however it returns.
     ended: Arc<AtomicBool>,
+}
+
+/// What the poll thread knows of where the sink stands.
+#[derive(Default)]
+struct Standing {
+    /// The partitions assigned here, as last seen.
+    assigned: Vec<(String, i32)>,
+    /// Per partition: the next offset committed by this sink (or the first read since the last
+    /// rebalance), and the Kafka timestamp (ms) of the newest record committed.
+    next: BTreeMap<(String, i32), i64>,
+    newest_ms: BTreeMap<(String, i32), i64>,
+    /// Where the consumer stands, for partitions with nothing read since their assignment.
+    position: BTreeMap<(String, i32), i64>,
+    /// The rebalance generation `next` is of.
+    generation: u64,
 }
 
 impl Drop for LagWatch {
@@ -438,103 +449,184 @@ impl Drop for LagWatch {
 }
 
 impl LagWatch {
-    fn start(config: &ClientConfig, stop: &Arc<AtomicBool>) -> Result<LagWatch, SinkError> {
+    fn start(config: &ClientConfig, stop: &Arc<AtomicBool>, by_topic: &ByTopic, metrics: &Arc<SinkMetrics>) -> Result<LagWatch, SinkError> {
         // A client of its own that never joins the group (it only asks for watermarks).
         let client: BaseConsumer = config.create()?;
-        let w = LagWatch {
-            assigned: Arc::default(),
-            highs: Arc::default(),
-            next: BTreeMap::new(),
-            newest_ms: BTreeMap::new(),
-            at_end: BTreeMap::new(),
-            started: unix_now(),
-            measured: None,
-            generation: 0,
-            ended: Arc::new(AtomicBool::new(false)),
-        };
-        let (assigned, highs, stop, ended) = (Arc::clone(&w.assigned), Arc::clone(&w.highs), Arc::clone(stop), Arc::clone(&w.ended));
+        let w = LagWatch { seen: Arc::default(), measured: None, ended: Arc::new(AtomicBool::new(false)) };
+        let (seen, stop, ended, metrics) = (Arc::clone(&w.seen), Arc::clone(stop), Arc::clone(&w.ended), Arc::clone(metrics));
+        let projection_of: BTreeMap<String, String> = by_topic.iter().map(|(t, (p, _))| (t.clone(), p.key().to_owned())).collect();
         let done = move || stop.load(Ordering::Relaxed) || ended.load(Ordering::Relaxed);
         std::thread::Builder::new()
-            .name("sink-watermarks".into())
+            .name("sink-lag".into())
             .spawn(move || {
+                let mut highs: BTreeMap<(String, i32), i64> = BTreeMap::new();
+                let mut fetched: Option<Instant> = None;
+                // Per partition: when last seen at its end, and when first seen assigned here.
+                let (mut at_end, mut assigned_at) = (BTreeMap::<(String, i32), f64>::new(), BTreeMap::<(String, i32), f64>::new());
+                // With nothing assigned (starting, or an assignment waiting for PostgreSQL to
+                // read its stored offsets): every partition of the projections, measured from the
+                // group's committed offsets (the sink's informational commits, never ahead of
+                // what PostgreSQL holds), so waiting data still ages.
+                let (mut committed, mut every) = (BTreeMap::<(String, i32), i64>::new(), Vec::<(String, i32)>::new());
                 while !done() {
-                    let parts = assigned.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    let mut got = BTreeMap::new();
-                    for (topic, p) in parts {
-                        if let Ok((_, high)) = client.fetch_watermarks(&topic, p, Duration::from_secs(5)) {
-                            got.insert((topic, p), high);
+                    let mut owned = seen.lock().unwrap_or_else(|e| e.into_inner()).assigned.clone();
+                    let unassigned = owned.is_empty();
+                    if unassigned {
+                        owned = every.clone();
+                    }
+                    if fetched.is_none_or(|at| at.elapsed() >= LAG_EVERY) {
+                        fetched = Some(Instant::now());
+                        if unassigned {
+                            every = all_partitions(&client, projection_of.keys());
+                            owned = every.clone();
+                            committed = group_committed(&client, &owned);
+                        } else {
+                            committed.clear();
+                        }
+                        for (topic, p) in &owned {
+                            // A failed fetch keeps the last known end (never "caught up" for lack
+                            // of an answer).
+                            if let Ok((_, high)) = client.fetch_watermarks(topic.as_str(), *p, Duration::from_secs(5)) {
+                                highs.insert((topic.clone(), *p), high);
+                            }
+                        }
+                        highs.retain(|k, _| owned.contains(k));
+                    }
+                    let now = unix_now();
+                    at_end.retain(|k, _| owned.contains(k));
+                    assigned_at.retain(|k, _| owned.contains(k));
+                    let (mut lag, mut behind) = (BTreeMap::new(), BTreeMap::new());
+                    {
+                        let st = seen.lock().unwrap_or_else(|e| e.into_inner());
+                        for k in &owned {
+                            assigned_at.entry(k.clone()).or_insert(now);
+                            let Some(high) = highs.get(k).copied().filter(|h| *h >= 0) else { continue };
+                            let Some(next) = st.next.get(k).or_else(|| st.position.get(k)).or_else(|| committed.get(k)).copied() else {
+                                continue;
+                            };
+                            let behind_by = (high - next).max(0);
+                            lag.insert(k.clone(), behind_by);
+                            // (The dead-letter topic has a lag, not a projection's freshness.)
+                            let Some(projection) = projection_of.get(&k.0) else { continue };
+                            let key = (projection.clone(), k.1);
+                            if behind_by == 0 {
+                                at_end.insert(k.clone(), now);
+                                behind.insert(key, None);
+                                continue;
+                            }
+                            // No record still to apply is older than the newest one applied, nor
+                            // than the last time the partition was seen at its end; neither known:
+                            // since it was assigned here.
+                            let since =
+                                st.newest_ms.get(k).map(|ms| *ms as f64 / 1e3).into_iter().chain(at_end.get(k).copied()).reduce(f64::max);
+                            behind.insert(key, Some(since.unwrap_or_else(|| assigned_at.get(k).copied().unwrap_or(now))));
                         }
                     }
-                    *highs.lock().unwrap_or_else(|e| e.into_inner()) = got;
-                    let until = Instant::now() + LAG_EVERY;
+                    *metrics.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
+                    *metrics.behind_since.lock().unwrap_or_else(|e| e.into_inner()) = behind;
+                    let until = Instant::now() + Duration::from_secs(1);
                     while !done() && Instant::now() < until {
                         std::thread::sleep(Duration::from_millis(100));
                     }
                 }
             })
-            .map_err(|e| SinkError::Assign(format!("starting the watermarks thread: {e}")))?;
+            .map_err(|e| SinkError::Assign(format!("starting the lag thread: {e}")))?;
         Ok(w)
+    }
+
+    /// A rebalance happened: what this instance had committed of a partition may no longer be
+    /// where it stands (another instance may have committed further meanwhile).
+    fn sync(st: &mut Standing, generation: u64) {
+        if generation != st.generation {
+            st.generation = generation;
+            st.next.clear();
+        }
+    }
+
+    /// A batch was polled: where a partition stands is at latest its first record read since
+    /// the last rebalance (the consumer sought to the stored offset), until a commit says more.
+    fn polled(&mut self, generation: u64, msgs: &[OwnedMessage]) {
+        let mut st = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        Self::sync(&mut st, generation);
+        for m in msgs {
+            st.next.entry((m.topic().to_owned(), m.partition())).or_insert(m.offset());
+        }
     }
 
     /// A batch committed: its next offsets, and the newest timestamp of its records.
     fn applied(&mut self, offsets: &BTreeMap<(String, i32), i64>, msgs: &[OwnedMessage]) {
-        self.next.extend(offsets.iter().map(|(k, o)| (k.clone(), *o)));
+        let mut st = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        st.next.extend(offsets.iter().map(|(k, o)| (k.clone(), *o)));
         for m in msgs {
             if let Some(ms) = m.timestamp().to_millis().filter(|ms| *ms > 0) {
-                let at = self.newest_ms.entry((m.topic().to_owned(), m.partition())).or_insert(ms);
+                let at = st.newest_ms.entry((m.topic().to_owned(), m.partition())).or_insert(ms);
                 *at = (*at).max(ms);
             }
         }
     }
 
-    /// Lag and freshness age of the assigned partitions, at most once a second.
-    fn measure(&mut self, consumer: &BaseConsumer<SeekContext>, generation: u64, by_topic: &ByTopic, metrics: &SinkMetrics) {
+    /// Tells the lag thread what is assigned here and where the consumer stands (at most once a
+    /// second; the poll thread's own calls).
+    fn measure(&mut self, consumer: &BaseConsumer<SeekContext>, generation: u64) {
         if self.measured.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
             return;
         }
         self.measured = Some(Instant::now());
-        if generation != self.generation {
-            self.generation = generation;
-            self.next.clear();
-        }
         let Ok(assignment) = consumer.assignment() else { return };
         let owned: Vec<(String, i32)> = assignment.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
-        *self.assigned.lock().unwrap_or_else(|e| e.into_inner()) = owned.clone();
-        self.next.retain(|k, _| owned.contains(k));
-        self.newest_ms.retain(|k, _| owned.contains(k));
-        self.at_end.retain(|k, _| owned.contains(k));
-        let highs = self.highs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let position = consumer.position().ok();
-        let now = unix_now();
-        let (mut lag, mut behind) = (BTreeMap::new(), BTreeMap::new());
-        for k in owned {
-            let Some(high) = highs.get(&k).copied().filter(|h| *h >= 0) else { continue };
-            // Nothing committed here yet: where the consumer stands (the stored offset it sought).
-            let next = self.next.get(&k).copied().or_else(|| {
-                let tpl = position.as_ref()?;
-                match tpl.find_partition(&k.0, k.1)?.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                }
-            });
-            let Some(next) = next else { continue };
-            let behind_by = (high - next).max(0);
-            lag.insert(k.clone(), behind_by);
-            // (The dead-letter topic has a lag, not a projection's freshness.)
-            let Some((projection, _)) = by_topic.get(&k.0) else { continue };
-            let key = (projection.key().to_owned(), k.1);
-            if behind_by == 0 {
-                self.at_end.insert(k, now);
-                behind.insert(key, None);
-                continue;
+        let position: BTreeMap<(String, i32), i64> = consumer
+            .position()
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut st = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        Self::sync(&mut st, generation);
+        st.next.retain(|k, _| owned.contains(k));
+        st.newest_ms.retain(|k, _| owned.contains(k));
+        st.assigned = owned;
+        st.position = position;
+    }
+}
+
+/// Every partition of `topics`, as the broker's metadata says (none it cannot say).
+fn all_partitions<'a>(client: &BaseConsumer, topics: impl Iterator<Item = &'a String>) -> Vec<(String, i32)> {
+    let mut all = Vec::new();
+    for t in topics {
+        if let Ok(md) = client.fetch_metadata(Some(t), Duration::from_secs(5)) {
+            for mt in md.topics() {
+                all.extend(mt.partitions().iter().map(|p| (mt.name().to_owned(), p.id())));
             }
-            // No record still to apply is older than the newest one applied, nor than the last
-            // time the partition was seen at its end; neither known: since the sink started.
-            let since = self.newest_ms.get(&k).map(|ms| *ms as f64 / 1e3).into_iter().chain(self.at_end.get(&k).copied()).reduce(f64::max);
-            behind.insert(key, Some(since.unwrap_or(self.started)));
         }
-        *metrics.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
-        *metrics.behind_since.lock().unwrap_or_else(|e| e.into_inner()) = behind;
+    }
+    all
+}
+
+/// The group's committed offsets of `parts` (0 where it committed none: the sink starts there).
+fn group_committed(client: &BaseConsumer, parts: &[(String, i32)]) -> BTreeMap<(String, i32), i64> {
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in parts {
+        tpl.add_partition(t, *p);
+    }
+    match client.committed_offsets(tpl, Duration::from_secs(5)) {
+        Ok(c) => c
+            .elements()
+            .iter()
+            .map(|e| {
+                let at = match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => 0,
+                };
+                ((e.topic().to_owned(), e.partition()), at)
+            })
+            .collect(),
+        Err(_) => BTreeMap::new(),
     }
 }
 

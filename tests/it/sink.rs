@@ -83,6 +83,8 @@ async fn sink_killed_and_its_postgres_crashed_still_equals_the_oracle() {
     }
 
     // Crash its PostgreSQL while it runs and uploads go on; the sink must wait, not die or skip.
+    // (Running: its loop started, not still starting after the last restart.)
+    wait_for_every("the restarted sink to be ready", Duration::from_secs(60), Duration::from_millis(100), || ready(200, "ready")).await;
     let before = committed(&sink_pool).await;
     sink_pool.close().await;
     pg.crash();
@@ -92,6 +94,28 @@ async fn sink_killed_and_its_postgres_crashed_still_equals_the_oracle() {
     wait_for_every("the sink's /readyz to say it waits for PostgreSQL", Duration::from_secs(60), Duration::from_millis(200), || {
         ready(503, "PostgreSQL")
     })
+    .await;
+    // What waits ages, and /metrics says so while the sink retries (what the freshness alert reads).
+    let metrics_url = format!("http://127.0.0.1:{sink_port}/metrics");
+    wait_for_every(
+        "the sink's freshness age of rollup_day to pass 3 s during the outage",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            let (http, url) = (&env.http, &metrics_url);
+            async move {
+                let text = http.get(url).send().await.ok()?.text().await.ok()?;
+                let age: f64 = text
+                    .lines()
+                    .find(|l| l.starts_with("vitals_sink_freshness_age_seconds{") && l.contains("projection=\"rollup_day\"}"))?
+                    .rsplit_once(' ')?
+                    .1
+                    .parse()
+                    .ok()?;
+                (age >= 3.0).then_some(())
+            }
+        },
+    )
     .await;
     pg.up().await;
     let sink_pool = PgPool::connect(&sink_db).await.unwrap();

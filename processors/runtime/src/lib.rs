@@ -108,6 +108,9 @@ struct Running {
     snapshot_of: Option<Checkpoint>,
     /// A snapshot of this task is being uploaded.
     snapshot_busy: Arc<AtomicBool>,
+    /// The last upload or publication failed: the same checkpoint is snapshotted again when due
+    /// (an idle task would otherwise keep a failed snapshot's age forever).
+    snapshot_failed: Arc<AtomicBool>,
     /// The newest snapshot of this task known published (restored from, or uploaded by it): of
     /// which checkpoint, and when it was taken (Unix seconds); what the snapshot age is of.
     snapshot_published: Arc<Mutex<Option<(Checkpoint, f64)>>>,
@@ -133,6 +136,7 @@ impl Running {
             snapshot_at: None,
             snapshot_of: None,
             snapshot_busy: Arc::default(),
+            snapshot_failed: Arc::default(),
             snapshot_published: Arc::default(),
             taken_at: unix_now(),
             fenced: false,
@@ -1198,14 +1202,14 @@ where
     let encode = |topic: &str, v: &P::Output| encode_as(rt, codec, topic, v);
     let (epoch, source, owner) = (planned.epoch.to_string(), source_header(&planned.source), task.owner.to_string());
     let traces = &planned.traces;
-    let stamp = |user: &str| {
+    let stamp = |user: &str, traced: bool| {
         let h = OwnedHeaders::new()
             .insert(Header { key: EPOCH_HEADER, value: Some(epoch.as_str()) })
             .insert(Header { key: OWNER_HEADER, value: Some(owner.as_str()) })
             .insert(Header { key: USER_HEADER, value: Some(user) })
             .insert(Header { key: SOURCE_HEADER, value: Some(source.as_str()) });
-        // The user's upload trace goes on through its rows and marker (to the sink).
-        match traces.get(user) {
+        // The user's upload trace goes on through its rows (to the sink); markers are no hop.
+        match traces.get(user).filter(|_| traced) {
             Some(tp) => h.insert(Header { key: vitals_schemas::trace::HEADER, value: Some(tp.as_str()) }),
             None => h,
         }
@@ -1225,7 +1229,7 @@ where
     for rec in &planned.records {
         match rec {
             Out::Row { key, user, value, .. } => {
-                let headers = stamp(user).insert(Header { key: INTERVAL_HEADER, value: Some(interval_id) });
+                let headers = stamp(user, true).insert(Header { key: INTERVAL_HEADER, value: Some(interval_id) });
                 rows.push((cfg.output_topic.clone(), key.clone(), encode(&cfg.output_topic, value)?, headers));
                 dead_users.push(None);
                 metrics.add(&metrics.outputs, 1);
@@ -1233,7 +1237,7 @@ where
             Out::Marker { key, user, value, rows: n, .. } => {
                 marker_users.push(user.clone());
                 let vouch = vitals_schemas::vouch::vouch(interval_id, *n);
-                let headers = stamp(user)
+                let headers = stamp(user, false)
                     .insert(Header { key: PROGRESS_HEADER, value: Some("1") })
                     .insert(Header { key: VOUCH_HEADER, value: Some(vouch.as_str()) });
                 markers.push((cfg.output_topic.clone(), key.clone(), encode(&cfg.output_topic, value)?, headers));
@@ -1392,6 +1396,9 @@ fn enqueue(
 /// and the pointer's publication run in the background. A failure is logged and counted;
 /// processing never waits for or stops on it.
 fn maybe_snapshot(s: &Arc<Snapshots>, processor: &str, rt: &tokio::runtime::Handle, p: i32, r: &mut Running) {
+    if r.snapshot_failed.swap(false, Ordering::AcqRel) {
+        r.snapshot_of = None;
+    }
     let due = r.snapshot_at.is_none_or(|at| at.elapsed() >= s.every);
     if !due || r.task.cp == Checkpoint::default() || r.snapshot_of.as_ref() == Some(&r.task.cp) || r.snapshot_busy.load(Ordering::Acquire) {
         return;
@@ -1403,6 +1410,7 @@ fn maybe_snapshot(s: &Arc<Snapshots>, processor: &str, rt: &tokio::runtime::Hand
         Ok(b) => b,
         Err(e) => {
             s.metrics.failed.fetch_add(1, Ordering::Relaxed);
+            r.snapshot_failed.store(true, Ordering::Release);
             warn!(partition = p, error = %e, "snapshot export failed");
             return;
         }
@@ -1410,13 +1418,14 @@ fn maybe_snapshot(s: &Arc<Snapshots>, processor: &str, rt: &tokio::runtime::Hand
     r.snapshot_of = Some(r.task.cp.clone());
     r.snapshot_busy.store(true, Ordering::Release);
     let (s, cp, busy, processor) = (Arc::clone(s), r.task.cp.clone(), Arc::clone(&r.snapshot_busy), processor.to_owned());
-    let published = Arc::clone(&r.snapshot_published);
+    let (published, failed) = (Arc::clone(&r.snapshot_published), Arc::clone(&r.snapshot_failed));
     rt.spawn(async move {
         match s.save(&processor, p, epoch, &cp, bytes).await {
             Ok(true) => *published.lock().unwrap_or_else(|e| e.into_inner()) = Some((cp, taken_at)),
             Ok(false) => {} // fenced off: not this task's newest snapshot
             Err(e) => {
                 s.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                failed.store(true, Ordering::Release);
                 warn!(partition = p, error = %e, "snapshot failed; processing goes on");
             }
         }

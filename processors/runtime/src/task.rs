@@ -241,7 +241,7 @@ pub struct Planned<T> {
     pub read: u64,
     pub timers_fired: u64,
     /// Per user: the `traceparent` of the span of its newest input record in the interval, what
-    /// its rows and marker carry (an upload's trace goes on through them).
+    /// its rows carry (an upload's trace goes on through them).
     pub traces: BTreeMap<String, String>,
     overlay: Overlay,
     cp: Checkpoint,
@@ -369,7 +369,9 @@ impl Task {
             // its user. (Other records, e.g. another processor's markers, get a log span.)
             let span = match m.traceparent.as_deref() {
                 Some(tp) => {
-                    let span = tracing::info_span!(
+                    // (At trace level: a hop for the OpenTelemetry layer, not a log line's context
+                    // unless RUST_LOG asks for `vitals::trace=trace`.)
+                    let span = tracing::trace_span!(
                         target: vitals_schemas::trace::TARGET,
                         "process.record",
                         processor = processor_name,
