@@ -59,6 +59,7 @@ pub struct TelemetryConfig {
     pub ca_file: String,
     pub sample_ratio: f64,
     pub export_delay_ms: u64,
+    pub user_hash_key: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -79,14 +79,12 @@ pub fn init_tracing(default: &str, telemetry: Option<(&config::TelemetryConfig, 
         tracing_subscriber::registry().with(fmt).init();
         return Ok(Telemetry(None));
     };
-    // Nowhere to export: nothing is recorded (the spans' ids still travel, unsampled).
-    let sampler = if cfg.otlp_endpoint.is_empty() {
-        Sampler::AlwaysOff
-    } else {
-        Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(cfg.sample_ratio)))
-    };
+    vitals_schemas::trace::set_user_key(cfg.user_hash_key.expose().as_bytes());
     let mut provider = SdkTracerProvider::builder()
-        .with_sampler(sampler)
+        .with_sampler({
+            let ratio = if cfg.otlp_endpoint.is_empty() { 0.0 } else { cfg.sample_ratio };
+            HopSampler { ratio, follow: Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))) }
+        })
         .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service.to_owned()).build());
     if !cfg.otlp_endpoint.is_empty() {
         let roots = app::ca_roots("telemetry.ca_file", &cfg.ca_file)?;
@@ -114,5 +112,46 @@ pub fn init_tracing(default: &str, telemetry: Option<(&config::TelemetryConfig, 
         .with_tracer(provider.tracer("vitals"))
         .with_filter(tracing_subscriber::filter::Targets::new().with_target(vitals_schemas::trace::TARGET, tracing::Level::TRACE));
     tracing_subscriber::registry().with(fmt).with(hops).init();
+    if !cfg.otlp_endpoint.is_empty() && cfg.user_hash_key.expose().is_empty() {
+        tracing::warn!(
+            "telemetry.user_hash_key is empty: spans name users by an unkeyed hash, which a dictionary reverses for guessable ids"
+        );
+    }
     Ok(Telemetry(Some(provider)))
+}
+
+/// Which hops are recorded: the edge's span draws at `ratio` itself, whatever the phone's
+/// `traceparent` says (a phone that sends `-01` cannot force a trace, nor pick its id to pass a
+/// trace-id threshold); every later hop follows its parent, so a trace is whole or absent.
+/// `ratio` 0 (no endpoint): nothing is recorded; the contexts still travel, unsampled.
+#[derive(Debug, Clone)]
+struct HopSampler {
+    ratio: f64,
+    /// Every other hop: parent-based (the ratio applies only to a root, which no later hop is).
+    follow: opentelemetry_sdk::trace::Sampler,
+}
+
+impl opentelemetry_sdk::trace::ShouldSample for HopSampler {
+    fn should_sample(
+        &self,
+        parent: Option<&opentelemetry::Context>,
+        trace_id: opentelemetry::trace::TraceId,
+        name: &str,
+        kind: &opentelemetry::trace::SpanKind,
+        attributes: &[opentelemetry::KeyValue],
+        links: &[opentelemetry::trace::Link],
+    ) -> opentelemetry_sdk::trace::SamplingResult {
+        use opentelemetry::trace::TraceContextExt;
+        use opentelemetry_sdk::trace::{SamplingDecision, SamplingResult};
+        let parent_state = || parent.map(|c| c.span().span_context().trace_state().clone()).unwrap_or_default();
+        if self.ratio <= 0.0 {
+            return SamplingResult { decision: SamplingDecision::Drop, attributes: Vec::new(), trace_state: parent_state() };
+        }
+        if name == vitals_schemas::trace::EDGE_SPAN {
+            let sampled = self.ratio >= 1.0 || rand::random::<f64>() < self.ratio;
+            let decision = if sampled { SamplingDecision::RecordAndSample } else { SamplingDecision::Drop };
+            return SamplingResult { decision, attributes: Vec::new(), trace_state: parent_state() };
+        }
+        self.follow.should_sample(parent, trace_id, name, kind, attributes, links)
+    }
 }

@@ -254,7 +254,7 @@ async fn handle(s: Arc<Ingest>, kind: BatchKind, req: Request) -> Response {
     // valid `traceparent`. Its context is what every record written carries to the processors.
     let span = info_span!(
         target: vitals_schemas::trace::TARGET,
-        "ingest.batch",
+        vitals_schemas::trace::EDGE_SPAN,
         otel.kind = "server",
         endpoint,
         user = tracing::field::Empty,

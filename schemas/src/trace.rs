@@ -60,10 +60,34 @@ pub fn of(span: &tracing::Span) -> Option<String> {
     sc.is_valid().then(|| format(&sc))
 }
 
-/// What a span may carry of a user: the first 16 hex digits of SHA-256 of the id, enough to
-/// find one user's traces, not to read the id back.
+/// The name of the edge's span, the root of an upload's trace in vitals (whose sampling the edge
+/// decides itself: `vitals::init_tracing`).
+pub const EDGE_SPAN: &str = "ingest.batch";
+
+static USER_KEY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+/// The key every role of a deployment hashes user ids with (`telemetry.user_hash_key`), set once
+/// at start-up; unset, ids are hashed without one.
+pub fn set_user_key(key: &[u8]) {
+    let _ = USER_KEY.set(key.to_vec());
+}
+
+/// What a span may carry of a user: the first 16 hex digits of a keyed SHA-256 of the id
+/// ([`set_user_key`]), enough to find one user's traces, not to read the id back — without the
+/// key, not even for a guessable id (an e-mail address, a sequence number).
 pub fn user(user_id: &str) -> String {
-    hex::encode(&Sha256::digest(user_id.as_bytes())[..8])
+    user_keyed(USER_KEY.get().map_or(&[][..], Vec::as_slice), user_id)
+}
+
+/// [`user`] under `key` (empty: no key).
+pub fn user_keyed(key: &[u8], user_id: &str) -> String {
+    let mut h = Sha256::new();
+    if !key.is_empty() {
+        h.update((key.len() as u64).to_be_bytes());
+        h.update(key);
+    }
+    h.update(user_id.as_bytes());
+    hex::encode(&h.finalize()[..8])
 }
 
 #[cfg(test)]
@@ -105,5 +129,7 @@ mod tests {
         assert!(!h.contains("user"));
         assert_eq!(h, user("user-1"));
         assert_ne!(h, user("user-2"));
+        assert_ne!(user_keyed(b"k1", "user-1"), h, "a key changes the hash");
+        assert_ne!(user_keyed(b"k1", "user-1"), user_keyed(b"k2", "user-1"));
     }
 }

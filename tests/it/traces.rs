@@ -84,19 +84,26 @@ async fn one_upload_is_one_trace_with_a_span_for_every_hop() {
         let mut v = env.child_env(&data);
         v.push(("VITALS_TELEMETRY__OTLP_ENDPOINT".into(), otlp.clone()));
         v.push(("VITALS_TELEMETRY__EXPORT_DELAY_MS".into(), "100".into()));
+        v.push(("VITALS_TELEMETRY__USER_HASH_KEY".into(), "the-deployment-key".into()));
         v.extend(extra.iter().map(|(k, val)| (k.to_string(), val.clone())));
         v
     };
-    let (ingest_port, gateway_port) = (free_port(), free_port());
+    let (ingest_port, gateway_port, unsampled_port) = (free_port(), free_port(), free_port());
     let mut ingest = VitalsProc::new(&["ingest"], traced(&[("VITALS_INGEST__LISTEN", format!("127.0.0.1:{ingest_port}"))]));
     let mut process = VitalsProc::new(&["process", "rollup_day"], traced(&[]));
     let mut sink = VitalsProc::new(&["sink"], traced(&[]));
     let mut gateway = VitalsProc::new(&["realtime"], traced(&[("VITALS_API__LISTEN", format!("127.0.0.1:{gateway_port}"))]));
-    for p in [&mut ingest, &mut process, &mut sink, &mut gateway] {
+    // A second edge that samples no new trace.
+    let mut unsampled = VitalsProc::new(
+        &["ingest"],
+        traced(&[("VITALS_INGEST__LISTEN", format!("127.0.0.1:{unsampled_port}")), ("VITALS_TELEMETRY__SAMPLE_RATIO", "0.0".into())]),
+    );
+    for p in [&mut ingest, &mut process, &mut sink, &mut gateway, &mut unsampled] {
         p.start();
     }
     wait_listening("the traced edge", &format!("127.0.0.1:{ingest_port}")).await;
     wait_listening("the traced gateway", &format!("127.0.0.1:{gateway_port}")).await;
+    wait_listening("the unsampling edge", &format!("127.0.0.1:{unsampled_port}")).await;
 
     let user = format!("trace-user-{}", uuid::Uuid::new_v4().simple());
     env.consent(&user, &[]).await;
@@ -106,22 +113,24 @@ async fn one_upload_is_one_trace_with_a_span_for_every_hop() {
 
     // The phone's own span: the upload continues its trace.
     let (trace_id, phone_span) = ("5c1c63257de34c67a8b6e4f1d2b0a9c3", "a1b2c3d4e5f60718");
-    let now = chrono::Utc::now();
-    let value = 87.25;
-    let body = json!({"request_id": format!("traced-{}", uuid::Uuid::new_v4()), "samples": [{"source": "com.apple.health.watch",
-        "source_kind": "watch", "source_record_id": "traced-1", "metric": "heart_rate",
-        "start": (now - chrono::Duration::minutes(5)).to_rfc3339(), "end": (now - chrono::Duration::minutes(4)).to_rfc3339(),
-        "value": value, "unit": "count/min", "time_zone": "UTC"}]});
-    let resp = env
-        .http
-        .post(format!("http://127.0.0.1:{ingest_port}/v1/health/samples:batch"))
-        .bearer_auth(&token)
-        .header("traceparent", format!("00-{trace_id}-{phone_span}-01"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().await.unwrap());
+    let upload = |port: u16, record: &'static str, minutes: i64, traceparent: String| {
+        let now = chrono::Utc::now();
+        let body = json!({"request_id": format!("traced-{}", uuid::Uuid::new_v4()), "samples": [{"source": "com.apple.health.watch",
+            "source_kind": "watch", "source_record_id": record, "metric": "heart_rate",
+            "start": (now - chrono::Duration::minutes(minutes)).to_rfc3339(), "end": (now - chrono::Duration::minutes(minutes - 1)).to_rfc3339(),
+            "value": 87.25, "unit": "count/min", "time_zone": "UTC"}]});
+        let req = env
+            .http
+            .post(format!("http://127.0.0.1:{port}/v1/health/samples:batch"))
+            .bearer_auth(&token)
+            .header("traceparent", traceparent)
+            .json(&body);
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().await.unwrap());
+        }
+    };
+    upload(ingest_port, "traced-1", 5, format!("00-{trace_id}-{phone_span}-01")).await;
 
     // The envelope reaches the phone, naming the trace it belongs to.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
@@ -166,7 +175,7 @@ async fn one_upload_is_one_trace_with_a_span_for_every_hop() {
     assert!(envelope["traceparent"].as_str().unwrap().contains(&of("sink.apply")[0].id), "the envelope names the sink's span");
 
     // No span of the trace carries the user id or the health value in clear; the hashed id is there.
-    let hashed = vitals_schemas::trace::user(&user);
+    let hashed = vitals_schemas::trace::user_keyed(b"the-deployment-key", &user);
     for s in &trace {
         for (k, v) in &s.attributes {
             assert!(!v.contains(&user), "{}: attribute {k} = {v:?} names the user", s.name);
@@ -180,7 +189,29 @@ async fn one_upload_is_one_trace_with_a_span_for_every_hop() {
         );
     }
 
-    for p in [&mut ingest, &mut process, &mut sink, &mut gateway] {
+    // A phone that asks for a trace (`-01`) at an edge sampling none gets none: the edge decides,
+    // and every later hop follows it (the envelope's context says unsampled; no span is sent).
+    let forced = "7d0e5a4b3c2f1e0d9c8b7a6f5e4d3c2b";
+    upload(unsampled_port, "traced-2", 10, format!("00-{forced}-{phone_span}-01")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let second: serde_json::Value = loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
+                let e: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if e["traceparent"].as_str().is_some_and(|tp| tp.contains(forced)) {
+                    break e;
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("the realtime socket ended: {other:?}"),
+            Err(_) => panic!("no realtime envelope of the second upload within 90 s"),
+        }
+    };
+    assert!(second["traceparent"].as_str().unwrap().ends_with("-00"), "the forced trace is unsampled: {second}");
+    let leaked: Vec<Span> = spans.lock().unwrap().iter().filter(|s| s.trace == forced).cloned().collect();
+    assert!(leaked.is_empty(), "spans of a trace the edge did not sample: {leaked:#?}");
+
+    for p in [&mut ingest, &mut process, &mut sink, &mut gateway, &mut unsampled] {
         p.terminate(Duration::from_secs(20));
     }
     let _ = std::fs::remove_dir_all(&data);
