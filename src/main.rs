@@ -424,6 +424,7 @@ async fn main() -> anyhow::Result<()> {
             let publisher = app::publisher(&cfg)?;
             let metrics: std::sync::Arc<vitals_sinks::runner::SinkMetrics> = Default::default();
             let (m, ready, name) = (std::sync::Arc::clone(&metrics), std::sync::Arc::clone(&metrics), app::sink_name(&cfg));
+            let published = std::sync::Arc::clone(&publisher.metrics);
             serve_probes(
                 &cfg.sink.metrics_listen,
                 // Not ready while the sink waits for PostgreSQL or the registry: says which.
@@ -431,6 +432,7 @@ async fn main() -> anyhow::Result<()> {
                 move || {
                     let mut out = String::new();
                     m.render(&name, &mut out);
+                    published.render(&mut out);
                     out
                 },
             )

@@ -42,6 +42,25 @@ pub struct PublisherMetrics {
     pub errors: AtomicU64,
 }
 
+impl PublisherMetrics {
+    /// The publisher's counters (on the sink's `/metrics`): what an operator reads while Redis is
+    /// down (envelopes dropped, never delivered late) and after.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        for (name, help, v) in [
+            ("published_total", "Realtime envelopes published to Redis.", &self.published),
+            ("dropped_total", "Realtime envelopes dropped (Redis down or slow, queue full): clients re-read instead.", &self.dropped),
+            ("publish_errors_total", "Failed Redis connections or PUBLISH commands.", &self.errors),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP vitals_realtime_envelopes_{name} {help}\n# TYPE vitals_realtime_envelopes_{name} counter\nvitals_realtime_envelopes_{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
 /// The sink's side of realtime: cheap, non-blocking [`Publisher::announce`].
 #[derive(Clone)]
 pub struct Publisher {

@@ -437,7 +437,17 @@ async fn redis_down_under_the_sink_costs_only_realtime() {
     let mut redis = OwnRedis::start().await;
     let data = std::env::temp_dir().join(format!("vitals-outage-redis-{}", uuid::Uuid::new_v4().simple()));
     let mut processors = VitalsProc::new(&["process", "--all"], env.child_env(&data));
-    let mut sink = VitalsProc::new(&["sink"], with(env.child_env(&data), "VITALS_REDIS__URL", &redis.url()));
+    let sink_port = free_port();
+    let sink_env = with(env.child_env(&data), "VITALS_REDIS__URL", &redis.url());
+    let mut sink = VitalsProc::new(&["sink"], with(sink_env, "VITALS_SINK__METRICS_LISTEN", &format!("127.0.0.1:{sink_port}")));
+    let sink_metrics = format!("http://127.0.0.1:{sink_port}/metrics");
+    let counter = |name: &'static str| {
+        let (http, url) = (env.http.clone(), sink_metrics.clone());
+        async move {
+            let text = http.get(&url).send().await.ok()?.text().await.ok()?;
+            text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse::<u64>().ok())
+        }
+    };
     let mut sub = Subscriber::connect(&redis).await;
     let first = env.sim("a", 51, 2, 2);
     let user_a = simulate::user_id(&first, 0);
@@ -483,6 +493,9 @@ async fn redis_down_under_the_sink_costs_only_realtime() {
     )
     .await;
     assert!(env.read(&t.dead_letter).await.is_empty(), "nothing dead-lettered for a Redis outage");
+    // What was not published is counted on the sink's /metrics (the alert's and the SRE's view).
+    assert!(counter("vitals_realtime_envelopes_published_total").await.is_some_and(|n| n > 0), "envelopes before the outage");
+    assert!(counter("vitals_realtime_envelopes_dropped_total").await.is_some_and(|n| n > 0), "envelopes dropped with Redis down");
     assert!(sink.exited().is_none(), "the sink keeps running without Redis: {:?}", sink.exited());
     assert!(processors.exited().is_none(), "{:?}", processors.exited());
     stop.store(true, Ordering::Relaxed);
