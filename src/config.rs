@@ -88,6 +88,9 @@ pub struct ApiConfig {
     pub max_connections_per_user: usize,
     /// Time allowed for a request's header.
     pub header_timeout_ms: u64,
+    /// Where `vitals api` / `vitals realtime` serve `/metrics` apart from `listen`; empty: on
+    /// `listen` itself.
+    pub metrics_listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -445,7 +445,22 @@ async fn main() -> anyhow::Result<()> {
             app::migrate(&pool).await?;
             let api = app::api(&cfg, pool, true).await?;
             let listener = TcpListener::bind(&cfg.api.listen).await.with_context(|| format!("binding {}", cfg.api.listen))?;
-            let router = if matches!(cli.cmd, Cmd::Realtime) { vitals_api::realtime_router(api) } else { vitals_api::router(api) };
+            let routes = if matches!(cli.cmd, Cmd::Realtime) {
+                vitals_api::realtime_routes(std::sync::Arc::clone(&api))
+            } else {
+                vitals_api::routes(std::sync::Arc::clone(&api))
+            };
+            // /metrics on its own port when api.metrics_listen says so, else beside the routes.
+            let router = if cfg.api.metrics_listen.is_empty() {
+                routes.merge(vitals_api::metrics_router(api))
+            } else {
+                let internal = TcpListener::bind(&cfg.api.metrics_listen)
+                    .await
+                    .with_context(|| format!("binding api.metrics_listen {}", cfg.api.metrics_listen))?;
+                let metrics = vitals_api::metrics_router(api).route("/healthz", axum::routing::get(|| async { "ok\n" }));
+                tokio::spawn(app::serve(internal, metrics, shutdown_signal()));
+                routes
+            };
             app::serve_with(listener, router, shutdown_signal(), Duration::from_millis(cfg.api.header_timeout_ms)).await?;
         }
         Cmd::Topics { cmd: TopicsCmd::Create } => {

@@ -100,18 +100,34 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const APP_JS: &str = include_str!("../static/app.js");
 
-/// Only the realtime WebSocket gateway (and `/healthz`): `vitals realtime`, for deployments that
-/// scale connections apart from reads.
+/// Only the realtime WebSocket gateway (and `/healthz`, `/metrics`): `vitals realtime`, for
+/// deployments that scale connections apart from reads.
 pub fn realtime_router(api: Arc<Api>) -> Router {
+    realtime_routes(Arc::clone(&api)).merge(metrics_router(api))
+}
+
+/// [`realtime_router`] without `/metrics` (served apart: [`metrics_router`]).
+pub fn realtime_routes(api: Arc<Api>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(metrics))
         .route("/v1/realtime", get(realtime::upgrade))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&api), count_responses))
         .with_state(api)
 }
 
+/// `GET /metrics` (and `/healthz`) alone, for `api.metrics_listen`: an internal port, so the
+/// public one does not expose the exposition.
+pub fn metrics_router(api: Arc<Api>) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(api)
+}
+
+/// The read API, the dashboard, the gateway and `/metrics`.
 pub fn router(api: Arc<Api>) -> Router {
+    routes(Arc::clone(&api)).merge(metrics_router(api))
+}
+
+/// [`router`] without `/metrics` (served apart: [`metrics_router`]).
+pub fn routes(api: Arc<Api>) -> Router {
     let doc: &'static str = Box::leak(openapi(&api.projections).into_boxed_str());
     Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
@@ -128,7 +144,6 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/projections/{name}/{key}", get(projection_item))
         .route("/v1/freshness", get(freshness_summary))
         .route("/v1/realtime", get(realtime::upgrade))
-        .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&api), count_responses))
         .with_state(api)
 }

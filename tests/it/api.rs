@@ -103,6 +103,9 @@ async fn reads_are_scoped_fresh_and_pushed_live() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut api_env = env.child_env(&data);
     api_env.push(("VITALS_API__LISTEN".into(), format!("127.0.0.1:{port}")));
+    // /metrics on an internal port, not on the public one.
+    let metrics_port = crate::harness::free_port();
+    api_env.push(("VITALS_API__METRICS_LISTEN".into(), format!("127.0.0.1:{metrics_port}")));
     let mut api_proc = VitalsProc::new(&["api"], api_env);
     api_proc.start();
     // A second gateway instance, realtime only: envelopes reach a client wherever it connects.
@@ -121,6 +124,10 @@ async fn reads_are_scoped_fresh_and_pushed_live() {
         api.http.get(format!("{}/healthz", api.base)).send().await.ok().map(|_| ())
     })
     .await;
+    let public = api.http.get(format!("{}/metrics", api.base)).send().await.unwrap();
+    assert_eq!(public.status().as_u16(), 404, "no /metrics on the public port when api.metrics_listen is set");
+    let internal = api.http.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(internal.contains("vitals_api_responses_total{route=\"/healthz\",class=\"2xx\"}"), "{internal}");
 
     // A uploads while nothing processes: pending.
     let sim_a = env.sim("a", 1, 1, 2);
