@@ -569,6 +569,7 @@ async fn timed_run(
     let t = app::topics(cfg);
     let data = std::env::temp_dir().join(format!("vitals-bench-{}-{}-{tag}", std::process::id(), info.name));
     let _ = std::fs::remove_dir_all(&data);
+    runtime::store::set_cache_bytes(cfg.processors.store_cache_mb.saturating_mul(1024 * 1024));
     let stop = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(runtime::metrics::RuntimeMetrics::default());
     let args = RunArgs {

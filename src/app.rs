@@ -888,7 +888,14 @@ pub fn s3_client(cfg: &Config) -> anyhow::Result<vitals_runtime::s3::S3Client> {
         region: cfg.s3.region.clone(),
         access_key_id: cfg.s3.access_key_id.clone(),
         secret_access_key: cfg.s3.secret_access_key.expose().to_owned(),
-        ca_roots: ca_roots("s3.ca_file", &cfg.s3.ca_file)?,
+        path_style: cfg.s3.path_style,
+        max_attempts: cfg.s3.max_attempts,
+        part_size: cfg.s3.part_size_mb.saturating_mul(1024 * 1024),
+        // Checked here (a clear start-up error), read by the SDK's TLS context.
+        ca_pem: match ca_roots("s3.ca_file", &cfg.s3.ca_file)?.is_empty() {
+            true => None,
+            false => Some(std::fs::read(&cfg.s3.ca_file).with_context(|| format!("s3.ca_file = {:?}", cfg.s3.ca_file))?),
+        },
     })
     .context("the snapshot store ([s3])")
 }
@@ -973,6 +980,7 @@ pub async fn process_line(
     }
     let t = topics(cfg);
     let line_name = line.name(info.name);
+    vitals_runtime::store::set_cache_bytes(cfg.processors.store_cache_mb.saturating_mul(1024 * 1024));
     let rc = RuntimeConfig {
         processor: Box::leak(line_name.clone().into_boxed_str()),
         inputs: info.inputs,

@@ -103,6 +103,8 @@ pub struct ProcessorsConfig {
     pub snapshot_every_ms: u64,
     /// Where `vitals process` serves `/metrics` (Prometheus text); empty: nowhere.
     pub metrics_listen: String,
+    /// redb's page cache per task store, MiB.
+    pub store_cache_mb: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -290,8 +292,13 @@ pub struct S3Config {
     pub ca_file: String,
     pub bucket: String,
     pub region: String,
+    /// Empty: the SDK's default credential chain (environment, profile, web identity/IRSA, ECS,
+    /// instance metadata), and `secret_access_key` unused.
     pub access_key_id: String,
     pub secret_access_key: Secret,
+    pub path_style: bool,
+    pub max_attempts: u32,
+    pub part_size_mb: u64,
 }
 
 impl Config {

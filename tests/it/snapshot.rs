@@ -25,7 +25,10 @@ fn s3_settings(bucket: &str) -> S3Settings {
         region: cfg.s3.region.clone(),
         access_key_id: cfg.s3.access_key_id.clone(),
         secret_access_key: cfg.s3.secret_access_key.expose().to_owned(),
-        ca_roots: Vec::new(),
+        path_style: true,
+        max_attempts: 3,
+        part_size: vitals_runtime::s3::MIN_PART_SIZE,
+        ca_pem: None,
     }
 }
 
@@ -51,6 +54,27 @@ async fn the_s3_client_round_trips_objects_against_the_real_server() {
     s3.put("snapshots/a/p0/000000000001-000000000002.snap", b"replaced".to_vec()).await.unwrap();
     assert_eq!(s3.get("snapshots/a/p0/000000000001-000000000002.snap").await.unwrap().as_deref(), Some(&b"replaced"[..]));
     assert_eq!(s3.get("no/such/key").await.unwrap(), None, "a missing object is None, not an error");
+
+    // Files: one PUT up to the part size, a multipart upload beyond it (parts of 5 MiB here: one
+    // exactly a part, one a byte more, one of three parts with a short last one), read back
+    // through a file as they arrive.
+    let dir = std::env::temp_dir().join(format!("vitals-s3-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let part = vitals_runtime::s3::MIN_PART_SIZE as usize;
+    for (i, len) in [0, 1, part, part + 1, 2 * part + 12_345].into_iter().enumerate() {
+        let body: Vec<u8> = (0..len as u32).map(|j| (j.wrapping_mul(2_654_435_761) >> 11) as u8 ^ i as u8).collect();
+        let (up, down) = (dir.join(format!("up-{i}")), dir.join(format!("down-{i}")));
+        std::fs::write(&up, &body).unwrap();
+        let key = format!("files/{i}.snap");
+        assert_eq!(s3.put_file(&key, &up).await.unwrap_or_else(|e| panic!("put_file of {len} bytes: {e}")), len as u64);
+        assert_eq!(s3.get_to_file(&key, &down).await.unwrap(), Some(len as u64), "{len} bytes");
+        assert!(std::fs::read(&down).unwrap() == body, "{len} bytes came back different");
+        assert_eq!(s3.get(&key).await.unwrap().map(|b| b.len()), Some(len), "the multipart object reads as one");
+    }
+    let absent = dir.join("absent");
+    assert_eq!(s3.get_to_file("no/such/key", &absent).await.unwrap(), None);
+    assert!(!absent.exists(), "nothing written for a missing object");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// `rollup_day` runs as an OS process, snapshots its tasks every 200 ms, is `kill -9`ed while a
@@ -434,5 +458,309 @@ async fn an_owner_without_snapshots_still_withdraws_the_pointer_it_does_not_star
     .await;
     proc.kill9();
     let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
+
+/// The memory a restoring processor may use, against a snapshot twice that size.
+const MEMORY_ALLOWED: u64 = 192 * 1024 * 1024;
+
+/// A process started in a memory cgroup of its own (`MEMORY_ALLOWED`, where the machine lets the
+/// test make one: cgroup v1 here), its peak resident memory read from `/proc`.
+struct Limited {
+    child: std::process::Child,
+    cgroup: Option<std::path::PathBuf>,
+}
+
+impl Limited {
+    fn start(env: &[(String, String)]) -> Limited {
+        let cgroup = std::path::PathBuf::from(format!("/sys/fs/cgroup/memory/vitals-it-{}", uuid::Uuid::new_v4().simple()));
+        let cgroup = std::fs::create_dir(&cgroup)
+            .and_then(|_| std::fs::write(cgroup.join("memory.limit_in_bytes"), MEMORY_ALLOWED.to_string()))
+            .map(|_| cgroup.clone())
+            .map_err(|e| {
+                let _ = std::fs::remove_dir(&cgroup);
+                eprintln!("no memory cgroup ({e}): the limit is checked on the peak resident memory only");
+            })
+            .ok();
+        // The shell joins the cgroup, then becomes the processor: it is limited from its first
+        // allocation.
+        let join = match &cgroup {
+            Some(g) => format!("echo $$ > {}/cgroup.procs && ", g.display()),
+            None => String::new(),
+        };
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{join}exec \"$0\" process rollup_day"))
+            .arg(env!("CARGO_BIN_EXE_vitals"))
+            .envs(env.iter().cloned())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("starting vitals process");
+        Limited { child, cgroup }
+    }
+
+    /// Panics if the process has died (exited or killed: in its cgroup, for lack of memory).
+    fn alive(pid: u32) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let state = status.lines().find_map(|l| l.strip_prefix("State:")).unwrap_or("gone").trim().to_owned();
+        assert!(!state.starts_with('Z') && state != "gone", "the limited processor died ({state}): killed for lack of memory?");
+    }
+
+    /// The peak resident memory so far (VmHWM); panics if the process has died (an OOM kill).
+    fn peak(&mut self) -> u64 {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("the limited processor died ({status:?}): out of memory?");
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status");
+        kb * 1024
+    }
+}
+
+impl Drop for Limited {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(g) = &self.cgroup {
+            let _ = std::fs::remove_dir(g);
+        }
+    }
+}
+
+/// A snapshot twice the size of the memory a processor is allowed: the processor restores it
+/// (download and import streamed through files), goes on processing, and snapshots the big store
+/// again (export and multipart upload streamed), its peak resident memory below the allowance
+/// throughout — and, where the machine allows a memory cgroup, inside one that would kill it
+/// beyond. Seen failing before the streaming (the whole object was held in memory twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_larger_than_the_memory_allowed_is_restored_and_taken_again() {
+    use vitals_processors::State;
+    use vitals_runtime::store::{Overlay, Store, UserState};
+    let env = TestEnv::start().await;
+    let codec = vitals::app::codec(&env.cfg);
+    let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
+    let mut vars = proc_env(&env, &data);
+    vars.retain(|(k, _)| k != "RUST_LOG");
+    vars.push(("RUST_LOG".into(), "warn,vitals_runtime=info".into()));
+    vars.push(("VITALS_PROCESSORS__SNAPSHOT_EVERY_MS".into(), "200".into()));
+    // The page cache of each store is what the operator gives it (64 MiB by default); the point
+    // here is that nothing grows with the snapshot.
+    vars.push(("VITALS_PROCESSORS__STORE_CACHE_MB".into(), "16".into()));
+    let task = format!("{}rollup_day", env.cfg.kafka.topic_prefix);
+    let pointers = || async {
+        sqlx::query_as::<_, (i32, i64, i64, String, i64)>(
+            "SELECT partition, epoch, seq, object_key, bytes FROM processor_snapshots WHERE processor = $1 ORDER BY partition",
+        )
+        .bind(&task)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+    };
+
+    // A small real snapshot first, taken by a processor that is then killed.
+    let wave = env.sim("a", 1, 2, 2);
+    assert_eq!(simulate::run(&wave, &env.http).await.unwrap().rejected, 0);
+    let mut first = Proc { env: vars.clone(), child: None };
+    first.start(None);
+    let (p, epoch, seq, object, _) = wait_for_every("a snapshot pointer", Duration::from_secs(90), Duration::from_millis(200), || async {
+        pointers().await.into_iter().find(|x| x.2 > 0)
+    })
+    .await;
+    let baseline = std::fs::read_to_string(format!("/proc/{}/status", first.pid())).unwrap_or_default();
+    eprintln!("a processor with small stores: {}", baseline.lines().find(|l| l.starts_with("VmHWM")).unwrap_or("VmHWM ?"));
+    first.kill9();
+    wait_for("the killed process's statements to finish", Duration::from_secs(10), || async {
+        let active: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        (active == 0).then_some(())
+    })
+    .await;
+    let (p, epoch, seq, object) =
+        pointers().await.into_iter().find(|x| x.0 == p).map(|x| (x.0, x.1, x.2, x.3)).unwrap_or((p, epoch, seq, object));
+
+    // That snapshot grown to twice the allowance: ballast under a user who never uploads (so no
+    // output changes), the checkpoint untouched; published in place of the real one.
+    let s3 = vitals::app::s3_client(&env.cfg).unwrap();
+    let work = data.with_extension("work");
+    std::fs::create_dir_all(&work).unwrap();
+    assert!(s3.get_to_file(&object, &work.join("small.snap")).await.unwrap().is_some());
+    let store = Store::import_file(&work.join("grown.redb"), &work.join("small.snap")).unwrap();
+    let cp = store.checkpoint().unwrap();
+    let blob = 1024 * 1024;
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in 0..(2 * MEMORY_ALLOWED / blob as u64 / 16) {
+        let mut ov = Overlay::default();
+        let mut ballast = UserState::new(&store, &mut ov, "ballast-user-who-never-uploads");
+        for i in 0..16 {
+            // Not compressible, so no layer can make it small.
+            let value: Vec<u8> = (0..blob / 8)
+                .flat_map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng.to_le_bytes()
+                })
+                .collect();
+            ballast.put(&format!("blob/{chunk:04}/{i:02}"), value);
+        }
+        store.commit(ov, &cp).unwrap();
+    }
+    let grown = work.join("grown.snap");
+    let size = store.export_file(&grown).unwrap();
+    drop(store);
+    assert!(size > 2 * MEMORY_ALLOWED - 1024 * 1024, "a snapshot of {size} bytes");
+    let big_key = format!("{object}.grown");
+    assert_eq!(s3.put_file(&big_key, &grown).await.unwrap(), size);
+    let _ = std::fs::remove_dir_all(&work);
+    sqlx::query(
+        "UPDATE processor_snapshots SET object_key = $3, bytes = $4 WHERE processor = $1 AND partition = $2 AND epoch = $5 AND seq = $6",
+    )
+    .bind(&task)
+    .bind(p)
+    .bind(&big_key)
+    .bind(size as i64)
+    .bind(epoch)
+    .bind(seq)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+
+    // The instance loses its disk and restarts limited.
+    std::fs::remove_dir_all(&data).unwrap();
+    let mut limited = Limited::start(&vars);
+    let pid = limited.child.id();
+    let restored: i64 = wait_for_every("the big snapshot to be restored", Duration::from_secs(120), Duration::from_millis(200), || async {
+        Limited::alive(pid);
+        sqlx::query_scalar("SELECT bytes FROM processor_restores WHERE processor = $1 AND partition = $2 AND snapshot_seq = $3")
+            .bind(&task)
+            .bind(p)
+            .bind(seq)
+            .fetch_optional(&env.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(restored as u64, size, "the grown snapshot, not a replay from the beginning");
+    let peak = limited.peak();
+    eprintln!("restored {size} bytes with a peak resident memory of {} MiB (allowed {} MiB)", peak >> 20, MEMORY_ALLOWED >> 20);
+    assert!(peak < MEMORY_ALLOWED, "restoring took {} MiB of memory, {} allowed", peak >> 20, MEMORY_ALLOWED >> 20);
+
+    // It processes on (the same users again, so partition p gets input and its checkpoint
+    // moves), and snapshots the big store again (export and multipart upload).
+    assert_eq!(simulate::run(&SimConfig { seed: 2, ..wave }, &env.http).await.unwrap().rejected, 0);
+    wait_for_every("a snapshot of the big store by the new owner", Duration::from_secs(120), Duration::from_millis(300), || async {
+        Limited::alive(pid);
+        pointers().await.into_iter().find(|x| x.0 == p && x.1 > epoch && x.4 as u64 >= size).map(|_| ())
+    })
+    .await;
+    let expected = rollup_day::oracle(&inputs(&env, &codec).await);
+    wait_for_every("the projection to equal the oracle", Duration::from_secs(120), Duration::from_millis(500), || {
+        let (env, codec, expected) = (&env, &codec, &expected);
+        async move { (fold(env, codec).await.0 == *expected).then_some(()) }
+    })
+    .await;
+    let peak = limited.peak();
+    eprintln!("snapshotted again with a peak resident memory of {} MiB", peak >> 20);
+    assert!(peak < MEMORY_ALLOWED, "the snapshot took {} MiB of memory, {} allowed", peak >> 20, MEMORY_ALLOWED >> 20);
+    drop(limited);
+    let _ = std::fs::remove_dir_all(&data);
+    env.cleanup().await;
+}
+
+/// With no access key configured, the store's credentials come from the SDK's default chain —
+/// here a web identity token exchanged at STS for temporary credentials, the path IRSA takes on
+/// EKS (moto answers STS on the store's port) — and snapshots are published. With no source of
+/// credentials at all, snapshots and restores fail, counted on /metrics, and processing goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_access_key_the_default_credential_chain_signs_for_the_store() {
+    let env = TestEnv::start().await;
+    let codec = vitals::app::codec(&env.cfg);
+    let base = std::env::temp_dir().join(format!("vitals-chain-{}", uuid::Uuid::new_v4().simple()));
+    // No profile files, no instance metadata: only what each run below names.
+    let home = base.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let token = base.join("web-identity-token");
+    std::fs::write(&token, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6dml0YWxzOnByb2Nlc3NvciJ9.c2ln").unwrap();
+    let chain_env = |data: &std::path::Path, port: u16| {
+        let mut vars = proc_env(&env, data);
+        vars.extend(
+            [
+                ("VITALS_S3__ACCESS_KEY_ID", String::new()),
+                ("VITALS_S3__SECRET_ACCESS_KEY", String::new()),
+                ("VITALS_PROCESSORS__SNAPSHOT_EVERY_MS", "200".into()),
+                ("VITALS_PROCESSORS__METRICS_LISTEN", format!("127.0.0.1:{port}")),
+                ("HOME", home.display().to_string()),
+                ("AWS_CONFIG_FILE", home.join("none").display().to_string()),
+                ("AWS_SHARED_CREDENTIALS_FILE", home.join("none").display().to_string()),
+                ("AWS_EC2_METADATA_DISABLED", "true".into()),
+                ("AWS_REGION", env.cfg.s3.region.clone()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v)),
+        );
+        vars
+    };
+    let task = format!("{}rollup_day", env.cfg.kafka.topic_prefix);
+    let published = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processor_snapshots WHERE processor = $1")
+            .bind(&task)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(simulate::run(&env.sim("a", 1, 2, 2), &env.http).await.unwrap().rejected, 0);
+
+    // IRSA's variables: the token file and the role; STS at the store's address.
+    let port = crate::harness::free_port();
+    let mut vars = chain_env(&base.join("a"), port);
+    vars.extend(
+        [
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", token.display().to_string()),
+            ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/vitals-processor".to_owned()),
+            ("AWS_ROLE_SESSION_NAME", "vitals-it".to_owned()),
+            ("AWS_ENDPOINT_URL_STS", env.cfg.s3.endpoint.clone()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    let mut proc = Proc { env: vars, child: None };
+    proc.start(None);
+    wait_for_every("a snapshot signed with web identity credentials", Duration::from_secs(90), Duration::from_millis(200), || async {
+        (published().await > 0).then_some(())
+    })
+    .await;
+    proc.kill9();
+
+    // Nothing to sign with: a new instance without local state cannot restore (it replays from
+    // the beginning instead) nor snapshot, says so on /metrics, and still computes everything.
+    let port = crate::harness::free_port();
+    let mut proc = Proc { env: chain_env(&base.join("b"), port), child: None };
+    proc.start(None);
+    let counter = |body: &str, name: &str| -> f64 {
+        body.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    wait_for_every("failed restores and snapshots without credentials", Duration::from_secs(90), Duration::from_millis(300), || async {
+        let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+        let restores = counter(&body, "vitals_processor_snapshot_restore_failures_total");
+        let snapshots = counter(&body, "vitals_processor_snapshot_failures_total");
+        (restores > 0.0 && snapshots > 0.0).then_some(())
+    })
+    .await;
+    let expected = rollup_day::oracle(&inputs(&env, &codec).await);
+    wait_for_every("the projection to equal the oracle without a store", Duration::from_secs(120), Duration::from_millis(500), || {
+        let (env, codec, expected) = (&env, &codec, &expected);
+        async move { (fold(env, codec).await.0 == *expected).then_some(()) }
+    })
+    .await;
+    proc.kill9();
+    let _ = std::fs::remove_dir_all(&base);
     env.cleanup().await;
 }

@@ -322,6 +322,7 @@ impl RebalanceContext {
             .map_err(|e| format!("bumping the epoch of partition {p}: {e}"))?;
         let mut store = None;
         let mut restored = false;
+        snapshot::remove_leftovers(path);
         if path.exists() {
             let s = Store::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
             let owned = s.owner_epoch().map_err(|e| format!("reading {}: {e}", path.display()))?;
@@ -1406,21 +1407,24 @@ fn maybe_snapshot(s: &Arc<Snapshots>, processor: &str, rt: &tokio::runtime::Hand
     let epoch = r.task.epoch;
     r.snapshot_at = Some(Instant::now());
     let taken_at = unix_now();
-    let bytes = match r.task.store.export() {
-        Ok(b) => b,
+    // Exported to a file beside the store, entry by entry, and uploaded from it: memory does not
+    // grow with the store.
+    let file = snapshot::export_path(r.task.store.path(), epoch, r.task.cp.seq);
+    match r.task.store.export_file(&file) {
+        Ok(_) => {}
         Err(e) => {
             s.metrics.failed.fetch_add(1, Ordering::Relaxed);
             r.snapshot_failed.store(true, Ordering::Release);
             warn!(partition = p, error = %e, "snapshot export failed");
             return;
         }
-    };
+    }
     r.snapshot_of = Some(r.task.cp.clone());
     r.snapshot_busy.store(true, Ordering::Release);
     let (s, cp, busy, processor) = (Arc::clone(s), r.task.cp.clone(), Arc::clone(&r.snapshot_busy), processor.to_owned());
     let (published, failed) = (Arc::clone(&r.snapshot_published), Arc::clone(&r.snapshot_failed));
     rt.spawn(async move {
-        match s.save(&processor, p, epoch, &cp, bytes).await {
+        match s.save(&processor, p, epoch, &cp, &file).await {
             Ok(true) => *published.lock().unwrap_or_else(|e| e.into_inner()) = Some((cp, taken_at)),
             Ok(false) => {} // fenced off: not this task's newest snapshot
             Err(e) => {

@@ -149,6 +149,32 @@ pub async fn pointer(pool: &PgPool, processor: &str, partition: i32) -> Result<O
     }))
 }
 
+/// Where a task's snapshot is downloaded to before it is imported at `store`.
+pub fn download_path(store: &Path) -> std::path::PathBuf {
+    let mut name = store.file_name().unwrap_or_default().to_owned();
+    name.push(".snapshot-download");
+    store.with_file_name(name)
+}
+
+/// Where a task's export at (`epoch`, `seq`) is written before it is uploaded.
+pub fn export_path(store: &Path, epoch: i64, seq: i64) -> std::path::PathBuf {
+    let mut name = store.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".snapshot-{epoch}-{seq}"));
+    store.with_file_name(name)
+}
+
+/// Removes the exports and downloads a crashed process left beside the store at `store`.
+pub fn remove_leftovers(store: &Path) {
+    let (Some(dir), Some(name)) = (store.parent(), store.file_name()) else { return };
+    let prefix = format!("{}.snapshot-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// A task store rebuilt from a snapshot.
 pub struct Restored {
     pub store: Store,
@@ -166,14 +192,20 @@ impl Snapshots {
         format!("snapshots/{}/{processor}/p{partition}/{epoch:012}-{seq:012}-{position:015}.snap", self.prefix)
     }
 
-    /// Uploads `bytes` (an export taken at `cp` by the owner at `epoch`) and publishes its
-    /// pointer. `Ok(false)`: uploaded but fenced off (the object is then never read).
-    pub async fn save(&self, processor: &str, partition: i32, epoch: i64, cp: &Checkpoint, bytes: Vec<u8>) -> Result<bool, String> {
+    /// Uploads the export in `file` (taken at `cp` by the owner at `epoch`), streamed from the
+    /// file, and publishes its pointer; the file is removed either way. `Ok(false)`: uploaded but
+    /// fenced off (the object is then never read).
+    pub async fn save(&self, processor: &str, partition: i32, epoch: i64, cp: &Checkpoint, file: &Path) -> Result<bool, String> {
+        let sent = self.save_file(processor, partition, epoch, cp, file).await;
+        let _ = tokio::fs::remove_file(file).await;
+        sent
+    }
+
+    async fn save_file(&self, processor: &str, partition: i32, epoch: i64, cp: &Checkpoint, file: &Path) -> Result<bool, String> {
         let t0 = Instant::now();
         let pos = position(cp);
         let key = self.object_key(processor, partition, epoch, cp.seq, pos);
-        let n = bytes.len() as i64;
-        self.s3.put(&key, bytes).await.map_err(|e| e.to_string())?;
+        let n = self.s3.put_file(&key, file).await.map_err(|e| e.to_string())? as i64;
         let ptr = Pointer {
             epoch,
             seq: cp.seq,
@@ -206,13 +238,31 @@ impl Snapshots {
         // The takeover waits for this download (bounded by the S3 client's timeout): say so, so a
         // slow store is visible while it happens, not only once it fails.
         info!(processor, partition, epoch, object = %ptr.object_key, "fetching the published snapshot");
-        let bytes = self
-            .s3
-            .get(&ptr.object_key)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("snapshot object {} is missing", ptr.object_key))?;
-        let store = Store::import(path, &bytes).map_err(|e| format!("{}: {e}", ptr.object_key))?;
+        // Downloaded to a file beside the store and imported from it, both streamed: a restore's
+        // memory does not grow with the snapshot. The SDK retries a request that fails; a body
+        // cut off midway is fetched again here, a few times, before falling back to a replay.
+        let download = download_path(path);
+        if let Some(dir) = download.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        }
+        let mut attempt = 0;
+        let n = loop {
+            attempt += 1;
+            match self.s3.get_to_file(&ptr.object_key, &download).await {
+                Ok(Some(n)) => break n,
+                Ok(None) => return Err(format!("snapshot object {} is missing", ptr.object_key)),
+                Err(e) if attempt < 3 => warn!(processor, partition, attempt, error = %e, "snapshot download failed; again"),
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        if n != ptr.bytes as u64 {
+            let _ = std::fs::remove_file(&download);
+            return Err(format!("snapshot object {} has {n} bytes, its pointer says {}", ptr.object_key, ptr.bytes));
+        }
+        let (to, from) = (path.to_owned(), download.clone());
+        let imported = tokio::task::spawn_blocking(move || Store::import_file(&to, &from)).await;
+        let _ = std::fs::remove_file(&download);
+        let store = imported.map_err(|e| format!("importing {}: {e}", ptr.object_key))?.map_err(|e| format!("{}: {e}", ptr.object_key))?;
         let cp = match store.checkpoint() {
             Ok(cp) if cp.seq == ptr.seq && cp.offsets == ptr.offsets => cp,
             other => {
@@ -222,7 +272,7 @@ impl Snapshots {
             }
         };
         let took = t0.elapsed();
-        let (ms, n) = (took.as_millis() as u64, bytes.len() as u64);
+        let ms = took.as_millis() as u64;
         self.metrics.restores.fetch_add(1, Ordering::Relaxed);
         self.metrics.last_restore_ms.store(ms, Ordering::Relaxed);
         self.metrics.last_restore_bytes.store(n, Ordering::Relaxed);

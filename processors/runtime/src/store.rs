@@ -45,8 +45,19 @@ pub struct Checkpoint {
     pub max_epoch: i64,
 }
 
+/// redb's page cache per task store opened from now on (`processors.store_cache_mb`; redb's own
+/// default is 1 GiB each): a process's memory is bounded by its number of tasks, not by the size
+/// of their stores (pages beyond it are read through the operating system's page cache).
+static STORE_CACHE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(64 * 1024 * 1024);
+
+/// Sets the page cache of every task store opened from now on (set once, at start-up).
+pub fn set_cache_bytes(bytes: usize) {
+    STORE_CACHE_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub struct Store {
     db: Database,
+    path: std::path::PathBuf,
 }
 
 impl Store {
@@ -54,12 +65,18 @@ impl Store {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(e)?;
         }
-        let db = Database::create(path).map_err(e)?;
+        let db =
+            redb::Builder::new().set_cache_size(STORE_CACHE_BYTES.load(std::sync::atomic::Ordering::Relaxed)).create(path).map_err(e)?;
         let tx = db.begin_write().map_err(e)?;
         tx.open_table(STATE).map_err(e)?;
         tx.open_table(META).map_err(e)?;
         tx.commit().map_err(e)?;
-        Ok(Store { db })
+        Ok(Store { db, path: path.to_owned() })
+    }
+
+    /// Where the store's file is.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     pub fn checkpoint(&self) -> Result<Checkpoint, StoreError> {
@@ -182,25 +199,49 @@ impl Store {
 const SNAPSHOT_MAGIC: &[u8; 8] = b"VITALSNP";
 const SNAPSHOT_VERSION: u32 = 1;
 
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) -> Result<(), StoreError> {
+fn put_bytes<W: std::io::Write>(out: &mut W, b: &[u8]) -> Result<(), StoreError> {
     let len = u32::try_from(b.len()).map_err(|_| StoreError(format!("an entry of {} bytes is too large for a snapshot", b.len())))?;
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(b);
-    Ok(())
+    out.write_all(&len.to_be_bytes()).map_err(e)?;
+    out.write_all(b).map_err(e)
 }
 
-/// Reads a snapshot's body, every read bounds-checked.
-struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
+/// A writer that hashes and counts what goes through it.
+struct Hashing<W> {
+    inner: W,
+    sum: sha2::Sha256,
+    n: u64,
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
-        let end = self.at.checked_add(n).filter(|e| *e <= self.buf.len()).ok_or_else(|| StoreError("snapshot truncated".into()))?;
-        let s = &self.buf[self.at..end];
-        self.at = end;
-        Ok(s)
+impl<W: std::io::Write> std::io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        sha2::Digest::update(&mut self.sum, &buf[..n]);
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Reads a snapshot's body as a stream, every read bounds-checked against the body's length (so
+/// a length field read from a corrupt snapshot cannot make it allocate more than the body holds).
+struct Reader<R> {
+    src: R,
+    /// Body bytes not read yet.
+    left: u64,
+    buf: Vec<u8>,
+}
+
+impl<R: std::io::Read> Reader<R> {
+    fn take(&mut self, n: usize) -> Result<&[u8], StoreError> {
+        if n as u64 > self.left {
+            return Err(StoreError("snapshot truncated".into()));
+        }
+        self.buf.resize(n, 0);
+        self.src.read_exact(&mut self.buf).map_err(|x| StoreError(format!("reading the snapshot: {x}")))?;
+        self.left -= n as u64;
+        Ok(&self.buf)
     }
     fn u32(&mut self) -> Result<u32, StoreError> {
         Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
@@ -208,60 +249,130 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, StoreError> {
         Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
-    fn bytes(&mut self) -> Result<&'a [u8], StoreError> {
+    fn bytes(&mut self) -> Result<Vec<u8>, StoreError> {
         let n = self.u32()? as usize;
-        self.take(n)
+        Ok(self.take(n)?.to_vec())
     }
-    fn str(&mut self) -> Result<&'a str, StoreError> {
-        std::str::from_utf8(self.bytes()?).map_err(|_| StoreError("snapshot key is not UTF-8".into()))
+    fn str(&mut self) -> Result<String, StoreError> {
+        String::from_utf8(self.bytes()?).map_err(|_| StoreError("snapshot key is not UTF-8".into()))
     }
 }
+
+/// The memory an import may use for redb's page cache (its write buffer is at most half of it):
+/// a restore's memory does not grow with the snapshot.
+const IMPORT_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 impl Store {
     /// The whole store — state, offsets, output position, stream time — as of one read
     /// transaction, in the snapshot format.
     pub fn export(&self) -> Result<Vec<u8>, StoreError> {
-        use sha2::{Digest, Sha256};
+        let mut out = Vec::with_capacity(64);
+        self.export_to(&mut out)?;
+        Ok(out)
+    }
+
+    /// [`export`](Store::export) written to `out` as it is read, entry by entry (memory does
+    /// not grow with the store). Returns the bytes written.
+    pub fn export_to<W: std::io::Write>(&self, out: W) -> Result<u64, StoreError> {
+        use std::io::Write;
         let tx = self.db.begin_read().map_err(e)?;
         let state = tx.open_table(STATE).map_err(e)?;
         let meta = tx.open_table(META).map_err(e)?;
-        let mut out = Vec::with_capacity(64);
-        out.extend_from_slice(SNAPSHOT_MAGIC);
-        out.extend_from_slice(&SNAPSHOT_VERSION.to_be_bytes());
-        out.extend_from_slice(&state.len().map_err(e)?.to_be_bytes());
+        let mut out = Hashing { inner: std::io::BufWriter::with_capacity(256 * 1024, out), sum: Default::default(), n: 0 };
+        out.write_all(SNAPSHOT_MAGIC).map_err(e)?;
+        out.write_all(&SNAPSHOT_VERSION.to_be_bytes()).map_err(e)?;
+        out.write_all(&state.len().map_err(e)?.to_be_bytes()).map_err(e)?;
         for row in state.iter().map_err(e)? {
             let (k, v) = row.map_err(e)?;
             put_bytes(&mut out, k.value().as_bytes())?;
             put_bytes(&mut out, v.value())?;
         }
-        out.extend_from_slice(&meta.len().map_err(e)?.to_be_bytes());
+        out.write_all(&meta.len().map_err(e)?.to_be_bytes()).map_err(e)?;
         for row in meta.iter().map_err(e)? {
             let (k, v) = row.map_err(e)?;
             put_bytes(&mut out, k.value().as_bytes())?;
-            out.extend_from_slice(&v.value().to_be_bytes());
+            out.write_all(&v.value().to_be_bytes()).map_err(e)?;
         }
-        let sum = Sha256::digest(&out);
-        out.extend_from_slice(&sum);
-        Ok(out)
+        let sum = sha2::Digest::finalize(std::mem::take(&mut out.sum));
+        let mut inner = out.inner;
+        inner.write_all(&sum).map_err(e)?;
+        inner.flush().map_err(e)?;
+        Ok(out.n + 32)
     }
 
-    /// Builds a new store at `path` from an [`export`](Store::export), after checking it whole:
-    /// written to a temporary file and renamed into place, so `path` holds either nothing or
-    /// the complete store. Refuses to replace an existing store.
+    /// [`export_to`](Store::export_to) a new file at `file` (synced; removed on an error).
+    pub fn export_file(&self, file: &Path) -> Result<u64, StoreError> {
+        let written = (|| {
+            let f = std::fs::File::create(file).map_err(e)?;
+            let n = self.export_to(&f)?;
+            f.sync_all().map_err(e)?;
+            Ok(n)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(file);
+        }
+        written
+    }
+
+    /// Builds a new store at `path` from an [`export`](Store::export) held in memory (tests,
+    /// simulations); [`import_file`](Store::import_file) for real snapshots.
     pub fn import(path: &Path, bytes: &[u8]) -> Result<Store, StoreError> {
         use sha2::{Digest, Sha256};
-        let head = SNAPSHOT_MAGIC.len() + 4;
-        if bytes.len() < head + 32 {
-            return Err(StoreError(format!("snapshot refused: {} bytes is too short to be a snapshot", bytes.len())));
-        }
-        if &bytes[..SNAPSHOT_MAGIC.len()] != SNAPSHOT_MAGIC {
-            return Err(StoreError("snapshot refused: not a vitals snapshot (bad magic)".into()));
-        }
+        let len = bytes.len() as u64;
+        Store::check_head(bytes, len)?;
         let (body, sum) = bytes.split_at(bytes.len() - 32);
         if Sha256::digest(body)[..] != *sum {
-            return Err(StoreError(format!("snapshot refused: checksum mismatch ({} bytes, corrupted or truncated)", bytes.len())));
+            return Err(StoreError(format!("snapshot refused: checksum mismatch ({len} bytes, corrupted or truncated)")));
         }
-        let mut r = Reader { buf: body, at: SNAPSHOT_MAGIC.len() };
+        Store::build(path, || Ok(body), len - 32)
+    }
+
+    /// Builds a new store at `path` from an export in the file `file`, after checking it whole,
+    /// read as a stream twice (checksum, then entries): memory stays bounded whatever the size.
+    /// Written to a temporary file and renamed into place, so `path` holds either nothing or the
+    /// complete store. Refuses to replace an existing store.
+    pub fn import_file(path: &Path, file: &Path) -> Result<Store, StoreError> {
+        use sha2::{Digest, Sha256};
+        use std::io::Read;
+        let io = |x: std::io::Error| StoreError(format!("reading the snapshot {}: {x}", file.display()));
+        let len = std::fs::metadata(file).map_err(io)?.len();
+        let mut f = std::io::BufReader::with_capacity(256 * 1024, std::fs::File::open(file).map_err(io)?);
+        let mut head = [0u8; 12];
+        if len >= 12 {
+            f.read_exact(&mut head).map_err(io)?;
+        }
+        Store::check_head(&head, len)?;
+        let mut hasher = Sha256::new();
+        hasher.update(head);
+        std::io::copy(&mut (&mut f).take(len - 32 - 12), &mut hasher).map_err(io)?;
+        let mut sum = [0u8; 32];
+        f.read_exact(&mut sum).map_err(io)?;
+        if hasher.finalize()[..] != sum {
+            return Err(StoreError(format!("snapshot refused: checksum mismatch ({len} bytes, corrupted or truncated)")));
+        }
+        Store::build(
+            path,
+            || Ok(std::io::BufReader::with_capacity(256 * 1024, std::fs::File::open(file).map_err(io)?).take(len - 32)),
+            len - 32,
+        )
+    }
+
+    /// Magic and size of a snapshot of `len` bytes whose first bytes are `head`.
+    fn check_head(head: &[u8], len: u64) -> Result<(), StoreError> {
+        if len < SNAPSHOT_MAGIC.len() as u64 + 4 + 32 || head.len() < SNAPSHOT_MAGIC.len() {
+            return Err(StoreError(format!("snapshot refused: {len} bytes is too short to be a snapshot")));
+        }
+        if &head[..SNAPSHOT_MAGIC.len()] != SNAPSHOT_MAGIC {
+            return Err(StoreError("snapshot refused: not a vitals snapshot (bad magic)".into()));
+        }
+        Ok(())
+    }
+
+    /// The store at `path` from a checked snapshot body of `body_len` bytes (`open` reads it from
+    /// its start), built in a temporary file with a bounded cache.
+    fn build<R: std::io::Read>(path: &Path, open: impl FnOnce() -> Result<R, StoreError>, body_len: u64) -> Result<Store, StoreError> {
+        let mut r = Reader { src: open()?, left: body_len, buf: Vec::new() };
+        r.take(SNAPSHOT_MAGIC.len())?;
         let version = r.u32()?;
         if version != SNAPSHOT_VERSION {
             return Err(StoreError(format!("snapshot refused: format version {version}, this build reads {SNAPSHOT_VERSION}")));
@@ -275,21 +386,21 @@ impl Store {
         let tmp = dir.join(format!("{name}.import-tmp"));
         let _ = std::fs::remove_file(&tmp);
         let built = (|| {
-            let db = Database::create(&tmp).map_err(e)?;
+            let db = redb::Builder::new().set_cache_size(IMPORT_CACHE_BYTES).create(&tmp).map_err(e)?;
             let tx = db.begin_write().map_err(e)?;
             {
                 let mut state = tx.open_table(STATE).map_err(e)?;
                 for _ in 0..r.u64()? {
                     let k = r.str()?;
-                    state.insert(k, r.bytes()?).map_err(e)?;
+                    state.insert(k.as_str(), r.bytes()?.as_slice()).map_err(e)?;
                 }
                 let mut meta = tx.open_table(META).map_err(e)?;
                 for _ in 0..r.u64()? {
                     let k = r.str()?;
-                    meta.insert(k, i64::from_be_bytes(r.take(8)?.try_into().expect("8 bytes"))).map_err(e)?;
+                    meta.insert(k.as_str(), i64::from_be_bytes(r.take(8)?.try_into().expect("8 bytes"))).map_err(e)?;
                 }
-                if r.at != body.len() {
-                    return Err(StoreError(format!("snapshot refused: {} bytes after the last entry", body.len() - r.at)));
+                if r.left != 0 {
+                    return Err(StoreError(format!("snapshot refused: {} bytes after the last entry", r.left)));
                 }
             }
             tx.commit().map_err(e)
@@ -596,6 +707,12 @@ mod tests {
         assert_eq!(dump(&restored), dump(&store), "every key, timers included");
         assert_eq!(dump(&restored).len(), 50 * 4);
         assert_eq!(restored.export().unwrap(), bytes, "export is a function of the content");
+        // Through files, streamed both ways: the same bytes, the same store.
+        let file = dir.join("a.snap");
+        assert_eq!(store.export_file(&file).unwrap(), bytes.len() as u64);
+        assert_eq!(std::fs::read(&file).unwrap(), bytes);
+        let from_file = Store::import_file(&dir.join("f.redb"), &file).unwrap();
+        assert_eq!((from_file.checkpoint().unwrap(), dump(&from_file)), (cp.clone(), dump(&store)));
         // The restored store is a working store: it reopens and takes commits.
         drop(restored);
         let reopened = Store::open(&dir.join("b.redb")).unwrap();
@@ -618,9 +735,15 @@ mod tests {
         store.commit(ov, &Checkpoint { seq: 9, ..Checkpoint::default() }).unwrap();
         let good = store.export().unwrap();
         let target = dir.join("b.redb");
+        // Refused alike from memory and from a file (streamed), leaving nothing either way.
+        let file = dir.join("snap");
         let refused = |bytes: &[u8]| {
             let err = Store::import(&target, bytes).err().expect("refused").to_string();
             assert!(!target.exists(), "nothing left at the target after: {err}");
+            std::fs::write(&file, bytes).unwrap();
+            let streamed = Store::import_file(&target, &file).err().expect("refused from a file").to_string();
+            assert!(!target.exists(), "nothing left at the target after: {streamed}");
+            assert_eq!(streamed, err, "the same reason from a file");
             err
         };
         let mut flipped = good.clone();
