@@ -39,6 +39,10 @@ impl Proc {
     }
     pub(crate) fn start(&mut self, crash_after_produce: Option<u64>) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitals"));
+        // Nothing of the runner's AWS settings: the S3 credentials are the test's (snapshot.rs).
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AWS_")) {
+            cmd.env_remove(k);
+        }
         cmd.args(["process", "rollup_day"])
             .envs(self.env.iter().cloned())
             .stdin(Stdio::null())

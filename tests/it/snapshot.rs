@@ -488,7 +488,11 @@ impl Limited {
             Some(g) => format!("echo $$ > {}/cgroup.procs && ", g.display()),
             None => String::new(),
         };
-        let child = std::process::Command::new("sh")
+        let mut cmd = std::process::Command::new("sh");
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AWS_")) {
+            cmd.env_remove(k);
+        }
+        let child = cmd
             .arg("-c")
             .arg(format!("{join}exec \"$0\" process rollup_day"))
             .arg(env!("CARGO_BIN_EXE_vitals"))
@@ -544,7 +548,9 @@ async fn a_snapshot_larger_than_the_memory_allowed_is_restored_and_taken_again()
     use vitals_runtime::store::{Overlay, Store, UserState};
     let env = TestEnv::start().await;
     let codec = vitals::app::codec(&env.cfg);
-    let data = std::env::temp_dir().join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
+    // On disk (the target directory), not a tmpfs /tmp: the cgroup would charge its files as
+    // memory that cannot be reclaimed.
+    let data = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("vitals-proc-{}", uuid::Uuid::new_v4().simple()));
     let mut vars = proc_env(&env, &data);
     vars.retain(|(k, _)| k != "RUST_LOG");
     vars.push(("RUST_LOG".into(), "warn,vitals_runtime=info".into()));

@@ -22,12 +22,22 @@ use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, RequestChecksumCa
 use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_smithy_http_client::proxy::ProxyConfig;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode, TlsContext, TrustStore};
 use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, thiserror::Error)]
-#[error("s3: {0}")]
-pub struct S3Error(String);
+#[error("s3: {text}")]
+pub struct S3Error {
+    text: String,
+    /// The request was answered but its body did not arrive whole (cut off, short): fetching
+    /// it again may succeed, unlike a refused request, which the SDK has retried already.
+    pub body_cut: bool,
+}
+
+fn err(text: String) -> S3Error {
+    S3Error { text, body_cut: false }
+}
 
 /// The least part of a multipart upload S3 accepts (every part but the last).
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
@@ -84,7 +94,7 @@ impl std::fmt::Debug for S3Client {
 
 /// The whole cause chain: "dispatch failure" alone hides a refused certificate or connection.
 fn failed<E: std::error::Error>(what: &str) -> impl FnOnce(E) -> S3Error + '_ {
-    move |e| S3Error(format!("{what}: {}", DisplayErrorContext(&e)))
+    move |e| err(format!("{what}: {}", DisplayErrorContext(&e)))
 }
 
 /// The default credential chain, built on first use (building it is async; the client is not).
@@ -127,22 +137,31 @@ impl S3Client {
                 .split_once("://")
                 .is_some_and(|(scheme, rest)| (scheme == "http" || scheme == "https") && !rest.is_empty() && !rest.starts_with('/'));
             if !ok {
-                return Err(S3Error(format!("s3.endpoint `{}` is not an http(s) URL with a host", s.endpoint)));
+                return Err(err(format!("s3.endpoint `{}` is not an http(s) URL with a host", s.endpoint)));
             }
         }
         if s.bucket.is_empty() || s.bucket.contains('/') {
-            return Err(S3Error(format!("s3.bucket `{}` is not a bucket name", s.bucket)));
+            return Err(err(format!("s3.bucket `{}` is not a bucket name", s.bucket)));
         }
         if s.part_size < MIN_PART_SIZE {
-            return Err(S3Error(format!("s3.part_size_mb: parts of {} bytes are below S3's 5 MiB minimum", s.part_size)));
+            return Err(err(format!("s3.part_size_mb: parts of {} bytes are below S3's 5 MiB minimum", s.part_size)));
         }
         let mut trust = TrustStore::default();
         if let Some(pem) = &s.ca_pem {
             trust = trust.with_pem_certificate(pem.clone());
         }
         let ctx = TlsContext::builder().with_trust_store(trust).build().map_err(failed("s3.ca_file"))?;
-        let http =
-            aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).tls_context(ctx).build_https();
+        // HTTP(S)_PROXY / NO_PROXY as every other client of the process honours them (the SDK's
+        // client ignores them unless told).
+        let proxy = ProxyConfig::from_env();
+        let http = aws_smithy_http_client::Builder::new().build_with_connector_fn(move |settings, components| {
+            let mut conn = aws_smithy_http_client::Connector::builder().proxy_config(proxy.clone());
+            conn.set_connector_settings(settings.cloned());
+            if let Some(c) = components {
+                conn.set_sleep_impl(c.sleep_impl());
+            }
+            conn.tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).tls_context(ctx.clone()).build()
+        });
         let region = Region::new(s.region.clone());
         let mut conf = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
@@ -150,9 +169,16 @@ impl S3Client {
             .http_client(http.clone())
             .force_path_style(s.path_style)
             .retry_config(RetryConfig::standard().with_max_attempts(s.max_attempts.max(1)))
-            // Connect and time-to-first-byte bounds; a body that stalls mid-transfer is cut by
-            // the SDK's stalled-stream protection (on by default), so no takeover waits forever.
-            .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(5)).read_timeout(Duration::from_secs(30)).build())
+            // A connection is made within 5 s; each attempt (a PUT, a part, a GET's answer) ends
+            // within 5 min; a body that stops moving is cut by the SDK's stalled-stream
+            // protection (on by default). A snapshot download has its own deadline
+            // (snapshot.rs), so no takeover waits without bound.
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(300))
+                    .build(),
+            )
             // Snapshots carry their own SHA-256 and archive segments are sealed: no extra
             // checksum trailers, which not every S3-compatible store reads.
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
@@ -193,7 +219,7 @@ impl S3Client {
     /// Writes (or replaces) object `key` with the file at `path`, streamed from the file: one PUT
     /// up to the part size, a multipart upload beyond it (aborted on failure). Returns its size.
     pub async fn put_file(&self, key: &str, path: &Path) -> Result<u64, S3Error> {
-        let size = tokio::fs::metadata(path).await.map_err(|e| S3Error(format!("{}: {e}", path.display())))?.len();
+        let size = tokio::fs::metadata(path).await.map_err(|e| err(format!("{}: {e}", path.display())))?.len();
         let part = |offset: u64, len: u64| async move {
             ByteStream::read_from()
                 .path(path)
@@ -201,9 +227,14 @@ impl S3Client {
                 .length(Length::Exact(len))
                 .build()
                 .await
-                .map_err(|e| S3Error(format!("reading {}: {e}", path.display())))
+                .map_err(|e| err(format!("reading {}: {e}", path.display())))
         };
-        if size <= self.part_size {
+        // S3 takes at most 10 000 parts of at most 5 GiB: larger files get larger parts.
+        let part_size = self.part_size.max(size.div_ceil(10_000));
+        if part_size > 5 << 30 {
+            return Err(err(format!("{}: {size} bytes is more than S3 takes in one object", path.display())));
+        }
+        if size <= part_size {
             let body = part(0, size).await?;
             self.client.put_object().bucket(&self.bucket).key(key).body(body).send().await.map_err(failed(&format!("PUT {key}")))?;
             return Ok(size);
@@ -216,12 +247,12 @@ impl S3Client {
             .send()
             .await
             .map_err(failed(&format!("starting the multipart upload of {key}")))?;
-        let upload = created.upload_id().ok_or_else(|| S3Error(format!("the multipart upload of {key} has no id")))?.to_owned();
+        let upload = created.upload_id().ok_or_else(|| err(format!("the multipart upload of {key} has no id")))?.to_owned();
         let sent = async {
             let mut parts = Vec::new();
             let mut offset = 0;
             while offset < size {
-                let len = self.part_size.min(size - offset);
+                let len = part_size.min(size - offset);
                 let number = parts.len() as i32 + 1;
                 let done = self
                     .client
@@ -279,16 +310,19 @@ impl S3Client {
         };
         let expected = out.content_length().and_then(|n| u64::try_from(n).ok());
         let written = async {
-            let io = |e: std::io::Error| S3Error(format!("writing {}: {e}", path.display()));
+            let io = |e: std::io::Error| err(format!("writing {}: {e}", path.display()));
             let mut file = tokio::fs::File::create(path).await.map_err(io)?;
             let mut n = 0u64;
-            while let Some(chunk) = out.body.try_next().await.map_err(failed(&what))? {
+            let cut = |e| S3Error { body_cut: true, ..failed(&what)(e) };
+            while let Some(chunk) = out.body.try_next().await.map_err(cut)? {
                 file.write_all(&chunk).await.map_err(io)?;
                 n += chunk.len() as u64;
             }
+            // tokio's File reports a failed last write on flush, not on sync_all.
+            file.flush().await.map_err(io)?;
             file.sync_all().await.map_err(io)?;
             match expected {
-                Some(len) if len != n => Err(S3Error(format!("{what}: {n} bytes arrived of {len}"))),
+                Some(len) if len != n => Err(S3Error { text: format!("{what}: {n} bytes arrived of {len}"), body_cut: true }),
                 _ => Ok(n),
             }
         }
@@ -329,8 +363,13 @@ impl S3Client {
         }
         match create.send().await {
             Ok(_) => Ok(()),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_bucket_already_owned_by_you() || s.is_bucket_already_exists()) => Ok(()),
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 409) => Ok(()),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_bucket_already_owned_by_you()) => Ok(()),
+            // Created meanwhile by another instance — or the name is someone else's bucket,
+            // which this client cannot use: a HEAD tells which.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 409) => match self.bucket_exists().await {
+                Ok(true) => Ok(()),
+                _ => Err(failed(&format!("creating bucket {} (the name is taken by another account?)", self.bucket))(e)),
+            },
             Err(e) => Err(failed(&format!("creating bucket {}", self.bucket))(e)),
         }
     }

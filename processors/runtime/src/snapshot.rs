@@ -34,6 +34,8 @@ pub struct Snapshots {
     pub every: Duration,
     /// Shared with the runtime's metrics, which serve them on `/metrics`.
     pub metrics: std::sync::Arc<SnapshotMetrics>,
+    /// The longest a restore's download may take (then the task replays from the beginning).
+    pub restore_deadline: Duration,
 }
 
 /// Counters the runtime keeps (for logs, benchmarks and tests).
@@ -163,13 +165,22 @@ pub fn export_path(store: &Path, epoch: i64, seq: i64) -> std::path::PathBuf {
     store.with_file_name(name)
 }
 
-/// Removes the exports and downloads a crashed process left beside the store at `store`.
+/// Removes the exports, downloads and half-built imports an earlier process left beside the
+/// store at `store` (when it crashed). Once per store path and process: this process's own files
+/// (an upload still running when its task was revoked and given back) are its own to remove.
 pub fn remove_leftovers(store: &Path) {
+    static DONE: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    if !DONE.lock().unwrap_or_else(|e| e.into_inner()).insert(store.to_owned()) {
+        return;
+    }
     let (Some(dir), Some(name)) = (store.parent(), store.file_name()) else { return };
-    let prefix = format!("{}.snapshot-", name.to_string_lossy());
+    let name = name.to_string_lossy();
+    let (prefix, tmp) = (format!("{name}.snapshot-"), format!("{name}.import-tmp"));
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file.starts_with(&prefix) || file == tmp {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -185,7 +196,14 @@ pub struct Restored {
 
 impl Snapshots {
     pub fn new(s3: S3Client, pool: PgPool, prefix: &str, every: Duration) -> Snapshots {
-        Snapshots { s3, pool, prefix: prefix.trim_matches('/').to_owned(), every, metrics: Default::default() }
+        Snapshots {
+            s3,
+            pool,
+            prefix: prefix.trim_matches('/').to_owned(),
+            every,
+            metrics: Default::default(),
+            restore_deadline: Duration::from_secs(300),
+        }
     }
 
     pub fn object_key(&self, processor: &str, partition: i32, epoch: i64, seq: i64, position: i64) -> String {
@@ -235,8 +253,8 @@ impl Snapshots {
         let Some(ptr) = pointer(&self.pool, processor, partition).await.map_err(|e| format!("reading the snapshot pointer: {e}"))? else {
             return Ok(None);
         };
-        // The takeover waits for this download (bounded by the S3 client's timeout): say so, so a
-        // slow store is visible while it happens, not only once it fails.
+        // The takeover waits for this download (bounded by `restore_deadline`): say so, so a slow
+        // store is visible while it happens, not only once it fails.
         info!(processor, partition, epoch, object = %ptr.object_key, "fetching the published snapshot");
         // Downloaded to a file beside the store and imported from it, both streamed: a restore's
         // memory does not grow with the snapshot. The SDK retries a request that fails; a body
@@ -245,14 +263,27 @@ impl Snapshots {
         if let Some(dir) = download.parent() {
             tokio::fs::create_dir_all(dir).await.map_err(|e| format!("creating {}: {e}", dir.display()))?;
         }
-        let mut attempt = 0;
-        let n = loop {
-            attempt += 1;
-            match self.s3.get_to_file(&ptr.object_key, &download).await {
-                Ok(Some(n)) => break n,
-                Ok(None) => return Err(format!("snapshot object {} is missing", ptr.object_key)),
-                Err(e) if attempt < 3 => warn!(processor, partition, attempt, error = %e, "snapshot download failed; again"),
-                Err(e) => return Err(e.to_string()),
+        let fetch = async {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self.s3.get_to_file(&ptr.object_key, &download).await {
+                    Ok(Some(n)) => return Ok(n),
+                    Ok(None) => return Err(format!("snapshot object {} is missing", ptr.object_key)),
+                    Err(e) if e.body_cut && attempt < 3 => {
+                        warn!(processor, partition, attempt, error = %e, "snapshot download cut off; fetching it again")
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        };
+        // The takeover waits for this: a store that answers too slowly costs a replay from the
+        // beginning (correct, only slower), never a task that does not start.
+        let n = match tokio::time::timeout(self.restore_deadline, fetch).await {
+            Ok(n) => n?,
+            Err(_) => {
+                let _ = std::fs::remove_file(&download);
+                return Err(format!("downloading {} took longer than {:?}", ptr.object_key, self.restore_deadline));
             }
         };
         if n != ptr.bytes as u64 {
@@ -296,5 +327,39 @@ impl Snapshots {
             warn!(processor, partition, error = %e, "recording the restore failed");
         }
         Ok(Some(Restored { store, cp, pointer: ptr, took }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A crashed process's exports, downloads and half-built imports of one store go; another
+    /// partition's files (p1 beside p10) and the store itself stay; and only once per process.
+    #[test]
+    fn leftovers_of_one_store_are_removed_once_and_no_others() {
+        let dir = std::env::temp_dir().join(format!("vitals-leftovers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = dir.join("p1.redb");
+        let gone = [export_path(&store, 3, 40), download_path(&store), dir.join("p1.redb.import-tmp")];
+        let kept = [store.clone(), dir.join("p10.redb"), export_path(&dir.join("p10.redb"), 3, 40), dir.join("p10.redb.import-tmp")];
+        for f in gone.iter().chain(&kept) {
+            std::fs::write(f, b"x").unwrap();
+        }
+        remove_leftovers(&store);
+        for f in &gone {
+            assert!(!f.exists(), "{} left", f.display());
+        }
+        for f in &kept {
+            assert!(f.exists(), "{} removed", f.display());
+        }
+        // This process's own export (an upload still running after a revoke and a re-assign)
+        // is not touched when the store is taken again.
+        let own = export_path(&store, 4, 41);
+        std::fs::write(&own, b"x").unwrap();
+        remove_leftovers(&store);
+        assert!(own.exists(), "an upload of this process lost its file");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

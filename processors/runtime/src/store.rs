@@ -300,13 +300,12 @@ impl Store {
         Ok(out.n + 32)
     }
 
-    /// [`export_to`](Store::export_to) a new file at `file` (synced; removed on an error).
+    /// [`export_to`](Store::export_to) a new file at `file` (removed on an error). Not synced: a
+    /// scratch copy, read back from the page cache by the upload, worthless after a crash.
     pub fn export_file(&self, file: &Path) -> Result<u64, StoreError> {
         let written = (|| {
             let f = std::fs::File::create(file).map_err(e)?;
-            let n = self.export_to(&f)?;
-            f.sync_all().map_err(e)?;
-            Ok(n)
+            self.export_to(&f)
         })();
         if written.is_err() {
             let _ = std::fs::remove_file(file);
