@@ -415,9 +415,9 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
                 &what,
             )
             .await?;
-            let n_items = n_items as f64 * (n_records.saturating_sub(skipped)) as f64 / n_records.max(1) as f64;
-            let rate = if took.as_millis() > 0 && n_items > 0.0 {
-                format!("{:>9.0} items/s", n_items / took.as_secs_f64())
+            let counted = n_items as f64 * (n_records.saturating_sub(skipped)) as f64 / n_records.max(1) as f64;
+            let rate = if took.as_millis() > 0 && counted > 0.0 {
+                format!("{:>9.0} items/s", counted / took.as_secs_f64())
             } else {
                 "too small to time (one interval)".into()
             };
