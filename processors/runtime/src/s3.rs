@@ -299,8 +299,8 @@ impl S3Client {
         }
     }
 
-    /// Writes object `key` to a new file at `path` as it arrives (nothing is left at `path` on
-    /// an error). Returns its size; `None` when there is no such object.
+    /// Writes object `key` to a new file at `path` as it arrives, not synced (nothing is left at
+    /// `path` on an error). Returns its size; `None` when there is no such object.
     pub async fn get_to_file(&self, key: &str, path: &Path) -> Result<Option<u64>, S3Error> {
         let what = format!("GET {key}");
         let mut out = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
@@ -318,9 +318,9 @@ impl S3Client {
                 file.write_all(&chunk).await.map_err(io)?;
                 n += chunk.len() as u64;
             }
-            // tokio's File reports a failed last write on flush, not on sync_all.
+            // Not synced (a scratch copy, read back from the page cache; worthless after a
+            // crash). tokio's File reports a failed last write on flush.
             file.flush().await.map_err(io)?;
-            file.sync_all().await.map_err(io)?;
             match expected {
                 Some(len) if len != n => Err(S3Error { text: format!("{what}: {n} bytes arrived of {len}"), body_cut: true }),
                 _ => Ok(n),
