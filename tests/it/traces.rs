@@ -90,7 +90,11 @@ async fn one_upload_is_one_trace_with_a_span_for_every_hop() {
     };
     let (ingest_port, gateway_port, unsampled_port) = (free_port(), free_port(), free_port());
     let mut ingest = VitalsProc::new(&["ingest"], traced(&[("VITALS_INGEST__LISTEN", format!("127.0.0.1:{ingest_port}"))]));
-    let mut process = VitalsProc::new(&["process", "rollup_day"], traced(&[]));
+    let process_metrics = free_port();
+    let mut process = VitalsProc::new(
+        &["process", "rollup_day"],
+        traced(&[("VITALS_PROCESSORS__METRICS_LISTEN", format!("127.0.0.1:{process_metrics}"))]),
+    );
     let mut sink = VitalsProc::new(&["sink"], traced(&[]));
     let mut gateway = VitalsProc::new(&["realtime"], traced(&[("VITALS_API__LISTEN", format!("127.0.0.1:{gateway_port}"))]));
     // A second edge that samples no new trace.
@@ -107,6 +111,17 @@ async fn one_upload_is_one_trace_with_a_span_for_every_hop() {
 
     let user = format!("trace-user-{}", uuid::Uuid::new_v4().simple());
     env.consent(&user, &[]).await;
+    // The consent is an input of the user's too: read in the same interval as the upload, and
+    // after it, its trace would be the newest of the user's (what the rows carry). Its interval
+    // is done first.
+    wait_for_every("the processor to have read the consent", Duration::from_secs(60), Duration::from_millis(100), || async {
+        let body = reqwest::get(format!("http://127.0.0.1:{process_metrics}/metrics")).await.ok()?.text().await.ok()?;
+        let sum = |name: &str| -> f64 {
+            body.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+        };
+        (sum("vitals_processor_records_in_total") >= 1.0 && sum("vitals_processor_checkpoints_total") >= 1.0).then_some(())
+    })
+    .await;
     let token = env.token(&user);
     let url = format!("ws://127.0.0.1:{gateway_port}/v1/realtime?token={token}");
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connect");
