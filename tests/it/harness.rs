@@ -133,6 +133,16 @@ pub fn with(mut vars: Vec<(String, String)>, key: &str, value: &str) -> Vec<(Str
 }
 
 /// A TCP port nobody listens on right now (for a child's metrics or API listener).
+/// The sum of every sample of the metric family `name` in a Prometheus text exposition (over its
+/// label sets; 0 when it is absent).
+pub fn metric_sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

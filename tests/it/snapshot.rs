@@ -123,16 +123,7 @@ async fn a_task_without_local_state_restores_from_its_snapshot_and_replays() {
     proc.kill9();
     assert_eq!(wave.await.unwrap().unwrap().rejected, 0);
     // A pointer statement sent just before the kill still completes in PostgreSQL: let it land.
-    wait_for("the killed process's statements to finish", Duration::from_secs(10), || async {
-        let active: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-        (active == 0).then_some(())
-    })
-    .await;
+    statements_settled(&env.pool).await;
     let published: Vec<(i32, i64, i64, i64)> = pointers().await;
     assert!(published.iter().any(|(_, _, seq, position)| *seq > 0 && *position > 0), "a snapshot past the start: {published:?}");
 
@@ -195,6 +186,21 @@ async fn a_task_without_local_state_restores_from_its_snapshot_and_replays() {
     proc.kill9();
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;
+}
+
+/// Waits until no statement of another session runs in the test's database: a pointer statement
+/// sent just before a kill still completes in PostgreSQL.
+async fn statements_settled(pool: &sqlx::PgPool) {
+    wait_for("the killed process's statements to finish", Duration::from_secs(10), || async {
+        let active: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        (active == 0).then_some(())
+    })
+    .await;
 }
 
 fn ptr(epoch: i64, seq: i64, position: i64) -> Pointer {
@@ -581,16 +587,7 @@ async fn a_snapshot_larger_than_the_memory_allowed_is_restored_and_taken_again()
     let baseline = std::fs::read_to_string(format!("/proc/{}/status", first.pid())).unwrap_or_default();
     eprintln!("a processor with small stores: {}", baseline.lines().find(|l| l.starts_with("VmHWM")).unwrap_or("VmHWM ?"));
     first.kill9();
-    wait_for("the killed process's statements to finish", Duration::from_secs(10), || async {
-        let active: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-        (active == 0).then_some(())
-    })
-    .await;
+    statements_settled(&env.pool).await;
     let (p, epoch, seq, object) =
         pointers().await.into_iter().find(|x| x.0 == p).map(|x| (x.0, x.1, x.2, x.3)).unwrap_or((p, epoch, seq, object));
 
@@ -750,13 +747,10 @@ async fn without_an_access_key_the_default_credential_chain_signs_for_the_store(
     let port = crate::harness::free_port();
     let mut proc = Proc { env: chain_env(&base.join("b"), port), child: None };
     proc.start(None);
-    let counter = |body: &str, name: &str| -> f64 {
-        body.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-    };
     wait_for_every("failed restores and snapshots without credentials", Duration::from_secs(90), Duration::from_millis(300), || async {
         let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
-        let restores = counter(&body, "vitals_processor_snapshot_restore_failures_total");
-        let snapshots = counter(&body, "vitals_processor_snapshot_failures_total");
+        let restores = crate::harness::metric_sum(&body, "vitals_processor_snapshot_restore_failures_total");
+        let snapshots = crate::harness::metric_sum(&body, "vitals_processor_snapshot_failures_total");
         (restores > 0.0 && snapshots > 0.0).then_some(())
     })
     .await;

@@ -12,7 +12,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use prost::Message as _;
 use serde_json::json;
 
-use crate::harness::{free_port, wait_for_every, wait_listening, TestEnv, VitalsProc};
+use crate::harness::{free_port, metric_sum, wait_for_every, wait_listening, TestEnv, VitalsProc};
 
 #[derive(Debug, Clone)]
 struct Span {
@@ -116,10 +116,8 @@ async fn one_upload_is_one_trace_with_a_span_for_every_hop() {
     // is done first.
     wait_for_every("the processor to have read the consent", Duration::from_secs(60), Duration::from_millis(100), || async {
         let body = reqwest::get(format!("http://127.0.0.1:{process_metrics}/metrics")).await.ok()?.text().await.ok()?;
-        let sum = |name: &str| -> f64 {
-            body.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-        };
-        (sum("vitals_processor_records_in_total") >= 1.0 && sum("vitals_processor_checkpoints_total") >= 1.0).then_some(())
+        (metric_sum(&body, "vitals_processor_records_in_total") >= 1.0 && metric_sum(&body, "vitals_processor_checkpoints_total") >= 1.0)
+            .then_some(())
     })
     .await;
     let token = env.token(&user);
