@@ -415,7 +415,7 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
                 &what,
             )
             .await?;
-            let counted = n_items as f64 * (n_records.saturating_sub(skipped)) as f64 / n_records.max(1) as f64;
+            let counted = counted_items(n_items as f64, n_records, skipped);
             let rate = if took.as_millis() > 0 && counted > 0.0 {
                 format!("{:>9.0} items/s", counted / took.as_secs_f64())
             } else {
@@ -442,13 +442,13 @@ pub async fn process(base: &Config, sim: SimConfig) -> anyhow::Result<()> {
                 let deadline = Instant::now() + std::time::Duration::from_secs(900);
                 let Timed { took, skipped, state_bytes, .. } =
                     timed_run(&big, &pool, &codec, &run, info, "cache-1gib", true, None, None, n_records, deadline, &what).await?;
-                let n_items = n_items as f64 * (n_records.saturating_sub(skipped)) as f64 / n_records.max(1) as f64;
+                let counted = counted_items(n_items as f64, n_records, skipped);
                 println!(
                     "  {:<15} {:<44} {:>8.2} s = {:>9.0} items/s; local state {:.1} MB (baseline: store_cache_mb {} here)",
                     info.name,
                     "exactly-once, redb's 1 GiB cache per store",
                     took.as_secs_f64(),
-                    n_items / took.as_secs_f64().max(1e-9),
+                    counted / took.as_secs_f64().max(1e-9),
                     state_bytes as f64 / 1e6,
                     cfg.processors.store_cache_mb
                 );
@@ -531,7 +531,7 @@ async fn from_the_archive(
         "rollup_day did not read the archive within 900 s",
     )
     .await?;
-    let n_items = items * (lane_records.saturating_sub(skipped)) as f64 / lane_records.max(1) as f64;
+    let n_items = counted_items(items, lane_records, skipped);
     let rate = if took.as_millis() > 0 && n_items > 0.0 {
         format!("{:>9.0} items/s", n_items / took.as_secs_f64())
     } else {
@@ -634,6 +634,12 @@ async fn timed_run(
         std::fs::read_dir(data.join(info.name)).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
     let _ = std::fs::remove_dir_all(&data);
     Ok(Timed { took, skipped, metrics, state_bytes })
+}
+
+/// The items a timed run counts: its first interval's records (`skipped`) are left out, the
+/// items taken in proportion to the records.
+fn counted_items(n_items: f64, n_records: u64, skipped: u64) -> f64 {
+    n_items * n_records.saturating_sub(skipped) as f64 / n_records.max(1) as f64
 }
 
 /// Restore from snapshot: rollup_day's newest snapshot of every partition, fetched from S3 and

@@ -39,10 +39,7 @@ impl Proc {
     }
     pub(crate) fn start(&mut self, crash_after_produce: Option<u64>) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitals"));
-        // Nothing of the runner's AWS settings: the S3 credentials are the test's (snapshot.rs).
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AWS_")) {
-            cmd.env_remove(k);
-        }
+        without_aws_settings(&mut cmd);
         cmd.args(["process", "rollup_day"])
             .envs(self.env.iter().cloned())
             .stdin(Stdio::null())
@@ -74,6 +71,14 @@ impl Proc {
         .await;
         assert!(!status.success(), "aborted at the failpoint, got {status:?}");
         self.child = None;
+    }
+}
+
+/// Nothing of the runner's AWS settings reaches `cmd`: the S3 credentials are the test's
+/// (snapshot.rs checks which credential source signs).
+pub(crate) fn without_aws_settings(cmd: &mut Command) {
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AWS_")) {
+        cmd.env_remove(k);
     }
 }
 

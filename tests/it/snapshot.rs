@@ -495,9 +495,7 @@ impl Limited {
             None => String::new(),
         };
         let mut cmd = std::process::Command::new("sh");
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AWS_")) {
-            cmd.env_remove(k);
-        }
+        crate::process::without_aws_settings(&mut cmd);
         let child = cmd
             .arg("-c")
             .arg(format!("{join}exec \"$0\" process rollup_day"))

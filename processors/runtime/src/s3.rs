@@ -289,25 +289,26 @@ impl S3Client {
         sent
     }
 
+    /// The answer to a GET of `key`, its body not read yet; `None` when there is no such object.
+    async fn open(&self, key: &str) -> Result<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>, S3Error> {
+        match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+            Ok(out) => Ok(Some(out)),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(failed(&format!("GET {key}"))(e)),
+        }
+    }
+
     /// Reads object `key`; `None` when there is no such object.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, S3Error> {
-        let what = format!("GET {key}");
-        match self.client.get_object().bucket(&self.bucket).key(key).send().await {
-            Ok(out) => Ok(Some(out.body.collect().await.map_err(failed(&what))?.into_bytes().to_vec())),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
-            Err(e) => Err(failed(&what)(e)),
-        }
+        let Some(out) = self.open(key).await? else { return Ok(None) };
+        Ok(Some(out.body.collect().await.map_err(failed(&format!("GET {key}")))?.into_bytes().to_vec()))
     }
 
     /// Writes object `key` to a new file at `path` as it arrives, not synced (nothing is left at
     /// `path` on an error). Returns its size; `None` when there is no such object.
     pub async fn get_to_file(&self, key: &str, path: &Path) -> Result<Option<u64>, S3Error> {
         let what = format!("GET {key}");
-        let mut out = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
-            Ok(out) => out,
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
-            Err(e) => return Err(failed(&what)(e)),
-        };
+        let Some(mut out) = self.open(key).await? else { return Ok(None) };
         let expected = out.content_length().and_then(|n| u64::try_from(n).ok());
         let written = async {
             let io = |e: std::io::Error| err(format!("writing {}: {e}", path.display()));

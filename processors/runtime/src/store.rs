@@ -249,12 +249,13 @@ impl<R: std::io::Read> Reader<R> {
     fn u64(&mut self) -> Result<u64, StoreError> {
         Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
-    fn bytes(&mut self) -> Result<Vec<u8>, StoreError> {
+    fn bytes(&mut self) -> Result<&[u8], StoreError> {
         let n = self.u32()? as usize;
-        Ok(self.take(n)?.to_vec())
+        self.take(n)
     }
+    /// Owned: a key is held while its value is read into the same buffer.
     fn str(&mut self) -> Result<String, StoreError> {
-        String::from_utf8(self.bytes()?).map_err(|_| StoreError("snapshot key is not UTF-8".into()))
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| StoreError("snapshot key is not UTF-8".into()))
     }
 }
 
@@ -323,7 +324,7 @@ impl Store {
         if Sha256::digest(body)[..] != *sum {
             return Err(StoreError(format!("snapshot refused: checksum mismatch ({len} bytes, corrupted or truncated)")));
         }
-        Store::build(path, || Ok(body), len - 32)
+        Store::build(path, body, len - 32)
     }
 
     /// Builds a new store at `path` from an export in the file `file`, after checking it whole,
@@ -332,7 +333,7 @@ impl Store {
     /// complete store. Refuses to replace an existing store.
     pub fn import_file(path: &Path, file: &Path) -> Result<Store, StoreError> {
         use sha2::{Digest, Sha256};
-        use std::io::Read;
+        use std::io::{Read, Seek};
         let io = |x: std::io::Error| StoreError(format!("reading the snapshot {}: {x}", file.display()));
         let len = std::fs::metadata(file).map_err(io)?.len();
         let mut f = std::io::BufReader::with_capacity(256 * 1024, std::fs::File::open(file).map_err(io)?);
@@ -349,11 +350,9 @@ impl Store {
         if hasher.finalize()[..] != sum {
             return Err(StoreError(format!("snapshot refused: checksum mismatch ({len} bytes, corrupted or truncated)")));
         }
-        Store::build(
-            path,
-            || Ok(std::io::BufReader::with_capacity(256 * 1024, std::fs::File::open(file).map_err(io)?).take(len - 32)),
-            len - 32,
-        )
+        // The same handle read again from the start: what was checked is what is imported.
+        f.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+        Store::build(path, f.take(len - 32), len - 32)
     }
 
     /// Magic and size of a snapshot of `len` bytes whose first bytes are `head`.
@@ -367,10 +366,10 @@ impl Store {
         Ok(())
     }
 
-    /// The store at `path` from a checked snapshot body of `body_len` bytes (`open` reads it from
+    /// The store at `path` from a checked snapshot body of `body_len` bytes (`src` reads it from
     /// its start), built in a temporary file with a bounded cache.
-    fn build<R: std::io::Read>(path: &Path, open: impl FnOnce() -> Result<R, StoreError>, body_len: u64) -> Result<Store, StoreError> {
-        let mut r = Reader { src: open()?, left: body_len, buf: Vec::new() };
+    fn build<R: std::io::Read>(path: &Path, src: R, body_len: u64) -> Result<Store, StoreError> {
+        let mut r = Reader { src, left: body_len, buf: Vec::new() };
         r.take(SNAPSHOT_MAGIC.len())?;
         let version = r.u32()?;
         if version != SNAPSHOT_VERSION {
@@ -391,7 +390,7 @@ impl Store {
                 let mut state = tx.open_table(STATE).map_err(e)?;
                 for _ in 0..r.u64()? {
                     let k = r.str()?;
-                    state.insert(k.as_str(), r.bytes()?.as_slice()).map_err(e)?;
+                    state.insert(k.as_str(), r.bytes()?).map_err(e)?;
                 }
                 let mut meta = tx.open_table(META).map_err(e)?;
                 for _ in 0..r.u64()? {
